@@ -1,0 +1,1 @@
+"""meshproxy control plane: config API, registry, push, meshctl."""

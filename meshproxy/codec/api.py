@@ -1,0 +1,121 @@
+"""The sans-IO HTTP/1.1 codec contract shared by every backend.
+
+Bytes go in through ``feed``; parsed messages come out as calls on a handler object
+that the connection driver supplies.  Nothing here awaits, and nothing imports asyncio.
+
+Two backends implement :class:`RequestParser` / :class:`ResponseParser`
+(``httptools`` is the default, ``h11`` the pure-Python one).  The framing rules that
+RFC 9112 requires of a proxy (CL/TE, Host, field syntax, limits) live once in
+:mod:`meshproxy.codec.framing`, above both backends, so that both give the same verdict
+for the same bytes however the bytes were split into reads.
+
+Header names handed to handlers are lower-cased ``bytes``; values are ``bytes`` with
+surrounding optional whitespace removed.  Bodies are handed over *decoded* (chunked
+framing removed); the writer (:mod:`meshproxy.codec.writer`) re-frames what is forwarded,
+so nothing the client framed ever reaches the upstream byte for byte.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]
+
+# How a message body is delimited (RFC 9112 §6.3).
+BODY_NONE = 0       # no body (GET without CL/TE, HEAD response, 204, 304, 1xx)
+BODY_LENGTH = 1     # Content-Length
+BODY_CHUNKED = 2    # Transfer-Encoding: chunked
+BODY_UNTIL_CLOSE = 3  # responses only: read until the upstream closes
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes           # as received, e.g. b"GET" (methods are case-sensitive)
+    target: bytes           # request-target as received: origin-form, absolute-form, authority-form or "*"
+    version: bytes          # b"1.1" or b"1.0"
+    headers: Headers        # (lower-cased name, value), in order, hop-by-hop fields still present
+    host: bytes             # Host header value, or the authority of an absolute-form target
+    path: bytes             # origin-form path + query ("/" for "*" / authority-form)
+    body_kind: int          # BODY_NONE / BODY_LENGTH / BODY_CHUNKED
+    content_length: int     # valid when body_kind == BODY_LENGTH, else -1
+    keep_alive: bool        # False for HTTP/1.0 without keep-alive, or "Connection: close"
+    upgrade: bytes          # lower-cased Upgrade token when the request asks for one (b"websocket"), else b""
+    expect_continue: bool   # "Expect: 100-continue"
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: bytes
+    headers: Headers
+    body_kind: int
+    content_length: int
+    keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CodecLimits:
+    """Limits enforced identically by every backend, whatever the read sizes are."""
+
+    max_header_bytes: int = 60 * 1024     # whole head (request line + fields) -> 431
+    max_header_count: int = 100           # -> 431
+    max_target_bytes: int = 8 * 1024      # -> 414
+    max_body_bytes: int = 0               # 0 = no cap; else -> 413 (CL up front, chunked as it streams)
+    max_chunk_ext_bytes: int = 4 * 1024   # chunk extensions longer than this -> 400
+
+
+class ProtocolError(Exception):
+    """A message that must be refused.  ``status`` is what the client gets (400, 413, 414,
+    431, 501, 505); the connection is always closed afterwards."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class RequestHandler(Protocol):
+    """Implemented by the downstream connection driver."""
+
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_message_complete(self) -> None: ...
+
+
+class ResponseHandler(Protocol):
+    """Implemented by the upstream exchange."""
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_message_complete(self) -> None: ...
+
+
+class RequestParser(Protocol):
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; calls the handler for every event it completes.
+
+        Raises :class:`ProtocolError` for a message that must be refused.  After a
+        ProtocolError the parser is dead: the driver answers with ``err.status`` and
+        closes; nothing after the bad bytes is ever parsed as another request.
+        After ``on_request_head`` for a request with ``upgrade`` (and the driver's 101),
+        the driver stops feeding the parser and tunnels bytes.
+        """
+
+    def unconsumed(self) -> bytes:
+        """Bytes received after an Upgrade request's head that belong to the tunnel."""
+
+
+class ResponseParser(Protocol):
+    def feed(self, data: bytes) -> None:
+        """As for requests; raises :class:`ProtocolError` (status 502) on bad framing."""
+
+    def expect_no_body(self) -> None:
+        """The request was HEAD (or CONNECT): the next response has no body whatever its headers say."""
+
+    def feed_eof(self) -> None:
+        """The upstream closed.  Completes a BODY_UNTIL_CLOSE message; raises ProtocolError
+        if a message was in progress (truncated response)."""
+
+    def unconsumed(self) -> bytes:
+        """Bytes after a 101 response's head that belong to the tunnel."""

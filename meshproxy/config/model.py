@@ -1,0 +1,339 @@
+"""The compiled routing snapshot the proxy runs on.
+
+Everything here is frozen, slotted and built once by :mod:`meshproxy.config.compile`
+from decoded Istio resources.  A request reads the current :class:`Snapshot` once and
+uses it to the end, so a reload never mixes new routes with old clusters.
+
+The snapshot is pure data.  Runtime state (weighted-round-robin counters, load balancer
+state, outlier ejections, connection pools) lives in objects that the data plane builds
+*from* a snapshot (``meshproxy.router`` / ``meshproxy.cluster``), keyed by the names used
+here so that state survives a reload when a cluster's config did not change.
+
+Durations are float seconds; ``None`` means "not set / disabled".
+Hosts are canonical lower-case FQDNs (``reviews.default.svc.cluster.local``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+EMPTY_MAP: Mapping = MappingProxyType({})
+
+
+# ---------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Istio StringMatch: exactly one of exact / prefix / regex.
+
+    ``regex`` is compiled at decode time and matched with ``fullmatch`` (Envoy anchors
+    RE2 safe_regex to the whole value).  ``ignore_case`` only applies to exact/prefix
+    (Istio's ``ignoreUriCase``); for those ``value`` is already lower-cased.
+    """
+
+    kind: str                      # "exact" | "prefix" | "regex"
+    value: str
+    regex: re.Pattern | None = None
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str                      # lower-case
+    match: StringMatch | None      # None = presence check (``myheader: {}``)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One HTTPMatchRequest.  All conditions inside are AND-ed; a route's matches are OR-ed."""
+
+    name: str = ""
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    without_headers: tuple[HeaderMatch, ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    port: int | None = None
+    source_labels: tuple[tuple[str, str], ...] = ()   # resolved at compile time against the proxy's labels
+    gateways: tuple[str, ...] = ()                     # "ns/name" or "mesh"; resolved at compile time
+
+
+# ---------------------------------------------------------------- route actions
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()          # lower-case names
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+NO_HEADER_POLICY = HeaderPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedDestination:
+    """One HTTPRouteDestination / RouteDestination after compilation."""
+
+    host: str                      # canonical FQDN of the destination service
+    subset: str | None
+    port: int | None
+    weight: int                    # >= 0; share = weight / sum(weights of the route)
+    cluster: str                   # name of the Cluster in Snapshot.clusters ("" if it does not exist -> 503 NR/UH)
+    headers: HeaderPolicy = NO_HEADER_POLICY
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    uri: str | None = None
+    authority: str | None = None
+    scheme: str | None = None
+    port: int | None = None
+    derive_port: str | None = None        # "FROM_PROTOCOL_DEFAULT" | "FROM_REQUEST_PORT"
+    prefix_rewrite: str | None = None
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    uri: str | None = None                # replaces the matched prefix when the route matched on a prefix
+    authority: str | None = None
+    uri_regex: re.Pattern | None = None   # uriRegexRewrite.match
+    uri_regex_rewrite: str | None = None  # uriRegexRewrite.rewrite (Python replacement syntax, \1 style converted)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int                         # retries, not tries; 0 = disabled
+    per_try_timeout: float | None
+    retry_on: frozenset[str]              # Envoy conditions: "5xx", "gateway-error", "reset", "connect-failure", ...
+    retriable_status_codes: frozenset[int] = frozenset()
+    allow_non_idempotent: bool = False    # our extension: retries of POST/PATCH only when asked
+    backoff_base: float = 0.025
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPolicy:
+    delay: float | None = None
+    delay_percentage: float = 0.0         # 0..100
+    abort_status: int | None = None
+    abort_percentage: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    host: str
+    subset: str | None
+    port: int | None
+    cluster: str
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: float | None = None
+    allow_credentials: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    """One Istio HTTPRoute.  Exactly one of destinations / redirect / direct_response is set."""
+
+    name: str
+    source: str                                      # "VirtualService default/reviews: spec.http[0]"
+    matches: tuple[RouteMatch, ...] = ()             # empty = matches every request
+    destinations: tuple[WeightedDestination, ...] = ()
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    rewrite: Rewrite | None = None
+    timeout: float | None = None
+    retries: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirrors: tuple[MirrorPolicy, ...] = ()
+    headers: HeaderPolicy = NO_HEADER_POLICY
+    cors: CorsPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    """The routes for one set of domains, from one VirtualService (or the implicit
+    default route to a service when no VirtualService names it)."""
+
+    name: str                                        # "default/reviews" or "service:reviews.default.svc.cluster.local"
+    domains: tuple[str, ...]                         # every alias that reaches it ("reviews", "reviews.default", ...)
+    routes: tuple[HttpRoute, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """Domain -> VirtualHost index for one HTTP listener.
+
+    Lookup (``meshproxy.router``): lower-case the Host, try ``exact[host]`` (entries exist
+    both with and without ``:port``), then wildcard suffixes from the longest, then
+    ``default``.  Cost is independent of the number of hosts.
+    """
+
+    name: str
+    exact: Mapping[str, VirtualHost] = field(default_factory=lambda: EMPTY_MAP)
+    wildcards: tuple[tuple[str, VirtualHost], ...] = ()   # (".example.com", vh) longest suffix first
+    default: VirtualHost | None = None
+
+
+# ---------------------------------------------------------------- clusters
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+    weight: int = 1
+    locality: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    key: str                        # "header" | "cookie" | "source_ip" | "query"
+    name: str = ""                  # header / cookie / query parameter name
+    cookie_ttl: float | None = None
+    cookie_path: str = "/"
+    algorithm: str = "ring"         # "ring" | "maglev"
+    minimum_ring_size: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerPolicy:
+    simple: str = "LEAST_REQUEST"   # Istio's default; ROUND_ROBIN | LEAST_REQUEST | RANDOM | PASSTHROUGH
+    consistent_hash: ConsistentHash | None = None
+    warmup: float | None = None     # warmupDurationSecs
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolPolicy:
+    max_connections: int = 2**31 - 1
+    connect_timeout: float = 10.0
+    max_pending_requests: int = 2**31 - 1   # http.http1MaxPendingRequests
+    max_requests_per_connection: int = 0    # 0 = unlimited
+    idle_timeout: float | None = 3600.0
+    max_retries: int = 2**31 - 1
+    max_idle_per_endpoint: int = 128        # our keep-alive pool cap
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_5xx: int | None = None
+    consecutive_gateway_errors: int | None = None
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancerPolicy = LoadBalancerPolicy()
+    connection_pool: ConnectionPoolPolicy = ConnectionPoolPolicy()
+    outlier: OutlierPolicy | None = None
+
+
+DEFAULT_TRAFFIC_POLICY = TrafficPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """Envoy's cluster: one service port (and subset) with its endpoints and policy.
+
+    Name follows Istio: ``outbound|9080|v1|reviews.default.svc.cluster.local``.
+    """
+
+    name: str
+    service: str                    # canonical FQDN
+    port: int
+    subset: str | None
+    endpoints: tuple[Endpoint, ...]
+    policy: TrafficPolicy = DEFAULT_TRAFFIC_POLICY
+    protocol: str = "HTTP"          # HTTP | TCP | HTTPS ...
+    resolution: str = "STATIC"      # STATIC | DNS
+    dns_hosts: tuple[tuple[str, int], ...] = ()   # for DNS resolution: names to resolve (address, port)
+    namespace: str = "default"
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)  # subset labels (for metrics: destination_version)
+
+
+# ---------------------------------------------------------------- listeners
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    mode: str                                        # "SIMPLE"
+    certificates: tuple[tuple[str, str, str], ...]   # (sni pattern, cert file, key file); first is default
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRoute:
+    destinations: tuple[WeightedDestination, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    protocol: str                  # "HTTP" | "HTTPS" | "TCP"
+    route_table: str = ""          # HTTP/HTTPS: key into Snapshot.route_tables
+    tcp_routes: tuple[TcpRoute, ...] = ()   # TCP: first route (weighted) wins
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Limits and timeouts that are not per route (configurable from the command line)."""
+
+    header_read_timeout: float = 10.0        # whole request head must arrive within this -> 408
+    idle_timeout: float = 60.0               # downstream keep-alive idle
+    upstream_connect_timeout: float = 10.0
+    default_route_timeout: float | None = None   # Istio: no timeout unless the route sets one
+    max_connections_per_listener: int = 10_000
+    tcp_idle_timeout: float = 3600.0
+    drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceInfo:
+    kind: str
+    namespace: str
+    name: str
+    source: str                    # file path or "controlplane"
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str
+    listeners: tuple[Listener, ...]
+    route_tables: Mapping[str, RouteTable]
+    clusters: Mapping[str, Cluster]
+    resources: tuple[ResourceInfo, ...] = ()
+    warnings: tuple[str, ...] = ()          # accepted-with-notes (shadowed VS, missing subset, ...)
+    settings: ProxySettings = field(default_factory=ProxySettings)

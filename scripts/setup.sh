@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up everything meshproxy needs on a fresh Debian machine with Python 3.11:
+# system packages (peers and tools used by tests and benchmarks) and a venv at .venv.
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS="curl nginx-light haproxy wrk etcd-server prometheus"
+missing=""
+for bin in curl nginx haproxy wrk etcd promtool; do
+  command -v "$bin" >/dev/null 2>&1 || missing="yes"
+done
+if [ -n "$missing" ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $APT_PKGS >/dev/null
+  # the Debian packages start system services; we run our own instances on loopback ports
+  for svc in nginx haproxy etcd prometheus prometheus-node-exporter; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  $PY -m venv .venv
+fi
+if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, pytest_asyncio, pytest_timeout' >/dev/null 2>&1; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+fi
