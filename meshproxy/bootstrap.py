@@ -1,0 +1,290 @@
+"""The composition root: builds one worker's runtime and wires everything together.
+
+A :class:`Worker` owns, for one process and one event loop: the snapshot store, the
+per-worker runtime built from each snapshot (split state, cluster state), the upstream
+pools, the listeners and their connections, telemetry, and the tasks that keep these
+fresh (config watch or control-plane stream, timeout sweeper).  Nothing here is global:
+tests build several workers in one process.
+
+Shutdown order (SIGTERM): readiness 503 -> listeners stop accepting -> idle keep-alive
+connections close -> responses in flight finish with ``Connection: close`` -> exit
+when the last connection is gone or the drain deadline passes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .cluster import ClusterManager
+from .codec import make_request_parser, make_response_parser
+from .codec.api import CodecLimits
+from .config.model import Listener, Snapshot
+from .config.store import SnapshotStore
+from .downstream.splice import Splice
+from .downstream.tcp_proxy import TcpProxyListener
+from .listener import HttpListener, bind_socket
+from .router.split import Splitter, hash_key_for
+from .proxy.observe import Telemetry
+from .upstream.pool import UpstreamPools
+
+log = logging.getLogger("meshproxy")
+
+
+@dataclass
+class WorkerOptions:
+    codec: str = "httptools"
+    limits: CodecLimits = field(default_factory=CodecLimits)
+    drain_timeout: float = 10.0
+    worker_index: int = 0
+    node_id: str = ""
+
+
+class Worker:
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: SnapshotStore, options: WorkerOptions,
+                 telemetry: Telemetry, rng: random.Random | None = None,
+                 clock: Callable[[], float] | None = None):
+        self.loop = loop
+        self.store = store
+        self.options = options
+        self.rng = rng or random.Random()
+        self.clock = clock or loop.time
+        self.telemetry = telemetry
+        self.settings = store.current.settings if store.current else None
+        self.draining = False
+        self.downstream_active = 0
+        self.http_listeners: dict[tuple[str, int], HttpListener] = {}
+        self.tcp_listeners: dict[tuple[str, int], TcpProxyListener] = {}
+        self.tunnels: set[Splice] = set()
+        self.clusters = ClusterManager(clock=self.clock, rng=self.rng)
+        self.splitter: Splitter | None = None
+        codec, limits = options.codec, options.limits
+        self._request_parser = lambda handler: make_request_parser(codec, handler, limits)
+        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits),
+                                   self.clock, telemetry.upstream_cx_opened, telemetry.upstream_cx_closed)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.listen_errors: list[str] = []
+        store.subscribe(self._on_swap)
+
+    # ---------------------------------------------------------------- snapshot lifecycle
+
+    def make_request_parser(self, handler):
+        return self._request_parser(handler)
+
+    def _build_runtime(self, snapshot: Snapshot) -> None:
+        self.settings = snapshot.settings
+        self.clusters.update(snapshot)
+        self.splitter = Splitter(snapshot, rng=self.rng, previous=self.splitter)
+        self.telemetry.on_snapshot(snapshot)
+
+    def _on_swap(self, new: Snapshot, old: Snapshot | None) -> None:
+        # runs synchronously inside SnapshotStore.swap: requests that already read the
+        # old snapshot keep it; the next request reads the new one.
+        self._build_runtime(new)
+        if self._sweeper is not None:      # started: bring listeners in line
+            self.loop.create_task(self.reconcile_listeners())
+
+    async def start(self) -> None:
+        snapshot = self.store.current
+        if snapshot is None:
+            raise RuntimeError("no config loaded")
+        self._build_runtime(snapshot)
+        await self.reconcile_listeners()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    async def reconcile_listeners(self) -> None:
+        """Open listeners the snapshot declares, drain those it no longer does."""
+        snapshot = self.store.current
+        wanted: dict[tuple[str, int], Listener] = {(l.address, l.port): l for l in snapshot.listeners}
+        for key, listener in list(self.http_listeners.items()):
+            model = wanted.get(key)
+            if model is None or model.protocol not in ("HTTP", "HTTPS"):
+                listener.drain()
+                del self.http_listeners[key]
+            else:
+                listener.update(model)
+        for key, tcp in list(self.tcp_listeners.items()):
+            model = wanted.get(key)
+            if model is None or model.protocol != "TCP":
+                tcp.stop_accepting()
+                del self.tcp_listeners[key]
+            else:
+                tcp.model = model
+        errors = []
+        for key, model in wanted.items():
+            if key in self.http_listeners or key in self.tcp_listeners:
+                continue
+            try:
+                sock = bind_socket(model.address, model.port)
+            except OSError as err:
+                errors.append(f"listener {model.name} {model.address}:{model.port}: {err.strerror or err}")
+                continue
+            if model.protocol in ("HTTP", "HTTPS"):
+                ctx = self._tls_context(model) if model.protocol == "HTTPS" else None
+                listener = HttpListener(self, model, sock, ctx)
+                await listener.start()
+                self.http_listeners[key] = listener
+            elif model.protocol == "TCP":
+                tcp = self._tcp_listener(model)
+                await tcp.start(sock)
+                self.tcp_listeners[key] = tcp
+        self.listen_errors = errors
+        for error in errors:
+            log.error("%s", error)
+
+    def _tls_context(self, model: Listener) -> ssl.SSLContext:
+        certs = model.tls.certificates
+        default = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        default.load_cert_chain(certs[0][1], certs[0][2])
+        by_sni = {}
+        for sni, cert, key in certs:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            by_sni[sni.lower()] = ctx
+
+        def pick(sock, server_name, _ctx):
+            if server_name:
+                name = server_name.lower()
+                chosen = by_sni.get(name)
+                if chosen is None:
+                    _, _, parent = name.partition(".")
+                    chosen = by_sni.get("*." + parent)
+                if chosen is not None:
+                    sock.context = chosen
+            return None
+
+        default.sni_callback = pick
+        return default
+
+    def _tcp_listener(self, model: Listener) -> TcpProxyListener:
+        settings = self.settings
+
+        def pick_upstream():
+            listener = self.tcp_listeners_by_name.get(model.name)
+            current = listener.model if listener else model
+            if not current.tcp_routes:
+                return None
+            dest = self.splitter.pick_tcp(current.tcp_routes[0])
+            if dest is None or not dest.cluster:
+                return None
+            cluster = self.clusters.get(dest.cluster)
+            endpoint = cluster.pick() if cluster is not None else None
+            return (endpoint.address, endpoint.port) if endpoint is not None else None
+
+        return TcpProxyListener(
+            self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout,
+            idle_timeout=settings.tcp_idle_timeout, on_open=self.telemetry.tcp_opened(model),
+            on_close=self.telemetry.tcp_closed(model), model=model)
+
+    @property
+    def tcp_listeners_by_name(self) -> dict[str, TcpProxyListener]:
+        return {t.model.name: t for t in self.tcp_listeners.values()}
+
+    # ---------------------------------------------------------------- periodic work
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for listener in list(self.http_listeners.values()):
+            listener.sweep(now)
+        pool_idle = 60.0
+        self.pools.sweep(pool_idle)
+        if not self.draining:
+            self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    @property
+    def ready(self) -> bool:
+        return (not self.draining and self.store.current is not None and self._sweeper is not None
+                and not self.listen_errors)
+
+    # ---------------------------------------------------------------- drain
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting, close idle connections, let responses in flight finish.
+        Returns True when every connection finished within the deadline."""
+        self.draining = True
+        self.telemetry.set_draining(True)
+        deadline = self.clock() + (timeout if timeout is not None else self.options.drain_timeout)
+        for listener in self.http_listeners.values():
+            listener.drain()
+        for tcp in self.tcp_listeners.values():
+            tcp.stop_accepting()
+        while self.clock() < deadline:
+            busy = sum(l.active for l in self.http_listeners.values())
+            busy += sum(t.active for t in self.tcp_listeners.values())
+            if busy == 0:
+                break
+            for listener in self.http_listeners.values():
+                for conn in list(listener.connections):
+                    conn.check_timeouts(self.clock())
+                    if conn.exchange is None:
+                        conn.close()
+            await asyncio.sleep(0.05)
+        clean = sum(l.active for l in self.http_listeners.values()) == 0
+        for listener in self.http_listeners.values():
+            for conn in list(listener.connections):
+                conn.abort()
+        remaining = max(0.0, deadline - self.clock())
+        for tcp in self.tcp_listeners.values():
+            await tcp.close(remaining)
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
+        self.pools.close()
+        return clean
+
+    # ---------------------------------------------------------------- hooks the pipeline calls
+
+    def hash_key(self, route, view):
+        """The consistent-hash key of the route's destination service, if its
+        DestinationRule hashes (makes the version choice sticky too)."""
+        policy = self.splitter.hash_policy(route, self.clusters)
+        if policy is None:
+            return None
+        return hash_key_for(policy, view)
+
+    def metrics_rejected(self, reason: str, status: int) -> None:
+        self.telemetry.rejected(reason, status)
+
+    def on_request_routed(self, exchange) -> None:
+        self.telemetry.request_routed(exchange)
+
+    def on_response_headers(self, exchange, headers) -> None:
+        self.telemetry.response_headers(exchange, headers)
+
+    def on_exchange_done(self, exchange) -> None:
+        self.telemetry.exchange_done(exchange, self.clock())
+
+    def on_overflow(self, cluster) -> None:
+        self.telemetry.overflow(cluster.cluster.name)
+
+    def on_retry_overflow(self, cluster) -> None:
+        self.telemetry.retry_overflow(cluster.cluster.name)
+
+    def on_retry(self, cluster) -> None:
+        self.telemetry.retry(cluster.cluster.name)
+
+    def clusters_record(self, cluster, endpoint, outcome) -> None:
+        if cluster is not None and endpoint is not None:
+            cluster.record(endpoint, outcome)
+
+    def mirror(self, exchange, mirror) -> None:
+        from .proxy.mirror import send_mirror
+        send_mirror(self, exchange, mirror)
+
+    def start_tunnel(self, down, conn, to_upstream: bytes, to_downstream: bytes) -> None:
+        """A 101 Switching Protocols: from here on the two connections are spliced as bytes."""
+        down.listener.connection_closed(down)
+        splice = Splice(self.loop, down.transport, conn.transport,
+                        idle_timeout=self.settings.tcp_idle_timeout,
+                        initial_to_upstream=to_upstream, initial_to_downstream=to_downstream,
+                        on_close=lambda sent, received, s=None: self.tunnels.discard(splice_ref[0]))
+        splice_ref = [splice]
+        self.tunnels.add(splice)
+        splice.start()
+
+
+def wall_clock() -> float:
+    return time.time()

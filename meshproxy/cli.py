@@ -1,0 +1,163 @@
+"""``meshproxy`` command line: run, validate, explain."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from .codec.api import CodecLimits
+
+
+def _addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {value!r}")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _labels(value: str) -> dict[str, str]:
+    labels = {}
+    for item in filter(None, value.split(",")):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected k=v[,k=v...], got {value!r}")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", action="append", default=[], metavar="PATH",
+                     help="Istio YAML file or directory (repeatable); watched for changes")
+    run.add_argument("--listen", type=_addr, default=("127.0.0.1", 15001), help="HTTP listener (default 127.0.0.1:15001)")
+    run.add_argument("--admin", type=_addr, default=("127.0.0.1", 15000), help="admin listener (default 127.0.0.1:15000)")
+    run.add_argument("--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)")
+    run.add_argument("--codec", choices=("httptools", "h11"), default="httptools", help="HTTP/1.1 parser backend")
+    run.add_argument("--namespace", default="default", help="namespace of this proxy's workload")
+    run.add_argument("--labels", type=_labels, default={}, help="labels of this proxy's workload: k=v,...")
+    run.add_argument("--mode", choices=("sidecar", "gateway"), default="sidecar")
+    run.add_argument("--gateway-bind", default="0.0.0.0", help="address Gateway servers listen on")
+    run.add_argument("--control-plane", default="", help="control plane URL[,URL...]")
+    run.add_argument("--node-id", default="", help="node id shown by `meshctl proxies` (default host-pid)")
+    run.add_argument("--service", default="", help="register this workload as SERVICE with the control plane")
+    run.add_argument("--app-port", type=int, default=0, help="port of the local app this sidecar fronts")
+    run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    run.add_argument("--header-timeout", type=float, default=10.0, help="request head must arrive within (408)")
+    run.add_argument("--idle-timeout", type=float, default=60.0, help="keep-alive idle timeout")
+    run.add_argument("--connect-timeout", type=float, default=10.0, help="upstream connect timeout")
+    run.add_argument("--route-timeout", type=float, default=None,
+                     help="timeout for routes that set none (Istio default: none)")
+    run.add_argument("--max-connections", type=int, default=10_000, help="per listener")
+    run.add_argument("--max-header-bytes", type=int, default=60 * 1024)
+    run.add_argument("--max-headers", type=int, default=100)
+    run.add_argument("--max-target-bytes", type=int, default=8 * 1024)
+    run.add_argument("--max-body-bytes", type=int, default=0, help="0 = no cap")
+    run.add_argument("--log-level", default="INFO")
+
+    val = sub.add_parser("validate", help="validate config files; prints every error, exits 1 if any")
+    val.add_argument("paths", nargs="+")
+    val.add_argument("--namespace", default="default")
+
+    exp = sub.add_parser("explain", help="print the routing decision for a request, without sending it")
+    exp.add_argument("--config", action="append", required=True, metavar="PATH")
+    exp.add_argument("--host", required=True)
+    exp.add_argument("--path", default="/")
+    exp.add_argument("--method", default="GET")
+    exp.add_argument("--header", action="append", default=[], metavar="K=V")
+    exp.add_argument("--port", type=int, default=None)
+    exp.add_argument("--namespace", default="default")
+    exp.add_argument("--labels", type=_labels, default={})
+    exp.add_argument("--mode", choices=("sidecar", "gateway"), default="sidecar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "validate":
+        return _validate(args)
+    return _explain(args)
+
+
+def _run(args) -> int:
+    from .bootstrap import WorkerOptions
+    from .config.compile import ProxyIdentity
+    from .config.model import ProxySettings
+    from .process import RunOptions, run
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.config and not args.control_plane:
+        print("meshproxy run: give --config PATH or --control-plane URL", file=sys.stderr)
+        return 2
+    settings = ProxySettings(
+        header_read_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+        upstream_connect_timeout=args.connect_timeout, default_route_timeout=args.route_timeout,
+        max_connections_per_listener=args.max_connections, drain_timeout=args.drain_timeout)
+    identity = ProxyIdentity(namespace=args.namespace, labels=args.labels, mode=args.mode,
+                             http_listen=args.listen, gateway_bind=args.gateway_bind)
+    limits = CodecLimits(max_header_bytes=args.max_header_bytes, max_header_count=args.max_headers,
+                         max_target_bytes=args.max_target_bytes, max_body_bytes=args.max_body_bytes)
+    node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}"
+    registration = None
+    if args.service:
+        registration = {"service": args.service, "namespace": args.namespace, "labels": args.labels,
+                        "address": "127.0.0.1", "ports": {"http": args.app_port} if args.app_port else {},
+                        "proxy_port": args.listen[1]}
+    options = RunOptions(
+        config_paths=args.config, listen=args.listen, admin=args.admin, workers=args.workers,
+        identity=identity, settings=settings,
+        worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout, node_id=node_id),
+        control_plane=[u for u in args.control_plane.split(",") if u], registration=registration)
+    return run(options)
+
+
+def _validate(args) -> int:
+    from .config.compile import ProxyIdentity
+    from .config.load import build_from_paths
+    from .config.model import ProxySettings
+
+    result = build_from_paths(args.paths, ProxyIdentity(namespace=args.namespace), ProxySettings(), None)
+    for error in result.errors:
+        print(error)
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if result.errors:
+        print(f"{len(result.errors)} error(s)", file=sys.stderr)
+        return 1
+    count = len(result.snapshot.resources) if result.snapshot is not None else 0
+    print(f"ok: {count} resource(s) valid", file=sys.stderr)
+    return 0
+
+
+def _explain(args) -> int:
+    from .config.compile import ProxyIdentity
+    from .config.load import build_from_paths
+    from .config.model import ProxySettings
+    from .router.explain import explain
+
+    identity = ProxyIdentity(namespace=args.namespace, labels=args.labels, mode=args.mode)
+    result = build_from_paths(args.config, identity, ProxySettings(), None)
+    for error in result.errors:
+        print(f"error: {error}", file=sys.stderr)
+    if result.snapshot is None:
+        return 1
+    headers = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"--header expects K=V, got {item!r}", file=sys.stderr)
+            return 2
+        headers[key.strip().lower()] = value
+    print(explain(result.snapshot, args.host, args.path, method=args.method, headers=headers, port=args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The downstream side of an HTTP/1.1 listener: one client connection.
+
+Bytes go through the sans-IO request parser; its events start and feed
+:class:`~meshproxy.proxy.pipeline.Exchange` objects, one at a time and in order.
+Pipelined requests that arrive while an exchange is running are queued (and reading
+is paused), so responses always leave in request order.  A request the codec refuses
+gets its 4xx and the connection closes; nothing after the bad bytes is parsed.
+
+Timers are not per request: the listener's sweeper calls :meth:`check_timeouts`
+about once a second to enforce the header-read and keep-alive idle timeouts.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..codec.api import ProtocolError, RequestHead
+from ..proxy.errors import error_response
+from ..proxy.pipeline import Exchange
+
+if TYPE_CHECKING:
+    from ..bootstrap import Worker
+    from ..listener import HttpListener
+
+# connection states
+IDLE = 0          # keep-alive, waiting for the first byte of a request
+READING = 1       # a request head has started arriving
+ACTIVE = 2        # an exchange is running
+CLOSING = 3
+
+_HEAD, _BODY, _END = 0, 1, 2
+
+
+class DownstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
+        "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
+        "closed", "upgrade_buffer",
+    )
+
+    def __init__(self, worker: "Worker", listener: "HttpListener"):
+        self.worker = worker
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.parser = None
+        self.client_ip = ""
+        self.state = IDLE
+        self.exchange: Exchange | None = None
+        self.queue: deque | None = None      # events of pipelined requests not yet started
+        self.since = 0.0                     # when the current state began
+        self.out: list[bytes] = []
+        self.read_paused_by = 0              # bit set of reasons reading is paused
+        self.keep_alive = True
+        self.requests = 0
+        self.tunnel = None
+        self.closed = False
+        self.upgrade_buffer: list[bytes] | None = None
+
+    # ---------------------------------------------------------------- transport events
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+        self.parser = self.worker.make_request_parser(self)
+        self.since = self.worker.clock()
+        self.listener.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgrade_buffer is not None:
+            self.upgrade_buffer.append(data)
+            self.pause_reading(4)
+            return
+        if self.state == IDLE:
+            self.state = READING
+            self.since = self.worker.clock()
+        try:
+            self.parser.feed(data)
+        except ProtocolError as err:
+            self.reject(err.status, err.reason)
+            return
+        if self.exchange is not None:
+            self.exchange.upstream_flush()
+        self.flush()
+
+    def eof_received(self) -> bool:
+        # A client half-close does not delimit a request (RFC 9112 §9.6).  Let the
+        # response in flight finish; an incomplete request is abandoned.
+        exchange = self.exchange
+        if exchange is None or not exchange.request_complete:
+            self.close()
+            return False
+        self.keep_alive = False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connection_closed(self)
+        if self.exchange is not None:
+            self.exchange.downstream_lost()
+            self.exchange = None
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.downstream_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.downstream_write_resumed()
+
+    # ---------------------------------------------------------------- codec events
+
+    def on_request_head(self, head: RequestHead) -> None:
+        if self.exchange is not None or self.queue:
+            self._enqueue((_HEAD, head))
+            return
+        self._start(head)
+
+    def on_body(self, data: bytes) -> None:
+        if self.queue:
+            self._enqueue((_BODY, data))
+        else:
+            self.exchange.request_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.queue:
+            self._enqueue((_END, None))
+        else:
+            self.exchange.request_end()
+
+    # ---------------------------------------------------------------- exchanges in order
+
+    def _start(self, head: RequestHead) -> None:
+        self.state = ACTIVE
+        self.requests += 1
+        if not head.keep_alive:
+            self.keep_alive = False
+        if head.upgrade:
+            # bytes after an upgrade request's head belong to the tunnel
+            self.upgrade_buffer = []
+        self.exchange = Exchange(self, head)
+        self.exchange.start()
+
+    def _enqueue(self, event) -> None:
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append(event)
+        self.pause_reading(2)
+
+    def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
+        """Called by the exchange once its response has been written completely."""
+        if exchange is not self.exchange:
+            return
+        self.exchange = None
+        if not keep_alive:
+            self.keep_alive = False
+        if not self.keep_alive or self.worker.draining:
+            self.close_after_flush()
+            return
+        self.state = IDLE
+        self.since = self.worker.clock()
+        queue = self.queue
+        while queue and self.exchange is None and not self.closed:
+            kind, value = queue.popleft()
+            if kind == _HEAD:
+                self._start(value)
+            elif kind == _BODY:
+                self.exchange.request_body(value)
+            else:
+                self.exchange.request_end()
+        if queue is not None and not queue:
+            self.queue = None
+            self.resume_reading(2)
+        if self.exchange is not None:
+            self.exchange.upstream_flush()
+        self.flush()
+
+    # ---------------------------------------------------------------- output
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            if not self.closed:
+                if len(out) == 1:
+                    self.transport.write(out[0])
+                else:
+                    self.transport.write(b"".join(out))
+            out.clear()
+
+    def reject(self, status: int, reason: str) -> None:
+        """A request the codec refused: answer and close; parse nothing more."""
+        self.worker.metrics_rejected(reason, status)
+        self.out.clear()
+        if self.exchange is not None:
+            self.exchange.abandon()
+            self.exchange = None
+        if not self.closed:
+            self.transport.write(error_response(status, close=True))
+        self.close_after_flush()
+
+    def close_after_flush(self) -> None:
+        self.flush()
+        if not self.closed:
+            self.state = CLOSING
+            self.closed = True
+            # half-close first so the client reads the response before it sees a reset
+            transport = self.transport
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.worker.loop.call_later(1.0, transport.close)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        """The response cannot be completed: drop the connection so the client never
+        sees a truncated response as complete."""
+        self.out.clear()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---------------------------------------------------------------- flow control
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.read_paused_by and not self.closed:
+            self.transport.pause_reading()
+        self.read_paused_by |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        was = self.read_paused_by
+        self.read_paused_by &= ~reason
+        if was and not self.read_paused_by and not self.closed:
+            self.transport.resume_reading()
+
+    # ---------------------------------------------------------------- timers and drain
+
+    def check_timeouts(self, now: float) -> None:
+        settings = self.worker.settings
+        if self.state == READING and now - self.since > settings.header_read_timeout:
+            self.reject(408, "request header timeout")
+        elif self.state == IDLE and now - self.since > settings.idle_timeout:
+            self.close()
+
+    def drain(self) -> None:
+        """Graceful shutdown: idle connections close now; busy ones finish the
+        response in flight (it carries ``Connection: close``) and then close."""
+        self.keep_alive = False
+        if self.state == IDLE and self.exchange is None:
+            self.close()
+
+    def take_tunnel_bytes(self) -> bytes:
+        """Bytes the client sent after an upgrade request's head."""
+        pending = self.parser.unconsumed() + b"".join(self.upgrade_buffer or ())
+        self.upgrade_buffer = None
+        return pending

@@ -1,0 +1,96 @@
+"""Binding, accepting and owning connections.  Knows no HTTP beyond which protocol
+factory to hand accepted sockets to.
+
+Sockets are bound with SO_REUSEPORT so that several worker processes can each bind
+the same address and let the kernel spread connections between them.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from .config.model import Listener
+
+if TYPE_CHECKING:
+    from .bootstrap import Worker
+    from .downstream.http_conn import DownstreamConnection
+
+
+def bind_socket(address: str, port: int, backlog: int = 1024, reuse_port: bool = True) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpListener:
+    """An HTTP (or TLS-terminated HTTPS) listener and the connections it accepted."""
+
+    def __init__(self, worker: "Worker", model: Listener, sock: socket.socket, ssl_context=None):
+        self.worker = worker
+        self.model = model
+        self.name = model.name
+        self.route_table = model.route_table
+        self.port = sock.getsockname()[1]
+        self.scheme = "https" if ssl_context is not None else "http"
+        self.sock = sock
+        self.ssl_context = ssl_context
+        self.connections: set["DownstreamConnection"] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.max_connections = worker.settings.max_connections_per_listener
+        self.rejected_connections = 0
+
+    async def start(self) -> None:
+        from .downstream.http_conn import DownstreamConnection
+
+        worker = self.worker
+        self.server = await worker.loop.create_server(
+            lambda: DownstreamConnection(worker, self), sock=self.sock, ssl=self.ssl_context,
+            backlog=1024)
+
+    def update(self, model: Listener) -> None:
+        """Same address, new config: only the route table name can change in place."""
+        self.model = model
+        self.route_table = model.route_table
+
+    def connection_opened(self, conn: "DownstreamConnection") -> None:
+        if len(self.connections) >= self.max_connections:
+            self.rejected_connections += 1
+            self.worker.metrics_rejected("max_connections", 503)
+            conn.closed = True
+            conn.transport.abort()
+            return
+        self.connections.add(conn)
+        self.worker.downstream_active += 1
+
+    def connection_closed(self, conn: "DownstreamConnection") -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.worker.downstream_active -= 1
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def drain(self) -> None:
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.drain()
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)

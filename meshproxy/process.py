@@ -1,0 +1,401 @@
+"""Processes: one worker in this process, or a master with N forked workers.
+
+With ``--workers 1`` (the default) everything runs in one process and one event loop:
+the worker, the admin listener and the config source.
+
+With ``--workers N`` the master forks N children before it creates any event loop.
+Each child binds the same addresses with SO_REUSEPORT, loads and watches the config
+itself and serves traffic.  The master runs the admin listener and answers from its
+children over one pipe each (readiness is the AND of theirs, metrics are their sum,
+with the last dump of a child that died kept so counters never go backwards).  It
+forwards SIGTERM to the children, restarts a child that dies unexpectedly, and exits
+0 once they have all drained.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from .admin import AdminServer
+from .bootstrap import Worker, WorkerOptions
+from .config.compile import ProxyIdentity
+from .config.dump import snapshot_to_dict
+from .config.load import build_from_paths
+from .config.model import ProxySettings
+from .config.store import SnapshotStore
+from .config.watch import ConfigWatcher
+from .proxy.observe import Telemetry
+
+log = logging.getLogger("meshproxy")
+
+
+@dataclass
+class RunOptions:
+    config_paths: list[str] = field(default_factory=list)
+    listen: tuple[str, int] = ("127.0.0.1", 15001)
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+    workers: int = 1
+    identity: ProxyIdentity = field(default_factory=ProxyIdentity)
+    settings: ProxySettings = field(default_factory=ProxySettings)
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
+    control_plane: list[str] = field(default_factory=list)
+    registration: dict | None = None
+    telemetry: dict = field(default_factory=dict)
+
+
+# ==================================================================== config sources
+
+
+class FileConfigSource:
+    """Loads the config paths, swaps good snapshots in, records rejections."""
+
+    def __init__(self, options: RunOptions, store: SnapshotStore):
+        self.options = options
+        self.store = store
+        self.resource_set = None
+
+    def load(self) -> list[str]:
+        result = build_from_paths(self.options.config_paths, self.options.identity, self.options.settings,
+                                  self.resource_set)
+        for warning in result.warnings:
+            log.warning("%s", warning)
+        if result.snapshot is not None:
+            self.resource_set = result.resource_set
+            if self.store.current is None or self.store.current.version != result.snapshot.version:
+                self.store.swap(result.snapshot)
+        if result.errors:
+            version = result.snapshot.version if result.snapshot is not None else "rejected"
+            self.store.reject(version, result.errors)
+            for error in result.errors:
+                log.error("config rejected: %s", error)
+        return list(result.errors)
+
+    async def run(self) -> None:
+        watcher = ConfigWatcher(self.options.config_paths, self._changed)
+        await watcher.run()
+
+    def _changed(self) -> None:
+        try:
+            self.load()
+        except Exception:           # a broken reload must never take the proxy down
+            log.exception("config reload failed; keeping the last good config")
+
+
+# ==================================================================== admin views of one worker
+
+
+class WorkerAdmin:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def ready(self) -> bool:
+        return self.worker.ready
+
+    async def config_dump(self) -> dict:
+        return worker_config_dump(self.worker)
+
+    async def metrics(self, accept: str) -> tuple[bytes, str]:
+        return render_metrics([worker_metrics_dump(self.worker)], accept)
+
+    async def clusters(self) -> dict:
+        return worker_clusters(self.worker)
+
+    async def stats(self) -> str:
+        return render_stats([worker_metrics_dump(self.worker)])
+
+
+def worker_config_dump(worker: Worker) -> dict:
+    store = worker.store
+    dump = snapshot_to_dict(store.current) if store.current is not None else {}
+    rejection = store.last_rejection
+    return {
+        "version": store.current.version if store.current else None,
+        "loaded_at": store.loaded_at,
+        "last_rejection": None if rejection is None else {
+            "version": rejection.version, "errors": list(rejection.errors), "at": rejection.at},
+        "snapshot": dump,
+        "listen_errors": worker.listen_errors,
+    }
+
+
+def worker_clusters(worker: Worker) -> dict:
+    return {"clusters": worker.clusters.stats(), "pools": worker.pools.stats()}
+
+
+def worker_metrics_dump(worker: Worker) -> dict:
+    t = worker.telemetry
+    if t.metrics is not None:
+        return {"istio": t.metrics.dump()}
+    return {
+        "requests": [[svc, status, flags, n] for (svc, status, flags), n in t.requests.items()],
+        "rejected": [[reason, status, n] for (reason, status), n in t.rejected_by_reason.items()],
+        "downstream_cx_active": worker.downstream_active,
+        "upstream_cx_active": t.upstream_cx_active,
+        "upstream_cx_total": t.upstream_cx_total,
+        "draining": 1 if worker.draining else 0,
+        "config_version": t.snapshot_version,
+    }
+
+
+def render_metrics(dumps: list[dict], accept: str) -> tuple[bytes, str]:
+    requests: dict = {}
+    rejected: dict = {}
+    gauges = {"meshproxy_downstream_cx_active": 0, "meshproxy_upstream_cx_active": 0,
+              "meshproxy_draining": 0}
+    created = 0
+    version = ""
+    for dump in dumps:
+        for svc, status, flags, n in dump.get("requests", []):
+            requests[(svc, status, flags)] = requests.get((svc, status, flags), 0) + n
+        for reason, status, n in dump.get("rejected", []):
+            rejected[(reason, status)] = rejected.get((reason, status), 0) + n
+        gauges["meshproxy_downstream_cx_active"] += dump.get("downstream_cx_active", 0)
+        gauges["meshproxy_upstream_cx_active"] += dump.get("upstream_cx_active", 0)
+        gauges["meshproxy_draining"] = max(gauges["meshproxy_draining"], dump.get("draining", 0))
+        created += dump.get("upstream_cx_total", 0)
+        version = dump.get("config_version", version)
+    lines = ["# HELP istio_requests_total Requests handled by the proxy.",
+             "# TYPE istio_requests_total counter"]
+    for (svc, status, flags), n in sorted(requests.items()):
+        lines.append(f'istio_requests_total{{reporter="source",destination_service="{svc}",'
+                     f'response_code="{status}",response_flags="{flags}"}} {n}')
+    lines += ["# HELP meshproxy_downstream_rejected_total Requests refused before routing.",
+              "# TYPE meshproxy_downstream_rejected_total counter"]
+    for (reason, status), n in sorted(rejected.items()):
+        lines.append(f'meshproxy_downstream_rejected_total{{reason="{_esc(reason)}",response_code="{status}"}} {n}')
+    lines += ["# HELP meshproxy_upstream_cx_total Upstream connections opened.",
+              "# TYPE meshproxy_upstream_cx_total counter", f"meshproxy_upstream_cx_total {created}"]
+    for name, value in gauges.items():
+        lines += [f"# HELP {name} {name.replace('_', ' ')}.", f"# TYPE {name} gauge", f"{name} {value}"]
+    lines += ["# HELP meshproxy_config_info The config version being served.",
+              "# TYPE meshproxy_config_info gauge", f'meshproxy_config_info{{version="{version}"}} 1']
+    return ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8"
+
+
+def render_stats(dumps: list[dict]) -> str:
+    body, _ = render_metrics(dumps, "")
+    return "\n".join(l for l in body.decode().splitlines() if not l.startswith("#")) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ==================================================================== one process
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:       # uvloop is a dependency; fall back only where it cannot build
+        log.warning("uvloop not available; using the default asyncio loop")
+
+
+async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) -> int:
+    loop = asyncio.get_running_loop()
+    store = SnapshotStore()
+    telemetry = Telemetry()
+    source = FileConfigSource(options, store) if options.config_paths else None
+    remote = None
+    if source is not None:
+        errors = source.load()
+        if store.current is None:
+            for error in errors:
+                print(error, file=sys.stderr)
+            print("meshproxy: no valid config to start with", file=sys.stderr)
+            return 1
+    if options.control_plane:
+        from .config.remote_source import RemoteSource
+        remote = RemoteSource(options, store)
+        await remote.wait_first_config()
+    worker = Worker(loop, store, options.worker, telemetry)
+    await worker.start()
+    for error in worker.listen_errors:
+        print(f"meshproxy: {error}", file=sys.stderr)
+    tasks = []
+    if source is not None:
+        tasks.append(loop.create_task(source.run()))
+    if remote is not None:
+        tasks.append(loop.create_task(remote.run()))
+    admin = None
+    if with_admin:
+        admin = AdminServer(WorkerAdmin(worker), *options.admin)
+        await admin.start()
+    if pipe is not None:
+        _serve_pipe(loop, pipe, worker)
+    stop = asyncio.Event()
+    hits = [0]
+
+    def on_signal() -> None:
+        hits[0] += 1
+        if hits[0] > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    log.info("meshproxy ready: listeners %s", ", ".join(
+        f"{l.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners}.items()))
+    await stop.wait()
+    if remote is not None:
+        await remote.deregister()
+    clean = await worker.drain()
+    for task in tasks:
+        task.cancel()
+    if admin is not None:
+        await admin.close()
+    return 0 if clean else 0     # the deadline forcing connections closed is still a clean exit
+
+
+def run(options: RunOptions) -> int:
+    if options.workers <= 1:
+        _install_uvloop()
+        return asyncio.run(serve_worker(options))
+    return run_master(options)
+
+
+# ==================================================================== master and workers
+
+
+def _serve_pipe(loop, pipe, worker: Worker) -> None:
+    """Answer the master's questions (one JSON line each way)."""
+
+    def on_readable() -> None:
+        try:
+            request = pipe.recv()
+        except (EOFError, OSError):
+            loop.remove_reader(pipe.fileno())
+            os.kill(os.getpid(), signal.SIGTERM)     # master gone: drain and exit
+            return
+        if request == "ready":
+            pipe.send(worker.ready)
+        elif request == "metrics":
+            pipe.send(worker_metrics_dump(worker))
+        elif request == "config_dump":
+            pipe.send(worker_config_dump(worker))
+        elif request == "clusters":
+            pipe.send(worker_clusters(worker))
+
+    loop.add_reader(pipe.fileno(), on_readable)
+
+
+def _child_main(options: RunOptions, index: int, pipe) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the master decides when to stop
+    options.worker.worker_index = index
+    _install_uvloop()
+    code = asyncio.run(serve_worker(options, pipe=pipe, with_admin=False))
+    sys.exit(code)
+
+
+class Master:
+    def __init__(self, options: RunOptions):
+        self.options = options
+        self.ctx = multiprocessing.get_context("fork")
+        self.children: list = [None] * options.workers
+        self.pipes: list = [None] * options.workers
+        self.last_dump: list[dict | None] = [None] * options.workers
+        self.retired: list[dict] = []        # dumps of children that exited, so counters persist
+        self.stopping = False
+        self._lock = None
+
+    def spawn(self, index: int) -> None:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_child_main, args=(self.options, index, child), daemon=False)
+        proc.start()
+        child.close()
+        self.children[index] = proc
+        self.pipes[index] = parent
+
+    async def ask(self, index: int, question: str, timeout: float = 2.0):
+        pipe = self.pipes[index]
+        if pipe is None:
+            return None
+        async with self._lock:
+            try:
+                pipe.send(question)
+                loop = asyncio.get_running_loop()
+                ready = await loop.run_in_executor(None, pipe.poll, timeout)
+                return pipe.recv() if ready else None
+            except (EOFError, OSError, BrokenPipeError):
+                return None
+
+    # admin source
+    def ready(self) -> bool:
+        return not self.stopping and all(c is not None and c.is_alive() for c in self.children) and self._ready_cache
+
+    async def refresh_ready(self) -> None:
+        answers = [await self.ask(i, "ready") for i in range(len(self.children))]
+        self._ready_cache = all(a is True for a in answers)
+
+    async def config_dump(self) -> dict:
+        return await self.ask(0, "config_dump") or {}
+
+    async def _dumps(self) -> list[dict]:
+        dumps = []
+        for i in range(len(self.children)):
+            dump = await self.ask(i, "metrics")
+            if dump is not None:
+                self.last_dump[i] = dump
+            if self.last_dump[i] is not None:
+                dumps.append(self.last_dump[i])
+        return dumps + self.retired
+
+    async def metrics(self, accept: str) -> tuple[bytes, str]:
+        return render_metrics(await self._dumps(), accept)
+
+    async def clusters(self) -> dict:
+        return {f"worker{i}": await self.ask(i, "clusters") for i in range(len(self.children))}
+
+    async def stats(self) -> str:
+        return render_stats(await self._dumps())
+
+    async def main(self) -> int:
+        self._lock = asyncio.Lock()
+        self._ready_cache = False
+        loop = asyncio.get_running_loop()
+        admin = AdminServer(self, *self.options.admin)
+        await admin.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            await self.refresh_ready()
+            for i, proc in enumerate(self.children):
+                if proc is not None and not proc.is_alive() and not stop.is_set():
+                    log.warning("worker %d exited with %s; restarting", i, proc.exitcode)
+                    if self.last_dump[i] is not None:
+                        self.retired.append(self.last_dump[i])
+                        self.last_dump[i] = None
+                    self.spawn(i)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        self.stopping = True
+        for proc in self.children:
+            if proc is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = loop.time() + self.options.worker.drain_timeout + 2.0
+        while loop.time() < deadline and any(p.is_alive() for p in self.children):
+            await asyncio.sleep(0.05)
+        for proc in self.children:
+            if proc.is_alive():
+                proc.kill()
+        await admin.close()
+        return 0
+
+
+def run_master(options: RunOptions) -> int:
+    master = Master(options)
+    for i in range(options.workers):          # fork before any event loop exists
+        master.spawn(i)
+    _install_uvloop()
+    return asyncio.run(master.main())

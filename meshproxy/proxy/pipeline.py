@@ -1,0 +1,633 @@
+"""The life of a request through the proxy, in phase order.
+
+An :class:`Exchange` is one request and its response.  It is callback-driven (no task
+per request): the downstream driver feeds it the request's head, body and end; the
+upstream connection feeds it the response.  The phases, in the order they run:
+
+1. ``start``           read the snapshot once; route: virtual host -> route
+2. ``_local_reply``    answers the proxy gives itself: CORS preflight, fault abort,
+                       redirect, direct response (no upstream involved)
+3. ``_choose_cluster`` weighted split picks a destination (sticky if the destination
+                       service hashes); the destination names a cluster
+4. ``_prepare_head``   the request as forwarded: hop-by-hop removed, X-Forwarded-*,
+                       X-Request-Id, rewrites, header operations, re-framed body
+5. ``_attempt``        load balancer picks an endpoint; pooled or new connection;
+                       send head and the body received so far.  Retries loop back
+                       here, never to parsing or routing.
+6. ``request_body`` /  stream the request body with backpressure
+   ``request_end``
+7. ``upstream_response_head``  retry decision on status; response header operations;
+                       head written downstream
+8. ``upstream_body`` / ``upstream_complete``  stream the response; release the upstream
+                       connection to its pool; ``_finish`` records metrics and logs and
+                       lets the downstream connection start the next request.
+
+Failures anywhere become a :class:`~meshproxy.proxy.errors.Failure` and go through
+``_attempt_failed`` (retry or answer) — the one place errors turn into responses is
+:func:`~meshproxy.proxy.errors.error_response`.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ..codec.api import (
+    BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, ProtocolError, RequestHead, ResponseHead,
+)
+from ..codec.writer import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
+from ..router.match import select_route, select_virtual_host
+from ..router.request import RequestView
+from ..router.retry import RetryState
+from .errors import Failure, error_response
+from .transform import (
+    apply_header_ops, cors_response_headers, forwarded_request_headers, forwarded_response_headers, local_reply_for,
+    rewrite_path_and_authority,
+)
+
+if TYPE_CHECKING:
+    from ..downstream.http_conn import DownstreamConnection
+    from ..upstream.connection import UpstreamConnection
+
+_MAX_RETAINED_BODY = 64 * 1024     # request body kept for replay on retry
+_MAX_BUFFERED_BODY = 64 * 1024     # request body held while the upstream connects
+_NO_BODY_STATUSES = frozenset((204, 304))
+_READ_PAUSE_UPSTREAM = 1           # DownstreamConnection.read_paused_by bits
+_READ_PAUSE_CONNECTING = 8
+
+
+def _new_request_id() -> bytes:
+    b = os.urandom(16).hex()
+    return f"{b[:8]}-{b[8:12]}-4{b[13:16]}-{b[16:20]}-{b[20:]}".encode()
+
+
+class Exchange:
+    __slots__ = (
+        "down", "worker", "head", "snapshot", "route", "destination", "cluster", "view",
+        "endpoint", "upstream", "forward_head", "pending_body", "retained_body", "retained_bytes",
+        "request_complete", "request_bytes", "response_head", "response_started", "response_bytes",
+        "response_chunked", "retry", "attempts", "tried", "flags", "status", "start_time",
+        "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
+        "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
+        "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
+    )
+
+    def __init__(self, down: "DownstreamConnection", head: RequestHead):
+        self.down = down
+        self.worker = down.worker
+        self.head = head
+        self.snapshot = None
+        self.route = None
+        self.destination = None
+        self.cluster = None
+        self.view = None
+        self.endpoint = None
+        self.upstream: UpstreamConnection | None = None
+        self.forward_head = b""
+        self.pending_body: list[bytes] = []      # received, not yet sent upstream
+        self.retained_body: list[bytes] | None = None   # sent, kept for a retry
+        self.retained_bytes = 0
+        self.buffered_bytes = 0
+        self.request_complete = False
+        self.request_bytes = 0
+        self.response_head: ResponseHead | None = None
+        self.response_started = False
+        self.response_bytes = 0
+        self.response_chunked = False
+        self.close_delimited = False
+        self.retry: RetryState | None = None
+        self.attempts = 0
+        self.tried: frozenset = frozenset()
+        self.flags = "-"
+        self.status = 0
+        self.start_time = self.worker.clock()
+        self.upstream_start = 0.0
+        self.timer = None
+        self.try_timer = None
+        self.discarding = False
+        self.finished = False
+        self.keep_alive = head.keep_alive
+        self.hash_key = None
+        self.pending_admitted = False
+        self.retry_admitted = False
+        self.connect_task = None
+        self.trace = None
+        self.route_name = ""
+        self.upstream_paused = False
+        self.request_discard = False
+
+    # ================================================================ 1. route
+
+    def start(self) -> None:
+        worker = self.worker
+        self.snapshot = snapshot = worker.store.current
+        listener = self.down.listener
+        head = self.head
+        table = snapshot.route_tables.get(listener.route_table) if snapshot else None
+        vhost = select_virtual_host(table, head.host.decode("latin-1").lower()) if table else None
+        if vhost is None:
+            return self._local_reply(404, "NR")
+        self.view = view = RequestView.from_head(head, listener.port, listener.scheme, self.down.client_ip)
+        found = select_route(vhost, view)
+        if found is None:
+            return self._local_reply(404, "NR")
+        self.route, match = found
+        self.route_name = self.route.name
+        worker.on_request_routed(self)
+        if self._local_reply_for_route(match):
+            return
+        self._choose_cluster(match)
+
+    # ================================================================ 2. local replies
+
+    def _local_reply_for_route(self, match, after_delay: bool = False) -> bool:
+        route = self.route
+        reply = local_reply_for(route, match, self.head, self.view, self.worker.rng, after_delay)
+        if reply is None:
+            return False
+        kind, value = reply
+        if kind == "delay":
+            # fault delay: continue routing after the delay (flag DI), timer owned by the exchange
+            self.flags = "DI"
+            self.timer = self.worker.loop.call_later(value, self._after_fault_delay, match)
+            return True
+        status, extra_headers, body, flag = value
+        self._respond_local(status, extra_headers, body, flag)
+        return True
+
+    def _after_fault_delay(self, match) -> None:
+        self.timer = None
+        if not self.finished and not self._local_reply_for_route(match, after_delay=True):
+            self._choose_cluster(match)
+
+    def _local_reply(self, status: int, flag: str) -> None:
+        self.flags = flag
+        self._write_local(error_response(status, flag, close=not self.keep_alive_now()), status)
+
+    def _respond_local(self, status: int, headers: list, body: bytes, flag: str) -> None:
+        self.flags = flag or "-"
+        close = not self.keep_alive_now()
+        hdrs = list(headers)
+        hdrs.append((b"content-length", str(len(body)).encode()))
+        if close:
+            hdrs.append((b"connection", b"close"))
+        if self.route is not None:
+            hdrs = apply_header_ops(hdrs, self.route.headers.response)
+        payload = encode_response_head(status, b"", hdrs)
+        if self.head.method != b"HEAD":
+            payload += body
+        self._write_local(payload, status)
+
+    def _write_local(self, payload: bytes, status: int) -> None:
+        self.status = status
+        self.response_started = True
+        self.response_bytes = len(payload)
+        self.down.write(payload)
+        if self.request_complete:
+            self._finish(self.keep_alive_now())
+        else:
+            # the request body is still arriving: read and discard it, then finish
+            self.request_discard = True
+
+    # ================================================================ 3. split -> cluster
+
+    def _choose_cluster(self, match) -> None:
+        worker = self.worker
+        route = self.route
+        if not route.destinations:
+            return self._local_reply(404, "NR")
+        self.hash_key = worker.hash_key(route, self.view)
+        dest = worker.splitter.pick(route, self.hash_key)
+        if dest is None or not dest.cluster:
+            return self._local_reply(503, "NR")
+        self.destination = dest
+        cluster = worker.clusters.get(dest.cluster)
+        if cluster is None:
+            return self._local_reply(503, "NR")
+        self.cluster = cluster
+        if not cluster.admit_pending():
+            worker.on_overflow(cluster)
+            return self._local_reply(503, "UO")
+        self.pending_admitted = True
+        retries = route.retries
+        if retries is not None and retries.attempts > 0:
+            self.retry = RetryState(retries, self.head.method.decode("latin-1"))
+            self.retained_body = []
+        else:
+            # a request that failed to connect on a fresh connection may still be
+            # retried once on another endpoint (nothing was sent)
+            self.retry = None
+        timeout = route.timeout if route.timeout is not None else self.snapshot.settings.default_route_timeout
+        if timeout is not None:
+            self.timer = worker.loop.call_later(timeout, self._route_timeout)
+        self._prepare_head(match)
+        for mirror in route.mirrors:
+            worker.mirror(self, mirror)
+        self._attempt()
+
+    # ================================================================ 4. the forwarded request head
+
+    def _prepare_head(self, match) -> None:
+        head = self.head
+        route = self.route
+        path, authority = rewrite_path_and_authority(route, match, head)
+        headers = forwarded_request_headers(head, authority, self.down.client_ip,
+                                            self.down.listener.scheme, _new_request_id)
+        headers = apply_header_ops(headers, route.headers.request)
+        headers = apply_header_ops(headers, self.destination.headers.request)
+        if self.trace is not None:
+            headers.extend(self.trace.headers_to_forward)
+        kind = head.body_kind
+        if kind == BODY_LENGTH:
+            headers.append((b"content-length", str(head.content_length).encode()))
+        elif kind == BODY_CHUNKED:
+            headers.append((b"transfer-encoding", b"chunked"))
+        self.forward_head = encode_request_head(head.method, path, headers)
+
+    # ================================================================ 5. endpoint, connection, send
+
+    def _attempt(self) -> None:
+        worker = self.worker
+        cluster = self.cluster
+        endpoint = cluster.pick(self.hash_key, self.tried)
+        if endpoint is None and self.tried:
+            endpoint = cluster.pick(self.hash_key)    # every endpoint tried: allow repeats
+        if endpoint is None:
+            return self._answer_failure(503, "UH")
+        self.endpoint = endpoint
+        self.attempts += 1
+        self.tried = self.tried | {endpoint}
+        key = (endpoint.address, endpoint.port)
+        policy = cluster.cluster.policy.connection_pool
+        conn = worker.pools.acquire_idle(key, policy.idle_timeout)
+        self.upstream_start = worker.clock()
+        if conn is not None:
+            self._send_on(conn)
+            return
+        if not cluster.admit_connection():
+            worker.on_overflow(cluster)
+            return self._answer_failure(503, "UO")
+        timeout = min(policy.connect_timeout, self.snapshot.settings.upstream_connect_timeout)
+        self.connect_task = worker.pools.connect(key, timeout, self._connected)
+
+    def _connected(self, conn, reason: str) -> None:
+        self.connect_task = None
+        if conn is None:
+            self.cluster.release_connection()
+            if not self.finished:
+                self._attempt_failed(Failure.CONNECT_TIMEOUT if reason == "timeout" else Failure.CONNECT_FAILURE)
+            return
+        conn.on_close = self.cluster.release_connection   # the cluster's connection slot lives as long as the socket
+        if self.finished:
+            self.worker.pools.release(conn, True, self.cluster.cluster.policy.connection_pool.max_idle_per_endpoint)
+            return
+        self._send_on(conn)
+
+    def _send_on(self, conn: "UpstreamConnection") -> None:
+        self.upstream = conn
+        conn.exchange = self
+        self.cluster.on_request_start(self.endpoint)
+        per_try = self.route.retries.per_try_timeout if self.retry is not None else None
+        if per_try is not None:
+            self.try_timer = self.worker.loop.call_later(per_try, self._per_try_timeout)
+        if self.head.method == b"HEAD":
+            conn.parser.expect_no_body()
+        out = [self.forward_head]
+        if self.retained_body:               # a retry replays what the first try sent
+            out.extend(self.retained_body)
+        if self.pending_body:
+            out.extend(self.pending_body)
+            if self.retained_body is not None:
+                self._retain(self.pending_body)
+            self.pending_body = []
+            self.buffered_bytes = 0
+        if self.request_complete and self.head.body_kind == BODY_CHUNKED:
+            out.append(LAST_CHUNK)
+        conn.write(b"".join(out) if len(out) > 1 else out[0])
+        self.down.resume_reading(_READ_PAUSE_CONNECTING)
+        if self.head.expect_continue and not self.request_complete and self.attempts == 1:
+            self.down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.down.flush()
+
+    def _retain(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.retained_bytes += len(chunk)
+        if self.retained_bytes > _MAX_RETAINED_BODY:
+            self.retained_body = None        # too big to replay: no more retries
+            self.retry = None
+        else:
+            self.retained_body.extend(chunks)
+
+    # ================================================================ 6. request body
+
+    def request_body(self, data: bytes) -> None:
+        if self.request_discard:
+            return
+        self.request_bytes += len(data)
+        if self.head.body_kind == BODY_CHUNKED:
+            data = encode_chunk(data)
+        conn = self.upstream
+        if conn is None:
+            self.pending_body.append(data)
+            self.buffered_bytes += len(data)
+            if self.buffered_bytes > _MAX_BUFFERED_BODY:
+                self.down.pause_reading(_READ_PAUSE_CONNECTING)
+            return
+        conn.write(data)
+        if self.retained_body is not None:
+            self._retain([data])
+
+    def request_end(self) -> None:
+        self.request_complete = True
+        if self.request_discard:
+            # local reply already written while the body was still arriving
+            self._finish(self.keep_alive_now())
+            return
+        conn = self.upstream
+        if conn is not None and self.head.body_kind == BODY_CHUNKED:
+            conn.write(LAST_CHUNK)
+            if self.retained_body is not None:
+                self._retain([LAST_CHUNK])
+
+    def upstream_flush(self) -> None:
+        """Called after a downstream read was parsed (writes are not buffered upstream)."""
+
+    def upstream_write_paused(self) -> None:
+        self.down.pause_reading(_READ_PAUSE_UPSTREAM)
+
+    def upstream_write_resumed(self) -> None:
+        self.down.resume_reading(_READ_PAUSE_UPSTREAM)
+
+    # ================================================================ 7. response head
+
+    def upstream_response_head(self, head: ResponseHead) -> None:
+        status = head.status
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        retry = self.retry
+        if (retry is not None and status >= 400 and retry.should_retry(self.attempts, status)
+                and self._retry_allowed()):
+            # read this response to its end, then try again
+            self.worker.clusters_record(self.cluster, self.endpoint, status)
+            self.discarding = True
+            self.response_head = head
+            return
+        self.response_head = head
+        self.status = status
+        if status == 101:
+            return self._switch_protocols(head)
+        self.worker.clusters_record(self.cluster, self.endpoint, status)
+        down = self.down
+        keep_alive = self.keep_alive_now()
+        if head.body_kind == BODY_NONE or self.head.method == b"HEAD" or status in _NO_BODY_STATUSES:
+            framing = None
+        elif head.body_kind == BODY_LENGTH:
+            framing = (b"content-length", str(head.content_length).encode())
+        elif self.head.version == b"1.1":
+            framing = (b"transfer-encoding", b"chunked")
+            self.response_chunked = True
+        else:
+            framing = None                  # HTTP/1.0 client: body delimited by close
+            self.close_delimited = True
+            keep_alive = self.keep_alive = False
+        headers = forwarded_response_headers(head, framing, keep_alive)
+        headers = apply_header_ops(headers, self.destination.headers.response)
+        headers = apply_header_ops(headers, self.route.headers.response)
+        if self.route.cors is not None:
+            origin = self.view.headers.get("origin")
+            if origin:
+                headers.extend(cors_response_headers(self.route.cors, origin))
+        self.worker.on_response_headers(self, headers)
+        data = encode_response_head(status, head.reason, headers)
+        self.response_bytes += len(data)
+        self.response_started = True
+        down.write(data)
+
+    def _retry_allowed(self) -> bool:
+        if self.retained_body is None:
+            return False
+        if not self.cluster.admit_retry():
+            self.worker.on_retry_overflow(self.cluster)
+            return False
+        self.retry_admitted = True
+        return True
+
+    # ================================================================ 8. response body and end
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        if self.response_chunked:
+            data = encode_chunk(data)
+        self.response_bytes += len(data)
+        self.down.write(data)
+
+    def upstream_complete(self, conn: "UpstreamConnection") -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        self._release_upstream(reusable=self.request_complete and self.response_head.keep_alive)
+        if self.discarding and not self.finished and not self.response_started:
+            self.discarding = False
+            self.response_head = None
+            self._schedule_retry()
+            return
+        if self.response_chunked:
+            self.down.write(LAST_CHUNK)
+            self.response_bytes += len(LAST_CHUNK)
+        self.down.flush()
+        self._finish(self.keep_alive_now() and not self.close_delimited)
+
+    def downstream_flush(self) -> None:
+        self.down.flush()
+
+    def downstream_write_paused(self) -> None:
+        if self.upstream is not None and not self.upstream_paused:
+            self.upstream_paused = True
+            self.upstream.transport.pause_reading()
+
+    def downstream_write_resumed(self) -> None:
+        if self.upstream is not None and self.upstream_paused:
+            self.upstream_paused = False
+            self.upstream.transport.resume_reading()
+
+    def _release_upstream(self, reusable: bool) -> None:
+        conn = self.upstream
+        if conn is None:
+            return
+        self.upstream = None
+        if self.upstream_paused:
+            self.upstream_paused = False
+            conn.transport.resume_reading()
+        self.cluster.on_request_end(self.endpoint)
+        policy = self.cluster.cluster.policy.connection_pool
+        self.worker.pools.release(conn, reusable, policy.max_idle_per_endpoint,
+                                  policy.max_requests_per_connection)
+
+    # ================================================================ upgrade (WebSocket)
+
+    def _switch_protocols(self, head: ResponseHead) -> None:
+        down = self.down
+        if not self.head.upgrade:
+            return self._attempt_failed(Failure.PROTOCOL_ERROR)
+        headers = forwarded_response_headers(head, None, True, upgrade=True)
+        down.write(encode_response_head(101, head.reason, headers))
+        down.flush()
+        conn = self.upstream
+        self.upstream = None
+        conn.exchange = None
+        conn.pool.forget(conn)
+        self.cluster.on_request_end(self.endpoint)
+        self._cancel_timers()
+        self._release_admissions()
+        self.finished = True
+        self.worker.on_exchange_done(self)
+        down.exchange = None
+        self.worker.start_tunnel(down, conn, down.take_tunnel_bytes(), conn.parser.unconsumed())
+
+    # ================================================================ failures, timeouts, retries
+
+    def upstream_reset(self, conn, exc) -> None:
+        if conn is not self.upstream or self.finished:
+            return
+        self.upstream = None
+        self.cluster.on_request_end(self.endpoint)
+        conn.close()
+        if self.response_started:
+            # mid-body: the client must not see this response as complete
+            self.flags = "UC"
+            self.down.abort()
+            self._finish(False)
+            return
+        self._attempt_failed(Failure.RESET_BEFORE_RESPONSE)
+
+    def upstream_protocol_error(self, conn, err: ProtocolError) -> None:
+        if conn is not self.upstream or self.finished:
+            return
+        self.upstream = None
+        self.cluster.on_request_end(self.endpoint)
+        conn.close()
+        if self.response_started:
+            self.flags = "UPE"
+            self.down.abort()
+            self._finish(False)
+            return
+        self._attempt_failed(Failure.PROTOCOL_ERROR)
+
+    def _per_try_timeout(self) -> None:
+        self.try_timer = None
+        conn = self.upstream
+        if conn is None or self.response_started:
+            return
+        self.upstream = None
+        self.cluster.on_request_end(self.endpoint)
+        conn.close()
+        self._attempt_failed(Failure.PER_TRY_TIMEOUT)
+
+    def _route_timeout(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            self.cluster.on_request_end(self.endpoint)
+            conn.close()
+        if self.endpoint is not None:
+            self.worker.clusters_record(self.cluster, self.endpoint, "timeout")
+        if self.response_started:
+            self.flags = "UT"
+            self.down.abort()
+            self._finish(False)
+            return
+        self._answer_failure(504, "UT")
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self.worker.clusters_record(self.cluster, self.endpoint, failure.condition)
+        retry = self.retry
+        if retry is not None:
+            if retry.should_retry(self.attempts, failure.condition) and self._retry_allowed():
+                return self._schedule_retry()
+            if self.attempts > 1:
+                return self._answer_failure(failure.status, "URX")
+        elif failure.retryable_before_send and self.attempts == 1:
+            # issue #2 rule: a failed connect on a fresh connection may go to one other endpoint
+            return self._attempt()
+        self._answer_failure(failure.status, failure.flag)
+
+    def _schedule_retry(self) -> None:
+        self.worker.on_retry(self.cluster)
+        delay = self.retry.backoff(self.attempts) if self.retry is not None else 0.0
+        self.worker.loop.call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        if self.finished:
+            return
+        if self.retry_admitted:
+            self.cluster.release_retry()
+            self.retry_admitted = False
+        self._attempt()
+
+    def _answer_failure(self, status: int, flag: str) -> None:
+        self.flags = flag
+        self.keep_alive = self.keep_alive and self.request_complete
+        self._write_local(error_response(status, flag, close=not self.keep_alive_now()), status)
+        self.down.flush()
+
+    # ================================================================ end of the exchange
+
+    def keep_alive_now(self) -> bool:
+        return self.keep_alive and self.down.keep_alive and not self.worker.draining
+
+    def _cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+
+    def _release_admissions(self) -> None:
+        if self.pending_admitted:
+            self.cluster.release_pending()
+            self.pending_admitted = False
+        if self.retry_admitted:
+            self.cluster.release_retry()
+            self.retry_admitted = False
+
+    def _finish(self, keep_alive: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timers()
+        self._release_admissions()
+        if self.upstream is not None:
+            self._release_upstream(reusable=False)
+        self.down.resume_reading(_READ_PAUSE_CONNECTING | _READ_PAUSE_UPSTREAM)
+        self.worker.on_exchange_done(self)
+        self.down.exchange_finished(self, keep_alive)
+
+    def downstream_lost(self) -> None:
+        """The client went away: stop everything this exchange started."""
+        if self.finished:
+            return
+        if not self.response_started:
+            self.flags = "DC"
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.upstream is not None:
+            conn, self.upstream = self.upstream, None
+            self.cluster.on_request_end(self.endpoint)
+            conn.close()
+        self.finished = True
+        self._cancel_timers()
+        self._release_admissions()
+        self.worker.on_exchange_done(self)
+
+    def abandon(self) -> None:
+        """The downstream connection is being rejected (a later pipelined request was bad)."""
+        self.downstream_lost()

@@ -1,0 +1,233 @@
+"""Pure transformations of heads on their way through the proxy.
+
+Nothing here does I/O or keeps state; every function takes what it needs and returns
+new header lists or decisions, so each is unit-testable with plain values.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from ..codec.api import RequestHead, ResponseHead
+from ..config.model import HeaderOps, HttpRoute, RouteMatch
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 connection-specific fields, plus fields the proxy re-generates itself.
+_HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+))
+_REQUEST_DROP = _HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto"}
+_RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens = set()
+    for name, value in headers:
+        if name == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return frozenset(tokens)
+
+
+def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: str, scheme: str,
+                              new_request_id: Callable[[], bytes]) -> Headers:
+    """The request's fields as sent upstream: Host first, hop-by-hop fields (and those
+    named in Connection) removed, X-Forwarded-For appended, X-Forwarded-Proto set,
+    X-Request-Id kept or generated.  Framing fields are added by the caller."""
+    drop = _REQUEST_DROP
+    named = None
+    out: Headers = [(b"host", authority)]
+    xff = None
+    has_request_id = False
+    for name, value in head.headers:
+        if name in drop:
+            if name == b"connection" and named is None:
+                named = _connection_tokens(head.headers)
+            continue
+        if named is not None and name in named:
+            continue
+        if name == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+            continue
+        if name == b"x-request-id":
+            has_request_id = True
+        out.append((name, value))
+    if named:   # fields named in Connection may precede the Connection field itself
+        out = [(n, v) for n, v in out if n not in named or n == b"host"]
+    ip = client_ip.encode()
+    out.append((b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
+    out.append((b"x-forwarded-proto", scheme.encode()))
+    if not has_request_id:
+        out.append((b"x-request-id", new_request_id()))
+    if head.upgrade:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", head.upgrade))
+    return out
+
+
+def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] | None,
+                               keep_alive: bool, upgrade: bool = False) -> Headers:
+    named = None
+    out: Headers = []
+    drop = _RESPONSE_DROP
+    for name, value in head.headers:
+        if name in drop:
+            if name == b"connection" and named is None:
+                named = _connection_tokens(head.headers)
+            if upgrade and name == b"upgrade":
+                out.append((name, value))
+            elif name == b"content-length" and framing is None and not upgrade:
+                out.append((name, value))      # HEAD / 304: keep the length the upstream declared
+            continue
+        if named is not None and name in named:
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n not in named]
+    if framing is not None:
+        out.append(framing)
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+    elif not keep_alive:
+        out.append((b"connection", b"close"))
+    return out
+
+
+def apply_header_ops(headers: Headers, ops: HeaderOps) -> Headers:
+    """Istio header operations: ``set`` replaces, ``add`` appends, ``remove`` deletes."""
+    if not (ops.set or ops.add or ops.remove):
+        return headers
+    if ops.remove or ops.set:
+        gone = {n.encode("latin-1") for n in ops.remove}
+        gone.update(n.lower().encode("latin-1") for n, _ in ops.set)
+        headers = [(n, v) for n, v in headers if n not in gone]
+    for name, value in ops.set:
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    for name, value in ops.add:
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    return headers
+
+
+def rewrite_path_and_authority(route: HttpRoute, match: RouteMatch | None,
+                               head: RequestHead) -> tuple[bytes, bytes]:
+    """Path (origin-form) and authority as forwarded, after ``rewrite``."""
+    path = head.path
+    authority = head.host
+    rewrite = route.rewrite
+    if rewrite is None:
+        return path, authority
+    if rewrite.authority:
+        authority = rewrite.authority.encode("latin-1")
+    raw = path.decode("latin-1")
+    p, sep, query = raw.partition("?")
+    if rewrite.uri is not None:
+        if match is not None and match.uri is not None and match.uri.kind == "prefix":
+            prefix = match.uri.value
+            rest = p[len(prefix):] if len(p) >= len(prefix) else ""
+            p = rewrite.uri + rest
+        else:
+            p = rewrite.uri
+    elif rewrite.uri_regex is not None:
+        p = rewrite.uri_regex.sub(rewrite.uri_regex_rewrite or "", p)
+    if not p:
+        p = "/"
+    return (p + sep + query).encode("latin-1"), authority
+
+
+def _percent_hit(percentage: float, rng: random.Random) -> bool:
+    return percentage >= 100.0 or (percentage > 0.0 and rng.random() * 100.0 < percentage)
+
+
+def local_reply_for(route: HttpRoute, match: RouteMatch | None, head: RequestHead, view,
+                    rng: random.Random, after_delay: bool = False):
+    """Decide whether the proxy answers this request itself.
+
+    Returns ``None`` (forward it), ``("delay", seconds)`` (fault delay first), or
+    ``("reply", (status, headers, body, flag))``.
+    """
+    cors = route.cors
+    if cors is not None and head.method == b"OPTIONS":
+        origin = view.headers.get("origin")
+        if origin and "access-control-request-method" in view.headers:
+            return "reply", (200, cors_preflight_headers(cors, origin), b"", "-")
+    fault = route.fault
+    if fault is not None:
+        if not after_delay and fault.delay is not None and _percent_hit(fault.delay_percentage, rng):
+            return "delay", fault.delay
+        if fault.abort_status is not None and _percent_hit(fault.abort_percentage, rng):
+            body = b"fault filter abort"
+            return "reply", (fault.abort_status, [(b"content-type", b"text/plain")], body, "FI")
+    redirect = route.redirect
+    if redirect is not None:
+        return "reply", (redirect.code, [(b"location", redirect_location(route, match, head, view))], b"", "-")
+    direct = route.direct_response
+    if direct is not None:
+        return "reply", (direct.status, [(b"content-type", b"text/plain")], direct.body, "-")
+    return None
+
+
+def redirect_location(route: HttpRoute, match: RouteMatch | None, head: RequestHead, view) -> bytes:
+    redirect = route.redirect
+    raw = head.path.decode("latin-1")
+    path, sep, query = raw.partition("?")
+    if redirect.uri is not None:
+        path = redirect.uri
+    elif redirect.prefix_rewrite is not None and match is not None and match.uri is not None \
+            and match.uri.kind == "prefix":
+        path = redirect.prefix_rewrite + path[len(match.uri.value):]
+    host = redirect.authority or head.host.decode("latin-1")
+    scheme = redirect.scheme or view.scheme
+    hostname, _, req_port = host.partition(":")
+    port = None
+    if redirect.port is not None:
+        port = str(redirect.port)
+    elif redirect.derive_port == "FROM_REQUEST_PORT":
+        port = req_port or str(view.port)
+    elif redirect.derive_port == "FROM_PROTOCOL_DEFAULT":
+        port = None
+    elif req_port and not redirect.authority:
+        port = req_port
+    default = "443" if scheme == "https" else "80"
+    authority = hostname if port in (None, default) else f"{hostname}:{port}"
+    return f"{scheme}://{authority}{path}{sep}{query}".encode("latin-1")
+
+
+def cors_origin_allowed(cors, origin: str) -> bool:
+    for m in cors.allow_origins:
+        if m.kind == "exact" and (m.value == origin or m.value == "*"):
+            return True
+        if m.kind == "prefix" and origin.startswith(m.value):
+            return True
+        if m.kind == "regex" and m.regex is not None and m.regex.fullmatch(origin):
+            return True
+    return False
+
+
+def cors_preflight_headers(cors, origin: str) -> Headers:
+    if not cors_origin_allowed(cors, origin):
+        return []
+    out: Headers = [(b"access-control-allow-origin", origin.encode("latin-1"))]
+    if cors.allow_methods:
+        out.append((b"access-control-allow-methods", ",".join(cors.allow_methods).encode()))
+    if cors.allow_headers:
+        out.append((b"access-control-allow-headers", ",".join(cors.allow_headers).encode()))
+    if cors.max_age is not None:
+        out.append((b"access-control-max-age", str(int(cors.max_age)).encode()))
+    if cors.allow_credentials:
+        out.append((b"access-control-allow-credentials", b"true"))
+    return out
+
+
+def cors_response_headers(cors, origin: str) -> Headers:
+    if not cors_origin_allowed(cors, origin):
+        return []
+    out: Headers = [(b"access-control-allow-origin", origin.encode("latin-1"))]
+    if cors.expose_headers:
+        out.append((b"access-control-expose-headers", ",".join(cors.expose_headers).encode()))
+    if cors.allow_credentials:
+        out.append((b"access-control-allow-credentials", b"true"))
+    return out
