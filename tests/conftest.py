@@ -1,0 +1,55 @@
+"""Shared fixtures: the codec backends every integration test runs over, a recording
+upstream, and a real proxy process configured to route a host to it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import ProxyProcess, Upstream, service_entry_yaml  # noqa: E402
+
+CODECS = ["httptools", "h11"]
+
+
+@pytest.fixture(params=CODECS)
+def codec(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def upstream():
+    up = await Upstream().start()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path):
+    """Start real proxies: ``proxy_factory(yaml_text, codec=..., extra_args=[...])``."""
+    started: list[ProxyProcess] = []
+
+    def make(config: str | dict[str, str], codec: str = "httptools", extra_args=None, workers: int = 1,
+             wait: bool = True, listen_port: int | None = None) -> ProxyProcess:
+        cfg_dir = tmp_path / f"config{len(started)}"
+        cfg_dir.mkdir()
+        files = {"mesh.yaml": config} if isinstance(config, str) else config
+        for name, text in files.items():
+            (cfg_dir / name).write_text(text)
+        proxy = ProxyProcess(cfg_dir, codec=codec, extra_args=extra_args, workers=workers,
+                             listen_port=listen_port)
+        started.append(proxy)
+        return proxy.start(wait=wait)
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+async def routed_proxy(proxy_factory, upstream, codec):
+    """A proxy routing Host ``svc.local`` (and ``svc.default...`` aliases) to ``upstream``."""
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]), codec=codec)
+    return proxy
