@@ -22,9 +22,15 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  if ! $PY -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # Debian's system Python ships venv/ensurepip separately
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
   $PY -m venv .venv
 fi
-if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, pytest_asyncio, pytest_timeout' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, pytest_asyncio, pytest_timeout, opentelemetry.exporter.otlp.proto.http' >/dev/null 2>&1; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]'
 fi
