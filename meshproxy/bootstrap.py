@@ -60,6 +60,7 @@ class Worker:
         self.http_listeners: dict[tuple[str, int], HttpListener] = {}
         self.tcp_listeners: dict[tuple[str, int], TcpProxyListener] = {}
         self.tunnels: set[Splice] = set()
+        self.mirror_tasks: set[asyncio.Task] = set()
         self.clusters = ClusterManager(clock=self.clock, rng=self.rng)
         self.splitter: Splitter | None = None
         codec, limits = options.codec, options.limits
@@ -269,10 +270,6 @@ class Worker:
     def clusters_record(self, cluster, endpoint, outcome) -> None:
         if cluster is not None and endpoint is not None:
             cluster.record(endpoint, outcome)
-
-    def mirror(self, exchange, mirror) -> None:
-        from .proxy.mirror import send_mirror
-        send_mirror(self, exchange, mirror)
 
     def start_tunnel(self, down, conn, to_upstream: bytes, to_downstream: bytes) -> None:
         """A 101 Switching Protocols: from here on the two connections are spliced as bytes."""

@@ -196,9 +196,14 @@ class DownstreamConnection(asyncio.Protocol):
         """A request the codec refused: answer and close; parse nothing more."""
         self.worker.metrics_rejected(reason, status)
         self.out.clear()
-        if self.exchange is not None:
-            self.exchange.abandon()
+        exchange = self.exchange
+        if exchange is not None:
             self.exchange = None
+            exchange.abandon()
+            if exchange.response_started:
+                # part of a response is already out: an error status cannot follow it
+                self.abort()
+                return
         if not self.closed:
             self.transport.write(error_response(status, close=True))
         self.close_after_flush()

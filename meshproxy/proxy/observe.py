@@ -26,6 +26,7 @@ class Telemetry:
         self.retry_overflows: Counter = Counter()
         self.draining = False
         self.snapshot_version = ""
+        self.mirrors_dropped = 0
 
     # ---------------------------------------------------------------- config
 
@@ -56,6 +57,9 @@ class Telemetry:
 
     def retry(self, cluster: str) -> None:
         self.retries[cluster] += 1
+
+    def mirror_dropped(self) -> None:
+        self.mirrors_dropped += 1
 
     def retry_overflow(self, cluster: str) -> None:
         self.retry_overflows[cluster] += 1

@@ -39,6 +39,7 @@ from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView
 from ..router.retry import RetryState
 from .errors import Failure, error_response
+from .mirror import start_mirror
 from .transform import (
     apply_header_ops, cors_response_headers, forwarded_request_headers, forwarded_response_headers, local_reply_for,
     rewrite_path_and_authority,
@@ -69,6 +70,7 @@ class Exchange:
         "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
         "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
         "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
+        "forward_headers", "forward_path", "mirrors",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead):
@@ -114,6 +116,9 @@ class Exchange:
         self.route_name = ""
         self.upstream_paused = False
         self.request_discard = False
+        self.forward_headers = None
+        self.forward_path = b""
+        self.mirrors = None                      # MirrorCopy objects fed with the request body
 
     # ================================================================ 1. route
 
@@ -220,9 +225,21 @@ class Exchange:
         if timeout is not None:
             self.timer = worker.loop.call_later(timeout, self._route_timeout)
         self._prepare_head(match)
-        for mirror in route.mirrors:
-            worker.mirror(self, mirror)
+        if route.mirrors:
+            self._start_mirrors()
         self._attempt()
+
+    def _start_mirrors(self) -> None:
+        copies = [c for c in (start_mirror(self.worker, self, m) for m in self.route.mirrors) if c is not None]
+        if copies:
+            self.mirrors = copies
+            if self.request_complete:
+                self._complete_mirrors()
+
+    def _complete_mirrors(self) -> None:
+        for copy in self.mirrors:
+            copy.complete()
+        self.mirrors = None
 
     # ================================================================ 4. the forwarded request head
 
@@ -241,6 +258,8 @@ class Exchange:
             headers.append((b"content-length", str(head.content_length).encode()))
         elif kind == BODY_CHUNKED:
             headers.append((b"transfer-encoding", b"chunked"))
+        self.forward_headers = headers
+        self.forward_path = path
         self.forward_head = encode_request_head(head.method, path, headers)
 
     # ================================================================ 5. endpoint, connection, send
@@ -325,6 +344,9 @@ class Exchange:
         self.request_bytes += len(data)
         if self.head.body_kind == BODY_CHUNKED:
             data = encode_chunk(data)
+        if self.mirrors is not None:
+            for copy in self.mirrors:
+                copy.feed(data)
         conn = self.upstream
         if conn is None:
             self.pending_body.append(data)
@@ -338,6 +360,11 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_complete = True
+        if self.mirrors is not None:
+            if self.head.body_kind == BODY_CHUNKED:
+                for copy in self.mirrors:
+                    copy.feed(LAST_CHUNK)
+            self._complete_mirrors()
         if self.request_discard:
             # local reply already written while the body was still arriving
             self._finish(self.keep_alive_now())
