@@ -1,1 +1,46 @@
+"""Sans-IO HTTP/1.1 codec: bytes in, handler calls out (see :mod:`meshproxy.codec.api`).
 
+Backends are chosen by name once, at start-up::
+
+    parser = make_request_parser("httptools", handler, limits)
+
+The hot path holds the parser object and never asks which backend it is.
+"""
+from __future__ import annotations
+
+from .api import (
+    CodecLimits,
+    ProtocolError,
+    RequestHandler,
+    RequestParser,
+    ResponseHandler,
+    ResponseParser,
+)
+from .h11_backend import H11RequestParser, H11ResponseParser
+from .httptools_backend import HttptoolsRequestParser, HttptoolsResponseParser
+
+# name -> (request parser class, response parser class)
+BACKENDS = {
+    "httptools": (HttptoolsRequestParser, HttptoolsResponseParser),
+    "h11": (H11RequestParser, H11ResponseParser),
+}
+DEFAULT_BACKEND = "httptools"
+
+
+def _backend(name: str):
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+
+
+def make_request_parser(backend: str, handler: RequestHandler, limits: CodecLimits) -> RequestParser:
+    return _backend(backend)[0](handler, limits)
+
+
+def make_response_parser(backend: str, handler: ResponseHandler, limits: CodecLimits) -> ResponseParser:
+    return _backend(backend)[1](handler, limits)
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "CodecLimits", "ProtocolError", "make_request_parser",
+           "make_response_parser"]

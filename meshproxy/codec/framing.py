@@ -1,0 +1,481 @@
+"""The framing rules a proxy must enforce, once, above both parser backends.
+
+A backend tokenises bytes into a start line and a list of fields; everything that decides
+*where a message ends* or *whether it may be forwarded at all* lives here:
+
+* :func:`request_head` / :func:`response_head` turn (start line, fields) into the head the
+  handler sees, after checking field names (tokens), field values (no NUL/CR/LF/CTL),
+  Content-Length (digits, identical duplicates merged, no overflow), Transfer-Encoding
+  (only a single final ``chunked``), CL together with TE, Host (exactly one on HTTP/1.1, valid),
+  HTTP/1.0 with TE, and the count / size / target limits of :class:`CodecLimits`.
+* :func:`scan_head` checks the raw bytes of a head for what a tokenizer may forgive
+  (bare LF, bare CR, obs-fold, whitespace before the first field line).
+* :class:`BodyReader` delimits a body by Content-Length, strict chunked coding
+  (1*HEXDIG sizes without overflow, bounded extensions, CRLF terminators, trailers parsed and
+  dropped) or connection close.
+
+Nothing here does I/O.  Every function raises :class:`ProtocolError` with the status the peer
+should get (responses use 502 via ``error_status``).
+"""
+from __future__ import annotations
+
+import re
+
+from .api import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    CodecLimits,
+    Headers,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+)
+
+# RFC 9110 §5.6.2 tchar
+TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# RFC 9110 §5.5 field-value bytes: VCHAR / obs-text / SP / HTAB
+VALUE_CHARS = bytes([9]) + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# request-target bytes: VCHAR only (RFC 3986 is stricter still; we refuse what cannot be forwarded safely)
+TARGET_CHARS = bytes(range(0x21, 0x7F))
+DIGITS = b"0123456789"
+
+# The methods llhttp recognises (strict request mode); both backends refuse others alike.
+KNOWN_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+
+_MAX_CL_DIGITS = 18          # < 2**63; more (after leading zeros) is refused, never wrapped
+_MAX_CHUNK_SIZE_DIGITS = 16  # 64-bit
+_HOST_RE = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z"
+)
+_ABSOLUTE_RE = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)(.*)\Z", re.S)
+_CHUNK_EXT_RE = re.compile(
+    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\"))?)*\Z"
+)
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _bad_name(names: bytes) -> bool:
+    return bool(names.translate(None, TCHAR))
+
+
+def check_fields(headers: Headers, limits: CodecLimits, status: int = 400) -> None:
+    """Field names are non-empty tokens, values carry no NUL/CR/LF/CTL, count within limit."""
+    if len(headers) > limits.max_header_count:
+        raise ProtocolError(431 if status == 400 else status, "too many header fields")
+    names = b"".join([n for n, _ in headers])
+    values = b"".join([v for _, v in headers])
+    if names.translate(None, TCHAR) or values.translate(None, VALUE_CHARS):
+        raise ProtocolError(status, "invalid header field")
+    for n, _ in headers:
+        if not n:
+            raise ProtocolError(status, "empty header field name")
+
+
+def _content_length(values: list[bytes], status: int) -> int:
+    """RFC 9110 §8.6 / RFC 9112 §6.3: 1*DIGIT; a list of identical values may be merged."""
+    seen = -1
+    for raw in values:
+        for part in raw.split(b","):
+            part = part.strip(b" \t")
+            if not part or part.translate(None, DIGITS):
+                raise ProtocolError(status, "invalid Content-Length")
+            stripped = part.lstrip(b"0") or b"0"
+            if len(stripped) > _MAX_CL_DIGITS:
+                raise ProtocolError(status, "Content-Length too large")
+            n = int(stripped)
+            if seen != -1 and n != seen:
+                raise ProtocolError(status, "differing Content-Length values")
+            seen = n
+    return seen
+
+
+def _transfer_codings(values: list[bytes]) -> list[bytes]:
+    codings = []
+    for raw in values:
+        for part in raw.split(b","):
+            part = part.strip(b" \t")
+            if part:  # RFC 9110 §5.6.1: empty list elements are ignored
+                codings.append(part.lower())
+    return codings
+
+
+def _te_is_chunked(values: list[bytes], status: int, unknown_status: int) -> None:
+    """Only a single, final ``chunked`` is forwardable (RFC 9112 §6.1, §6.3)."""
+    codings = _transfer_codings(values)
+    if codings == [b"chunked"]:
+        return
+    if codings and codings[-1] == b"chunked" and codings.count(b"chunked") == 1 \
+            and all(not c.translate(None, TCHAR) for c in codings):
+        # a well-formed coding we do not implement in front of chunked (gzip, chunked)
+        raise ProtocolError(unknown_status, "unsupported transfer-coding")
+    raise ProtocolError(status, "Transfer-Encoding is not a single final chunked")
+
+
+def _connection_tokens(values: list[bytes]) -> set[bytes]:
+    out = set()
+    for raw in values:
+        for part in raw.split(b","):
+            part = part.strip(b" \t").lower()
+            if part:
+                out.add(part)
+    return out
+
+
+def split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """(authority or b"", path) for the four request-target forms."""
+    if target[:1] == b"/":
+        return b"", target
+    if target == b"*":
+        return b"", b"/"
+    if method == b"CONNECT":
+        return target, b"/"
+    m = _ABSOLUTE_RE.match(target)
+    if m is None:
+        raise ProtocolError(400, "invalid request-target")
+    authority, rest = m.group(1), m.group(2)
+    if b"@" in authority or not authority:
+        raise ProtocolError(400, "invalid authority in request-target")
+    if not rest:
+        rest = b"/"
+    elif rest[:1] != b"/":
+        rest = b"/" + rest
+    return authority, rest
+
+
+def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
+                 limits: CodecLimits) -> RequestHead:
+    """Apply every request framing rule; return the head the handler sees."""
+    if method not in KNOWN_METHODS:
+        raise ProtocolError(400, "unknown or invalid method")
+    if len(target) > limits.max_target_bytes:
+        raise ProtocolError(414, "request-target too long")
+    if not target or target.translate(None, TARGET_CHARS):
+        raise ProtocolError(400, "invalid request-target")
+    if version != b"1.1" and version != b"1.0":
+        raise ProtocolError(505, "HTTP version not supported")
+    check_fields(headers, limits)
+
+    host_values: list[bytes] = []
+    cl_values: list[bytes] = []
+    te_values: list[bytes] = []
+    conn_values: list[bytes] = []
+    upgrade = b""
+    expect_continue = False
+    for name, value in headers:
+        # names are lower-case; dispatch only on the few that frame or route
+        if name == b"host":
+            host_values.append(value)
+        elif name == b"content-length":
+            cl_values.append(value)
+        elif name == b"transfer-encoding":
+            te_values.append(value)
+        elif name == b"connection":
+            conn_values.append(value)
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"expect":
+            expect_continue = value.lower() == b"100-continue"
+
+    if len(host_values) > 1:
+        raise ProtocolError(400, "more than one Host field")
+    host = host_values[0] if host_values else b""
+    if host_values and _HOST_RE.match(host) is None:
+        raise ProtocolError(400, "invalid Host")
+    if not host_values and version == b"1.1":
+        raise ProtocolError(400, "missing Host")
+
+    authority, path = split_target(method, target)
+    if authority:
+        if _HOST_RE.match(authority) is None:
+            raise ProtocolError(400, "invalid authority")
+        host = authority  # RFC 9112 §3.2.2: the target's authority wins over Host
+
+    content_length = -1
+    body_kind = BODY_NONE
+    if te_values:
+        if version == b"1.0":
+            raise ProtocolError(400, "Transfer-Encoding on HTTP/1.0")
+        if cl_values:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+        _te_is_chunked(te_values, 400, 501)
+        body_kind = BODY_CHUNKED
+    elif cl_values:
+        content_length = _content_length(cl_values, 400)
+        if limits.max_body_bytes and content_length > limits.max_body_bytes:
+            raise ProtocolError(413, "body larger than allowed")
+        if content_length:
+            body_kind = BODY_LENGTH
+        else:
+            content_length = 0
+
+    tokens = _connection_tokens(conn_values) if conn_values else ()
+    if version == b"1.1":
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+
+    if upgrade:
+        upgrade = upgrade.split(b",", 1)[0].strip(b" \t").lower() if b"upgrade" in tokens else b""
+    if method == b"CONNECT":
+        upgrade = b"connect"
+
+    return RequestHead(method, target, version, headers, host, path, body_kind,
+                       content_length, keep_alive, upgrade, expect_continue)
+
+
+def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
+                  limits: CodecLimits, no_body: bool) -> ResponseHead:
+    """Apply the response framing rules; bad upstream framing is a 502."""
+    if version != b"1.1" and version != b"1.0":
+        raise ProtocolError(502, "upstream HTTP version not supported")
+    if not 100 <= status <= 999:
+        raise ProtocolError(502, "invalid upstream status")
+    check_fields(headers, limits, 502)
+    cl_values: list[bytes] = []
+    te_values: list[bytes] = []
+    conn_values: list[bytes] = []
+    for name, value in headers:
+        if name == b"content-length":
+            cl_values.append(value)
+        elif name == b"transfer-encoding":
+            te_values.append(value)
+        elif name == b"connection":
+            conn_values.append(value)
+    tokens = _connection_tokens(conn_values) if conn_values else ()
+    if version == b"1.1":
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+
+    content_length = -1
+    if no_body or status < 200 or status == 204 or status == 304:
+        body_kind = BODY_NONE
+        if cl_values and not no_body and status >= 200:
+            # still must be well-formed (304 may carry the representation's length)
+            _content_length(cl_values, 502)
+    elif te_values:
+        if cl_values:
+            # RFC 9112 §6.3 lets TE override CL, but such a response is a smuggling vector
+            # and llhttp refuses it in strict mode: both backends answer 502.
+            raise ProtocolError(502, "upstream sent both Content-Length and Transfer-Encoding")
+        if version == b"1.0":
+            keep_alive = False
+        _te_is_chunked(te_values, 502, 502)
+        body_kind = BODY_CHUNKED
+    elif cl_values:
+        content_length = _content_length(cl_values, 502)
+        body_kind = BODY_LENGTH if content_length else BODY_NONE
+    else:
+        body_kind = BODY_UNTIL_CLOSE
+        keep_alive = False
+    return ResponseHead(status, reason, version, headers, body_kind, content_length, keep_alive)
+
+
+# --------------------------------------------------------------------------- raw head scan
+
+def scan_head(buf: bytes | bytearray, scanned: int, end: int, status: int = 400) -> None:
+    """Reject bytes a lenient tokenizer may forgive in the part of a head not yet checked.
+
+    ``buf[:scanned]`` was checked by an earlier call; ``buf[scanned:end]`` is new.  Bare LF,
+    bare CR (a CR as the last byte waits for the next call) and NUL are refused."""
+    lo = scanned - 1 if scanned > 0 else 0
+    chunk = bytes(buf[lo:end])
+    crlf = chunk.count(b"\r\n")
+    lf = chunk.count(b"\n") - (1 if lo < scanned and chunk[:1] == b"\n" else 0)
+    if lf != crlf:
+        raise ProtocolError(status, "bare LF in head")
+    cr = chunk.count(b"\r") - (1 if chunk[-1:] == b"\r" else 0)
+    if cr != crlf:
+        raise ProtocolError(status, "bare CR in head")
+    if b"\x00" in chunk:
+        raise ProtocolError(status, "NUL in head")
+
+
+def split_head(head: bytes, status: int = 400) -> tuple[bytes, Headers]:
+    """Split a complete, scanned head (ending CRLF CRLF) into its start line and fields.
+
+    Rejects obs-fold and whitespace-led lines, lines without a colon and whitespace
+    before the colon.  Names are lower-cased; values have OWS removed."""
+    lines = head[:-4].split(b"\r\n")
+    headers: Headers = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise ProtocolError(status, "obs-fold or whitespace-led field line")
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ProtocolError(status, "field line without colon")
+        if name[-1:] in (b" ", b"\t"):
+            raise ProtocolError(status, "whitespace before colon")
+        headers.append((name.lower(), value.strip(b" \t")))
+    return lines[0], headers
+
+
+_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ ]+) HTTP/([0-9])\.([0-9])\Z")
+_STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?\Z")
+
+
+def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    m = _REQUEST_LINE_RE.match(line)
+    if m is None:
+        raise ProtocolError(400, "invalid request line")
+    return m.group(1), m.group(2), m.group(3) + b"." + m.group(4)
+
+
+def parse_status_line(line: bytes) -> tuple[int, bytes, bytes]:
+    m = _STATUS_LINE_RE.match(line)
+    if m is None:
+        raise ProtocolError(502, "invalid upstream status line")
+    return int(m.group(3)), m.group(4) or b"", m.group(1) + b"." + m.group(2)
+
+
+def check_method_prefix(buf: bytes | bytearray) -> None:
+    """Refuse early what cannot start a request line (a TLS ClientHello, NUL, garbage)."""
+    sp = buf.find(b" ")
+    prefix = bytes(buf if sp < 0 else buf[:sp])
+    if prefix.translate(None, TCHAR) or (sp == 0):
+        raise ProtocolError(400, "invalid method")
+
+
+# --------------------------------------------------------------------------- bodies
+
+_S_LINE, _S_DATA, _S_DATA_END, _S_TRAILER, _S_DONE = range(5)
+
+
+class BodyReader:
+    """Delimits one message body and hands decoded bytes to ``on_body``.
+
+    ``feed(data, pos)`` consumes from ``data[pos:]`` and returns the position after the
+    last consumed byte; ``done`` turns True at the end of the message.  Strict chunked
+    rules: chunk-size = 1*HEXDIG (at most 16 digits), extensions per RFC 9112 §7.1.1 and at
+    most ``max_chunk_ext_bytes``, CRLF line ends and data terminators, trailer fields parsed
+    and dropped (never merged into the head)."""
+
+    __slots__ = ("kind", "remaining", "on_body", "limits", "status", "done", "_state",
+                 "_line", "_total", "_trailer_bytes", "_trailers")
+
+    def __init__(self, kind: int, content_length: int, on_body, limits: CodecLimits,
+                 status: int = 400):
+        self.kind = kind
+        self.remaining = content_length
+        self.on_body = on_body
+        self.limits = limits
+        self.status = status
+        self.done = kind == BODY_NONE
+        self._state = _S_LINE
+        self._line = b""
+        self._total = 0
+        self._trailer_bytes = 0
+        self._trailers = 0
+
+    def feed(self, data: bytes, pos: int) -> int:
+        if self.done:
+            return pos
+        kind = self.kind
+        if kind == BODY_LENGTH:
+            take = min(self.remaining, len(data) - pos)
+            if take:
+                self.on_body(data[pos:pos + take])
+                self.remaining -= take
+            if not self.remaining:
+                self.done = True
+            return pos + take
+        if kind == BODY_UNTIL_CLOSE:
+            if pos < len(data):
+                self.on_body(data[pos:])
+            return len(data)
+        return self._feed_chunked(data, pos)
+
+    def _too_big(self, n: int) -> None:
+        self._total += n
+        cap = self.limits.max_body_bytes
+        if cap and self._total > cap:
+            raise ProtocolError(413 if self.status == 400 else self.status, "body larger than allowed")
+
+    def _take_line(self, data: bytes, pos: int, cap: int) -> tuple[bytes | None, int]:
+        """A CRLF-terminated line from the carried bytes + data[pos:]; None if incomplete."""
+        end = data.find(b"\n", pos)
+        if end < 0:
+            self._line += data[pos:]
+            if len(self._line) > cap:
+                raise ProtocolError(self.status if cap != self.limits.max_header_bytes else
+                                    (431 if self.status == 400 else self.status), "line too long")
+            return None, len(data)
+        line = self._line + data[pos:end + 1]
+        self._line = b""
+        if len(line) > cap + 2:
+            raise ProtocolError(self.status if cap != self.limits.max_header_bytes else
+                                (431 if self.status == 400 else self.status), "line too long")
+        if line[-2:-1] != b"\r" or b"\r" in line[:-2]:
+            raise ProtocolError(self.status, "bare LF or CR in chunked framing")
+        return line[:-2], end + 1
+
+    def _feed_chunked(self, data: bytes, pos: int) -> int:
+        n = len(data)
+        status = self.status
+        while pos < n or self._state == _S_DONE:
+            state = self._state
+            if state == _S_DATA:
+                take = min(self.remaining, n - pos)
+                self.on_body(data[pos:pos + take])
+                self.remaining -= take
+                pos += take
+                if not self.remaining:
+                    self._state = _S_DATA_END
+            elif state == _S_LINE:
+                line, pos = self._take_line(data, pos, self.limits.max_chunk_ext_bytes + _MAX_CHUNK_SIZE_DIGITS)
+                if line is None:
+                    return pos
+                i = 0
+                ln = len(line)
+                while i < ln and line[i] in _HEX:
+                    i += 1
+                if i == 0 or i > _MAX_CHUNK_SIZE_DIGITS:
+                    raise ProtocolError(status, "invalid chunk size")
+                ext = line[i:]
+                if ext and (len(ext) > self.limits.max_chunk_ext_bytes or _CHUNK_EXT_RE.match(ext) is None):
+                    raise ProtocolError(status, "invalid chunk extension")
+                size = int(line[:i], 16)
+                if size:
+                    self._too_big(size)
+                    self.remaining = size
+                    self._state = _S_DATA
+                else:
+                    self._state = _S_TRAILER
+            elif state == _S_DATA_END:
+                need = 2 - len(self._line)
+                got = data[pos:pos + need]
+                self._line += got
+                pos += len(got)
+                if len(self._line) < 2:
+                    return pos
+                if self._line != b"\r\n":
+                    raise ProtocolError(status, "chunk data not followed by CRLF")
+                self._line = b""
+                self._state = _S_LINE
+            elif state == _S_TRAILER:
+                line, pos = self._take_line(data, pos, self.limits.max_header_bytes)
+                if line is None:
+                    return pos
+                if not line:
+                    self._state = _S_DONE
+                    continue
+                self._trailer_bytes += len(line) + 2
+                self._trailers += 1
+                if self._trailer_bytes > self.limits.max_header_bytes or \
+                        self._trailers > self.limits.max_header_count:
+                    raise ProtocolError(431 if status == 400 else status, "trailers too large")
+                name, sep, value = line.partition(b":")
+                if not sep or not name or name.translate(None, TCHAR) or \
+                        value.translate(None, VALUE_CHARS):
+                    raise ProtocolError(status, "invalid trailer field")
+            else:  # _S_DONE
+                self.done = True
+                return pos
+        return pos

@@ -1,0 +1,274 @@
+"""The pure-Python backend: heads are cut from the stream here, checked by
+:mod:`meshproxy.codec.framing` and cross-checked by h11; bodies are delimited by
+:class:`framing.BodyReader`.
+
+h11 on its own is lenient where a proxy must not be (bare LF line ends, obs-fold, a leading
+empty line rejected, ``,chunked`` refused, a bare CR in a chunk extension); cutting the head
+ourselves and letting the shared framing layer decide closes those gaps, so this backend gives
+the same verdicts as the httptools one.  h11 still parses every head as a second opinion: if it
+refuses a head that the framing layer accepted, the request is refused too (400 / 502).
+"""
+from __future__ import annotations
+
+import h11
+
+from . import framing
+from .api import (
+    BODY_UNTIL_CLOSE,
+    CodecLimits,
+    ProtocolError,
+    RequestHandler,
+    ResponseHandler,
+)
+
+_HEAD, _BODY, _TUNNEL, _CLOSED, _DEAD = range(5)
+
+
+class _HeadCutter:
+    """Collects the bytes of one head; checks raw bytes and limits as they arrive."""
+
+    __slots__ = ("buf", "scanned", "limits", "status", "request")
+
+    def __init__(self, limits: CodecLimits, status: int, request: bool):
+        self.buf = bytearray()
+        self.scanned = 0
+        self.limits = limits
+        self.status = status
+        self.request = request
+
+    def push(self, data: bytes, pos: int) -> bytes | None:
+        """Add ``data[pos:]``; return the complete head (ending CRLF CRLF) or None.
+        Bytes after the head stay in ``buf``."""
+        buf = self.buf
+        buf += data[pos:] if pos else data
+        if self.request and not self.scanned:
+            # RFC 9112 §2.2: ignore empty lines before the request-line
+            while buf[:2] == b"\r\n":
+                del buf[:2]
+        if not buf:
+            return None
+        before = self.scanned
+        end = buf.find(b"\r\n\r\n", before - 3 if before > 3 else 0)
+        limit = end + 4 if end >= 0 else len(buf)
+        framing.scan_head(buf, before, limit, self.status)
+        self.scanned = limit
+        if self.request and before < 64:
+            framing.check_method_prefix(buf[:limit])
+        if end < 0:
+            if len(buf) > self.limits.max_header_bytes:
+                raise ProtocolError(431 if self.request else self.status, "header section too large")
+            if self.request:
+                first = buf.find(b"\r\n")
+                if first < 0:
+                    sp = buf.find(b" ")
+                    if sp >= 0 and buf.find(b" ", sp + 1) < 0 and \
+                            len(buf) - sp - 1 > self.limits.max_target_bytes:
+                        raise ProtocolError(414, "request-target too long")
+            return None
+        head = bytes(buf[:end + 4])
+        del buf[:end + 4]
+        self.scanned = 0
+        if len(head) > self.limits.max_header_bytes:
+            raise ProtocolError(431 if self.request else self.status, "header section too large")
+        return head
+
+
+class H11RequestParser:
+    """Request side of the pure-Python backend; see :class:`meshproxy.codec.api.RequestParser`."""
+
+    def __init__(self, handler: RequestHandler, limits: CodecLimits):
+        self._handler = handler
+        self._limits = limits
+        self._cutter = _HeadCutter(limits, 400, True)
+        self._body: framing.BodyReader | None = None
+        self._keep_alive = True
+        self._state = _HEAD
+        self._tunnel = b""
+
+    def feed(self, data: bytes) -> None:
+        state = self._state
+        if state == _TUNNEL:
+            self._tunnel += data
+            return
+        if state == _CLOSED:
+            return  # bytes after a Connection: close request are never parsed
+        if state == _DEAD:
+            raise ProtocolError(400, "parser already failed")
+        try:
+            self._run(data)
+        except BaseException:
+            self._state = _DEAD
+            raise
+
+    def unconsumed(self) -> bytes:
+        return self._tunnel
+
+    def _run(self, data: bytes) -> None:
+        pos = 0
+        handler = self._handler
+        while True:
+            if self._state == _BODY:
+                body = self._body
+                pos = body.feed(data, pos)
+                if not body.done:
+                    return
+                self._body = None
+                self._state = _HEAD if self._keep_alive else _CLOSED
+                handler.on_message_complete()
+                if self._state == _CLOSED:
+                    return
+            else:  # _HEAD
+                if pos >= len(data) and not self._cutter.buf:
+                    return
+                raw = self._cutter.push(data, pos)
+                data, pos = b"", 0
+                if raw is None:
+                    return
+                head = self._parse(raw)
+                rest = bytes(self._cutter.buf)
+                self._cutter.buf.clear()
+                handler.on_request_head(head)
+                if head.upgrade:
+                    self._state = _TUNNEL
+                    self._tunnel = rest
+                    handler.on_message_complete()
+                    return
+                self._keep_alive = head.keep_alive
+                self._body = framing.BodyReader(head.body_kind, head.content_length,
+                                                handler.on_body, self._limits)
+                self._state = _BODY
+                data = rest
+
+    def _parse(self, raw: bytes):
+        line, headers = framing.split_head(raw)
+        method, target, version = framing.parse_request_line(line)
+        head = framing.request_head(method, target, version, headers, self._limits)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(raw) + 1)
+        conn.receive_data(raw)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            # h11 only speaks "Transfer-Encoding: chunked" exactly; the framing layer has
+            # already accepted an equivalent list such as ",chunked", so that hint is not ours.
+            if not (exc.error_status_hint == 501 and head.body_kind == framing.BODY_CHUNKED):
+                raise ProtocolError(400, f"invalid request head ({exc})") from None
+        else:
+            if not isinstance(event, h11.Request):
+                raise ProtocolError(400, "incomplete request head")
+        return head
+
+
+class H11ResponseParser:
+    """Response side of the pure-Python backend; see :class:`meshproxy.codec.api.ResponseParser`."""
+
+    def __init__(self, handler: ResponseHandler, limits: CodecLimits):
+        self._handler = handler
+        self._limits = limits
+        self._cutter = _HeadCutter(limits, 502, False)
+        self._body: framing.BodyReader | None = None
+        self._no_body = False
+        self._keep_alive = True
+        self._state = _HEAD
+        self._tunnel = b""
+        # set by the httptools backend, which borrows this parser for one HEAD response:
+        # after that message, the rest of the stream is handed back through unconsumed()
+        self.stop_after_message = False
+
+    def expect_no_body(self) -> None:
+        self._no_body = True
+
+    def unconsumed(self) -> bytes:
+        return self._tunnel
+
+    def feed(self, data: bytes) -> None:
+        state = self._state
+        if state == _TUNNEL:
+            self._tunnel += data
+            return
+        if state == _CLOSED:
+            return
+        if state == _DEAD:
+            raise ProtocolError(502, "parser already failed")
+        try:
+            self._run(data)
+        except BaseException:
+            self._state = _DEAD
+            raise
+
+    def feed_eof(self) -> None:
+        if self._state == _BODY:
+            if self._body.kind == BODY_UNTIL_CLOSE:
+                self._body = None
+                self._state = _CLOSED
+                self._handler.on_message_complete()
+                return
+            self._state = _DEAD
+            raise ProtocolError(502, "upstream closed before the response was complete")
+        if self._state == _HEAD and self._cutter.buf:
+            self._state = _DEAD
+            raise ProtocolError(502, "upstream closed inside a response head")
+        if self._state != _DEAD:
+            self._state = _CLOSED
+
+    def _run(self, data: bytes) -> None:
+        pos = 0
+        handler = self._handler
+        while True:
+            if self._state == _BODY:
+                body = self._body
+                pos = body.feed(data, pos)
+                if not body.done:
+                    return
+                self._body = None
+                self._state = _HEAD if self._keep_alive else _CLOSED
+                if self.stop_after_message and self._keep_alive:
+                    self._state = _TUNNEL
+                    self._tunnel = data[pos:]
+                handler.on_message_complete()
+                if self._state != _HEAD:
+                    return
+            else:
+                if pos >= len(data) and not self._cutter.buf:
+                    return
+                raw = self._cutter.push(data, pos)
+                data, pos = b"", 0
+                if raw is None:
+                    return
+                head = self._parse(raw)
+                rest = bytes(self._cutter.buf)
+                self._cutter.buf.clear()
+                if head.status < 200 and head.status != 101:
+                    data = rest  # 1xx: consumed here, never shown to the handler
+                    continue
+                self._no_body = False
+                handler.on_response_head(head)
+                if head.status == 101:
+                    self._state = _TUNNEL
+                    self._tunnel = rest
+                    handler.on_message_complete()
+                    return
+                self._keep_alive = head.keep_alive
+                self._body = framing.BodyReader(head.body_kind, head.content_length,
+                                                handler.on_body, self._limits, 502)
+                self._state = _BODY
+                data = rest
+
+    def _parse(self, raw: bytes):
+        line, headers = framing.split_head(raw, 502)
+        status, reason, version = framing.parse_status_line(line)
+        head = framing.response_head(status, reason, version, headers, self._limits,
+                                     self._no_body)
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=len(raw) + 1)
+        conn.send(h11.Request(method="HEAD" if self._no_body else "GET", target="/",
+                              headers=[("Host", "upstream")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(raw)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if not (exc.error_status_hint == 501 and head.body_kind == framing.BODY_CHUNKED):
+                raise ProtocolError(502, f"invalid upstream response head ({exc})") from None
+        else:
+            if event is h11.NEED_DATA:
+                raise ProtocolError(502, "incomplete upstream response head")
+        return head

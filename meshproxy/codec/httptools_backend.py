@@ -1,0 +1,335 @@
+"""The default backend: llhttp (through httptools) tokenises heads and de-chunks bodies.
+
+llhttp in its default strict mode already refuses bare CR/LF, obs-fold, whitespace before the
+colon, bad chunk sizes and terminators.  What it does not decide (Content-Length vs
+Transfer-Encoding policy, Host, limits, method set, value bytes) is decided by
+:mod:`meshproxy.codec.framing` inside ``on_headers_complete``, before the handler sees the head.
+
+Hot path: callbacks append ``(name.lower(), value)`` to a list and count bytes; everything else
+happens once per head.  No per-request objects beyond the head and its header list.
+
+Two things llhttp cannot tell us are done here with a little bookkeeping:
+
+* the size of a head that has not ended yet: bytes fed while a head is pending are counted;
+* the length of a chunk extension (llhttp streams it without a bound, CVE-2024-22019): bytes
+  since the last LF are counted while a chunk-size line is pending, and a feed that holds a
+  line longer than the bound with a ``;`` in it is fed to llhttp line by line so that the
+  line's length is known when ``on_chunk_header`` fires.
+"""
+from __future__ import annotations
+
+import httptools
+
+from . import framing
+from .api import (
+    BODY_CHUNKED,
+    BODY_UNTIL_CLOSE,
+    CodecLimits,
+    ProtocolError,
+    RequestHandler,
+    ResponseHandler,
+)
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_HEAD, _BODY, _TUNNEL, _CLOSED, _DEAD = range(5)
+_CHUNK_SIZE_SLACK = 18  # hex digits + CRLF allowed on top of the extension bound
+
+
+class _Base:
+    __slots__ = ("_handler", "_limits", "_parser", "_headers", "_state", "_head_bytes",
+                 "_chunked", "_line_pending", "_line_carry", "_ext_cap", "_body_bytes",
+                 "_chunk_header_seen", "_tunnel", "_keep_alive", "_trailers", "_err_status")
+
+    def _init(self, handler, limits: CodecLimits, err_status: int) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._headers = []
+        self._state = _HEAD
+        self._head_bytes = 0
+        self._chunked = False
+        self._line_pending = False
+        self._line_carry = 0
+        self._ext_cap = limits.max_chunk_ext_bytes + _CHUNK_SIZE_SLACK
+        self._body_bytes = 0
+        self._chunk_header_seen = False
+        self._tunnel = b""
+        self._keep_alive = True
+        self._trailers = 0
+        self._err_status = err_status
+
+    # ------------------------------------------------------------------ feeding
+
+    def unconsumed(self) -> bytes:
+        return self._tunnel
+
+    def feed(self, data: bytes) -> None:
+        state = self._state
+        if state == _TUNNEL:
+            self._tunnel += data
+            return
+        if state == _CLOSED:
+            return
+        if state == _DEAD:
+            raise ProtocolError(self._err_status, "parser already failed")
+        if state == _HEAD:
+            self._head_bytes += len(data)
+        try:
+            if len(data) > self._ext_cap and b";" in data and self._long_ext_line_possible(data):
+                self._feed_by_line(data)
+            else:
+                self._feed(data)
+                self._after_feed(data)
+        except BaseException:
+            self._state = _DEAD
+            raise
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as up:
+            self._state = _TUNNEL
+            self._tunnel = data[up.args[0]:]
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if cause is not None:
+                raise cause from None
+            raise ProtocolError(self._err_status, str(exc)) from None
+        except httptools.HttpParserError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, exc: Exception) -> None:
+        raise ProtocolError(self._err_status, f"malformed message ({exc})") from None
+
+    def _after_feed(self, data: bytes) -> None:
+        state = self._state
+        if state == _HEAD:
+            if self._head_bytes > self._limits.max_header_bytes:
+                raise ProtocolError(431 if self._err_status == 400 else self._err_status,
+                                    "header section too large")
+        elif self._line_pending:
+            i = data.rfind(b"\n")
+            self._line_carry = len(data) - i - 1 if i >= 0 else self._line_carry + len(data)
+            if self._line_carry > self._ext_cap:
+                raise ProtocolError(self._err_status, "chunk extension too long")
+
+    def _long_ext_line_possible(self, data: bytes) -> bool:
+        if self._state == _BODY and not self._chunked:
+            return False
+        lines = data.split(b"\n")
+        cap = self._ext_cap
+        if self._line_pending and self._line_carry + len(lines[0]) > cap:
+            return True
+        return any(len(line) > cap and b";" in line for line in lines)
+
+    def _feed_by_line(self, data: bytes) -> None:
+        """Feed one line at a time so the length of each chunk-size line is known."""
+        start = 0
+        n = len(data)
+        while start < n and self._state not in (_TUNNEL, _CLOSED):
+            end = data.find(b"\n", start)
+            end = n if end < 0 else end + 1
+            seg = data[start:end]
+            carry = self._line_carry if self._line_pending else 0
+            self._chunk_header_seen = False
+            self._feed(seg)
+            if self._chunk_header_seen and carry + len(seg) > self._ext_cap + 2:
+                raise ProtocolError(self._err_status, "chunk extension too long")
+            self._after_feed(seg)
+            start = end
+        if start < n and self._state == _TUNNEL:
+            self._tunnel += data[start:]
+
+    # ------------------------------------------------------------------ shared callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._trailers = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == _HEAD:
+            headers = self._headers
+            headers.append((name.lower(), value.rstrip(b" \t")))
+            if len(headers) > self._limits.max_header_count:
+                raise ProtocolError(431 if self._err_status == 400 else self._err_status,
+                                    "too many header fields")
+        else:  # a trailer field: validated by llhttp, counted here, never merged
+            self._trailers += 1
+            if self._trailers > self._limits.max_header_count:
+                raise ProtocolError(431 if self._err_status == 400 else self._err_status,
+                                    "too many trailer fields")
+            if value.translate(None, framing.VALUE_CHARS):
+                raise ProtocolError(self._err_status, "invalid trailer field")
+
+    def on_body(self, data: bytes) -> None:
+        cap = self._limits.max_body_bytes
+        if cap:
+            self._body_bytes += len(data)
+            if self._body_bytes > cap:
+                raise ProtocolError(413 if self._err_status == 400 else self._err_status,
+                                    "body larger than allowed")
+        self._handler.on_body(data)
+
+    def on_chunk_header(self) -> None:
+        self._line_pending = False
+        self._line_carry = 0
+        self._chunk_header_seen = True
+
+    def on_chunk_complete(self) -> None:
+        self._line_pending = True
+        self._line_carry = 0
+
+    def _head_too_big(self, first_line: int) -> bool:
+        """Exact-enough size of a completed head, computed only when the feed was big."""
+        size = first_line + 2
+        for name, value in self._headers:
+            size += len(name) + len(value) + 4
+        return size > self._limits.max_header_bytes
+
+    def _start_body(self, kind: int) -> None:
+        self._state = _BODY
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._chunked = kind == BODY_CHUNKED
+        self._line_pending = self._chunked
+        self._line_carry = 0
+
+
+class HttptoolsRequestParser(_Base):
+    """Request side of the llhttp backend; see :class:`meshproxy.codec.api.RequestParser`."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, handler: RequestHandler, limits: CodecLimits):
+        self._init(handler, limits, 400)
+        self._url = b""
+        self._parser = httptools.HttpRequestParser(self)
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._trailers = 0
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        url = self._url + url if self._url else url
+        self._url = url
+        if len(url) > self._limits.max_target_bytes:
+            raise ProtocolError(414, "request-target too long")
+
+    def _refuse(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+            # PRI (an HTTP/2 preface) and other unknown methods
+            raise ProtocolError(400, "invalid method") from None
+        raise ProtocolError(400, f"malformed request ({exc})") from None
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        method = parser.get_method()
+        url = self._url
+        if self._head_bytes > self._limits.max_header_bytes and \
+                self._head_too_big(len(method) + len(url) + 10):
+            raise ProtocolError(431, "header section too large")
+        head = framing.request_head(method, url, _VERSIONS.get(parser.get_http_version(), b"?"),
+                                    self._headers, self._limits)
+        self._keep_alive = head.keep_alive
+        self._start_body(head.body_kind)
+        self._handler.on_request_head(head)
+
+    def on_message_complete(self) -> None:
+        self._state = _HEAD if self._keep_alive else _CLOSED
+        self._head_bytes = 0
+        self._line_pending = False
+        self._handler.on_message_complete()
+
+
+class HttptoolsResponseParser(_Base):
+    """Response side of the llhttp backend; see :class:`meshproxy.codec.api.ResponseParser`.
+
+    A response to HEAD (``expect_no_body``) is cut and parsed by the pure-Python head path,
+    because llhttp cannot be told about the request method; the llhttp parser is replaced
+    after it."""
+
+    __slots__ = ("_reason", "_skip", "_head_kind", "_py")
+
+    def __init__(self, handler: ResponseHandler, limits: CodecLimits):
+        self._init(handler, limits, 502)
+        self._reason = b""
+        self._skip = False
+        self._head_kind = 0
+        self._py = None
+        self._parser = httptools.HttpResponseParser(self)
+
+    def expect_no_body(self) -> None:
+        from .h11_backend import H11ResponseParser  # the pure-Python head path
+
+        py = H11ResponseParser(self._handler, self._limits)
+        py.expect_no_body()
+        py.stop_after_message = True
+        self._py = py
+
+    def feed(self, data: bytes) -> None:
+        py = self._py
+        if py is not None and self._state == _HEAD:
+            py.feed(data)
+            if py._state == _TUNNEL:  # the HEAD response is complete: back to llhttp
+                self._py = None
+                self._parser = httptools.HttpResponseParser(self)
+                rest = py.unconsumed()
+                if rest:
+                    super().feed(rest)
+            elif py._state == _CLOSED:
+                self._state = _CLOSED
+            return
+        super().feed(data)
+
+    def feed_eof(self) -> None:
+        if self._py is not None and self._state == _HEAD:
+            self._py.feed_eof()
+            return
+        state = self._state
+        if state == _BODY:
+            if self._head_kind == BODY_UNTIL_CLOSE:
+                self._state = _CLOSED
+                self._handler.on_message_complete()
+                return
+            self._state = _DEAD
+            raise ProtocolError(502, "upstream closed before the response was complete")
+        if state == _HEAD and self._head_bytes:
+            self._state = _DEAD
+            raise ProtocolError(502, "upstream closed inside a response head")
+        if state != _DEAD and state != _TUNNEL:
+            self._state = _CLOSED
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._trailers = 0
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = self._reason + reason if self._reason else reason
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if self._head_bytes > self._limits.max_header_bytes and \
+                self._head_too_big(len(self._reason) + 13):
+            raise ProtocolError(502, "upstream header section too large")
+        head = framing.response_head(status, self._reason,
+                                     _VERSIONS.get(parser.get_http_version(), b"?"),
+                                     self._headers, self._limits, False)
+        if status < 200 and status != 101:
+            self._skip = True  # 1xx: consumed here, never shown to the handler
+            return
+        self._keep_alive = head.keep_alive
+        self._head_kind = head.body_kind
+        self._start_body(head.body_kind)
+        self._handler.on_response_head(head)
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0
+        self._line_pending = False
+        if self._skip:
+            self._skip = False
+            self._state = _HEAD
+            return
+        self._state = _HEAD if self._keep_alive else _CLOSED
+        self._handler.on_message_complete()

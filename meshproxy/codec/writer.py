@@ -1,0 +1,60 @@
+"""Events back into bytes: request/response heads, chunks and proxy-generated responses.
+
+Everything is ``b"".join`` over precomputed pieces; nothing here validates (the heads
+come from :mod:`meshproxy.codec.framing`, which already refused anything unsafe)."""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Iterable
+
+Headers = Iterable[tuple[bytes, bytes]]
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
+# precomputed "HTTP/1.1 200 OK\r\n" lines for every known status
+_STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
+}
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """``METHOD target HTTP/1.1`` + fields + blank line (always HTTP/1.1 upstream)."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_response_head(status: int, reason: bytes, headers: Headers,
+                         version: bytes = b"1.1") -> bytes:
+    if version == b"1.1" and (not reason or reason == _REASONS.get(status)) and status in _STATUS_LINES:
+        parts = [_STATUS_LINES[status]]
+    else:
+        parts = [b"HTTP/%s %d %s\r\n" % (version, status, reason)]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of ``data``; empty data encodes to nothing (an empty chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def simple_response(status: int, body: bytes = b"", headers: Headers = (),
+                    close: bool = True) -> bytes:
+    """A complete proxy-generated response (errors: 400/408/413/414/431/501/502/503/504)."""
+    if not body:
+        body = _REASONS.get(status, b"error") + b"\n"
+    parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
+             b"content-type: text/plain\r\ncontent-length: ", str(len(body)).encode(), b"\r\n"]
+    if close:
+        parts.append(b"connection: close\r\n")
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
