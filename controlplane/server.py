@@ -1,0 +1,62 @@
+"""The control plane's composition root: store -> push engine -> API -> HTTP server.
+
+``ControlPlane`` owns every task it starts and closes them in reverse order.  Nothing here
+is global: tests start several control planes in one process.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from .api import DEFAULT_TTL, Api
+from .http import HttpServer
+from .push import PushEngine
+from .store import ConfigStore, open_store
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen: expected ADDR:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ControlPlane:
+    def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
+                 default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0):
+        self.store = store
+        self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval)
+        self.api = Api(store, self.push, default_ttl=default_ttl)
+        self.http = HttpServer(self.api.handle)
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    async def start(self, host: str = "127.0.0.1", port: int = 15010) -> None:
+        await self.store.start()
+        await self.push.start()
+        await self.http.start(host, port)
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.push.close()
+        await self.store.close()
+
+
+async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, ready_file: str | None = None) -> None:
+    host, port = parse_listen(listen)
+    cp = ControlPlane(open_store(store_spec), debounce=debounce, default_ttl=ttl)
+    await cp.start(host, port)
+    print(f"meshctl serve: listening on http://{host}:{cp.port} (store {store_spec})", flush=True)
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(str(cp.port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await cp.close()
