@@ -59,6 +59,8 @@ _CHUNK_EXT_RE = re.compile(
     rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\"))?)*\Z"
 )
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# RFC 9110 §6.5.1: fields that frame the message never come from trailers (llhttp refuses them)
+_FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding"))
 
 
 def _bad_name(names: bytes) -> bool:
@@ -79,21 +81,19 @@ def check_fields(headers: Headers, limits: CodecLimits, status: int = 400) -> No
 
 
 def _content_length(values: list[bytes], status: int) -> int:
-    """RFC 9110 §8.6 / RFC 9112 §6.3: 1*DIGIT; a list of identical values may be merged."""
-    seen = -1
-    for raw in values:
-        for part in raw.split(b","):
-            part = part.strip(b" \t")
-            if not part or part.translate(None, DIGITS):
-                raise ProtocolError(status, "invalid Content-Length")
-            stripped = part.lstrip(b"0") or b"0"
-            if len(stripped) > _MAX_CL_DIGITS:
-                raise ProtocolError(status, "Content-Length too large")
-            n = int(stripped)
-            if seen != -1 and n != seen:
-                raise ProtocolError(status, "differing Content-Length values")
-            seen = n
-    return seen
+    """RFC 9110 §8.6: Content-Length = 1*DIGIT, no overflow.
+
+    RFC 9112 §6.3 *allows* merging identical duplicates (``42, 42`` or two equal lines);
+    llhttp refuses them, and so do we, so that both backends give one verdict."""
+    if len(values) != 1:
+        raise ProtocolError(status, "more than one Content-Length")
+    part = values[0]
+    if not part or part.translate(None, DIGITS):
+        raise ProtocolError(status, "invalid Content-Length")
+    stripped = part.lstrip(b"0") or b"0"
+    if len(stripped) > _MAX_CL_DIGITS:
+        raise ProtocolError(status, "Content-Length too large")
+    return int(stripped)
 
 
 def _transfer_codings(values: list[bytes]) -> list[bytes]:
@@ -475,6 +475,8 @@ class BodyReader:
                 if not sep or not name or name.translate(None, TCHAR) or \
                         value.translate(None, VALUE_CHARS):
                     raise ProtocolError(status, "invalid trailer field")
+                if name.lower() in _FRAMING_FIELDS:
+                    raise ProtocolError(status, "framing field in trailers")
             else:  # _S_DONE
                 self.done = True
                 return pos

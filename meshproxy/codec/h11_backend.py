@@ -41,10 +41,14 @@ class _HeadCutter:
         Bytes after the head stay in ``buf``."""
         buf = self.buf
         buf += data[pos:] if pos else data
-        if self.request and not self.scanned:
+        if self.request and self.scanned <= 1:
             # RFC 9112 §2.2: ignore empty lines before the request-line
             while buf[:2] == b"\r\n":
                 del buf[:2]
+                self.scanned = 0
+            if buf == b"\r":
+                self.scanned = 0
+                return None
         if not buf:
             return None
         before = self.scanned
@@ -55,22 +59,30 @@ class _HeadCutter:
         if self.request and before < 64:
             framing.check_method_prefix(buf[:limit])
         if end < 0:
+            if self.request:
+                self._check_target(buf)
             if len(buf) > self.limits.max_header_bytes:
                 raise ProtocolError(431 if self.request else self.status, "header section too large")
-            if self.request:
-                first = buf.find(b"\r\n")
-                if first < 0:
-                    sp = buf.find(b" ")
-                    if sp >= 0 and buf.find(b" ", sp + 1) < 0 and \
-                            len(buf) - sp - 1 > self.limits.max_target_bytes:
-                        raise ProtocolError(414, "request-target too long")
             return None
         head = bytes(buf[:end + 4])
         del buf[:end + 4]
         self.scanned = 0
         if len(head) > self.limits.max_header_bytes:
+            if self.request:
+                self._check_target(head)
             raise ProtocolError(431 if self.request else self.status, "header section too large")
         return head
+
+    def _check_target(self, buf) -> None:
+        """414 before 431: a long target is reported as such, as llhttp's on_url does."""
+        first = buf.find(b"\r\n")
+        line = buf if first < 0 else buf[:first]
+        sp = line.find(b" ")
+        if sp < 0:
+            return
+        sp2 = line.find(b" ", sp + 1)
+        if (sp2 if sp2 >= 0 else len(line)) - sp - 1 > self.limits.max_target_bytes:
+            raise ProtocolError(414, "request-target too long")
 
 
 class H11RequestParser:

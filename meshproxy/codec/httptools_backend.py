@@ -71,12 +71,12 @@ class _Base:
             return
         if state == _DEAD:
             raise ProtocolError(self._err_status, "parser already failed")
-        if state == _HEAD:
-            self._head_bytes += len(data)
         try:
             if len(data) > self._ext_cap and b";" in data and self._long_ext_line_possible(data):
                 self._feed_by_line(data)
             else:
+                if state == _HEAD:
+                    self._head_bytes += len(data)
                 self._feed(data)
                 self._after_feed(data)
         except BaseException:
@@ -131,6 +131,8 @@ class _Base:
             seg = data[start:end]
             carry = self._line_carry if self._line_pending else 0
             self._chunk_header_seen = False
+            if self._state == _HEAD:
+                self._head_bytes += len(seg)
             self._feed(seg)
             if self._chunk_header_seen and carry + len(seg) > self._ext_cap + 2:
                 raise ProtocolError(self._err_status, "chunk extension too long")
@@ -159,6 +161,8 @@ class _Base:
                                     "too many trailer fields")
             if value.translate(None, framing.VALUE_CHARS):
                 raise ProtocolError(self._err_status, "invalid trailer field")
+            if name.lower() in framing._FRAMING_FIELDS:
+                raise ProtocolError(self._err_status, "framing field in trailers")
 
     def on_body(self, data: bytes) -> None:
         cap = self._limits.max_body_bytes
