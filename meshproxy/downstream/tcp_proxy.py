@@ -1,0 +1,288 @@
+"""L4 TCP proxy listener: accept, pick an upstream endpoint, connect, splice.
+
+One accepted connection goes through:
+
+1. ``connection_made``: reading is paused (the client's first bytes wait in the kernel,
+   or, if some were already delivered, in a bounded list), ``on_open()`` is called, and
+   a connect task owned by the connection starts.
+2. connect: ``pick_upstream()`` -> ``(host, port)``; ``loop.create_connection`` under
+   ``connect_timeout``. On failure (refused, timeout, other OSError) ``on_connect_failure
+   (host, port, reason)`` is called and ``pick_upstream()`` is asked ONCE more; if it
+   returns a different endpoint that one is tried, otherwise the client is closed.
+   ``pick_upstream()`` returning None (no healthy endpoint) closes the client at once.
+3. splice: both transports are handed to :class:`~meshproxy.downstream.splice.Splice`
+   with whatever either side delivered early; from there on it is the splice's
+   behaviour (backpressure, half-close, reset, idle timeout).
+4. ``on_close(sent, received)`` exactly once per accepted connection, (0, 0) when no
+   upstream was reached.
+
+:class:`TcpProxyListener` owns every live connection (and through it the connect
+task), so ``close(timeout)`` can wait for them and abort the rest.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Any, Callable
+
+from .splice import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, Splice, reset_transport
+
+PickUpstream = Callable[[], "tuple[str, int] | None"]
+
+# failure reasons passed to on_connect_failure
+CONNECT_TIMEOUT = "connect_timeout"
+CONNECT_REFUSED = "connection_refused"
+NO_UPSTREAM = "no_healthy_upstream"
+
+
+class _PendingUpstream(asyncio.Protocol):
+    """Protocol of an upstream connection until the splice takes it over: reading is
+    paused at once; anything delivered anyway (bytes, EOF, loss) is kept for the
+    handover."""
+
+    __slots__ = ("transport", "chunks", "eof", "lost")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class TcpProxyProtocol(asyncio.Protocol):
+    """One accepted downstream connection, until it is spliced."""
+
+    __slots__ = ("listener", "transport", "chunks", "eof", "lost", "task", "splice",
+                 "pending", "_done")
+
+    def __init__(self, listener: "TcpProxyListener"):
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []      # bytes the client sent before the splice
+        self.eof = False
+        self.lost = False
+        self.task: asyncio.Task | None = None
+        self.splice: Splice | None = None
+        self.pending: _PendingUpstream | None = None   # upstream being connected
+        self._done = False
+
+    # ------------------------------------------------------------ before the splice
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        transport.pause_reading()
+        listener = self.listener
+        listener.connections.add(self)
+        if listener.on_open is not None:
+            listener.on_open()
+        self.task = listener.loop.create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        # reading is paused from the start; a chunk already on its way is kept, and
+        # reading stays paused, so this holds at most a read or two.
+        self.chunks.append(data)
+        self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # only before the splice: afterwards the transport's protocol is the splice's
+        self.lost = True
+        self._drop_pending()
+        self._finished(0, 0)
+
+    def _drop_pending(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self._drop_pending_transport()
+
+    def _drop_pending_transport(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.transport is not None:
+            pending.transport.abort()
+
+    # ------------------------------------------------------------ connect
+
+    async def _connect(self) -> None:
+        listener = self.listener
+        target = listener.pick_upstream()
+        if target is None:
+            self._fail(None, NO_UPSTREAM)
+            return
+        up = await self._try(target)
+        if up is None and not self.lost:
+            second = listener.pick_upstream()
+            if second is not None and tuple(second) != tuple(target):
+                up = await self._try(second)
+        if self.lost:
+            self._drop_pending_transport()
+            return
+        if up is None:
+            self.transport.close()
+            return
+        self._start_splice(up)
+
+    async def _try(self, target: tuple[str, int]) -> _PendingUpstream | None:
+        listener = self.listener
+        host, port = target
+        pending = self.pending = _PendingUpstream()
+        try:
+            async with asyncio.timeout(listener.connect_timeout):
+                await listener.loop.create_connection(lambda: pending, host, port)
+        except TimeoutError:
+            reason = CONNECT_TIMEOUT
+        except ConnectionRefusedError:
+            reason = CONNECT_REFUSED
+        except OSError as err:
+            reason = errno.errorcode.get(err.errno, type(err).__name__) if err.errno else type(err).__name__
+        else:
+            return pending
+        self._drop_pending_transport()
+        self._fail(target, reason)
+        return None
+
+    def _fail(self, target: tuple[str, int] | None, reason: str) -> None:
+        listener = self.listener
+        listener.connect_failures += 1
+        if listener.on_connect_failure is not None:
+            host, port = target if target is not None else ("", 0)
+            listener.on_connect_failure(host, port, reason)
+        if target is None and not self.lost:
+            self.transport.close()
+
+    def _start_splice(self, up: _PendingUpstream) -> None:
+        listener = self.listener
+        self.pending = None
+        self.splice = Splice(
+            listener.loop, self.transport, up.transport, idle_timeout=listener.idle_timeout,
+            initial_to_upstream=b"".join(self.chunks), initial_to_downstream=b"".join(up.chunks),
+            downstream_eof=self.eof, upstream_eof=up.eof, on_close=self._finished,
+            high_water=listener.high_water, low_water=listener.low_water)
+        self.chunks = []
+        if up.lost:
+            # closed between connect and now; the splice sees a closing transport
+            up.transport.close()
+        self.splice.start()
+
+    # ------------------------------------------------------------ end
+
+    def _finished(self, sent: int, received: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.listener._connection_done(self, sent, received)
+
+    def abort(self) -> None:
+        """Reset the client (and the upstream, if spliced) now."""
+        self._drop_pending()
+        if self.splice is not None:
+            self.splice.abort()
+        elif self.transport is not None and not self.lost:
+            reset_transport(self.transport)
+
+
+class TcpProxyListener:
+    """The accepting side of a TCP proxy listener and the owner of its connections.
+
+    ``listener.protocol_factory`` (or the listener itself, which is callable) is the
+    protocol factory for ``loop.create_server``; or let ``start(sock)`` do it.
+    ``model`` is an opaque value kept for the owner (its listener config).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pick_upstream: PickUpstream,
+                 connect_timeout: float, idle_timeout: float,
+                 on_open: Callable[[], None] | None = None,
+                 on_close: Callable[[int, int], None] | None = None,
+                 on_connect_failure: Callable[[str, int, str], None] | None = None, *,
+                 model: Any = None, high_water: int = DEFAULT_HIGH_WATER,
+                 low_water: int = DEFAULT_LOW_WATER):
+        self.loop = loop
+        self.pick_upstream = pick_upstream
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.on_open = on_open
+        self.on_close = on_close
+        self.on_connect_failure = on_connect_failure
+        self.model = model
+        self.high_water = high_water
+        self.low_water = low_water
+        self.connections: set[TcpProxyProtocol] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.connect_failures = 0
+        self.total = 0
+        self._idle_waiter: asyncio.Future | None = None
+
+    def protocol_factory(self) -> TcpProxyProtocol:
+        return TcpProxyProtocol(self)
+
+    __call__ = protocol_factory
+
+    @property
+    def active(self) -> int:
+        """Accepted connections not yet closed on both sides."""
+        return len(self.connections)
+
+    def splices(self) -> list[Splice]:
+        return [c.splice for c in self.connections if c.splice is not None]
+
+    async def start(self, sock: socket.socket, backlog: int = 1024) -> None:
+        self.server = await self.loop.create_server(self.protocol_factory, sock=sock, backlog=backlog)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self, timeout: float) -> bool:
+        """Stop accepting, wait up to ``timeout`` seconds for live connections to end
+        on their own, then reset the rest. True when none had to be reset."""
+        self.stop_accepting()
+        if self.connections:
+            self._idle_waiter = self.loop.create_future()
+            try:
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await self._idle_waiter
+            except TimeoutError:
+                pass
+            finally:
+                self._idle_waiter = None
+        clean = not self.connections
+        for conn in list(self.connections):
+            conn.abort()
+        return clean
+
+    def _connection_done(self, conn: TcpProxyProtocol, sent: int, received: int) -> None:
+        self.connections.discard(conn)
+        self.total += 1
+        if self.on_close is not None:
+            self.on_close(sent, received)
+        if not self.connections and self._idle_waiter is not None and not self._idle_waiter.done():
+            self._idle_waiter.set_result(None)
+
+
+def make_tcp_proxy_factory(loop: asyncio.AbstractEventLoop, pick_upstream: PickUpstream,
+                           connect_timeout: float, idle_timeout: float,
+                           on_open: Callable[[], None] | None = None,
+                           on_close: Callable[[int, int], None] | None = None,
+                           on_connect_failure: Callable[[str, int, str], None] | None = None,
+                           ) -> TcpProxyListener:
+    """A :class:`TcpProxyListener`; pass it (it is callable) to ``loop.create_server``."""
+    return TcpProxyListener(loop, pick_upstream, connect_timeout, idle_timeout,
+                            on_open, on_close, on_connect_failure)
