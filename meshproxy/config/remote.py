@@ -1,0 +1,289 @@
+"""The proxy's control-plane client: one push stream, ACK/NACK, registration, reconnects.
+
+Wiring (the composition root does this; nothing here touches the snapshot store)::
+
+    client = RemoteConfigClient(urls, node_id, identity_info, on_config, registration)
+    task = task_group.create_task(client.run())     # runs until cancelled
+    ...
+    await client.deregister()                       # on a clean drain, before closing listeners
+    task.cancel()
+
+``on_config(resources, workloads, version) -> errors`` receives the full resource list (Istio
+objects as dicts) and the full workload list (``{service, namespace, address, ports,
+labels}``) of one config version, builds one snapshot from both and swaps it; it returns
+``[]`` to ACK, or the errors to NACK (then it must keep serving the last good snapshot).
+It may be a plain function or a coroutine function.
+
+Protocol (served by ``controlplane.api``): ``POST /push/v1/stream`` answers with a chunked
+stream of JSON lines, ``{"type": "config", "version", "nonce", "resources_version",
+"endpoints_version", "resources": [...] | null, "workloads": [...] | null}`` (null = the part
+you already hold with that version), ``{"type": "in_sync", "version"}`` when the proxy
+already runs the current version, and ``{"type": "ping"}`` at least every ping interval.
+The answer to each config message is ``POST /push/v1/ack {node_id, nonce, version, errors}``.
+
+When the control plane is unreachable the last good config keeps serving; the client
+retries with exponential backoff and jitter, moving to the next URL each time, and on
+reconnect says which part versions it holds, so an unchanged control plane sends nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import h11
+
+log = logging.getLogger("meshproxy.config.remote")
+
+OnConfig = Callable[[list[dict], list[dict], str], "list[str] | Awaitable[list[str]]"]
+
+
+class StreamBroken(Exception):
+    """The stream ended or said something this client cannot use; reconnect."""
+
+
+@dataclass
+class RemoteStatus:
+    url: str = ""                 # the control plane currently streamed from ("" = none)
+    connected: bool = False
+    version: str = ""             # last ACKed (good) config version
+    last_error: str = ""          # last NACK or connection problem
+    reconnects: int = 0
+    configs_applied: int = 0
+    configs_rejected: int = 0
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--control-plane: expected http://HOST:PORT, got {url!r}")
+    return parts.hostname, parts.port or 15010
+
+
+async def http_call(url: str, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, bytes]:
+    """One request on its own connection, bounded by ``timeout`` as a whole."""
+    host, port = _address(url)
+
+    async def call():
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            data = json.dumps(body).encode() if body is not None else b""
+            writer.write(conn.send(h11.Request(method=method, target=path, headers=[
+                ("host", f"{host}:{port}"), ("content-type", "application/json"),
+                ("content-length", str(len(data))), ("connection", "close")])))
+            writer.write(conn.send(h11.Data(data=data)) if data else b"")
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            status, payload = 0, bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    payload += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return status, bytes(payload)
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(call(), timeout)
+
+
+class RemoteConfigClient:
+    def __init__(self, urls: list[str], node_id: str, identity_info: dict, on_config: OnConfig,
+                 registration: dict | None = None, *, ttl: float = 10.0, read_timeout: float = 35.0,
+                 connect_timeout: float = 3.0, backoff_base: float = 0.1, backoff_max: float = 5.0,
+                 rng: random.Random | None = None):
+        if not urls:
+            raise ValueError("RemoteConfigClient needs at least one control-plane URL")
+        for url in urls:
+            _address(url)
+        self.urls = list(urls)
+        self.node_id = node_id
+        self.identity_info = dict(identity_info)
+        self.on_config = on_config
+        self.registration = dict(registration) if registration else None
+        if self.registration is not None:
+            self.registration.setdefault("id", node_id)
+            self.registration.setdefault("node_id", node_id)
+            self.registration.setdefault("ttl", ttl)
+        self.ttl = ttl
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._rng = rng or random.Random()
+        self.status = RemoteStatus()
+        self.synced = asyncio.Event()         # set once a config was applied or confirmed in sync
+        self._url_index = 0
+        self._parts: dict[tuple[str, str], list[dict]] = {}   # (part, version) -> items
+        self._good = ("", "")                 # (resources_version, endpoints_version) of the running config
+        self._received = ("", "")
+        self._draining = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Stream from the control planes forever (until cancelled)."""
+        failures = 0
+        while True:
+            url = self.urls[self._url_index % len(self.urls)]
+            heartbeat: asyncio.Task | None = None
+            try:
+                if self.registration is not None and not self._draining:
+                    await self._register(url)
+                    heartbeat = asyncio.create_task(self._heartbeat_loop(url), name="remote-config-heartbeat")
+                async with contextlib.aclosing(self._stream(url)) as messages:
+                    async for message in messages:
+                        failures = 0
+                        await self._handle(url, message)
+                raise StreamBroken("the control plane ended the stream")
+            except (OSError, asyncio.TimeoutError, StreamBroken, h11.ProtocolError, ValueError) as exc:
+                self.status.connected = False
+                self.status.last_error = f"{url}: {type(exc).__name__}: {exc}"
+                log.warning("control plane stream lost: %s", self.status.last_error)
+            finally:
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                    await asyncio.gather(heartbeat, return_exceptions=True)
+            self.status.reconnects += 1
+            self._url_index += 1
+            delay = min(self.backoff_max, self.backoff_base * 2 ** min(failures, 16))
+            failures += 1
+            await asyncio.sleep(delay * self._rng.uniform(0.5, 1.0))
+
+    async def deregister(self) -> None:
+        """Remove this workload from the control plane now (clean drain); bounded in time."""
+        self._draining = True
+        if self.registration is None:
+            return
+        path = f"/registry/v1/workloads/{self.registration['id']}"
+        start = self._url_index
+        for i in range(len(self.urls)):
+            url = self.urls[(start + i) % len(self.urls)]
+            try:
+                status, _ = await http_call(url, "DELETE", path, None, self.connect_timeout)
+                if status in (200, 404):
+                    return
+            except (OSError, asyncio.TimeoutError, h11.ProtocolError):
+                continue
+
+    # ------------------------------------------------------------ registration
+
+    async def _register(self, url: str) -> None:
+        status, body = await http_call(url, "POST", "/registry/v1/workloads", self.registration, self.connect_timeout)
+        if status != 201:
+            raise StreamBroken(f"registration refused ({status}): {body[:300].decode(errors='replace')}")
+
+    async def _heartbeat_loop(self, url: str) -> None:
+        path = f"/registry/v1/workloads/{self.registration['id']}/heartbeat"
+        interval = float(self.registration.get("ttl", self.ttl)) / 3
+        while not self._draining:
+            await asyncio.sleep(interval)
+            try:
+                status, _ = await http_call(url, "POST", path, None, self.connect_timeout)
+                if status == 404 and not self._draining:          # expired meanwhile: register again
+                    await self._register(url)
+            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StreamBroken) as exc:
+                log.warning("heartbeat to %s failed: %s", url, exc)
+
+    # ------------------------------------------------------------ the stream
+
+    async def _stream(self, url: str):
+        host, port = _address(url)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+        try:
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+            body = json.dumps({"node_id": self.node_id, "identity": self.identity_info,
+                               "resources_version": self._good[0], "endpoints_version": self._good[1]}).encode()
+            writer.write(conn.send(h11.Request(method="POST", target="/push/v1/stream", headers=[
+                ("host", f"{host}:{port}"), ("content-type", "application/json"),
+                ("content-length", str(len(body)))])))
+            writer.write(conn.send(h11.Data(data=body)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await asyncio.wait_for(writer.drain(), self.connect_timeout)
+            buffer = bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(1 << 20), self.read_timeout)
+                    if not data:
+                        raise StreamBroken("connection closed by the control plane")
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Response):
+                    if event.status_code != 200:
+                        raise StreamBroken(f"stream refused with status {event.status_code}")
+                    self.status.connected, self.status.url = True, url
+                elif isinstance(event, h11.Data):
+                    buffer += event.data
+                    while (end := buffer.find(b"\n")) >= 0:
+                        line = bytes(buffer[:end])
+                        del buffer[: end + 1]
+                        if line.strip():
+                            yield json.loads(line)
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return
+        finally:
+            writer.close()
+
+    async def _handle(self, url: str, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "ping":
+            return
+        if kind == "in_sync":
+            if message.get("version") != self.status.version and self.status.version:
+                raise StreamBroken(f"in_sync for {message.get('version')} but running {self.status.version}")
+            self.synced.set()
+            return
+        if kind != "config":
+            raise StreamBroken(f"unknown message type {kind!r}")
+        res_version, ep_version = message["resources_version"], message["endpoints_version"]
+        resources = self._part("resources", res_version, message.get("resources"))
+        workloads = self._part("workloads", ep_version, message.get("workloads"))
+        self._received = (res_version, ep_version)
+        self._prune()
+        version = message["version"]
+        try:
+            result = self.on_config(resources, workloads, version)
+            errors = list(await result) if inspect.isawaitable(result) else list(result)
+        except Exception as exc:          # a crash in the builder is a NACK, never a dead client
+            errors = [f"config callback failed: {type(exc).__name__}: {exc}"]
+        if errors:
+            self.status.configs_rejected += 1
+            self.status.last_error = f"NACK {version}: " + "; ".join(errors)
+        else:
+            self.status.configs_applied += 1
+            self.status.version = version
+            self._good = (res_version, ep_version)
+            self._prune()
+            self.synced.set()
+        ack = {"node_id": self.node_id, "nonce": message["nonce"], "version": version, "errors": errors}
+        status, _ = await http_call(url, "POST", "/push/v1/ack", ack, self.connect_timeout)
+        if status == 404:
+            raise StreamBroken("the control plane no longer knows this stream")
+
+    def _part(self, part: str, version: str, items: list[dict] | None) -> list[dict]:
+        if items is not None:
+            self._parts[(part, version)] = items
+            return items
+        try:
+            return self._parts[(part, version)]
+        except KeyError:
+            self._good = ("", "")        # resync from scratch on the next connection
+            raise StreamBroken(f"{part} version {version} was not sent and is not held here") from None
+
+    def _prune(self) -> None:
+        keep = {("resources", self._good[0]), ("workloads", self._good[1]),
+                ("resources", self._received[0]), ("workloads", self._received[1])}
+        for key in list(self._parts):
+            if key not in keep:
+                del self._parts[key]

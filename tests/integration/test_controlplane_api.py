@@ -1,0 +1,164 @@
+"""The Kubernetes-style API and meshctl, against a real `meshctl serve` process on SQLite."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controlplane.cli import Client
+from controlplane.testing import ControlPlaneProcess
+
+REPO = Path(__file__).resolve().parents[2]
+VS_PATH = "/apis/networking.istio.io/v1/namespaces/default/virtualservices"
+
+
+def vs(name="reviews", weights=(90, 10), **extra_md) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": name, **extra_md},
+            "spec": {"hosts": [name], "http": [{"route": [
+                {"destination": {"host": name, "subset": "v1"}, "weight": weights[0]},
+                {"destination": {"host": name, "subset": "v2"}, "weight": weights[1]}]}]}}
+
+
+@pytest.fixture
+def cp(tmp_path):
+    with ControlPlaneProcess(f"sqlite:{tmp_path / 'cp.db'}") as proc:
+        yield proc
+
+
+@pytest.fixture
+def api(cp):
+    return Client(cp.url)
+
+
+def meshctl(cp, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "MESHCTL_SERVER": cp.url}, cwd=REPO)
+
+
+def test_put_creates_and_get_returns_the_object_with_its_resource_version(api):
+    code, created = api.call("PUT", f"{VS_PATH}/reviews", vs())
+    assert code == 201
+    assert created["metadata"]["resourceVersion"] == "1"
+    code, fetched = api.call("GET", f"{VS_PATH}/reviews")
+    assert code == 200
+    assert fetched == created
+    assert fetched["spec"]["http"][0]["route"][0]["weight"] == 90
+
+
+def test_update_with_stale_resource_version_gets_409_conflict_and_changes_nothing(api):
+    _, first = api.call("PUT", f"{VS_PATH}/reviews", vs())
+    _, second = api.call("PUT", f"{VS_PATH}/reviews", vs(weights=(50, 50), resourceVersion=first["metadata"]["resourceVersion"]))
+    assert second["metadata"]["resourceVersion"] == "2"
+    code, status = api.call("PUT", f"{VS_PATH}/reviews", vs(weights=(0, 100), resourceVersion="1"))
+    assert code == 409
+    assert status["kind"] == "Status" and status["reason"] == "Conflict"
+    _, current = api.call("GET", f"{VS_PATH}/reviews")
+    assert current["spec"]["http"][0]["route"][0]["weight"] == 50
+
+
+def test_post_of_an_existing_name_gets_409_already_exists(api):
+    assert api.call("POST", VS_PATH, vs())[0] == 201
+    code, status = api.call("POST", VS_PATH, vs())
+    assert (code, status["reason"]) == (409, "AlreadyExists")
+
+
+def test_invalid_resource_is_rejected_with_422_status_naming_every_error_path(api):
+    bad = {"apiVersion": "networking.istio.io/v9", "kind": "VirtualService",
+           "metadata": {"name": "Bad_Name", "labels": {"a": 1}}, "spec": 3}
+    code, status = api.call("POST", VS_PATH, bad)
+    assert code == 422
+    assert status["reason"] == "Invalid"
+    fields = [c["field"] for c in status["details"]["causes"]]
+    assert fields == ["apiVersion", "metadata.name", "metadata.labels", "spec"]
+    assert all(c["message"].startswith("VirtualService default/Bad_Name: ") for c in status["details"]["causes"])
+    assert api.call("GET", VS_PATH)[1]["items"] == []
+
+
+def test_yaml_body_is_accepted_like_json(cp):
+    import urllib.request
+    body = b"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ratings\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - destination: {host: ratings}\n"
+    req = urllib.request.Request(f"{cp.url}{VS_PATH}/ratings", data=body, method="PUT",
+                                 headers={"content-type": "application/yaml"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 201
+        assert json.loads(resp.read())["spec"]["hosts"] == ["ratings"]
+
+
+def test_reapplying_identical_content_creates_no_new_revision(api):
+    api.call("PUT", f"{VS_PATH}/reviews", vs())
+    _, again = api.call("PUT", f"{VS_PATH}/reviews", vs())
+    assert again["metadata"]["resourceVersion"] == "1"
+    assert len(api.call("GET", "/history")[1]["items"]) == 1
+
+
+def test_history_lists_each_change_and_rollback_restores_the_earlier_resources(api):
+    api.call("PUT", f"{VS_PATH}/reviews", vs())                       # rev 1
+    api.call("PUT", f"{VS_PATH}/reviews", vs(weights=(0, 100)))       # rev 2
+    api.call("PUT", f"{VS_PATH}/ratings", vs("ratings"))              # rev 3
+    history = api.call("GET", "/history")[1]["items"]
+    assert [(e["revision"], e["op"], e["name"]) for e in history] == [
+        (3, "create", "ratings"), (2, "update", "reviews"), (1, "create", "reviews")]
+    code, result = api.call("POST", "/history/1/rollback")
+    assert (code, result["revision"]) == (200, 4)
+    _, reviews = api.call("GET", f"{VS_PATH}/reviews")
+    assert reviews["spec"]["http"][0]["route"][0]["weight"] == 90
+    assert api.call("GET", f"{VS_PATH}/ratings")[0] == 404          # did not exist at revision 1
+    assert api.call("POST", "/history/99/rollback")[0] == 400
+
+
+def test_meshctl_apply_get_diff_delete_round_trip(cp):
+    applied = meshctl(cp, "apply", "-f", "configs/")
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines() == [
+        "destinationrule.networking.istio.io/demo created (resourceVersion 1)",
+        "gateway.networking.istio.io/ingress created (resourceVersion 2)",
+        "virtualservice.networking.istio.io/demo created (resourceVersion 3)"]
+    wide = meshctl(cp, "get", "vs", "-o", "wide")
+    assert "demo.default.svc.cluster.local:v1=90" in wide.stdout
+    diff = meshctl(cp, "diff", "-f", "configs/steps/demo-virtualservice-50-50.yaml")
+    assert diff.returncode == 1                                      # like kubectl diff: 1 = differences
+    assert "-      weight: 90\n+      weight: 50" in diff.stdout
+    assert meshctl(cp, "diff", "-f", "configs/").returncode == 0
+    as_json = json.loads(meshctl(cp, "get", "dr", "demo", "-o", "json").stdout)
+    assert [s["name"] for s in as_json["spec"]["subsets"]] == ["v1", "v2"]
+    deleted = meshctl(cp, "delete", "gateway", "ingress")
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout
+    missing = meshctl(cp, "get", "gw", "ingress")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: Gateway default/ingress not found"
+
+
+def test_meshctl_apply_of_invalid_input_prints_one_line_per_problem_and_exits_1(cp):
+    text = ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: Bad_Name}\nspec: 3\n"
+            "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n")
+    result = meshctl(cp, "apply", "-f", "-", stdin=text)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: <stdin>[1]: kind 'Deployment' is not served by meshctl "
+        "(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar)",
+        "error: VirtualService default/Bad_Name: metadata.name: must be a lower-case DNS-1123 subdomain, got 'Bad_Name'",
+        "error: VirtualService default/Bad_Name: spec: required, must be a mapping"]
+
+
+def test_meshctl_reports_an_unreachable_server_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "controlplane.cli", "--server", "http://127.0.0.1:1", "history"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: cannot reach the control plane at http://127.0.0.1:1")
+
+
+def test_meshctl_history_and_rollback(cp):
+    meshctl(cp, "apply", "-f", "configs/")
+    meshctl(cp, "apply", "-f", "configs/steps/")
+    history = meshctl(cp, "history").stdout.splitlines()
+    newest = history[1].split()
+    assert (newest[0], newest[3], newest[4], newest[5]) == ("4", "update", "VirtualService", "default/demo")
+    rolled = meshctl(cp, "rollback", "3")
+    assert rolled.stdout.strip() == "rolled back to revision 3: now at revision 5"
+    assert "v1=90" in meshctl(cp, "get", "vs", "-o", "wide").stdout
