@@ -298,6 +298,21 @@ def scan_head(buf: bytes | bytearray, scanned: int, end: int, status: int = 400)
         raise ProtocolError(status, "NUL in head")
 
 
+def check_field_line(line: bytes, status: int = 400) -> None:
+    """Early syntax check of one complete field line (as llhttp refuses it mid-head)."""
+    if line[:1] in (b" ", b"\t"):
+        raise ProtocolError(status, "obs-fold or whitespace-led field line")
+    name, sep, value = line.partition(b":")
+    if not sep or not name or name.translate(None, TCHAR):
+        raise ProtocolError(status, "invalid field name")
+    value = value.strip(b" \t")
+    if value.translate(None, VALUE_CHARS):
+        raise ProtocolError(status, "invalid field value")
+    if name.lower() == b"content-length" and (
+            not value or value.translate(None, DIGITS) or len(value.lstrip(b"0")) > _MAX_CL_DIGITS):
+        raise ProtocolError(status, "invalid Content-Length")
+
+
 def split_head(head: bytes, status: int = 400) -> tuple[bytes, Headers]:
     """Split a complete, scanned head (ending CRLF CRLF) into its start line and fields.
 
@@ -453,6 +468,8 @@ class BodyReader:
                 got = data[pos:pos + need]
                 self._line += got
                 pos += len(got)
+                if self._line != b"\r\n"[:len(self._line)]:
+                    raise ProtocolError(status, "chunk data not followed by CRLF")
                 if len(self._line) < 2:
                     return pos
                 if self._line != b"\r\n":

@@ -27,11 +27,12 @@ _HEAD, _BODY, _TUNNEL, _CLOSED, _DEAD = range(5)
 class _HeadCutter:
     """Collects the bytes of one head; checks raw bytes and limits as they arrive."""
 
-    __slots__ = ("buf", "scanned", "limits", "status", "request")
+    __slots__ = ("buf", "scanned", "checked", "limits", "status", "request")
 
     def __init__(self, limits: CodecLimits, status: int, request: bool):
         self.buf = bytearray()
         self.scanned = 0
+        self.checked = 0  # complete lines before this offset passed the early line checks
         self.limits = limits
         self.status = status
         self.request = request
@@ -58,6 +59,7 @@ class _HeadCutter:
         self.scanned = limit
         if self.request and before < 64:
             framing.check_method_prefix(buf[:limit])
+        self._check_lines(buf, limit)
         if end < 0:
             if self.request:
                 self._check_target(buf)
@@ -67,11 +69,34 @@ class _HeadCutter:
         head = bytes(buf[:end + 4])
         del buf[:end + 4]
         self.scanned = 0
+        self.checked = 0
         if len(head) > self.limits.max_header_bytes:
             if self.request:
                 self._check_target(head)
             raise ProtocolError(431 if self.request else self.status, "header section too large")
         return head
+
+    def _check_lines(self, buf, limit: int) -> None:
+        """Refuse a bad start line or field line as soon as it is complete, not at head end."""
+        pos = self.checked
+        while True:
+            eol = buf.find(b"\r\n", pos, limit)
+            if eol < 0 or eol == pos:
+                break
+            line = bytes(buf[pos:eol])
+            if pos == 0:
+                if self.request:
+                    method, target, version = framing.parse_request_line(line)
+                    if len(target) > self.limits.max_target_bytes:
+                        raise ProtocolError(414, "request-target too long")
+                    if method not in framing.KNOWN_METHODS or target.translate(None, framing.TARGET_CHARS):
+                        raise ProtocolError(400, "invalid request line")
+                else:
+                    framing.parse_status_line(line)
+            else:
+                framing.check_field_line(line, self.status)
+            pos = eol + 2
+        self.checked = pos
 
     def _check_target(self, buf) -> None:
         """414 before 431: a long target is reported as such, as llhttp's on_url does."""

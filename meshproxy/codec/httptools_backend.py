@@ -95,6 +95,8 @@ class _Base:
                 raise cause from None
             raise ProtocolError(self._err_status, str(exc)) from None
         except httptools.HttpParserError as exc:
+            if self._state == _CLOSED:
+                return  # bytes after a message that closes the connection are ignored
             self._refuse(exc)
 
     def _refuse(self, exc: Exception) -> None:
