@@ -296,8 +296,11 @@ class H11ResponseParser:
         head = framing.response_head(status, reason, version, headers, self._limits,
                                      self._no_body)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=len(raw) + 1)
+        req_headers = [("Host", "upstream")]
+        if status == 101:  # h11 accepts a 101 only as the answer to an upgrade proposal
+            req_headers += [("Connection", "upgrade"), ("Upgrade", "x")]
         conn.send(h11.Request(method="HEAD" if self._no_body else "GET", target="/",
-                              headers=[("Host", "upstream")]))
+                              headers=req_headers))
         conn.send(h11.EndOfMessage())
         conn.receive_data(raw)
         try:
