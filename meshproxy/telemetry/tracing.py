@@ -1,0 +1,405 @@
+"""Trace propagation (always) and spans (only for sampled requests).
+
+On the request path the worker calls :meth:`ProxyTracer.start` with the request head
+and gets a :class:`TraceContext`: the trace id, this hop's new span id, the sampling
+decision and ``headers_to_forward`` (W3C ``traceparent``/``tracestate``, B3 single and
+multi, ``x-request-id``) to put on the upstream request after removing the incoming
+copies (:data:`PROPAGATION_HEADERS`).  :meth:`ProxyTracer.finish` records an
+OpenTelemetry span only when the context is sampled; unsampled requests never create
+SDK objects.
+
+Sampling is parent-based: a valid incoming W3C or B3 sampling decision is followed; a
+new trace is sampled with probability ``sample_rate`` (decided on the trace id, like
+OTel's TraceIdRatioBased); ``x-client-trace-id``, ``x-envoy-force-trace`` and B3 debug
+force sampling, as in Envoy.
+
+Export: :func:`build_trace_export` makes a TracerProvider (never installed globally)
+with a :class:`PresetIdGenerator` (so the span the SDK records carries the span id we
+already propagated) and a BatchSpanProcessor with a bounded queue.  Spans beyond the
+queue bound, and spans whose export failed, are dropped and counted in
+:class:`SpanExportStats`; nothing else happens to traffic.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import (NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags,
+                                 TraceState, set_span_in_context)
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+# Incoming copies of these must be removed before adding ``ctx.headers_to_forward``.
+PROPAGATION_HEADERS = frozenset({
+    b"traceparent", b"tracestate", b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid",
+    b"x-b3-sampled", b"x-b3-flags", b"x-request-id",
+})
+_READ = PROPAGATION_HEADERS | {b"x-client-trace-id", b"x-envoy-force-trace"}
+_HEX = frozenset(b"0123456789abcdef")
+_MASK64 = (1 << 64) - 1
+
+
+def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
+    return len(value) in lengths and _HEX.issuperset(value) and value.strip(b"0") != b""
+
+
+# ---------------------------------------------------------------------- context
+
+class TraceContext:
+    """One hop of one request.  ``span_id`` is this proxy's span (client or server)."""
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "debug", "kind", "request_id",
+                 "tracestate", "headers_to_forward", "start_ns", "method", "path", "authority",
+                 "scheme", "user_agent", "peer_address")
+
+    def __init__(self, trace_id: bytes, span_id: bytes, parent_id: bytes, sampled: bool, debug: bool,
+                 kind: str, request_id: bytes, tracestate: bytes, headers_to_forward: list):
+        self.trace_id = trace_id          # 32 lower-case hex digits
+        self.span_id = span_id            # 16 lower-case hex digits
+        self.parent_id = parent_id        # 16 hex digits, b"" for a new trace
+        self.sampled = sampled
+        self.debug = debug
+        self.kind = kind
+        self.request_id = request_id
+        self.tracestate = tracestate
+        self.headers_to_forward = headers_to_forward
+        self.start_ns = 0
+        self.method = self.path = self.authority = self.user_agent = b""
+        self.scheme = "http"
+        self.peer_address = ""
+
+    @property
+    def trace_id_hex(self) -> str:
+        return self.trace_id.decode()
+
+
+def _parse_traceparent(value: bytes):
+    """-> (trace_id, parent_span_id, sampled) or None when invalid (W3C trace-context)."""
+    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+        return None
+    version = value[:2]
+    if version == b"ff" or not _HEX.issuperset(version):
+        return None
+    if version == b"00" and len(value) != 55:
+        return None
+    if len(value) > 55 and value[55:56] != b"-":
+        return None
+    trace, span, flags = value[3:35], value[36:52], value[53:55]
+    if not (_is_hex(trace, (32,)) and _is_hex(span, (16,)) and _HEX.issuperset(flags)):
+        return None
+    return trace, span, bool(int(flags, 16) & 1)
+
+
+def _b3_trace(value: bytes) -> bytes | None:
+    value = value.lower()
+    if _is_hex(value, (16, 32)):
+        return value.rjust(32, b"0")
+    return None
+
+
+def _parse_b3_single(value: bytes):
+    """-> (trace_id|None, span_id|None, sampled|None, debug) or None when invalid."""
+    value = value.strip().lower()
+    if value in (b"0", b"1", b"d"):
+        return None, None, value != b"0", value == b"d"
+    parts = value.split(b"-")
+    if len(parts) < 2 or len(parts) > 4:
+        return None
+    trace = _b3_trace(parts[0])
+    span = parts[1] if _is_hex(parts[1], (16,)) else None
+    if trace is None or span is None:
+        return None
+    sampled, debug = None, False
+    if len(parts) >= 3:
+        if parts[2] not in (b"0", b"1", b"d"):
+            return None
+        sampled, debug = parts[2] != b"0", parts[2] == b"d"
+    return trace, span, sampled, debug
+
+
+# ---------------------------------------------------------------------- export plumbing
+
+class PresetIdGenerator(IdGenerator):
+    """Returns the ids the proxy already propagated.  Only :class:`ProxyTracer` sets them,
+    immediately before ``start_span`` on the worker's own thread."""
+
+    def __init__(self) -> None:
+        self.trace_id = 0
+        self.span_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.span_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+class SpanExportStats:
+    """Counts what happened to sampled spans; read at metrics dump time."""
+
+    def __init__(self) -> None:
+        self.submitted = 0          # handed to the batch processor (worker thread)
+        self.dequeued = 0           # taken from the queue by the export thread
+        self.exported = 0
+        self.export_failed = 0
+        self.queue_full = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.queue_full + self.export_failed
+
+    def counters(self) -> Iterable[tuple[str, tuple[str, ...], int]]:
+        yield "meshproxy_tracing_spans_exported_total", (), self.exported
+        yield "meshproxy_tracing_spans_dropped_total", ("queue_full",), self.queue_full
+        yield "meshproxy_tracing_spans_dropped_total", ("export_failed",), self.export_failed
+
+
+class CountingExporter(SpanExporter):
+    """Wraps the real exporter; runs on the batch processor's thread."""
+
+    def __init__(self, inner: SpanExporter, stats: SpanExportStats):
+        self.inner = inner
+        self.stats = stats
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        n = len(spans)
+        self.stats.dequeued += n
+        try:
+            result = self.inner.export(spans)
+        except Exception:               # an exporter bug must not kill the export thread
+            result = SpanExportResult.FAILURE
+        if result == SpanExportResult.SUCCESS:
+            self.stats.exported += n
+        else:
+            self.stats.export_failed += n
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+@dataclass
+class TraceExport:
+    """A TracerProvider that exports through a bounded batch queue, plus its counts."""
+    provider: TracerProvider
+    stats: SpanExportStats
+    max_queue_size: int
+
+    def force_flush(self, timeout_s: float = 5.0) -> bool:
+        return self.provider.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def otlp_http_exporter(endpoint: str, timeout_s: float = 5.0, headers: dict | None = None) -> SpanExporter:
+    """OTLP/HTTP protobuf exporter; ``endpoint`` is the full URL (``http://host:4318/v1/traces``)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s, headers=headers)
+
+
+def build_trace_export(exporter: SpanExporter, *, service_name: str, resource_attributes: dict | None = None,
+                       max_queue_size: int = 2048, max_export_batch_size: int = 512,
+                       schedule_delay_ms: int = 1000) -> TraceExport:
+    """Build (per worker process, after fork) the provider :class:`ProxyTracer` records into."""
+    stats = SpanExportStats()
+    resource = Resource.create({"service.name": service_name, **(resource_attributes or {})})
+    provider = TracerProvider(sampler=ALWAYS_ON, resource=resource, id_generator=PresetIdGenerator())
+    provider.add_span_processor(BatchSpanProcessor(
+        CountingExporter(exporter, stats), max_queue_size=max_queue_size,
+        max_export_batch_size=min(max_export_batch_size, max_queue_size),
+        schedule_delay_millis=schedule_delay_ms))
+    return TraceExport(provider, stats, max_queue_size)
+
+
+# ---------------------------------------------------------------------- the tracer
+
+_KINDS = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT}
+
+
+class ProxyTracer:
+    """Per-worker propagation and span recording.
+
+    ``export`` None means propagate only (sampling decisions are still made and
+    forwarded, nothing is recorded).  ``rng`` makes new ids and the sampling draw;
+    ``clock_ns`` gives span timestamps (Unix ns).
+    """
+
+    def __init__(self, export: TraceExport | None, *, sample_rate: float = 0.01,
+                 rng: random.Random | None = None, clock_ns: Callable[[], int] = time.time_ns,
+                 b3_single: bool = True, b3_multi: bool = True, instrumentation_name: str = "meshproxy"):
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be within [0, 1], got {sample_rate}")
+        self.export = export
+        self.sample_rate = sample_rate
+        self._bound = int(sample_rate * (1 << 64))
+        self._rng = rng or random.Random()
+        self._clock_ns = clock_ns
+        self.b3_single = b3_single
+        self.b3_multi = b3_multi
+        self._tracer = None
+        self._ids: PresetIdGenerator | None = None
+        if export is not None:
+            ids = export.provider.id_generator
+            if not isinstance(ids, PresetIdGenerator):
+                raise ValueError("the TracerProvider must use PresetIdGenerator (build it with build_trace_export)")
+            self._ids = ids
+            self._tracer = export.provider.get_tracer(instrumentation_name)
+
+    # ---------------------------------------------------------------- request path
+
+    def start(self, head_headers: Headers, kind: str = "server", *, method: bytes = b"", path: bytes = b"",
+              authority: bytes = b"", scheme: str = "http", peer_address: str = "") -> TraceContext:
+        found: dict[bytes, bytes] = {}
+        for name, value in head_headers:
+            if name in _READ and name not in found:
+                found[name] = value
+
+        trace = parent = tracestate = b""
+        sampled: bool | None = None
+        debug = False
+        tp = found.get(b"traceparent")
+        if tp is not None:
+            parsed = _parse_traceparent(tp)
+            if parsed is not None:
+                trace, parent, sampled = parsed
+                tracestate = found.get(b"tracestate", b"")
+        if not trace:
+            single = found.get(b"b3")
+            parsed = _parse_b3_single(single) if single is not None else None
+            if parsed is not None:
+                t, s, sampled, debug = parsed
+                if t is not None:
+                    trace, parent = t, s
+            elif b"x-b3-traceid" in found:
+                t = _b3_trace(found[b"x-b3-traceid"])
+                s = found.get(b"x-b3-spanid", b"").lower()
+                if t is not None and _is_hex(s, (16,)):
+                    trace, parent = t, s
+                    flag = found.get(b"x-b3-sampled", b"").lower()
+                    sampled = True if flag in (b"1", b"true") else False if flag in (b"0", b"false") else None
+                    debug = found.get(b"x-b3-flags") == b"1"
+        if debug or b"x-client-trace-id" in found or b"x-envoy-force-trace" in found:
+            sampled = True
+        rng = self._rng
+        if not trace:
+            trace = b"%032x" % (rng.getrandbits(128) or 1)
+        if sampled is None:
+            sampled = int(trace[16:], 16) < self._bound
+        span = b"%016x" % (rng.getrandbits(64) or 1)
+        request_id = found.get(b"x-request-id") or self._new_request_id()
+
+        flag = b"01" if sampled else b"00"
+        fwd = [(b"traceparent", b"00-" + trace + b"-" + span + b"-" + flag), (b"x-request-id", request_id)]
+        if tracestate:
+            fwd.append((b"tracestate", tracestate))
+        b3s = b"d" if debug else b"1" if sampled else b"0"
+        if self.b3_single:
+            fwd.append((b"b3", b"-".join((trace, span, b3s, parent)) if parent else b"-".join((trace, span, b3s))))
+        if self.b3_multi:
+            fwd.append((b"x-b3-traceid", trace))
+            fwd.append((b"x-b3-spanid", span))
+            if parent:
+                fwd.append((b"x-b3-parentspanid", parent))
+            if debug:
+                fwd.append((b"x-b3-flags", b"1"))
+            else:
+                fwd.append((b"x-b3-sampled", b"1" if sampled else b"0"))
+        ctx = TraceContext(trace, span, parent, sampled, debug, kind, request_id, tracestate, fwd)
+        if sampled and self._tracer is not None:
+            ctx.start_ns = self._clock_ns()
+            ctx.method, ctx.path, ctx.authority = method, path, authority
+            ctx.scheme, ctx.peer_address = scheme, peer_address
+            ctx.user_agent = next((v for n, v in head_headers if n == b"user-agent"), b"")
+        return ctx
+
+    def _new_request_id(self) -> bytes:
+        """A random (version 4) UUID, like Envoy's x-request-id."""
+        r = self._rng.getrandbits(128)
+        h = b"%032x" % r
+        return b"%s-%s-4%s-%c%s-%s" % (h[:8], h[8:12], h[13:16], b"89ab"[r & 3], h[17:20], h[20:])
+
+    def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
+               subset: str = "", upstream_address: str = "", upstream_port: int = 0, retries: int = 0,
+               response_flags: str = "-", end_ns: int | None = None) -> None:
+        """Record this hop's span if sampled; a no-op otherwise.  ``status`` 0 = no response."""
+        if not ctx.sampled or self._tracer is None:
+            return
+        export = self.export
+        stats = export.stats
+        if stats.submitted - stats.dequeued >= export.max_queue_size:
+            stats.queue_full += 1
+            return
+        stats.submitted += 1
+        self._record(ctx, status, route_name, upstream_cluster, subset, upstream_address, upstream_port,
+                     retries, response_flags, end_ns)
+
+    def _record(self, ctx: TraceContext, status: int, route_name: str, upstream_cluster: str, subset: str,
+                upstream_address: str, upstream_port: int, retries: int, response_flags: str,
+                end_ns: int | None) -> None:
+        method = ctx.method.decode("latin-1") if ctx.method else "_OTHER"
+        raw_path = ctx.path.decode("latin-1")
+        path, _, query = raw_path.partition("?")
+        host, _, port = ctx.authority.decode("latin-1").rpartition(":")
+        if not host or not port.isdigit():
+            host, port = ctx.authority.decode("latin-1"), ""
+        attrs: dict = {
+            "http.request.method": method,
+            "url.path": path,
+            "url.scheme": ctx.scheme,
+            "network.protocol.name": "http",
+            "network.protocol.version": "1.1",
+            "server.address": host,
+            "meshproxy.response_flags": response_flags,
+            "guid:x-request-id": ctx.request_id.decode("latin-1"),
+        }
+        if query:
+            attrs["url.query"] = query
+        if port:
+            attrs["server.port"] = int(port)
+        if status:
+            attrs["http.response.status_code"] = status
+        if ctx.user_agent:
+            attrs["user_agent.original"] = ctx.user_agent.decode("latin-1")
+        if ctx.peer_address:
+            attrs["client.address" if ctx.kind == "server" else "network.peer.address"] = ctx.peer_address
+        if route_name:
+            attrs["http.route"] = route_name
+            attrs["meshproxy.route_name"] = route_name
+        if upstream_cluster:
+            attrs["meshproxy.upstream_cluster"] = upstream_cluster
+        if subset:
+            attrs["meshproxy.destination_subset"] = subset
+        if upstream_address:
+            attrs["network.peer.address"] = upstream_address
+            attrs["meshproxy.upstream_address"] = upstream_address
+            if upstream_port:
+                attrs["network.peer.port"] = upstream_port
+        if retries:
+            attrs["http.request.resend_count"] = retries
+        trace_id = int(ctx.trace_id, 16)
+        parent_ctx = None
+        if ctx.parent_id:
+            state = TraceState.from_header([ctx.tracestate.decode("latin-1")]) if ctx.tracestate else None
+            parent_ctx = set_span_in_context(NonRecordingSpan(SpanContext(
+                trace_id, int(ctx.parent_id, 16), is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                trace_state=state)))
+        ids = self._ids
+        ids.trace_id = trace_id
+        ids.span_id = int(ctx.span_id, 16)
+        name = f"{method} {route_name}" if route_name else method
+        span = self._tracer.start_span(name, context=parent_ctx, kind=_KINDS.get(ctx.kind, SpanKind.SERVER),
+                                       attributes=attrs, start_time=ctx.start_ns or None,
+                                       record_exception=False, set_status_on_exception=False)
+        if status == 0 or status >= 500 or (ctx.kind == "client" and status >= 400):
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=end_ns if end_ns is not None else self._clock_ns())
