@@ -1,0 +1,93 @@
+"""Push engine and scope, in process: state table, serialisation sharing, what each proxy gets."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from controlplane.push import ACK, CONNECTED, NACK, SEND, SENT, IllegalTransition, PushEngine, next_state
+from controlplane.scope import Identity, select_resources, select_workloads
+from controlplane.store_sqlite import SqliteStore
+
+
+def obj(kind, name, ns="default", **spec):
+    return {"apiVersion": "networking.istio.io/v1", "kind": kind, "metadata": {"name": name, "namespace": ns},
+            "spec": spec}
+
+
+def test_ack_nack_state_table_allows_the_protocol_and_names_illegal_pairs():
+    assert next_state(CONNECTED, SEND) == SENT
+    assert next_state(SENT, ACK) == "acked"
+    assert next_state(SENT, NACK) == "nacked"
+    with pytest.raises(IllegalTransition, match="event 'ack' is illegal in state 'connected'"):
+        next_state(CONNECTED, ACK)
+
+
+def test_sidecar_gets_mesh_routes_and_gateway_gets_gateway_routes():
+    resources = [obj("Gateway", "ingress", servers=[]),
+                 obj("VirtualService", "edge", hosts=["a"], gateways=["ingress"]),
+                 obj("VirtualService", "both", hosts=["b"], gateways=["ingress", "mesh"]),
+                 obj("VirtualService", "inner", hosts=["c"])]
+    names = lambda rs: [r["metadata"]["name"] for r in rs]
+    assert names(select_resources(resources, Identity("default", "sidecar"))) == ["both", "inner"]
+    assert names(select_resources(resources, Identity("default", "gateway"))) == ["ingress", "edge", "both"]
+
+
+def test_export_to_dot_hides_a_resource_from_other_namespaces():
+    resources = [obj("DestinationRule", "private", "team-a", host="x", exportTo=["."]),
+                 obj("DestinationRule", "public", "team-a", host="y")]
+    assert [r["metadata"]["name"] for r in select_resources(resources, Identity("team-b"))] == ["public"]
+    assert len(select_resources(resources, Identity("team-a"))) == 2
+
+
+def test_sidecar_egress_hosts_limit_resources_and_workloads():
+    resources = [obj("Sidecar", "default", "shop", egress=[{"hosts": ["./*", "istio-system/*"]}]),
+                 obj("VirtualService", "cart", "shop", hosts=["cart"]),
+                 obj("VirtualService", "ads", "ads", hosts=["ads.ads.svc.cluster.local"])]
+    workloads = [{"service": "cart", "namespace": "shop"}, {"service": "ads", "namespace": "ads"}]
+    identity = Identity("shop")
+    assert [r["metadata"]["name"] for r in select_resources(resources, identity)] == ["default", "cart"]
+    assert select_workloads(workloads, resources, identity) == [{"service": "cart", "namespace": "shop"}]
+    # another namespace has no Sidecar: it sees everything except the shop Sidecar
+    assert len(select_resources(resources, Identity("ads"))) == 2
+
+
+async def test_proxies_with_the_same_identity_share_one_serialisation(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store, debounce=0.01)
+    await engine.start()
+    try:
+        await store.put(obj("VirtualService", "demo", hosts=["demo"]))
+        proxies = [engine.connect(f"n{i}", {"namespace": "default"}) for i in range(50)]
+        before = engine.stats.serialisations
+        await asyncio.sleep(0.1)            # one debounced push for the change
+        assert engine.stats.serialisations - before <= 2         # resources part + workloads part
+        assert len({p.target.version for p in proxies}) == 1
+        messages = [engine._message_for(p) for p in proxies]
+        decoded = [json.loads(m) for m in messages]
+        assert {d["version"] for d in decoded} == {proxies[0].target.version}
+        assert len({d["nonce"] for d in decoded}) == 50
+    finally:
+        await engine.close()
+        await store.close()
+
+
+async def test_stale_nonce_ack_is_ignored(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    try:
+        proxy = engine.connect("n1", {})
+        first = json.loads(engine._message_for(proxy))
+        await store.put(obj("VirtualService", "demo", hosts=["demo"]))
+        engine._recompute(0.0)
+        second = json.loads(engine._message_for(proxy))
+        assert engine.acknowledge("n1", first["nonce"], first["version"], []) == "stale"
+        assert engine.acknowledge("n1", second["nonce"], second["version"], []) == "ack"
+        assert proxy.acked_version == second["version"]
+    finally:
+        await engine.close()
+        await store.close()
