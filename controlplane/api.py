@@ -14,7 +14,7 @@ Routes (``{ver}`` is v1, v1beta1 or v1alpha3; objects are always stored as given
   GET    /history?limit=N                     accepted changes, newest first
   POST   /history/{revision}/rollback         make the resources what they were at that revision
 
-  POST   /registry/v1/workloads               register {service, namespace, address, ports, labels, id?, ttl?}
+  POST   /registry/v1/workloads               register {service, namespace, address, ports, labels, id?, ttl?, node_id?, proxy_port?}
   POST   /registry/v1/workloads/{id}/heartbeat
   DELETE /registry/v1/workloads/{id}
   GET    /registry/v1/workloads
@@ -252,7 +252,11 @@ class Api:
         ttl = body.get("ttl", self.default_ttl)
         if not isinstance(ttl, (int, float)) or ttl <= 0:
             errors.append(f"workload: ttl: must be > 0 seconds, got {ttl!r}")
-        unknown = set(body) - {"id", "service", "namespace", "address", "ports", "labels", "ttl", "node_id"}
+        proxy_port = body.get("proxy_port")
+        if proxy_port is not None and (not isinstance(proxy_port, int) or not 0 < proxy_port < 65536):
+            errors.append(f"workload: proxy_port: must be 1..65535, got {proxy_port!r}")
+        unknown = set(body) - {"id", "service", "namespace", "address", "ports", "labels", "ttl", "node_id",
+                               "proxy_port"}
         errors += [f"workload: {k}: unknown field" for k in sorted(unknown)]
         if errors:
             return status(422, "Invalid", "; ".join(errors),
@@ -260,6 +264,8 @@ class Api:
         workload = {"id": str(body.get("id") or uuid.uuid4().hex), "service": body["service"],
                     "namespace": body.get("namespace") or "default", "address": body["address"],
                     "ports": ports, "labels": labels, "node_id": body.get("node_id", "")}
+        if proxy_port is not None:
+            workload["proxy_port"] = proxy_port
         await self.store.register(workload, float(ttl))
         return Response.json(201, dict(workload, ttl=ttl))
 
