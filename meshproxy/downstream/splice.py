@@ -250,7 +250,7 @@ class Splice:
         if self._up_eof and not up.lost:
             up.eof_received()
         for ep in (down, up):
-            if not ep.lost and not ep.read_paused and not ep.read_eof:
+            if not (ep.lost or ep.read_paused or ep.read_eof or ep.transport.is_closing()):
                 ep.transport.resume_reading()
         if self.idle_timeout is not None and not self.closed:
             self._idle_interval = self.idle_timeout / 4
