@@ -1,0 +1,1 @@
+"""Helpers for the side-by-side benchmark harness (benchmarks/run.py)."""

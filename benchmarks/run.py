@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: direct vs meshproxy vs HAProxy vs nginx, against one nginx upstream.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--only direct,meshproxy,haproxy,nginx]
+                                       [--out benchmarks/RESULTS.md] [--profile] [--json FILE]
+
+Everything runs on loopback from config files generated into a temp dir; every process started
+here is stopped (process groups, in a finally and on SIGINT/SIGTERM). See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from string import Template
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from lib import loadgen, procs, report  # noqa: E402
+from lib.procs import ProcessSet, pin_prefix  # noqa: E402
+
+ALL_TARGETS = ("direct", "meshproxy", "haproxy", "nginx")
+HOST = "bench.local"
+SMALL_BYTES = 100
+LARGE_BYTES = 16 * 1024
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short runs (3 s) for development; numbers are rough")
+    p.add_argument("--only", default=",".join(ALL_TARGETS),
+                   help="comma list of targets among direct,meshproxy,haproxy,nginx (default all); "
+                        "direct is needed for added latency, haproxy for the ratios")
+    p.add_argument("--out", default=None, help="write/update this markdown results file (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    p.add_argument("--label", default=None, help="label for the run in RESULTS.md (e.g. 'quick run, noisy machine')")
+    p.add_argument("--profile", action="store_true",
+                   help="after meshproxy's measured runs, run py-spy during an extra throughput run and "
+                        "write a speedscope profile + top summary (--profile-dir)")
+    p.add_argument("--profile-dir", default=str(HERE / "profiles"))
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too; slower)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 10, quick 3)")
+    p.add_argument("--repeat", type=int, default=None, help="wrk runs per size; median reported (default 3, quick 1)")
+    p.add_argument("--conns", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument("--rate", type=int, default=10_000, help="fixed request rate for latency (default 10000 req/s)")
+    p.add_argument("--rate-conns", type=int, default=10,
+                   help="keep-alive connections sharing the fixed rate (default 10, i.e. 1000 req/s each)")
+    p.add_argument("--rate-duration", type=float, default=None, help="seconds measured at the fixed rate (default 10, quick 3)")
+    p.add_argument("--tcp-mib", type=int, default=None, help="size of the TCP download in MiB (default 1024, quick 256)")
+    p.add_argument("--tcp-repeat", type=int, default=None, help="TCP downloads per target; median (default 3, quick 2)")
+    p.add_argument("--workers", type=int, default=1, help="meshproxy --workers (default 1)")
+    p.add_argument("--meshproxy", default=str(REPO / ".venv" / "bin" / "meshproxy"), help="meshproxy executable")
+    p.add_argument("--meshproxy-arg", action="append", default=[],
+                   help="extra argument for `meshproxy run` (repeatable), e.g. --meshproxy-arg=--codec=h11")
+    p.add_argument("--meshproxy-config", default=None,
+                   help="use this config file/dir instead of the generated one (must route Host bench.local); "
+                        "$upstream_port and $tcp_port in *.tmpl files are filled in")
+    p.add_argument("--http-reuse", default="always", choices=("always", "safe", "aggressive", "never"),
+                   help="HAProxy http-reuse mode (default always)")
+    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument("--proxy-cores", default=None, help="cores for the proxy under test (default: the last one)")
+    p.add_argument("--load-cores", default=None, help="cores for load generator + upstream (default: the first one)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
+    args = p.parse_args(argv)
+    args.targets = [t.strip() for t in args.only.split(",") if t.strip()]
+    bad = [t for t in args.targets if t not in ALL_TARGETS]
+    if bad:
+        p.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS}")
+    q = args.quick
+    args.duration = args.duration or (3.0 if q else 10.0)
+    args.repeat = args.repeat or (1 if q else 3)
+    args.rate_duration = args.rate_duration or (3.0 if q else 10.0)
+    args.rate_warmup = 1.0 if q else 2.0
+    args.tcp_mib = args.tcp_mib or (256 if q else 1024)
+    args.tcp_repeat = args.tcp_repeat or (2 if q else 3)
+    if args.rate % args.rate_conns:
+        p.error("--rate must be a multiple of --rate-conns")
+    return args
+
+
+# --- machine facts ---------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "missing"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def versions(args) -> str:
+    parts = [
+        _first_line(["nginx", "-v"]).replace("nginx version: ", ""),
+        _first_line(["haproxy", "-v"]).split(" - ")[0],
+        _first_line(["wrk", "--version"]).split(" Copyright")[0],
+        _first_line(["h2load", "--version"]),
+        "Python " + platform.python_version(),
+    ]
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "meshproxy"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        parts.append(f"meshproxy @ {rev}" + (" (meshproxy/ has uncommitted changes)" if dirty else ""))
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return ", ".join(parts)
+
+
+def parse_cores(text: str | None) -> list[int] | None:
+    return [int(c) for c in text.split(",")] if text else None
+
+
+def plan_pinning(args) -> tuple[list[int] | None, list[int] | None, str]:
+    if args.no_pin:
+        return None, None, "none (--no-pin): every process floats over all cores"
+    cores = sorted(os.sched_getaffinity(0))
+    if shutil.which("taskset") is None or len(cores) < 2:
+        return None, None, f"none ({len(cores)} core(s) available or no taskset): results include contention"
+    proxy = parse_cores(args.proxy_cores) or [cores[-1]]
+    load = parse_cores(args.load_cores) or [c for c in cores if c not in proxy][:1]
+    desc = (f"proxy under test on core(s) {proxy}; load generator (wrk/h2load/curl) and upstream nginx share "
+            f"core(s) {load}; direct runs put wrk and the upstream on {load} only")
+    return proxy, load, desc
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+def render_template(name: str, dest: Path, **values) -> Path:
+    text = Template((HERE / "configs" / name).read_text()).substitute(**{k: str(v) for k, v in values.items()})
+    dest.write_text(text)
+    return dest
+
+
+def make_docroot(tmp: Path, tcp_mib: int) -> Path:
+    root = tmp / "www"
+    root.mkdir()
+    (root / "small").write_bytes(b"x" * (SMALL_BYTES - 1) + b"\n")
+    (root / "16k").write_bytes(b"y" * (LARGE_BYTES - 1) + b"\n")
+    with open(root / "big", "wb") as f:  # sparse: the page cache serves zeros, the wire carries them all
+        f.truncate(tcp_mib * 1024 * 1024)
+    for p in [tmp, root, *root.iterdir()]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    return root
+
+
+class Target:
+    """One thing under test: how to start it, which port serves HTTP (and TCP), which pid to measure."""
+
+    def __init__(self, name: str, http_port: int, tcp_port: int | None = None, host: str | None = None):
+        self.name, self.http_port, self.tcp_port, self.host = name, http_port, tcp_port, host
+        self.managed: procs.Managed | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.managed.proc.pid if self.managed else None
+
+
+def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int, proxy_cores) -> Target:
+    pre = pin_prefix(proxy_cores)
+    if name == "direct":
+        return Target("direct", upstream_port, tcp_port=upstream_port)
+    if name == "haproxy":
+        port, tport = procs.free_port(), procs.free_port()
+        cfg = render_template("haproxy.cfg.tmpl", tmp / "haproxy.cfg", port=port, tcp_port=tport,
+                              upstream_port=upstream_port, http_reuse=args.http_reuse)
+        t = Target(name, port, tport)
+        t.managed = ps.start(name, pre + ["haproxy", "-db", "-f", str(cfg)], str(tmp / "haproxy.log"))
+        procs.wait_port(port, proc=t.managed.proc)
+        return t
+    if name == "nginx":
+        port = procs.free_port()
+        cfg = render_template("nginx_proxy.conf.tmpl", tmp / "nginx-proxy.conf", prefix=tmp, port=port,
+                              upstream_port=upstream_port)
+        t = Target(name, port)
+        t.managed = ps.start(name, pre + ["nginx", "-p", str(tmp), "-c", str(cfg)], str(tmp / "nginx-proxy.log"))
+        procs.wait_port(port, proc=t.managed.proc)
+        return t
+    if name == "meshproxy":
+        port, tport, admin = procs.free_port(), procs.free_port(), procs.free_port()
+        cfg_dir = tmp / "mesh"
+        cfg_dir.mkdir(exist_ok=True)
+        if args.meshproxy_config:
+            src = Path(args.meshproxy_config)
+            files = [src] if src.is_file() else sorted(src.iterdir())
+            for f in files:
+                text = f.read_text()
+                if f.suffix == ".tmpl":
+                    text = Template(text).safe_substitute(upstream_port=upstream_port, tcp_port=tport)
+                (cfg_dir / f.name.removesuffix(".tmpl")).write_text(text)
+        else:
+            render_template("meshproxy.yaml.tmpl", cfg_dir / "bench.yaml", upstream_port=upstream_port, tcp_port=tport)
+        argv = pre + [args.meshproxy, "run", "--config", str(cfg_dir), "--listen", f"127.0.0.1:{port}",
+                      "--admin", f"127.0.0.1:{admin}", "--workers", str(args.workers),
+                      "--log-level", "WARNING", *args.meshproxy_arg]
+        t = Target(name, port, tport, host=HOST)
+        t.managed = ps.start(name, argv, str(tmp / "meshproxy.log"))
+        try:
+            procs.wait_http_ok(f"http://127.0.0.1:{admin}/ready", timeout=30, proc=t.managed.proc)
+        except Exception:
+            log = Path(tmp / "meshproxy.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"meshproxy did not become ready; log tail:\n{log}")
+        try:
+            procs.wait_port(tport, timeout=2)
+        except TimeoutError:
+            t.tcp_port = None  # TCP listener not there (yet): reported as not measured
+        return t
+    raise ValueError(name)
+
+
+def check_response(t: Target, path: str, size: int) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{t.http_port}{path}", headers={"Host": t.host} if t.host else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body = r.read()
+        if r.status != 200 or len(body) != size:
+            raise RuntimeError(f"{t.name}: GET {path} gave {r.status} with {len(body)} bytes, expected 200/{size}")
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+def measure_wrk(t: Target, path: str, args, load_pre, notes: list[str]) -> dict:
+    url = f"http://127.0.0.1:{t.http_port}{path}"
+    runs = []
+    cmd = ""
+    for _ in range(args.repeat):
+        cpu0, wall0 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
+        res, cmd = loadgen.run_wrk(load_pre, url, conns=args.conns, threads=1, duration_s=args.duration, host=t.host)
+        cpu1, wall1 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
+        runs.append({"rps": res.rps, "requests": res.requests, "errors": res.errors, "p50_us": res.p50_us,
+                     "p99_us": res.p99_us, "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
+                     "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, res.requests) if t.pid else None,
+                     "cpu_busy": (cpu1 - cpu0) / (wall1 - wall0) if t.pid else None})
+    runs.sort(key=lambda r: r["rps"])
+    mid = runs[len(runs) // 2]  # the median run, whole (its CPU belongs to its request count)
+    out = dict(mid)
+    out["all_rps"] = [round(r["rps"]) for r in runs]
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["command"] = cmd
+    if out["errors"]:
+        notes.append(f"{t.name} {path}: {out['errors']} wrk errors (connect/read/write/timeout/non-2xx)")
+    return out
+
+
+def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str]) -> dict:
+    url = f"http://127.0.0.1:{t.http_port}/small"
+    log = str(tmp / f"h2load-{t.name}.log")
+    cpu0 = procs.tree_cpu_seconds(t.pid) if t.pid else 0.0
+    res, cmd = loadgen.run_h2load_rate(load_pre, url, rate=args.rate, conns=args.rate_conns,
+                                       duration_s=args.rate_duration, warmup_s=args.rate_warmup,
+                                       host=t.host, log_path=log)
+    cpu1 = procs.tree_cpu_seconds(t.pid) if t.pid else 0.0
+    total_requests = res.requests  # logged requests = measured phase (warm-up is not logged)
+    out = {"target_rps": res.target_rps, "achieved_rps": res.achieved_rps, "requests": res.requests,
+           "errors": res.failed, "p50_us": res.p50_us, "p90_us": res.p90_us, "p99_us": res.p99_us,
+           "p999_us": res.p999_us, "max_us": res.max_us, "command": cmd,
+           "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, total_requests) if t.pid else None}
+    if res.achieved_rps < 0.95 * res.target_rps:
+        notes.append(f"{t.name}: fixed-rate run reached only {res.achieved_rps:.0f} of {res.target_rps} req/s "
+                     f"(latency figures are then not at the intended load)")
+    if res.failed:
+        notes.append(f"{t.name}: {res.failed} failed requests in the fixed-rate run")
+    return out
+
+
+def measure_tcp(t: Target, args, load_pre, notes: list[str]) -> dict | None:
+    if t.tcp_port is None:
+        return None
+    url = f"http://127.0.0.1:{t.tcp_port}/big"
+    speeds, cpu_per_gib = [], []
+    for _ in range(args.tcp_repeat):
+        cpu0 = procs.tree_cpu_seconds(t.pid) if t.pid else 0.0
+        argv = load_pre + ["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        cpu1 = procs.tree_cpu_seconds(t.pid) if t.pid else 0.0
+        if out.returncode != 0:
+            notes.append(f"{t.name}: TCP download failed: {out.stderr.strip()}")
+            return None
+        size, secs = out.stdout.split()
+        size, secs = int(size), float(secs)
+        if size != args.tcp_mib * 1024 * 1024:
+            notes.append(f"{t.name}: TCP download got {size} bytes, expected {args.tcp_mib} MiB")
+            return None
+        speeds.append(size / secs / (1024 * 1024))
+        cpu_per_gib.append((cpu1 - cpu0) / (size / 2**30))
+    return {"mib_per_s": report.median(speeds), "all_mib_per_s": [round(s) for s in speeds],
+            "cpu_s_per_gib": report.median(cpu_per_gib) if t.pid else None,
+            "command": " ".join(shlex.quote(a) for a in argv),
+            "note": "plain TCP relay of an HTTP download" if t.name != "direct" else "curl straight to the upstream"}
+
+
+def measure_rss(t: Target, workers_hint: int) -> dict | None:
+    if not t.pid:
+        return None
+    tree = procs.tree_rss_kib(t.pid)
+    rss = [kib for _, kib in tree]
+    return {"total_mib": sum(rss) / 1024, "max_worker_mib": max(rss) / 1024 if rss else None,
+            "processes": len(tree), "per_process_mib": [round(k / 1024, 1) for k in rss]}
+
+
+def profile_meshproxy(t: Target, args, load_pre, tmp: Path) -> str:
+    out_dir = Path(args.profile_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    py_spy = str(REPO / ".venv" / "bin" / "py-spy")
+    dur = max(3, round(args.duration))
+    speedscope = out_dir / f"meshproxy-{stamp}.speedscope.json"
+    raw = tmp / "pyspy.raw"
+    native = ["--native"] if args.profile_native else []
+    # speedscope for people, raw (collapsed stacks) for the summary below: two sampled runs
+    results = []
+    for fmt_, path in (("speedscope", speedscope), ("raw", raw)):
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(t.pid), "--subprocesses", "--rate", "200",
+                                "--duration", str(dur), "--format", fmt_, "-o", str(path), "--nonblocking", *native],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            time.sleep(0.5)
+            res, _ = loadgen.run_wrk(load_pre, f"http://127.0.0.1:{t.http_port}/small", conns=args.conns,
+                                     threads=1, duration_s=dur, host=t.host)
+            results.append(res.rps)
+            spy.wait(timeout=dur + 30)
+        finally:
+            if spy.poll() is None:
+                os.killpg(spy.pid, signal.SIGKILL)
+                spy.wait()
+    if not raw.exists():
+        return f"py-spy produced no output ({spy.stderr.read().decode(errors='replace')[-500:] if spy.stderr else ''})"
+    from lib import profile_summary
+    summary = profile_summary.summarize(raw.read_text(), top=20)
+    (out_dir / f"meshproxy-{stamp}.top.md").write_text(summary)
+    return (f"Sampled with `py-spy record --rate 200 --subprocesses{' --native' if native else ''}` during "
+            f"{dur} s of `wrk -c{args.conns}` on /small (req/s while sampled: "
+            f"{', '.join(f'{r:.0f}' for r in results)}). Speedscope file: "
+            f"`{os.path.relpath(speedscope, REPO)}` (open in speedscope.app).\n\n" + summary)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def run(args, ps: ProcessSet, tmp: Path) -> dict:
+    proxy_cores, load_cores, pin_desc = plan_pinning(args)
+    load_pre = pin_prefix(load_cores)
+    root = make_docroot(tmp, args.tcp_mib)
+    upstream_port = procs.free_port()
+    conf = render_template("upstream_nginx.conf.tmpl", tmp / "upstream.conf", prefix=tmp, port=upstream_port,
+                           docroot=root)
+    up = ps.start("upstream", load_pre + ["nginx", "-p", str(tmp), "-c", str(conf)], str(tmp / "upstream.log"))
+    procs.wait_port(upstream_port, proc=up.proc)
+
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]]),
+        "nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+        "loadavg_start": loadavg(), "pinning": pin_desc, "versions": versions(args),
+        "wrk_threads": 1, "conns": args.conns, "duration_s": args.duration, "repeat": args.repeat,
+        "rate": args.rate, "rate_conns": args.rate_conns, "rate_duration_s": args.rate_duration,
+        "small_bytes": SMALL_BYTES, "large_bytes": LARGE_BYTES, "tcp_mib": args.tcp_mib, "tcp_repeat": args.tcp_repeat,
+        "label": args.label or ("quick run" if args.quick else None), "meshproxy_workers": args.workers,
+    }
+    results: dict = {"meta": meta, "targets": {}, "notes": []}
+    notes = results["notes"]
+    for name in args.targets:
+        print(f"== {name}", flush=True)
+        t = None
+        try:
+            t = start_target(name, args, ps, tmp, upstream_port, proxy_cores)
+            check_response(t, "/small", SMALL_BYTES)
+            check_response(t, "/16k", LARGE_BYTES)
+            # warm-up: connections, upstream pools, caches
+            loadgen.run_wrk(load_pre, f"http://127.0.0.1:{t.http_port}/small", conns=args.conns, threads=1,
+                            duration_s=1, host=t.host)
+            r: dict = {}
+            r["http_small"] = measure_wrk(t, "/small", args, load_pre, notes)
+            print(f"   small: {r['http_small']['rps']:.0f} req/s, cpu {r['http_small']['cpu_us_per_req']} us/req", flush=True)
+            r["http_16k"] = measure_wrk(t, "/16k", args, load_pre, notes)
+            print(f"   16k:   {r['http_16k']['rps']:.0f} req/s", flush=True)
+            r["rate"] = measure_rate(t, args, load_pre, tmp, notes)
+            print(f"   rate {r['rate']['achieved_rps']:.0f} req/s: p50 {r['rate']['p50_us']:.0f} us "
+                  f"p99 {r['rate']['p99_us']:.0f} us", flush=True)
+            r["rss"] = measure_rss(t, args.workers)
+            if name in ("direct", "haproxy", "meshproxy"):
+                r["tcp"] = measure_tcp(t, args, load_pre, notes)
+                if r["tcp"] is None:
+                    r["tcp_note"] = "TCP listener not available" if name == "meshproxy" else "failed"
+                    notes.append(f"{name}: TCP throughput not measured ({r['tcp_note']})")
+                else:
+                    print(f"   tcp: {r['tcp']['mib_per_s']:.0f} MiB/s", flush=True)
+            if name == "meshproxy" and args.profile:
+                results["profile"] = profile_meshproxy(t, args, load_pre, tmp)
+            results["targets"][name] = r
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken target must not sink the others
+            notes.append(f"{name}: not measured: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            print(f"   FAILED: {exc}", file=sys.stderr, flush=True)
+        finally:
+            if t is not None and t.managed is not None:
+                ps.stop(t.managed)
+    meta["loadavg_end"] = loadavg()
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for tool in ("nginx", "wrk", "h2load", "curl"):
+        if shutil.which(tool) is None:
+            print(f"benchmarks/run.py: {tool} is not installed", file=sys.stderr)
+            return 2
+    ps = ProcessSet()
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    tmp = Path(tempfile.mkdtemp(prefix="meshbench-"))
+    try:
+        results = run(args, ps, tmp)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"interrupted ({exc}); stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        ps.stop_all()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if args.keep_tmp:
+            print(f"temp dir kept: {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    block = report.render(results)
+    print()
+    print(block)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if args.out:
+        out = Path(args.out)
+        existing = out.read_text() if out.exists() else None
+        out.write_text(report.update_results_file(existing, block))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
