@@ -1,0 +1,1 @@
+"""Test helpers for meshproxy.telemetry (importable as ``telemetry.*`` since tests/ is on sys.path)."""
