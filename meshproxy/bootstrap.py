@@ -28,7 +28,7 @@ from .config.store import SnapshotStore
 from .downstream.splice import Splice
 from .downstream.tcp_proxy import TcpProxyListener
 from .listener import HttpListener, bind_socket
-from .router.split import Splitter, hash_key_for
+from .router.split import Splitter
 from .proxy.observe import Telemetry
 from .upstream.pool import UpstreamPools
 
@@ -238,14 +238,6 @@ class Worker:
 
     # ---------------------------------------------------------------- hooks the pipeline calls
 
-    def hash_key(self, route, view):
-        """The consistent-hash key of the route's destination service, if its
-        DestinationRule hashes (makes the version choice sticky too)."""
-        policy = self.splitter.hash_policy(route, self.clusters)
-        if policy is None:
-            return None
-        return hash_key_for(policy, view)
-
     def metrics_rejected(self, reason: str, status: int) -> None:
         self.telemetry.rejected(reason, status)
 
@@ -274,11 +266,14 @@ class Worker:
     def start_tunnel(self, down, conn, to_upstream: bytes, to_downstream: bytes) -> None:
         """A 101 Switching Protocols: from here on the two connections are spliced as bytes."""
         down.listener.connection_closed(down)
+
+        def finished(sent: int, received: int) -> None:
+            self.tunnels.discard(splice)
+
         splice = Splice(self.loop, down.transport, conn.transport,
                         idle_timeout=self.settings.tcp_idle_timeout,
                         initial_to_upstream=to_upstream, initial_to_downstream=to_downstream,
-                        on_close=lambda sent, received, s=None: self.tunnels.discard(splice_ref[0]))
-        splice_ref = [splice]
+                        on_close=finished)
         self.tunnels.add(splice)
         splice.start()
 

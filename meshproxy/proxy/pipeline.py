@@ -38,6 +38,7 @@ from ..codec.writer import LAST_CHUNK, encode_chunk, encode_request_head, encode
 from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView
 from ..router.retry import RetryState
+from ..router.split import hash_key_for
 from .errors import Failure, error_response
 from .mirror import start_mirror
 from .transform import (
@@ -70,7 +71,7 @@ class Exchange:
         "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
         "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
         "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
-        "forward_headers", "forward_path", "mirrors",
+        "forward_headers", "forward_path", "mirrors", "set_cookie",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead):
@@ -119,6 +120,7 @@ class Exchange:
         self.forward_headers = None
         self.forward_path = b""
         self.mirrors = None                      # MirrorCopy objects fed with the request body
+        self.set_cookie = None                   # a sticky-session cookie the proxy issues
 
     # ================================================================ 1. route
 
@@ -127,6 +129,8 @@ class Exchange:
         self.snapshot = snapshot = worker.store.current
         listener = self.down.listener
         head = self.head
+        if head.upgrade == b"connect":
+            return self._local_reply(501, "-")     # CONNECT tunnelling is not supported
         table = snapshot.route_tables.get(listener.route_table) if snapshot else None
         vhost = select_virtual_host(table, head.host.decode("latin-1").lower()) if table else None
         if vhost is None:
@@ -200,7 +204,9 @@ class Exchange:
         route = self.route
         if not route.destinations:
             return self._local_reply(404, "NR")
-        self.hash_key = worker.hash_key(route, self.view)
+        policy = worker.splitter.hash_policy(route)
+        if policy is not None:
+            self._choose_hash_key(policy)
         dest = worker.splitter.pick(route, self.hash_key)
         if dest is None or not dest.cluster:
             return self._local_reply(503, "NR")
@@ -240,6 +246,18 @@ class Exchange:
         for copy in self.mirrors:
             copy.complete()
         self.mirrors = None
+
+    def _choose_hash_key(self, policy) -> None:
+        """Sticky canaries: the destination service hashes, so the version choice and
+        the endpoint choice both follow the user's key.  A cookie policy with a ttl
+        makes the proxy issue the cookie when the request has none (as Envoy does)."""
+        key = hash_key_for(policy, self.view)
+        if key is None and policy.key == "cookie" and policy.cookie_ttl is not None:
+            value = _new_request_id()
+            self.set_cookie = (b"%s=%s; Path=%s; Max-Age=%d; HttpOnly" % (
+                policy.name.encode("latin-1"), value, policy.cookie_path.encode("latin-1"), int(policy.cookie_ttl)))
+            key = value
+        self.hash_key = key
 
     # ================================================================ 4. the forwarded request head
 
@@ -420,6 +438,8 @@ class Exchange:
         headers = forwarded_response_headers(head, framing, keep_alive)
         headers = apply_header_ops(headers, self.destination.headers.response)
         headers = apply_header_ops(headers, self.route.headers.response)
+        if self.set_cookie is not None:
+            headers.append((b"set-cookie", self.set_cookie))
         if self.route.cors is not None:
             origin = self.view.headers.get("origin")
             if origin:
