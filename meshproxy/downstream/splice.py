@@ -130,7 +130,7 @@ class _Endpoint(asyncio.Protocol):
             self.read_paused = False
             self.splice.resumes += 1
         peer = self.peer
-        if peer.lost:
+        if peer.lost or peer.transport.is_closing():
             return True
         if peer.transport.can_write_eof():
             peer.transport.write_eof()      # after the bytes already buffered

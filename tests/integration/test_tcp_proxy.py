@@ -9,6 +9,7 @@ same scenarios (UpstreamWritesFirst, DownstreamDisconnect, LargeWrite...).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -297,21 +298,32 @@ def test_fifty_megabytes_to_a_slow_reader_keeps_proxy_buffers_bounded_and_pauses
 # ============================================================ connect failures
 
 
-def test_connect_timeout_closes_client_within_the_timeout(run):
-    async def scenario():
-        # a listener whose accept queue is full drops further SYNs: the connect hangs
-        blackhole = socket.socket()
-        blackhole.bind(("127.0.0.1", 0))
-        blackhole.listen(0)
-        addr = blackhole.getsockname()
-        fillers = []
+@contextlib.asynccontextmanager
+async def syn_blackhole():
+    """A 127.0.0.1 address whose connects hang: a listen(0) socket whose accept queue
+    is full, so the kernel drops further SYNs."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    addr = blackhole.getsockname()
+    fillers = []
+    try:
         for _ in range(4):
             s = socket.socket()
             s.setblocking(False)
             s.connect_ex(addr)
             fillers.append(s)
         await asyncio.sleep(0.05)
-        try:
+        yield addr
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+def test_connect_timeout_closes_client_within_the_timeout(run):
+    async def scenario():
+        async with syn_blackhole() as addr:
             listener, port, rec = await start_proxy([addr], connect_timeout=0.3)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"hello?")
@@ -321,10 +333,6 @@ def test_connect_timeout_closes_client_within_the_timeout(run):
             writer.close()
             await wait_until(lambda: listener.active == 0)
             return data, elapsed, addr, rec
-        finally:
-            for s in fillers:
-                s.close()
-            blackhole.close()
 
     data, elapsed, addr, rec = run(scenario())
     assert data in ("fin", "reset")
@@ -541,6 +549,28 @@ def test_close_resets_connections_still_open_at_the_deadline_and_stops_accepting
     assert clean is False
     assert 0.15 <= elapsed <= 0.6
     assert rec.closed == [(0, 0)]
+
+
+def test_close_during_upstream_connect_cancels_the_connect_and_closes_the_client(run):
+    async def scenario():
+        async with syn_blackhole() as addr:
+            listener, port, rec = await start_proxy([addr], connect_timeout=5.0)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await wait_until(lambda: listener.active == 1)
+            conn = next(iter(listener.connections))
+            t0 = time.monotonic()
+            clean = await listener.close(0.1)
+            elapsed = time.monotonic() - t0
+            how = await closed_by_proxy(reader)
+            await asyncio.sleep(0)
+            writer.close()
+            return clean, elapsed, how, conn, rec
+
+    clean, elapsed, how, conn, rec = run(scenario())
+    assert clean is False and elapsed < 0.5
+    assert how == "reset"
+    assert conn.task.cancelled()
+    assert rec.closed == [(0, 0)] and rec.failures == []
 
 
 # ============================================================ HTTP Upgrade handover
