@@ -128,22 +128,27 @@ def key_hash(data: bytes) -> int:
 
 
 class RingHash:
-    """Ketama-style ring (Envoy ``RING_HASH``): each endpoint gets
-    ``ceil(minimum_ring_size * weight / total_weight)`` points hashed from
-    ``"address:port_i"``; a key goes to the first point clockwise from its hash.  Removing
-    an endpoint only moves the keys that were on it.  A request without a key gets a random
-    point."""
+    """Ketama-style ring (Envoy ``RING_HASH``): each endpoint gets ``K * weight`` points
+    hashed from ``"address:port_i"``; a key goes to the first point clockwise from its hash.
+    ``K`` is ``minimum_ring_size / total_weight`` rounded *up to a power of two*, so it stays
+    the same when an endpoint comes or goes (unless the total crosses a power of two, and
+    then the points of the smaller K are a subset of the larger): removing an endpoint
+    moves only the keys that were on it.  Ejected or excluded endpoints are walked past,
+    so only their keys move.  A request without a key gets a random point."""
 
     def __init__(self, cluster: Cluster, hosts: list[Host], rng: random.Random):
         self.rng = rng
         ch = cluster.policy.load_balancer.consistent_hash
         size = ch.minimum_ring_size if ch is not None else 1024
         total = sum(h.weight for h in hosts) or 1
+        per_weight = 1
+        while per_weight * total < size:
+            per_weight *= 2
         points = []
         for h in hosts:
             if h.weight <= 0:
                 continue
-            replicas = -(-size * h.weight // total)
+            replicas = per_weight * h.weight
             base = f"{h.key[0]}:{h.key[1]}_".encode()
             for i in range(replicas):
                 points.append((key_hash(base + str(i).encode()), h.index))
@@ -164,7 +169,7 @@ class RingHash:
         if _all_present(candidates, first):
             return first
         usable = {h.index for h in candidates}
-        for step in range(1, n):
+        for step in range(n):
             h = owners[(start + step) % n]
             if h.index in usable:
                 return h
