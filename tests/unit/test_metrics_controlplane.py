@@ -1,0 +1,53 @@
+"""Control-plane metrics go to the registry passed in and pass promtool."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from meshproxy.telemetry.cp_metrics import ControlPlaneMetrics
+
+
+def busy_control_plane() -> tuple[CollectorRegistry, ControlPlaneMetrics]:
+    registry = CollectorRegistry()
+    m = ControlPlaneMetrics(registry)
+    m.proxy_connected(); m.proxy_connected(); m.proxy_disconnected()
+    m.push_sent(); m.push_sent(); m.push_failed(); m.nack()
+    m.converged(0.3); m.converged(4.0)
+    m.api_request("PUT", "VirtualService", 200); m.api_request("PUT", "VirtualService", 400)
+    m.rejected("VirtualService")
+    m.registry_size(services=3, endpoints=9)
+    return registry, m
+
+
+def test_values_land_in_the_passed_registry_not_the_global_one():
+    registry, _ = busy_control_plane()
+    get = registry.get_sample_value
+    assert get("pilot_xds") == 1
+    assert get("pilot_xds_pushes_total", {"type": "snapshot"}) == 2
+    assert get("pilot_xds_push_errors_total", {"type": "snapshot"}) == 1
+    assert get("pilot_total_xds_rejects_total", {"type": "snapshot"}) == 1
+    assert get("pilot_proxy_convergence_time_count") == 2
+    assert get("pilot_proxy_convergence_time_bucket", {"le": "0.5"}) == 1
+    assert get("meshproxy_cp_api_requests_total", {"method": "PUT", "kind": "VirtualService", "code": "400"}) == 1
+    assert get("meshproxy_cp_validation_rejected_total", {"kind": "VirtualService"}) == 1
+    assert (get("pilot_services"), get("meshproxy_cp_registry_endpoints")) == (3, 9)
+    assert REGISTRY.get_sample_value("pilot_xds") is None
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (scripts/setup.sh installs it)")
+def test_control_plane_exposition_passes_promtool():
+    registry, _ = busy_control_plane()
+    proc = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(registry),
+                          capture_output=True, timeout=30)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, b"")
+
+
+def test_control_plane_openmetrics_exposition_parses_strictly():
+    registry, _ = busy_control_plane()
+    names = {f.name for f in text_string_to_metric_families(generate_openmetrics(registry).decode())}
+    assert {"pilot_xds_pushes", "pilot_proxy_convergence_time", "pilot_xds"} <= names
