@@ -56,8 +56,11 @@ class Recorder:
         self.failures.append((host, port, reason))
 
 
-async def start_proxy(targets, *, connect_timeout=1.0, idle_timeout=30.0, rec=None):
-    """A TCP proxy on 127.0.0.1:0 whose pick_upstream walks ``targets`` in turn."""
+async def start_proxy(targets, *, connect_timeout=1.0, idle_timeout=30.0, rec=None,
+                      via_create_server=False):
+    """A TCP proxy on 127.0.0.1:0 whose pick_upstream walks ``targets`` in turn.
+    Started the way the worker does (``listener.start(sock)``), or by handing the
+    listener to ``loop.create_server`` as a protocol factory."""
     loop = asyncio.get_running_loop()
     rec = rec or Recorder()
     it = iter(targets)
@@ -69,9 +72,14 @@ async def start_proxy(targets, *, connect_timeout=1.0, idle_timeout=30.0, rec=No
 
     listener = make_tcp_proxy_factory(loop, pick, connect_timeout, idle_timeout,
                                       rec.on_open, rec.on_close, rec.on_connect_failure)
-    server = await loop.create_server(listener, "127.0.0.1", 0)
-    listener.server = server
-    return listener, server.sockets[0].getsockname()[1], rec
+    if via_create_server:
+        server = await loop.create_server(listener, "127.0.0.1", 0)
+        listener.server = server
+        return listener, server.sockets[0].getsockname()[1], rec
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await listener.start(sock)
+    return listener, sock.getsockname()[1], rec
 
 
 async def start_upstream(handler):
@@ -166,7 +174,7 @@ def test_upstream_that_writes_first_reaches_the_client_before_it_sends_anything(
 
     async def scenario():
         up, addr = await start_upstream(banner)
-        listener, port, rec = await start_proxy([addr])
+        listener, port, rec = await start_proxy([addr], via_create_server=True)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         first = await asyncio.wait_for(reader.readline(), 2)
         writer.write(b"HELO x\r\n")
@@ -524,8 +532,13 @@ def test_close_waits_for_connections_to_finish_within_the_timeout(run):
 
 
 def test_close_resets_connections_still_open_at_the_deadline_and_stops_accepting(run):
+    upstream_saw = {}
+
     async def never_done(reader, writer):
-        await reader.read()
+        try:
+            upstream_saw["data"] = await reader.read()
+        except ConnectionResetError:
+            upstream_saw["reset"] = True
         writer.close()
 
     async def scenario():
@@ -539,13 +552,14 @@ def test_close_resets_connections_still_open_at_the_deadline_and_stops_accepting
         with pytest.raises(ConnectionResetError):
             await read_to_eof(reader)
         writer.close()
-        await wait_until(lambda: listener.active == 0)
+        await wait_until(lambda: listener.active == 0 and upstream_saw)
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
         up.close()
         return clean, elapsed, rec
 
     clean, elapsed, rec = run(scenario())
+    assert upstream_saw == {"reset": True}
     assert clean is False
     assert 0.15 <= elapsed <= 0.6
     assert rec.closed == [(0, 0)]
