@@ -8,6 +8,17 @@ the proxy (a TcpProxyListener, its own process so it gets its own core), and the
 client in this process, which writes ``size`` bytes from one reused 1 MiB buffer with
 pause_writing/resume_writing flow control. Time is from connect to the sink's answer,
 so it includes draining every buffer. Not part of the test suite.
+
+Measured (2 shared cores, Python 3.11.7, uvloop 0.23.0, 1 GiB, two runs each):
+
+    direct                      ~4500-4600 MB/s
+    proxied, high-water 256 KiB ~2150 MB/s   (default)
+    proxied, high-water 64 KiB  ~1970-2310 MB/s
+    proxied, high-water 1 MiB   ~1770-2070 MB/s
+    proxied, high-water 4 MiB   ~1690-1970 MB/s
+
+A larger proxy buffer does not help: the splice is one write per read and the
+kernel's loopback copies dominate; 256 KiB stays the default.
 """
 from __future__ import annotations
 
