@@ -22,6 +22,7 @@ queue bound, and spans whose export failed, are dropped and counted in
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -42,12 +43,15 @@ PROPAGATION_HEADERS = frozenset({
     b"x-b3-sampled", b"x-b3-flags", b"x-request-id",
 })
 _READ = PROPAGATION_HEADERS | {b"x-client-trace-id", b"x-envoy-force-trace"}
-_HEX = frozenset(b"0123456789abcdef")
+_HEXDIGITS = b"0123456789abcdef"
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 _MASK64 = (1 << 64) - 1
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
-    return len(value) in lengths and _HEX.issuperset(value) and value.strip(b"0") != b""
+    """Lower-case hex of an allowed length and not all zeros."""
+    return len(value) in lengths and not value.translate(None, _HEXDIGITS) and value.strip(b"0") != b""
 
 
 # ---------------------------------------------------------------------- context
@@ -81,19 +85,15 @@ class TraceContext:
 
 def _parse_traceparent(value: bytes):
     """-> (trace_id, parent_span_id, sampled) or None when invalid (W3C trace-context)."""
-    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None:
         return None
-    version = value[:2]
-    if version == b"ff" or not _HEX.issuperset(version):
+    version, trace, span, flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest is not None):
         return None
-    if version == b"00" and len(value) != 55:
+    if trace == _ZERO_TRACE or span == _ZERO_SPAN:
         return None
-    if len(value) > 55 and value[55:56] != b"-":
-        return None
-    trace, span, flags = value[3:35], value[36:52], value[53:55]
-    if not (_is_hex(trace, (32,)) and _is_hex(span, (16,)) and _HEX.issuperset(flags)):
-        return None
-    return trace, span, bool(int(flags, 16) & 1)
+    return trace, span, flags[1] in b"13579bdf"
 
 
 def _b3_trace(value: bytes) -> bytes | None:
@@ -325,8 +325,8 @@ class ProxyTracer:
     def _new_request_id(self) -> bytes:
         """A random (version 4) UUID, like Envoy's x-request-id."""
         r = self._rng.getrandbits(128)
-        h = b"%032x" % r
-        return b"%s-%s-4%s-%c%s-%s" % (h[:8], h[8:12], h[13:16], b"89ab"[r & 3], h[17:20], h[20:])
+        return b"%08x-%04x-4%03x-%04x-%012x" % (r >> 96, (r >> 80) & 0xFFFF, (r >> 64) & 0xFFF,
+                                                0x8000 | ((r >> 48) & 0x3FFF), r & 0xFFFFFFFFFFFF)
 
     def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
                subset: str = "", upstream_address: str = "", upstream_port: int = 0, retries: int = 0,

@@ -89,3 +89,13 @@ def test_a_failing_sink_drops_and_counts_without_raising():
     entry(log)
     entry(log)
     assert log.flush() == 0 and log.dropped_sink_error == 2
+
+
+def test_quotes_backslashes_and_control_bytes_in_request_fields_stay_valid_json():
+    out = io.BytesIO()
+    log = AccessLog(out)
+    log.log(0.0, b"GET", b'/a"b\\c\x01', "HTTP/1.1", 200, "-", 0, 0, 0, "", None, b"r", b"", "", b"\xff\xfeua",
+            "1.2.3.4:5", b"h", "")
+    log.flush()
+    line = json.loads(out.getvalue())
+    assert line["path"] == '/a"b\\c\x01' and line["user_agent"] == "\ufffd\ufffdua"
