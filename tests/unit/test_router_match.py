@@ -7,8 +7,15 @@ import pytest
 from meshproxy.codec.api import RequestHead
 from meshproxy.config.model import (HeaderMatch, HttpRoute, RouteMatch, RouteTable, StringMatch,
                                     VirtualHost, WeightedDestination)
-from meshproxy.router.match import block_matches, block_mismatch, select_route, select_virtual_host
+from meshproxy.router.match import block_matches, block_mismatch, compile_block, select_route, select_virtual_host
 from meshproxy.router.request import RequestView
+
+
+def both(block, request):
+    """block_matches (the reference) and the compiled predicate select_route runs must agree."""
+    reference = block_matches(block, request)
+    assert compile_block(block)(request) is reference
+    return reference
 
 
 def vh(name, *routes):
@@ -130,11 +137,11 @@ def test_no_route_matching_returns_none():
     (regex(r"/r/\d+"), "/r/12/x", False), (regex(r"\d+"), "/a123", False),
 ])
 def test_uri_match_kinds(sm, path, ok):
-    assert block_matches(RouteMatch(uri=sm), req(path)) is ok
+    assert both(RouteMatch(uri=sm), req(path)) is ok
 
 
 def test_uri_match_ignores_the_query():
-    assert block_matches(RouteMatch(uri=exact("/a")), req("/a", query="x=1"))
+    assert both(RouteMatch(uri=exact("/a")), req("/a", query="x=1"))
 
 
 @pytest.mark.parametrize("hm,headers,ok", [
@@ -148,40 +155,40 @@ def test_uri_match_ignores_the_query():
     (HeaderMatch("x-canary", None), {}, False),
 ])
 def test_header_match_kinds_and_presence(hm, headers, ok):
-    assert block_matches(RouteMatch(headers=(hm,)), req(headers=headers)) is ok
+    assert both(RouteMatch(headers=(hm,)), req(headers=headers)) is ok
 
 
 def test_without_headers_fails_the_block_if_any_of_them_matches():
     block = RouteMatch(without_headers=(HeaderMatch("x-debug", None), HeaderMatch("end-user", exact("bob"))))
-    assert block_matches(block, req(headers={"end-user": "jason"}))
-    assert not block_matches(block, req(headers={"x-debug": "1"}))
-    assert not block_matches(block, req(headers={"end-user": "bob"}))
+    assert both(block, req(headers={"end-user": "jason"}))
+    assert not both(block, req(headers={"x-debug": "1"}))
+    assert not both(block, req(headers={"end-user": "bob"}))
 
 
 def test_query_params_exact_regex_empty_value_and_absence():
     block = RouteMatch(query_params=(("id", regex(r"\d+")), ("debug", exact(""))))
-    assert block_matches(block, req(query="id=123&debug"))
-    assert not block_matches(block, req(query="id=a123&debug"))
-    assert not block_matches(block, req(query="id=123"))
+    assert both(block, req(query="id=123&debug"))
+    assert not both(block, req(query="id=a123&debug"))
+    assert not both(block, req(query="id=123"))
 
 
 def test_query_param_first_occurrence_counts():
     block = RouteMatch(query_params=(("v", exact("1")),))
-    assert block_matches(block, req(query="v=1&v=2"))
-    assert not block_matches(block, req(query="v=2&v=1"))
+    assert both(block, req(query="v=1&v=2"))
+    assert not both(block, req(query="v=2&v=1"))
 
 
 def test_method_authority_scheme_and_port_matches():
-    assert block_matches(RouteMatch(method=exact("DELETE")), req(method="DELETE"))
-    assert block_matches(RouteMatch(authority=prefix("reviews")), req(authority="reviews:9080"))
-    assert not block_matches(RouteMatch(authority=exact("reviews")), req(authority="reviews:9080"))
-    assert block_matches(RouteMatch(scheme=exact("https")), req(scheme="https"))
-    assert not block_matches(RouteMatch(port=8080), req(port=9080))
+    assert both(RouteMatch(method=exact("DELETE")), req(method="DELETE"))
+    assert both(RouteMatch(authority=prefix("reviews")), req(authority="reviews:9080"))
+    assert not both(RouteMatch(authority=exact("reviews")), req(authority="reviews:9080"))
+    assert both(RouteMatch(scheme=exact("https")), req(scheme="https"))
+    assert not both(RouteMatch(port=8080), req(port=9080))
 
 
 def test_source_labels_and_gateways_are_ignored_at_runtime():
     block = RouteMatch(source_labels=(("app", "other"),), gateways=("ns/gw",))
-    assert block_matches(block, req())
+    assert both(block, req())
 
 
 # ---------------------------------------------------------------- explain agrees with the fast path
@@ -201,7 +208,7 @@ CASES = [
 
 @pytest.mark.parametrize("block,request_", CASES)
 def test_mismatch_reason_is_given_exactly_when_the_block_does_not_match(block, request_):
-    assert (block_mismatch(block, request_) is None) == block_matches(block, request_)
+    assert (block_mismatch(block, request_) is None) == both(block, request_)
 
 
 def test_mismatch_reason_names_header_expected_and_actual_value():
@@ -222,3 +229,10 @@ def test_request_view_from_head_splits_query_lowercases_authority_and_joins_repe
     assert view.headers["x-a"] == "1,2"
     assert view.query_params == {"a": "1"}
     assert view.cookie("s") == "abc" and view.cookie("zz") is None
+
+
+def test_compiled_match_treats_values_and_names_as_data_not_code():
+    odd = "x\"); raise SystemExit('no') #"
+    block = RouteMatch(uri=exact(odd), headers=(HeaderMatch("we'ird", exact(odd)),))
+    assert both(block, req(odd, headers={"we'ird": odd}))
+    assert not both(block, req("/", headers={"we'ird": odd}))
