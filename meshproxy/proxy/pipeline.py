@@ -292,7 +292,7 @@ class Exchange:
             return self._answer_failure(503, "UH")
         self.endpoint = endpoint
         self.attempts += 1
-        self.tried = self.tried | {endpoint}
+        self.tried = self.tried | {(endpoint.address, endpoint.port)}
         key = (endpoint.address, endpoint.port)
         policy = cluster.cluster.policy.connection_pool
         conn = worker.pools.acquire_idle(key, policy.idle_timeout)

@@ -1,0 +1,294 @@
+"""Pipeline behaviour through a real in-loop Worker (hand-built snapshots)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helpers import Upstream, free_port, http_get, parse_responses, raw_exchange, respond
+from inproc import cluster, dest, snapshot, start_worker
+from meshproxy.config.model import HttpRoute
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_inprocess_worker_forwards_a_request(upstream, codec):
+    snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),))], [cluster("c", upstream.port)])
+    worker, port = await start_worker(asyncio.get_running_loop(), snap, codec)
+    try:
+        status, _, body = await http_get(port, "svc.local", "/x")
+        assert status == 200
+        assert upstream.requests[0].target == "/x"
+    finally:
+        await worker.drain(1)
+
+
+from collections import Counter
+from dataclasses import replace
+
+from meshproxy.config.model import (
+    ConnectionPoolPolicy, ConsistentHash, DirectResponse, FaultPolicy, HeaderOps, HeaderPolicy,
+    LoadBalancerPolicy, MirrorPolicy, OutlierPolicy, Redirect, RetryPolicy, TrafficPolicy,
+)
+
+
+async def _worker(routes, clusters, codec="httptools", **kw):
+    worker, port = await start_worker(asyncio.get_running_loop(), snapshot(routes, clusters, **kw), codec)
+    return worker, port
+
+
+def _counting(status_for):
+    """Upstream whose status for the n-th request is ``status_for(n)``."""
+    state = {"n": 0}
+
+    async def behaviour(req, writer):
+        state["n"] += 1
+        status = status_for(state["n"])
+        writer.write(b"HTTP/1.1 %d X\r\ncontent-length: 2\r\n\r\nok" % status)
+        return True
+    return behaviour
+
+
+async def test_retry_on_5xx_goes_to_another_attempt_and_succeeds(codec):
+    up = await Upstream(_counting(lambda n: 503 if n == 1 else 200)).start()
+    retry = RetryPolicy(attempts=2, per_try_timeout=None, retry_on=frozenset({"5xx"}))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=retry)],
+                                 [cluster("c", up.port)], codec)
+    try:
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert len(up.requests) == 2
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_post_is_not_retried_unless_the_route_allows_it():
+    up = await Upstream(_counting(lambda n: 503)).start()
+    retry = RetryPolicy(attempts=3, per_try_timeout=None, retry_on=frozenset({"5xx"}))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=retry)],
+                                 [cluster("c", up.port)])
+    try:
+        data, _ = await raw_exchange(port, b"POST / HTTP/1.1\r\nHost: svc.local\r\nContent-Length: 2\r\n\r\nhi", timeout=1)
+        assert parse_responses(data)[0][0] == 503
+        assert len(up.requests) == 1
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_retries_exhausted_return_the_last_upstream_answer():
+    up = await Upstream(_counting(lambda n: 503)).start()
+    retry = RetryPolicy(attempts=2, per_try_timeout=None, retry_on=frozenset({"5xx"}))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=retry)],
+                                 [cluster("c", up.port)])
+    try:
+        assert (await http_get(port, "svc.local"))[0] == 503
+        assert len(up.requests) == 3          # 1 try + 2 retries
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_route_timeout_gives_504_for_a_slow_upstream(codec):
+    async def slow(req, writer):
+        await asyncio.sleep(1.0)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        return True
+    up = await Upstream(slow).start()
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),), timeout=0.5)],
+                                 [cluster("c", up.port)], codec)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await http_get(port, "svc.local"))[0] == 504
+        assert 0.45 < loop.time() - t0 < 0.9
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_per_try_timeout_retries_then_succeeds():
+    async def first_slow(req, writer, state={"n": 0}):
+        state["n"] += 1
+        if state["n"] == 1:
+            await asyncio.sleep(2)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        return True
+    up = await Upstream(first_slow).start()
+    retry = RetryPolicy(attempts=2, per_try_timeout=0.2, retry_on=frozenset({"5xx", "reset"}))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=retry)],
+                                 [cluster("c", up.port)])
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert loop.time() - t0 < 1.0
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_fault_abort_and_delay(upstream):
+    abort = HttpRoute(name="a", source="t", destinations=(dest("c"),),
+                      fault=FaultPolicy(abort_status=418, abort_percentage=100.0))
+    worker, port = await _worker([abort], [cluster("c", upstream.port)])
+    try:
+        assert (await http_get(port, "svc.local"))[0] == 418
+        assert upstream.requests == []
+    finally:
+        await worker.drain(1)
+    delay = HttpRoute(name="d", source="t", destinations=(dest("c"),),
+                      fault=FaultPolicy(delay=0.3, delay_percentage=100.0))
+    worker, port = await _worker([delay], [cluster("c", upstream.port)])
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert loop.time() - t0 >= 0.29
+    finally:
+        await worker.drain(1)
+
+
+async def test_redirect_and_direct_response_are_answered_by_the_proxy(upstream):
+    routes = [
+        HttpRoute(name="redir", source="t", matches=(), redirect=Redirect(uri="/new", code=302)),
+    ]
+    worker, port = await _worker(routes, [cluster("c", upstream.port)])
+    try:
+        status, headers, _ = await http_get(port, "svc.local", "/old?x=1")
+        assert status == 302 and headers["location"] == "http://svc.local/new?x=1"
+    finally:
+        await worker.drain(1)
+    worker, port = await _worker([HttpRoute(name="dr", source="t", direct_response=DirectResponse(200, b"hi"))],
+                                 [cluster("c", upstream.port)])
+    try:
+        status, _, body = await http_get(port, "svc.local")
+        assert (status, body) == (200, b"hi")
+        assert upstream.requests == []
+    finally:
+        await worker.drain(1)
+
+
+async def test_header_operations_on_request_and_response(upstream):
+    route = HttpRoute(name="r", source="t", destinations=(dest("c"),), headers=HeaderPolicy(
+        request=HeaderOps(set=(("x-set", "1"),), remove=("x-drop",)),
+        response=HeaderOps(add=(("x-resp", "yes"),))))
+    worker, port = await _worker([route], [cluster("c", upstream.port)])
+    try:
+        status, headers, _ = await http_get(port, "svc.local", headers={"X-Drop": "d", "X-Set": "old"})
+        assert headers["x-resp"] == "yes"
+        got = upstream.requests[0]
+        assert got.header("x-set") == "1" and got.header("x-drop") is None
+    finally:
+        await worker.drain(1)
+
+
+async def test_weighted_split_is_exact_within_one_and_zero_weight_gets_nothing():
+    ups = [await Upstream(respond(200, name.encode())).start() for name in ("a", "b", "z")]
+    route = HttpRoute(name="r", source="t", destinations=(dest("a", 70), dest("b", 30), dest("z", 0)))
+    worker, port = await _worker([route], [cluster(n, u.port) for n, u in zip("abz", ups)])
+    try:
+        counts = Counter()
+        for _ in range(100):
+            counts[(await http_get(port, "svc.local"))[2]] += 1
+        assert counts == Counter({b"a": 70, b"b": 30})
+    finally:
+        await worker.drain(1)
+        for u in ups:
+            await u.close()
+
+
+async def test_sticky_canary_keeps_each_user_on_one_version():
+    ups = [await Upstream(respond(200, name.encode())).start() for name in ("v1", "v2")]
+    hashing = TrafficPolicy(load_balancer=LoadBalancerPolicy(consistent_hash=ConsistentHash(key="header", name="x-user")))
+    clusters = [replace(cluster(n, u.port), policy=hashing) for n, u in zip(("v1", "v2"), ups)]
+    route = HttpRoute(name="r", source="t", destinations=(dest("v1", 50), dest("v2", 50)))
+    worker, port = await _worker([route], clusters)
+    try:
+        first = {}
+        for user in range(40):
+            first[user] = (await http_get(port, "svc.local", headers={"x-user": f"u{user}"}))[2]
+        for user in range(40):
+            again = (await http_get(port, "svc.local", headers={"x-user": f"u{user}"}))[2]
+            assert again == first[user]
+        assert 8 < sum(v == b"v2" for v in first.values()) < 32
+    finally:
+        await worker.drain(1)
+        for u in ups:
+            await u.close()
+
+
+async def test_circuit_breaker_overflow_answers_503_UO():
+    async def slow(req, writer):
+        await asyncio.sleep(0.5)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        return True
+    up = await Upstream(slow).start()
+    policy = TrafficPolicy(connection_pool=ConnectionPoolPolicy(max_pending_requests=1))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", up.port, policy=policy)])
+    try:
+        results = await asyncio.gather(*(http_get(port, "svc.local") for _ in range(4)))
+        statuses = sorted(r[0] for r in results)
+        assert statuses.count(503) >= 2 and 200 in statuses
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_outlier_detection_ejects_a_failing_endpoint():
+    bad = await Upstream(respond(500, b"bad")).start()
+    good = await Upstream(respond(200, b"good")).start()
+    policy = TrafficPolicy(load_balancer=LoadBalancerPolicy(simple="ROUND_ROBIN"),
+                           outlier=OutlierPolicy(consecutive_5xx=2, interval=0.05, base_ejection_time=30,
+                                                 max_ejection_percent=100))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", bad.port, good.port, policy=policy)])
+    try:
+        for _ in range(10):
+            await http_get(port, "svc.local")
+            await asyncio.sleep(0.02)
+        tail = [(await http_get(port, "svc.local"))[2] for _ in range(6)]
+        assert tail == [b"good"] * 6
+    finally:
+        await worker.drain(1)
+        await bad.close()
+        await good.close()
+
+
+async def test_mirror_sends_a_copy_with_shadow_host_and_never_changes_the_response(upstream):
+    shadow = await Upstream(respond(500, b"shadow")).start()
+    route = HttpRoute(name="r", source="t", destinations=(dest("c"),),
+                      mirrors=(MirrorPolicy(host="m", subset=None, port=None, cluster="m", percentage=100.0),))
+    worker, port = await _worker([route], [cluster("c", upstream.port), cluster("m", shadow.port)])
+    try:
+        status, _, body = await http_get(port, "svc.local", "/m")
+        assert status == 200
+        for _ in range(50):
+            if shadow.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert shadow.requests[0].header("host") == "svc.local-shadow"
+        assert shadow.requests[0].target == "/m"
+    finally:
+        await worker.drain(1)
+        await shadow.close()
+
+
+async def test_mirror_percentage_is_followed():
+    main = await Upstream(respond(200, b"x")).start()
+    shadow = await Upstream(respond(200, b"s")).start()
+    route = HttpRoute(name="r", source="t", destinations=(dest("c"),),
+                      mirrors=(MirrorPolicy(host="m", subset=None, port=None, cluster="m", percentage=30.0),))
+    worker, port = await _worker([route], [cluster("c", main.port), cluster("m", shadow.port)])
+    try:
+        n = 300
+        for _ in range(n):
+            await http_get(port, "svc.local")
+        await asyncio.sleep(0.3)
+        # binomial(300, 0.3): mean 90, sd ~7.9; 3 sd
+        assert 66 <= len(shadow.requests) <= 114
+    finally:
+        await worker.drain(1)
+        await main.close()
+        await shadow.close()
