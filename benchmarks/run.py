@@ -64,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=None, help="wrk runs per size; median reported (default 3, quick 1)")
     p.add_argument("--conns", type=int, default=50, help="wrk connections (default 50)")
     p.add_argument("--rate", type=int, default=10_000, help="fixed request rate for latency (default 10000 req/s)")
-    p.add_argument("--rate-conns", type=int, default=10,
-                   help="keep-alive connections sharing the fixed rate (default 10, i.e. 1000 req/s each)")
+    p.add_argument("--rate-conns", type=int, default=2,
+                   help="keep-alive connections sharing the fixed rate (default 2, i.e. 5000 req/s each; see README on why few)")
     p.add_argument("--rate-duration", type=float, default=None, help="seconds measured at the fixed rate (default 10, quick 3)")
     p.add_argument("--tcp-mib", type=int, default=None, help="size of the TCP download in MiB (default 1024, quick 256)")
     p.add_argument("--tcp-repeat", type=int, default=None, help="TCP downloads per target; median (default 3, quick 2)")
@@ -409,6 +409,10 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             r: dict = {}
             r["http_small"] = measure_wrk(t, "/small", args, load_pre, notes)
             print(f"   small: {r['http_small']['rps']:.0f} req/s, cpu {r['http_small']['cpu_us_per_req']} us/req", flush=True)
+            busy = r["http_small"].get("cpu_busy")
+            if busy is not None and busy < 0.9 * args.workers:
+                notes.append(f"{name}: its CPU was only {busy:.0%} busy during the small-response run, so the load "
+                             f"side (wrk + upstream) was the bottleneck: its req/s is a lower bound; compare CPU us/req")
             r["http_16k"] = measure_wrk(t, "/16k", args, load_pre, notes)
             print(f"   16k:   {r['http_16k']['rps']:.0f} req/s", flush=True)
             r["rate"] = measure_rate(t, args, load_pre, tmp, notes)

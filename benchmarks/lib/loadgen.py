@@ -124,6 +124,7 @@ def h2load_argv(url: str, *, rate: int, conns: int, duration_s: float, warmup_s:
 
 def run_h2load_rate(prefix: list[str], url: str, *, rate: int, conns: int, duration_s: float, warmup_s: float,
                     host: str | None, log_path: str) -> tuple[RateResult, str]:
+    Path(log_path).unlink(missing_ok=True)  # h2load appends to an existing log file
     argv = prefix + h2load_argv(url, rate=rate, conns=conns, duration_s=duration_s, warmup_s=warmup_s,
                                 host=host, log_path=log_path)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + warmup_s + 60)
