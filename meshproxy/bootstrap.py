@@ -65,8 +65,7 @@ class Worker:
         self.splitter: Splitter | None = None
         codec, limits = options.codec, options.limits
         self._request_parser = lambda handler: make_request_parser(codec, handler, limits)
-        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits),
-                                   self.clock, telemetry.upstream_cx_opened, telemetry.upstream_cx_closed)
+        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), self.clock)
         self._sweeper: asyncio.TimerHandle | None = None
         self.listen_errors: list[str] = []
         store.subscribe(self._on_swap)

@@ -72,11 +72,13 @@ class HttpListener:
             return
         self.connections.add(conn)
         self.worker.downstream_active += 1
+        self.worker.telemetry.downstream_opened(self.name)
 
     def connection_closed(self, conn: "DownstreamConnection") -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.worker.downstream_active -= 1
+            self.worker.telemetry.downstream_closed(self.name)
 
     def sweep(self, now: float) -> None:
         for conn in list(self.connections):

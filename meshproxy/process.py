@@ -31,6 +31,9 @@ from .config.model import ProxySettings
 from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
 from .proxy.observe import Telemetry
+from .telemetry import (
+    AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, build_trace_export, otlp_http_exporter, render,
+)
 
 log = logging.getLogger("meshproxy")
 
@@ -55,9 +58,10 @@ class RunOptions:
 class FileConfigSource:
     """Loads the config paths, swaps good snapshots in, records rejections."""
 
-    def __init__(self, options: RunOptions, store: SnapshotStore):
+    def __init__(self, options: RunOptions, store: SnapshotStore, telemetry: Telemetry | None = None):
         self.options = options
         self.store = store
+        self.telemetry = telemetry
         self.resource_set = None
 
     def load(self) -> list[str]:
@@ -72,6 +76,8 @@ class FileConfigSource:
         if result.errors:
             version = result.snapshot.version if result.snapshot is not None else "rejected"
             self.store.reject(version, result.errors)
+            if self.telemetry is not None:
+                self.telemetry.config_rejected(version)
             for error in result.errors:
                 log.error("config rejected: %s", error)
         return list(result.errors)
@@ -101,13 +107,13 @@ class WorkerAdmin:
         return worker_config_dump(self.worker)
 
     async def metrics(self, accept: str) -> tuple[bytes, str]:
-        return render_metrics([worker_metrics_dump(self.worker)], accept)
+        return render_metrics(worker_metrics_dump(self.worker), accept)
 
     async def clusters(self) -> dict:
         return worker_clusters(self.worker)
 
     async def stats(self) -> str:
-        return render_stats([worker_metrics_dump(self.worker)])
+        return render_stats(worker_metrics_dump(self.worker))
 
 
 def worker_config_dump(worker: Worker) -> dict:
@@ -129,62 +135,45 @@ def worker_clusters(worker: Worker) -> dict:
 
 
 def worker_metrics_dump(worker: Worker) -> dict:
-    t = worker.telemetry
-    if t.metrics is not None:
-        return {"istio": t.metrics.dump()}
-    return {
-        "requests": [[svc, status, flags, n] for (svc, status, flags), n in t.requests.items()],
-        "rejected": [[reason, status, n] for (reason, status), n in t.rejected_by_reason.items()],
-        "downstream_cx_active": worker.downstream_active,
-        "upstream_cx_active": t.upstream_cx_active,
-        "upstream_cx_total": t.upstream_cx_total,
-        "draining": 1 if worker.draining else 0,
-        "config_version": t.snapshot_version,
-    }
+    return worker.telemetry.metrics.dump()
 
 
-def render_metrics(dumps: list[dict], accept: str) -> tuple[bytes, str]:
-    requests: dict = {}
-    rejected: dict = {}
-    gauges = {"meshproxy_downstream_cx_active": 0, "meshproxy_upstream_cx_active": 0,
-              "meshproxy_draining": 0}
-    created = 0
-    version = ""
-    for dump in dumps:
-        for svc, status, flags, n in dump.get("requests", []):
-            requests[(svc, status, flags)] = requests.get((svc, status, flags), 0) + n
-        for reason, status, n in dump.get("rejected", []):
-            rejected[(reason, status)] = rejected.get((reason, status), 0) + n
-        gauges["meshproxy_downstream_cx_active"] += dump.get("downstream_cx_active", 0)
-        gauges["meshproxy_upstream_cx_active"] += dump.get("upstream_cx_active", 0)
-        gauges["meshproxy_draining"] = max(gauges["meshproxy_draining"], dump.get("draining", 0))
-        created += dump.get("upstream_cx_total", 0)
-        version = dump.get("config_version", version)
-    lines = ["# HELP istio_requests_total Requests handled by the proxy.",
-             "# TYPE istio_requests_total counter"]
-    for (svc, status, flags), n in sorted(requests.items()):
-        lines.append(f'istio_requests_total{{reporter="source",destination_service="{svc}",'
-                     f'response_code="{status}",response_flags="{flags}"}} {n}')
-    lines += ["# HELP meshproxy_downstream_rejected_total Requests refused before routing.",
-              "# TYPE meshproxy_downstream_rejected_total counter"]
-    for (reason, status), n in sorted(rejected.items()):
-        lines.append(f'meshproxy_downstream_rejected_total{{reason="{_esc(reason)}",response_code="{status}"}} {n}')
-    lines += ["# HELP meshproxy_upstream_cx_total Upstream connections opened.",
-              "# TYPE meshproxy_upstream_cx_total counter", f"meshproxy_upstream_cx_total {created}"]
-    for name, value in gauges.items():
-        lines += [f"# HELP {name} {name.replace('_', ' ')}.", f"# TYPE {name} gauge", f"{name} {value}"]
-    lines += ["# HELP meshproxy_config_info The config version being served.",
-              "# TYPE meshproxy_config_info gauge", f'meshproxy_config_info{{version="{version}"}} 1']
-    return ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8"
+def render_metrics(merged: dict, accept: str) -> tuple[bytes, str]:
+    return render(merged, accept)
 
 
-def render_stats(dumps: list[dict]) -> str:
-    body, _ = render_metrics(dumps, "")
-    return "\n".join(l for l in body.decode().splitlines() if not l.startswith("#")) + "\n"
+def render_stats(merged: dict) -> str:
+    body, _ = render(merged, "")
+    return "\n".join(l for l in body.decode().splitlines() if l and not l.startswith("#")) + "\n"
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def build_telemetry(options: "RunOptions", loop) -> Telemetry:
+    """Metrics always; tracing propagation always (spans exported only when an OTLP
+    endpoint is given); access log when asked."""
+    t = options.telemetry
+    identity = options.identity
+    labels = identity.labels
+    app = labels.get("app", "unknown")
+    version = labels.get("version", "unknown")
+    source = PeerInfo(workload=f"{app}-{version}" if version != "unknown" else app,
+                      namespace=identity.namespace, app=app, version=version)
+    metrics = ProxyMetrics(worker=options.worker.worker_index)
+    tracer = None
+    if t.get("propagate", True):
+        export = None
+        if t.get("tracing_endpoint"):
+            export = build_trace_export(otlp_http_exporter(t["tracing_endpoint"], timeout_s=5.0),
+                                        service_name=t.get("service_name") or f"{app}.{identity.namespace}")
+            metrics.attach(export.stats)
+            logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter").setLevel(logging.CRITICAL)
+        tracer = ProxyTracer(export, sample_rate=t.get("sample_rate", 0.01))
+    access_log = None
+    target = t.get("access_log")
+    if target:
+        sink = sys.stdout.buffer if target == "stdout" else open(target, "ab")
+        access_log = AccessLog(sink, sample_rate=t.get("access_log_sample", 1.0), schedule_flush=loop.call_soon)
+        metrics.attach(access_log)
+    return Telemetry(metrics, tracer, access_log, source=source)
 
 
 # ==================================================================== one process
@@ -201,8 +190,8 @@ def _install_uvloop() -> None:
 async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) -> int:
     loop = asyncio.get_running_loop()
     store = SnapshotStore()
-    telemetry = Telemetry()
-    source = FileConfigSource(options, store) if options.config_paths else None
+    telemetry = build_telemetry(options, loop)
+    source = FileConfigSource(options, store, telemetry) if options.config_paths else None
     remote = None
     if source is not None:
         errors = source.load()
@@ -248,6 +237,9 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
     if remote is not None:
         await remote.deregister()
     clean = await worker.drain()
+    if pipe is not None:
+        _final_dump(pipe, worker)
+    telemetry.close()
     for task in tasks:
         task.cancel()
     if admin is not None:
@@ -287,6 +279,14 @@ def _serve_pipe(loop, pipe, worker: Worker) -> None:
     loop.add_reader(pipe.fileno(), on_readable)
 
 
+def _final_dump(pipe, worker: Worker) -> None:
+    """A draining worker leaves its last counters with the master before it exits."""
+    try:
+        pipe.send(("final", worker_metrics_dump(worker)))
+    except (OSError, BrokenPipeError):
+        pass
+
+
 def _child_main(options: RunOptions, index: int, pipe) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the master decides when to stop
     options.worker.worker_index = index
@@ -301,8 +301,7 @@ class Master:
         self.ctx = multiprocessing.get_context("fork")
         self.children: list = [None] * options.workers
         self.pipes: list = [None] * options.workers
-        self.last_dump: list[dict | None] = [None] * options.workers
-        self.retired: list[dict] = []        # dumps of children that exited, so counters persist
+        self.aggregator = MetricsAggregator()   # keeps exited workers' counters so totals never go back
         self.stopping = False
         self._lock = None
 
@@ -322,8 +321,13 @@ class Master:
             try:
                 pipe.send(question)
                 loop = asyncio.get_running_loop()
-                ready = await loop.run_in_executor(None, pipe.poll, timeout)
-                return pipe.recv() if ready else None
+                while await loop.run_in_executor(None, pipe.poll, timeout):
+                    answer = pipe.recv()
+                    if isinstance(answer, tuple) and answer[:1] == ("final",):
+                        self.aggregator.update(index, answer[1])
+                        continue
+                    return answer
+                return None
             except (EOFError, OSError, BrokenPipeError):
                 return None
 
@@ -338,24 +342,21 @@ class Master:
     async def config_dump(self) -> dict:
         return await self.ask(0, "config_dump") or {}
 
-    async def _dumps(self) -> list[dict]:
-        dumps = []
+    async def _merged(self) -> dict:
         for i in range(len(self.children)):
             dump = await self.ask(i, "metrics")
             if dump is not None:
-                self.last_dump[i] = dump
-            if self.last_dump[i] is not None:
-                dumps.append(self.last_dump[i])
-        return dumps + self.retired
+                self.aggregator.update(i, dump)
+        return self.aggregator.merged()
 
     async def metrics(self, accept: str) -> tuple[bytes, str]:
-        return render_metrics(await self._dumps(), accept)
+        return render_metrics(await self._merged(), accept)
 
     async def clusters(self) -> dict:
         return {f"worker{i}": await self.ask(i, "clusters") for i in range(len(self.children))}
 
     async def stats(self) -> str:
-        return render_stats(await self._dumps())
+        return render_stats(await self._merged())
 
     async def main(self) -> int:
         self._lock = asyncio.Lock()
@@ -371,9 +372,7 @@ class Master:
             for i, proc in enumerate(self.children):
                 if proc is not None and not proc.is_alive() and not stop.is_set():
                     log.warning("worker %d exited with %s; restarting", i, proc.exitcode)
-                    if self.last_dump[i] is not None:
-                        self.retired.append(self.last_dump[i])
-                        self.last_dump[i] = None
+                    self.aggregator.worker_exited(i)
                     self.spawn(i)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -385,12 +384,25 @@ class Master:
                 os.kill(proc.pid, signal.SIGTERM)
         deadline = loop.time() + self.options.worker.drain_timeout + 2.0
         while loop.time() < deadline and any(p.is_alive() for p in self.children):
+            self._collect_final_dumps()
             await asyncio.sleep(0.05)
+        self._collect_final_dumps()
         for proc in self.children:
             if proc.is_alive():
                 proc.kill()
         await admin.close()
         return 0
+
+
+    def _collect_final_dumps(self) -> None:
+        for i, pipe in enumerate(self.pipes):
+            try:
+                while pipe is not None and pipe.poll():
+                    message = pipe.recv()
+                    if isinstance(message, tuple) and message[:1] == ("final",):
+                        self.aggregator.update(i, message[1])
+            except (EOFError, OSError):
+                continue
 
 
 def run_master(options: RunOptions) -> int:

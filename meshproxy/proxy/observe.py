@@ -1,80 +1,180 @@
 """What the request path reports, and to whom.
 
-:class:`Telemetry` is the single object the worker calls at the points of a request's
-life that matter to observers (routed, response head, done, rejected, overflow, retry,
-upstream connection opened/closed).  It fans out to metrics, tracing and the access
-log, each optional, so the pipeline never asks which of them are on.
+:class:`Telemetry` is the one object the worker calls at the points of a request's
+life that matter to observers (routed, response head, done, rejected, overflow,
+retry, connections opened/closed).  It fans out to the Istio-standard metrics, the
+tracer and the access log; tracing and the access log are optional, so the pipeline
+never asks which of them are on.  Label handles are interned once per cluster.
 """
 from __future__ import annotations
 
-from collections import Counter
+import time
 
-from ..config.model import Listener, Snapshot
+from ..config.model import Cluster, Listener, Snapshot
+from ..telemetry import PROPAGATION_HEADERS, AccessLog, PeerInfo, ProxyMetrics, ProxyTracer, UNKNOWN_PEER
+
+
+def _service_peer(cluster: Cluster) -> PeerInfo:
+    name, _, rest = cluster.service.partition(".")
+    namespace = rest.split(".", 1)[0] if rest else cluster.namespace
+    labels = cluster.labels
+    app = labels.get("app", name)
+    version = labels.get("version", "unknown")
+    return PeerInfo(workload=f"{app}-{version}" if version != "unknown" else app, namespace=namespace,
+                    app=app, version=version, service=cluster.service, service_name=name,
+                    service_namespace=namespace)
 
 
 class Telemetry:
-    def __init__(self, metrics=None, tracer=None, access_log=None):
-        self.metrics = metrics
+    def __init__(self, metrics: ProxyMetrics | None = None, tracer: ProxyTracer | None = None,
+                 access_log: AccessLog | None = None, source: PeerInfo = UNKNOWN_PEER,
+                 reporter: str = "source"):
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.tracer = tracer
         self.access_log = access_log
-        self.requests: Counter = Counter()          # (cluster service, status) -> n
-        self.rejected_by_reason: Counter = Counter()
-        self.upstream_cx_active = 0
-        self.upstream_cx_total = 0
-        self.overflows: Counter = Counter()
-        self.retries: Counter = Counter()
-        self.retry_overflows: Counter = Counter()
-        self.draining = False
-        self.snapshot_version = ""
-        self.mirrors_dropped = 0
+        self.source = source
+        self.reporter = reporter
+        self._handles: dict[str, int] = {}
+        self._unrouted = self.metrics.http_handle(reporter, source, UNKNOWN_PEER)
+        self._tcp_handles: dict[str, int] = {}
 
     # ---------------------------------------------------------------- config
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
-        self.snapshot_version = snapshot.version
+        self._handles.clear()
+        self._tcp_handles.clear()
+        self.metrics.config_applied(snapshot.version, True, time.time())
+
+    def config_rejected(self, version: str) -> None:
+        self.metrics.config_applied(version, False, time.time())
 
     def set_draining(self, draining: bool) -> None:
-        self.draining = draining
+        self.metrics.set_draining(draining)
+
+    def _handle(self, cluster: Cluster) -> int:
+        handle = self._handles.get(cluster.name)
+        if handle is None:
+            handle = self._handles[cluster.name] = self.metrics.http_handle(
+                self.reporter, self.source, _service_peer(cluster))
+        return handle
 
     # ---------------------------------------------------------------- requests
 
     def request_routed(self, exchange) -> None:
-        pass
+        tracer = self.tracer
+        if tracer is not None:
+            head = exchange.head
+            exchange.trace = tracer.start(head.headers, "client", method=head.method, path=head.path,
+                                          authority=head.host, scheme=exchange.down.listener.scheme,
+                                          peer_address=exchange.down.client_ip)
+
+    @staticmethod
+    def forwarded_trace_headers(headers: list, trace) -> list:
+        """Replace incoming propagation fields with this hop's."""
+        out = [h for h in headers if h[0] not in PROPAGATION_HEADERS]
+        out.extend(trace.headers_to_forward)
+        return out
 
     def response_headers(self, exchange, headers) -> None:
         pass
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster
-        service = cluster.cluster.service if cluster is not None else "unknown"
-        self.requests[(service, exchange.status, exchange.flags)] += 1
+        handle = self._handle(cluster.cluster) if cluster is not None else self._unrouted
+        duration_ms = (now - exchange.start_time) * 1000.0
+        self.metrics.record_http(handle, exchange.status, exchange.flags, duration_ms,
+                                 exchange.request_bytes, exchange.response_bytes)
+        trace = exchange.trace
+        endpoint = exchange.endpoint
+        if trace is not None and trace.sampled:
+            self.tracer.finish(
+                trace, exchange.status, route_name=exchange.route_name,
+                upstream_cluster=cluster.cluster.name if cluster is not None else "",
+                subset=(exchange.destination.subset or "") if exchange.destination is not None else "",
+                upstream_address=endpoint.address if endpoint is not None else "",
+                upstream_port=endpoint.port if endpoint is not None else 0,
+                retries=max(0, exchange.attempts - 1), response_flags=exchange.flags)
+        log = self.access_log
+        if log is not None:
+            head = exchange.head
+            user_agent = b""
+            request_id = b""
+            for name, value in head.headers:
+                if name == b"user-agent":
+                    user_agent = value
+                elif name == b"x-request-id":
+                    request_id = value
+            if trace is not None:
+                request_id = trace.request_id
+            log.log(time.time() - duration_ms / 1000.0, head.method, head.path, "HTTP/" + head.version.decode(),
+                    exchange.status, exchange.flags, exchange.request_bytes, exchange.response_bytes, duration_ms,
+                    f"{endpoint.address}:{endpoint.port}" if endpoint is not None else "",
+                    (now - exchange.upstream_start) * 1000.0 if exchange.upstream_start else None,
+                    request_id, trace.trace_id if trace is not None else b"", exchange.route_name, user_agent,
+                    exchange.down.client_ip, head.host, cluster.cluster.name if cluster is not None else "")
 
     def rejected(self, reason: str, status: int) -> None:
-        self.rejected_by_reason[(reason, status)] += 1
+        self.metrics.rejected(reason)
 
     def overflow(self, cluster: str) -> None:
-        self.overflows[cluster] += 1
+        self.metrics.pool_overflow(cluster)
 
     def retry(self, cluster: str) -> None:
-        self.retries[cluster] += 1
-
-    def mirror_dropped(self) -> None:
-        self.mirrors_dropped += 1
+        self.metrics.retry(cluster)
 
     def retry_overflow(self, cluster: str) -> None:
-        self.retry_overflows[cluster] += 1
+        self.metrics.retry_budget_exhausted(cluster)
+
+    def mirror_dropped(self) -> None:
+        self.metrics.inc("meshproxy_mirror_dropped_total") if "meshproxy_mirror_dropped_total" in \
+            getattr(self.metrics, "families", {}) else None
 
     # ---------------------------------------------------------------- connections
 
-    def upstream_cx_opened(self, key) -> None:
-        self.upstream_cx_active += 1
-        self.upstream_cx_total += 1
+    def downstream_opened(self, listener: str) -> None:
+        self.metrics.downstream_cx_opened(listener)
 
-    def upstream_cx_closed(self, key) -> None:
-        self.upstream_cx_active -= 1
+    def downstream_closed(self, listener: str) -> None:
+        self.metrics.downstream_cx_closed(listener)
+
+    def upstream_cx_opened(self, cluster: str) -> None:
+        self.metrics.upstream_cx_opened(cluster)
+
+    def upstream_cx_closed(self, cluster: str) -> None:
+        self.metrics.upstream_cx_closed(cluster)
+
+    def connect_failed(self, cluster: str) -> None:
+        self.metrics.upstream_cx_connect_failed(cluster)
 
     def tcp_opened(self, listener: Listener):
-        return None
+        def opened() -> None:
+            self.metrics.record_tcp_open(self._tcp_handle(listener))
+        return opened
 
     def tcp_closed(self, listener: Listener):
-        return None
+        def closed(sent: int, received: int) -> None:
+            self.metrics.record_tcp_close(self._tcp_handle(listener), sent, received)
+        return closed
+
+    def _tcp_handle(self, listener: Listener) -> int:
+        handle = self._tcp_handles.get(listener.name)
+        if handle is None:
+            dest = UNKNOWN_PEER
+            if listener.tcp_routes and listener.tcp_routes[0].destinations:
+                host = listener.tcp_routes[0].destinations[0].host
+                name, _, rest = host.partition(".")
+                dest = PeerInfo(service=host, service_name=name, app=name,
+                                service_namespace=rest.split(".", 1)[0] if rest else "unknown")
+            handle = self._tcp_handles[listener.name] = self.metrics.tcp_handle(self.reporter, self.source, dest)
+        return handle
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def flush(self) -> None:
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tracer is not None and self.tracer.export is not None:
+            self.tracer.export.shutdown()

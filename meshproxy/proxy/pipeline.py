@@ -221,7 +221,7 @@ class Exchange:
         self.pending_admitted = True
         retries = route.retries
         if retries is not None and retries.attempts > 0:
-            self.retry = RetryState(retries, self.head.method.decode("latin-1"))
+            self.retry = RetryState(retries, self.head.method.decode("latin-1"), rng=worker.rng)
             self.retained_body = []
         else:
             # a request that failed to connect on a fresh connection may still be
@@ -270,7 +270,7 @@ class Exchange:
         headers = apply_header_ops(headers, route.headers.request)
         headers = apply_header_ops(headers, self.destination.headers.request)
         if self.trace is not None:
-            headers.extend(self.trace.headers_to_forward)
+            headers = self.worker.telemetry.forwarded_trace_headers(headers, self.trace)
         kind = head.body_kind
         if kind == BODY_LENGTH:
             headers.append((b"content-length", str(head.content_length).encode()))
@@ -285,9 +285,10 @@ class Exchange:
     def _attempt(self) -> None:
         worker = self.worker
         cluster = self.cluster
-        endpoint = cluster.pick(self.hash_key, self.tried)
+        original = self._original_destination() if cluster.passthrough else None
+        endpoint = cluster.pick(self.hash_key, self.tried, original)
         if endpoint is None and self.tried:
-            endpoint = cluster.pick(self.hash_key)    # every endpoint tried: allow repeats
+            endpoint = cluster.pick(self.hash_key, original=original)    # every endpoint tried: allow repeats
         if endpoint is None:
             return self._answer_failure(503, "UH")
         self.endpoint = endpoint
@@ -306,18 +307,37 @@ class Exchange:
         timeout = min(policy.connect_timeout, self.snapshot.settings.upstream_connect_timeout)
         self.connect_task = worker.pools.connect(key, timeout, self._connected)
 
+    def _original_destination(self) -> tuple[str, int] | None:
+        """PASSTHROUGH load balancing: the address the request named (its authority)."""
+        host, _, port = self.head.host.decode("latin-1").rpartition(":")
+        if not host or not port.isdigit():
+            host, port = self.head.host.decode("latin-1"), str(self.cluster.cluster.port)
+        return host, int(port)
+
     def _connected(self, conn, reason: str) -> None:
         self.connect_task = None
         if conn is None:
             self.cluster.release_connection()
+            self.worker.telemetry.connect_failed(self.cluster.cluster.name)
             if not self.finished:
                 self._attempt_failed(Failure.CONNECT_TIMEOUT if reason == "timeout" else Failure.CONNECT_FAILURE)
             return
-        conn.on_close = self.cluster.release_connection   # the cluster's connection slot lives as long as the socket
+        conn.on_close = self._connection_closed_callback()   # the cluster's connection slot lives as long as the socket
         if self.finished:
             self.worker.pools.release(conn, True, self.cluster.cluster.policy.connection_pool.max_idle_per_endpoint)
             return
         self._send_on(conn)
+
+    def _connection_closed_callback(self):
+        cluster = self.cluster
+        telemetry = self.worker.telemetry
+        name = cluster.cluster.name
+        telemetry.upstream_cx_opened(name)
+
+        def closed() -> None:
+            cluster.release_connection()
+            telemetry.upstream_cx_closed(name)
+        return closed
 
     def _send_on(self, conn: "UpstreamConnection") -> None:
         self.upstream = conn
