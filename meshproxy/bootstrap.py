@@ -190,8 +190,8 @@ class Worker:
         now = self.clock()
         for listener in list(self.http_listeners.values()):
             listener.sweep(now)
-        pool_idle = 60.0
-        self.pools.sweep(pool_idle)
+        self.pools.sweep(60.0)
+        self.telemetry.flush()
         if not self.draining:
             self._sweeper = self.loop.call_later(1.0, self._sweep)
 

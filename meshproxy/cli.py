@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-headers", type=int, default=100)
     run.add_argument("--max-target-bytes", type=int, default=8 * 1024)
     run.add_argument("--max-body-bytes", type=int, default=0, help="0 = no cap")
+    run.add_argument("--tracing-endpoint", default="", help="OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces)")
+    run.add_argument("--trace-sample-rate", type=float, default=0.01, help="share of new traces sampled (0..1)")
+    run.add_argument("--no-trace-propagation", action="store_true", help="do not touch trace headers at all")
+    run.add_argument("--access-log", default="", help="'stdout' or a file path; off when empty")
+    run.add_argument("--access-log-sample", type=float, default=1.0, help="share of requests logged (errors always)")
     run.add_argument("--log-level", default="INFO")
 
     val = sub.add_parser("validate", help="validate config files; prints every error, exits 1 if any")
@@ -114,7 +119,10 @@ def _run(args) -> int:
         config_paths=args.config, listen=args.listen, admin=args.admin, workers=args.workers,
         identity=identity, settings=settings,
         worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout, node_id=node_id),
-        control_plane=[u for u in args.control_plane.split(",") if u], registration=registration)
+        control_plane=[u for u in args.control_plane.split(",") if u], registration=registration,
+        telemetry={"tracing_endpoint": args.tracing_endpoint, "sample_rate": args.trace_sample_rate,
+                   "propagate": not args.no_trace_propagation, "access_log": args.access_log,
+                   "access_log_sample": args.access_log_sample, "service_name": args.service})
     return run(options)
 
 
