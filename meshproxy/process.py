@@ -202,7 +202,7 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
             return 1
     if options.control_plane:
         from .config.remote_source import RemoteSource
-        remote = RemoteSource(options, store)
+        remote = RemoteSource(options, store, telemetry)
         await remote.wait_first_config()
     worker = Worker(loop, store, options.worker, telemetry)
     await worker.start()
