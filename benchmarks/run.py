@@ -32,7 +32,8 @@ sys.path.insert(0, str(HERE))
 from lib import loadgen, procs, report  # noqa: E402
 from lib.procs import ProcessSet, pin_prefix  # noqa: E402
 
-ALL_TARGETS = ("direct", "meshproxy", "haproxy", "nginx")
+ALL_TARGETS = ("direct", "meshproxy", "haproxy", "nginx", "meshproxy-realistic")
+DEFAULT_TARGETS = ("direct", "meshproxy", "haproxy", "nginx")
 HOST = "bench.local"
 SMALL_BYTES = 100
 LARGE_BYTES = 16 * 1024
@@ -49,9 +50,10 @@ def _on_signal(signum, _frame):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short runs (3 s) for development; numbers are rough")
-    p.add_argument("--only", default=",".join(ALL_TARGETS),
-                   help="comma list of targets among direct,meshproxy,haproxy,nginx (default all); "
-                        "direct is needed for added latency, haproxy for the ratios")
+    p.add_argument("--only", default=",".join(DEFAULT_TARGETS),
+                   help="comma list of targets among direct,meshproxy,haproxy,nginx (the default) and "
+                        "meshproxy-realistic (issue 3's config: 50 services, 10-route VirtualService, 90/10 "
+                        "split); direct is needed for added latency, haproxy for the ratios")
     p.add_argument("--out", default=None, help="write/update this markdown results file (e.g. benchmarks/RESULTS.md)")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
     p.add_argument("--label", default=None, help="label for the run in RESULTS.md (e.g. 'quick run, noisy machine')")
@@ -215,11 +217,14 @@ def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int,
         t.managed = ps.start(name, pre + ["nginx", "-p", str(tmp), "-c", str(cfg)], str(tmp / "nginx-proxy.log"))
         procs.wait_port(port, proc=t.managed.proc)
         return t
-    if name == "meshproxy":
+    if name in ("meshproxy", "meshproxy-realistic"):
         port, tport, admin = procs.free_port(), procs.free_port(), procs.free_port()
         cfg_dir = tmp / "mesh"
         cfg_dir.mkdir(exist_ok=True)
-        if args.meshproxy_config:
+        if name == "meshproxy-realistic":
+            from lib import meshconfig
+            (cfg_dir / "realistic.yaml").write_text(meshconfig.realistic(upstream_port, tport))
+        elif args.meshproxy_config:
             src = Path(args.meshproxy_config)
             files = [src] if src.is_file() else sorted(src.iterdir())
             for f in files:
@@ -233,11 +238,11 @@ def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int,
                       "--admin", f"127.0.0.1:{admin}", "--workers", str(args.workers),
                       "--log-level", "WARNING", *args.meshproxy_arg]
         t = Target(name, port, tport, host=HOST)
-        t.managed = ps.start(name, argv, str(tmp / "meshproxy.log"))
+        t.managed = ps.start(name, argv, str(tmp / f"{name}.log"))
         try:
             procs.wait_http_ok(f"http://127.0.0.1:{admin}/ready", timeout=30, proc=t.managed.proc)
         except Exception:
-            log = Path(tmp / "meshproxy.log").read_text(errors="replace")[-3000:]
+            log = Path(tmp / f"{name}.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"meshproxy did not become ready; log tail:\n{log}")
         try:
             procs.wait_port(tport, timeout=2)
@@ -336,13 +341,13 @@ def measure_rss(t: Target, workers_hint: int) -> dict | None:
             "processes": len(tree), "per_process_mib": [round(k / 1024, 1) for k in rss]}
 
 
-def profile_meshproxy(t: Target, args, load_pre, tmp: Path) -> str:
+def profile_meshproxy(t: Target, args, load_pre, tmp: Path, name: str) -> str:
     out_dir = Path(args.profile_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     py_spy = str(REPO / ".venv" / "bin" / "py-spy")
     dur = max(3, round(args.duration))
-    speedscope = out_dir / f"meshproxy-{stamp}.speedscope.json"
+    speedscope = out_dir / f"{name}-{stamp}.speedscope.json"
     raw = tmp / "pyspy.raw"
     native = ["--native"] if args.profile_native else []
     # speedscope for people, raw (collapsed stacks) for the summary below: two sampled runs
@@ -365,7 +370,7 @@ def profile_meshproxy(t: Target, args, load_pre, tmp: Path) -> str:
         return f"py-spy produced no output ({spy.stderr.read().decode(errors='replace')[-500:] if spy.stderr else ''})"
     from lib import profile_summary
     summary = profile_summary.summarize(raw.read_text(), top=20)
-    (out_dir / f"meshproxy-{stamp}.top.md").write_text(summary)
+    (out_dir / f"{name}-{stamp}.top.md").write_text(summary)
     return (f"Sampled with `py-spy record --rate 200 --subprocesses{' --native' if native else ''}` during "
             f"{dur} s of `wrk -c{args.conns}` on /small (req/s while sampled: "
             f"{', '.join(f'{r:.0f}' for r in results)}). Speedscope file: "
@@ -419,15 +424,15 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             print(f"   rate {r['rate']['achieved_rps']:.0f} req/s: p50 {r['rate']['p50_us']:.0f} us "
                   f"p99 {r['rate']['p99_us']:.0f} us", flush=True)
             r["rss"] = measure_rss(t, args.workers)
-            if name in ("direct", "haproxy", "meshproxy"):
+            if name in ("direct", "haproxy", "meshproxy", "meshproxy-realistic"):
                 r["tcp"] = measure_tcp(t, args, load_pre, notes)
                 if r["tcp"] is None:
-                    r["tcp_note"] = "TCP listener not available" if name == "meshproxy" else "failed"
+                    r["tcp_note"] = "TCP listener not available" if name.startswith("meshproxy") else "failed"
                     notes.append(f"{name}: TCP throughput not measured ({r['tcp_note']})")
                 else:
                     print(f"   tcp: {r['tcp']['mib_per_s']:.0f} MiB/s", flush=True)
-            if name == "meshproxy" and args.profile:
-                results["profile"] = profile_meshproxy(t, args, load_pre, tmp)
+            if name.startswith("meshproxy") and args.profile:
+                results.setdefault("profiles", {})[name] = profile_meshproxy(t, args, load_pre, tmp, name)
             results["targets"][name] = r
         except (Interrupted, KeyboardInterrupt):
             raise

@@ -123,7 +123,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(results: dict) -> str:
     meta = results["meta"]
     t = results.get("targets", {})
-    order = [n for n in ("direct", "meshproxy", "haproxy", "nginx") if n in t]
+    order = [n for n in ("direct", "meshproxy", "meshproxy-realistic", "haproxy", "nginx") if n in t]
     lines = [BEGIN, ""]
     label = meta.get("label")
     lines.append(f"## Run of {meta['date']}" + (f" ({label})" if label else ""))
@@ -175,7 +175,7 @@ def render(results: dict) -> str:
     for name in order:
         tcp = t[name].get("tcp")
         if tcp is None:
-            if name in ("meshproxy", "haproxy", "direct"):
+            if name.startswith("meshproxy") or name in ("haproxy", "direct"):
                 tcp_rows.append([name, "not measured", "n/a", "n/a", "n/a", t[name].get("tcp_note", "")])
             continue
         tcp_rows.append([name, fmt(tcp.get("mib_per_s")), fmt_ratio(ratio(tcp.get("mib_per_s"), ht)),
@@ -187,19 +187,20 @@ def render(results: dict) -> str:
         lines.append("")
         lines += _table(["target", "MiB/s", "vs HAProxy", "vs direct", "proxy CPU s/GiB", "note"], tcp_rows)
         lines.append("")
-    lines.append("### meshproxy against the targets")
-    lines.append("")
-    lines += _table(["what", "target", "measured", "verdict"], [list(r) for r in verdicts(results)])
-    lines.append("")
+    mesh = [n for n in order if n.startswith("meshproxy")] or ["meshproxy"]
+    for name in mesh:
+        lines.append(f"### {name} against the targets")
+        lines.append("")
+        lines += _table(["what", "target", "measured", "verdict"], [list(r) for r in verdicts(results, name)])
+        lines.append("")
     notes = results.get("notes") or []
     if notes:
         lines.append("### Notes from this run")
         lines.append("")
         lines += [f"- {n}" for n in notes]
         lines.append("")
-    prof = results.get("profile")
-    if prof:
-        lines.append("### Where meshproxy's time goes (py-spy, separate run, not in the numbers above)")
+    for name, prof in (results.get("profiles") or {}).items():
+        lines.append(f"### Where {name}'s time goes (py-spy, separate run, not in the numbers above)")
         lines.append("")
         lines.append(prof)
         lines.append("")
