@@ -1,0 +1,129 @@
+"""Files -> documents, and the whole build (load, decode, keep last good, compile).
+
+:func:`load_documents` reads YAML/JSON files (a path may be a file or a directory of
+``*.yaml`` / ``*.yml`` / ``*.json``) into :class:`Document` bodies.  Documents of other API
+groups (a Kubernetes Deployment in the same file) are skipped with a note.
+
+:func:`build_from_paths` is what the proxy's bootstrap calls on start and on every change.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import yaml
+
+from .compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
+from .decode import GROUP, ResourceSet, decode_documents, merge_last_good
+from .model import ProxySettings, Snapshot
+from .resources import Document
+
+__all__ = ["Document", "LoadResult", "BuildResult", "load", "load_documents", "build_from_paths", "config_files"]
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    documents: list[Document] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failed_sources: frozenset[str] = frozenset()   # files that could not be read or parsed
+
+
+def config_files(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Every config file under ``paths`` in a stable order, and errors for missing paths."""
+    files: list[str] = []
+    errors: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(os.path.join(root, n) for n in sorted(names)
+                             if n.endswith(CONFIG_SUFFIXES) and not n.startswith("."))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            errors.append(f"{path}: no such file or directory")
+    return files, errors
+
+
+def load(paths: Iterable[str]) -> LoadResult:
+    files, errors = config_files(paths)
+    documents: list[Document] = []
+    notes: list[str] = []
+    failed: set[str] = set()
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            bodies = [json.loads(text)] if path.endswith(".json") else list(yaml.safe_load_all(text))
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{path}: cannot read: {exc}")
+            failed.add(path)
+            continue
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            problem = getattr(exc, "problem", None) or str(exc)
+            errors.append(f"{where}: YAML syntax error: {problem}")
+            failed.add(path)
+            continue
+        except json.JSONDecodeError as exc:
+            errors.append(f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}")
+            failed.add(path)
+            continue
+        if len(bodies) == 1 and isinstance(bodies[0], dict) and bodies[0].get("kind") == "List":
+            bodies = bodies[0].get("items") or []          # kubectl get -o yaml of several objects
+        for index, body in enumerate(bodies):
+            if body is None:                                # empty document ("---" at the end)
+                continue
+            api_version = body.get("apiVersion") if isinstance(body, dict) else None
+            if isinstance(api_version, str) and api_version.split("/")[0] != GROUP:
+                notes.append(f"{path} document {index}: {body.get('kind', '?')} ({api_version}) is not "
+                             f"{GROUP}, ignored")
+                continue
+            documents.append(Document(path, index, body))
+    return LoadResult(documents, errors, notes, frozenset(failed))
+
+
+def load_documents(paths: list[str]) -> tuple[list[Document], list[str]]:
+    """(documents, errors).  Errors name the file (and line for syntax errors)."""
+    result = load(paths)
+    return result.documents, result.errors
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    snapshot: Snapshot | None          # None only when nothing could be read at all
+    resource_set: ResourceSet          # what the snapshot was compiled from (pass back as ``previous``)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def build_from_paths(paths: list[str], identity: ProxyIdentity, settings: ProxySettings = ProxySettings(),
+                     previous: ResourceSet | None = None,
+                     workloads: Iterable[WorkloadEndpoint] = ()) -> BuildResult:
+    """Load, decode, keep the last good version of each refused resource, compile.
+
+    A resource whose new version is invalid keeps its ``previous`` version; a file with a
+    syntax error keeps all its previous resources; resources no longer in the files are
+    removed.  ``errors`` lists what was refused, ``warnings`` what was accepted with notes.
+    """
+    loaded = load(paths)
+    decoded = decode_documents(loaded.documents)
+    resource_set, kept = merge_last_good(previous, decoded, keep_sources=loaded.failed_sources)
+    errors = list(loaded.errors) + list(decoded.errors)
+    notes = list(loaded.notes) + kept
+    if previous is not None:
+        notes.extend(f"{path}: unreadable, its last good resources keep serving"
+                     for path in sorted(loaded.failed_sources) if any(r.source == path for r in previous.values()))
+    all_paths_missing = paths and not loaded.documents and len(loaded.errors) >= len(paths) and \
+        all(": no such file or directory" in e for e in loaded.errors)
+    if all_paths_missing and not resource_set:
+        return BuildResult(None, resource_set, errors, list(decoded.warnings), notes)
+    compiled = compile_snapshot(resource_set.resources(), identity, settings, workloads)
+    return BuildResult(compiled.snapshot, resource_set, errors, list(decoded.warnings) + compiled.warnings, notes)
