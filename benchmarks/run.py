@@ -75,6 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--meshproxy", default=str(REPO / ".venv" / "bin" / "meshproxy"), help="meshproxy executable")
     p.add_argument("--meshproxy-arg", action="append", default=[],
                    help="extra argument for `meshproxy run` (repeatable), e.g. --meshproxy-arg=--codec=h11")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="an extra meshproxy run named meshproxy+NAME with these extra `meshproxy run` arguments, "
+                        "measured right after plain meshproxy (repeatable). $otlp_url in ARGS is replaced by the "
+                        "URL of an OTLP/HTTP sink the harness starts, e.g. "
+                        "--variant 'trace100=--tracing-endpoint $otlp_url --trace-sample-rate 1'")
     p.add_argument("--meshproxy-config", default=None,
                    help="use this config file/dir instead of the generated one (must route Host bench.local); "
                         "$upstream_port and $tcp_port in *.tmpl files are filled in")
@@ -89,6 +94,15 @@ def parse_args(argv=None):
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad:
         p.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS}")
+    args.variants = {}
+    for v in args.variant:
+        vname, sep, vargs = v.partition("=")
+        if not sep or not vname.strip():
+            p.error(f"--variant expects NAME=ARGS, got {v!r}")
+        args.variants[f"meshproxy+{vname.strip()}"] = shlex.split(vargs)
+    if args.variants:  # variants run right after plain meshproxy (or after direct if it is not run)
+        at = args.targets.index("meshproxy") + 1 if "meshproxy" in args.targets else min(1, len(args.targets))
+        args.targets[at:at] = list(args.variants)
     q = args.quick
     args.duration = args.duration or (3.0 if q else 10.0)
     args.repeat = args.repeat or (1 if q else 3)
@@ -217,7 +231,7 @@ def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int,
         t.managed = ps.start(name, pre + ["nginx", "-p", str(tmp), "-c", str(cfg)], str(tmp / "nginx-proxy.log"))
         procs.wait_port(port, proc=t.managed.proc)
         return t
-    if name in ("meshproxy", "meshproxy-realistic"):
+    if name.startswith("meshproxy"):
         port, tport, admin = procs.free_port(), procs.free_port(), procs.free_port()
         cfg_dir = tmp / "mesh"
         cfg_dir.mkdir(exist_ok=True)
@@ -237,6 +251,8 @@ def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int,
         argv = pre + [args.meshproxy, "run", "--config", str(cfg_dir), "--listen", f"127.0.0.1:{port}",
                       "--admin", f"127.0.0.1:{admin}", "--workers", str(args.workers),
                       "--log-level", "WARNING", *args.meshproxy_arg]
+        if name in args.variants:
+            argv += [a.replace("$otlp_url", ensure_otlp_sink(args, ps, tmp)) for a in args.variants[name]]
         t = Target(name, port, tport, host=HOST)
         t.managed = ps.start(name, argv, str(tmp / f"{name}.log"))
         try:
@@ -250,6 +266,31 @@ def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int,
             t.tcp_port = None  # TCP listener not there (yet): reported as not measured
         return t
     raise ValueError(name)
+
+
+OTLP_SINK = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def ensure_otlp_sink(args, ps: ProcessSet, tmp: Path) -> str:
+    """A throwaway OTLP/HTTP receiver (answers 200, discards) on the load cores, started once."""
+    if getattr(args, "otlp_url", None):
+        return args.otlp_url
+    port = procs.free_port()
+    _, load_cores, _ = plan_pinning(args)
+    m = ps.start("otlp-sink", pin_prefix(load_cores) + [sys.executable, "-c", OTLP_SINK, str(port)],
+                 str(tmp / "otlp-sink.log"))
+    procs.wait_port(port, proc=m.proc)
+    args.otlp_url = f"http://127.0.0.1:{port}/v1/traces"
+    return args.otlp_url
 
 
 def check_response(t: Target, path: str, size: int) -> None:
@@ -424,7 +465,7 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             print(f"   rate {r['rate']['achieved_rps']:.0f} req/s: p50 {r['rate']['p50_us']:.0f} us "
                   f"p99 {r['rate']['p99_us']:.0f} us", flush=True)
             r["rss"] = measure_rss(t, args.workers)
-            if name in ("direct", "haproxy", "meshproxy", "meshproxy-realistic"):
+            if name in ("direct", "haproxy") or name.startswith("meshproxy"):
                 r["tcp"] = measure_tcp(t, args, load_pre, notes)
                 if r["tcp"] is None:
                     r["tcp_note"] = "TCP listener not available" if name.startswith("meshproxy") else "failed"

@@ -114,6 +114,23 @@ def verdicts(results: dict, target: str = "meshproxy") -> list[tuple[str, str, s
     return rows
 
 
+def variant_rows(results: dict, variants: list[str]) -> list[list[str]]:
+    def g(name, *keys):
+        return _get(results, name, *keys)
+
+    def delta(name, *keys, spec=".1f"):
+        v, base = g(name, *keys), g("meshproxy", *keys)
+        d = added(v, base)
+        return f"{fmt(v, spec)} ({'n/a' if d is None else format(d, '+' + spec)})"
+
+    rows = []
+    for name in variants:
+        rows.append([name, fmt_ratio(ratio(g(name, "http_small", "rps"), g("meshproxy", "http_small", "rps"))),
+                     delta(name, "http_small", "cpu_us_per_req"), delta(name, "rate", "cpu_us_per_req"),
+                     f"{delta(name, 'rate', 'p50_us', spec='.0f')} / {delta(name, 'rate', 'p99_us', spec='.0f')}"])
+    return rows
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -123,7 +140,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(results: dict) -> str:
     meta = results["meta"]
     t = results.get("targets", {})
-    order = [n for n in ("direct", "meshproxy", "meshproxy-realistic", "haproxy", "nginx") if n in t]
+    order = ([n for n in ("direct",) if n in t] + [n for n in t if n.startswith("meshproxy")]
+             + [n for n in ("haproxy", "nginx") if n in t])
     lines = [BEGIN, ""]
     label = meta.get("label")
     lines.append(f"## Run of {meta['date']}" + (f" ({label})" if label else ""))
@@ -187,7 +205,14 @@ def render(results: dict) -> str:
         lines.append("")
         lines += _table(["target", "MiB/s", "vs HAProxy", "vs direct", "proxy CPU s/GiB", "note"], tcp_rows)
         lines.append("")
-    mesh = [n for n in order if n.startswith("meshproxy")] or ["meshproxy"]
+    variants = [n for n in order if n.startswith("meshproxy+")]
+    if variants:
+        lines.append("### Cost of each meshproxy variant over plain meshproxy (same run)")
+        lines.append("")
+        lines += _table(["variant", "req/s small vs plain", "CPU us/req small (delta)", "CPU us/req at rate (delta)",
+                         "p50 / p99 at rate (delta, us)"], variant_rows(results, variants))
+        lines.append("")
+    mesh = [n for n in order if n in ("meshproxy", "meshproxy-realistic")] or ["meshproxy"]
     for name in mesh:
         lines.append(f"### {name} against the targets")
         lines.append("")

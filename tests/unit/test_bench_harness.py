@@ -140,3 +140,13 @@ def test_profile_summary_from_collapsed_stacks():
     assert "100 samples" in text
     assert "| 70.0% | 70 | `data_received (http_conn.py)` |" in text
     assert "| 100.0% | 100 | `run (runners.py)` |" in text
+
+
+def test_variant_cost_rows():
+    res = _results()
+    res["targets"]["meshproxy+trace100"] = {"http_small": {"rps": 27000, "cpu_us_per_req": 44.5},
+                                            "rate": {"cpu_us_per_req": 50.0, "p50_us": 190, "p99_us": 900}}
+    res["targets"]["meshproxy"]["rate"]["cpu_us_per_req"] = 45.0
+    rows = report.variant_rows(res, ["meshproxy+trace100"])
+    assert rows == [["meshproxy+trace100", "0.90x", "44.5 (+4.5)", "50.0 (+5.0)", "190 (+10) / 900 (+100)"]]
+    assert "### Cost of each meshproxy variant" in report.render(res)
