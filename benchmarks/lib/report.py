@@ -70,7 +70,7 @@ def verdicts(results: dict, target: str = "meshproxy") -> list[tuple[str, str, s
     """(what, target, measured, verdict) rows for the issue's targets, meshproxy vs HAProxy/direct."""
     rows = []
     if target not in results.get("targets", {}):
-        return [("all targets", "-", "not measured", f"{target} was not run")]
+        return [("all targets", "-", "not measured", f"{target} not measured (did not run or failed: see the notes)")]
 
     def row(what: str, goal: str, measured: float | None, limit: float, higher_is_better: bool,
             shown: str, unit: str) -> None:
