@@ -67,3 +67,74 @@ class ControlPlaneProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out (closed again; good enough on loopback for tests)."""
+    import socket
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class EtcdCluster:
+    """A real etcd cluster (Debian's /usr/bin/etcd) on loopback, members started as processes."""
+
+    def __init__(self, data_dir: str, members: int = 3, binary: str = "/usr/bin/etcd"):
+        self.data_dir = Path(data_dir)
+        self.binary = binary
+        ports = free_ports(2 * members)
+        self.names = [f"m{i}" for i in range(members)]
+        self.client_ports = ports[:members]
+        self.peer_ports = ports[members:]
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.client_ports]
+
+    def store_spec(self) -> str:
+        return "etcd://" + ",".join(self.endpoints)
+
+    def start(self, timeout: float = 20.0) -> "EtcdCluster":
+        initial = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, self.peer_ports))
+        for name, cport, pport in zip(self.names, self.client_ports, self.peer_ports):
+            log = open(self.data_dir / f"{name}.log", "ab")
+            self.procs[name] = subprocess.Popen(
+                [self.binary, "--name", name, "--data-dir", str(self.data_dir / name),
+                 "--listen-client-urls", f"http://127.0.0.1:{cport}",
+                 "--advertise-client-urls", f"http://127.0.0.1:{cport}",
+                 "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+                 "--initial-cluster", initial, "--initial-cluster-state", "new",
+                 "--initial-cluster-token", f"meshproxy-test-{os.getpid()}",
+                 "--heartbeat-interval", "50", "--election-timeout", "500"],
+                stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        import urllib.request
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{self.endpoints[0]}/health", timeout=1) as resp:
+                    if b'"true"' in resp.read():
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError("etcd cluster did not become healthy")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+    def stop(self) -> None:
+        for name in self.procs:
+            self.kill(name)

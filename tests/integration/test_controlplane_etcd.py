@@ -1,0 +1,119 @@
+"""Two control-plane replicas sharing a real 3-member etcd cluster on loopback."""
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+
+import pytest
+
+from controlplane.cli import Client
+from controlplane.testing import ControlPlaneProcess, EtcdCluster
+from meshproxy.config.remote import RemoteConfigClient
+
+pytestmark = [pytest.mark.needs_etcd,
+              pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd (Debian etcd-server) is not installed")]
+
+VS_PATH = "/apis/networking.istio.io/v1/namespaces/default/virtualservices"
+
+
+def vs(weights) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "demo"},
+            "spec": {"hosts": ["demo"], "http": [{"route": [
+                {"destination": {"host": "demo", "subset": "v1"}, "weight": weights[0]},
+                {"destination": {"host": "demo", "subset": "v2"}, "weight": weights[1]}]}]}}
+
+
+class Recorder:
+    def __init__(self):
+        self.running = None
+        self.calls = 0
+
+    def __call__(self, resources, workloads, version):
+        self.calls += 1
+        self.running = (resources, workloads, version)
+        return []
+
+    def weights(self):
+        if not self.running or not self.running[0]:
+            return None
+        return [d["weight"] for d in self.running[0][0]["spec"]["http"][0]["route"]]
+
+
+async def eventually(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    assert predicate(), "condition not reached within the time limit"
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    cluster = EtcdCluster(str(tmp_path)).start()
+    yield cluster
+    cluster.stop()
+
+
+async def test_two_replicas_share_state_and_survive_losing_one_replica_and_one_etcd_member(etcd):
+    a = ControlPlaneProcess(etcd.store_spec(), ttl=2.0).start()
+    b = ControlPlaneProcess(etcd.store_spec(), ttl=2.0).start()
+    api_a, api_b = Client(a.url), Client(b.url)
+    recorder = Recorder()
+    registration = {"service": "demo", "address": "127.0.0.4", "ports": {"http": 80},
+                    "labels": {"version": "v1"}, "ttl": 2.0}
+    client = RemoteConfigClient([a.url, b.url], "sidecar-1", {"namespace": "default"}, recorder, registration,
+                                backoff_base=0.05, backoff_max=0.3, rng=random.Random(3))
+    task = asyncio.create_task(client.run())
+    try:
+        # a write on replica B reaches the proxy streaming from replica A (through the etcd watch)
+        code, created = await asyncio.to_thread(api_b.call, "PUT", f"{VS_PATH}/demo", vs((90, 10)))
+        assert code == 201
+        await eventually(lambda: recorder.weights() == [90, 10] and client.status.url == a.url)
+        assert recorder.running[1][0]["address"] == "127.0.0.4"              # registered through A, seen by all
+        _, endpoints_b = await asyncio.to_thread(api_b.call, "GET", "/registry/v1/namespaces/default/services/demo/endpoints")
+        assert [w["address"] for w in endpoints_b["items"]] == ["127.0.0.4"]
+
+        # optimistic concurrency holds across replicas
+        stale = dict(vs((0, 100)), metadata={"name": "demo", "resourceVersion": created["metadata"]["resourceVersion"]})
+        await asyncio.to_thread(api_a.call, "PUT", f"{VS_PATH}/demo", vs((80, 20)))
+        code, status = await asyncio.to_thread(api_b.call, "PUT", f"{VS_PATH}/demo", stale)
+        assert (code, status["reason"]) == (409, "Conflict")
+
+        # lose replica A and one etcd member: the proxy moves to B, writes and pushes continue
+        a.kill()
+        etcd.kill("m0")
+        await eventually(lambda: client.status.connected and client.status.url == b.url)
+        code, _ = await asyncio.to_thread(api_b.call, "PUT", f"{VS_PATH}/demo", vs((50, 50)))
+        assert code == 200
+        await eventually(lambda: recorder.weights() == [50, 50])
+        await asyncio.sleep(2.5)        # longer than the lease TTL: heartbeats now go through B
+        assert [w["address"] for w in recorder.running[1]] == ["127.0.0.4"]
+        _, history = await asyncio.to_thread(api_b.call, "GET", "/history")
+        assert [e["op"] for e in history["items"]] == ["update", "update", "create"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        a.kill()
+        b.stop()
+
+
+async def test_lease_expiry_removes_a_dead_workload_and_rollback_works_on_etcd(etcd):
+    with ControlPlaneProcess(etcd.store_spec(), ttl=2.0) as cp:
+        api = Client(cp.url)
+        code, _ = await asyncio.to_thread(api.call, "POST", "/registry/v1/workloads",
+                                          {"id": "w", "service": "demo", "address": "127.0.0.8", "ports": {"http": 80},
+                                           "ttl": 2})
+        assert code == 201
+        endpoints = lambda: api.call("GET", "/registry/v1/namespaces/default/services/demo/endpoints")[1]["items"]
+        assert len(endpoints()) == 1
+        await eventually(lambda: endpoints() == [], timeout=6.0)          # no heartbeat: etcd expires the lease
+        _, first = await asyncio.to_thread(api.call, "PUT", f"{VS_PATH}/demo", vs((90, 10)))
+        await asyncio.to_thread(api.call, "PUT", f"{VS_PATH}/demo", vs((0, 100)))
+        code, result = await asyncio.to_thread(api.call, "POST",
+                                               f"/history/{first['metadata']['resourceVersion']}/rollback")
+        assert code == 200
+        _, now = await asyncio.to_thread(api.call, "GET", f"{VS_PATH}/demo")
+        assert [d["weight"] for d in now["spec"]["http"][0]["route"]] == [90, 10]
