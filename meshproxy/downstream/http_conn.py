@@ -36,7 +36,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
-        "closed", "upgrade_buffer",
+        "closed", "upgrade_buffer", "replaying",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -56,6 +56,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.tunnel = None
         self.closed = False
         self.upgrade_buffer: list[bytes] | None = None
+        self.replaying = False
 
     # ---------------------------------------------------------------- transport events
 
@@ -157,25 +158,43 @@ class DownstreamConnection(asyncio.Protocol):
         if not keep_alive:
             self.keep_alive = False
         if not self.keep_alive or self.worker.draining:
+            self.queue = None
             self.close_after_flush()
             return
         self.state = IDLE
         self.since = self.worker.clock()
+        if self.queue and not self.replaying:
+            self._replay()
+        self.flush()
+
+    def _replay(self) -> None:
+        """Feed queued pipelined events: a head starts the next exchange once the
+        previous one is done; body and end events go to the exchange they belong to."""
+        self.replaying = True
         queue = self.queue
-        while queue and self.exchange is None and not self.closed:
-            kind, value = queue.popleft()
-            if kind == _HEAD:
-                self._start(value)
-            elif kind == _BODY:
-                self.exchange.request_body(value)
-            else:
-                self.exchange.request_end()
-        if queue is not None and not queue:
+        try:
+            while queue and not self.closed:
+                kind, value = queue[0]
+                if kind == _HEAD:
+                    if self.exchange is not None:
+                        break
+                    queue.popleft()
+                    self._start(value)
+                elif kind == _BODY:
+                    queue.popleft()
+                    if self.exchange is not None:
+                        self.exchange.request_body(value)
+                else:
+                    queue.popleft()
+                    if self.exchange is not None:
+                        self.exchange.request_end()
+        finally:
+            self.replaying = False
+        if not queue:
             self.queue = None
             self.resume_reading(2)
         if self.exchange is not None:
             self.exchange.upstream_flush()
-        self.flush()
 
     # ---------------------------------------------------------------- output
 

@@ -71,7 +71,7 @@ class Exchange:
         "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
         "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
         "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
-        "forward_headers", "forward_path", "mirrors", "set_cookie",
+        "forward_headers", "forward_path", "mirrors", "set_cookie", "switching",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead):
@@ -121,6 +121,7 @@ class Exchange:
         self.forward_path = b""
         self.mirrors = None                      # MirrorCopy objects fed with the request body
         self.set_cookie = None                   # a sticky-session cookie the proxy issues
+        self.switching = False                   # a 101 arrived; tunnel after this read
 
     # ================================================================ 1. route
 
@@ -440,7 +441,9 @@ class Exchange:
         self.response_head = head
         self.status = status
         if status == 101:
-            return self._switch_protocols(head)
+            # hand over once the parser has finished this read (its leftovers are the tunnel's)
+            self.switching = True
+            return
         self.worker.clusters_record(self.cluster, self.endpoint, status)
         down = self.down
         keep_alive = self.keep_alive_now()
@@ -490,6 +493,8 @@ class Exchange:
         self.down.write(data)
 
     def upstream_complete(self, conn: "UpstreamConnection") -> None:
+        if self.switching:
+            return
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
@@ -506,6 +511,10 @@ class Exchange:
         self._finish(self.keep_alive_now() and not self.close_delimited)
 
     def downstream_flush(self) -> None:
+        if self.switching:
+            self.switching = False
+            self._switch_protocols(self.response_head)
+            return
         self.down.flush()
 
     def downstream_write_paused(self) -> None:

@@ -87,6 +87,8 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
             continue
         out.append((name, value))
     if named:
+        if upgrade:
+            named = named - {b"upgrade"}
         out = [(n, v) for n, v in out if n not in named]
     if framing is not None:
         out.append(framing)

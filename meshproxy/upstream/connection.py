@@ -92,7 +92,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange.upstream_body(data)
 
     def on_message_complete(self) -> None:
-        self.exchange.upstream_complete(self)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.upstream_complete(self)
 
     # ---------------------------------------------------------------- used by the exchange
 
