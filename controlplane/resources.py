@@ -46,8 +46,9 @@ BY_ANY_NAME = {name: k for k in KINDS for name in (k.plural, k.kind.lower(), *k.
 
 # metadata keys a client may set; the rest of metadata is owned by the server
 CLIENT_METADATA = ("name", "namespace", "labels", "annotations", "resourceVersion")
-# metadata keys that reach proxies (and therefore the content hash)
-PROXY_METADATA = ("name", "namespace", "labels", "annotations")
+# metadata keys that reach proxies (and therefore the content hash); creationTimestamp
+# decides which of two VirtualServices for one host wins (Istio: the oldest)
+PROXY_METADATA = ("name", "namespace", "labels", "annotations", "creationTimestamp")
 
 
 def lookup_kind(name: str) -> Kind | None:
@@ -70,6 +71,14 @@ def proxy_view(obj: dict) -> dict:
     out_md = {k: md[k] for k in PROXY_METADATA if k in md and md[k] not in (None, {}, "")}
     return {"apiVersion": obj.get("apiVersion", DEFAULT_API_VERSION), "kind": obj["kind"],
             "metadata": out_md, "spec": obj.get("spec") or {}}
+
+
+def user_view(obj: dict) -> dict:
+    """What the user controls: equal user views = a no-op write."""
+    md = obj.get("metadata") or {}
+    return {"apiVersion": obj.get("apiVersion", DEFAULT_API_VERSION), "kind": obj["kind"],
+            "metadata": {k: md[k] for k in CLIENT_METADATA if k != "resourceVersion" and md.get(k) not in (None, {}, "")},
+            "spec": obj.get("spec") or {}}
 
 
 def canonical_json(value) -> bytes:

@@ -100,11 +100,11 @@ def open_store(spec: str, *, clock=None) -> ConfigStore:
 
 
 def same_content(a: dict | None, b: dict | None) -> bool:
-    """True when two stored objects would give proxies the same config."""
-    from .resources import proxy_view
+    """True when two objects carry the same user content (spec, labels, annotations...)."""
+    from .resources import user_view
     if a is None or b is None:
         return a is b
-    return proxy_view(a) == proxy_view(b)
+    return user_view(a) == user_view(b)
 
 
 def check_precondition(key: ResourceKey, existing: dict | None, expect_version: str | None,

@@ -13,19 +13,11 @@ import re
 
 from .resources import API_VERSIONS, GROUP, describe, proxy_view
 
-try:  # the decoder is being written in parallel; until it lands only metadata is checked
-    from meshproxy.config.decode import decode_documents as _decode_documents
-    from meshproxy.config.load import Document as _Document
-except ImportError:  # pragma: no cover - depends on what has landed
-    _decode_documents = None
-    _Document = None
+from meshproxy.config.decode import decode_documents as _decode_documents
+from meshproxy.config.resources import Document as _Document
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-def decoder_available() -> bool:
-    return _decode_documents is not None
 
 
 def check_metadata(obj: dict, kind: str, namespace: str, name: str | None) -> list[str]:
@@ -66,14 +58,12 @@ def check_metadata(obj: dict, kind: str, namespace: str, name: str | None) -> li
 def validate_object(obj: dict, kind: str, namespace: str, name: str | None = None) -> list[str]:
     """Every problem with ``obj`` as one line each ("Kind ns/name: path: message"); [] if valid."""
     errors = check_metadata(obj, kind, namespace, name)
-    if errors or _decode_documents is None:
+    if errors:
         return errors
     return decode_errors([proxy_view(obj)])
 
 
 def decode_errors(objects: list[dict], source: str = "controlplane") -> list[str]:
     """Run the proxy's decoder over proxy views; returns its errors (path-qualified)."""
-    if _decode_documents is None:
-        return []
     docs = [_Document(source, i, obj) for i, obj in enumerate(objects)]
     return list(_decode_documents(docs).errors)

@@ -79,6 +79,19 @@ def test_invalid_resource_is_rejected_with_422_status_naming_every_error_path(ap
     assert api.call("GET", VS_PATH)[1]["items"] == []
 
 
+def test_spec_errors_from_the_proxy_decoder_are_all_returned_with_their_paths(api):
+    bad = vs()
+    bad["spec"]["http"][0]["route"][0]["weight"] = -5
+    bad["spec"]["http"][0]["route"][1]["wieght"] = bad["spec"]["http"][0]["route"][1].pop("weight")
+    code, status = api.call("PUT", f"{VS_PATH}/reviews", bad)
+    assert code == 422
+    causes = status["details"]["causes"]
+    assert [c["field"] for c in causes][:2] == ["spec.http[0].route[0].weight", "spec.http[0].route[1].wieght"]
+    assert causes[0]["message"] == "VirtualService default/reviews: spec.http[0].route[0].weight: must be >= 0, got -5"
+    assert "unknown field" in causes[1]["message"]
+    assert api.call("GET", f"{VS_PATH}/reviews")[0] == 404          # nothing stored, nothing pushed
+
+
 def test_yaml_body_is_accepted_like_json(cp):
     import urllib.request
     body = b"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ratings\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - destination: {host: ratings}\n"
