@@ -116,6 +116,7 @@ class RemoteConfigClient:
             self.registration.setdefault("id", node_id)
             self.registration.setdefault("node_id", node_id)
             self.registration.setdefault("ttl", ttl)
+            self.identity_info.setdefault("service", self.registration.get("service", ""))
         self.ttl = ttl
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
