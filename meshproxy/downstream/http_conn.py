@@ -36,7 +36,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
-        "closed", "upgrade_buffer", "replaying",
+        "closed", "upgrade_buffer", "replaying", "feeding", "out_start",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -57,6 +57,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.closed = False
         self.upgrade_buffer: list[bytes] | None = None
         self.replaying = False
+        self.feeding = False                 # inside parser.feed (upstream writes are held)
+        self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
 
     # ---------------------------------------------------------------- transport events
 
@@ -77,11 +79,14 @@ class DownstreamConnection(asyncio.Protocol):
         if self.state == IDLE:
             self.state = READING
             self.since = self.worker.clock()
+        self.feeding = True
         try:
             self.parser.feed(data)
         except ProtocolError as err:
+            self.feeding = False
             self.reject(err.status, err.reason)
             return
+        self.feeding = False
         if self.exchange is not None:
             self.exchange.upstream_flush()
         self.flush()
@@ -141,6 +146,7 @@ class DownstreamConnection(asyncio.Protocol):
         if head.upgrade:
             # bytes after an upgrade request's head belong to the tunnel
             self.upgrade_buffer = []
+        self.out_start = len(self.out)
         self.exchange = Exchange(self, head)
         self.exchange.start()
 
@@ -210,19 +216,24 @@ class DownstreamConnection(asyncio.Protocol):
                 else:
                     self.transport.write(b"".join(out))
             out.clear()
+            self.out_start = 0
+            exchange = self.exchange
+            if exchange is not None and exchange.response_started:
+                exchange.response_flushed = True
 
     def reject(self, status: int, reason: str) -> None:
         """A request the codec refused: answer and close; parse nothing more."""
         self.worker.metrics_rejected(reason, status)
-        self.out.clear()
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
             exchange.abandon()
-            if exchange.response_started:
-                # part of a response is already out: an error status cannot follow it
+            if exchange.response_flushed:
+                # part of its response already left: an error status cannot follow it
                 self.abort()
                 return
+            del self.out[self.out_start:]    # drop its unsent answer; earlier answers still go
+        self.queue = None
         if not self.closed:
             self.transport.write(error_response(status, close=True))
         self.close_after_flush()

@@ -71,7 +71,8 @@ class Exchange:
         "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
         "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
         "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
-        "forward_headers", "forward_path", "mirrors", "set_cookie", "switching",
+        "forward_headers", "forward_path", "mirrors", "set_cookie", "switching", "up_out",
+        "response_flushed",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead):
@@ -122,6 +123,8 @@ class Exchange:
         self.mirrors = None                      # MirrorCopy objects fed with the request body
         self.set_cookie = None                   # a sticky-session cookie the proxy issues
         self.switching = False                   # a 101 arrived; tunnel after this read
+        self.up_out: list[bytes] = []            # upstream bytes held until the downstream read is parsed
+        self.response_flushed = False            # some response bytes reached the socket
 
     # ================================================================ 1. route
 
@@ -360,7 +363,7 @@ class Exchange:
             self.buffered_bytes = 0
         if self.request_complete and self.head.body_kind == BODY_CHUNKED:
             out.append(LAST_CHUNK)
-        conn.write(b"".join(out) if len(out) > 1 else out[0])
+        self._up_write(b"".join(out) if len(out) > 1 else out[0])
         self.down.resume_reading(_READ_PAUSE_CONNECTING)
         if self.head.expect_continue and not self.request_complete and self.attempts == 1:
             self.down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -393,7 +396,7 @@ class Exchange:
             if self.buffered_bytes > _MAX_BUFFERED_BODY:
                 self.down.pause_reading(_READ_PAUSE_CONNECTING)
             return
-        conn.write(data)
+        self._up_write(data)
         if self.retained_body is not None:
             self._retain([data])
 
@@ -410,12 +413,27 @@ class Exchange:
             return
         conn = self.upstream
         if conn is not None and self.head.body_kind == BODY_CHUNKED:
-            conn.write(LAST_CHUNK)
+            self._up_write(LAST_CHUNK)
             if self.retained_body is not None:
                 self._retain([LAST_CHUNK])
 
+    def _up_write(self, data: bytes) -> None:
+        """Bytes for the upstream.  While the downstream read that produced them is still
+        being parsed they are held, so that a framing error later in the same read
+        forwards nothing at all; ``upstream_flush`` sends them once the read is done."""
+        if self.down.feeding:
+            self.up_out.append(data)
+        else:
+            self.upstream.write(data)
+
     def upstream_flush(self) -> None:
-        """Called after a downstream read was parsed (writes are not buffered upstream)."""
+        """Called after a downstream read was parsed."""
+        out = self.up_out
+        if out:
+            conn = self.upstream
+            if conn is not None:
+                conn.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
 
     def upstream_write_paused(self) -> None:
         self.down.pause_reading(_READ_PAUSE_UPSTREAM)
@@ -705,5 +723,9 @@ class Exchange:
         self.worker.on_exchange_done(self)
 
     def abandon(self) -> None:
-        """The downstream connection is being rejected (a later pipelined request was bad)."""
+        """The downstream connection is being rejected (a framing error in this request's
+        body, or in a later pipelined request): whatever was held back for the upstream
+        is dropped, and an upstream connection that already saw part of this request is
+        reset, so the upstream never sees a complete request."""
+        self.up_out.clear()
         self.downstream_lost()

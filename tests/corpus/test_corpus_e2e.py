@@ -14,14 +14,18 @@ import time
 import pytest
 
 from helpers import ProxyProcess, service_entry_yaml
-from replay import CORPORA, read_tsv, smuggling_expectation
+from replay import CORPORA, read_tsv, replay, smuggling_expectation
 
 SMUGGLING = CORPORA / "smuggling"
 ROWS = read_tsv(SMUGGLING / "cases.tsv")
 REQUEST_ROWS = [r for r in ROWS if r["file"].startswith("requests/")]
 REJECT_ROWS = [r for r in REQUEST_ROWS if smuggling_expectation(r)[0] == "reject"]
-ACCEPT_ROWS = [r for r in REQUEST_ROWS if smuggling_expectation(r)[0] == "accept"]
+# Deliberately stricter than the corpus (llhttp refuses these; both backends stay on one
+# verdict; triaged in docs/corpus-results.md): answered 400.
 STRICTER_THAN_CORPUS = {"rfc-trailer-framing-fields", "h11-cl-duplicate-same-0"}
+ACCEPT_ROWS = [r for r in REQUEST_ROWS if smuggling_expectation(r)[0] == "accept"
+               and r["id"] not in STRICTER_THAN_CORPUS]
+STRICTER_ROWS = [r for r in REQUEST_ROWS if r["id"] in STRICTER_THAN_CORPUS]
 FOLLOW_UP = b"GET /follow-up HTTP/1.1\r\nHost: a\r\n\r\n"
 
 
@@ -81,7 +85,9 @@ def corpus_proxy(request, upstream_rec, tmp_path_factory):
     # the Host values the corpus's accepted cases use, all routed to the recording upstream
     (cfg / "mesh.yaml").write_text(service_entry_yaml("a", 80, [("127.0.0.1", upstream_rec.port, {})])
                                    .replace("hosts: [a]", "hosts: [a, localhost, whatever, b.example]"))
-    proxy = ProxyProcess(cfg, codec=request.param, extra_args=["--header-timeout", "1"]).start()
+    # the corpus's expectations assume a 16 KiB header block (the codec-level replay uses the same)
+    proxy = ProxyProcess(cfg, codec=request.param,
+                         extra_args=["--header-timeout", "1", "--max-header-bytes", "16384"]).start()
     yield proxy
     proxy.stop()
 
@@ -113,7 +119,10 @@ def test_rejected_case_gets_its_status_a_closed_connection_and_nothing_upstream(
     data = (SMUGGLING / row["file"]).read_bytes()
     _, codes = smuggling_expectation(row)
     upstream_rec.take()
-    response, closed = _exchange(corpus_proxy.port, data + FOLLOW_UP)
+    # a valid request written right behind the bad bytes must not be answered either;
+    # a head that is incomplete on its own would be completed by it, so it goes alone
+    complete = replay(corpus_proxy.codec, data).status != 0
+    response, closed = _exchange(corpus_proxy.port, data + FOLLOW_UP if complete else data)
     status = int(response[9:12]) if response.startswith(b"HTTP/1.1 ") else 0
     if row["id"] in STRICTER_THAN_CORPUS:
         codes = {400}
@@ -141,3 +150,13 @@ def test_accepted_case_reaches_the_upstream_reframed(row, corpus_proxy, upstream
         # routing-level answers (e.g. 404 for a host that is not in the mesh) are allowed,
         # framing-level refusals are not
         assert status not in (400, 411, 413, 414, 431, 501, 505), response[:80]
+
+
+@pytest.mark.parametrize("row", STRICTER_ROWS, ids=lambda r: r["id"])
+def test_cases_we_refuse_on_purpose_get_400_and_nothing_upstream(row, corpus_proxy, upstream_rec):
+    data = (SMUGGLING / row["file"]).read_bytes()
+    upstream_rec.take()
+    response, closed = _exchange(corpus_proxy.port, data)
+    assert response.startswith(b"HTTP/1.1 400") and closed
+    time.sleep(0.02)
+    assert upstream_rec.take() == b""
