@@ -117,8 +117,8 @@ def h2load_argv(url: str, *, rate: int, conns: int, duration_s: float, warmup_s:
     argv = ["h2load", "--h1", "-t", "1", "-c", str(conns), "-m", "1", "--rps", str(rate // conns),
             "-D", str(max(1, round(duration_s))), "--warm-up-time", str(max(1, round(warmup_s))),
             "--log-file", log_path]
-    if host:
-        argv += ["-H", f"host: {host}"]
+    if host:  # `-H host: X` would send a second Host header; :authority replaces the first
+        argv += ["-H", f":authority: {host}"]
     return argv + [url]
 
 
@@ -127,7 +127,7 @@ def run_h2load_rate(prefix: list[str], url: str, *, rate: int, conns: int, durat
     Path(log_path).unlink(missing_ok=True)  # h2load appends to an existing log file
     argv = prefix + h2load_argv(url, rate=rate, conns=conns, duration_s=duration_s, warmup_s=warmup_s,
                                 host=host, log_path=log_path)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + warmup_s + 60)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + warmup_s + 20)
     if out.returncode != 0:
         raise RuntimeError(f"h2load failed ({out.returncode}): {out.stdout[-500:]} {out.stderr.strip()}")
     return parse_h2load_log(Path(log_path).read_text(), rate), " ".join(argv)

@@ -42,7 +42,7 @@ def test_h2load_argv_splits_rate_over_connections():
                                log_path="/tmp/l")
     assert argv[argv.index("--rps") + 1] == "5000"  # --rps is per connection
     assert "-r" not in argv  # -r is a rate of new connections, not of requests
-    assert "host: bench.local" in argv
+    assert ":authority: bench.local" in argv  # `-H host:` would add a duplicate Host header
     with pytest.raises(ValueError):
         loadgen.h2load_argv("http://x/", rate=10_000, conns=3, duration_s=3, warmup_s=1, host=None, log_path="l")
 
