@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 _MAX_RETAINED_BODY = 64 * 1024     # request body kept for replay on retry
 _MAX_BUFFERED_BODY = 64 * 1024     # request body held while the upstream connects
 _NO_BODY_STATUSES = frozenset((204, 304))
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 _READ_PAUSE_UPSTREAM = 1           # DownstreamConnection.read_paused_by bits
 _READ_PAUSE_CONNECTING = 8
 
@@ -72,7 +73,7 @@ class Exchange:
         "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
         "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
         "forward_headers", "forward_path", "mirrors", "set_cookie", "switching", "up_out",
-        "response_flushed",
+        "response_flushed", "reused", "stale_retried",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead):
@@ -125,6 +126,8 @@ class Exchange:
         self.switching = False                   # a 101 arrived; tunnel after this read
         self.up_out: list[bytes] = []            # upstream bytes held until the downstream read is parsed
         self.response_flushed = False            # some response bytes reached the socket
+        self.reused = False                      # this attempt runs on a pooled keep-alive connection
+        self.stale_retried = False
 
     # ================================================================ 1. route
 
@@ -300,7 +303,7 @@ class Exchange:
         self.tried = self.tried | {(endpoint.address, endpoint.port)}
         key = (endpoint.address, endpoint.port)
         policy = cluster.cluster.policy.connection_pool
-        conn = worker.pools.acquire_idle(key, policy.idle_timeout)
+        conn = None if self.stale_retried else worker.pools.acquire_idle(key, policy.idle_timeout)
         self.upstream_start = worker.clock()
         if conn is not None:
             self._send_on(conn)
@@ -345,6 +348,7 @@ class Exchange:
 
     def _send_on(self, conn: "UpstreamConnection") -> None:
         self.upstream = conn
+        self.reused = conn.requests > 0
         conn.exchange = self
         self.cluster.on_request_start(self.endpoint)
         per_try = self.route.retries.per_try_timeout if self.retry is not None else None
@@ -640,6 +644,14 @@ class Exchange:
         self._answer_failure(504, "UT")
 
     def _attempt_failed(self, failure: Failure) -> None:
+        if (failure is Failure.RESET_BEFORE_RESPONSE and self.reused and not self.stale_retried
+                and self.head.method in _IDEMPOTENT
+                and (self.head.body_kind == BODY_NONE or self.retained_body is not None)):
+            # the upstream closed a keep-alive connection as we reused it (the classic
+            # intermittent 503 UC): not the endpoint's fault, try once more on a new one
+            self.stale_retried = True
+            self.tried = frozenset()
+            return self._attempt()
         self.worker.clusters_record(self.cluster, self.endpoint, failure.condition)
         retry = self.retry
         if retry is not None:

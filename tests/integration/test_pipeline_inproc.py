@@ -292,3 +292,28 @@ async def test_mirror_percentage_is_followed():
         await worker.drain(1)
         await main.close()
         await shadow.close()
+
+
+async def test_reused_keepalive_connection_closed_by_the_upstream_is_retried_on_a_new_one():
+    """The classic intermittent 503 UC: the upstream closes an idle keep-alive connection
+    just as the proxy reuses it.  An idempotent request is sent again on a new connection."""
+    state = {"n": 0}
+
+    async def close_after_first(req, writer):
+        state["n"] += 1
+        if state["n"] == 2:
+            writer.transport.abort()       # the second request lands on a connection that dies
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        return True
+
+    up = await Upstream(close_after_first).start()
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", up.port)])
+    try:
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert up.connections == 2
+    finally:
+        await worker.drain(1)
+        await up.close()
