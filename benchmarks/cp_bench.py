@@ -1,0 +1,256 @@
+"""Control-plane benchmarks.
+
+  .venv/bin/python benchmarks/cp_bench.py propagation [--proxies 1000] [--rounds 5]
+  .venv/bin/python benchmarks/cp_bench.py scale [--services 10000] [--endpoints 3]
+
+propagation: a real `meshctl serve` process (SQLite) and, in a separate process, N
+simulated proxies, each a real RemoteConfigClient holding its own HTTP stream and ACKing
+every config (the callback returns [] at once: this measures the control plane and the
+transport, not the proxy's compile).  Each round applies a VirtualService change and
+measures, per proxy, the time from `apply` returning to that proxy's ACK being accepted
+(both processes read CLOCK_MONOTONIC).  Reports p50/p99/max of every ACK and the
+control plane's CPU time and RSS.
+
+scale: N services x M registered endpoints in one control plane (in process, SQLite on
+tmpfs): RSS of the control plane, time to compute one push, and for one sidecar proxy the
+size of its message and the time to build its snapshot (decode + compile, what the proxy
+does on receipt).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlplane.cli import Client  # noqa: E402
+from controlplane.testing import ControlPlaneProcess  # noqa: E402
+
+VS_PATH = "/apis/networking.istio.io/v1/namespaces/default/virtualservices"
+
+
+def vs(weight: int) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "demo"},
+            "spec": {"hosts": ["demo"], "http": [{"route": [
+                {"destination": {"host": "demo", "subset": "v1"}, "weight": weight},
+                {"destination": {"host": "demo", "subset": "v2"}, "weight": 100 - weight}]}]}}
+
+
+def proc_cpu_rss(pid: int) -> tuple[float, int]:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return cpu, rss * 1024
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+# ---------------------------------------------------------------- simulated proxies (child process)
+
+
+async def simulate(url: str, count: int) -> None:
+    """N RemoteConfigClients; on 'report' (stdin) print {node: [version, ack_monotonic]}."""
+    from meshproxy.config.remote import RemoteConfigClient
+    from meshproxy.config import remote as remote_module
+
+    acked: dict[str, tuple[str, float]] = {}
+    clients = []
+    for i in range(count):
+        node = f"sim-{i}"
+        client = RemoteConfigClient([url], node, {"namespace": "default", "labels": {"app": "sim"}},
+                                    lambda r, w, v: [], None, read_timeout=120.0, connect_timeout=30.0)
+        clients.append(client)
+
+    original = remote_module.http_call
+
+    async def timed_http_call(u, method, path, body, timeout):
+        result = await original(u, method, path, body, timeout)
+        if path == "/push/v1/ack" and not body["errors"]:
+            acked[body["node_id"]] = (body["version"], time.monotonic())
+        return result
+
+    remote_module.http_call = timed_http_call
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        if line.strip() == b"report":
+            connected = sum(1 for c in clients if c.status.connected)
+            sys.stdout.write(json.dumps({"connected": connected, "acked": acked}) + "\n")
+            sys.stdout.flush()
+    for t in tasks:
+        t.cancel()
+
+
+class Simulator:
+    def __init__(self, url: str, count: int):
+        self.proc = subprocess.Popen([sys.executable, __file__, "_simulate", url, str(count)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def report(self) -> dict:
+        self.proc.stdin.write("report\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def propagation(proxies: int, rounds: int) -> dict:
+    tmp = tempfile.mkdtemp(prefix="cp-bench-")
+    cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db").start()
+    api = Client(cp.url)
+    api.call("PUT", f"{VS_PATH}/demo", vs(100))
+    sim = Simulator(cp.url, proxies)
+    results = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            rep = sim.report()
+            if len(rep["acked"]) == proxies or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        print(f"{rep['connected']} proxies connected, {len(rep['acked'])} ACKed the initial config", flush=True)
+        cpu0, rss0 = proc_cpu_rss(cp.proc.pid)
+        for r in range(rounds):
+            weight = 90 - 10 * r
+            code, _ = api.call("PUT", f"{VS_PATH}/demo", vs(weight))
+            applied = time.monotonic()
+            assert code == 200, code
+            target = None
+            while True:
+                time.sleep(0.05)
+                rep = sim.report()
+                versions = {v for v, _ in rep["acked"].values()}
+                latest = [t for v, t in rep["acked"].values() if t >= applied]
+                if len(latest) == proxies and len(versions) == 1:
+                    target = versions.pop()
+                    break
+                if time.monotonic() - applied > 60:
+                    raise TimeoutError(f"round {r}: only {len(latest)} of {proxies} ACKed within 60 s")
+            lat = [t - applied for _, t in rep["acked"].values()]
+            results.append(lat)
+            print(f"round {r}: weight {weight}/{100 - weight} version {target}: p50 {1000 * pct(lat, 50):.0f} ms  "
+                  f"p99 {1000 * pct(lat, 99):.0f} ms  last {1000 * max(lat):.0f} ms", flush=True)
+            time.sleep(0.3)
+        cpu1, rss1 = proc_cpu_rss(cp.proc.pid)
+    finally:
+        sim.close()
+        cp.stop()
+    every = [x for lat in results for x in lat]
+    lasts = [max(lat) for lat in results]
+    return {"proxies": proxies, "rounds": rounds, "p50_ms": 1000 * pct(every, 50), "p99_ms": 1000 * pct(every, 99),
+            "last_ack_ms_median_over_rounds": 1000 * statistics.median(lasts),
+            "cp_cpu_seconds_per_round": (cpu1 - cpu0) / rounds, "cp_rss_mb": rss1 / 2**20,
+            "debounce_ms": 100}
+
+
+# ---------------------------------------------------------------- scale (in process)
+
+
+async def scale(services: int, endpoints: int) -> dict:
+    from controlplane.push import PushEngine
+    from controlplane.scope import Identity
+    from controlplane.store_sqlite import SqliteStore
+    from meshproxy.config.compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
+    from meshproxy.config.decode import decode_documents
+    from meshproxy.config.model import ProxySettings
+    from meshproxy.config.resources import Document
+
+    rss_start = proc_cpu_rss(os.getpid())[1]
+    tmp = tempfile.mkdtemp(prefix="cp-scale-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    store = SqliteStore(f"{tmp}/cp.db")
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    t0 = time.perf_counter()
+    for s in range(services):
+        for e in range(endpoints):
+            await store.register({"id": f"svc{s}-{e}", "service": f"svc{s}", "namespace": "default",
+                                  "address": f"10.{s // 250 % 256}.{s % 250}.{e + 1}", "ports": {"http": 8080},
+                                  "labels": {"app": f"svc{s}", "version": "v1" if e else "v2"}}, 3600)
+    # a canary VirtualService + DestinationRule for one service in every hundred
+    for s in range(0, services, 100):
+        await store.put({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                         "metadata": {"name": f"svc{s}", "namespace": "default"},
+                         "spec": {"host": f"svc{s}", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                                                   {"name": "v2", "labels": {"version": "v2"}}]}})
+        await store.put({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                         "metadata": {"name": f"svc{s}", "namespace": "default"},
+                         "spec": {"hosts": [f"svc{s}"], "http": [{"route": [
+                             {"destination": {"host": f"svc{s}", "subset": "v1"}, "weight": 90},
+                             {"destination": {"host": f"svc{s}", "subset": "v2"}, "weight": 10}]}]}})
+    fill = time.perf_counter() - t0
+    proxy = engine.connect("one", {"namespace": "default", "labels": {"app": "svc1"}})
+    t1 = time.perf_counter()
+    engine._recompute(time.monotonic())
+    push_compute = time.perf_counter() - t1
+    message = engine._message_for(proxy)
+    rss_cp = proc_cpu_rss(os.getpid())[1]
+
+    payload = json.loads(message)
+    t2 = time.perf_counter()
+    decoded = decode_documents([Document("controlplane", i, b) for i, b in enumerate(payload["resources"])])
+    workloads = [WorkloadEndpoint(w["service"], w["namespace"], w["address"], w["ports"], w["labels"])
+                 for w in payload["workloads"]]
+    result = compile_snapshot(decoded.resources, ProxyIdentity(namespace="default", labels={"app": "svc1"}),
+                              ProxySettings(), workloads=workloads, version=payload["version"])
+    build = time.perf_counter() - t2
+    await engine.close()
+    await store.close()
+    return {"services": services, "endpoints_per_service": endpoints,
+            "virtualservices": len(range(0, services, 100)), "fill_seconds": fill,
+            "cp_rss_mb": rss_cp / 2**20, "cp_rss_growth_mb": (rss_cp - rss_start) / 2**20,
+            "push_compute_ms": 1000 * push_compute,
+            "snapshot_message_bytes": len(message), "proxy_build_ms": 1000 * build,
+            "proxy_clusters": len(result.snapshot.clusters), "decode_errors": len(decoded.errors),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_simulate":
+        try:
+            import uvloop
+            uvloop.run(simulate(sys.argv[2], int(sys.argv[3])))
+        except ImportError:
+            asyncio.run(simulate(sys.argv[2], int(sys.argv[3])))
+        return 0
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("propagation")
+    p.add_argument("--proxies", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=5)
+    p = sub.add_parser("scale")
+    p.add_argument("--services", type=int, default=10_000)
+    p.add_argument("--endpoints", type=int, default=3)
+    args = parser.parse_args()
+    if args.what == "propagation":
+        result = propagation(args.proxies, args.rounds)
+    else:
+        result = asyncio.run(scale(args.services, args.endpoints))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
