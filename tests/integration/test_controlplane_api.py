@@ -175,3 +175,20 @@ def test_meshctl_history_and_rollback(cp):
     rolled = meshctl(cp, "rollback", "3")
     assert rolled.stdout.strip() == "rolled back to revision 3: now at revision 5"
     assert "v1=90" in meshctl(cp, "get", "vs", "-o", "wide").stdout
+
+
+def test_watch_streams_added_modified_and_deleted_events(cp, api):
+    import http.client
+    api.call("PUT", f"{VS_PATH}/reviews", vs())
+    conn = http.client.HTTPConnection("127.0.0.1", cp.port, timeout=5)
+    conn.request("GET", f"{VS_PATH}?watch=true")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = [json.loads(resp.readline())]
+    api.call("PUT", f"{VS_PATH}/reviews", vs(weights=(50, 50)))
+    events.append(json.loads(resp.readline()))
+    api.call("DELETE", f"{VS_PATH}/reviews")
+    events.append(json.loads(resp.readline()))
+    conn.close()
+    assert [(e["type"], e["object"]["metadata"]["resourceVersion"]) for e in events] == [
+        ("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "2")]
