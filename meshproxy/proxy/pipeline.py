@@ -586,6 +586,12 @@ class Exchange:
     # ================================================================ failures, timeouts, retries
 
     def upstream_reset(self, conn, exc) -> None:
+        self._upstream_failed(conn, Failure.RESET_BEFORE_RESPONSE)
+
+    def upstream_protocol_error(self, conn, err: ProtocolError) -> None:
+        self._upstream_failed(conn, Failure.PROTOCOL_ERROR)
+
+    def _upstream_failed(self, conn, failure: Failure) -> None:
         if conn is not self.upstream or self.finished:
             return
         self.upstream = None
@@ -593,24 +599,11 @@ class Exchange:
         conn.close()
         if self.response_started:
             # mid-body: the client must not see this response as complete
-            self.flags = "UC"
+            self.flags = failure.flag
             self.down.abort()
             self._finish(False)
             return
-        self._attempt_failed(Failure.RESET_BEFORE_RESPONSE)
-
-    def upstream_protocol_error(self, conn, err: ProtocolError) -> None:
-        if conn is not self.upstream or self.finished:
-            return
-        self.upstream = None
-        self.cluster.on_request_end(self.endpoint)
-        conn.close()
-        if self.response_started:
-            self.flags = "UPE"
-            self.down.abort()
-            self._finish(False)
-            return
-        self._attempt_failed(Failure.PROTOCOL_ERROR)
+        self._attempt_failed(failure)
 
     def _per_try_timeout(self) -> None:
         self.try_timer = None
