@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=None, help="wrk runs per size; median reported (default 3, quick 1)")
     p.add_argument("--conns", type=int, default=50, help="wrk connections (default 50)")
     p.add_argument("--rate", type=int, default=10_000, help="fixed request rate for latency (default 10000 req/s)")
-    p.add_argument("--rate-conns", type=int, default=2,
-                   help="keep-alive connections sharing the fixed rate (default 2, i.e. 5000 req/s each; see README on why few)")
+    p.add_argument("--rate-conns", type=int, default=10,
+                   help="h2load processes of one keep-alive connection each sharing the fixed rate "
+                        "(default 10, i.e. 1000 req/s each; see README)")
     p.add_argument("--rate-duration", type=float, default=None, help="seconds measured at the fixed rate (default 10, quick 3)")
     p.add_argument("--tcp-mib", type=int, default=None, help="size of the TCP download in MiB (default 1024, quick 256)")
     p.add_argument("--tcp-repeat", type=int, default=None, help="TCP downloads per target; median (default 3, quick 2)")
@@ -205,6 +206,7 @@ class Target:
     def __init__(self, name: str, http_port: int, tcp_port: int | None = None, host: str | None = None):
         self.name, self.http_port, self.tcp_port, self.host = name, http_port, tcp_port, host
         self.managed: procs.Managed | None = None
+        self.tcp_note: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -232,39 +234,16 @@ def start_target(name: str, args, ps: ProcessSet, tmp: Path, upstream_port: int,
         procs.wait_port(port, proc=t.managed.proc)
         return t
     if name.startswith("meshproxy"):
-        port, tport, admin = procs.free_port(), procs.free_port(), procs.free_port()
-        cfg_dir = tmp / "mesh"
-        cfg_dir.mkdir(exist_ok=True)
-        if name == "meshproxy-realistic":
-            from lib import meshconfig
-            (cfg_dir / "realistic.yaml").write_text(meshconfig.realistic(upstream_port, tport))
-        elif args.meshproxy_config:
-            src = Path(args.meshproxy_config)
-            files = [src] if src.is_file() else sorted(src.iterdir())
-            for f in files:
-                text = f.read_text()
-                if f.suffix == ".tmpl":
-                    text = Template(text).safe_substitute(upstream_port=upstream_port, tcp_port=tport)
-                (cfg_dir / f.name.removesuffix(".tmpl")).write_text(text)
-        else:
-            render_template("meshproxy.yaml.tmpl", cfg_dir / "bench.yaml", upstream_port=upstream_port, tcp_port=tport)
-        argv = pre + [args.meshproxy, "run", "--config", str(cfg_dir), "--listen", f"127.0.0.1:{port}",
-                      "--admin", f"127.0.0.1:{admin}", "--workers", str(args.workers),
-                      "--log-level", "WARNING", *args.meshproxy_arg]
-        if name in args.variants:
-            argv += [a.replace("$otlp_url", ensure_otlp_sink(args, ps, tmp)) for a in args.variants[name]]
-        t = Target(name, port, tport, host=HOST)
-        t.managed = ps.start(name, argv, str(tmp / f"{name}.log"))
         try:
-            procs.wait_http_ok(f"http://127.0.0.1:{admin}/ready", timeout=30, proc=t.managed.proc)
-        except Exception:
-            log = Path(tmp / f"{name}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"meshproxy did not become ready; log tail:\n{log}")
-        try:
-            procs.wait_port(tport, timeout=2)
-        except TimeoutError:
-            t.tcp_port = None  # TCP listener not there (yet): reported as not measured
-        return t
+            return _start_meshproxy(name, args, ps, tmp, upstream_port, pre, with_tcp=True)
+        except RuntimeError as exc:
+            if args.meshproxy_config:
+                raise
+            # the TCP listener may be what breaks it: measure HTTP without it rather than nothing
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "?"
+            t = _start_meshproxy(name, args, ps, tmp, upstream_port, pre, with_tcp=False)
+            t.tcp_note = f"meshproxy failed to start with the TCP listener config ({first}); HTTP measured without it"
+            return t
     raise ValueError(name)
 
 
@@ -291,6 +270,47 @@ def ensure_otlp_sink(args, ps: ProcessSet, tmp: Path) -> str:
     procs.wait_port(port, proc=m.proc)
     args.otlp_url = f"http://127.0.0.1:{port}/v1/traces"
     return args.otlp_url
+
+
+def _start_meshproxy(name, args, ps: ProcessSet, tmp: Path, upstream_port: int, pre, with_tcp: bool) -> Target:
+    port, tport, admin = procs.free_port(), procs.free_port(), procs.free_port()
+    cfg_dir = tmp / f"mesh-{name}-{'tcp' if with_tcp else 'http'}"
+    cfg_dir.mkdir()
+    if name == "meshproxy-realistic":
+        from lib import meshconfig
+        (cfg_dir / "realistic.yaml").write_text(meshconfig.realistic(upstream_port, tport, with_tcp=with_tcp))
+    elif args.meshproxy_config:
+        src = Path(args.meshproxy_config)
+        for f in ([src] if src.is_file() else sorted(src.iterdir())):
+            text = f.read_text()
+            if f.suffix == ".tmpl":
+                text = Template(text).safe_substitute(upstream_port=upstream_port, tcp_port=tport)
+            (cfg_dir / f.name.removesuffix(".tmpl")).write_text(text)
+    else:
+        render_template("meshproxy.yaml.tmpl", cfg_dir / "bench.yaml", upstream_port=upstream_port)
+        if with_tcp:
+            render_template("meshproxy-tcp.yaml.tmpl", cfg_dir / "bench-tcp.yaml", upstream_port=upstream_port,
+                            tcp_port=tport)
+    argv = pre + [args.meshproxy, "run", "--config", str(cfg_dir), "--listen", f"127.0.0.1:{port}",
+                  "--admin", f"127.0.0.1:{admin}", "--workers", str(args.workers),
+                  "--log-level", "WARNING", *args.meshproxy_arg]
+    if name in args.variants:
+        argv += [a.replace("$otlp_url", ensure_otlp_sink(args, ps, tmp)) for a in args.variants[name]]
+    t = Target(name, port, tport if with_tcp else None, host=HOST)
+    log_path = tmp / f"{name}-{'tcp' if with_tcp else 'http'}.log"
+    t.managed = ps.start(name, argv, str(log_path))
+    try:
+        procs.wait_http_ok(f"http://127.0.0.1:{admin}/ready", timeout=30, proc=t.managed.proc)
+    except Exception:
+        ps.stop(t.managed)
+        raise RuntimeError(f"{name} did not become ready; log tail:\n" + log_path.read_text(errors="replace")[-3000:])
+    if with_tcp:
+        try:
+            procs.wait_port(tport, timeout=2)
+        except TimeoutError:
+            t.tcp_port = None
+            t.tcp_note = "TCP listener (Sidecar egress bind+port) did not open its port"
+    return t
 
 
 def check_response(t: Target, path: str, size: int) -> None:
@@ -338,7 +358,12 @@ def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str]) -> dict
     out = {"target_rps": res.target_rps, "achieved_rps": res.achieved_rps, "requests": res.requests,
            "errors": res.failed, "p50_us": res.p50_us, "p90_us": res.p90_us, "p99_us": res.p99_us,
            "p999_us": res.p999_us, "max_us": res.max_us, "command": cmd,
+           "max_lag_us": res.max_lag_us, "corrected_p99_us": res.corrected_p99_us,
            "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, total_requests) if t.pid else None}
+    if res.max_lag_us > 20_000:
+        notes.append(f"{t.name}: at the fixed rate a connection's sends fell up to {res.max_lag_us / 1000:.0f} ms "
+                     f"behind its schedule (target or load generator stalled); timed from when each request was "
+                     f"due, p99 would be {res.corrected_p99_us:.0f} us instead of {res.p99_us:.0f} us")
     if res.achieved_rps < 0.95 * res.target_rps:
         notes.append(f"{t.name}: fixed-rate run reached only {res.achieved_rps:.0f} of {res.target_rps} req/s "
                      f"(latency figures are then not at the intended load)")
@@ -457,8 +482,9 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             print(f"   small: {r['http_small']['rps']:.0f} req/s, cpu {r['http_small']['cpu_us_per_req']} us/req", flush=True)
             busy = r["http_small"].get("cpu_busy")
             if busy is not None and busy < 0.9 * args.workers:
-                notes.append(f"{name}: its CPU was only {busy:.0%} busy during the small-response run, so the load "
-                             f"side (wrk + upstream) was the bottleneck: its req/s is a lower bound; compare CPU us/req")
+                notes.append(f"{name}: its CPU was only {busy:.0%} busy during the small-response run, so the "
+                             f"bottleneck was elsewhere (the load core running wrk + upstream, or other processes "
+                             f"on its own core): its req/s is a lower bound; compare CPU us/req")
             r["http_16k"] = measure_wrk(t, "/16k", args, load_pre, notes)
             print(f"   16k:   {r['http_16k']['rps']:.0f} req/s", flush=True)
             r["rate"] = measure_rate(t, args, load_pre, tmp, notes)
@@ -467,8 +493,11 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             r["rss"] = measure_rss(t, args.workers)
             if name in ("direct", "haproxy") or name.startswith("meshproxy"):
                 r["tcp"] = measure_tcp(t, args, load_pre, notes)
+                if t.tcp_note:
+                    notes.append(f"{name}: {t.tcp_note}")
                 if r["tcp"] is None:
-                    r["tcp_note"] = "TCP listener not available" if name.startswith("meshproxy") else "failed"
+                    r["tcp_note"] = t.tcp_note or ("TCP listener not available" if name.startswith("meshproxy")
+                                                   else "failed")
                     notes.append(f"{name}: TCP throughput not measured ({r['tcp_note']})")
                 else:
                     print(f"   tcp: {r['tcp']['mib_per_s']:.0f} MiB/s", flush=True)

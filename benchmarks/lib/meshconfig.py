@@ -29,7 +29,7 @@ spec:
 """
 
 
-def realistic(upstream_port: int, tcp_port: int, services: int = SERVICES) -> str:
+def realistic(upstream_port: int, tcp_port: int, services: int = SERVICES, with_tcp: bool = True) -> str:
     docs = []
     for i in range(services - 1):
         docs.append(_service_entry(f"svc-{i:02d}", f"svc-{i:02d}.default.svc.cluster.local",
@@ -68,6 +68,8 @@ spec:
     - {{destination: {{host: bench.local, subset: v1}}, weight: 90}}
     - {{destination: {{host: bench.local, subset: v2}}, weight: 10}}
 """)
+    if not with_tcp:
+        return "---\n".join(docs)
     docs.append(f"""apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: bench-tcp, namespace: default}}

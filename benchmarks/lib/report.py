@@ -152,7 +152,7 @@ def render(results: dict) -> str:
     lines.append(f"- Pinning: {meta['pinning']}")
     lines.append(f"- Versions: {meta['versions']}")
     lines.append(f"- Load: throughput = `wrk -t{meta['wrk_threads']} -c{meta['conns']}` for {meta['duration_s']} s "
-                 f"per size (median of {meta['repeat']}); latency = `h2load --h1 -c{meta['rate_conns']} "
+                 f"per size (median of {meta['repeat']}); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
                  f"--rps {meta['rate'] // meta['rate_conns']}` = {meta['rate']} req/s offered for {meta['rate_duration_s']} s "
                  f"after a warm-up; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
     lines.append("")

@@ -37,14 +37,15 @@ def test_parse_wrk_without_script_line_is_an_error():
         loadgen.parse_wrk(WRK_OUT.split("BENCH")[0])
 
 
-def test_h2load_argv_splits_rate_over_connections():
-    argv = loadgen.h2load_argv("http://x/", rate=10_000, conns=2, duration_s=3, warmup_s=1, host="bench.local",
-                               log_path="/tmp/l")
-    assert argv[argv.index("--rps") + 1] == "5000"  # --rps is per connection
+def test_h2load_argv_one_connection_with_a_request_rate():
+    argv = loadgen.h2load_argv("http://x/", rps=2500, duration_s=3, warmup_s=1, host="bench.local", log_path="/tmp/l")
+    assert argv[argv.index("--rps") + 1] == "2500"  # --rps is per connection
+    assert argv[argv.index("-c") + 1] == "1"
     assert "-r" not in argv  # -r is a rate of new connections, not of requests
     assert ":authority: bench.local" in argv  # `-H host:` would add a duplicate Host header
     with pytest.raises(ValueError):
-        loadgen.h2load_argv("http://x/", rate=10_000, conns=3, duration_s=3, warmup_s=1, host=None, log_path="l")
+        loadgen.run_h2load_rate([], "http://x/", rate=10_000, conns=3, duration_s=3, warmup_s=1, host=None,
+                                log_path="l")
 
 
 def test_parse_h2load_log_percentiles_rate_and_failures():
@@ -56,7 +57,22 @@ def test_parse_h2load_log_percentiles_rate_and_failures():
     assert r.failed == 2
     assert r.p50_us == 50.0          # nearest rank over the 99 answered requests
     assert r.p99_us == 100.0
-    assert r.achieved_rps == pytest.approx(100 / 0.0991, rel=1e-3)
+    assert r.achieved_rps == pytest.approx(100 / 0.103, rel=1e-3)  # until the last response ended
+
+
+def test_h2load_schedule_lag_and_corrected_p99():
+    # 1000 req/s: sends due every 1 ms; request 5 is held up 3 ms (the connection was busy)
+    starts = [0, 1000, 2000, 3000, 4000, 8000, 8100, 8200, 8300, 9000]
+    rows = [f"{1_000_000 + s}\t200\t50" for s in starts]
+    r = loadgen.parse_h2load_log("\n".join(rows), target_rps=1000)
+    assert r.max_lag_us == 3000
+    assert r.p99_us == 50
+    assert r.corrected_p99_us == 3050  # request 5 timed from when it was due
+    # the same connection twice (two logs): 2000 req/s in total, each on its own schedule
+    r2 = loadgen.parse_h2load_log(["\n".join(rows), "\n".join(rows)], target_rps=2000)
+    assert r2.requests == 20 and r2.max_lag_us == 3000
+    assert r.p99_us == 50
+    assert r.corrected_p99_us == 3050  # request 5 timed from when it was due
 
 
 def test_percentile_nearest_rank():
