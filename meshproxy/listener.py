@@ -41,6 +41,7 @@ class HttpListener:
         self.model = model
         self.name = model.name
         self.route_table = model.route_table
+        self.inbound = model.name.startswith("inbound")   # a sidecar's ingress: reports as the destination
         self.port = sock.getsockname()[1]
         self.scheme = "https" if ssl_context is not None else "http"
         self.sock = sock

@@ -36,6 +36,8 @@ class Telemetry:
         self.reporter = reporter
         self._handles: dict[str, int] = {}
         self._unrouted = self.metrics.http_handle(reporter, source, UNKNOWN_PEER)
+        # inbound (a sidecar's ingress listener): Istio's reporter="destination", this workload as destination
+        self._inbound = self.metrics.http_handle("destination", UNKNOWN_PEER, self._own_service_peer(source))
         self._tcp_handles: dict[str, int] = {}
 
     # ---------------------------------------------------------------- config
@@ -51,6 +53,15 @@ class Telemetry:
     def set_draining(self, draining: bool) -> None:
         self.metrics.set_draining(draining)
 
+    @staticmethod
+    def _own_service_peer(source: PeerInfo) -> PeerInfo:
+        if source.app == "unknown":
+            return source
+        service = f"{source.app}.{source.namespace}.svc.cluster.local"
+        return PeerInfo(workload=source.workload, namespace=source.namespace, app=source.app,
+                        version=source.version, service=service, service_name=source.app,
+                        service_namespace=source.namespace)
+
     def _handle(self, cluster: Cluster) -> int:
         handle = self._handles.get(cluster.name)
         if handle is None:
@@ -64,7 +75,8 @@ class Telemetry:
         tracer = self.tracer
         if tracer is not None:
             head = exchange.head
-            exchange.trace = tracer.start(head.headers, "client", method=head.method, path=head.path,
+            kind = "server" if exchange.down.listener.inbound else "client"
+            exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
                                           authority=head.host, scheme=exchange.down.listener.scheme,
                                           peer_address=exchange.down.client_ip)
 
@@ -80,7 +92,10 @@ class Telemetry:
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster
-        handle = self._handle(cluster.cluster) if cluster is not None else self._unrouted
+        if exchange.down.listener.inbound:
+            handle = self._inbound
+        else:
+            handle = self._handle(cluster.cluster) if cluster is not None else self._unrouted
         duration_ms = (now - exchange.start_time) * 1000.0
         self.metrics.record_http(handle, exchange.status, exchange.flags, duration_ms,
                                  exchange.request_bytes, exchange.response_bytes)
