@@ -232,7 +232,7 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     log.info("meshproxy ready: listeners %s", ", ".join(
-        f"{l.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners}.items()))
+        f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners}.items()))
     await stop.wait()
     if remote is not None:
         await remote.deregister()
