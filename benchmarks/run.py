@@ -349,17 +349,24 @@ def measure_wrk(t: Target, path: str, args, load_pre, notes: list[str]) -> dict:
 def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str]) -> dict:
     url = f"http://127.0.0.1:{t.http_port}/small"
     log = str(tmp / f"h2load-{t.name}.log")
-    cpu0 = procs.tree_cpu_seconds(t.pid) if t.pid else 0.0
+    cpu0, wall0 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
     res, cmd = loadgen.run_h2load_rate(load_pre, url, rate=args.rate, conns=args.rate_conns,
                                        duration_s=args.rate_duration, warmup_s=args.rate_warmup,
                                        host=t.host, log_path=log)
-    cpu1 = procs.tree_cpu_seconds(t.pid) if t.pid else 0.0
+    cpu1, wall1 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
+    # wall includes h2load's warm-up and start-up, so this under-states how busy the proxy was
+    busy = (cpu1 - cpu0) / (wall1 - wall0) if t.pid else None
     total_requests = res.requests  # logged requests = measured phase (warm-up is not logged)
     out = {"target_rps": res.target_rps, "achieved_rps": res.achieved_rps, "requests": res.requests,
            "errors": res.failed, "p50_us": res.p50_us, "p90_us": res.p90_us, "p99_us": res.p99_us,
            "p999_us": res.p999_us, "max_us": res.max_us, "command": cmd,
            "max_lag_us": res.max_lag_us, "corrected_p99_us": res.corrected_p99_us,
-           "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, total_requests) if t.pid else None}
+           "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, total_requests) if t.pid else None,
+           "cpu_busy": busy}
+    if busy is not None and out["cpu_us_per_req"] and out["cpu_us_per_req"] * res.target_rps / 1e6 > 0.9 * args.workers:
+        notes.append(f"{t.name}: at {res.target_rps} req/s it costs {out['cpu_us_per_req']:.0f} us CPU per request, i.e. "
+                     f"{out['cpu_us_per_req'] * res.target_rps / 1e6:.0%} of a core: the fixed rate is at or past its "
+                     f"capacity, so its latency there is mostly queueing")
     if res.max_lag_us > 20_000:
         notes.append(f"{t.name}: at the fixed rate a connection's sends fell up to {res.max_lag_us / 1000:.0f} ms "
                      f"behind its schedule (target or load generator stalled); timed from when each request was "
