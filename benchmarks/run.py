@@ -346,7 +346,14 @@ def measure_wrk(t: Target, path: str, args, load_pre, notes: list[str]) -> dict:
     return out
 
 
-def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str]) -> dict:
+def proxy_capacity(args, proxy_cores, name: str) -> int:
+    """How many cores the target can keep busy: its processes (workers) capped by its pinned cores."""
+    procs_ = args.workers if name.startswith("meshproxy") else 1
+    cores = len(proxy_cores) if proxy_cores else (os.cpu_count() or 1)
+    return max(1, min(procs_, cores))
+
+
+def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str], proxy_cores) -> dict:
     url = f"http://127.0.0.1:{t.http_port}/small"
     log = str(tmp / f"h2load-{t.name}.log")
     cpu0, wall0 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
@@ -363,7 +370,8 @@ def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str]) -> dict
            "max_lag_us": res.max_lag_us, "corrected_p99_us": res.corrected_p99_us,
            "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, total_requests) if t.pid else None,
            "cpu_busy": busy}
-    if busy is not None and out["cpu_us_per_req"] and out["cpu_us_per_req"] * res.target_rps / 1e6 > 0.9 * args.workers:
+    if busy is not None and out["cpu_us_per_req"] and \
+            out["cpu_us_per_req"] * res.target_rps / 1e6 > 0.9 * proxy_capacity(args, proxy_cores, t.name):
         notes.append(f"{t.name}: at {res.target_rps} req/s it costs {out['cpu_us_per_req']:.0f} us CPU per request, i.e. "
                      f"{out['cpu_us_per_req'] * res.target_rps / 1e6:.0%} of a core: the fixed rate is at or past its "
                      f"capacity, so its latency there is mostly queueing")
@@ -408,9 +416,12 @@ def measure_tcp(t: Target, args, load_pre, notes: list[str]) -> dict | None:
 def measure_rss(t: Target, workers_hint: int) -> dict | None:
     if not t.pid:
         return None
-    tree = procs.tree_rss_kib(t.pid)
+    tree = procs.tree_rss_kib(t.pid)  # the started process first, then its descendants
     rss = [kib for _, kib in tree]
-    return {"total_mib": sum(rss) / 1024, "max_worker_mib": max(rss) / 1024 if rss else None,
+    # per worker: the children when the started process is a master with workers, else itself
+    workers = rss[1:] if len(rss) > 1 else rss
+    return {"total_mib": sum(rss) / 1024, "max_worker_mib": max(workers) / 1024 if workers else None,
+            "master_mib": rss[0] / 1024 if len(rss) > 1 else None,
             "processes": len(tree), "per_process_mib": [round(k / 1024, 1) for k in rss]}
 
 
@@ -488,13 +499,13 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             r["http_small"] = measure_wrk(t, "/small", args, load_pre, notes)
             print(f"   small: {r['http_small']['rps']:.0f} req/s, cpu {r['http_small']['cpu_us_per_req']} us/req", flush=True)
             busy = r["http_small"].get("cpu_busy")
-            if busy is not None and busy < 0.9 * args.workers:
+            if busy is not None and busy < 0.9 * proxy_capacity(args, proxy_cores, name):
                 notes.append(f"{name}: its CPU was only {busy:.0%} busy during the small-response run, so the "
                              f"bottleneck was elsewhere (the load core running wrk + upstream, or other processes "
                              f"on its own core): its req/s is a lower bound; compare CPU us/req")
             r["http_16k"] = measure_wrk(t, "/16k", args, load_pre, notes)
             print(f"   16k:   {r['http_16k']['rps']:.0f} req/s", flush=True)
-            r["rate"] = measure_rate(t, args, load_pre, tmp, notes)
+            r["rate"] = measure_rate(t, args, load_pre, tmp, notes, proxy_cores)
             print(f"   rate {r['rate']['achieved_rps']:.0f} req/s: p50 {r['rate']['p50_us']:.0f} us "
                   f"p99 {r['rate']['p99_us']:.0f} us", flush=True)
             r["rss"] = measure_rss(t, args.workers)
