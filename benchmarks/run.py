@@ -62,6 +62,9 @@ def parse_args(argv=None):
                         "write a speedscope profile + top summary (--profile-dir)")
     p.add_argument("--profile-dir", default=str(HERE / "profiles"))
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too; slower)")
+    p.add_argument("--syscalls", action="store_true",
+                   help="after each proxy's measured runs, count its syscalls per request with strace -c "
+                        "during an extra 2 s throughput run (strace slows it: only the counts are used)")
     p.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 10, quick 3)")
     p.add_argument("--repeat", type=int, default=None, help="wrk runs per size; median reported (default 3, quick 1)")
     p.add_argument("--conns", type=int, default=50, help="wrk connections (default 50)")
@@ -425,6 +428,20 @@ def measure_rss(t: Target, workers_hint: int) -> dict | None:
             "processes": len(tree), "per_process_mib": [round(k / 1024, 1) for k in rss]}
 
 
+def measure_syscalls(t: Target, args, load_pre, tmp: Path) -> dict:
+    from lib import syscalls
+
+    def load() -> int:
+        res, _ = loadgen.run_wrk(load_pre, f"http://127.0.0.1:{t.http_port}/small", conns=args.conns, threads=1,
+                                 duration_s=2, host=t.host)
+        return res.requests
+
+    counts, requests = syscalls.trace(procs.process_tree(t.pid), str(tmp / f"strace-{t.name}.txt"), load)
+    out = syscalls.per_request(counts, requests)
+    out["requests"] = requests
+    return out
+
+
 def profile_meshproxy(t: Target, args, load_pre, tmp: Path, name: str) -> str:
     out_dir = Path(args.profile_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -519,6 +536,8 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
                     notes.append(f"{name}: TCP throughput not measured ({r['tcp_note']})")
                 else:
                     print(f"   tcp: {r['tcp']['mib_per_s']:.0f} MiB/s", flush=True)
+            if args.syscalls and t.pid:
+                r["syscalls"] = measure_syscalls(t, args, load_pre, tmp)
             if name.startswith("meshproxy") and args.profile:
                 results.setdefault("profiles", {})[name] = profile_meshproxy(t, args, load_pre, tmp, name)
             results["targets"][name] = r

@@ -205,6 +205,16 @@ def render(results: dict) -> str:
         lines.append("")
         lines += _table(["target", "MiB/s", "vs HAProxy", "vs direct", "proxy CPU s/GiB", "note"], tcp_rows)
         lines.append("")
+    sys_rows = []
+    for name in order:
+        sc = t[name].get("syscalls")
+        if sc and sc.get("total") is not None:
+            sys_rows.append([name, f"{sc['total']:.2f}", ", ".join(f"{n} {v:.2f}" for n, v in sc["top"])])
+    if sys_rows:
+        lines.append("### Syscalls per request (small response, 50 connections, `strace -c -f`, separate run)")
+        lines.append("")
+        lines += _table(["target", "syscalls/request", "most frequent (per request)"], sys_rows)
+        lines.append("")
     variants = [n for n in order if n.startswith("meshproxy+")]
     if variants:
         lines.append("### Cost of each meshproxy variant over plain meshproxy (same run)")

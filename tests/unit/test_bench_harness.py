@@ -166,3 +166,23 @@ def test_variant_cost_rows():
     rows = report.variant_rows(res, ["meshproxy+trace100"])
     assert rows == [["meshproxy+trace100", "0.90x", "44.5 (+4.5)", "50.0 (+5.0)", "190 (+10) / 900 (+100)"]]
     assert "### Cost of each meshproxy variant" in report.render(res)
+
+
+STRACE_C = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 68.28    0.002189         547      4000         2 writev
+ 10.54    0.000338           4      6000        32 read
+  6.92    0.000222          17      2000           epoll_wait
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.002749                 12000        34 total
+"""
+
+
+def test_strace_summary_per_request():
+    from lib import syscalls
+    counts = syscalls.parse_strace_c(STRACE_C)
+    assert counts == {"writev": 4000, "read": 6000, "epoll_wait": 2000}
+    per = syscalls.per_request(counts, 2000)
+    assert per["total"] == 6.0
+    assert per["top"][0] == ("read", 3.0)
