@@ -215,7 +215,8 @@ class Api:
                         yield (json.dumps({"type": "DELETED", "object": seen[name]}) + "\n").encode()
                     seen = current
                     try:
-                        await asyncio.wait_for(queue.get(), self.push.ping_interval)
+                        async with asyncio.timeout(self.push.ping_interval):
+                            await queue.get()
                     except asyncio.TimeoutError:
                         yield b'{"type":"BOOKMARK"}\n'
             finally:
@@ -306,5 +307,8 @@ class Api:
         return Response.json(200 if result != "unknown" else 404, {"result": result})
 
     async def _proxies(self, request):
-        return Response.json(200, {"items": sorted((p.to_dict() for p in self.push.proxies.values()),
-                                                   key=lambda p: p["node_id"])})
+        """Every proxy: this replica's, plus (with etcd) those the other replicas published."""
+        local = [dict(p.to_dict(), replica="local") for p in self.push.proxies.values()]
+        remote = getattr(self.store, "remote_proxies", None)
+        others = remote() if remote and request.query.get("local") != "true" else []
+        return Response.json(200, {"items": sorted(local + others, key=lambda p: p["node_id"])})

@@ -309,14 +309,14 @@ def cmd_proxies(client: Client, args) -> int:
     if args.output == "json":
         print(json.dumps(body, indent=2))
         return 0
-    rows = [["NODE", "SERVICE", "NAMESPACE", "LABELS", "STATE", "ACKED", "LAST NACK", "CONNECTED"]]
+    rows = [["NODE", "SERVICE", "NAMESPACE", "LABELS", "STATE", "ACKED", "LAST NACK", "CONNECTED", "REPLICA"]]
     for p in body["items"]:
         nack = p.get("last_nack")
         nack_text = f"{nack['version']}: {' | '.join(nack['errors'])}" if nack else "-"
         rows.append([p["node_id"], p["service"] or f"({p['mode']})", p["namespace"],
                      ",".join(f"{k}={v}" for k, v in sorted(p["labels"].items())) or "-", p["state"],
                      p["acked_version"] or "-", nack_text,
-                     time.strftime("%H:%M:%S", time.localtime(p["connected_since"]))])
+                     time.strftime("%H:%M:%S", time.localtime(p["connected_since"])), p.get("replica", "local")])
     print_table(rows)
     return 0
 

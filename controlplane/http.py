@@ -110,7 +110,8 @@ class HttpServer:
             writer.write(conn.send(h11.Response(status_code=result.status, headers=headers)))
             writer.write(conn.send(h11.Data(data=result.body)) if result.body else b"")
             writer.write(conn.send(h11.EndOfMessage()))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
@@ -122,7 +123,8 @@ class HttpServer:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(65536), timeout)
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(65536)
                 conn.receive_data(data)
                 if not data and head is None:
                     return None
@@ -161,9 +163,11 @@ class HttpServer:
         try:
             async for chunk in result.chunks:
                 writer.write(conn.send(h11.Data(data=chunk)))
-                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await writer.drain()
             writer.write(conn.send(h11.EndOfMessage()))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
         except asyncio.CancelledError:
             if watcher.done():      # the peer went away: a normal end, not our cancellation
                 stream_task.uncancel()

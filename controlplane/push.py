@@ -264,7 +264,8 @@ class PushEngine:
         try:
             while proxy.state != DISCONNECTED:
                 try:
-                    await asyncio.wait_for(proxy.wake.wait(), self.ping_interval)
+                    async with asyncio.timeout(self.ping_interval):
+                        await proxy.wake.wait()
                 except asyncio.TimeoutError:
                     yield b'{"type":"ping"}\n'
                     continue

@@ -11,7 +11,7 @@ import signal
 from .api import DEFAULT_TTL, Api
 from .http import HttpServer
 from .push import PushEngine
-from .store import ConfigStore, open_store
+from .store import ConfigStore, StoreError, open_store
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -28,6 +28,7 @@ class ControlPlane:
         self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval)
         self.api = Api(store, self.push, default_ttl=default_ttl)
         self.http = HttpServer(self.api.handle)
+        self._publisher: asyncio.Task | None = None
 
     @property
     def port(self) -> int:
@@ -37,8 +38,25 @@ class ControlPlane:
         await self.store.start()
         await self.push.start()
         await self.http.start(host, port)
+        if hasattr(self.store, "publish_proxies"):
+            self._publisher = asyncio.create_task(self._publish_proxies(), name="publish-proxies")
+
+    async def _publish_proxies(self, interval: float = 1.0) -> None:
+        """With a shared store, tell the other replicas which proxies are connected here."""
+        replica = getattr(self.store, "replica_id", "")
+        while True:
+            items = sorted((dict(p.to_dict(), replica=replica) for p in self.push.proxies.values()),
+                           key=lambda p: p["node_id"])
+            try:
+                await self.store.publish_proxies(items)
+            except StoreError as exc:       # retried next round
+                print(f"meshctl serve: publishing proxies failed: {exc}", flush=True)
+            await asyncio.sleep(interval)
 
     async def close(self) -> None:
+        if self._publisher:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
         await self.http.close()
         await self.push.close()
         await self.store.close()

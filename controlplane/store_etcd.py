@@ -37,6 +37,8 @@ PREFIX = "/meshproxy/"
 RESOURCES = PREFIX + "resources/"
 HISTORY = PREFIX + "history/"
 WORKLOADS = PREFIX + "workloads/"
+PROXIES = PREFIX + "proxies/"          # one key per replica: the proxies connected to it (under its lease)
+REPLICA_TTL = 10
 REQUEST_TIMEOUT = 3.0
 
 
@@ -73,7 +75,8 @@ class EtcdClient:
         for attempt in range(len(self.endpoints)):
             endpoint = self.endpoints[(self._current + attempt) % len(self.endpoints)]
             try:
-                status, payload = await asyncio.wait_for(self._post(endpoint, path, body), timeout)
+                async with asyncio.timeout(timeout):
+                    status, payload = await self._post(endpoint, path, body)
             except (OSError, asyncio.TimeoutError, h11.ProtocolError) as exc:
                 last = f"{endpoint}: {type(exc).__name__} {exc}"
                 continue
@@ -116,7 +119,8 @@ class EtcdClient:
         endpoint = self.endpoints[self._current % len(self.endpoints)]
         self._current += 1      # the next reconnect tries the next member
         host, _, port = endpoint.rpartition(":")
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), REQUEST_TIMEOUT)
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, int(port))
         try:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 24)
             data = json.dumps({"create_request": {"key": b64(key), "range_end": b64(range_end),
@@ -131,7 +135,8 @@ class EtcdClient:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    chunk = await asyncio.wait_for(reader.read(1 << 20), idle_timeout)
+                    async with asyncio.timeout(idle_timeout):
+                        chunk = await reader.read(1 << 20)
                     if not chunk:
                         return
                     conn.receive_data(chunk)
@@ -170,6 +175,11 @@ class EtcdStore:
         self._key_revision: dict[str, int] = {}    # etcd key -> last revision applied to the cache
         self._subscribers: list[Callable[[str], None]] = []
         self._revision = 0
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._replica_lease = ""
+        self._remote_proxies: dict[str, list[dict]] = {}   # replica id -> its proxies
+        self._published = None
+        self._keepalive: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -177,12 +187,46 @@ class EtcdStore:
 
     async def start(self) -> None:
         await self._load()
+        lease = await self.client.call("/v3/lease/grant", {"TTL": str(REPLICA_TTL)})
+        self._replica_lease = lease["ID"]
         self._watcher = asyncio.create_task(self._watch_loop(), name="etcd-store-watch")
+        self._keepalive = asyncio.create_task(self._replica_keepalive(), name="etcd-replica-lease")
 
     async def close(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._keepalive):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._replica_lease:
+            try:
+                await self.client.call("/v3/lease/revoke", {"ID": self._replica_lease}, timeout=1.0)
+            except StoreError:
+                pass
+
+    async def _replica_keepalive(self) -> None:
+        """Keep this replica's lease (its published proxy list) alive; re-grant if it expired."""
+        while True:
+            await asyncio.sleep(REPLICA_TTL / 3)
+            try:
+                result = await self.client.call("/v3/lease/keepalive", {"ID": self._replica_lease})
+                if int((result.get("result") or {}).get("TTL", 0)) <= 0:
+                    lease = await self.client.call("/v3/lease/grant", {"TTL": str(REPLICA_TTL)})
+                    self._replica_lease, self._published = lease["ID"], None
+            except StoreError as exc:
+                log.warning("replica lease keepalive failed: %s", exc)
+
+    # ------------------------------------------------------------ proxies of every replica
+
+    async def publish_proxies(self, items: list[dict]) -> None:
+        """Make this replica's connected proxies visible to the other replicas."""
+        if items == self._published:
+            return
+        await self.client.call("/v3/kv/put", {"key": b64(PROXIES + self.replica_id),
+                                              "value": b64(json.dumps(items)), "lease": self._replica_lease})
+        self._published = items
+
+    def remote_proxies(self) -> list[dict]:
+        return [p for replica, items in self._remote_proxies.items() if replica != self.replica_id for p in items]
 
     async def _load(self) -> None:
         result = await self.client.call("/v3/kv/range", {"key": b64(PREFIX), "range_end": b64(prefix_end(PREFIX))})
@@ -190,12 +234,16 @@ class EtcdStore:
         self._workloads.clear()
         self._leases.clear()
         self._key_revision.clear()
+        self._remote_proxies.clear()
         for kv in result.get("kvs", []):
             self._apply_put(kv)
         self._revision = int(result["header"]["revision"])
 
     def _apply_put(self, kv: dict) -> str | None:
         key = unb64(kv["key"])
+        if key.startswith(PROXIES):
+            self._remote_proxies[key[len(PROXIES):]] = json.loads(base64.b64decode(kv["value"]))
+            return None
         if not key.startswith((RESOURCES, WORKLOADS)):
             return None
         revision = int(kv.get("mod_revision", 0))
@@ -216,6 +264,9 @@ class EtcdStore:
         return None
 
     def _apply_delete(self, key: str, revision: int) -> str | None:
+        if key.startswith(PROXIES):
+            self._remote_proxies.pop(key[len(PROXIES):], None)
+            return None
         if self._key_revision.get(key, 0) >= revision:
             return None
         self._key_revision[key] = revision

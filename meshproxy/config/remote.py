@@ -95,7 +95,8 @@ async def http_call(url: str, method: str, path: str, body: dict | None, timeout
         finally:
             writer.close()
 
-    return await asyncio.wait_for(call(), timeout)
+    async with asyncio.timeout(timeout):      # not wait_for: on 3.11 it can swallow a cancellation
+        return await call()
 
 
 class RemoteConfigClient:
@@ -201,7 +202,8 @@ class RemoteConfigClient:
 
     async def _stream(self, url: str):
         host, port = _address(url)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            reader, writer = await asyncio.open_connection(host, port)
         try:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
             body = json.dumps({"node_id": self.node_id, "identity": self.identity_info,
@@ -211,12 +213,14 @@ class RemoteConfigClient:
                 ("content-length", str(len(body)))])))
             writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
-            await asyncio.wait_for(writer.drain(), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                await writer.drain()
             buffer = bytearray()
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(1 << 20), self.read_timeout)
+                    async with asyncio.timeout(self.read_timeout):
+                        data = await reader.read(1 << 20)
                     if not data:
                         raise StreamBroken("connection closed by the control plane")
                     conn.receive_data(data)

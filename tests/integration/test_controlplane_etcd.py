@@ -76,6 +76,11 @@ async def test_two_replicas_share_state_and_survive_losing_one_replica_and_one_e
         _, endpoints_b = await asyncio.to_thread(api_b.call, "GET", "/registry/v1/namespaces/default/services/demo/endpoints")
         assert [w["address"] for w in endpoints_b["items"]] == ["127.0.0.4"]
 
+        # `meshctl proxies` on replica B lists the proxy connected to replica A
+        await eventually(lambda: [(p["node_id"], p["state"]) for p in api_b.call("GET", "/push/v1/proxies")[1]["items"]]
+                         == [("sidecar-1", "acked")])
+        assert api_b.call("GET", "/push/v1/proxies")[1]["items"][0]["replica"] != "local"
+
         # optimistic concurrency holds across replicas
         stale = dict(vs((0, 100)), metadata={"name": "demo", "resourceVersion": created["metadata"]["resourceVersion"]})
         await asyncio.to_thread(api_a.call, "PUT", f"{VS_PATH}/demo", vs((80, 20)))

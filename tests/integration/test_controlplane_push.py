@@ -72,9 +72,19 @@ def start_client(urls, recorder, node_id="node-a", registration=None, **kw):
     return client, asyncio.create_task(client.run())
 
 
+async def meshctl(cp, *args):
+    import os
+    import subprocess
+    import sys
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "controlplane.cli", *args],
+                                   capture_output=True, text=True, timeout=30,
+                                   env={**os.environ, "MESHCTL_SERVER": cp.url})
+
+
 async def stop(task):
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done, "RemoteConfigClient.run() did not stop within 5 s of being cancelled"
 
 
 @pytest.fixture
@@ -121,6 +131,11 @@ async def test_nack_is_recorded_and_the_client_stays_on_its_last_good_config(cp)
         assert entry["last_nack"]["errors"] == recorder.refuse
         assert entry["last_nack"]["version"] != good
         assert client.status.version == good and recorder.weights() == [90, 10]
+        shown = await meshctl(cp, "proxies")
+        header, row = shown.stdout.splitlines()
+        assert header.split()[:5] == ["NODE", "SERVICE", "NAMESPACE", "LABELS", "STATE"]
+        assert row.split()[:6] == ["node-a", "demo", "default", "app=demo", "nacked", good]
+        assert "unknown subset 'v2'" in row
     finally:
         await stop(task)
 
@@ -137,6 +152,8 @@ async def test_workload_that_stops_heartbeating_is_removed_after_its_ttl(cp):
         await eventually(lambda: watcher.running and watcher.running[1])
         assert watcher.running[1] == [{"service": "demo", "namespace": "default", "address": "127.0.0.9",
                                        "ports": {"http": 8080}, "labels": {"version": "v1"}}]
+        listed = (await meshctl(cp, "endpoints", "demo")).stdout.splitlines()
+        assert listed[1].split() == ["127.0.0.9", "http=8080", "version=v1", "dying"]
         await asyncio.sleep(1.5)                        # heartbeats (every ttl/3) keep it alive
         assert len(api.call("GET", "/registry/v1/namespaces/default/services/demo/endpoints")[1]["items"]) == 1
         await stop(dying_task)                          # a crash: no deregistration, heartbeats stop
@@ -144,6 +161,7 @@ async def test_workload_that_stops_heartbeating_is_removed_after_its_ttl(cp):
         await eventually(lambda: watcher.running[1] == [], timeout=3.0)
         assert time.monotonic() - stopped < 1.0 + 0.5 + 0.3   # ttl + sweep + debounce, with margin
         assert api.call("GET", "/registry/v1/namespaces/default/services/demo/endpoints")[1]["items"] == []
+        assert (await meshctl(cp, "endpoints", "demo")).stdout.splitlines() == ["ADDRESS  PORTS  LABELS  NODE"]
     finally:
         await stop(watch_task)
 
