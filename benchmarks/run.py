@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--rate-conns", type=int, default=10,
                    help="h2load processes of one keep-alive connection each sharing the fixed rate "
                         "(default 10, i.e. 1000 req/s each; see README)")
+    p.add_argument("--low-rate", type=int, default=1000,
+                   help="also measure latency nearly idle: one connection at this many req/s (default 1000; 0 = skip)")
     p.add_argument("--rate-duration", type=float, default=None, help="seconds measured at the fixed rate (default 10, quick 3)")
     p.add_argument("--tcp-mib", type=int, default=None, help="size of the TCP download in MiB (default 1024, quick 256)")
     p.add_argument("--tcp-repeat", type=int, default=None, help="TCP downloads per target; median (default 3, quick 2)")
@@ -356,6 +358,16 @@ def proxy_capacity(args, proxy_cores, name: str) -> int:
     return max(1, min(procs_, cores))
 
 
+def measure_low_rate(t: Target, args, load_pre, tmp: Path) -> dict:
+    """Latency with the target nearly idle: one connection at --low-rate req/s."""
+    res, cmd = loadgen.run_h2load_rate(load_pre, f"http://127.0.0.1:{t.http_port}/small", rate=args.low_rate,
+                                       conns=1, duration_s=args.rate_duration, warmup_s=args.rate_warmup,
+                                       host=t.host, log_path=str(tmp / f"h2load-low-{t.name}.log"))
+    return {"target_rps": res.target_rps, "achieved_rps": res.achieved_rps, "requests": res.requests,
+            "errors": res.failed, "p50_us": res.p50_us, "p90_us": res.p90_us, "p99_us": res.p99_us,
+            "max_us": res.max_us, "command": cmd}
+
+
 def measure_rate(t: Target, args, load_pre, tmp: Path, notes: list[str], proxy_cores) -> dict:
     url = f"http://127.0.0.1:{t.http_port}/small"
     log = str(tmp / f"h2load-{t.name}.log")
@@ -496,7 +508,7 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
         "nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
         "loadavg_start": loadavg(), "pinning": pin_desc, "versions": versions(args),
         "wrk_threads": 1, "conns": args.conns, "duration_s": args.duration, "repeat": args.repeat,
-        "rate": args.rate, "rate_conns": args.rate_conns, "rate_duration_s": args.rate_duration,
+        "rate": args.rate, "rate_conns": args.rate_conns, "low_rate": args.low_rate, "rate_duration_s": args.rate_duration,
         "small_bytes": SMALL_BYTES, "large_bytes": LARGE_BYTES, "tcp_mib": args.tcp_mib, "tcp_repeat": args.tcp_repeat,
         "label": args.label or ("quick run" if args.quick else None), "meshproxy_workers": args.workers,
     }
@@ -525,6 +537,10 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             r["rate"] = measure_rate(t, args, load_pre, tmp, notes, proxy_cores)
             print(f"   rate {r['rate']['achieved_rps']:.0f} req/s: p50 {r['rate']['p50_us']:.0f} us "
                   f"p99 {r['rate']['p99_us']:.0f} us", flush=True)
+            if args.low_rate:
+                r["rate_low"] = measure_low_rate(t, args, load_pre, tmp)
+                print(f"   low rate {r['rate_low']['achieved_rps']:.0f} req/s: p50 {r['rate_low']['p50_us']:.0f} us "
+                      f"p99 {r['rate_low']['p99_us']:.0f} us", flush=True)
             r["rss"] = measure_rss(t, args.workers)
             if name in ("direct", "haproxy") or name.startswith("meshproxy"):
                 r["tcp"] = measure_tcp(t, args, load_pre, notes)

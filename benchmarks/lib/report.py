@@ -114,6 +114,18 @@ def verdicts(results: dict, target: str = "meshproxy") -> list[tuple[str, str, s
     return rows
 
 
+def low_text(results: dict, name: str) -> str:
+    low = _get(results, name, "rate_low")
+    if not low:
+        return "n/a"
+    text = f"{fmt(low.get('p50_us'))} / {fmt(low.get('p99_us'))}"
+    d50 = added(low.get("p50_us"), _get(results, "direct", "rate_low", "p50_us"))
+    d99 = added(low.get("p99_us"), _get(results, "direct", "rate_low", "p99_us"))
+    if name != "direct" and d50 is not None:
+        text += f" (+{fmt(d50)} / +{fmt(d99)})"
+    return text
+
+
 def variant_rows(results: dict, variants: list[str]) -> list[list[str]]:
     def g(name, *keys):
         return _get(results, name, *keys)
@@ -154,13 +166,13 @@ def render(results: dict) -> str:
     lines.append(f"- Load: throughput = `wrk -t{meta['wrk_threads']} -c{meta['conns']}` for {meta['duration_s']} s "
                  f"per size (median of {meta['repeat']}); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
                  f"--rps {meta['rate'] // meta['rate_conns']}` = {meta['rate']} req/s offered for {meta['rate_duration_s']} s "
-                 f"after a warm-up; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
+                 f"after a warm-up; nearly idle = 1 x `h2load --h1 -c1 --rps {meta.get('low_rate', 'n/a')}`; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
     lines.append("")
     lines.append("### HTTP")
     lines.append("")
     hdr = ["target", "req/s small", "vs HAProxy", "vs direct", "req/s 16 KiB", "vs HAProxy",
            "req/s per busy core (small)",
-           "p50 / p99 at rate (us)", "added p50 / p99 (us)", "CPU us/req small / 16 KiB / at rate",
+           "p50 / p99 at rate (us)", "added p50 / p99 (us)", "p50 / p99 nearly idle (added) (us)", "CPU us/req small / 16 KiB / at rate",
            "proxy CPU busy (small)", "RSS MiB (per worker max)", "errors"]
     rows = []
     for name in order:
@@ -180,6 +192,7 @@ def render(results: dict) -> str:
             "-" if name == "direct" else fmt(per_core(s.get("cpu_us_per_req"))),
             rate_txt,
             "-" if name == "direct" else f"{fmt(added(rt.get('p50_us'), dp50))} / {fmt(added(rt.get('p99_us'), dp99))}",
+            low_text(results, name),
             "-" if name == "direct" else " / ".join(fmt(x.get("cpu_us_per_req"), ".1f") for x in (s, l, rt)),
             "-" if name == "direct" else fmt(s.get("cpu_busy"), ".0%") if s.get("cpu_busy") is not None else "n/a",
             "-" if name == "direct" else f"{fmt(rss.get('total_mib'), '.1f')} ({fmt(rss.get('max_worker_mib'), '.1f')})",
