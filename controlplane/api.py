@@ -22,7 +22,8 @@ Routes (``{ver}`` is v1, v1beta1 or v1alpha3; objects are always stored as given
 
   POST   /push/v1/stream   {node_id, identity, resources_version?, endpoints_version?} -> NDJSON stream
   POST   /push/v1/ack      {node_id, nonce, version, errors}
-  GET    /push/v1/proxies
+  GET    /push/v1/proxies  (?local=true: only this replica's)
+  GET    /metrics          Prometheus text (pilot_xds, pilot_proxy_convergence_time, pilot_total_xds_rejects...)
 
 Bodies are JSON or YAML (either content type; sniffed).  Errors are Kubernetes Status objects.
 """
@@ -47,6 +48,7 @@ _PLURAL = "|".join(BY_PLURAL)
 ROUTES: list[tuple[str, re.Pattern, str]] = [
     (m, re.compile(p), h) for m, p, h in [
         ("GET", r"^/healthz$", "healthz"),
+        ("GET", r"^/metrics$", "metrics"),
         ("GET", rf"^/apis/{GROUP}/(?:{_VER})/(?P<plural>{_PLURAL})$", "list_all"),
         ("GET", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})$", "list"),
         ("POST", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})$", "create"),
@@ -96,12 +98,25 @@ def parse_body(request: Request):
 
 
 class Api:
-    def __init__(self, store: ConfigStore, push: PushEngine, *, default_ttl: float = DEFAULT_TTL):
+    def __init__(self, store: ConfigStore, push: PushEngine, *, default_ttl: float = DEFAULT_TTL,
+                 metrics=None, metrics_registry=None):
         self.store = store
         self.push = push
         self.default_ttl = default_ttl
+        self.metrics = metrics                    # ControlPlaneMetrics or None
+        self.metrics_registry = metrics_registry  # the CollectorRegistry /metrics renders
 
     async def handle(self, request: Request):
+        response = await self._route(request)
+        if self.metrics and request.path.startswith("/apis/"):
+            plural = request.path.split("/")[-1] if request.method in ("GET", "POST") else request.path.split("/")[-2]
+            kind = BY_PLURAL[plural].kind if plural in BY_PLURAL else "-"
+            self.metrics.api_request(request.method, kind, response.status)
+            if response.status == 422:
+                self.metrics.rejected(kind)
+        return response
+
+    async def _route(self, request: Request):
         allowed = []
         for method, pattern, name in ROUTES:
             match = pattern.match(request.path)
@@ -121,6 +136,12 @@ class Api:
 
     async def _healthz(self, request):
         return Response(200, b"ok\n", "text/plain")
+
+    async def _metrics(self, request):
+        if self.metrics_registry is None:
+            raise NotFound("metrics are not enabled")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(200, generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST)
 
     def _items(self, kind: str, namespace: str | None) -> list[dict]:
         items = [obj for (k, ns, _), obj in self.store.resources().items()

@@ -135,8 +135,9 @@ class PushStats:
 class PushEngine:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 ping_interval: float = PING_INTERVAL):
+                 ping_interval: float = PING_INTERVAL, metrics=None):
         self.store = store
+        self.metrics = metrics          # meshproxy.telemetry.cp_metrics.ControlPlaneMetrics, or None
         self.debounce = debounce
         self.debounce_max = debounce_max
         self.ping_interval = ping_interval
@@ -208,6 +209,9 @@ class PushEngine:
         live = {p.target.resources.version for p in self.proxies.values() if p.target} | {
             p.target.workloads.version for p in self.proxies.values() if p.target}
         self._parts = {v: part for v, part in self._parts.items() if v in live}
+        if self.metrics:
+            services = {(w["namespace"], w["service"]) for w in workloads}
+            self.metrics.registry_size(len(services), len(workloads))
 
     def target_for(self, identity: Identity) -> Target:
         target = self._by_identity.get(identity)
@@ -249,6 +253,8 @@ class PushEngine:
             old.fire(DISCONNECT)
             old.wake.set()
         self.proxies[node_id] = proxy
+        if self.metrics and old is None:
+            self.metrics.proxy_connected()
         self._retarget(proxy)
         proxy.wake.set()
         return proxy
@@ -256,6 +262,8 @@ class PushEngine:
     def disconnect(self, proxy: ProxyConnection) -> None:
         if self.proxies.get(proxy.node_id) is proxy:
             del self.proxies[proxy.node_id]
+            if self.metrics:
+                self.metrics.proxy_disconnected()
         if proxy.state != DISCONNECTED:
             proxy.fire(DISCONNECT)
 
@@ -299,6 +307,8 @@ class PushEngine:
         workloads = target.workloads.body if target.workloads.version != proxy.has_workloads else b"null"
         proxy.has_resources, proxy.has_workloads = target.resources.version, target.workloads.version
         self.stats.messages += 1
+        if self.metrics:
+            self.metrics.push_sent("resources" if resources != b"null" else "endpoints")
         return b"".join((json.dumps(head)[:-1].encode(), b',"resources":', resources,
                          b',"workloads":', workloads, b"}\n"))
 
@@ -316,12 +326,16 @@ class PushEngine:
             proxy.fire(NACK)
             proxy.last_nack = {"version": version, "errors": list(errors), "at": self._wall()}
             self.stats.nacks += 1
+            if self.metrics:
+                self.metrics.nack()
             return "nack"
         proxy.fire(ACK)
         proxy.acked_version = version
         proxy.acked_at = self._wall()
         proxy.convergence = self._clock() - proxy.sent_at_change
         self.stats.acks += 1
+        if self.metrics:
+            self.metrics.converged(proxy.convergence)
         return "ack"
 
     def current_version(self, identity: Identity) -> str:

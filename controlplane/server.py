@@ -24,9 +24,14 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class ControlPlane:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
                  default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0):
+        from prometheus_client import CollectorRegistry
+        from meshproxy.telemetry.cp_metrics import ControlPlaneMetrics
         self.store = store
-        self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval)
-        self.api = Api(store, self.push, default_ttl=default_ttl)
+        self.registry = CollectorRegistry()
+        self.metrics = ControlPlaneMetrics(self.registry)
+        self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval,
+                               metrics=self.metrics)
+        self.api = Api(store, self.push, default_ttl=default_ttl, metrics=self.metrics, metrics_registry=self.registry)
         self.http = HttpServer(self.api.handle)
         self._publisher: asyncio.Task | None = None
 
