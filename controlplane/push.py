@@ -156,6 +156,7 @@ class PushEngine:
         self._changed_at = clock()
         self._by_identity: dict[Identity, Target] = {}
         self._parts: dict[str, Part] = {}
+        self._label_scoped: set[str] = set()
 
     async def start(self) -> None:
         self.store.subscribe(self.changed)
@@ -198,6 +199,9 @@ class PushEngine:
                             for w in self.store.workloads().values()),
                            key=lambda w: (w["namespace"], w["service"], w["address"], canonical_json(w["ports"])))
         self._resource_views, self._workload_views = resources, workloads
+        # labels only change what a proxy gets where a Sidecar selects workloads by label
+        self._label_scoped = {o["metadata"]["namespace"] for o in resources if o["kind"] == "Sidecar"
+                              and (o["spec"].get("workloadSelector") or {}).get("labels")}
         self._changed_at = changed_at
         self._by_identity = {}
         woken = 0
@@ -214,6 +218,8 @@ class PushEngine:
             self.metrics.registry_size(len(services), len(workloads))
 
     def target_for(self, identity: Identity) -> Target:
+        if identity.labels and identity.namespace not in self._label_scoped:
+            identity = Identity(identity.namespace, identity.mode, ())     # same payload as its namespace peers
         target = self._by_identity.get(identity)
         if target is None:
             selected = select_resources(self._resource_views, identity)

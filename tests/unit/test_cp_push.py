@@ -91,3 +91,24 @@ async def test_stale_nonce_ack_is_ignored(tmp_path):
     finally:
         await engine.close()
         await store.close()
+
+
+async def test_proxies_differing_only_in_labels_share_one_target_unless_a_sidecar_selects_by_label(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    try:
+        await store.put(obj("VirtualService", "demo", hosts=["demo"]))
+        engine._recompute(0.0)
+        a = engine.connect("a", {"namespace": "default", "labels": {"pod": "a"}})
+        b = engine.connect("b", {"namespace": "default", "labels": {"pod": "b"}})
+        assert a.target is b.target
+        await store.put(obj("Sidecar", "only-a", workloadSelector={"labels": {"pod": "a"}},
+                            egress=[{"hosts": ["./nothing"]}]))
+        engine._recompute(0.0)
+        assert a.target is not b.target
+        assert a.target.resources.version != b.target.resources.version
+    finally:
+        await engine.close()
+        await store.close()
