@@ -1,7 +1,7 @@
 """Control-plane benchmarks.
 
   .venv/bin/python benchmarks/cp_bench.py propagation [--proxies 1000] [--rounds 5]
-  .venv/bin/python benchmarks/cp_bench.py scale [--services 10000] [--endpoints 3]
+  .venv/bin/python benchmarks/cp_bench.py scale [--services 10000] [--endpoints 3] [--sidecar-hosts 20]
 
 propagation: a real `meshctl serve` process (SQLite) and, in a separate process, N
 simulated proxies, each a real RemoteConfigClient holding its own HTTP stream and ACKing
@@ -168,7 +168,7 @@ def propagation(proxies: int, rounds: int) -> dict:
 # ---------------------------------------------------------------- scale (in process)
 
 
-async def scale(services: int, endpoints: int) -> dict:
+async def scale(services: int, endpoints: int, sidecar_hosts: int = 0) -> dict:
     from controlplane.push import PushEngine
     from controlplane.scope import Identity
     from controlplane.store_sqlite import SqliteStore
@@ -200,6 +200,10 @@ async def scale(services: int, endpoints: int) -> dict:
                          "spec": {"hosts": [f"svc{s}"], "http": [{"route": [
                              {"destination": {"host": f"svc{s}", "subset": "v1"}, "weight": 90},
                              {"destination": {"host": f"svc{s}", "subset": "v2"}, "weight": 10}]}]}})
+    if sidecar_hosts:     # the proxy's namespace declares what it talks to (Istio's answer to pain point 9)
+        await store.put({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+                         "metadata": {"name": "default", "namespace": "default"},
+                         "spec": {"egress": [{"hosts": [f"./svc{s}" for s in range(0, 100 * sidecar_hosts, 100)]}]}})
     fill = time.perf_counter() - t0
     proxy = engine.connect("one", {"namespace": "default", "labels": {"app": "svc1"}})
     t1 = time.perf_counter()
@@ -218,7 +222,7 @@ async def scale(services: int, endpoints: int) -> dict:
     build = time.perf_counter() - t2
     await engine.close()
     await store.close()
-    return {"services": services, "endpoints_per_service": endpoints,
+    return {"services": services, "endpoints_per_service": endpoints, "sidecar_egress_hosts": sidecar_hosts,
             "virtualservices": len(range(0, services, 100)), "fill_seconds": fill,
             "cp_rss_mb": rss_cp / 2**20, "cp_rss_growth_mb": (rss_cp - rss_start) / 2**20,
             "push_compute_ms": 1000 * push_compute,
@@ -243,11 +247,13 @@ def main() -> int:
     p = sub.add_parser("scale")
     p.add_argument("--services", type=int, default=10_000)
     p.add_argument("--endpoints", type=int, default=3)
+    p.add_argument("--sidecar-hosts", type=int, default=0,
+                   help="add a Sidecar limiting the proxy's namespace to this many services")
     args = parser.parse_args()
     if args.what == "propagation":
         result = propagation(args.proxies, args.rounds)
     else:
-        result = asyncio.run(scale(args.services, args.endpoints))
+        result = asyncio.run(scale(args.services, args.endpoints, args.sidecar_hosts))
     print(json.dumps(result, indent=2))
     return 0
 

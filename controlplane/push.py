@@ -197,7 +197,8 @@ class PushEngine:
         workloads = sorted(({"service": w["service"], "namespace": w["namespace"], "address": w["address"],
                              "ports": w["ports"], "labels": w.get("labels") or {}}
                             for w in self.store.workloads().values()),
-                           key=lambda w: (w["namespace"], w["service"], w["address"], canonical_json(w["ports"])))
+                           key=lambda w: (w["namespace"], w["service"], w["address"], sorted(w["ports"].items()),
+                                          sorted(w["labels"].items())))
         self._resource_views, self._workload_views = resources, workloads
         # labels only change what a proxy gets where a Sidecar selects workloads by label
         self._label_scoped = {o["metadata"]["namespace"] for o in resources if o["kind"] == "Sidecar"

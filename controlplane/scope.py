@@ -83,6 +83,9 @@ class EgressFilter:
     def __init__(self, patterns: list[tuple[str, str]] | None, proxy_namespace: str):
         self.patterns = patterns
         self.proxy_namespace = proxy_namespace
+        patterns = [p for p in patterns or () if p[0] != "~"]
+        self._exact = {(ns, host) for ns, host in patterns if "*" not in host}
+        self._wild = [(ns, host) for ns, host in patterns if "*" in host]
 
     def allows(self, namespace: str, hosts: Iterable[str]) -> bool:
         if self.patterns is None:
@@ -90,14 +93,10 @@ class EgressFilter:
         spellings = set()
         for host in hosts:
             spellings |= _short_hosts(host, namespace)
-        for ns_pattern, host_pattern in self.patterns:
-            if ns_pattern == "~":
-                continue
-            ns_ok = ns_pattern == "*" or ns_pattern == namespace or (
-                ns_pattern == "." and namespace == self.proxy_namespace)
-            if ns_ok and any(_host_matches(host_pattern, h) for h in spellings):
-                return True
-        return False
+        namespaces = ("*", namespace, ".") if namespace == self.proxy_namespace else ("*", namespace)
+        if any((ns, h) in self._exact for ns in namespaces for h in spellings):
+            return True
+        return any(ns in namespaces and _host_matches(host, h) for ns, host in self._wild for h in spellings)
 
 
 def egress_filter(resources: list[dict], identity: Identity) -> EgressFilter:
@@ -155,4 +154,13 @@ def select_workloads(workloads: list[dict], resources: list[dict], identity: Ide
     egress = egress_filter(resources, identity)
     if egress.patterns is None:
         return workloads
-    return [w for w in workloads if egress.allows(w["namespace"], [w["service"]])]
+    allowed: dict[tuple[str, str], bool] = {}
+    out = []
+    for w in workloads:
+        key = (w["namespace"], w["service"])
+        ok = allowed.get(key)
+        if ok is None:
+            ok = allowed[key] = egress.allows(key[0], [key[1]])
+        if ok:
+            out.append(w)
+    return out
