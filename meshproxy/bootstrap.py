@@ -240,12 +240,6 @@ class Worker:
     def metrics_rejected(self, reason: str, status: int) -> None:
         self.telemetry.rejected(reason, status)
 
-    def on_request_routed(self, exchange) -> None:
-        self.telemetry.request_routed(exchange)
-
-    def on_response_headers(self, exchange, headers) -> None:
-        self.telemetry.response_headers(exchange, headers)
-
     def on_exchange_done(self, exchange) -> None:
         self.telemetry.exchange_done(exchange, self.clock())
 

@@ -87,9 +87,6 @@ class Telemetry:
         out.extend(trace.headers_to_forward)
         return out
 
-    def response_headers(self, exchange, headers) -> None:
-        pass
-
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster
         if exchange.down.listener.inbound:

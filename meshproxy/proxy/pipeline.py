@@ -28,7 +28,6 @@ Failures anywhere become a :class:`~meshproxy.proxy.errors.Failure` and go throu
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from ..codec.api import (
@@ -58,8 +57,9 @@ _READ_PAUSE_UPSTREAM = 1           # DownstreamConnection.read_paused_by bits
 _READ_PAUSE_CONNECTING = 8
 
 
-def _new_request_id() -> bytes:
-    b = os.urandom(16).hex()
+def _new_request_id(rng) -> bytes:
+    """A version-4-shaped UUID from the worker's RNG (no syscall per request)."""
+    b = "%032x" % rng.getrandbits(128)
     return f"{b[:8]}-{b[8:12]}-4{b[13:16]}-{b[16:20]}-{b[20:]}".encode()
 
 
@@ -142,22 +142,36 @@ class Exchange:
         vhost = select_virtual_host(table, head.host.decode("latin-1").lower()) if table else None
         if vhost is None:
             return self._local_reply(404, "NR")
-        self.view = view = RequestView.from_head(head, listener.port, listener.scheme, self.down.client_ip)
-        found = select_route(vhost, view)
+        routes = vhost.routes
+        if routes and not routes[0].matches:
+            found = (routes[0], None)          # the first route matches everything: no view needed
+        else:
+            found = select_route(vhost, self.request_view())
         if found is None:
             return self._local_reply(404, "NR")
         self.route, match = found
-        self.route_name = self.route.name
-        worker.on_request_routed(self)
-        if self._local_reply_for_route(match):
+        route = self.route
+        self.route_name = route.name
+        if worker.telemetry.tracer is not None:
+            worker.telemetry.request_routed(self)
+        if (route.fault is not None or route.redirect is not None or route.direct_response is not None
+                or route.cors is not None) and self._local_reply_for_route(match):
             return
         self._choose_cluster(match)
+
+    def request_view(self) -> RequestView:
+        """What route matching and hashing see; built only when something needs it."""
+        view = self.view
+        if view is None:
+            listener = self.down.listener
+            view = self.view = RequestView.from_head(self.head, listener.port, listener.scheme, self.down.client_ip)
+        return view
 
     # ================================================================ 2. local replies
 
     def _local_reply_for_route(self, match, after_delay: bool = False) -> bool:
         route = self.route
-        reply = local_reply_for(route, match, self.head, self.view, self.worker.rng, after_delay)
+        reply = local_reply_for(route, match, self.head, self.request_view(), self.worker.rng, after_delay)
         if reply is None:
             return False
         kind, value = reply
@@ -254,13 +268,16 @@ class Exchange:
             copy.complete()
         self.mirrors = None
 
+    def _request_id(self) -> bytes:
+        return _new_request_id(self.worker.rng)
+
     def _choose_hash_key(self, policy) -> None:
         """Sticky canaries: the destination service hashes, so the version choice and
         the endpoint choice both follow the user's key.  A cookie policy with a ttl
         makes the proxy issue the cookie when the request has none (as Envoy does)."""
-        key = hash_key_for(policy, self.view)
+        key = hash_key_for(policy, self.request_view())
         if key is None and policy.key == "cookie" and policy.cookie_ttl is not None:
-            value = _new_request_id()
+            value = _new_request_id(self.worker.rng)
             self.set_cookie = (b"%s=%s; Path=%s; Max-Age=%d; HttpOnly" % (
                 policy.name.encode("latin-1"), value, policy.cookie_path.encode("latin-1"), int(policy.cookie_ttl)))
             key = value
@@ -272,8 +289,9 @@ class Exchange:
         head = self.head
         route = self.route
         path, authority = rewrite_path_and_authority(route, match, head)
-        headers = forwarded_request_headers(head, authority, self.down.client_ip,
-                                            self.down.listener.scheme, _new_request_id)
+        # with tracing on, the tracer supplies x-request-id along with the trace headers
+        headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.listener.scheme,
+                                            None if self.trace is not None else self._request_id)
         headers = apply_header_ops(headers, route.headers.request)
         headers = apply_header_ops(headers, self.destination.headers.request)
         if self.trace is not None:
@@ -368,7 +386,8 @@ class Exchange:
         if self.request_complete and self.head.body_kind == BODY_CHUNKED:
             out.append(LAST_CHUNK)
         self._up_write(b"".join(out) if len(out) > 1 else out[0])
-        self.down.resume_reading(_READ_PAUSE_CONNECTING)
+        if self.down.read_paused_by:
+            self.down.resume_reading(_READ_PAUSE_CONNECTING)
         if self.head.expect_continue and not self.request_complete and self.attempts == 1:
             self.down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.down.flush()
@@ -486,10 +505,9 @@ class Exchange:
         if self.set_cookie is not None:
             headers.append((b"set-cookie", self.set_cookie))
         if self.route.cors is not None:
-            origin = self.view.headers.get("origin")
+            origin = self.request_view().headers.get("origin")
             if origin:
                 headers.extend(cors_response_headers(self.route.cors, origin))
-        self.worker.on_response_headers(self, headers)
         data = encode_response_head(status, head.reason, headers)
         self.response_bytes += len(data)
         self.response_started = True
@@ -705,8 +723,9 @@ class Exchange:
         self._release_admissions()
         if self.upstream is not None:
             self._release_upstream(reusable=False)
-        self.down.resume_reading(_READ_PAUSE_CONNECTING | _READ_PAUSE_UPSTREAM)
-        self.worker.on_exchange_done(self)
+        if self.down.read_paused_by:
+            self.down.resume_reading(_READ_PAUSE_CONNECTING | _READ_PAUSE_UPSTREAM)
+        self.worker.telemetry.exchange_done(self, self.worker.clock())
         self.down.exchange_finished(self, keep_alive)
 
     def downstream_lost(self) -> None:

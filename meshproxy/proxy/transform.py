@@ -34,7 +34,7 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
 
 
 def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: str, scheme: str,
-                              new_request_id: Callable[[], bytes]) -> Headers:
+                              new_request_id: Callable[[], bytes] | None) -> Headers:
     """The request's fields as sent upstream: Host first, hop-by-hop fields (and those
     named in Connection) removed, X-Forwarded-For appended, X-Forwarded-Proto set,
     X-Request-Id kept or generated.  Framing fields are added by the caller."""
@@ -61,7 +61,7 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     ip = client_ip.encode()
     out.append((b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
     out.append((b"x-forwarded-proto", scheme.encode()))
-    if not has_request_id:
+    if not has_request_id and new_request_id is not None:
         out.append((b"x-request-id", new_request_id()))
     if head.upgrade:
         out.append((b"connection", b"upgrade"))
