@@ -166,7 +166,8 @@ def render(results: dict) -> str:
     lines.append(f"- Load: throughput = `wrk -t{meta['wrk_threads']} -c{meta['conns']}` for {meta['duration_s']} s "
                  f"per size (median of {meta['repeat']}); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
                  f"--rps {meta['rate'] // meta['rate_conns']}` = {meta['rate']} req/s offered for {meta['rate_duration_s']} s "
-                 f"after a warm-up; nearly idle = 1 x `h2load --h1 -c1 --rps {meta.get('low_rate', 'n/a')}`; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
+                 f"after a warm-up; nearly idle = "
+                 f"{'1 x `h2load --h1 -c1 --rps ' + str(meta['low_rate']) + '`' if meta.get('low_rate') else 'skipped'}; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
     lines.append("")
     lines.append("### HTTP")
     lines.append("")
