@@ -39,7 +39,6 @@ def test_values_land_in_the_passed_registry_not_the_global_one():
     assert REGISTRY.get_sample_value("pilot_xds") is None
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (scripts/setup.sh installs it)")
 def test_control_plane_exposition_passes_promtool():
     registry, _ = busy_control_plane()
     proc = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(registry),

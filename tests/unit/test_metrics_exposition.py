@@ -61,21 +61,18 @@ def promtool_check(body: bytes) -> tuple[int, set[str]]:
     return proc.returncode, findings
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (scripts/setup.sh installs it)")
 def test_prometheus_text_of_known_traffic_passes_promtool_except_istios_milliseconds_name():
     code, findings = promtool_check(render_prometheus(known_traffic()))
     assert findings == ACCEPTED_LINT
     assert code == 3                                   # 3 = lint findings only, 1 would be a parse error
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (scripts/setup.sh installs it)")
 def test_promtool_finds_nothing_in_every_family_but_the_istio_duration():
     merged = known_traffic()
     del merged["histograms"]["istio_request_duration_milliseconds"]
     assert promtool_check(render_prometheus(merged)) == (0, set())
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (scripts/setup.sh installs it)")
 def test_promtool_is_a_real_check_it_flags_a_counter_without_total():
     assert promtool_check(b"# HELP foo x\n# TYPE foo counter\nfoo 1\n")[0] != 0
 
@@ -85,7 +82,6 @@ def corpus_cases(should_parse: bool) -> list[Path]:
                   if d.is_dir() and json.loads((d / "test.json").read_text())["shouldParse"] is should_parse)
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared OpenMetrics corpus not present")
 def test_strict_parser_rejects_every_bad_case_of_the_openmetrics_corpus():
     accepted = []
     for case in corpus_cases(False):
@@ -97,7 +93,6 @@ def test_strict_parser_rejects_every_bad_case_of_the_openmetrics_corpus():
     assert len(corpus_cases(False)) == 167 and accepted == []
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared OpenMetrics corpus not present")
 def test_strict_parser_accepts_every_good_case_of_the_openmetrics_corpus():
     for case in corpus_cases(True):
         list(parse_openmetrics((case / "metrics").read_text()))
