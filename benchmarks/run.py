@@ -601,6 +601,10 @@ def main(argv=None) -> int:
         existing = out.read_text() if out.exists() else None
         out.write_text(report.update_results_file(existing, block))
         print(f"wrote {out}", file=sys.stderr)
+    missing = [n for n in args.targets if n not in results["targets"]]
+    if missing:
+        print(f"not measured: {', '.join(missing)} (see the notes)", file=sys.stderr)
+        return 1
     return 0
 
 
