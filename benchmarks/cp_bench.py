@@ -76,15 +76,15 @@ async def simulate(url: str, count: int) -> None:
                                     lambda r, w, v: [], None, read_timeout=120.0, connect_timeout=30.0)
         clients.append(client)
 
-    original = remote_module.http_call
+    original = remote_module.KeepAliveChannel.post
 
-    async def timed_http_call(u, method, path, body, timeout):
-        result = await original(u, method, path, body, timeout)
+    async def timed_post(channel, path, body, timeout):
+        status = await original(channel, path, body, timeout)
         if path == "/push/v1/ack" and not body["errors"]:
             acked[body["node_id"]] = (body["version"], time.monotonic())
-        return result
+        return status
 
-    remote_module.http_call = timed_http_call
+    remote_module.KeepAliveChannel.post = timed_post
     tasks = [asyncio.create_task(c.run()) for c in clients]
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

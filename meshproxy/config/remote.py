@@ -99,6 +99,61 @@ async def http_call(url: str, method: str, path: str, body: dict | None, timeout
         return await call()
 
 
+class KeepAliveChannel:
+    """One kept-alive connection for the small POSTs of a stream (ACKs): no connect per ACK."""
+
+    def __init__(self, url: str):
+        self.host, self.port = _address(url)
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection] | None = None
+
+    async def post(self, path: str, body: dict, timeout: float) -> int:
+        for attempt in (0, 1):           # a kept-alive connection may have been closed by the server
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._post(path, body)
+            except (OSError, h11.ProtocolError, StreamBroken):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _post(self, path: str, body: dict) -> int:
+        if self._conn is None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self._conn = (reader, writer, h11.Connection(h11.CLIENT))
+        reader, writer, conn = self._conn
+        data = json.dumps(body).encode()
+        writer.write(conn.send(h11.Request(method="POST", target=path, headers=[
+            ("host", f"{self.host}:{self.port}"), ("content-type", "application/json"),
+            ("content-length", str(len(data)))])))
+        writer.write(conn.send(h11.Data(data=data)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        status = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    raise StreamBroken("ack connection closed")
+                conn.receive_data(chunk)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+                else:
+                    self.close()
+                return status
+            elif isinstance(event, h11.ConnectionClosed):
+                raise StreamBroken("ack connection closed")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None
+
+
 class RemoteConfigClient:
     def __init__(self, urls: list[str], node_id: str, identity_info: dict, on_config: OnConfig,
                  registration: dict | None = None, *, ttl: float = 10.0, read_timeout: float = 35.0,
@@ -131,6 +186,7 @@ class RemoteConfigClient:
         self._good = ("", "")                 # (resources_version, endpoints_version) of the running config
         self._received = ("", "")
         self._draining = False
+        self._acks: KeepAliveChannel | None = None    # per stream: ACKs on one kept-alive connection
 
     # ------------------------------------------------------------ lifecycle
 
@@ -140,6 +196,7 @@ class RemoteConfigClient:
         while True:
             url = self.urls[self._url_index % len(self.urls)]
             heartbeat: asyncio.Task | None = None
+            self._acks = KeepAliveChannel(url)
             try:
                 if self.registration is not None and not self._draining:
                     await self._register(url)
@@ -154,6 +211,7 @@ class RemoteConfigClient:
                 self.status.last_error = f"{url}: {type(exc).__name__}: {exc}"
                 log.warning("control plane stream lost: %s", self.status.last_error)
             finally:
+                self._acks.close()
                 if heartbeat is not None:
                     heartbeat.cancel()
                     await asyncio.gather(heartbeat, return_exceptions=True)
@@ -272,7 +330,7 @@ class RemoteConfigClient:
             self._prune()
             self.synced.set()
         ack = {"node_id": self.node_id, "nonce": message["nonce"], "version": version, "errors": errors}
-        status, _ = await http_call(url, "POST", "/push/v1/ack", ack, self.connect_timeout)
+        status = await self._acks.post("/push/v1/ack", ack, self.connect_timeout)
         if status == 404:
             raise StreamBroken("the control plane no longer knows this stream")
 

@@ -267,17 +267,21 @@ async def test_restarted_control_plane_with_the_same_store_pushes_nothing_new(tm
 
 
 async def test_client_fails_over_to_the_next_url_and_keeps_its_config_while_none_answers(tmp_path):
+    import shutil
+    seed = ControlPlaneProcess(f"sqlite:{tmp_path / 'a.db'}").start()
+    Client(seed.url).call("PUT", f"{VS_PATH}/demo", vs())
+    seed.stop()
+    shutil.copy(tmp_path / "a.db", tmp_path / "b.db")       # two control planes with the same content
     a = ControlPlaneProcess(f"sqlite:{tmp_path / 'a.db'}").start()
     b = ControlPlaneProcess(f"sqlite:{tmp_path / 'b.db'}").start()
     recorder = Recorder()
     client, task = start_client([a.url, b.url], recorder)
     try:
-        await call(Client(a.url), "PUT", f"{VS_PATH}/demo", vs())
-        await call(Client(b.url), "PUT", f"{VS_PATH}/demo", vs())   # same content in both stores
         await eventually(lambda: recorder.running and recorder.running[0] and client.status.url == a.url)
         version, calls = recorder.running[2], len(recorder.calls)
         a.kill()
         await eventually(lambda: client.status.connected and client.status.url == b.url)
+        await asyncio.sleep(0.2)
         assert client.status.version == version and len(recorder.calls) == calls
         b.kill()
         await asyncio.sleep(0.5)
