@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-trace-propagation", action="store_true", help="do not touch trace headers at all")
     run.add_argument("--access-log", default="", help="'stdout' or a file path; off when empty")
     run.add_argument("--access-log-sample", type=float, default=1.0, help="share of requests logged (errors always)")
+    run.add_argument("--disable-metrics", action="store_true", help="no request metrics (to measure their cost)")
     run.add_argument("--log-level", default="INFO")
 
     val = sub.add_parser("validate", help="validate config files; prints every error, exits 1 if any")
@@ -122,7 +123,8 @@ def _run(args) -> int:
         control_plane=[u for u in args.control_plane.split(",") if u], registration=registration,
         telemetry={"tracing_endpoint": args.tracing_endpoint, "sample_rate": args.trace_sample_rate,
                    "propagate": not args.no_trace_propagation, "access_log": args.access_log,
-                   "access_log_sample": args.access_log_sample, "service_name": args.service})
+                   "access_log_sample": args.access_log_sample, "service_name": args.service,
+                   "disable_metrics": args.disable_metrics})
     return run(options)
 
 

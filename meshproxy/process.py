@@ -30,7 +30,7 @@ from .config.load import build_from_paths
 from .config.model import ProxySettings
 from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
-from .proxy.observe import Telemetry
+from .proxy.observe import NullMetrics, Telemetry
 from .telemetry import (
     AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, build_trace_export, otlp_http_exporter, render,
 )
@@ -157,7 +157,7 @@ def build_telemetry(options: "RunOptions", loop) -> Telemetry:
     version = labels.get("version", "unknown")
     source = PeerInfo(workload=f"{app}-{version}" if version != "unknown" else app,
                       namespace=identity.namespace, app=app, version=version)
-    metrics = ProxyMetrics(worker=options.worker.worker_index)
+    metrics = NullMetrics() if t.get("disable_metrics") else ProxyMetrics(worker=options.worker.worker_index)
     tracer = None
     if t.get("propagate", True):
         export = None
