@@ -77,6 +77,22 @@ class Mesh:
             self.cp.stop()
 
 
+def spawn_proxies(mesh: Mesh, control_plane: str, ports: list[int], gw_admin: int, prefix: str = "demo") -> None:
+    """Two app versions with their sidecars (registering as service demo) and the ingress gateway.
+    ``ports``: 7 free ports (app, listen, admin for v1 and v2; the gateway's default listener)."""
+    python = sys.executable
+    for version, (app_port, listen, admin) in zip(("v1", "v2"), (ports[0:3], ports[3:6])):
+        mesh.spawn(f"app-{version}", [python, "-c", APP, version, str(app_port)])
+        mesh.spawn(f"sidecar-{version}", [
+            python, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-{version}",
+            "--service", "demo", "--namespace", "default", "--labels", f"app=demo,version={version}",
+            "--app-port", str(app_port), "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"])
+    mesh.spawn("ingress", [
+        python, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-ingress",
+        "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind", "127.0.0.1",
+        "--listen", f"127.0.0.1:{ports[6]}", "--admin", f"127.0.0.1:{gw_admin}"])
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,7 +155,6 @@ def split_line(counts: dict[str, int]) -> str:
 def run(seconds_per_step: float, quiet: bool) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-demo-"))
     mesh = Mesh(workdir, quiet)
-    python = sys.executable
     try:
         cp = mesh.cp = ControlPlaneProcess(f"sqlite:{workdir / 'mesh.db'}", log_path=str(workdir / "controlplane.log"),
                                            ttl=5.0).start()
@@ -158,16 +173,7 @@ def run(seconds_per_step: float, quiet: bool) -> int:
         for line in apply_file(api, CONFIGS / "demo-virtualservice.yaml"):
             print(f"  applied {line}  (90% v1 / 10% v2)")
 
-        for version, (app_port, listen, admin) in zip(("v1", "v2"), (ports[0:3], ports[3:6])):
-            mesh.spawn(f"app-{version}", [python, "-c", APP, version, str(app_port)])
-            mesh.spawn(f"sidecar-{version}", [
-                python, "-m", "meshproxy", "run", "--control-plane", cp.url, "--node-id", f"demo-{version}",
-                "--service", "demo", "--namespace", "default", "--labels", f"app=demo,version={version}",
-                "--app-port", str(app_port), "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"])
-        mesh.spawn("ingress", [
-            python, "-m", "meshproxy", "run", "--control-plane", cp.url, "--node-id", "ingress-gateway",
-            "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind", "127.0.0.1",
-            "--listen", f"127.0.0.1:{ports[6]}", "--admin", f"127.0.0.1:{gw_admin}"])
+        spawn_proxies(mesh, cp.url, ports, gw_admin)
 
         def converged():
             proxies = api.call("GET", "/push/v1/proxies")[1].get("items", [])

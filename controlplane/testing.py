@@ -6,8 +6,10 @@ it outright to simulate a crash.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import threading
 import subprocess
 import sys
 import tempfile
@@ -138,3 +140,42 @@ class EtcdCluster:
     def stop(self) -> None:
         for name in self.procs:
             self.kill(name)
+
+
+class GatewayLoad:
+    """One keep-alive client sending GETs back to back through the gateway; counts outcomes."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.outcomes: dict[str, int] = {}
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
+        while not self._stop.is_set():
+            try:
+                conn.request("GET", "/", headers={"host": "demo.example.com"})
+                resp = conn.getresponse()
+                resp.read()
+                key = resp.getheader("x-demo-version") if resp.status == 200 else f"status {resp.status}"
+            except (OSError, http.client.HTTPException) as exc:
+                key = f"error {type(exc).__name__}"
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
+            if key not in ("v1", "v2"):
+                self.failures.append(f"{time.monotonic():.3f} {key}")
+        conn.close()
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+    def total(self):
+        return sum(self.outcomes.values())

@@ -122,3 +122,54 @@ async def test_lease_expiry_removes_a_dead_workload_and_rollback_works_on_etcd(e
         assert code == 200
         _, now = await asyncio.to_thread(api.call, "GET", f"{VS_PATH}/demo")
         assert [d["weight"] for d in now["spec"]["http"][0]["route"]] == [90, 10]
+
+
+async def test_replica_and_etcd_member_killed_under_traffic_writes_and_pushes_continue_with_no_failed_request(etcd, tmp_path):
+    """Real sidecars and gateway on two replicas; constant load through the gateway."""
+    from pathlib import Path
+
+    from controlplane.demo import Mesh, apply_file, spawn_proxies, wait_for
+    from controlplane.testing import GatewayLoad as Load, free_ports
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    a = ControlPlaneProcess(etcd.store_spec(), ttl=3.0).start()
+    b = ControlPlaneProcess(etcd.store_spec(), ttl=3.0).start()
+    mesh = Mesh(tmp_path, quiet=True)
+    load = None
+    try:
+        api_a, api_b = Client(a.url), Client(b.url)
+        gw_port, gw_admin, *ports = free_ports(9)
+        for name in ("demo-serviceentry.yaml", "demo-destinationrule.yaml", "demo-virtualservice.yaml"):
+            apply_file(api_a, configs / name)
+        apply_file(api_b, configs / "demo-gateway.yaml",
+                   lambda o: o["spec"]["servers"][0]["port"].update(number=gw_port))
+        spawn_proxies(mesh, f"{a.url},{b.url}", ports, gw_admin, prefix="ha")
+        on_a = lambda: [p for p in api_a.call("GET", "/push/v1/proxies?local=true")[1]["items"] if p["state"] == "acked"]
+        wait_for(lambda: len(on_a()) == 3, 25, "three proxies ACKing on replica A")
+        wait_for(lambda: all(_one(gw_port) in ("v1", "v2") for _ in range(10)), 10, "gateway serving")
+        load = Load(gw_port).start()
+        await asyncio.sleep(1.0)
+        a.kill()
+        etcd.kill("m0")
+        apply_file(api_b, configs / "steps" / "demo-virtualservice-50-50.yaml")          # a write after the failures
+        counts_before = dict(load.outcomes)
+        on_b = lambda: [p for p in api_b.call("GET", "/push/v1/proxies?local=true")[1]["items"] if p["state"] == "acked"]
+        await asyncio.to_thread(wait_for, lambda: len(on_b()) == 3, 25, "three proxies moved to replica B")
+        await asyncio.sleep(3.0)
+        load.stop()
+        after = {k: load.outcomes.get(k, 0) - counts_before.get(k, 0) for k in ("v1", "v2")}
+        assert load.failures == []
+        assert after["v2"] > 0.3 * (after["v1"] + after["v2"])          # the 50/50 push reached the gateway
+        endpoints = api_b.call("GET", "/registry/v1/namespaces/default/services/demo/endpoints")[1]["items"]
+        assert len(endpoints) == 2                                      # leases kept alive through B
+    finally:
+        if load:
+            load.stop()
+        mesh.close()
+        a.kill()
+        b.stop()
+
+
+def _one(port: int) -> str:
+    from controlplane.demo import send
+    return send(port, "demo.example.com")

@@ -3,9 +3,7 @@ ingress gateway, two demo app versions, traffic through the gateway under consta
 from __future__ import annotations
 
 import copy
-import http.client
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,51 +11,12 @@ import pytest
 import yaml
 
 from controlplane.cli import Client
-from controlplane.demo import APP, Mesh, apply_file, wait_for
+from controlplane.demo import Mesh, apply_file, send, spawn_proxies, wait_for
 from controlplane.resources import GROUP
-from controlplane.testing import ControlPlaneProcess, free_ports
+from controlplane.testing import ControlPlaneProcess, GatewayLoad as Load, free_ports
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NS = f"/apis/{GROUP}/v1/namespaces/default"
-
-
-class Load:
-    """One keep-alive client sending GETs back to back through the gateway; counts outcomes."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.outcomes: dict[str, int] = {}
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
-        while not self._stop.is_set():
-            try:
-                conn.request("GET", "/", headers={"host": "demo.example.com"})
-                resp = conn.getresponse()
-                resp.read()
-                key = resp.getheader("x-demo-version") if resp.status == 200 else f"status {resp.status}"
-            except (OSError, http.client.HTTPException) as exc:
-                key = f"error {type(exc).__name__}"
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3)
-            self.outcomes[key] = self.outcomes.get(key, 0) + 1
-            if key not in ("v1", "v2"):
-                self.failures.append(f"{time.monotonic():.3f} {key}")
-        conn.close()
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(5)
-
-    def total(self):
-        return sum(self.outcomes.values())
 
 
 def only_v1(obj):
@@ -80,16 +39,7 @@ def mesh(tmp_path):
     apply_file(api, CONFIGS / "demo-destinationrule.yaml", only_v1)
     apply_file(api, CONFIGS / "demo-gateway.yaml", lambda o: o["spec"]["servers"][0]["port"].update(number=gw_port))
     apply_file(api, CONFIGS / "demo-virtualservice.yaml", only_v1)
-    for version, (app_port, listen, admin) in zip(("v1", "v2"), (ports[0:3], ports[3:6])):
-        mesh.spawn(f"app-{version}", [sys.executable, "-c", APP, version, str(app_port)])
-        mesh.spawn(f"sidecar-{version}", [
-            sys.executable, "-m", "meshproxy", "run", "--control-plane", mesh.cp.url, "--node-id", f"sc-{version}",
-            "--service", "demo", "--labels", f"version={version}", "--app-port", str(app_port),
-            "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"])
-    mesh.spawn("ingress", [
-        sys.executable, "-m", "meshproxy", "run", "--control-plane", mesh.cp.url, "--node-id", "ingress",
-        "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind", "127.0.0.1",
-        "--listen", f"127.0.0.1:{ports[6]}", "--admin", f"127.0.0.1:{gw_admin}"])
+    spawn_proxies(mesh, mesh.cp.url, ports, gw_admin, prefix="sc")
 
     def ready():
         proxies = api.call("GET", "/push/v1/proxies")[1]["items"]
@@ -161,11 +111,4 @@ def test_rollback_restores_the_earlier_routing_through_the_gateway(mesh):
 
 
 def _one(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
-    try:
-        conn.request("GET", "/", headers={"host": "demo.example.com"})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.getheader("x-demo-version") or f"status {resp.status}"
-    finally:
-        conn.close()
+    return send(port, "demo.example.com")
