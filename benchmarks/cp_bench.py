@@ -170,7 +170,6 @@ def propagation(proxies: int, rounds: int) -> dict:
 
 async def scale(services: int, endpoints: int, sidecar_hosts: int = 0) -> dict:
     from controlplane.push import PushEngine
-    from controlplane.scope import Identity
     from controlplane.store_sqlite import SqliteStore
     from meshproxy.config.compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
     from meshproxy.config.decode import decode_documents

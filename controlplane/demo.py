@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import json
-import os
 import subprocess
 import sys
 import tempfile

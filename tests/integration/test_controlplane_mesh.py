@@ -3,7 +3,6 @@ ingress gateway, two demo app versions, traffic through the gateway under consta
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from pathlib import Path
 
