@@ -301,7 +301,11 @@ class EtcdStore:
                     if "header" in result:
                         self._revision = max(self._revision, int(result["header"]["revision"]))
                     self._notify(changed)
-            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreError, ValueError) as exc:
+            except TimeoutError:
+                # nothing for a while: reopen the watch from the last revision (also how a silently
+                # dead member is noticed); nothing is lost, events resume from that revision
+                log.debug("etcd watch idle for %s s; reopening", self._watch_idle_timeout)
+            except (OSError, h11.ProtocolError, StoreError, ValueError) as exc:
                 log.warning("etcd watch lost (%s); reconnecting", exc)
             await asyncio.sleep(0.2)
 
