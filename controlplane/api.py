@@ -38,11 +38,12 @@ import yaml
 
 from .http import Request, Response, StreamResponse
 from .push import PushEngine
-from .resources import API_VERSIONS, BY_PLURAL, DEFAULT_API_VERSION, GROUP, describe
+from .resources import API_VERSIONS, BY_PLURAL, DEFAULT_API_VERSION, GROUP, describe, proxy_view
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
-from .validation import validate_object
+from .validation import apply_warnings, validate_object
 
 DEFAULT_TTL = 10.0
+WARNINGS_MAX_OBJECTS = 3000     # above this many resources + workloads, writes skip the warning compile
 _VER = "|".join(API_VERSIONS)
 _PLURAL = "|".join(BY_PLURAL)
 ROUTES: list[tuple[str, re.Pattern, str]] = [
@@ -184,12 +185,23 @@ class Api:
         obj = {"apiVersion": body.get("apiVersion") or DEFAULT_API_VERSION, "kind": kind,
                "metadata": {k: md[k] for k in ("name", "labels", "annotations") if k in md} | {"namespace": ns},
                "spec": body["spec"]}
+        headers = [("warning", f'299 - "{w}"'.encode("ascii", "replace").decode()) for w in await self._warnings(obj)]
         if request.query.get("dryRun") == "All":
-            return Response.json(200, obj)
+            return Response(200, Response.json(200, obj).body, headers=headers)
         existed = (kind, ns, obj["metadata"]["name"]) in self.store.resources()
         stored = await self.store.put(obj, expect_version=str(expect) if expect else None,
                                       create_only=create_only, origin=request.headers.get("x-meshctl-user", "api"))
-        return Response.json(200 if existed else 201, stored)
+        return Response(200 if existed else 201, Response.json(200, stored).body, headers=headers)
+
+    async def _warnings(self, obj: dict) -> list[str]:
+        """Kubernetes-style Warning headers: what proxies would report about this object.
+        A compile of the mesh: done off the event loop, and skipped for large meshes."""
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        resources, workloads = self.store.resources(), self.store.workloads()
+        if len(resources) + len(workloads) > WARNINGS_MAX_OBJECTS:
+            return []
+        others = [proxy_view(o) for k, o in sorted(resources.items()) if k != key]
+        return await asyncio.to_thread(apply_warnings, proxy_view(obj), others, list(workloads.values()))
 
     async def _create(self, request, ns, plural):
         return await self._write(request, ns, plural, None, True)

@@ -44,6 +44,7 @@ class CliError(Exception):
 class Client:
     def __init__(self, server: str):
         self.server = server.rstrip("/")
+        self.warnings: list[str] = []      # Warning headers of the last response
 
     def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
@@ -52,6 +53,7 @@ class Client:
                                               "x-meshctl-user": os.environ.get("USER", "meshctl")})
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                self.warnings = [parse_warning(v) for v in resp.headers.get_all("warning") or []]
                 return resp.status, json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as exc:
             payload = exc.read()
@@ -62,6 +64,13 @@ class Client:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CliError(f"cannot reach the control plane at {self.server}: {reason}") from None
+
+
+def parse_warning(value: str) -> str:
+    """``299 - "text"`` -> ``text`` (RFC 7234 warn-code, agent, quoted text)."""
+    parts = value.split(" ", 2)
+    text = parts[2] if len(parts) == 3 else value
+    return text[1:-1] if text.startswith('"') and text.endswith('"') else text
 
 
 def status_lines(body: dict) -> list[str]:
@@ -172,6 +181,8 @@ def cmd_apply(client: Client, args, *, diff_only: bool = False) -> int:
         if code >= 300:
             problems += status_lines(result)
             continue
+        for warning in client.warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         ref = f"{kind.lower()}.{GROUP}/{name}" + (f" -n {ns}" if ns != "default" else "")
         changed = comparable(live) != comparable(result)
         if dry:

@@ -13,7 +13,11 @@ import re
 
 from .resources import API_VERSIONS, GROUP, describe, proxy_view
 
+from meshproxy.config.compile import ProxyIdentity as _ProxyIdentity
+from meshproxy.config.compile import WorkloadEndpoint as _WorkloadEndpoint
+from meshproxy.config.compile import compile_snapshot as _compile_snapshot
 from meshproxy.config.decode import decode_documents as _decode_documents
+from meshproxy.config.model import ProxySettings as _ProxySettings
 from meshproxy.config.resources import Document as _Document
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -67,3 +71,29 @@ def decode_errors(objects: list[dict], source: str = "controlplane") -> list[str
     """Run the proxy's decoder over proxy views; returns its errors (path-qualified)."""
     docs = [_Document(source, i, obj) for i, obj in enumerate(objects)]
     return list(_decode_documents(docs).errors)
+
+
+def apply_warnings(obj: dict, others: list[dict], workloads: list[dict]) -> list[str]:
+    """What the compiler would warn about ``obj`` once stored next to ``others`` (proxy views):
+    e.g. a route to a subset no DestinationRule defines (a 503 for every such request).
+    Compiled as a sidecar of the object's namespace and as each Gateway's proxy; only
+    warnings that name ``obj`` are returned.  Workloads are reduced to one per distinct
+    (service, labels, ports), which is all the compiler's warnings depend on."""
+    md = obj["metadata"]
+    ref = f"{obj['kind']} {md['namespace']}/{md['name']}: "
+    decoded = _decode_documents([_Document("controlplane", i, o) for i, o in enumerate([*others, obj])])
+    distinct = {(w["namespace"], w["service"], tuple(sorted(w["labels"].items())), tuple(sorted(w["ports"].items()))): w
+                for w in workloads}
+    endpoints = [_WorkloadEndpoint(w["service"], w["namespace"], w["address"], w["ports"], w["labels"])
+                 for w in distinct.values()]
+    identities = [(md["namespace"], "sidecar", {})]
+    for o in [*others, obj]:
+        if o["kind"] == "Gateway":
+            identities.append((o["metadata"]["namespace"], "gateway", dict(o["spec"].get("selector") or {})))
+    warnings: list[str] = []
+    for namespace, mode, labels in identities:
+        identity = _ProxyIdentity(namespace=namespace, labels=labels, mode=mode,
+                                  http_listen=("127.0.0.1", 0), gateway_bind="127.0.0.1")
+        result = _compile_snapshot(decoded.resources, identity, _ProxySettings(), workloads=endpoints, version="check")
+        warnings += [w for w in result.warnings if w.startswith(ref) and w not in warnings]
+    return warnings

@@ -193,3 +193,23 @@ def test_watch_streams_added_modified_and_deleted_events(cp, api):
     conn.close()
     assert [(e["type"], e["object"]["metadata"]["resourceVersion"]) for e in events] == [
         ("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "2")]
+
+
+def test_route_to_an_undefined_subset_is_accepted_with_a_warning_naming_the_503(cp, api):
+    api.call("POST", "/registry/v1/workloads", {"service": "reviews", "address": "10.0.0.1", "ports": {"http": 9080},
+                                               "labels": {"version": "v1"}, "ttl": 60})
+    applied = meshctl(cp, "apply", "-f", "-", stdin=yaml_text(vs()))       # subsets v1/v2, but no DestinationRule
+    assert applied.returncode == 0
+    assert applied.stdout.startswith("virtualservice.networking.istio.io/reviews created")
+    warnings = applied.stderr.splitlines()
+    assert warnings[0] == ("Warning: VirtualService default/reviews: spec.http[0].route[0].destination.subset: "
+                           "subset 'v1' not found in any DestinationRule for host reviews.default.svc.cluster.local; "
+                           "requests get 503 NR")
+    assert len(warnings) == 2 and "subset 'v2'" in warnings[1]
+    nothing_to_say = meshctl(cp, "apply", "-f", "configs/")
+    assert nothing_to_say.returncode == 0 and nothing_to_say.stderr == ""
+
+
+def yaml_text(obj: dict) -> str:
+    import yaml
+    return yaml.safe_dump(obj)
