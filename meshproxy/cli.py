@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node-id", default="", help="node id shown by `meshctl proxies` (default host-pid)")
     run.add_argument("--service", default="", help="register this workload as SERVICE with the control plane")
     run.add_argument("--app-port", type=int, default=0, help="port of the local app this sidecar fronts")
+    run.add_argument("--address", default="127.0.0.1", help="address this workload is registered under (e.g. the pod IP)")
+    run.add_argument("--initial-config-timeout", type=float, default=60.0,
+                     help="with --control-plane: give up (exit 1) if no config arrives within this many seconds")
     run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
     run.add_argument("--header-timeout", type=float, default=10.0, help="request head must arrive within (408)")
     run.add_argument("--idle-timeout", type=float, default=60.0, help="keep-alive idle timeout")
@@ -114,13 +117,14 @@ def _run(args) -> int:
     registration = None
     if args.service:
         registration = {"service": args.service, "namespace": args.namespace, "labels": args.labels,
-                        "address": "127.0.0.1", "ports": {"http": args.app_port} if args.app_port else {},
+                        "address": args.address, "ports": {"http": args.app_port} if args.app_port else {},
                         "proxy_port": args.listen[1]}
     options = RunOptions(
         config_paths=args.config, listen=args.listen, admin=args.admin, workers=args.workers,
         identity=identity, settings=settings,
         worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout, node_id=node_id),
         control_plane=[u for u in args.control_plane.split(",") if u], registration=registration,
+        initial_config_timeout=args.initial_config_timeout,
         telemetry={"tracing_endpoint": args.tracing_endpoint, "sample_rate": args.trace_sample_rate,
                    "propagate": not args.no_trace_propagation, "access_log": args.access_log,
                    "access_log_sample": args.access_log_sample, "service_name": args.service,

@@ -49,6 +49,7 @@ class RunOptions:
     worker: WorkerOptions = field(default_factory=WorkerOptions)
     control_plane: list[str] = field(default_factory=list)
     registration: dict | None = None
+    initial_config_timeout: float = 60.0
     telemetry: dict = field(default_factory=dict)
 
 
@@ -203,7 +204,12 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
     if options.control_plane:
         from .config.remote_source import RemoteSource
         remote = RemoteSource(options, store, telemetry)
-        await remote.wait_first_config()
+        try:
+            await remote.wait_first_config(options.initial_config_timeout)
+        except asyncio.TimeoutError:
+            print(f"meshproxy: no config from {','.join(options.control_plane)} within "
+                  f"{options.initial_config_timeout:g}s", file=sys.stderr)
+            return 1
     worker = Worker(loop, store, options.worker, telemetry)
     await worker.start()
     for error in worker.listen_errors:
