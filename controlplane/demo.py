@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 version, port = sys.argv[1], int(sys.argv[2])
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True   # head and body are two writes: without this, ~40 ms delayed-ACK stalls
     def do_GET(self):
         body = f"hello from demo {version}\n".encode()
         self.send_response(200); self.send_header("content-length", str(len(body)))
@@ -118,31 +119,63 @@ def apply_file(api: Client, path: Path, patch=None) -> list[str]:
     return lines
 
 
-def send(port: int, host: str) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/", headers={"host": host})
-        resp = conn.getresponse()
-        resp.read()
+class GatewayClient:
+    """One keep-alive connection to the gateway (re-opened after an error)."""
+
+    def __init__(self, port: int, host: str):
+        self.port, self.host, self.conn = port, host, None
+
+    def send(self) -> str:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            self.conn.request("GET", "/", headers={"host": self.host})
+            resp = self.conn.getresponse()
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = None
+            raise
+        if resp.status >= 500:
+            return f"status {resp.status}"
         return resp.getheader("x-demo-version") or f"status {resp.status}"
-    finally:
-        conn.close()
 
 
 def measure(port: int, host: str, seconds: float, label: str) -> dict[str, int]:
+    """Send traffic for ``seconds``; every second print the live view: the split so far,
+    and per destination version the last second's requests/s, success rate and p99."""
+    client = GatewayClient(port, host)
     counts: dict[str, int] = {}
+    window: dict[str, list[float]] = {}
     end = time.monotonic() + seconds
     next_print = time.monotonic() + 1
     while time.monotonic() < end:
+        t0 = time.monotonic()
         try:
-            outcome = send(port, host)
+            outcome = client.send()
         except (OSError, http.client.HTTPException) as exc:
             outcome = f"error {type(exc).__name__}"
         counts[outcome] = counts.get(outcome, 0) + 1
+        window.setdefault(outcome, []).append(time.monotonic() - t0)
         if time.monotonic() >= next_print:
             next_print += 1
             print(f"  {label}: " + split_line(counts), flush=True)
+            print("         " + live_line(window), flush=True)
+            window = {}
+    if client.conn is not None:
+        client.conn.close()
     return counts
+
+
+def live_line(window: dict[str, list[float]]) -> str:
+    total = sum(len(v) for v in window.values()) or 1
+    errors = sum(len(v) for k, v in window.items() if k not in ("v1", "v2"))
+    parts = []
+    for version in ("v1", "v2"):
+        lat = sorted(window.get(version, []))
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0
+        parts.append(f"{version}: {len(lat):4d} req/s p99 {p99:5.1f} ms")
+    return "   ".join(parts) + f"   success {100 * (total - errors) / total:5.1f}%"
 
 
 def split_line(counts: dict[str, int]) -> str:
@@ -179,7 +212,7 @@ def run(seconds_per_step: float, quiet: bool) -> int:
             return len(endpoints) == 2 and len(proxies) == 3 and all(p["state"] == "acked" for p in proxies)
 
         wait_for(converged, 20, "two registered workloads and three proxies ACKing")
-        wait_for(lambda: send(gw_port, "demo.example.com") in ("v1", "v2"), 10, "the gateway routing to demo")
+        wait_for(lambda: GatewayClient(gw_port, "demo.example.com").send() in ("v1", "v2"), 10, "the gateway routing to demo")
         print("\nmeshctl proxies:")
         for p in api.call("GET", "/push/v1/proxies")[1]["items"]:
             print(f"  {p['node_id']:16} {p['mode']:8} {p['state']:7} acked={p['acked_version']}")
