@@ -40,6 +40,11 @@ VALUE_CHARS = bytes([9]) + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 # request-target bytes: VCHAR only (RFC 3986 is stricter still; we refuse what cannot be forwarded safely)
 TARGET_CHARS = bytes(range(0x21, 0x7F))
 DIGITS = b"0123456789"
+# The same sets as translate tables (allowed byte -> 1, any other -> 0): ``0 in
+# data.translate(table)`` is one table pass and a memchr, about half the cost of
+# ``data.translate(None, deletechars)``, which rebuilds its table on every call.
+_TCHAR_OK, _VALUE_OK, _TARGET_OK = (bytes(c in chars for c in range(256))
+                                    for chars in (TCHAR, VALUE_CHARS, TARGET_CHARS))
 
 # The methods llhttp recognises (strict request mode); both backends refuse others alike.
 KNOWN_METHODS = frozenset(
@@ -69,15 +74,30 @@ def _bad_name(names: bytes) -> bool:
 
 def check_fields(headers: Headers, limits: CodecLimits, status: int = 400) -> None:
     """Field names are non-empty tokens, values carry no NUL/CR/LF/CTL, count within limit."""
+    _checked_fields(headers, limits, status)
+
+
+def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """:func:`check_fields`, returning (names, values) for the framing dispatch.
+
+    One ``zip(*headers)`` and C-level joins and scans instead of Python loops over fields."""
     if len(headers) > limits.max_header_count:
         raise ProtocolError(431 if status == 400 else status, "too many header fields")
-    names = b"".join([n for n, _ in headers])
-    values = b"".join([v for _, v in headers])
-    if names.translate(None, TCHAR) or values.translate(None, VALUE_CHARS):
+    if not headers:
+        return (), ()
+    names, values = zip(*headers)
+    if 0 in b"".join(names).translate(_TCHAR_OK) or 0 in b"".join(values).translate(_VALUE_OK):
         raise ProtocolError(status, "invalid header field")
-    for n, _ in headers:
-        if not n:
-            raise ProtocolError(status, "empty header field name")
+    if b"" in names:
+        raise ProtocolError(status, "empty header field name")
+    return names, values
+
+
+def _values_of(name: bytes, names: tuple[bytes, ...], values: tuple[bytes, ...]) -> list[bytes]:
+    """Every value of field ``name`` (known to be present), in order."""
+    if names.count(name) == 1:
+        return [values[names.index(name)]]
+    return [v for n, v in zip(names, values) if n == name]
 
 
 def _content_length(values: list[bytes], status: int) -> int:
@@ -156,12 +176,46 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
         raise ProtocolError(400, "unknown or invalid method")
     if len(target) > limits.max_target_bytes:
         raise ProtocolError(414, "request-target too long")
-    if not target or target.translate(None, TARGET_CHARS):
+    if not target or 0 in target.translate(_TARGET_OK):
         raise ProtocolError(400, "invalid request-target")
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError(505, "HTTP version not supported")
-    check_fields(headers, limits)
+    names, values = _checked_fields(headers, limits, 400)
+    if names.count(b"host") == 1 and target[:1] == b"/":
+        if _REQUEST_FRAMING_FIELDS.isdisjoint(names):
+            # The common head, decided with C-level scans of ``names``: one Host, origin-form
+            # target, and no CL/TE/Connection/Upgrade/Expect, so no body, keep-alive by version
+            # (the same outcome _request_tail reaches for it, without the loop over fields).
+            host = values[names.index(b"host")]
+            if host not in _VALID_HOSTS and not _valid_host(host):
+                raise ProtocolError(400, "invalid Host")
+            return RequestHead(method, target, version, headers, host, target, BODY_NONE, -1,
+                               version == b"1.1", b"connect" if method == b"CONNECT" else b"", False)
+        if _REQUEST_RARE_FIELDS.isdisjoint(names):
+            # one Host and at most Content-Length / Connection among the framing fields
+            return _request_tail(
+                method, target, version, headers, limits, [values[names.index(b"host")]],
+                _values_of(b"content-length", names, values) if b"content-length" in names else (),
+                (), _values_of(b"connection", names, values) if b"connection" in names else (), b"", False)
+    return _request_framing(method, target, version, headers, limits)
 
+
+_REQUEST_RARE_FIELDS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
+_REQUEST_FRAMING_FIELDS = _REQUEST_RARE_FIELDS | {b"content-length", b"connection"}
+_VALID_HOSTS: dict[bytes, None] = {}   # Host values already matched by _HOST_RE (a pure-function cache)
+_VALID_HOSTS_MAX = 4096                # beyond this, new values are matched every time
+
+
+def _valid_host(host: bytes) -> bool:
+    if _HOST_RE.match(host) is None:
+        return False
+    if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
+        _VALID_HOSTS[host] = None
+    return True
+
+
+def _request_framing(method: bytes, target: bytes, version: bytes, headers: Headers,
+                     limits: CodecLimits) -> RequestHead:
     host_values: list[bytes] = []
     cl_values: list[bytes] = []
     te_values: list[bytes] = []
@@ -182,20 +236,29 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
             upgrade = value
         elif name == b"expect":
             expect_continue = value.lower() == b"100-continue"
+    return _request_tail(method, target, version, headers, limits, host_values, cl_values, te_values,
+                         conn_values, upgrade, expect_continue)
 
+
+def _request_tail(method: bytes, target: bytes, version: bytes, headers: Headers, limits: CodecLimits,
+                  host_values, cl_values, te_values, conn_values, upgrade: bytes,
+                  expect_continue: bool) -> RequestHead:
     if len(host_values) > 1:
         raise ProtocolError(400, "more than one Host field")
     host = host_values[0] if host_values else b""
-    if host_values and _HOST_RE.match(host) is None:
+    if host_values and host not in _VALID_HOSTS and not _valid_host(host):
         raise ProtocolError(400, "invalid Host")
     if not host_values and version == b"1.1":
         raise ProtocolError(400, "missing Host")
 
-    authority, path = split_target(method, target)
-    if authority:
-        if _HOST_RE.match(authority) is None:
-            raise ProtocolError(400, "invalid authority")
-        host = authority  # RFC 9112 §3.2.2: the target's authority wins over Host
+    if target[:1] == b"/":  # origin-form, the common case (split_target's first branch)
+        path = target
+    else:
+        authority, path = split_target(method, target)
+        if authority:
+            if _HOST_RE.match(authority) is None:
+                raise ProtocolError(400, "invalid authority")
+            host = authority  # RFC 9112 §3.2.2: the target's authority wins over Host
 
     content_length = -1
     body_kind = BODY_NONE
@@ -215,11 +278,15 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
         else:
             content_length = 0
 
-    tokens = _connection_tokens(conn_values) if conn_values else ()
-    if version == b"1.1":
-        keep_alive = b"close" not in tokens
+    if conn_values:
+        tokens = _connection_tokens(conn_values)
+        if version == b"1.1":
+            keep_alive = b"close" not in tokens
+        else:
+            keep_alive = b"keep-alive" in tokens and b"close" not in tokens
     else:
-        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+        tokens = ()
+        keep_alive = version == b"1.1"
 
     if upgrade:
         upgrade = upgrade.split(b",", 1)[0].strip(b" \t").lower() if b"upgrade" in tokens else b""
@@ -230,29 +297,35 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
                        content_length, keep_alive, upgrade, expect_continue)
 
 
-def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
-                  limits: CodecLimits, no_body: bool) -> ResponseHead:
-    """Apply the response framing rules; bad upstream framing is a 502."""
+def _check_status_line(status: int, version: bytes) -> None:
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError(502, "upstream HTTP version not supported")
     if not 100 <= status <= 999:
         raise ProtocolError(502, "invalid upstream status")
-    check_fields(headers, limits, 502)
-    cl_values: list[bytes] = []
-    te_values: list[bytes] = []
-    conn_values: list[bytes] = []
-    for name, value in headers:
-        if name == b"content-length":
-            cl_values.append(value)
-        elif name == b"transfer-encoding":
-            te_values.append(value)
-        elif name == b"connection":
-            conn_values.append(value)
-    tokens = _connection_tokens(conn_values) if conn_values else ()
-    if version == b"1.1":
-        keep_alive = b"close" not in tokens
+
+
+def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
+                  limits: CodecLimits, no_body: bool) -> ResponseHead:
+    """Apply the response framing rules; bad upstream framing is a 502."""
+    _check_status_line(status, version)
+    names, values = _checked_fields(headers, limits, 502)
+    return _response_tail(
+        status, reason, version, headers, no_body,
+        _values_of(b"content-length", names, values) if b"content-length" in names else (),
+        _values_of(b"transfer-encoding", names, values) if b"transfer-encoding" in names else (),
+        _values_of(b"connection", names, values) if b"connection" in names else ())
+
+
+def _response_tail(status: int, reason: bytes, version: bytes, headers: Headers, no_body: bool,
+                   cl_values, te_values, conn_values) -> ResponseHead:
+    if conn_values:
+        tokens = _connection_tokens(conn_values)
+        if version == b"1.1":
+            keep_alive = b"close" not in tokens
+        else:
+            keep_alive = b"keep-alive" in tokens and b"close" not in tokens
     else:
-        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+        keep_alive = version == b"1.1"
 
     content_length = -1
     if no_body or status < 200 or status == 204 or status == 304:
