@@ -141,6 +141,16 @@ class GatewayClient:
         return resp.getheader("x-demo-version") or f"status {resp.status}"
 
 
+def send(port: int, host: str) -> str:
+    """One request on its own connection: the version that answered, or the status."""
+    client = GatewayClient(port, host)
+    try:
+        return client.send()
+    finally:
+        if client.conn is not None:
+            client.conn.close()
+
+
 def measure(port: int, host: str, seconds: float, label: str) -> dict[str, int]:
     """Send traffic for ``seconds``; every second print the live view: the split so far,
     and per destination version the last second's requests/s, success rate and p99."""
@@ -212,7 +222,7 @@ def run(seconds_per_step: float, quiet: bool) -> int:
             return len(endpoints) == 2 and len(proxies) == 3 and all(p["state"] == "acked" for p in proxies)
 
         wait_for(converged, 20, "two registered workloads and three proxies ACKing")
-        wait_for(lambda: GatewayClient(gw_port, "demo.example.com").send() in ("v1", "v2"), 10, "the gateway routing to demo")
+        wait_for(lambda: send(gw_port, "demo.example.com") in ("v1", "v2"), 10, "the gateway routing to demo")
         print("\nmeshctl proxies:")
         for p in api.call("GET", "/push/v1/proxies")[1]["items"]:
             print(f"  {p['node_id']:16} {p['mode']:8} {p['state']:7} acked={p['acked_version']}")

@@ -28,6 +28,8 @@ from typing import Callable, Mapping
 
 import h11
 
+from meshproxy.config.remote import json_request
+
 from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, BadRequest, Conflict, HistoryEntry, NotFound,
                     ResourceKey, StoreError, check_precondition, rollback_plan, same_content, stamp)
 
@@ -90,29 +92,7 @@ class EtcdClient:
 
     async def _post(self, endpoint: str, path: str, body: dict) -> tuple[int, bytes]:
         host, _, port = endpoint.rpartition(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            conn = h11.Connection(h11.CLIENT)
-            data = json.dumps(body).encode()
-            writer.write(conn.send(h11.Request(method="POST", target=path, headers=[
-                ("host", endpoint), ("content-type", "application/json"), ("content-length", str(len(data))),
-                ("connection", "close")])))
-            writer.write(conn.send(h11.Data(data=data)))
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-            status, payload = 0, bytearray()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    payload += event.data
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    return status, bytes(payload)
-        finally:
-            writer.close()
+        return await json_request(host, int(port), "POST", path, body)
 
     async def watch(self, key: str, range_end: str, start_revision: int, idle_timeout: float):
         """Yield watch results from one endpoint (the caller reconnects on failure)."""

@@ -66,34 +66,40 @@ def _address(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 15010
 
 
+async def json_request(host: str, port: int, method: str, path: str, body: dict | None) -> tuple[int, bytes]:
+    """One JSON request on its own connection (``connection: close``); returns (status, body).
+    Unbounded: callers put a deadline around it.  Also used by the control plane's etcd store."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        data = json.dumps(body).encode() if body is not None else b""
+        writer.write(conn.send(h11.Request(method=method, target=path, headers=[
+            ("host", f"{host}:{port}"), ("content-type", "application/json"),
+            ("content-length", str(len(data))), ("connection", "close")])))
+        writer.write(conn.send(h11.Data(data=data)) if data else b"")
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        status, payload = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                payload += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, bytes(payload)
+    finally:
+        writer.close()
+
+
 async def http_call(url: str, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, bytes]:
-    """One request on its own connection, bounded by ``timeout`` as a whole."""
+    """One request to the control plane on its own connection, bounded by ``timeout`` as a whole."""
     host, port = _address(url)
 
     async def call():
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            conn = h11.Connection(h11.CLIENT)
-            data = json.dumps(body).encode() if body is not None else b""
-            writer.write(conn.send(h11.Request(method=method, target=path, headers=[
-                ("host", f"{host}:{port}"), ("content-type", "application/json"),
-                ("content-length", str(len(data))), ("connection", "close")])))
-            writer.write(conn.send(h11.Data(data=data)) if data else b"")
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-            status, payload = 0, bytearray()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    payload += event.data
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    return status, bytes(payload)
-        finally:
-            writer.close()
+        return await json_request(host, port, method, path, body)
 
     async with asyncio.timeout(timeout):      # not wait_for: on 3.11 it can swallow a cancellation
         return await call()
