@@ -188,10 +188,11 @@ async def test_weighted_split_is_exact_within_one_and_zero_weight_gets_nothing()
     route = HttpRoute(name="r", source="t", destinations=(dest("a", 70), dest("b", 30), dest("z", 0)))
     worker, port = await _worker([route], [cluster(n, u.port) for n, u in zip("abz", ups)])
     try:
+        # Gateway API conformance sends 500 at 70/30/0 and allows 5 points; ours is exact
         counts = Counter()
-        for _ in range(100):
+        for _ in range(500):
             counts[(await http_get(port, "svc.local"))[2]] += 1
-        assert counts == Counter({b"a": 70, b"b": 30})
+        assert counts == Counter({b"a": 350, b"b": 150})
     finally:
         await worker.drain(1)
         for u in ups:
