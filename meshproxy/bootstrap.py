@@ -17,13 +17,14 @@ import logging
 import random
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Callable
 
 from .cluster import ClusterManager
 from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
-from .config.model import Listener, Snapshot
+from .config.model import Endpoint, Listener, Snapshot
 from .config.store import SnapshotStore
 from .downstream.splice import Splice
 from .downstream.tcp_proxy import TcpProxyListener
@@ -77,7 +78,7 @@ class Worker:
 
     def _build_runtime(self, snapshot: Snapshot) -> None:
         self.settings = snapshot.settings
-        self.clusters.update(snapshot)
+        self.clusters.update(with_dns_endpoints(snapshot))
         self.splitter = Splitter(snapshot, rng=self.rng, previous=self.splitter)
         self.telemetry.on_snapshot(snapshot)
 
@@ -273,3 +274,16 @@ class Worker:
 
 def wall_clock() -> float:
     return time.time()
+
+
+def with_dns_endpoints(snapshot: Snapshot) -> Snapshot:
+    """ServiceEntry ``resolution: DNS`` clusters carry names, not addresses: give the
+    cluster runtime one endpoint per name; the upstream pools resolve each name when
+    they connect (cached, last good answer kept on failure)."""
+    dns = {name: c for name, c in snapshot.clusters.items() if c.resolution == "DNS" and not c.endpoints}
+    if not dns:
+        return snapshot
+    clusters = dict(snapshot.clusters)
+    for name, c in dns.items():
+        clusters[name] = replace(c, endpoints=tuple(Endpoint(host, port) for host, port in c.dns_hosts))
+    return replace(snapshot, clusters=MappingProxyType(clusters))

@@ -12,8 +12,9 @@ Connecting is the only asynchronous step; it runs as a task owned by the pools
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .connection import UpstreamConnection
 
@@ -38,11 +39,64 @@ class EndpointPool:
             self._pools.on_connection_closed(self.key)
 
 
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+class DnsCache:
+    """Names of DNS endpoints (ServiceEntry ``resolution: DNS``) resolved by the proxy.
+
+    An answer is reused for ``refresh`` seconds (getaddrinfo gives no TTL, so the refresh
+    interval stands in for it); when a lookup fails the last good answer keeps serving.
+    Several addresses are used in turn.  IP literals never touch the resolver.
+    """
+
+    def __init__(self, resolve: Resolver, clock: Callable[[], float], refresh: float = 30.0):
+        self._resolve = resolve
+        self._clock = clock
+        self.refresh = refresh
+        self._answers: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._turn = 0
+        self.failures = 0
+
+    async def address(self, host: str, port: int) -> str:
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        key = (host, port)
+        cached = self._answers.get(key)
+        now = self._clock()
+        if cached is None or now - cached[0] >= self.refresh:
+            try:
+                addresses = await self._resolve(host, port)
+                if not addresses:
+                    raise OSError(f"no address for {host}")
+                cached = self._answers[key] = (now, addresses)
+            except OSError:
+                self.failures += 1
+                if cached is None:
+                    raise
+                # keep serving the last answer; try the resolver again next time
+        addresses = cached[1]
+        self._turn += 1
+        return addresses[self._turn % len(addresses)]
+
+
+def system_resolver(loop: asyncio.AbstractEventLoop) -> Resolver:
+    async def resolve(host: str, port: int) -> list[str]:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(info[4][0] for info in infos))
+    return resolve
+
+
 class UpstreamPools:
     def __init__(self, loop: asyncio.AbstractEventLoop, make_parser: Callable, clock: Callable[[], float],
                  on_connection_opened: Callable[[tuple[str, int]], None] | None = None,
-                 on_connection_closed: Callable[[tuple[str, int]], None] | None = None):
+                 on_connection_closed: Callable[[tuple[str, int]], None] | None = None,
+                 resolver: Resolver | None = None):
         self._loop = loop
+        self.dns = DnsCache(resolver or system_resolver(loop), clock)
         self._make_parser = make_parser
         self._clock = clock
         self._pools: dict[tuple[str, int], EndpointPool] = {}
@@ -100,10 +154,10 @@ class UpstreamPools:
     async def _connect(self, key, timeout, on_done) -> None:
         pool = self.pool(key)
         try:
-            _, conn = await asyncio.wait_for(
-                self._loop.create_connection(
-                    lambda: UpstreamConnection(pool, self._make_parser), key[0], key[1]),
-                timeout)
+            async with asyncio.timeout(timeout):
+                address = await self.dns.address(key[0], key[1])
+                _, conn = await self._loop.create_connection(
+                    lambda: UpstreamConnection(pool, self._make_parser), address, key[1])
         except asyncio.TimeoutError:
             on_done(None, "timeout")
             return

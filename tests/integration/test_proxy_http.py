@@ -268,3 +268,11 @@ async def test_body_cap_gives_413(proxy_factory, upstream, codec):
     data, closed = await raw_exchange(proxy.port, chunked, timeout=2)
     assert b"HTTP/1.1 413" in data
     assert closed
+
+
+async def test_dns_service_entry_endpoints_are_resolved_by_the_proxy(proxy_factory, upstream, codec):
+    config = service_entry_yaml("named.local", 80, [("localhost", upstream.port, {})]).replace(
+        "resolution: STATIC", "resolution: DNS")
+    proxy = proxy_factory(config, codec=codec)
+    status, _, _ = await http_get(proxy.port, "named.local")
+    assert status == 200
