@@ -47,6 +47,9 @@ _HEXDIGITS = b"0123456789abcdef"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 _MASK64 = (1 << 64) - 1
+# UUID version 4: version nibble (bits 76-79) = 4, variant (bits 62-63) = 0b10
+_UUID_CLEAR = ((1 << 128) - 1) ^ ((0xF << 76) | (0x3 << 62))
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
@@ -85,10 +88,15 @@ class TraceContext:
 
 def _parse_traceparent(value: bytes):
     """-> (trace_id, parent_span_id, sampled) or None when invalid (W3C trace-context)."""
-    m = _TRACEPARENT.fullmatch(value)
-    if m is None:
-        return None
-    version, trace, span, flags, rest = m.groups()
+    if len(value) == 55 and value[2] == value[35] == value[52] == 45 and \
+            value.translate(None, _HEXDIGITS) == b"---":
+        # the only form version 00 allows: same groups as the regex, without it
+        version, trace, span, flags, rest = value[:2], value[3:35], value[36:52], value[53:], None
+    else:
+        m = _TRACEPARENT.fullmatch(value)
+        if m is None:
+            return None
+        version, trace, span, flags, rest = m.groups()
     if version == b"ff" or (version == b"00" and rest is not None):
         return None
     if trace == _ZERO_TRACE or span == _ZERO_SPAN:
@@ -259,61 +267,74 @@ class ProxyTracer:
 
     def start(self, head_headers: Headers, kind: str = "server", *, method: bytes = b"", path: bytes = b"",
               authority: bytes = b"", scheme: str = "http", peer_address: str = "") -> TraceContext:
-        found: dict[bytes, bytes] = {}
+        # Runs for every request: one pass over the fields, nothing allocated for a head that
+        # carries no trace fields (the common case at the edge), integer sampling draw.
+        found = None
         for name, value in head_headers:
-            if name in _READ and name not in found:
-                found[name] = value
+            if name in _READ:
+                if found is None:
+                    found = {name: value}
+                elif name not in found:
+                    found[name] = value
 
-        trace = parent = tracestate = b""
-        sampled: bool | None = None
-        debug = False
-        tp = found.get(b"traceparent")
-        if tp is not None:
-            parsed = _parse_traceparent(tp)
-            if parsed is not None:
-                trace, parent, sampled = parsed
-                tracestate = found.get(b"tracestate", b"")
-        if not trace:
-            single = found.get(b"b3")
-            parsed = _parse_b3_single(single) if single is not None else None
-            if parsed is not None:
-                t, s, sampled, debug = parsed
-                if t is not None:
-                    trace, parent = t, s
-            elif b"x-b3-traceid" in found:
-                t = _b3_trace(found[b"x-b3-traceid"])
-                s = found.get(b"x-b3-spanid", b"").lower()
-                if t is not None and _is_hex(s, (16,)):
-                    trace, parent = t, s
-                    flag = found.get(b"x-b3-sampled", b"").lower()
-                    sampled = True if flag in (b"1", b"true") else False if flag in (b"0", b"false") else None
-                    debug = found.get(b"x-b3-flags") == b"1"
-        if debug or b"x-client-trace-id" in found or b"x-envoy-force-trace" in found:
-            sampled = True
         rng = self._rng
-        if not trace:
-            trace = b"%032x" % (rng.getrandbits(128) or 1)
-        if sampled is None:
-            sampled = int(trace[16:], 16) < self._bound
-        span = b"%016x" % (rng.getrandbits(64) or 1)
-        request_id = found.get(b"x-request-id") or self._new_request_id()
+        parent = tracestate = b""
+        debug = False
+        if found is None:
+            r = rng.getrandbits(128) or 1
+            trace = b"%032x" % r
+            sampled = (r & _MASK64) < self._bound   # trace[16:] as an int, as below
+            span = b"%016x" % (rng.getrandbits(64) or 1)
+            request_id = self._new_request_id()
+        else:
+            trace = b""
+            sampled: bool | None = None
+            tp = found.get(b"traceparent")
+            if tp is not None:
+                parsed = _parse_traceparent(tp)
+                if parsed is not None:
+                    trace, parent, sampled = parsed
+                    tracestate = found.get(b"tracestate", b"")
+            if not trace:
+                single = found.get(b"b3")
+                parsed = _parse_b3_single(single) if single is not None else None
+                if parsed is not None:
+                    t, s, sampled, debug = parsed
+                    if t is not None:
+                        trace, parent = t, s
+                elif b"x-b3-traceid" in found:
+                    t = _b3_trace(found[b"x-b3-traceid"])
+                    s = found.get(b"x-b3-spanid", b"").lower()
+                    if t is not None and _is_hex(s, (16,)):
+                        trace, parent = t, s
+                        flag = found.get(b"x-b3-sampled", b"").lower()
+                        sampled = True if flag in (b"1", b"true") else False if flag in (b"0", b"false") else None
+                        debug = found.get(b"x-b3-flags") == b"1"
+            if debug or b"x-client-trace-id" in found or b"x-envoy-force-trace" in found:
+                sampled = True
+            if not trace:
+                trace = b"%032x" % (rng.getrandbits(128) or 1)
+            if sampled is None:
+                sampled = int(trace[16:], 16) < self._bound
+            span = b"%016x" % (rng.getrandbits(64) or 1)
+            request_id = found.get(b"x-request-id") or self._new_request_id()
 
-        flag = b"01" if sampled else b"00"
-        fwd = [(b"traceparent", b"00-" + trace + b"-" + span + b"-" + flag), (b"x-request-id", request_id)]
+        if sampled:
+            flag, b3_sampled = b"01", b"1"
+        else:
+            flag, b3_sampled = b"00", b"0"
+        fwd = [(b"traceparent", b"00-%s-%s-%s" % (trace, span, flag)), (b"x-request-id", request_id)]
         if tracestate:
             fwd.append((b"tracestate", tracestate))
-        b3s = b"d" if debug else b"1" if sampled else b"0"
         if self.b3_single:
-            fwd.append((b"b3", b"-".join((trace, span, b3s, parent)) if parent else b"-".join((trace, span, b3s))))
+            b3s = b"d" if debug else b3_sampled
+            fwd.append((b"b3", b"%s-%s-%s-%s" % (trace, span, b3s, parent) if parent else b"%s-%s-%s" % (trace, span, b3s)))
         if self.b3_multi:
-            fwd.append((b"x-b3-traceid", trace))
-            fwd.append((b"x-b3-spanid", span))
+            last = (b"x-b3-flags", b"1") if debug else (b"x-b3-sampled", b3_sampled)
             if parent:
-                fwd.append((b"x-b3-parentspanid", parent))
-            if debug:
-                fwd.append((b"x-b3-flags", b"1"))
+                fwd += ((b"x-b3-traceid", trace), (b"x-b3-spanid", span), (b"x-b3-parentspanid", parent), last)
             else:
-                fwd.append((b"x-b3-sampled", b"1" if sampled else b"0"))
+                fwd += ((b"x-b3-traceid", trace), (b"x-b3-spanid", span), last)
         ctx = TraceContext(trace, span, parent, sampled, debug, kind, request_id, tracestate, fwd)
         if sampled and self._tracer is not None:
             ctx.start_ns = self._clock_ns()
@@ -324,9 +345,8 @@ class ProxyTracer:
 
     def _new_request_id(self) -> bytes:
         """A random (version 4) UUID, like Envoy's x-request-id."""
-        r = self._rng.getrandbits(128)
-        return b"%08x-%04x-4%03x-%04x-%012x" % (r >> 96, (r >> 80) & 0xFFFF, (r >> 64) & 0xFFF,
-                                                0x8000 | ((r >> 48) & 0x3FFF), r & 0xFFFFFFFFFFFF)
+        h = b"%032x" % (self._rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
+        return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
     def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
                subset: str = "", upstream_address: str = "", upstream_port: int = 0, retries: int = 0,
