@@ -309,11 +309,21 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
     """Apply the response framing rules; bad upstream framing is a 502."""
     _check_status_line(status, version)
     names, values = _checked_fields(headers, limits, 502)
+    if names.count(b"content-length") == 1 and _RESPONSE_TE_CONN.isdisjoint(names) and not no_body \
+            and status >= 200 and status != 204 and status != 304:
+        # The common response: one Content-Length, no Transfer-Encoding or Connection; the
+        # outcome _response_tail reaches for it, found with C-level scans of ``names``.
+        content_length = _content_length([values[names.index(b"content-length")]], 502)
+        return ResponseHead(status, reason, version, headers, BODY_LENGTH if content_length else BODY_NONE,
+                            content_length, version == b"1.1")
     return _response_tail(
         status, reason, version, headers, no_body,
         _values_of(b"content-length", names, values) if b"content-length" in names else (),
         _values_of(b"transfer-encoding", names, values) if b"transfer-encoding" in names else (),
         _values_of(b"connection", names, values) if b"connection" in names else ())
+
+
+_RESPONSE_TE_CONN = frozenset((b"transfer-encoding", b"connection"))
 
 
 def _response_tail(status: int, reason: bytes, version: bytes, headers: Headers, no_body: bool,

@@ -50,7 +50,7 @@ class _Base:
     beyond one read.  (Lower-casing and validating all names over one joined block was
     measured too: slower than per-field ``lower`` for typical heads.)"""
 
-    __slots__ = ("_handler", "_limits", "_parser", "_raw", "on_header", "_state", "_head_bytes",
+    __slots__ = ("_handler", "_limits", "_parser", "_raw", "on_header", "on_body", "_state", "_head_bytes",
                  "_chunked", "_line_pending", "_line_carry", "_ext_cap", "_body_bytes",
                  "_chunk_header_seen", "_tunnel", "_keep_alive", "_err_status", "_max_head_bytes",
                  "_max_raw", "_max_body", "_handler_body", "_handler_complete")
@@ -69,6 +69,8 @@ class _Base:
             append((lower(name), rstrip(value, b" \t")))  # llhttp strips leading OWS only
 
         self.on_header = on_header  # must be set before the llhttp parser is built
+        # without a body cap llhttp hands body bytes straight to the handler (one frame less)
+        self.on_body = self._on_body_capped if limits.max_body_bytes else handler.on_body
         self._state = _HEAD
         self._head_bytes = 0
         self._chunked = False
@@ -91,15 +93,16 @@ class _Base:
 
     def feed(self, data: bytes) -> None:
         state = self._state
-        if state == _TUNNEL:
-            self._tunnel += data
-            return
-        if state == _CLOSED:
-            return
-        if state == _DEAD:
+        if state >= _TUNNEL:  # _TUNNEL, _CLOSED or _DEAD: off the hot path
+            if state == _TUNNEL:
+                self._tunnel += data
+                return
+            if state == _CLOSED:
+                return
             raise ProtocolError(self._err_status, "parser already failed")
         try:
-            if len(data) > self._ext_cap and b";" in data and self._long_ext_line_possible(data):
+            if len(data) > self._ext_cap and (state == _HEAD or self._chunked) and data.find(59) >= 0 \
+                    and self._long_ext_line_possible(data):  # 59 = b";": a chunk extension may be long
                 self._feed_by_line(data)
                 return
             if state == _HEAD:
@@ -119,8 +122,8 @@ class _Base:
             elif state == _BODY:
                 if self._line_pending:
                     self._after_feed_line(data)
-                if len(self._raw) > self._max_raw:
-                    self._too_many_fields()
+                if self._raw:
+                    self._check_trailers(False)
         except BaseException:
             self._state = _DEAD
             raise
@@ -141,16 +144,25 @@ class _Base:
             if cause is not None:
                 raise cause from None
             raise ProtocolError(self._err_status, str(exc)) from None
-        if self._state == _CLOSED:
+        state = self._state
+        if state == _CLOSED:
             return  # bytes after a message that closes the connection are ignored
+        if self._raw:
+            # fields are checked late (per head, per feed); a field that was already over the
+            # count, or a bad trailer, came before the bytes llhttp refuses: report it first,
+            # as a check per field would have
+            if state == _HEAD:
+                if len(self._raw) > self._max_raw:
+                    self._too_many_fields()
+            elif state == _BODY:
+                self._check_trailers(False)
         self._refuse(exc)
 
     def _refuse(self, exc: Exception) -> None:
         raise ProtocolError(self._err_status, f"malformed message ({exc})") from None
 
     def _too_many_fields(self) -> None:
-        what = "header" if self._state == _HEAD else "trailer"
-        raise ProtocolError(431 if self._err_status == 400 else self._err_status, f"too many {what} fields")
+        raise ProtocolError(431 if self._err_status == 400 else self._err_status, "too many header fields")
 
     def _after_feed(self, data: bytes) -> None:
         state = self._state
@@ -158,10 +170,13 @@ class _Base:
             if self._head_bytes > self._max_head_bytes:
                 raise ProtocolError(431 if self._err_status == 400 else self._err_status,
                                     "header section too large")
-        elif self._line_pending:
-            self._after_feed_line(data)
-        if (state == _HEAD or state == _BODY) and len(self._raw) > self._max_raw:
-            self._too_many_fields()
+            if len(self._raw) > self._max_raw:
+                self._too_many_fields()
+        elif state == _BODY:
+            if self._line_pending:
+                self._after_feed_line(data)
+            if self._raw:
+                self._check_trailers(False)
 
     def _after_feed_line(self, data: bytes) -> None:
         i = data.rfind(b"\n")
@@ -200,26 +215,27 @@ class _Base:
 
     # ------------------------------------------------------------------ shared callbacks
 
-    def _check_trailers(self) -> None:
-        """Trailer fields (validated by llhttp) are counted and checked, never merged."""
+    def _check_trailers(self, complete: bool = True) -> None:
+        """Trailer fields (validated by llhttp) are counted and checked in order, never merged;
+        dropped once the message is complete."""
         raw = self._raw
         status = self._err_status
-        if len(raw) > self._max_raw:
-            raise ProtocolError(431 if status == 400 else status, "too many trailer fields")
-        for name, value in raw:
+        cap = self._max_raw
+        for i, (name, value) in enumerate(raw):
+            if i >= cap:
+                raise ProtocolError(431 if status == 400 else status, "too many trailer fields")
             if value.translate(None, framing.VALUE_CHARS):
                 raise ProtocolError(status, "invalid trailer field")
             if name in framing._FRAMING_FIELDS:
                 raise ProtocolError(status, "framing field in trailers")
-        raw.clear()
+        if complete:
+            raw.clear()
 
-    def on_body(self, data: bytes) -> None:
-        cap = self._max_body
-        if cap:
-            self._body_bytes += len(data)
-            if self._body_bytes > cap:
-                raise ProtocolError(413 if self._err_status == 400 else self._err_status,
-                                    "body larger than allowed")
+    def _on_body_capped(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self._body_bytes > self._max_body:
+            raise ProtocolError(413 if self._err_status == 400 else self._err_status,
+                                "body larger than allowed")
         self._handler_body(data)
 
     def on_chunk_header(self) -> None:
@@ -237,14 +253,6 @@ class _Base:
         for name, value in self._raw:
             size += len(name) + len(value) + 4
         return size > self._max_head_bytes
-
-    def _start_body(self, kind: int) -> None:
-        self._state = _BODY
-        self._head_bytes = 0
-        self._body_bytes = 0
-        self._chunked = chunked = kind == BODY_CHUNKED
-        self._line_pending = chunked
-        self._line_carry = 0
 
 
 class HttptoolsRequestParser(_Base):
@@ -289,7 +297,7 @@ class HttptoolsRequestParser(_Base):
         raw.clear()
         self._url = b""
         self._keep_alive = head.keep_alive
-        # _start_body, inlined
+        # the body starts
         self._state = _BODY
         self._head_bytes = 0
         self._body_bytes = 0
@@ -385,7 +393,12 @@ class HttptoolsResponseParser(_Base):
             return
         self._keep_alive = head.keep_alive
         self._head_kind = kind = head.body_kind
-        self._start_body(kind)
+        # the body starts
+        self._state = _BODY
+        self._head_bytes = 0
+        self._body_bytes = 0
+        self._chunked = self._line_pending = kind == BODY_CHUNKED
+        self._line_carry = 0
         self._handler_head(head)
 
     def on_message_complete(self) -> None:
