@@ -138,7 +138,15 @@ def _te_is_chunked(values: list[bytes], status: int, unknown_status: int) -> Non
     raise ProtocolError(status, "Transfer-Encoding is not a single final chunked")
 
 
-def _connection_tokens(values: list[bytes]) -> set[bytes]:
+# the Connection values nearly every client sends, already split and lower-cased
+_COMMON_CONNECTION = {v: frozenset((v.lower(),)) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
+
+
+def _connection_tokens(values) -> frozenset[bytes] | set[bytes]:
+    if len(values) == 1:
+        common = _COMMON_CONNECTION.get(values[0])
+        if common is not None:
+            return common
     out = set()
     for raw in values:
         for part in raw.split(b","):

@@ -47,9 +47,6 @@ _HEXDIGITS = b"0123456789abcdef"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 _MASK64 = (1 << 64) - 1
-# UUID version 4: version nibble (bits 76-79) = 4, variant (bits 62-63) = 0b10
-_UUID_CLEAR = ((1 << 128) - 1) ^ ((0xF << 76) | (0x3 << 62))
-_UUID_V4 = (0x4 << 76) | (0x2 << 62)
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
@@ -88,15 +85,10 @@ class TraceContext:
 
 def _parse_traceparent(value: bytes):
     """-> (trace_id, parent_span_id, sampled) or None when invalid (W3C trace-context)."""
-    if len(value) == 55 and value[2] == value[35] == value[52] == 45 and \
-            value.translate(None, _HEXDIGITS) == b"---":
-        # the only form version 00 allows: same groups as the regex, without it
-        version, trace, span, flags, rest = value[:2], value[3:35], value[36:52], value[53:], None
-    else:
-        m = _TRACEPARENT.fullmatch(value)
-        if m is None:
-            return None
-        version, trace, span, flags, rest = m.groups()
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None:
+        return None
+    version, trace, span, flags, rest = m.groups()
     if version == b"ff" or (version == b"00" and rest is not None):
         return None
     if trace == _ZERO_TRACE or span == _ZERO_SPAN:
@@ -345,8 +337,9 @@ class ProxyTracer:
 
     def _new_request_id(self) -> bytes:
         """A random (version 4) UUID, like Envoy's x-request-id."""
-        h = b"%032x" % (self._rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
-        return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+        r = self._rng.getrandbits(128)
+        return b"%08x-%04x-4%03x-%04x-%012x" % (r >> 96, (r >> 80) & 0xFFFF, (r >> 64) & 0xFFF,
+                                                0x8000 | ((r >> 48) & 0x3FFF), r & 0xFFFFFFFFFFFF)
 
     def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
                subset: str = "", upstream_address: str = "", upstream_port: int = 0, retries: int = 0,
