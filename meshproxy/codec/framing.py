@@ -210,14 +210,17 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
 
 _REQUEST_RARE_FIELDS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
 _REQUEST_FRAMING_FIELDS = _REQUEST_RARE_FIELDS | {b"content-length", b"connection"}
-_VALID_HOSTS: dict[bytes, None] = {}   # Host values already matched by _HOST_RE (a pure-function cache)
-_VALID_HOSTS_MAX = 4096                # beyond this, new values are matched every time
+# Host values already matched by _HOST_RE: a memo of a pure function (a dict lookup costs less
+# than the regex), bounded in entries and entry size, so at most ~1 MB per worker process.
+_VALID_HOSTS: dict[bytes, None] = {}
+_VALID_HOSTS_MAX = 4096   # beyond this, new values are matched every time
+_VALID_HOST_MAX_LEN = 261  # a DNS name (253) + ":" + port; longer values are never memoized
 
 
 def _valid_host(host: bytes) -> bool:
     if _HOST_RE.match(host) is None:
         return False
-    if len(_VALID_HOSTS) < _VALID_HOSTS_MAX:
+    if len(_VALID_HOSTS) < _VALID_HOSTS_MAX and len(host) <= _VALID_HOST_MAX_LEN:
         _VALID_HOSTS[host] = None
     return True
 
