@@ -17,25 +17,25 @@ _STATUS_LINES: dict[int, bytes] = {
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+_FIELD = b": ".join  # (name, value) -> b"name: value", called from C by map()
+
+
+def _fields(headers: Headers) -> bytes:
+    """``name: value CRLF`` for every field, then the blank line; no Python loop per field."""
+    block = b"\r\n".join(map(_FIELD, headers))
+    return block + b"\r\n\r\n" if block else b"\r\n"
+
+
 def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/1.1`` + fields + blank line (always HTTP/1.1 upstream)."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return b"%s %s HTTP/1.1\r\n%s" % (method, target, _fields(headers))
 
 
 def encode_response_head(status: int, reason: bytes, headers: Headers,
                          version: bytes = b"1.1") -> bytes:
     if version == b"1.1" and (not reason or reason == _REASONS.get(status)) and status in _STATUS_LINES:
-        parts = [_STATUS_LINES[status]]
-    else:
-        parts = [b"HTTP/%s %d %s\r\n" % (version, status, reason)]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        return _STATUS_LINES[status] + _fields(headers)
+    return b"HTTP/%s %d %s\r\n%s" % (version, status, reason, _fields(headers))
 
 
 def encode_chunk(data: bytes) -> bytes:
