@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from ..config.model import Cluster, Listener, Snapshot
-from ..telemetry import PROPAGATION_HEADERS, AccessLog, PeerInfo, ProxyMetrics, ProxyTracer, UNKNOWN_PEER
+from ..telemetry import AccessLog, PeerInfo, ProxyMetrics, ProxyTracer, UNKNOWN_PEER
 
 
 class NullMetrics:
@@ -103,13 +103,6 @@ class Telemetry:
             exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
                                           authority=head.host, scheme=exchange.down.listener.scheme,
                                           peer_address=exchange.down.client_ip)
-
-    @staticmethod
-    def forwarded_trace_headers(headers: list, trace) -> list:
-        """Replace incoming propagation fields with this hop's."""
-        out = [h for h in headers if h[0] not in PROPAGATION_HEADERS]
-        out.extend(trace.headers_to_forward)
-        return out
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster

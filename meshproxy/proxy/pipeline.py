@@ -289,13 +289,12 @@ class Exchange:
         head = self.head
         route = self.route
         path, authority = rewrite_path_and_authority(route, match, head)
-        # with tracing on, the tracer supplies x-request-id along with the trace headers
+        # with tracing on, the tracer supplies x-request-id along with the trace fields
+        trace = self.trace
         headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.listener.scheme,
-                                            None if self.trace is not None else self._request_id)
+                                            self._request_id, trace.headers_to_forward if trace is not None else None)
         headers = apply_header_ops(headers, route.headers.request)
         headers = apply_header_ops(headers, self.destination.headers.request)
-        if self.trace is not None:
-            headers = self.worker.telemetry.forwarded_trace_headers(headers, self.trace)
         kind = head.body_kind
         if kind == BODY_LENGTH:
             headers.append((b"content-length", str(head.content_length).encode()))

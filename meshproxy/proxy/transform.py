@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..codec.api import RequestHead, ResponseHead
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
+from ..telemetry.tracing import PROPAGATION_HEADERS
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -20,6 +21,7 @@ _HOP_BY_HOP = frozenset((
 ))
 _REQUEST_DROP = _HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto"}
 _RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
+_REQUEST_DROP_TRACED = _REQUEST_DROP | PROPAGATION_HEADERS
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
@@ -34,11 +36,14 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
 
 
 def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: str, scheme: str,
-                              new_request_id: Callable[[], bytes] | None) -> Headers:
+                              new_request_id: Callable[[], bytes] | None,
+                              trace_fields: Headers | None = None) -> Headers:
     """The request's fields as sent upstream: Host first, hop-by-hop fields (and those
     named in Connection) removed, X-Forwarded-For appended, X-Forwarded-Proto set,
-    X-Request-Id kept or generated.  Framing fields are added by the caller."""
-    drop = _REQUEST_DROP
+    X-Request-Id kept or generated.  With ``trace_fields`` (this hop's propagation fields,
+    x-request-id included) the incoming propagation fields are replaced by them in the same
+    pass.  Framing fields are added by the caller."""
+    drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
     named = None
     out: Headers = [(b"host", authority)]
     xff = None
@@ -61,7 +66,9 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     ip = client_ip.encode()
     out.append((b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
     out.append((b"x-forwarded-proto", scheme.encode()))
-    if not has_request_id and new_request_id is not None:
+    if trace_fields is not None:
+        out.extend(trace_fields)
+    elif not has_request_id and new_request_id is not None:
         out.append((b"x-request-id", new_request_id()))
     if head.upgrade:
         out.append((b"connection", b"upgrade"))
