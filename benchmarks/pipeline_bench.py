@@ -1,0 +1,124 @@
+"""Python cost of one proxied request, without sockets.
+
+A real Worker (codec, router, split, cluster, pools, pipeline, telemetry) runs on a
+hand-built snapshot; the downstream and upstream transports are fakes that record what
+is written, so a loop can push a request in and the upstream's response back and
+measure only the interpreter's share of a request (what wrk + /proc cannot separate
+from kernel time and VM noise).
+
+    .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from inproc import cluster, dest, snapshot  # noqa: E402
+from meshproxy.bootstrap import Worker, WorkerOptions  # noqa: E402
+from meshproxy.config.model import HttpRoute  # noqa: E402
+from meshproxy.config.store import SnapshotStore  # noqa: E402
+from meshproxy.downstream.http_conn import DownstreamConnection  # noqa: E402
+from meshproxy.proxy.observe import Telemetry  # noqa: E402
+from meshproxy.telemetry import ProxyTracer  # noqa: E402
+from meshproxy.upstream.connection import UpstreamConnection  # noqa: E402
+
+REQUEST = (b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: bench/1.0\r\n"
+           b"Accept: */*\r\nAccept-Encoding: gzip\r\nX-Request-Id: 7f1c9d2e-1b2a-4c3d-9e8f-001122334455\r\n"
+           b"Cookie: session=abc\r\nConnection: keep-alive\r\n\r\n")
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 06:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
+
+
+class FakeTransport:
+    def __init__(self, peer=("127.0.0.1", 40000)):
+        self.written = []
+        self.peer = peer
+        self.closing = False
+
+    def write(self, data):
+        self.written.append(data)
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": self.peer, "socket": None}.get(name, default)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def is_closing(self):
+        return self.closing
+
+    def close(self):
+        self.closing = True
+
+    def abort(self):
+        self.closing = True
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+
+async def main(n: int, trace: bool, profile: bool) -> None:
+    loop = asyncio.get_running_loop()
+    snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),))], [cluster("c", 9)],
+                    domains=("bench.local",), port=0)
+    tracer = ProxyTracer(None, sample_rate=0.01, rng=random.Random(1)) if trace else None
+    worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(tracer=tracer), rng=random.Random(1))
+    await worker.start()
+    listener = next(iter(worker.http_listeners.values()))
+    down = DownstreamConnection(worker, listener)
+    down.connection_made(FakeTransport())
+    # one pooled upstream connection, already connected
+    pool = worker.pools.pool(("127.0.0.1", 9))
+    up = UpstreamConnection(pool, lambda h: __import__("meshproxy.codec", fromlist=["x"]).make_response_parser(
+        "httptools", h, worker.options.limits))
+    up.connection_made(FakeTransport())
+    up.requests = 1
+    up.idle_since = worker.clock()
+    pool.idle.append(up)
+
+    def one():
+        down.data_received(REQUEST)
+        up.data_received(RESPONSE)
+
+    for _ in range(2000):
+        one()
+    assert down.transport.written and up.transport.written
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    t0 = time.process_time()
+    for _ in range(n):
+        one()
+    elapsed = time.process_time() - t0
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    print(f"{elapsed / n * 1e6:.2f} us CPU per proxied request (Python only, no syscalls), "
+          f"tracing {'on' if trace else 'off'}, n={n}")
+    await worker.drain(0.1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=50000)
+    parser.add_argument("--trace", action="store_true", help="trace propagation on (as `meshproxy run` by default)")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main(args.n, args.trace, args.profile))
