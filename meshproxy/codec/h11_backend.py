@@ -24,6 +24,10 @@ from .api import (
 _HEAD, _BODY, _TUNNEL, _CLOSED, _DEAD = range(5)
 
 
+# what happens after a head is delivered
+_READ_BODY, _SKIP, _SWITCH = 0, 1, 2
+
+
 class _HeadCutter:
     """Collects the bytes of one head; checks raw bytes and limits as they arrive."""
 
@@ -110,13 +114,18 @@ class _HeadCutter:
             raise ProtocolError(414, "request-target too long")
 
 
-class H11RequestParser:
-    """Request side of the pure-Python backend; see :class:`meshproxy.codec.api.RequestParser`."""
+class _H11Parser:
+    """What the request and response sides share: the state machine that alternates
+    between cutting a head (handed to h11 as a second opinion) and reading a body with
+    the shared :class:`framing.BodyReader`.  A side says how a head is delivered
+    (:meth:`_deliver_head`) and what ends a message (:meth:`_message_done`)."""
 
-    def __init__(self, handler: RequestHandler, limits: CodecLimits):
+    _err_status = 400
+
+    def __init__(self, handler, limits: CodecLimits, request: bool):
         self._handler = handler
         self._limits = limits
-        self._cutter = _HeadCutter(limits, 400, True)
+        self._cutter = _HeadCutter(limits, self._err_status, request)
         self._body: framing.BodyReader | None = None
         self._keep_alive = True
         self._state = _HEAD
@@ -128,9 +137,9 @@ class H11RequestParser:
             self._tunnel += data
             return
         if state == _CLOSED:
-            return  # bytes after a Connection: close request are never parsed
+            return  # bytes after a message that closes the connection are never parsed
         if state == _DEAD:
-            raise ProtocolError(400, "parser already failed")
+            raise ProtocolError(self._err_status, "parser already failed")
         try:
             self._run(data)
         except BaseException:
@@ -151,8 +160,9 @@ class H11RequestParser:
                     return
                 self._body = None
                 self._state = _HEAD if self._keep_alive else _CLOSED
+                self._message_done(data, pos)
                 handler.on_message_complete()
-                if self._state == _CLOSED:
+                if self._state != _HEAD:
                     return
             else:  # _HEAD
                 if pos >= len(data) and not self._cutter.buf:
@@ -164,17 +174,40 @@ class H11RequestParser:
                 head = self._parse(raw)
                 rest = bytes(self._cutter.buf)
                 self._cutter.buf.clear()
-                handler.on_request_head(head)
-                if head.upgrade:
+                kind = self._deliver_head(head)
+                if kind == _SKIP:
+                    data = rest
+                    continue
+                if kind == _SWITCH:
                     self._state = _TUNNEL
                     self._tunnel = rest
                     handler.on_message_complete()
                     return
                 self._keep_alive = head.keep_alive
                 self._body = framing.BodyReader(head.body_kind, head.content_length,
-                                                handler.on_body, self._limits)
+                                                handler.on_body, self._limits, self._err_status)
                 self._state = _BODY
                 data = rest
+
+    def _deliver_head(self, head) -> int:
+        raise NotImplementedError
+
+    def _message_done(self, data: bytes, pos: int) -> None:
+        """A body just ended at ``data[pos:]``; called before ``on_message_complete``."""
+
+    def _parse(self, raw: bytes):
+        raise NotImplementedError
+
+
+class H11RequestParser(_H11Parser):
+    """Request side of the pure-Python backend; see :class:`meshproxy.codec.api.RequestParser`."""
+
+    def __init__(self, handler: RequestHandler, limits: CodecLimits):
+        super().__init__(handler, limits, True)
+
+    def _deliver_head(self, head) -> int:
+        self._handler.on_request_head(head)
+        return _SWITCH if head.upgrade else _READ_BODY
 
     def _parse(self, raw: bytes):
         line, headers = framing.split_head(raw)
@@ -195,42 +228,20 @@ class H11RequestParser:
         return head
 
 
-class H11ResponseParser:
+class H11ResponseParser(_H11Parser):
     """Response side of the pure-Python backend; see :class:`meshproxy.codec.api.ResponseParser`."""
 
+    _err_status = 502
+
     def __init__(self, handler: ResponseHandler, limits: CodecLimits):
-        self._handler = handler
-        self._limits = limits
-        self._cutter = _HeadCutter(limits, 502, False)
-        self._body: framing.BodyReader | None = None
+        super().__init__(handler, limits, False)
         self._no_body = False
-        self._keep_alive = True
-        self._state = _HEAD
-        self._tunnel = b""
         # set by the httptools backend, which borrows this parser for one HEAD response:
         # after that message, the rest of the stream is handed back through unconsumed()
         self.stop_after_message = False
 
     def expect_no_body(self) -> None:
         self._no_body = True
-
-    def unconsumed(self) -> bytes:
-        return self._tunnel
-
-    def feed(self, data: bytes) -> None:
-        state = self._state
-        if state == _TUNNEL:
-            self._tunnel += data
-            return
-        if state == _CLOSED:
-            return
-        if state == _DEAD:
-            raise ProtocolError(502, "parser already failed")
-        try:
-            self._run(data)
-        except BaseException:
-            self._state = _DEAD
-            raise
 
     def feed_eof(self) -> None:
         if self._state == _BODY:
@@ -247,48 +258,17 @@ class H11ResponseParser:
         if self._state != _DEAD:
             self._state = _CLOSED
 
-    def _run(self, data: bytes) -> None:
-        pos = 0
-        handler = self._handler
-        while True:
-            if self._state == _BODY:
-                body = self._body
-                pos = body.feed(data, pos)
-                if not body.done:
-                    return
-                self._body = None
-                self._state = _HEAD if self._keep_alive else _CLOSED
-                if self.stop_after_message and self._keep_alive:
-                    self._state = _TUNNEL
-                    self._tunnel = data[pos:]
-                handler.on_message_complete()
-                if self._state != _HEAD:
-                    return
-            else:
-                if pos >= len(data) and not self._cutter.buf:
-                    return
-                raw = self._cutter.push(data, pos)
-                data, pos = b"", 0
-                if raw is None:
-                    return
-                head = self._parse(raw)
-                rest = bytes(self._cutter.buf)
-                self._cutter.buf.clear()
-                if head.status < 200 and head.status != 101:
-                    data = rest  # 1xx: consumed here, never shown to the handler
-                    continue
-                self._no_body = False
-                handler.on_response_head(head)
-                if head.status == 101:
-                    self._state = _TUNNEL
-                    self._tunnel = rest
-                    handler.on_message_complete()
-                    return
-                self._keep_alive = head.keep_alive
-                self._body = framing.BodyReader(head.body_kind, head.content_length,
-                                                handler.on_body, self._limits, 502)
-                self._state = _BODY
-                data = rest
+    def _deliver_head(self, head) -> int:
+        if head.status < 200 and head.status != 101:
+            return _SKIP  # 1xx: consumed here, never shown to the handler
+        self._no_body = False
+        self._handler.on_response_head(head)
+        return _SWITCH if head.status == 101 else _READ_BODY
+
+    def _message_done(self, data: bytes, pos: int) -> None:
+        if self.stop_after_message and self._keep_alive:
+            self._state = _TUNNEL
+            self._tunnel = data[pos:]
 
     def _parse(self, raw: bytes):
         line, headers = framing.split_head(raw, 502)
