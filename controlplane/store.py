@@ -64,6 +64,34 @@ class HistoryEntry:
                 "before": self.before, "after": self.after}
 
 
+class StoreViews:
+    """What every backend shares: the in-memory views of its state and the subscribers
+    told what changed (``CHANGED_RESOURCES`` / ``CHANGED_WORKLOADS``).  A backend fills
+    ``_resources`` and ``_workloads`` and calls ``_notify`` after each change."""
+
+    _resources: dict
+    _workloads: dict
+    _subscribers: list
+
+    def resources(self) -> Mapping[ResourceKey, dict]:
+        return self._resources
+
+    def workloads(self) -> Mapping[str, dict]:
+        return self._workloads
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback: Callable[[str], None]) -> None:
+        if callback in self._subscribers:
+            self._subscribers.remove(callback)
+
+    def _notify(self, *changed: str) -> None:
+        for what in changed:
+            for callback in list(self._subscribers):
+                callback(what)
+
+
 class ConfigStore(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...

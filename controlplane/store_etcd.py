@@ -30,7 +30,7 @@ import h11
 
 from meshproxy.config.remote import json_request
 
-from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, BadRequest, Conflict, HistoryEntry, NotFound,
+from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, StoreViews, BadRequest, Conflict, HistoryEntry, NotFound,
                     ResourceKey, StoreError, check_precondition, rollback_plan, same_content, stamp)
 
 log = logging.getLogger("controlplane.store_etcd")
@@ -143,7 +143,7 @@ class EtcdClient:
             writer.close()
 
 
-class EtcdStore:
+class EtcdStore(StoreViews):
     def __init__(self, endpoints: list[str], *, clock: Callable[[], float] | None = None,
                  watch_idle_timeout: float = 30.0):
         self.client = EtcdClient(endpoints)
@@ -267,7 +267,7 @@ class EtcdStore:
                     result = message.get("result") or {}
                     if result.get("compact_revision") and int(result["compact_revision"]) > self._revision:
                         await self._load()
-                        self._notify({CHANGED_RESOURCES, CHANGED_WORKLOADS})
+                        self._notify(CHANGED_RESOURCES, CHANGED_WORKLOADS)
                         break
                     changed = set()
                     for event in result.get("events", []):
@@ -280,7 +280,7 @@ class EtcdStore:
                             changed.add(what)
                     if "header" in result:
                         self._revision = max(self._revision, int(result["header"]["revision"]))
-                    self._notify(changed)
+                    self._notify(*changed)
             except TimeoutError:
                 # nothing for a while: reopen the watch from the last revision (also how a silently
                 # dead member is noticed); nothing is lost, events resume from that revision
@@ -291,23 +291,6 @@ class EtcdStore:
 
     # ------------------------------------------------------------ views
 
-    def resources(self) -> Mapping[ResourceKey, dict]:
-        return self._resources
-
-    def workloads(self) -> Mapping[str, dict]:
-        return self._workloads
-
-    def subscribe(self, callback: Callable[[str], None]) -> None:
-        self._subscribers.append(callback)
-
-    def unsubscribe(self, callback: Callable[[str], None]) -> None:
-        if callback in self._subscribers:
-            self._subscribers.remove(callback)
-
-    def _notify(self, changed: set[str]) -> None:
-        for what in changed:
-            for callback in list(self._subscribers):
-                callback(what)
 
     # ------------------------------------------------------------ resources
 
@@ -351,7 +334,7 @@ class EtcdStore:
                                         "value": b64(json.dumps(stored))})
             if what:
                 changed.add(what)
-        self._notify(changed)
+        self._notify(*changed)
         return revision
 
     async def put(self, obj: dict, *, expect_version: str | None = None,
@@ -440,7 +423,7 @@ class EtcdStore:
             await self.client.call("/v3/lease/revoke", {"ID": old_lease})
         what = self._apply_put({"key": b64(WORKLOADS + wid), "value": b64(json.dumps(workload)), "lease": lease_id,
                                 "mod_revision": result["header"]["revision"]})
-        self._notify({what} if what else set())
+        self._notify(*((what,) if what else ()))
         return workload
 
     async def heartbeat(self, workload_id: str) -> bool:
@@ -460,5 +443,5 @@ class EtcdStore:
             pass
         result = await self.client.call("/v3/kv/deleterange", {"key": b64(WORKLOADS + workload_id)})
         what = self._apply_delete(WORKLOADS + workload_id, int(result["header"]["revision"]))
-        self._notify({what} if what else set())
+        self._notify(*((what,) if what else ()))
         return True

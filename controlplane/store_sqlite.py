@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Callable, Mapping
 
-from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, BadRequest, HistoryEntry, NotFound,
+from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, StoreViews, BadRequest, HistoryEntry, NotFound,
                     ResourceKey, check_precondition, rollback_plan, same_content, stamp)
 
 SCHEMA = """
@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS workloads (id TEXT PRIMARY KEY, body TEXT NOT NULL, t
 """
 
 
-class SqliteStore:
+class SqliteStore(StoreViews):
     def __init__(self, path: str, *, clock: Callable[[], float] | None = None,
                  sweep_interval: float = 0.5):
         self.path = path
@@ -74,22 +74,6 @@ class SqliteStore:
 
     # ------------------------------------------------------------ views
 
-    def resources(self) -> Mapping[ResourceKey, dict]:
-        return self._resources
-
-    def workloads(self) -> Mapping[str, dict]:
-        return self._workloads
-
-    def subscribe(self, callback: Callable[[str], None]) -> None:
-        self._subscribers.append(callback)
-
-    def unsubscribe(self, callback: Callable[[str], None]) -> None:
-        if callback in self._subscribers:
-            self._subscribers.remove(callback)
-
-    def _notify(self, what: str) -> None:
-        for callback in self._subscribers:
-            callback(what)
 
     # ------------------------------------------------------------ resources
 
