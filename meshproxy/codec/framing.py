@@ -289,15 +289,7 @@ def _request_tail(method: bytes, target: bytes, version: bytes, headers: Headers
         else:
             content_length = 0
 
-    if conn_values:
-        tokens = _connection_tokens(conn_values)
-        if version == b"1.1":
-            keep_alive = b"close" not in tokens
-        else:
-            keep_alive = b"keep-alive" in tokens and b"close" not in tokens
-    else:
-        tokens = ()
-        keep_alive = version == b"1.1"
+    tokens, keep_alive = _persistence(version, conn_values)
 
     if upgrade:
         upgrade = upgrade.split(b",", 1)[0].strip(b" \t").lower() if b"upgrade" in tokens else b""
@@ -337,16 +329,20 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
 _RESPONSE_TE_CONN = frozenset((b"transfer-encoding", b"connection"))
 
 
+def _persistence(version: bytes, conn_values) -> tuple:
+    """RFC 9112 §9.3: the Connection tokens and whether the connection persists
+    (HTTP/1.1 unless ``close``; HTTP/1.0 only with ``keep-alive``)."""
+    if not conn_values:
+        return (), version == b"1.1"
+    tokens = _connection_tokens(conn_values)
+    if version == b"1.1":
+        return tokens, b"close" not in tokens
+    return tokens, b"keep-alive" in tokens and b"close" not in tokens
+
+
 def _response_tail(status: int, reason: bytes, version: bytes, headers: Headers, no_body: bool,
                    cl_values, te_values, conn_values) -> ResponseHead:
-    if conn_values:
-        tokens = _connection_tokens(conn_values)
-        if version == b"1.1":
-            keep_alive = b"close" not in tokens
-        else:
-            keep_alive = b"keep-alive" in tokens and b"close" not in tokens
-    else:
-        keep_alive = version == b"1.1"
+    _, keep_alive = _persistence(version, conn_values)
 
     content_length = -1
     if no_body or status < 200 or status == 204 or status == 304:
