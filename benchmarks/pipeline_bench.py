@@ -6,7 +6,11 @@ is written, so a loop can push a request in and the upstream's response back and
 measure only the interpreter's share of a request (what wrk + /proc cannot separate
 from kernel time and VM noise).
 
-    .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile]
+    .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile] [--asyncio-loop]
+
+It runs on uvloop, as ``meshproxy run`` does (``--asyncio-loop`` for the stdlib loop).  Timings
+on a shared VM drift by +-20%; ``benchmarks/instructions_per_request.sh`` counts instructions
+under callgrind instead, which repeat exactly.
 """
 from __future__ import annotations
 
@@ -109,7 +113,7 @@ async def main(n: int, trace: bool, profile: bool) -> None:
     elapsed = time.process_time() - t0
     if prof:
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(int(__import__("os").environ.get("TOP", "25")))
     print(f"{elapsed / n * 1e6:.2f} us CPU per proxied request (Python only, no syscalls), "
           f"tracing {'on' if trace else 'off'}, n={n}")
     await worker.drain(0.1)
@@ -120,5 +124,9 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=50000)
     parser.add_argument("--trace", action="store_true", help="trace propagation on (as `meshproxy run` by default)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--asyncio-loop", action="store_true", help="the stdlib loop instead of uvloop")
     args = parser.parse_args()
+    if not args.asyncio_loop:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(main(args.n, args.trace, args.profile))

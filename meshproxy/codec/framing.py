@@ -192,13 +192,18 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
     if names.count(b"host") == 1 and target[:1] == b"/":
         if _REQUEST_FRAMING_FIELDS.isdisjoint(names):
             # The common head, decided with C-level scans of ``names``: one Host, origin-form
-            # target, and no CL/TE/Connection/Upgrade/Expect, so no body, keep-alive by version
-            # (the same outcome _request_tail reaches for it, without the loop over fields).
+            # target, and no CL/TE/Upgrade/Expect, so no body; keep-alive by version and
+            # Connection (the same outcome _request_tail reaches for it, without the loop
+            # over fields).
             host = values[names.index(b"host")]
             if host not in _VALID_HOSTS and not _valid_host(host):
                 raise ProtocolError(400, "invalid Host")
+            if b"connection" in names:
+                keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
+            else:
+                keep_alive = version == b"1.1"
             return RequestHead(method, target, version, headers, host, target, BODY_NONE, -1,
-                               version == b"1.1", b"connect" if method == b"CONNECT" else b"", False)
+                               keep_alive, b"connect" if method == b"CONNECT" else b"", False)
         if _REQUEST_RARE_FIELDS.isdisjoint(names):
             # one Host and at most Content-Length / Connection among the framing fields
             return _request_tail(
@@ -209,7 +214,7 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
 
 
 _REQUEST_RARE_FIELDS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
-_REQUEST_FRAMING_FIELDS = _REQUEST_RARE_FIELDS | {b"content-length", b"connection"}
+_REQUEST_FRAMING_FIELDS = _REQUEST_RARE_FIELDS | {b"content-length"}
 # Host values already matched by _HOST_RE: a memo of a pure function (a dict lookup costs less
 # than the regex), bounded in entries and entry size, so at most ~1 MB per worker process.
 _VALID_HOSTS: dict[bytes, None] = {}
@@ -312,21 +317,22 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
     """Apply the response framing rules; bad upstream framing is a 502."""
     _check_status_line(status, version)
     names, values = _checked_fields(headers, limits, 502)
-    if names.count(b"content-length") == 1 and _RESPONSE_TE_CONN.isdisjoint(names) and not no_body \
+    if names.count(b"content-length") == 1 and b"transfer-encoding" not in names and not no_body \
             and status >= 200 and status != 204 and status != 304:
-        # The common response: one Content-Length, no Transfer-Encoding or Connection; the
-        # outcome _response_tail reaches for it, found with C-level scans of ``names``.
+        # The common response: one Content-Length, no Transfer-Encoding; the outcome
+        # _response_tail reaches for it, found with C-level scans of ``names``.
         content_length = _content_length([values[names.index(b"content-length")]], 502)
+        if b"connection" in names:
+            keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
+        else:
+            keep_alive = version == b"1.1"
         return ResponseHead(status, reason, version, headers, BODY_LENGTH if content_length else BODY_NONE,
-                            content_length, version == b"1.1")
+                            content_length, keep_alive)
     return _response_tail(
         status, reason, version, headers, no_body,
         _values_of(b"content-length", names, values) if b"content-length" in names else (),
         _values_of(b"transfer-encoding", names, values) if b"transfer-encoding" in names else (),
         _values_of(b"connection", names, values) if b"connection" in names else ())
-
-
-_RESPONSE_TE_CONN = frozenset((b"transfer-encoding", b"connection"))
 
 
 def _persistence(version: bytes, conn_values) -> tuple:

@@ -109,7 +109,9 @@ class Telemetry:
         if exchange.down.listener.inbound:
             handle = self._inbound
         else:
-            handle = self._handle(cluster.cluster) if cluster is not None else self._unrouted
+            handle = self._handles.get(cluster.cluster.name) if cluster is not None else self._unrouted
+            if handle is None:
+                handle = self._handle(cluster.cluster)
         duration_ms = (now - exchange.start_time) * 1000.0
         self.metrics.record_http(handle, exchange.status, exchange.flags, duration_ms,
                                  exchange.request_bytes, exchange.response_bytes)

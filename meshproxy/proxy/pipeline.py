@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from ..codec.api import (
     BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, ProtocolError, RequestHead, ResponseHead,
 )
+from ..config.model import NO_HEADER_POLICY
 from ..codec.writer import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
 from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView
@@ -101,10 +102,10 @@ class Exchange:
         self.close_delimited = False
         self.retry: RetryState | None = None
         self.attempts = 0
-        self.tried: frozenset = frozenset()
+        self.tried: tuple = ()                   # (address, port) of the endpoints attempted
         self.flags = "-"
         self.status = 0
-        self.start_time = self.worker.clock()
+        self.start_time = down.since             # the first byte of this request (or when the previous one ended)
         self.upstream_start = 0.0
         self.timer = None
         self.try_timer = None
@@ -225,10 +226,11 @@ class Exchange:
         route = self.route
         if not route.destinations:
             return self._local_reply(404, "NR")
-        policy = worker.splitter.hash_policy(route)
+        split = worker.splitter.route_split(route)
+        policy = split.hash_policy
         if policy is not None:
             self._choose_hash_key(policy)
-        dest = worker.splitter.pick(route, self.hash_key)
+        dest = split.pick(self.hash_key)
         if dest is None or not dest.cluster:
             return self._local_reply(503, "NR")
         self.destination = dest
@@ -293,8 +295,10 @@ class Exchange:
         trace = self.trace
         headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.listener.scheme,
                                             self._request_id, trace.headers_to_forward if trace is not None else None)
-        headers = apply_header_ops(headers, route.headers.request)
-        headers = apply_header_ops(headers, self.destination.headers.request)
+        if route.headers is not NO_HEADER_POLICY:
+            headers = apply_header_ops(headers, route.headers.request)
+        if self.destination.headers is not NO_HEADER_POLICY:
+            headers = apply_header_ops(headers, self.destination.headers.request)
         kind = head.body_kind
         if kind == BODY_LENGTH:
             headers.append((b"content-length", str(head.content_length).encode()))
@@ -317,8 +321,8 @@ class Exchange:
             return self._answer_failure(503, "UH")
         self.endpoint = endpoint
         self.attempts += 1
-        self.tried = self.tried | {(endpoint.address, endpoint.port)}
         key = (endpoint.address, endpoint.port)
+        self.tried += (key,)
         policy = cluster.cluster.policy.connection_pool
         conn = None if self.stale_retried else worker.pools.acquire_idle(key, policy.idle_timeout)
         self.upstream_start = worker.clock()
@@ -499,8 +503,10 @@ class Exchange:
             self.close_delimited = True
             keep_alive = self.keep_alive = False
         headers = forwarded_response_headers(head, framing, keep_alive)
-        headers = apply_header_ops(headers, self.destination.headers.response)
-        headers = apply_header_ops(headers, self.route.headers.response)
+        if self.destination.headers is not NO_HEADER_POLICY:
+            headers = apply_header_ops(headers, self.destination.headers.response)
+        if self.route.headers is not NO_HEADER_POLICY:
+            headers = apply_header_ops(headers, self.route.headers.response)
         if self.set_cookie is not None:
             headers.append((b"set-cookie", self.set_cookie))
         if self.route.cors is not None:
@@ -660,7 +666,7 @@ class Exchange:
             # the upstream closed a keep-alive connection as we reused it (the classic
             # intermittent 503 UC): not the endpoint's fault, try once more on a new one
             self.stale_retried = True
-            self.tried = frozenset()
+            self.tried = ()
             return self._attempt()
         self.worker.clusters_record(self.cluster, self.endpoint, failure.condition)
         retry = self.retry

@@ -24,7 +24,18 @@ _RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
 _REQUEST_DROP_TRACED = _REQUEST_DROP | PROPAGATION_HEADERS
 
 
+# The Connection values nearly every peer sends.  ``keep-alive`` names a field that is
+# dropped anyway, so it names nothing more.
+_COMMON_CONNECTION = {b"keep-alive": frozenset(), b"Keep-Alive": frozenset(),
+                      b"close": frozenset((b"close",)), b"Close": frozenset((b"close",))}
+
+
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    values = [v for n, v in headers if n == b"connection"]
+    if len(values) == 1:
+        common = _COMMON_CONNECTION.get(values[0])
+        if common is not None:
+            return common
     tokens = set()
     for name, value in headers:
         if name == b"connection":

@@ -192,6 +192,13 @@ class Splitter:
             return self._add(route, self.snapshot.clusters, {}).pick(hash_key)
         return entry[1].pick(hash_key)
 
+    def route_split(self, route: HttpRoute) -> _RouteSplit:
+        """The route's split state (``pick``, ``hash_policy``): one lookup per request."""
+        entry = self._by_id.get(id(route))
+        if entry is None or entry[0] is not route:
+            return self._add(route, self.snapshot.clusters, {})
+        return entry[1]
+
     def pick_tcp(self, route: TcpRoute) -> WeightedDestination | None:
         return self.pick(route, None)
 
