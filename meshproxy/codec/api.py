@@ -41,6 +41,15 @@ class RequestHead:
     keep_alive: bool        # False for HTTP/1.0 without keep-alive, or "Connection: close"
     upgrade: bytes          # lower-cased Upgrade token when the request asks for one (b"websocket"), else b""
     expect_continue: bool   # "Expect: 100-continue"
+    # the field names of ``headers`` in order, as the codec saw them: consumers test for a
+    # field with one C-level scan (``b"x-request-id" in head.names``) instead of a loop.
+    # Empty when a head was built by hand; use :func:`field_names`.
+    names: tuple = ()
+
+
+def field_names(head: RequestHead) -> tuple:
+    """``head.names``, or computed for a head built without it."""
+    return head.names or tuple([n for n, _ in head.headers])
 
 
 @dataclass(slots=True)

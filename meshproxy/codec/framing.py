@@ -203,14 +203,15 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
             else:
                 keep_alive = version == b"1.1"
             return RequestHead(method, target, version, headers, host, target, BODY_NONE, -1,
-                               keep_alive, b"connect" if method == b"CONNECT" else b"", False)
+                               keep_alive, b"connect" if method == b"CONNECT" else b"", False, names)
         if _REQUEST_RARE_FIELDS.isdisjoint(names):
             # one Host and at most Content-Length / Connection among the framing fields
             return _request_tail(
                 method, target, version, headers, limits, [values[names.index(b"host")]],
                 _values_of(b"content-length", names, values) if b"content-length" in names else (),
-                (), _values_of(b"connection", names, values) if b"connection" in names else (), b"", False)
-    return _request_framing(method, target, version, headers, limits)
+                (), _values_of(b"connection", names, values) if b"connection" in names else (), b"", False,
+                names)
+    return _request_framing(method, target, version, headers, limits, names)
 
 
 _REQUEST_RARE_FIELDS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
@@ -231,7 +232,7 @@ def _valid_host(host: bytes) -> bool:
 
 
 def _request_framing(method: bytes, target: bytes, version: bytes, headers: Headers,
-                     limits: CodecLimits) -> RequestHead:
+                     limits: CodecLimits, names: tuple) -> RequestHead:
     host_values: list[bytes] = []
     cl_values: list[bytes] = []
     te_values: list[bytes] = []
@@ -253,12 +254,12 @@ def _request_framing(method: bytes, target: bytes, version: bytes, headers: Head
         elif name == b"expect":
             expect_continue = value.lower() == b"100-continue"
     return _request_tail(method, target, version, headers, limits, host_values, cl_values, te_values,
-                         conn_values, upgrade, expect_continue)
+                         conn_values, upgrade, expect_continue, names)
 
 
 def _request_tail(method: bytes, target: bytes, version: bytes, headers: Headers, limits: CodecLimits,
                   host_values, cl_values, te_values, conn_values, upgrade: bytes,
-                  expect_continue: bool) -> RequestHead:
+                  expect_continue: bool, names: tuple) -> RequestHead:
     if len(host_values) > 1:
         raise ProtocolError(400, "more than one Host field")
     host = host_values[0] if host_values else b""
@@ -302,7 +303,7 @@ def _request_tail(method: bytes, target: bytes, version: bytes, headers: Headers
         upgrade = b"connect"
 
     return RequestHead(method, target, version, headers, host, path, body_kind,
-                       content_length, keep_alive, upgrade, expect_continue)
+                       content_length, keep_alive, upgrade, expect_continue, names)
 
 
 def _check_status_line(status: int, version: bytes) -> None:

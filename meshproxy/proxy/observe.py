@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from ..codec.api import field_names
 from ..config.model import Cluster, Listener, Snapshot
 from ..telemetry import AccessLog, PeerInfo, ProxyMetrics, ProxyTracer, UNKNOWN_PEER
 
@@ -102,7 +103,7 @@ class Telemetry:
             kind = "server" if exchange.down.listener.inbound else "client"
             exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
                                           authority=head.host, scheme=exchange.down.listener.scheme,
-                                          peer_address=exchange.down.client_ip)
+                                          peer_address=exchange.down.client_ip, names=field_names(head))
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster

@@ -39,6 +39,7 @@ from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView
 from ..router.retry import RetryState
 from ..router.split import hash_key_for
+from ..telemetry.tracing import random_uuid
 from .errors import Failure, error_response
 from .mirror import start_mirror
 from .transform import (
@@ -56,12 +57,6 @@ _NO_BODY_STATUSES = frozenset((204, 304))
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 _READ_PAUSE_UPSTREAM = 1           # DownstreamConnection.read_paused_by bits
 _READ_PAUSE_CONNECTING = 8
-
-
-def _new_request_id(rng) -> bytes:
-    """A version-4-shaped UUID from the worker's RNG (no syscall per request)."""
-    b = "%032x" % rng.getrandbits(128)
-    return f"{b[:8]}-{b[8:12]}-4{b[13:16]}-{b[16:20]}-{b[20:]}".encode()
 
 
 class Exchange:
@@ -271,7 +266,7 @@ class Exchange:
         self.mirrors = None
 
     def _request_id(self) -> bytes:
-        return _new_request_id(self.worker.rng)
+        return random_uuid(self.worker.rng)
 
     def _choose_hash_key(self, policy) -> None:
         """Sticky canaries: the destination service hashes, so the version choice and
@@ -279,7 +274,7 @@ class Exchange:
         makes the proxy issue the cookie when the request has none (as Envoy does)."""
         key = hash_key_for(policy, self.request_view())
         if key is None and policy.key == "cookie" and policy.cookie_ttl is not None:
-            value = _new_request_id(self.worker.rng)
+            value = random_uuid(self.worker.rng)
             self.set_cookie = (b"%s=%s; Path=%s; Max-Age=%d; HttpOnly" % (
                 policy.name.encode("latin-1"), value, policy.cookie_path.encode("latin-1"), int(policy.cookie_ttl)))
             key = value

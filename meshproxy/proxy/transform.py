@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from ..codec.api import RequestHead, ResponseHead
+from ..codec.api import RequestHead, ResponseHead, field_names
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
 from ..telemetry.tracing import PROPAGATION_HEADERS
 
@@ -19,9 +19,12 @@ _HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 ))
-_REQUEST_DROP = _HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto"}
+# (x-forwarded-for is re-appended at the end, with the client's address added)
+_REQUEST_DROP = _HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-for"}
 _RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
 _REQUEST_DROP_TRACED = _REQUEST_DROP | PROPAGATION_HEADERS
+_RESPONSE_DROP_UPGRADE = _RESPONSE_DROP - {b"upgrade"}
+_RESPONSE_DROP_KEEP_LENGTH = _RESPONSE_DROP - {b"content-length"}
 
 
 # The Connection values nearly every peer sends.  ``keep-alive`` names a field that is
@@ -30,19 +33,23 @@ _COMMON_CONNECTION = {b"keep-alive": frozenset(), b"Keep-Alive": frozenset(),
                       b"close": frozenset((b"close",)), b"Close": frozenset((b"close",))}
 
 
+_NOTHING: frozenset[bytes] = frozenset()
+
+
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     values = [v for n, v in headers if n == b"connection"]
     if len(values) == 1:
         common = _COMMON_CONNECTION.get(values[0])
         if common is not None:
             return common
+    elif not values:
+        return _NOTHING
     tokens = set()
-    for name, value in headers:
-        if name == b"connection":
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token:
-                    tokens.add(token)
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
     return frozenset(tokens)
 
 
@@ -54,32 +61,25 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     X-Request-Id kept or generated.  With ``trace_fields`` (this hop's propagation fields,
     x-request-id included) the incoming propagation fields are replaced by them in the same
     pass.  Framing fields are added by the caller."""
+    # The head's field names decide, with C-level scans, which of the rarer steps run;
+    # the common head is one filtering comprehension.
+    fields = head.headers
+    names = field_names(head)
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
-    named = None
     out: Headers = [(b"host", authority)]
-    xff = None
-    has_request_id = False
-    for name, value in head.headers:
-        if name in drop:
-            if name == b"connection" and named is None:
-                named = _connection_tokens(head.headers)
-            continue
-        if named is not None and name in named:
-            continue
-        if name == b"x-forwarded-for":
-            xff = value if xff is None else xff + b", " + value
-            continue
-        if name == b"x-request-id":
-            has_request_id = True
-        out.append((name, value))
-    if named:   # fields named in Connection may precede the Connection field itself
+    out += [field for field in fields if field[0] not in drop]
+    named = _connection_tokens(fields) if b"connection" in names else _NOTHING
+    if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
     ip = client_ip.encode()
-    out.append((b"x-forwarded-for", ip if xff is None else xff + b", " + ip))
+    if b"x-forwarded-for" in names and b"x-forwarded-for" not in named:
+        xff = b", ".join([v for n, v in fields if n == b"x-forwarded-for"])
+        ip = xff + b", " + ip
+    out.append((b"x-forwarded-for", ip))
     out.append((b"x-forwarded-proto", scheme.encode()))
     if trace_fields is not None:
         out.extend(trace_fields)
-    elif not has_request_id and new_request_id is not None:
+    elif new_request_id is not None and (b"x-request-id" not in names or b"x-request-id" in named):
         out.append((b"x-request-id", new_request_id()))
     if head.upgrade:
         out.append((b"connection", b"upgrade"))
@@ -89,21 +89,15 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
 
 def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] | None,
                                keep_alive: bool, upgrade: bool = False) -> Headers:
-    named = None
-    out: Headers = []
-    drop = _RESPONSE_DROP
-    for name, value in head.headers:
-        if name in drop:
-            if name == b"connection" and named is None:
-                named = _connection_tokens(head.headers)
-            if upgrade and name == b"upgrade":
-                out.append((name, value))
-            elif name == b"content-length" and framing is None and not upgrade:
-                out.append((name, value))      # HEAD / 304: keep the length the upstream declared
-            continue
-        if named is not None and name in named:
-            continue
-        out.append((name, value))
+    fields = head.headers
+    if upgrade:
+        drop = _RESPONSE_DROP_UPGRADE          # a 101 keeps its Upgrade field
+    elif framing is None:
+        drop = _RESPONSE_DROP_KEEP_LENGTH      # HEAD / 304: keep the length the upstream declared
+    else:
+        drop = _RESPONSE_DROP
+    out: Headers = [field for field in fields if field[0] not in drop]
+    named = _connection_tokens(fields)
     if named:
         if upgrade:
             named = named - {b"upgrade"}

@@ -47,6 +47,9 @@ _HEXDIGITS = b"0123456789abcdef"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 _MASK64 = (1 << 64) - 1
+# UUID version 4 (bits 76-79 = 0100) and RFC 4122 variant (bits 62-63 = 10)
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
@@ -55,6 +58,12 @@ def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
 
 
 # ---------------------------------------------------------------------- context
+
+def random_uuid(rng) -> bytes:
+    """A random (version 4) UUID from ``rng`` (no syscall), like Envoy's x-request-id."""
+    h = b"%032x" % (rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
 
 class TraceContext:
     """One hop of one request.  ``span_id`` is this proxy's span (client or server)."""
@@ -258,25 +267,31 @@ class ProxyTracer:
     # ---------------------------------------------------------------- request path
 
     def start(self, head_headers: Headers, kind: str = "server", *, method: bytes = b"", path: bytes = b"",
-              authority: bytes = b"", scheme: str = "http", peer_address: str = "") -> TraceContext:
-        # Runs for every request: one pass over the fields, nothing allocated for a head that
-        # carries no trace fields (the common case at the edge), integer sampling draw.
+              authority: bytes = b"", scheme: str = "http", peer_address: str = "",
+              names: tuple | None = None) -> TraceContext:
+        # Runs for every request: nothing allocated for a head that carries no trace fields
+        # (the common case at the edge; with ``names``, the head's field names, found by one
+        # C-level test), one pass over the fields otherwise, integer sampling draw.
         found = None
-        for name, value in head_headers:
-            if name in _READ:
-                if found is None:
-                    found = {name: value}
-                elif name not in found:
-                    found[name] = value
+        if names is None or not _READ.isdisjoint(names):
+            for name, value in head_headers:
+                if name in _READ:
+                    if found is None:
+                        found = {name: value}
+                    elif name not in found:
+                        found[name] = value
 
         rng = self._rng
         parent = tracestate = b""
         debug = False
         if found is None:
-            r = rng.getrandbits(128) or 1
-            trace = b"%032x" % r
-            sampled = (r & _MASK64) < self._bound   # trace[16:] as an int, as below
-            span = b"%016x" % (rng.getrandbits(64) or 1)
+            # one draw for the trace id (high 128 bits) and the span id (low 64 bits)
+            r = rng.getrandbits(192)
+            if not (r >> 64) or not (r & _MASK64):
+                r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
+            ids = b"%048x" % r
+            trace, span = ids[:32], ids[32:]
+            sampled = ((r >> 64) & _MASK64) < self._bound   # trace[16:] as an int, as below
             request_id = self._new_request_id()
         else:
             trace = b""
@@ -336,10 +351,7 @@ class ProxyTracer:
         return ctx
 
     def _new_request_id(self) -> bytes:
-        """A random (version 4) UUID, like Envoy's x-request-id."""
-        r = self._rng.getrandbits(128)
-        return b"%08x-%04x-4%03x-%04x-%012x" % (r >> 96, (r >> 80) & 0xFFFF, (r >> 64) & 0xFFF,
-                                                0x8000 | ((r >> 48) & 0x3FFF), r & 0xFFFFFFFFFFFF)
+        return random_uuid(self._rng)
 
     def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
                subset: str = "", upstream_address: str = "", upstream_port: int = 0, retries: int = 0,

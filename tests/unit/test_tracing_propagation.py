@@ -128,3 +128,22 @@ def test_b3_formats_can_be_turned_off():
 def test_sample_rate_outside_unit_interval_is_refused():
     with pytest.raises(ValueError, match="sample_rate"):
         ProxyTracer(None, sample_rate=1.5)
+
+
+def test_generated_request_ids_are_rfc_4122_version_4_uuids():
+    from meshproxy.telemetry.tracing import random_uuid
+    rng = random.Random(7)
+    ids = {random_uuid(rng) for _ in range(2000)}
+    assert len(ids) == 2000
+    for value in ids:
+        parsed = uuid.UUID(value.decode())
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed).encode() == value
+
+
+def test_new_trace_and_span_ids_are_hex_of_the_right_length_and_never_zero():
+    tracer = ProxyTracer(None, sample_rate=0.0, rng=random.Random(3))
+    for _ in range(500):
+        ctx = tracer.start([(b"host", b"a")], "server")
+        assert len(ctx.trace_id) == 32 and int(ctx.trace_id, 16) != 0
+        assert len(ctx.span_id) == 16 and int(ctx.span_id, 16) != 0
