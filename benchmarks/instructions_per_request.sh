@@ -5,6 +5,7 @@
 #   benchmarks/instructions_per_request.sh [pipeline_bench options, e.g. --trace]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONHASHSEED=0   # set and dict layouts, hence instruction counts, repeat exactly
 count() {
     valgrind --tool=callgrind --callgrind-out-file=/dev/null .venv/bin/python benchmarks/pipeline_bench.py \
         --n "$1" "${@:2}" 2>&1 | grep -oP 'refs:\s+\K[\d,]+' | tr -d ,

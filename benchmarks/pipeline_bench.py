@@ -37,6 +37,8 @@ from meshproxy.upstream.connection import UpstreamConnection  # noqa: E402
 REQUEST = (b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: bench/1.0\r\n"
            b"Accept: */*\r\nAccept-Encoding: gzip\r\nX-Request-Id: 7f1c9d2e-1b2a-4c3d-9e8f-001122334455\r\n"
            b"Cookie: session=abc\r\nConnection: keep-alive\r\n\r\n")
+# what wrk sends (no x-request-id, no trace fields): the benchmark harness's request
+PLAIN_REQUEST = b"GET /small HTTP/1.1\r\nHost: bench.local\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 06:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
 
@@ -78,7 +80,7 @@ class FakeTransport:
         pass
 
 
-async def main(n: int, trace: bool, profile: bool) -> None:
+async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST) -> None:
     loop = asyncio.get_running_loop()
     snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),))], [cluster("c", 9)],
                     domains=("bench.local",), port=0)
@@ -98,7 +100,7 @@ async def main(n: int, trace: bool, profile: bool) -> None:
     pool.idle.append(up)
 
     def one():
-        down.data_received(REQUEST)
+        down.data_received(request)
         up.data_received(RESPONSE)
 
     for _ in range(2000):
@@ -124,9 +126,11 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=50000)
     parser.add_argument("--trace", action="store_true", help="trace propagation on (as `meshproxy run` by default)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--wrk-request", action="store_true",
+                        help="the two-field request wrk sends instead of a browser-like one with x-request-id")
     parser.add_argument("--asyncio-loop", action="store_true", help="the stdlib loop instead of uvloop")
     args = parser.parse_args()
     if not args.asyncio_loop:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(main(args.n, args.trace, args.profile))
+    asyncio.run(main(args.n, args.trace, args.profile, PLAIN_REQUEST if args.wrk_request else REQUEST))

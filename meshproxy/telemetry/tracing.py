@@ -50,6 +50,9 @@ _MASK64 = (1 << 64) - 1
 # UUID version 4 (bits 76-79 = 0100) and RFC 4122 variant (bits 62-63 = 10)
 _UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _UUID_V4 = (0x4 << 76) | (0x2 << 62)
+_MASK128 = (1 << 128) - 1
+_NEW_IDS_CLEAR = ~(~_UUID_CLEAR << 192)
+_NEW_IDS_UUID_V4 = _UUID_V4 << 192
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
@@ -66,10 +69,14 @@ def random_uuid(rng) -> bytes:
 
 
 class TraceContext:
-    """One hop of one request.  ``span_id`` is this proxy's span (client or server)."""
-    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "debug", "kind", "request_id",
-                 "tracestate", "headers_to_forward", "start_ns", "method", "path", "authority",
-                 "scheme", "user_agent", "peer_address")
+    """One hop of one request.  ``span_id`` is this proxy's span (client or server).
+
+    The span's request attributes are set only on sampled contexts; the class holds their
+    defaults, so an unsampled context (nearly every request) costs nine stores."""
+    start_ns = 0
+    method = path = authority = user_agent = b""
+    scheme = "http"
+    peer_address = ""
 
     def __init__(self, trace_id: bytes, span_id: bytes, parent_id: bytes, sampled: bool, debug: bool,
                  kind: str, request_id: bytes, tracestate: bytes, headers_to_forward: list):
@@ -82,10 +89,6 @@ class TraceContext:
         self.request_id = request_id
         self.tracestate = tracestate
         self.headers_to_forward = headers_to_forward
-        self.start_ns = 0
-        self.method = self.path = self.authority = self.user_agent = b""
-        self.scheme = "http"
-        self.peer_address = ""
 
     @property
     def trace_id_hex(self) -> str:
@@ -285,14 +288,14 @@ class ProxyTracer:
         parent = tracestate = b""
         debug = False
         if found is None:
-            # one draw for the trace id (high 128 bits) and the span id (low 64 bits)
-            r = rng.getrandbits(192)
-            if not (r >> 64) or not (r & _MASK64):
+            # one draw: x-request-id (a UUIDv4, top 128 bits), trace id (next 128), span id (low 64)
+            r = rng.getrandbits(320) & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
+            if not (r >> 64) & _MASK128 or not r & _MASK64:
                 r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
-            ids = b"%048x" % r
-            trace, span = ids[:32], ids[32:]
+            ids = b"%080x" % r
+            trace, span = ids[32:64], ids[64:]
             sampled = ((r >> 64) & _MASK64) < self._bound   # trace[16:] as an int, as below
-            request_id = self._new_request_id()
+            request_id = b"-".join((ids[:8], ids[8:12], ids[12:16], ids[16:20], ids[20:32]))
         else:
             trace = b""
             sampled: bool | None = None
