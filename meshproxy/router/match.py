@@ -35,6 +35,8 @@ Route (:func:`select_route`), inside one virtual host:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from ..config.model import HeaderMatch, HttpRoute, RouteMatch, RouteTable, StringMatch, VirtualHost
 from .request import RequestView
 
@@ -155,31 +157,25 @@ def select_route(vhost: VirtualHost, req: RequestView) -> tuple[HttpRoute, Route
     """First route of ``vhost`` that matches ``req`` and the match block that matched
     (``None`` for a route without match blocks); ``None`` if no route matches.
 
-    Runs each block's compiled predicate (:func:`compile_block`); same semantics as
-    :func:`block_matches`, which stays the readable reference (tests check they agree)."""
+    Runs the virtual host's compiled selector (:func:`compile_selector`): every route's
+    blocks as one generated function.  Same semantics as :func:`block_matches` in route
+    order, which stays the readable reference (tests check they agree)."""
     entry = _COMPILED.get(id(vhost))
     if entry is None or entry[0] is not vhost:
         entry = _compile_vhost(vhost)
-    for route, blocks in entry[1]:
-        if not blocks:
-            return route, None
-        for test, m in blocks:
-            if test(req):
-                return route, m
-    return None
+    return entry[1](req)
 
 
-# vhost identity -> (vhost, ((route, ((predicate, block), ...)), ...)).  A memo of derived
-# data; the vhost is held so its id cannot be reused while the entry lives.
+# vhost identity -> (vhost, selector).  A memo of derived data; the vhost is held so its id
+# cannot be reused while the entry lives.
 _COMPILED: dict[int, tuple] = {}
 _COMPILED_LIMIT = 65536
 
 
 def _compile_vhost(vhost: VirtualHost) -> tuple:
-    compiled = tuple((route, tuple((compile_block(m), m) for m in route.matches)) for route in vhost.routes)
     if len(_COMPILED) >= _COMPILED_LIMIT:
         _COMPILED.clear()
-    entry = (vhost, compiled)
+    entry = (vhost, compile_selector(vhost.routes))
     _COMPILED[id(vhost)] = entry
     return entry
 
@@ -198,48 +194,75 @@ def _sm_expr(sm: StringMatch, var: str, ns: dict) -> str:
     raise ValueError(f"StringMatch kind {sm.kind!r} is not exact/prefix/regex")
 
 
-def compile_block(m: RouteMatch):
-    """One HTTPMatchRequest as a single generated function ``req -> bool``: only the
-    conditions that are set, in the order :func:`block_matches` checks them, with values
-    bound as constants (never pasted into the source)."""
-    ns: dict = {}
-    body: list[str] = []
+def _const(value, ns: dict) -> str:
+    name = f"V{len(ns)}"
+    ns[name] = value
+    return name
+
+
+def _block_expr(m: RouteMatch, ns: dict) -> str:
+    """One HTTPMatchRequest as one boolean expression over the locals ``req``, ``path``,
+    ``method`` and ``h`` (the header dict): only the conditions that are set, in the order
+    :func:`block_matches` checks them, values bound as constants in ``ns`` (never pasted
+    into the source)."""
+    terms: list[str] = []
     if m.uri is not None:
-        body.append(f"if not ({_sm_expr(m.uri, 'req.path', ns)}): return False")
+        terms.append(_sm_expr(m.uri, "path", ns))
     if m.method is not None:
-        body.append(f"if not ({_sm_expr(m.method, 'req.method', ns)}): return False")
+        terms.append(_sm_expr(m.method, "method", ns))
     if m.port is not None:
-        ns[f"V{len(ns)}"] = m.port
-        body.append(f"if req.port != V{len(ns) - 1}: return False")
-    if m.headers or m.without_headers:
-        body.append("h = req.headers")
+        terms.append(f"req.port == {_const(m.port, ns)}")
     for hm in m.headers:
-        ns[f"V{len(ns)}"] = hm.name
-        body.append(f"v = h.get(V{len(ns) - 1})")
-        body.append("if v is None: return False")
-        if hm.match is not None:
-            body.append(f"if not ({_sm_expr(hm.match, 'v', ns)}): return False")
-    for hm in m.without_headers:
-        ns[f"V{len(ns)}"] = hm.name
-        body.append(f"v = h.get(V{len(ns) - 1})")
+        name = _const(hm.name, ns)
         if hm.match is None:
-            body.append("if v is not None: return False")
+            terms.append(f"{name} in h")
+        elif hm.match.kind == "exact" and not hm.match.ignore_case:
+            terms.append(f"h.get({name}) == {_const(hm.match.value, ns)}")
         else:
-            body.append(f"if v is not None and ({_sm_expr(hm.match, 'v', ns)}): return False")
-    if m.query_params:
-        body.append("q = req.query_params")
-        for qname, sm in m.query_params:
-            ns[f"V{len(ns)}"] = qname
-            body.append(f"v = q.get(V{len(ns) - 1})")
-            body.append(f"if v is None or not ({_sm_expr(sm, 'v', ns)}): return False")
+            terms.append(f"((v := h.get({name})) is not None and {_sm_expr(hm.match, 'v', ns)})")
+    for hm in m.without_headers:
+        name = _const(hm.name, ns)
+        if hm.match is None:
+            terms.append(f"{name} not in h")
+        else:
+            terms.append(f"not ((v := h.get({name})) is not None and {_sm_expr(hm.match, 'v', ns)})")
+    for qname, sm in m.query_params:
+        terms.append(f"((v := req.query_params.get({_const(qname, ns)})) is not None and {_sm_expr(sm, 'v', ns)})")
     if m.authority is not None:
-        body.append(f"if not ({_sm_expr(m.authority, 'req.authority', ns)}): return False")
+        terms.append(_sm_expr(m.authority, "req.authority", ns))
     if m.scheme is not None:
-        body.append(f"if not ({_sm_expr(m.scheme, 'req.scheme', ns)}): return False")
-    body.append("return True")
-    source = "def block(req):\n" + "".join(f"    {line}\n" for line in body)
+        terms.append(_sm_expr(m.scheme, "req.scheme", ns))
+    return " and ".join(f"({t})" for t in terms) if terms else "True"
+
+
+_PROLOGUE = "    path = req.path\n    method = req.method\n    h = req.headers\n"
+
+
+def compile_block(m: RouteMatch):
+    """One HTTPMatchRequest as a generated function ``req -> bool`` (see :func:`_block_expr`)."""
+    ns: dict = {}
+    source = f"def block(req):\n{_PROLOGUE}    return True if {_block_expr(m, ns)} else False\n"
     exec(compile(source, f"<route match {m.name or 'block'}>", "exec"), ns)
     return ns["block"]
+
+
+def compile_selector(routes) -> "Callable[[RequestView], tuple | None]":
+    """A virtual host's routes as one generated function ``req -> (route, block) | None``:
+    the blocks of every route in order, the first that holds returns; a route without
+    blocks returns ``(route, None)`` and ends the function.  One call per request instead
+    of one per block."""
+    ns: dict = {}
+    lines = ["def select(req):", _PROLOGUE.rstrip("\n")]
+    for route in routes:
+        if not route.matches:
+            lines.append(f"    return {_const((route, None), ns)}")
+            break
+        for m in route.matches:
+            lines.append(f"    if {_block_expr(m, ns)}: return {_const((route, m), ns)}")
+    else:
+        lines.append("    return None")
+    exec(compile("\n".join(lines) + "\n", "<route selector>", "exec"), ns)
+    return ns["select"]
 
 
 # ---------------------------------------------------------------- reasons (for explain)

@@ -236,3 +236,56 @@ def test_compiled_match_treats_values_and_names_as_data_not_code():
     block = RouteMatch(uri=exact(odd), headers=(HeaderMatch("we'ird", exact(odd)),))
     assert both(block, req(odd, headers={"we'ird": odd}))
     assert not both(block, req("/", headers={"we'ird": odd}))
+
+
+def _reference_select(routes, request):
+    """Istio's rule, written plainly: first route, first block that holds."""
+    for r in routes:
+        if not r.matches:
+            return r, None
+        for m in r.matches:
+            if block_matches(m, request):
+                return r, m
+    return None
+
+
+def test_compiled_selector_agrees_with_the_reference_on_random_routes_and_requests():
+    import random
+    rng = random.Random(20261130)
+    conditions = [
+        dict(uri=prefix("/api/")), dict(uri=exact("/login")), dict(uri=regex("/items/[0-9]+")),
+        dict(uri=prefix("/API/", ic=True)), dict(method=exact("POST")),
+        dict(headers=(HeaderMatch("x-canary", exact("true")),)),
+        dict(headers=(HeaderMatch("x-user", prefix("tester-")),)),
+        dict(headers=(HeaderMatch("x-user", exact("Tester-1", ic=True)),)),
+        dict(headers=(HeaderMatch("x-trace", None),)),
+        dict(headers=(HeaderMatch("end-user", regex("user[0-9]-.*")),)),
+        dict(without_headers=(HeaderMatch("x-canary", exact("true")),)),
+        dict(without_headers=(HeaderMatch("x-trace", None),)),
+        dict(query_params=(("debug", exact("1")),)), dict(query_params=(("flag", exact("")),)),
+        dict(authority=exact("other.example")), dict(scheme=exact("https")), dict(port=9080),
+    ]
+    requests = []
+    for _ in range(60):
+        headers = {}
+        for name, values in (("x-canary", ["true", "false"]), ("x-user", ["tester-7", "Tester-1", "bob"]),
+                             ("x-trace", ["1"]), ("end-user", ["user3-x", "user33", "jason"])):
+            if rng.random() < 0.5:
+                headers[name] = rng.choice(values)
+        requests.append(req(rng.choice(["/api/v1", "/login", "/items/42", "/items/x", "/Api/z", "/"]),
+                            method=rng.choice(["GET", "POST"]), headers=headers,
+                            query=rng.choice(["", "debug=1", "flag", "debug=0&flag="]),
+                            authority=rng.choice(["reviews:9080", "other.example"]),
+                            port=rng.choice([9080, 80]), scheme=rng.choice(["http", "https"])))
+    for trial in range(80):
+        routes = []
+        for i in range(rng.randint(1, 6)):
+            blocks = tuple(RouteMatch(**{k: v for c in rng.sample(conditions, rng.randint(0, 3))
+                                         for k, v in c.items()})
+                           for _ in range(rng.randint(0 if i else 1, 3)))
+            routes.append(route(f"r{trial}-{i}", *blocks))
+        host = vh(f"h{trial}", *routes)
+        for request in requests:
+            got = select_route(host, request)
+            want = _reference_select(host.routes, request)
+            assert got == want, (trial, request, got, want)
