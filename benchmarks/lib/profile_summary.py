@@ -20,8 +20,14 @@ def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
     return out
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _func(frame: str) -> str:
-    """'fn (path/to/file.py:123)' -> 'fn (file.py)': per function, not per line."""
+    """'fn (path/to/file.py:123)' -> 'fn (file.py)': per function, not per line.  A frame py-spy
+    read while the interpreter was changing it comes out as garbage bytes: named as such."""
+    if _UNPRINTABLE.search(frame):
+        return "(frame py-spy could not read)"
     frame = _LINE.sub(")", frame.strip())
     name, sep, where = frame.partition(" (")
     if sep:
