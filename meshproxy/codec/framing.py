@@ -142,7 +142,8 @@ def _te_is_chunked(values: list[bytes], status: int, unknown_status: int) -> Non
 _COMMON_CONNECTION = {v: frozenset((v.lower(),)) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
 
 
-def _connection_tokens(values) -> frozenset[bytes] | set[bytes]:
+def connection_tokens(values) -> frozenset[bytes] | set[bytes]:
+    """The lower-cased tokens of every Connection field value (RFC 9110 §7.6.1)."""
     if len(values) == 1:
         common = _COMMON_CONNECTION.get(values[0])
         if common is not None:
@@ -341,7 +342,7 @@ def _persistence(version: bytes, conn_values) -> tuple:
     (HTTP/1.1 unless ``close``; HTTP/1.0 only with ``keep-alive``)."""
     if not conn_values:
         return (), version == b"1.1"
-    tokens = _connection_tokens(conn_values)
+    tokens = connection_tokens(conn_values)
     if version == b"1.1":
         return tokens, b"close" not in tokens
     return tokens, b"keep-alive" in tokens and b"close" not in tokens

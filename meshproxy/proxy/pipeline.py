@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 from ..codec.api import (
     BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, ProtocolError, RequestHead, ResponseHead,
 )
-from ..config.model import NO_HEADER_POLICY
 from ..codec.writer import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
+from ..config.model import NO_HEADER_POLICY
 from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView
 from ..router.retry import RetryState

@@ -9,6 +9,7 @@ import random
 from typing import Callable
 
 from ..codec.api import RequestHead, ResponseHead, field_names
+from ..codec.framing import connection_tokens
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
 from ..telemetry.tracing import PROPAGATION_HEADERS
 
@@ -27,30 +28,17 @@ _RESPONSE_DROP_UPGRADE = _RESPONSE_DROP - {b"upgrade"}
 _RESPONSE_DROP_KEEP_LENGTH = _RESPONSE_DROP - {b"content-length"}
 
 
-# The Connection values nearly every peer sends.  ``keep-alive`` names a field that is
-# dropped anyway, so it names nothing more.
-_COMMON_CONNECTION = {b"keep-alive": frozenset(), b"Keep-Alive": frozenset(),
-                      b"close": frozenset((b"close",)), b"Close": frozenset((b"close",))}
-
-
 _NOTHING: frozenset[bytes] = frozenset()
+_KEEP_ALIVE_VALUES = frozenset((b"keep-alive", b"Keep-Alive"))
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+def _named_fields(headers: Headers) -> frozenset[bytes] | set[bytes]:
+    """Fields named in Connection, besides the hop-by-hop ones that are always removed
+    (so usually none: ``Connection: keep-alive`` names a hop-by-hop field)."""
     values = [v for n, v in headers if n == b"connection"]
-    if len(values) == 1:
-        common = _COMMON_CONNECTION.get(values[0])
-        if common is not None:
-            return common
-    elif not values:
+    if not values or (len(values) == 1 and values[0] in _KEEP_ALIVE_VALUES):
         return _NOTHING
-    tokens = set()
-    for value in values:
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return frozenset(tokens)
+    return connection_tokens(values) - _HOP_BY_HOP
 
 
 def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: str, scheme: str,
@@ -68,7 +56,7 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
     out: Headers = [(b"host", authority)]
     out += [field for field in fields if field[0] not in drop]
-    named = _connection_tokens(fields) if b"connection" in names else _NOTHING
+    named = _named_fields(fields) if b"connection" in names else _NOTHING
     if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
     ip = client_ip.encode()
@@ -97,10 +85,8 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
     else:
         drop = _RESPONSE_DROP
     out: Headers = [field for field in fields if field[0] not in drop]
-    named = _connection_tokens(fields)
+    named = _named_fields(fields)
     if named:
-        if upgrade:
-            named = named - {b"upgrade"}
         out = [(n, v) for n, v in out if n not in named]
     if framing is not None:
         out.append(framing)
