@@ -16,7 +16,17 @@ import httptools
 import uvloop
 
 
-class Upstream(asyncio.Protocol):
+class _CollectFields:
+    """llhttp callbacks every proxy needs at least: the fields of the message being parsed."""
+
+    def on_header(self, name, value):
+        self.fields.append((name, value))
+
+    def on_message_complete(self):
+        self.fields = []
+
+
+class Upstream(_CollectFields, asyncio.Protocol):
     def __init__(self, down: "Downstream"):
         self.down = down
         self.fields: list = []
@@ -25,18 +35,12 @@ class Upstream(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
-    def on_header(self, name, value):
-        self.fields.append((name, value))
-
-    def on_message_complete(self):
-        self.fields = []
-
     def data_received(self, data):
         self.parser.feed_data(data)
         self.down.transport.write(data)
 
 
-class Downstream(asyncio.Protocol):
+class Downstream(_CollectFields, asyncio.Protocol):
     upstream_port = 0
 
     def __init__(self):
@@ -58,12 +62,6 @@ class Downstream(asyncio.Protocol):
 
     def on_url(self, url):
         self.url = url
-
-    def on_header(self, name, value):
-        self.fields.append((name, value))
-
-    def on_message_complete(self):
-        self.fields = []
 
     def data_received(self, data):
         self.parser.feed_data(data)

@@ -187,13 +187,11 @@ class Splitter:
 
         A route not in this splitter's snapshot (a request that read the previous
         snapshot, or a route built by hand) gets its state on first use."""
-        entry = self._by_id.get(id(route))
-        if entry is None or entry[0] is not route:
-            return self._add(route, self.snapshot.clusters, {}).pick(hash_key)
-        return entry[1].pick(hash_key)
+        return self.route_split(route).pick(hash_key)
 
     def route_split(self, route: HttpRoute) -> _RouteSplit:
-        """The route's split state (``pick``, ``hash_policy``): one lookup per request."""
+        """The route's split state (``pick``, ``hash_policy``): one lookup per request, for
+        callers that need both."""
         entry = self._by_id.get(id(route))
         if entry is None or entry[0] is not route:
             return self._add(route, self.snapshot.clusters, {})
@@ -206,10 +204,7 @@ class Splitter:
         """The ``consistentHash`` that makes this route sticky: the first destination (in
         route order) whose cluster's load balancer hashes; computed once per route.
         (``clusters`` is accepted for the caller's convenience and not needed.)"""
-        entry = self._by_id.get(id(route))
-        if entry is None or entry[0] is not route:
-            return self._add(route, self.snapshot.clusters, {}).hash_policy
-        return entry[1].hash_policy
+        return self.route_split(route).hash_policy
 
 
 def _hash_policy(destinations, clusters: Mapping) -> ConsistentHash | None:

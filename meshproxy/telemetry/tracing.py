@@ -327,7 +327,7 @@ class ProxyTracer:
             if sampled is None:
                 sampled = int(trace[16:], 16) < self._bound
             span = b"%016x" % (rng.getrandbits(64) or 1)
-            request_id = found.get(b"x-request-id") or self._new_request_id()
+            request_id = found.get(b"x-request-id") or random_uuid(rng)
 
         if sampled:
             flag, b3_sampled = b"01", b"1"
@@ -352,9 +352,6 @@ class ProxyTracer:
             ctx.scheme, ctx.peer_address = scheme, peer_address
             ctx.user_agent = next((v for n, v in head_headers if n == b"user-agent"), b"")
         return ctx
-
-    def _new_request_id(self) -> bytes:
-        return random_uuid(self._rng)
 
     def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
                subset: str = "", upstream_address: str = "", upstream_port: int = 0, retries: int = 0,
