@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from inproc import cluster, dest, snapshot  # noqa: E402
 from meshproxy.bootstrap import Worker, WorkerOptions  # noqa: E402
+from meshproxy.config.decode import DEFAULT_RETRY_POLICY  # noqa: E402
 from meshproxy.config.model import HttpRoute  # noqa: E402
 from meshproxy.config.store import SnapshotStore  # noqa: E402
 from meshproxy.downstream.http_conn import DownstreamConnection  # noqa: E402
@@ -82,7 +83,9 @@ class FakeTransport:
 
 async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST) -> None:
     loop = asyncio.get_running_loop()
-    snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),))], [cluster("c", 9)],
+    # as compiled from Istio YAML: a route without a retries block gets Istio's default policy
+    snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=DEFAULT_RETRY_POLICY)],
+                    [cluster("c", 9)],
                     domains=("bench.local",), port=0)
     tracer = ProxyTracer(None, sample_rate=0.01, rng=random.Random(1)) if trace else None
     worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(tracer=tracer), rng=random.Random(1))

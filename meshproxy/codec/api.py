@@ -61,6 +61,7 @@ class ResponseHead:
     body_kind: int
     content_length: int
     keep_alive: bool
+    names: tuple = ()        # field names of ``headers`` in order (see RequestHead.names)
 
 
 @dataclass(frozen=True, slots=True)

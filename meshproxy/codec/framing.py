@@ -317,24 +317,42 @@ def _check_status_line(status: int, version: bytes) -> None:
 def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
                   limits: CodecLimits, no_body: bool) -> ResponseHead:
     """Apply the response framing rules; bad upstream framing is a 502."""
-    _check_status_line(status, version)
+    if not 200 <= status <= 999 or version not in _VERSIONS:
+        _check_status_line(status, version)
     names, values = _checked_fields(headers, limits, 502)
     if names.count(b"content-length") == 1 and b"transfer-encoding" not in names and not no_body \
-            and status >= 200 and status != 204 and status != 304:
+            and status != 204 and status != 304 and status >= 200:
         # The common response: one Content-Length, no Transfer-Encoding; the outcome
         # _response_tail reaches for it, found with C-level scans of ``names``.
-        content_length = _content_length([values[names.index(b"content-length")]], 502)
-        if b"connection" in names:
-            keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
-        else:
+        length = values[names.index(b"content-length")]
+        content_length = _LENGTHS.get(length)
+        if content_length is None:
+            content_length = _content_length([length], 502)
+            if len(_LENGTHS) < _LENGTHS_MAX and length[:1] != b"0":
+                _LENGTHS[length] = content_length
+        if b"connection" not in names:
             keep_alive = version == b"1.1"
+        elif version == b"1.1" and names.count(b"connection") == 1 \
+                and values[names.index(b"connection")] in _PERSISTENT_1_1:
+            keep_alive = _PERSISTENT_1_1[values[names.index(b"connection")]]
+        else:
+            keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
         return ResponseHead(status, reason, version, headers, BODY_LENGTH if content_length else BODY_NONE,
-                            content_length, keep_alive)
+                            content_length, keep_alive, names)
     return _response_tail(
         status, reason, version, headers, no_body,
         _values_of(b"content-length", names, values) if b"content-length" in names else (),
         _values_of(b"transfer-encoding", names, values) if b"transfer-encoding" in names else (),
-        _values_of(b"connection", names, values) if b"connection" in names else ())
+        _values_of(b"connection", names, values) if b"connection" in names else (), names)
+
+
+_VERSIONS = frozenset((b"1.1", b"1.0"))
+# Content-Length values already checked by _content_length (canonical digits only): a memo
+# of a pure function, bounded like _VALID_HOSTS.
+_LENGTHS: dict[bytes, int] = {}
+_LENGTHS_MAX = 4096
+# whether an HTTP/1.1 message with this one Connection value persists (RFC 9112 §9.3)
+_PERSISTENT_1_1 = {b"keep-alive": True, b"Keep-Alive": True, b"close": False, b"Close": False}
 
 
 def _persistence(version: bytes, conn_values) -> tuple:
@@ -349,7 +367,7 @@ def _persistence(version: bytes, conn_values) -> tuple:
 
 
 def _response_tail(status: int, reason: bytes, version: bytes, headers: Headers, no_body: bool,
-                   cl_values, te_values, conn_values) -> ResponseHead:
+                   cl_values, te_values, conn_values, names: tuple) -> ResponseHead:
     _, keep_alive = _persistence(version, conn_values)
 
     content_length = -1
@@ -373,7 +391,7 @@ def _response_tail(status: int, reason: bytes, version: bytes, headers: Headers,
     else:
         body_kind = BODY_UNTIL_CLOSE
         keep_alive = False
-    return ResponseHead(status, reason, version, headers, body_kind, content_length, keep_alive)
+    return ResponseHead(status, reason, version, headers, body_kind, content_length, keep_alive, names)
 
 
 # --------------------------------------------------------------------------- raw head scan

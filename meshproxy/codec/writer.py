@@ -38,6 +38,21 @@ def encode_response_head(status: int, reason: bytes, headers: Headers,
     return b"HTTP/%s %d %s\r\n%s" % (version, status, reason, _fields(headers))
 
 
+# (b"content-length", digits) for the lengths seen so far: a response's framing field
+# without formatting the number each time; bounded.
+LENGTH_FIELDS: dict[int, tuple[bytes, bytes]] = {}
+
+
+def content_length_field(n: int) -> tuple[bytes, bytes]:
+    """``(b"content-length", b"<n>")``; callers on the hot path try ``LENGTH_FIELDS.get(n)`` first."""
+    field = LENGTH_FIELDS.get(n)
+    if field is None:
+        field = (b"content-length", b"%d" % n)
+        if len(LENGTH_FIELDS) < 4096:
+            LENGTH_FIELDS[n] = field
+    return field
+
+
 def encode_chunk(data: bytes) -> bytes:
     """One chunk of ``data``; empty data encodes to nothing (an empty chunk would end the body)."""
     if not data:

@@ -87,9 +87,11 @@ class DownstreamConnection(asyncio.Protocol):
             self.reject(err.status, err.reason)
             return
         self.feeding = False
-        if self.exchange is not None:
-            self.exchange.upstream_flush()
-        self.flush()
+        exchange = self.exchange
+        if exchange is not None and exchange.up_out:
+            exchange.upstream_flush()
+        if self.out:
+            self.flush()
 
     def eof_received(self) -> bool:
         # A client half-close does not delimit a request (RFC 9112 §9.6).  Let the
@@ -171,7 +173,8 @@ class DownstreamConnection(asyncio.Protocol):
         self.since = self.worker.clock()
         if self.queue and not self.replaying:
             self._replay()
-        self.flush()
+        if self.out:
+            self.flush()
 
     def _replay(self) -> None:
         """Feed queued pipelined events: a head starts the next exchange once the

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 from ..codec.api import (
     BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, ProtocolError, RequestHead, ResponseHead,
 )
-from ..codec.writer import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
+from ..codec.writer import (
+    LAST_CHUNK, LENGTH_FIELDS, content_length_field, encode_chunk, encode_request_head, encode_response_head,
+)
 from ..config.model import NO_HEADER_POLICY
 from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView
@@ -239,7 +241,7 @@ class Exchange:
         self.pending_admitted = True
         retries = route.retries
         if retries is not None and retries.attempts > 0:
-            self.retry = RetryState(retries, self.head.method.decode("latin-1"), rng=worker.rng)
+            self.retry = split.retry_state(retries, self.head.method, worker.rng)
             self.retained_body = []
         else:
             # a request that failed to connect on a fresh connection may still be
@@ -489,7 +491,7 @@ class Exchange:
         if head.body_kind == BODY_NONE or self.head.method == b"HEAD" or status in _NO_BODY_STATUSES:
             framing = None
         elif head.body_kind == BODY_LENGTH:
-            framing = (b"content-length", str(head.content_length).encode())
+            framing = LENGTH_FIELDS.get(head.content_length) or content_length_field(head.content_length)
         elif self.head.version == b"1.1":
             framing = (b"transfer-encoding", b"chunked")
             self.response_chunked = True
@@ -555,7 +557,8 @@ class Exchange:
             self.switching = False
             self._switch_protocols(self.response_head)
             return
-        self.down.flush()
+        if self.down.out:
+            self.down.flush()
 
     def downstream_write_paused(self) -> None:
         if self.upstream is not None and not self.upstream_paused:
@@ -719,8 +722,10 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._cancel_timers()
-        self._release_admissions()
+        if self.timer is not None or self.try_timer is not None:
+            self._cancel_timers()
+        if self.pending_admitted or self.retry_admitted:
+            self._release_admissions()
         if self.upstream is not None:
             self._release_upstream(reusable=False)
         if self.down.read_paused_by:

@@ -85,7 +85,8 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
     else:
         drop = _RESPONSE_DROP
     out: Headers = [field for field in fields if field[0] not in drop]
-    named = _named_fields(fields)
+    names = head.names
+    named = _named_fields(fields) if b"connection" in names or not names else _NOTHING
     if named:
         out = [(n, v) for n, v in out if n not in named]
     if framing is not None:

@@ -45,8 +45,9 @@ import hashlib
 import random
 from typing import Mapping
 
-from ..config.model import ConsistentHash, HttpRoute, Snapshot, TcpRoute, WeightedDestination
+from ..config.model import ConsistentHash, HttpRoute, RetryPolicy, Snapshot, TcpRoute, WeightedDestination
 from .request import RequestView
+from .retry import RetryState
 
 _SPLIT_SALT = b"meshproxy-split"
 _TWO_64 = float(1 << 64)
@@ -84,10 +85,10 @@ def hash_key_for(policy: ConsistentHash, req: RequestView, cookie_value: str | N
 
 
 class _RouteSplit:
-    """Split state of one route (or TCP route)."""
+    """Split state of one route (or TCP route), and the route's retry deciders."""
 
     __slots__ = ("single", "dests", "weights", "current", "total", "cuts", "ordered",
-                 "hash_policy")
+                 "hash_policy", "_retry_states")
 
     def __init__(self, destinations: tuple[WeightedDestination, ...],
                  hash_policy: ConsistentHash | None):
@@ -107,6 +108,15 @@ class _RouteSplit:
         self.ordered = ordered
         self.cuts = cuts
         self.hash_policy = hash_policy
+        self._retry_states: dict[bytes, RetryState] = {}
+
+    def retry_state(self, policy: RetryPolicy, method: bytes, rng: random.Random) -> RetryState:
+        """The route's :class:`RetryState` for ``method``.  A RetryState depends only on the
+        policy and the method, so one per method is built and shared by every request."""
+        state = self._retry_states.get(method)
+        if state is None or state.policy is not policy:
+            state = self._retry_states[method] = RetryState(policy, method.decode("latin-1"), rng=rng)
+        return state
 
     def pick(self, hash_key: bytes | None) -> WeightedDestination | None:
         single = self.single
