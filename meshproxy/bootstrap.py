@@ -18,6 +18,7 @@ import random
 import ssl
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from types import MappingProxyType
 from typing import Callable
 
@@ -31,6 +32,7 @@ from .downstream.tcp_proxy import TcpProxyListener
 from .listener import HttpListener, bind_socket
 from .router.split import Splitter
 from .proxy.observe import Telemetry
+from .telemetry.tracing import random_uuid
 from .upstream.pool import UpstreamPools
 
 log = logging.getLogger("meshproxy")
@@ -53,6 +55,7 @@ class Worker:
         self.store = store
         self.options = options
         self.rng = rng or random.Random()
+        self.new_request_id = partial(random_uuid, self.rng)    # an x-request-id (UUIDv4) from the worker's rng
         self.clock = clock or loop.time
         self.telemetry = telemetry
         self.settings = store.current.settings if store.current else None

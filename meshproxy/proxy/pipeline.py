@@ -267,9 +267,6 @@ class Exchange:
             copy.complete()
         self.mirrors = None
 
-    def _request_id(self) -> bytes:
-        return random_uuid(self.worker.rng)
-
     def _choose_hash_key(self, policy) -> None:
         """Sticky canaries: the destination service hashes, so the version choice and
         the endpoint choice both follow the user's key.  A cookie policy with a ttl
@@ -287,11 +284,15 @@ class Exchange:
     def _prepare_head(self, match) -> None:
         head = self.head
         route = self.route
-        path, authority = rewrite_path_and_authority(route, match, head)
+        if route.rewrite is None:
+            path, authority = head.path, head.host
+        else:
+            path, authority = rewrite_path_and_authority(route, match, head)
         # with tracing on, the tracer supplies x-request-id along with the trace fields
         trace = self.trace
         headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.listener.scheme,
-                                            self._request_id, trace.headers_to_forward if trace is not None else None)
+                                            self.worker.new_request_id,
+                                            trace.headers_to_forward if trace is not None else None)
         if route.headers is not NO_HEADER_POLICY:
             headers = apply_header_ops(headers, route.headers.request)
         if self.destination.headers is not NO_HEADER_POLICY:
@@ -485,13 +486,16 @@ class Exchange:
             # hand over once the parser has finished this read (its leftovers are the tunnel's)
             self.switching = True
             return
-        self.worker.clusters_record(self.cluster, self.endpoint, status)
+        cluster = self.cluster
+        if cluster.outlier is not None:
+            cluster.record(self.endpoint, status)
         down = self.down
-        keep_alive = self.keep_alive_now()
-        if head.body_kind == BODY_NONE or self.head.method == b"HEAD" or status in _NO_BODY_STATUSES:
-            framing = None
-        elif head.body_kind == BODY_LENGTH:
+        keep_alive = self.keep_alive and down.keep_alive and not self.worker.draining   # keep_alive_now()
+        kind = head.body_kind
+        if kind == BODY_LENGTH and status not in _NO_BODY_STATUSES and self.head.method != b"HEAD":
             framing = LENGTH_FIELDS.get(head.content_length) or content_length_field(head.content_length)
+        elif kind == BODY_NONE or self.head.method == b"HEAD" or status in _NO_BODY_STATUSES:
+            framing = None
         elif self.head.version == b"1.1":
             framing = (b"transfer-encoding", b"chunked")
             self.response_chunked = True

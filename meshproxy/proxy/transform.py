@@ -32,12 +32,20 @@ _NOTHING: frozenset[bytes] = frozenset()
 _KEEP_ALIVE_VALUES = frozenset((b"keep-alive", b"Keep-Alive"))
 
 
-def _named_fields(headers: Headers) -> frozenset[bytes] | set[bytes]:
+def _named_fields(headers: Headers, names: tuple) -> frozenset[bytes] | set[bytes]:
     """Fields named in Connection, besides the hop-by-hop ones that are always removed
-    (so usually none: ``Connection: keep-alive`` names a hop-by-hop field)."""
-    values = [v for n, v in headers if n == b"connection"]
-    if not values or (len(values) == 1 and values[0] in _KEEP_ALIVE_VALUES):
+    (so usually none: ``Connection: keep-alive`` names a hop-by-hop field).  ``names``
+    are the field names of ``headers``, in order."""
+    count = names.count(b"connection")
+    if not count:
         return _NOTHING
+    if count == 1:
+        value = headers[names.index(b"connection")][1]
+        if value in _KEEP_ALIVE_VALUES:
+            return _NOTHING
+        values = [value]
+    else:
+        values = [v for n, v in headers if n == b"connection"]
     return connection_tokens(values) - _HOP_BY_HOP
 
 
@@ -52,11 +60,11 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     # The head's field names decide, with C-level scans, which of the rarer steps run;
     # the common head is one filtering comprehension.
     fields = head.headers
-    names = field_names(head)
+    names = head.names or field_names(head)
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
     out: Headers = [(b"host", authority)]
     out += [field for field in fields if field[0] not in drop]
-    named = _named_fields(fields) if b"connection" in names else _NOTHING
+    named = _named_fields(fields, names) if b"connection" in names else _NOTHING
     if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
     ip = client_ip.encode()
@@ -85,8 +93,8 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
     else:
         drop = _RESPONSE_DROP
     out: Headers = [field for field in fields if field[0] not in drop]
-    names = head.names
-    named = _named_fields(fields) if b"connection" in names or not names else _NOTHING
+    names = head.names or tuple([n for n, _ in fields])
+    named = _named_fields(fields, names) if b"connection" in names else _NOTHING
     if named:
         out = [(n, v) for n, v in out if n not in named]
     if framing is not None:
