@@ -373,10 +373,24 @@ class Exchange:
         per_try = self.route.retries.per_try_timeout if self.retry is not None else None
         if per_try is not None:
             self.try_timer = self.worker.loop.call_later(per_try, self._per_try_timeout)
-        if self.head.method == b"HEAD":
+        head = self.head
+        if head.method == b"HEAD":
             conn.parser.expect_no_body()
+        if head.body_kind == BODY_NONE and not self.pending_body:
+            self._up_write(self.forward_head)
+        else:
+            self._up_write(self._head_and_body())
+        if self.down.read_paused_by:
+            self.down.resume_reading(_READ_PAUSE_CONNECTING)
+        if self.head.expect_continue and not self.request_complete and self.attempts == 1:
+            self.down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.down.flush()
+
+    def _head_and_body(self) -> bytes:
+        """The forwarded head and the body received so far (a retry first replays what the
+        first try sent); what is sent is kept for a retry when the route retries."""
         out = [self.forward_head]
-        if self.retained_body:               # a retry replays what the first try sent
+        if self.retained_body:
             out.extend(self.retained_body)
         if self.pending_body:
             out.extend(self.pending_body)
@@ -386,12 +400,7 @@ class Exchange:
             self.buffered_bytes = 0
         if self.request_complete and self.head.body_kind == BODY_CHUNKED:
             out.append(LAST_CHUNK)
-        self._up_write(b"".join(out) if len(out) > 1 else out[0])
-        if self.down.read_paused_by:
-            self.down.resume_reading(_READ_PAUSE_CONNECTING)
-        if self.head.expect_continue and not self.request_complete and self.attempts == 1:
-            self.down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.down.flush()
+        return b"".join(out)
 
     def _retain(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
