@@ -28,13 +28,18 @@ def _fields(headers: Headers) -> bytes:
 
 def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/1.1`` + fields + blank line (always HTTP/1.1 upstream)."""
-    return b"%s %s HTTP/1.1\r\n%s" % (method, target, _fields(headers))
+    block = b"\r\n".join(map(_FIELD, headers))     # _fields, inlined: this runs for every request
+    if block:
+        return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, block)
+    return b"%s %s HTTP/1.1\r\n\r\n" % (method, target)
 
 
 def encode_response_head(status: int, reason: bytes, headers: Headers,
                          version: bytes = b"1.1") -> bytes:
-    if version == b"1.1" and (not reason or reason == _REASONS.get(status)) and status in _STATUS_LINES:
-        return _STATUS_LINES[status] + _fields(headers)
+    line = _STATUS_LINES.get(status)
+    if line is not None and version == b"1.1" and (not reason or reason == _REASONS[status]):
+        block = b"\r\n".join(map(_FIELD, headers))   # _fields, inlined
+        return b"%s%s\r\n\r\n" % (line, block) if block else line + b"\r\n"
     return b"HTTP/%s %d %s\r\n%s" % (version, status, reason, _fields(headers))
 
 
