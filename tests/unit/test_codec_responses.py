@@ -157,3 +157,47 @@ def test_writer_output_parses_back(backend):
     p.feed(encode_request_head(b"POST", b"/u", [(b"host", b"a"), (b"transfer-encoding", b"chunked")])
            + encode_chunk(b"abc") + LAST_CHUNK)
     assert r.heads[0].path == b"/u" and r.body == b"abc"
+
+
+@backends
+@pytest.mark.parametrize("version,connection,keep_alive", [
+    (b"1.1", None, True), (b"1.1", b"keep-alive", True), (b"1.1", b"Keep-Alive", True),
+    (b"1.1", b"close", False), (b"1.1", b"Close", False), (b"1.1", b"close, foo", False),
+    (b"1.1", b"foo", True), (b"1.0", None, False), (b"1.0", b"keep-alive", True), (b"1.0", b"close", False),
+])
+def test_response_persistence_from_version_and_connection(backend, version, connection, keep_alive):
+    # the common response (one Content-Length) is decided by a fast path; it must agree with RFC 9112 §9.3
+    field = b"Connection: %s\r\n" % connection if connection is not None else b""
+    for _ in range(2):      # the second time through, the Content-Length value is memoized
+        events, _ = run(backend, b"HTTP/%s 200 OK\r\n%sContent-Length: 2\r\n\r\nhi" % (version, field))
+        head = events[0][1]
+        assert (head.keep_alive, head.content_length, head.body_kind) == (keep_alive, 2, 1)
+        assert head.names == tuple(n for n, _ in head.headers)
+
+
+@backends
+@pytest.mark.parametrize("length,expected", [(b"0", 0), (b"007", 7), (b"10", 10), (b"000", 0)])
+def test_content_length_with_leading_zeros_is_read_every_time_and_right(backend, length, expected):
+    for _ in range(2):
+        events, _ = run(backend, b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\n%s" % (length, b"x" * expected))
+        assert events[0][1].content_length == expected
+        assert events[-1] == ("done",)
+
+
+@backends
+@pytest.mark.parametrize("length", [b"1x", b"-1", b"+1", b"1 2", b"99999999999999999999"])
+def test_a_bad_content_length_is_refused_even_after_good_ones(backend, length):
+    run(backend, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")      # memoizes a good value first
+    with pytest.raises(ProtocolError) as err:
+        run(backend, b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\n" % length)
+    assert err.value.status == 502
+
+
+def test_writer_heads_without_fields_and_with_unknown_or_custom_reasons():
+    from meshproxy.codec.writer import content_length_field
+    assert encode_request_head(b"GET", b"/", []) == b"GET / HTTP/1.1\r\n\r\n"
+    assert encode_response_head(200, b"", []) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert encode_response_head(200, b"Fine", [(b"a", b"b")]) == b"HTTP/1.1 200 Fine\r\na: b\r\n\r\n"
+    assert encode_response_head(200, b"OK", [(b"a", b"b")], version=b"1.0") == b"HTTP/1.0 200 OK\r\na: b\r\n\r\n"
+    assert content_length_field(0) == (b"content-length", b"0")
+    assert content_length_field(16384) is content_length_field(16384)   # memoized

@@ -1,10 +1,14 @@
 """Retry decisions (meshproxy.router.retry): Envoy conditions, idempotency, back-off."""
 import random
+from dataclasses import replace
 
 import pytest
 
-from meshproxy.config.model import RetryPolicy
+from inproc import cluster, dest, snapshot
+from meshproxy.config.decode import DEFAULT_RETRY_POLICY
+from meshproxy.config.model import HttpRoute, RetryPolicy
 from meshproxy.router.retry import RetryState
+from meshproxy.router.split import Splitter
 
 
 def policy(*conditions, attempts=2, codes=(), non_idempotent=False):
@@ -69,3 +73,20 @@ def test_backoff_is_jittered_exponential_from_25ms_capped_at_10x():
         samples = [state.backoff(attempt) for _ in range(2000)]
         assert 0 <= min(samples) and max(samples) <= ceiling + 1e-12
         assert max(samples) > ceiling * 0.9
+
+
+def test_a_route_shares_one_retry_state_per_method_and_a_new_policy_gets_a_new_one():
+    # a RetryState depends only on (policy, method): the route's split state keeps one per method
+    fives = policy("5xx")
+    route = HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=fives)
+    split = Splitter(snapshot([route], [cluster("c", 9)], domains=("a",), port=0)).route_split(route)
+    rng = random.Random(1)
+    get = split.retry_state(fives, b"GET", rng)
+    assert split.retry_state(fives, b"GET", rng) is get
+    post = split.retry_state(fives, b"POST", rng)
+    assert get.idempotent and not post.idempotent
+    assert get.should_retry(1, 503) and not post.should_retry(1, 503)
+    none_left = replace(fives, attempts=0)
+    assert split.retry_state(none_left, b"GET", rng).policy is none_left
+    assert not split.retry_state(none_left, b"GET", rng).should_retry(1, 503)
+    assert split.retry_state(DEFAULT_RETRY_POLICY, b"GET", rng).should_retry(1, "connect-failure")
