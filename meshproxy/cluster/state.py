@@ -148,9 +148,7 @@ class ClusterState:
     def on_request_start(self, ep: Endpoint) -> None:
         """A request was sent to ``ep`` (LEAST_REQUEST load, retry budget)."""
         self.counters.active += 1
-        host = self._by_id.get(id(ep))           # _host, inlined for the hot path
-        if host is None or host.endpoint is not ep:
-            host = self._by_key.get(_key(ep))
+        host = self._host(ep)
         if host is not None:
             host.active += 1
 
@@ -158,9 +156,7 @@ class ClusterState:
         counters = self.counters
         if counters.active > 0:
             counters.active -= 1
-        host = self._by_id.get(id(ep))
-        if host is None or host.endpoint is not ep:
-            host = self._by_key.get(_key(ep))
+        host = self._host(ep)
         if host is not None and host.active > 0:
             host.active -= 1
 

@@ -47,7 +47,7 @@ class RequestHead:
     names: tuple = ()
 
 
-def field_names(head: RequestHead) -> tuple:
+def field_names(head: "RequestHead | ResponseHead") -> tuple:
     """``head.names``, or computed for a head built without it."""
     return head.names or tuple([n for n, _ in head.headers])
 

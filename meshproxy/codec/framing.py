@@ -351,8 +351,8 @@ _VERSIONS = frozenset((b"1.1", b"1.0"))
 # of a pure function, bounded like _VALID_HOSTS.
 _LENGTHS: dict[bytes, int] = {}
 _LENGTHS_MAX = 4096
-# whether an HTTP/1.1 message with this one Connection value persists (RFC 9112 §9.3)
-_PERSISTENT_1_1 = {b"keep-alive": True, b"Keep-Alive": True, b"close": False, b"Close": False}
+# whether an HTTP/1.1 message with this one (common) Connection value persists (RFC 9112 §9.3)
+_PERSISTENT_1_1 = {value: b"close" not in tokens for value, tokens in _COMMON_CONNECTION.items()}
 
 
 def _persistence(version: bytes, conn_values) -> tuple:

@@ -93,7 +93,7 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
     else:
         drop = _RESPONSE_DROP
     out: Headers = [field for field in fields if field[0] not in drop]
-    names = head.names or tuple([n for n, _ in fields])
+    names = head.names or field_names(head)
     named = _named_fields(fields, names) if b"connection" in names else _NOTHING
     if named:
         out = [(n, v) for n, v in out if n not in named]

@@ -112,7 +112,8 @@ class _RouteSplit:
 
     def retry_state(self, policy: RetryPolicy, method: bytes, rng: random.Random) -> RetryState:
         """The route's :class:`RetryState` for ``method``.  A RetryState depends only on the
-        policy and the method, so one per method is built and shared by every request."""
+        policy and the method, so one per method is built and shared by every request (methods
+        are the codec's known methods: a bounded set)."""
         state = self._retry_states.get(method)
         if state is None or state.policy is not policy:
             state = self._retry_states[method] = RetryState(policy, method.decode("latin-1"), rng=rng)
