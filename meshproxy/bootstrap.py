@@ -182,7 +182,9 @@ class Worker:
         return TcpProxyListener(
             self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.tcp_idle_timeout, on_open=self.telemetry.tcp_opened(model),
-            on_close=self.telemetry.tcp_closed(model), model=model)
+            on_close=self.telemetry.tcp_closed(model), model=model,
+            max_connections=settings.max_connections_per_listener,
+            on_overflow=lambda: self.telemetry.downstream_overflow(model.name))
 
     @property
     def tcp_listeners_by_name(self) -> dict[str, TcpProxyListener]:

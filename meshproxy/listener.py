@@ -67,7 +67,7 @@ class HttpListener:
     def connection_opened(self, conn: "DownstreamConnection") -> None:
         if len(self.connections) >= self.max_connections:
             self.rejected_connections += 1
-            self.worker.metrics_rejected("max_connections", 503)
+            self.worker.telemetry.downstream_overflow(self.name)
             conn.closed = True
             conn.transport.abort()
             return

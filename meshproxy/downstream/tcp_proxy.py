@@ -88,6 +88,15 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.transport = transport
         transport.pause_reading()
         listener = self.listener
+        if len(listener.connections) >= listener.max_connections:
+            # at the listener's limit: reset at once, as Envoy's downstream_cx_overflow does;
+            # the connection never counts as opened
+            self._done = True
+            listener.rejected_connections += 1
+            if listener.on_overflow is not None:
+                listener.on_overflow()
+            reset_transport(transport)
+            return
         listener.connections.add(self)
         if listener.on_open is not None:
             listener.on_open()
@@ -213,7 +222,8 @@ class TcpProxyListener:
                  on_close: Callable[[int, int], None] | None = None,
                  on_connect_failure: Callable[[str, int, str], None] | None = None, *,
                  model: Any = None, high_water: int = DEFAULT_HIGH_WATER,
-                 low_water: int = DEFAULT_LOW_WATER):
+                 low_water: int = DEFAULT_LOW_WATER, max_connections: int = 2**31 - 1,
+                 on_overflow: Callable[[], None] | None = None):
         self.loop = loop
         self.pick_upstream = pick_upstream
         self.connect_timeout = connect_timeout
@@ -225,6 +235,9 @@ class TcpProxyListener:
         self.high_water = high_water
         self.low_water = low_water
         self.connections: set[TcpProxyProtocol] = set()
+        self.max_connections = max_connections      # open at once; more are reset on accept
+        self.on_overflow = on_overflow
+        self.rejected_connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.connect_failures = 0
         self.total = 0

@@ -169,6 +169,9 @@ class Telemetry:
     def downstream_closed(self, listener: str) -> None:
         self.metrics.downstream_cx_closed(listener)
 
+    def downstream_overflow(self, listener: str) -> None:
+        self.metrics.downstream_cx_overflow(listener)
+
     def upstream_cx_opened(self, cluster: str) -> None:
         self.metrics.upstream_cx_opened(cluster)
 

@@ -99,6 +99,9 @@ FAMILIES: dict[str, Family] = _catalog(
     Family("meshproxy_workers", "gauge", "Worker processes currently reporting."),
     Family("meshproxy_downstream_cx_active", "gauge", "Downstream connections currently open.", ("listener",)),
     Family("meshproxy_downstream_cx_total", "counter", "Downstream connections accepted.", ("listener",)),
+    Family("meshproxy_downstream_cx_overflow_total", "counter",
+           "Downstream connections refused because the listener was at its connection limit (Envoy "
+           "downstream_cx_overflow).", ("listener",)),
     Family("meshproxy_downstream_rq_rejected_total", "counter",
            "Downstream requests rejected before routing, by reason (framing, limits, ...).", ("reason",)),
     Family("meshproxy_upstream_cx_active", "gauge", "Upstream connections currently open.", ("cluster",)),
@@ -264,6 +267,9 @@ class ProxyMetrics:
 
     def downstream_cx_closed(self, listener: str) -> None:
         self.add_gauge("meshproxy_downstream_cx_active", (listener,), -1)
+
+    def downstream_cx_overflow(self, listener: str) -> None:
+        self.inc("meshproxy_downstream_cx_overflow_total", (listener,))
 
     def rejected(self, reason: str) -> None:
         """A downstream request refused before routing (``framing``, ``limits``, ...)."""

@@ -318,3 +318,51 @@ async def test_reused_keepalive_connection_closed_by_the_upstream_is_retried_on_
     finally:
         await worker.drain(1)
         await up.close()
+
+
+async def _one_response_status(reader) -> int:
+    """Read one Content-Length-framed response off a keep-alive connection; its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+    return int(head.split(b" ")[1])
+
+
+async def test_connections_beyond_the_listener_limit_are_reset_and_counted(upstream):
+    """``--max-connections`` per listener: the connection over the limit is reset on accept
+    (nothing parsed, nothing sent upstream); admitted ones keep working; a slot freed by a
+    close is reused.  Counted as meshproxy_downstream_cx_overflow_total{listener}."""
+    from meshproxy.config.model import ProxySettings
+    from meshproxy.telemetry.exposition import render_prometheus
+
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", upstream.port)],
+                                 settings=ProxySettings(max_connections_per_listener=2))
+    request = b"GET /k HTTP/1.1\r\nHost: svc.local\r\n\r\n"
+    try:
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for reader, writer in clients:
+            writer.write(request)
+            assert await _one_response_status(reader) == 200
+        # over the limit: reset before a byte is read
+        data, closed = await raw_exchange(port, request, timeout=2.0)
+        assert data == b"" and closed
+        assert len(upstream.requests) == 2
+        listener = next(iter(worker.http_listeners.values()))
+        assert listener.rejected_connections == 1 and listener.active == 2
+        text = render_prometheus(worker.telemetry.metrics.dump()).decode()
+        assert f'meshproxy_downstream_cx_overflow_total{{listener="{listener.name}"}} 1\n' in text
+        # the admitted connections still work, and a closed one frees its slot
+        reader, writer = clients[0]
+        writer.write(request)
+        assert await _one_response_status(reader) == 200
+        writer.close()
+        for _ in range(100):
+            if listener.active < 2:
+                break
+            await asyncio.sleep(0.01)
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert listener.rejected_connections == 1
+        clients[1][1].close()
+    finally:
+        await worker.drain(1)

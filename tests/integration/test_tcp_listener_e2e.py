@@ -66,3 +66,32 @@ async def test_sidecar_egress_tcp_listener_relays_bytes_and_propagates_half_clos
     text = proxy.admin("/metrics")[1].decode()
     assert "istio_tcp_connections_opened_total" in text
     server.close()
+
+
+async def test_tcp_listener_resets_connections_beyond_max_connections(proxy_factory):
+    async def echo(reader, writer):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    db_port = server.sockets[0].getsockname()[1]
+    egress = free_port()
+    proxy = proxy_factory(_tcp_config(egress, db_port), extra_args=["--max-connections", "1"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", egress)
+    writer.write(b"first")
+    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"first"
+    # the second connection is over the listener's limit: reset, never relayed
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", egress)
+    writer2.write(b"second")
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader2.readexactly(6), 5)
+    writer.write(b"still")                   # the admitted one is unaffected
+    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still"
+    text = proxy.admin("/metrics")[1].decode()
+    overflow = [line for line in text.splitlines() if line.startswith("meshproxy_downstream_cx_overflow_total{")]
+    assert len(overflow) == 1 and overflow[0].endswith(" 1"), overflow
+    writer.close()
+    writer2.close()
+    server.close()

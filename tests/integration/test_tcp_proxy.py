@@ -57,7 +57,7 @@ class Recorder:
 
 
 async def start_proxy(targets, *, connect_timeout=1.0, idle_timeout=30.0, rec=None,
-                      via_create_server=False):
+                      via_create_server=False, max_connections=None):
     """A TCP proxy on 127.0.0.1:0 whose pick_upstream walks ``targets`` in turn.
     Started the way the worker does (``listener.start(sock)``), or by handing the
     listener to ``loop.create_server`` as a protocol factory."""
@@ -72,6 +72,8 @@ async def start_proxy(targets, *, connect_timeout=1.0, idle_timeout=30.0, rec=No
 
     listener = make_tcp_proxy_factory(loop, pick, connect_timeout, idle_timeout,
                                       rec.on_open, rec.on_close, rec.on_connect_failure)
+    if max_connections is not None:
+        listener.max_connections = max_connections
     if via_create_server:
         server = await loop.create_server(listener, "127.0.0.1", 0)
         listener.server = server
@@ -669,3 +671,46 @@ def test_upgrade_handover_forwards_bytes_already_read_on_both_sides(run):
     assert tail == b"server-frame-1server-frame-2"
     assert upstream_data == b"client-frame-1client-frame-2"
     assert counts == (28, 28)
+
+
+# ============================================================ connection limit
+
+
+def test_connections_beyond_the_listener_limit_are_reset_and_the_others_keep_working(run):
+    overflows = []
+
+    async def echo(reader, writer):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server, target = await start_upstream(echo)
+        listener, port, rec = await start_proxy([target], max_connections=2)
+        listener.on_overflow = lambda: overflows.append(1)
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for i, (r, w) in enumerate(clients):
+            w.write(b"hello %d" % i)
+            assert await r.readexactly(7) == b"hello %d" % i
+        # a third connection is accepted by the kernel and reset by the proxy at once
+        r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_by_proxy(r3) == "reset"
+        assert listener.rejected_connections == 1 and overflows == [1]
+        assert rec.opened == 2 and listener.active == 2
+        # the two admitted connections are unaffected
+        for i, (r, w) in enumerate(clients):
+            w.write(b"again %d" % i)
+            assert await r.readexactly(7) == b"again %d" % i
+        # when one closes, a new connection is admitted
+        clients[0][1].close()
+        await wait_until(lambda: listener.active == 1)
+        r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+        w4.write(b"later")
+        assert await r4.readexactly(5) == b"later"
+        assert listener.rejected_connections == 1
+        for _, w in (clients[1], (r4, w4), (r3, w3)):
+            w.close()
+        await listener.close(1.0)
+        server.close()
+    run(scenario())
