@@ -36,7 +36,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
-        "closed", "upgrade_buffer", "replaying", "feeding", "out_start",
+        "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -50,6 +50,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.queue: deque | None = None      # events of pipelined requests not yet started
         self.since = 0.0                     # when the current state began
         self.out: list[bytes] = []
+        # ``write(data)``: queue bytes for the client; sent by ``flush`` (the list's own
+        # ``append``, so the exchange's writes cost no Python frame)
+        self.write = self.out.append
         self.read_paused_by = 0              # bit set of reasons reading is paused
         self.keep_alive = True
         self.requests = 0
@@ -206,9 +209,6 @@ class DownstreamConnection(asyncio.Protocol):
             self.exchange.upstream_flush()
 
     # ---------------------------------------------------------------- output
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
 
     def flush(self) -> None:
         out = self.out

@@ -376,10 +376,11 @@ class Exchange:
         head = self.head
         if head.method == b"HEAD":
             conn.parser.expect_no_body()
-        if head.body_kind == BODY_NONE and not self.pending_body:
-            self._up_write(self.forward_head)
+        data = self.forward_head if head.body_kind == BODY_NONE and not self.pending_body else self._head_and_body()
+        if self.down.feeding:                  # _up_write, inlined: held until the read is parsed
+            self.up_out.append(data)
         else:
-            self._up_write(self._head_and_body())
+            conn.write(data)
         if self.down.read_paused_by:
             self.down.resume_reading(_READ_PAUSE_CONNECTING)
         if self.head.expect_continue and not self.request_complete and self.attempts == 1:

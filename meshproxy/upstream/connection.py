@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "transport", "parser", "exchange", "pool", "idle_since", "requests", "closed",
-        "_counted", "on_close",
+        "_counted", "on_close", "write",
     )
 
     def __init__(self, pool: "EndpointPool", make_parser: Callable):
@@ -40,6 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self.write = transport.write       # ``write(data)``: bytes for the upstream, no frame of our own
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
 
     def data_received(self, data: bytes) -> None:
@@ -97,9 +98,6 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.upstream_complete(self)
 
     # ---------------------------------------------------------------- used by the exchange
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
 
     def close(self) -> None:
         """Close without reuse (also used for aborts: pending writes are dropped)."""
