@@ -376,11 +376,8 @@ class Exchange:
         head = self.head
         if head.method == b"HEAD":
             conn.parser.expect_no_body()
-        data = self.forward_head if head.body_kind == BODY_NONE and not self.pending_body else self._head_and_body()
-        if self.down.feeding:                  # _up_write, inlined: held until the read is parsed
-            self.up_out.append(data)
-        else:
-            conn.write(data)
+        self._up_write(self.forward_head if head.body_kind == BODY_NONE and not self.pending_body
+                       else self._head_and_body())
         if self.down.read_paused_by:
             self.down.resume_reading(_READ_PAUSE_CONNECTING)
         if self.head.expect_continue and not self.request_complete and self.attempts == 1:
@@ -496,11 +493,9 @@ class Exchange:
             # hand over once the parser has finished this read (its leftovers are the tunnel's)
             self.switching = True
             return
-        cluster = self.cluster
-        if cluster.outlier is not None:
-            cluster.record(self.endpoint, status)
+        self.cluster.record(self.endpoint, status)
         down = self.down
-        keep_alive = self.keep_alive and down.keep_alive and not self.worker.draining   # keep_alive_now()
+        keep_alive = self.keep_alive_now()
         kind = head.body_kind
         if kind == BODY_LENGTH and status not in _NO_BODY_STATUSES and self.head.method != b"HEAD":
             framing = LENGTH_FIELDS.get(head.content_length) or content_length_field(head.content_length)
