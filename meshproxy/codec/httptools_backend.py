@@ -266,6 +266,10 @@ class HttptoolsRequestParser(_Base):
         self._max_target = limits.max_target_bytes
         self._handler_head = handler.on_request_head
         self._parser = httptools.HttpRequestParser(self)
+        # llhttp refuses a well-formed HTTP/d.d it does not know (HTTP/1.2, HTTP/9.9) as malformed;
+        # with this leniency it hands the version over and framing answers 505, as the h11
+        # backend does.  It relaxes nothing else: bad digits and extra characters stay errors.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
 
     # No on_message_begin: per-message state (the URL, the field list) is reset as soon as
     # the head has been handed over, which saves a callback per request.

@@ -145,6 +145,13 @@ def test_upgrade_request_stops_the_parser_and_keeps_tunnel_bytes(backend, step):
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1x\r\nZ\r\n0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nZXX0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * 5000 + b"\r\nZ\r\n0\r\n\r\n", 400),
+    # a well-formed version we do not speak is 505 on both backends; a malformed one is 400
+    (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/9.9\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/1.32\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTPS/1.1\r\nHost: a\r\n\r\n", 400),
 ])
 def test_framing_violations_are_refused_with_their_status(backend, step, data, status):
     assert refused(backend, data, step=step) == status
