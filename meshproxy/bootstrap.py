@@ -252,6 +252,9 @@ class Worker:
     def on_overflow(self, cluster) -> None:
         self.telemetry.overflow(cluster.cluster.name)
 
+    def on_connection_overflow(self, cluster) -> None:
+        self.telemetry.connection_overflow(cluster.cluster.name)
+
     def on_retry_overflow(self, cluster) -> None:
         self.telemetry.retry_overflow(cluster.cluster.name)
 

@@ -28,11 +28,14 @@ class _Counters:
     new ClusterState when a cluster's config changes, so requests that started on the old
     state release what they took."""
 
-    __slots__ = ("pending", "retries", "connections", "active", "overflow")
+    __slots__ = ("requests", "pending", "retries", "connections", "active", "overflow")
 
     def __init__(self):
-        self.pending = self.retries = self.connections = self.active = 0
-        self.overflow = {"pending": 0, "retries": 0, "retry_budget": 0, "connections": 0}
+        self.requests = 0      # admitted and not finished (max: http2MaxRequests)
+        self.pending = 0       # waiting for an upstream connection (max: http1MaxPendingRequests)
+        self.retries = self.connections = 0
+        self.active = 0        # on an upstream connection
+        self.overflow = {"requests": 0, "pending": 0, "retries": 0, "retry_budget": 0, "connections": 0}
 
 
 def _key(item) -> tuple[str, int]:
@@ -74,6 +77,7 @@ class ClusterState:
         self.min_health = policy.outlier.min_health_percent if policy.outlier is not None else 0
         warmup = policy.load_balancer.warmup
         self.warmup = warmup if warmup and self.lb_name in _SLOW_START_POLICIES else None
+        self.max_requests = pool.max_requests
         self.max_pending = pool.max_pending_requests
         self.max_retries = pool.max_retries
         self.max_connections = pool.max_connections
@@ -171,8 +175,29 @@ class ClusterState:
 
     # ---------------------------------------------------------------- circuit breakers
 
+    # Envoy's HTTP/1 semantics: ``http2MaxRequests`` (Envoy max_requests) caps the requests
+    # in flight on the cluster; ``http1MaxPendingRequests`` caps the requests that wait for
+    # a connection (one is being opened, or ``maxConnections`` is reached and they queue
+    # until a connection frees); ``maxConnections`` caps open connections.  Overflowing
+    # either request cap is a 503 UO; reaching the connection cap makes requests wait.
+
+    def admit_request(self) -> bool:
+        """One more request in flight on this cluster (``http2MaxRequests``); False =
+        overflow (503 UO).  Pair every True with ``release_request``."""
+        c = self.counters
+        if c.requests >= self.max_requests:
+            c.overflow["requests"] += 1
+            return False
+        c.requests += 1
+        return True
+
+    def release_request(self) -> None:
+        c = self.counters
+        if c.requests > 0:
+            c.requests -= 1
+
     def admit_pending(self) -> bool:
-        """One more request waiting/in flight for this cluster (``http1MaxPendingRequests``);
+        """One more request waiting for an upstream connection (``http1MaxPendingRequests``);
         False = overflow (503 UO).  Pair every True with ``release_pending``."""
         c = self.counters
         if c.pending >= self.max_pending:
@@ -188,10 +213,10 @@ class ClusterState:
 
     def retry_budget(self) -> int:
         """Concurrent retries allowed now: 20 % of the requests in flight (those admitted
-        by ``admit_pending`` or started on an endpoint, whichever count is larger), at
+        by ``admit_request`` or started on an endpoint, whichever count is larger), at
         least 3 (Envoy's ``RetryBudget`` defaults)."""
         c = self.counters
-        in_flight = c.pending if c.pending > c.active else c.active
+        in_flight = c.requests if c.requests > c.active else c.active
         return max(RETRY_BUDGET_MIN_CONCURRENCY, int(in_flight * RETRY_BUDGET_PERCENT / 100.0))
 
     def admit_retry(self) -> bool:
@@ -220,6 +245,11 @@ class ClusterState:
             return False
         c.connections += 1
         return True
+
+    def force_connection(self) -> None:
+        """Count a connection opened over ``maxConnections``: Envoy lets an endpoint with
+        no connection at all open one, or requests queued for it could never be served."""
+        self.counters.connections += 1
 
     def release_connection(self) -> None:
         c = self.counters
@@ -254,13 +284,14 @@ class ClusterState:
             "subset": self.cluster.subset,
             "lb": self.lb_name,
             "panic": self.panic,
+            "requests": self.counters.requests,
             "active_requests": self.counters.active,
             "pending_requests": self.counters.pending,
             "active_retries": self.counters.retries,
             "retry_budget": self.retry_budget(),
             "connections": self.counters.connections,
-            "limits": {"max_pending_requests": self.max_pending, "max_retries": self.max_retries,
-                       "max_connections": self.max_connections},
+            "limits": {"max_requests": self.max_requests, "max_pending_requests": self.max_pending,
+                       "max_retries": self.max_retries, "max_connections": self.max_connections},
             "overflow": dict(self.counters.overflow),
             "ejections_total": self.outlier.ejection_count if self.outlier is not None else 0,
             "endpoints": endpoints,

@@ -1207,6 +1207,12 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def _limit(value: int | None) -> int | None:
+    """A circuit-breaker threshold: 0 means unset (the default applies), as istiod reads
+    maxConnections, http1MaxPendingRequests, http2MaxRequests and maxRetries."""
+    return value or None
+
+
 def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPolicy | None:
     m = r.obj(raw, path, ("tcp", "http"))
     if m is None:
@@ -1219,7 +1225,7 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
         tm = r.obj(m["tcp"], tp, ("maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration",
                                   "idleTimeout"))
         if tm is not None:
-            values["max_connections"] = r.integer(tm, "maxConnections", tp, lo=0)
+            values["max_connections"] = _limit(r.integer(tm, "maxConnections", tp, lo=0))
             values["connect_timeout"] = r.duration(tm, "connectTimeout", tp)
             r.duration(tm, "maxConnectionDuration", tp)
             r.duration(tm, "idleTimeout", tp)
@@ -1236,11 +1242,11 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
                                    "maxRetries", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
                                    "maxConcurrentStreams", "http2KeepAlive"))
         if hm is not None:
-            values["max_pending_requests"] = r.integer(hm, "http1MaxPendingRequests", hp, lo=0)
-            r.integer(hm, "http2MaxRequests", hp, lo=0)
+            values["max_pending_requests"] = _limit(r.integer(hm, "http1MaxPendingRequests", hp, lo=0))
+            values["max_requests"] = _limit(r.integer(hm, "http2MaxRequests", hp, lo=0))
             r.integer(hm, "maxConcurrentStreams", hp, lo=0)
             values["max_requests_per_connection"] = r.integer(hm, "maxRequestsPerConnection", hp, lo=0)
-            values["max_retries"] = r.integer(hm, "maxRetries", hp, lo=0)
+            values["max_retries"] = _limit(r.integer(hm, "maxRetries", hp, lo=0))
             values["idle_timeout"] = r.duration(hm, "idleTimeout", hp)
             upgrade = r.string(hm, "h2UpgradePolicy", hp, choices=("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"))
             if r.boolean(hm, "useClientProtocol", hp) and upgrade == "UPGRADE":

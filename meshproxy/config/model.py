@@ -233,7 +233,8 @@ class LoadBalancerPolicy:
 class ConnectionPoolPolicy:
     max_connections: int = 2**31 - 1
     connect_timeout: float = 10.0
-    max_pending_requests: int = 2**31 - 1   # http.http1MaxPendingRequests
+    max_pending_requests: int = 2**31 - 1   # http.http1MaxPendingRequests (waiting for a connection)
+    max_requests: int = 2**31 - 1           # http.http2MaxRequests (in flight; Envoy max_requests)
     max_requests_per_connection: int = 0    # 0 = unlimited
     idle_timeout: float | None = 3600.0
     max_retries: int = 2**31 - 1

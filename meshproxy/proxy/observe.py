@@ -151,6 +151,9 @@ class Telemetry:
     def overflow(self, cluster: str) -> None:
         self.metrics.pool_overflow(cluster)
 
+    def connection_overflow(self, cluster: str) -> None:
+        self.metrics.inc("meshproxy_upstream_cx_overflow_total", (cluster,))
+
     def retry(self, cluster: str) -> None:
         self.metrics.retry(cluster)
 

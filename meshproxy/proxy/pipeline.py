@@ -68,7 +68,8 @@ class Exchange:
         "request_complete", "request_bytes", "response_head", "response_started", "response_bytes",
         "response_chunked", "retry", "attempts", "tried", "flags", "status", "start_time",
         "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
-        "hash_key", "pending_admitted", "retry_admitted", "connect_task", "trace", "route_name",
+        "hash_key", "request_admitted", "pending_admitted", "retry_admitted", "waiting", "connect_task",
+        "trace", "route_name",
         "close_delimited", "buffered_bytes", "upstream_paused", "request_discard",
         "forward_headers", "forward_path", "mirrors", "set_cookie", "switching", "up_out",
         "response_flushed", "reused", "stale_retried",
@@ -110,8 +111,10 @@ class Exchange:
         self.finished = False
         self.keep_alive = head.keep_alive
         self.hash_key = None
-        self.pending_admitted = False
+        self.request_admitted = False            # counted in the cluster's requests (http2MaxRequests)
+        self.pending_admitted = False            # counted as waiting for a connection (http1MaxPendingRequests)
         self.retry_admitted = False
+        self.waiting = None                      # the EndpointPool whose queue this exchange is in
         self.connect_task = None
         self.trace = None
         self.route_name = ""
@@ -235,10 +238,10 @@ class Exchange:
         if cluster is None:
             return self._local_reply(503, "NR")
         self.cluster = cluster
-        if not cluster.admit_pending():
+        if not cluster.admit_request():
             worker.on_overflow(cluster)
             return self._local_reply(503, "UO")
-        self.pending_admitted = True
+        self.request_admitted = True
         retries = route.retries
         if retries is not None and retries.attempts > 0:
             self.retry = split.retry_state(retries, self.head.method, worker.rng)
@@ -327,11 +330,40 @@ class Exchange:
         if conn is not None:
             self._send_on(conn)
             return
+        if not self.pending_admitted:
+            if not cluster.admit_pending():
+                worker.on_overflow(cluster)
+                return self._answer_failure(503, "UO")
+            self.pending_admitted = True
+        self._connect_or_wait(key)
+
+    def _connect_or_wait(self, key: tuple[str, int], first: bool = False) -> bool:
+        """Open a connection to the chosen endpoint, or queue for one when the cluster is at
+        maxConnections (Envoy's pending requests).  An endpoint with no connection at all
+        always gets one, so a queue never waits on nothing.  False = queued."""
+        worker = self.worker
+        cluster = self.cluster
+        pool = worker.pools.pool(key)
         if not cluster.admit_connection():
-            worker.on_overflow(cluster)
-            return self._answer_failure(503, "UO")
+            if pool.active or pool.connecting:
+                if not first:
+                    worker.on_connection_overflow(cluster)
+                pool.wait(self, first)
+                self.waiting = pool
+                return False
+            cluster.force_connection()
+        policy = cluster.cluster.policy.connection_pool
         timeout = min(policy.connect_timeout, self.snapshot.settings.upstream_connect_timeout)
         self.connect_task = worker.pools.connect(key, timeout, self._connected)
+        return True
+
+    def connection_available(self, conn: "UpstreamConnection | None") -> bool:
+        """Offered by the endpoint's pool while this exchange waits (see _connect_or_wait)."""
+        self.waiting = None
+        if conn is not None:
+            self._send_on(conn)
+            return True
+        return self._connect_or_wait((self.endpoint.address, self.endpoint.port), first=True)
 
     def _original_destination(self) -> tuple[str, int] | None:
         """PASSTHROUGH load balancing: the address the request named (its authority)."""
@@ -344,6 +376,8 @@ class Exchange:
         self.connect_task = None
         if conn is None:
             self.cluster.release_connection()
+            if reason == "cancelled":   # the exchange gave up (timeout, client gone, shutdown)
+                return
             self.worker.telemetry.connect_failed(self.cluster.cluster.name)
             if not self.finished:
                 self._attempt_failed(Failure.CONNECT_TIMEOUT if reason == "timeout" else Failure.CONNECT_FAILURE)
@@ -366,6 +400,9 @@ class Exchange:
         return closed
 
     def _send_on(self, conn: "UpstreamConnection") -> None:
+        if self.pending_admitted:
+            self.pending_admitted = False
+            self.cluster.release_pending()
         self.upstream = conn
         self.reused = conn.requests > 0
         conn.exchange = self
@@ -720,9 +757,15 @@ class Exchange:
             self.try_timer = None
 
     def _release_admissions(self) -> None:
+        if self.request_admitted:
+            self.cluster.release_request()
+            self.request_admitted = False
         if self.pending_admitted:
             self.cluster.release_pending()
             self.pending_admitted = False
+            if self.waiting is not None:
+                self.waiting.stop_waiting(self)
+                self.waiting = None
         if self.retry_admitted:
             self.cluster.release_retry()
             self.retry_admitted = False
@@ -733,7 +776,7 @@ class Exchange:
         self.finished = True
         if self.timer is not None or self.try_timer is not None:
             self._cancel_timers()
-        if self.pending_admitted or self.retry_admitted:
+        if self.request_admitted or self.retry_admitted:
             self._release_admissions()
         if self.upstream is not None:
             self._release_upstream(reusable=False)

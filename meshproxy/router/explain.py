@@ -188,6 +188,6 @@ def _cluster_lines(cluster: Cluster) -> list[str]:
     def lim(v):
         return "unlimited" if v >= 2**31 - 1 else str(v)
     out.append(f"  connection pool: max connections {lim(cp.max_connections)}, max pending "
-               f"{lim(cp.max_pending_requests)}, max retries {lim(cp.max_retries)} (and retry budget 20%/min 3), "
+               f"{lim(cp.max_pending_requests)}, max requests {lim(cp.max_requests)}, max retries {lim(cp.max_retries)} (and retry budget 20%/min 3), "
                f"connect timeout {_fmt_seconds(cp.connect_timeout)}")
     return out

@@ -108,8 +108,12 @@ FAMILIES: dict[str, Family] = _catalog(
     Family("meshproxy_upstream_cx_total", "counter", "Upstream connections created.", ("cluster",)),
     Family("meshproxy_upstream_cx_connect_fail_total", "counter", "Upstream connection attempts that failed.",
            ("cluster",)),
+    Family("meshproxy_upstream_cx_overflow_total", "counter",
+           "Times a request had to wait for a connection because the cluster was at maxConnections "
+           "(Envoy upstream_cx_overflow).", ("cluster",)),
     Family("meshproxy_upstream_rq_pending_overflow_total", "counter",
-           "Requests refused because the cluster's connection pool was full.", ("cluster",)),
+           "Requests refused with 503 UO: more than http1MaxPendingRequests waiting for a connection, "
+           "or more than http2MaxRequests in flight (Envoy upstream_rq_pending_overflow).", ("cluster",)),
     Family("meshproxy_upstream_rq_retry_total", "counter", "Request retries attempted.", ("cluster",)),
     Family("meshproxy_upstream_rq_retry_overflow_total", "counter",
            "Retries not attempted because the retry budget was exhausted.", ("cluster",)),

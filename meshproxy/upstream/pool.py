@@ -6,27 +6,46 @@ connection idle longer than ``idle_timeout`` or that served
 ``max_requests_per_connection`` requests is closed instead of reused.  The per-cluster
 connection cap (circuit breaker) is enforced by the cluster, not here.
 
+Requests that may not open a connection (the cluster is at ``maxConnections``) wait in
+their endpoint's queue, first come first served: when one of its connections goes idle
+or closes, the first waiter is offered the idle connection, or None (a connection slot
+may have freed: it tries to open one, or queues again at the front).  Offers are made
+from the event loop, never inside the release that triggered them, so a connection is
+never handed on while its last response is still being parsed.
+
 Connecting is the only asynchronous step; it runs as a task owned by the pools
-(cancelled on close) and bounded by the connect timeout.
+(cancelled on close) and bounded by the connect timeout.  ``on_done`` is called exactly
+once per connect, also when the task is cancelled (reason "cancelled"), so whoever took
+a connection slot for it can give it back.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
-from typing import Awaitable, Callable
+from collections import deque
+from typing import Awaitable, Callable, Protocol
 
 from .connection import UpstreamConnection
 
 
+class Waiter(Protocol):
+    def connection_available(self, conn: UpstreamConnection | None) -> bool:
+        """Take ``conn`` (an idle connection of this endpoint), or with None try again to
+        open one; False = queued again (at the front), so nothing more can be offered now."""
+
+
 class EndpointPool:
-    __slots__ = ("key", "idle", "active", "created", "_pools")
+    __slots__ = ("key", "idle", "active", "created", "connecting", "waiters", "_offer_scheduled", "_pools")
 
     def __init__(self, key: tuple[str, int], pools: "UpstreamPools"):
         self.key = key
         self.idle: list[UpstreamConnection] = []
         self.active = 0          # connections open (idle or busy)
         self.created = 0
+        self.connecting = 0      # connects in progress
+        self.waiters: deque[Waiter] = deque()
+        self._offer_scheduled = False
         self._pools = pools
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -37,6 +56,20 @@ class EndpointPool:
             conn._counted = False
             self.active -= 1
             self._pools.on_connection_closed(self.key)
+        if self.waiters:
+            self._pools.offer_soon(self)
+
+    def wait(self, waiter: Waiter, first: bool = False) -> None:
+        if first:
+            self.waiters.appendleft(waiter)
+        else:
+            self.waiters.append(waiter)
+
+    def stop_waiting(self, waiter: Waiter) -> None:
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
 
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -111,7 +144,8 @@ class UpstreamPools:
         return pool
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {f"{k[0]}:{k[1]}": {"open": p.active, "idle": len(p.idle), "created": p.created}
+        return {f"{k[0]}:{k[1]}": {"open": p.active, "idle": len(p.idle), "created": p.created,
+                                   "connecting": p.connecting, "waiting": len(p.waiters)}
                 for k, p in self._pools.items()}
 
     # ---------------------------------------------------------------- acquire / release
@@ -140,30 +174,66 @@ class UpstreamPools:
             conn.close()
             return
         conn.idle_since = self._clock()
-        conn.pool.idle.append(conn)
+        pool = conn.pool
+        pool.idle.append(conn)
+        if pool.waiters:
+            self.offer_soon(pool)
+
+    # ---------------------------------------------------------------- waiting for a connection
+
+    def offer_soon(self, pool: EndpointPool) -> None:
+        if not pool._offer_scheduled:
+            pool._offer_scheduled = True
+            self._loop.call_soon(self._offer, pool)
+
+    def _offer(self, pool: EndpointPool) -> None:
+        pool._offer_scheduled = False
+        waiters = pool.waiters
+        while waiters:
+            conn = self.acquire_idle(pool.key, None)
+            if not waiters.popleft().connection_available(conn):
+                return
+
+    # ---------------------------------------------------------------- connecting
 
     def connect(self, key: tuple[str, int], timeout: float,
                 on_done: Callable[[UpstreamConnection | None, str], None]) -> asyncio.Task:
         """Open a new connection; ``on_done(conn, "")`` or ``on_done(None, reason)``
-        where reason is "timeout" or "refused"/the error text."""
-        task = self._loop.create_task(self._connect(key, timeout, on_done))
+        where reason is "timeout", "cancelled" or "refused"/the error text."""
+        pool = self.pool(key)
+        pool.connecting += 1
+        task = self._loop.create_task(self._connect(pool, key, timeout))
+
+        def finished(task: asyncio.Task) -> None:
+            self._tasks.discard(task)
+            pool.connecting -= 1
+            if task.cancelled():
+                # also a task cancelled before it ran: on_done still runs once
+                on_done(None, "cancelled")
+                return
+            exc = task.exception()
+            if exc is not None:
+                on_done(None, type(exc).__name__)
+                return
+            conn, reason = task.result()
+            if conn is not None and conn.closed:    # lost between connect and now
+                conn, reason = None, "reset"
+            on_done(conn, reason)
+
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(finished)
         return task
 
-    async def _connect(self, key, timeout, on_done) -> None:
-        pool = self.pool(key)
+    async def _connect(self, pool: EndpointPool, key, timeout) -> tuple[UpstreamConnection | None, str]:
         try:
             async with asyncio.timeout(timeout):
                 address = await self.dns.address(key[0], key[1])
                 _, conn = await self._loop.create_connection(
                     lambda: UpstreamConnection(pool, self._make_parser), address, key[1])
         except asyncio.TimeoutError:
-            on_done(None, "timeout")
-            return
+            return None, "timeout"
         except OSError as err:
-            on_done(None, err.strerror or type(err).__name__)
-            return
+            return None, err.strerror or type(err).__name__
         sock = conn.transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -175,10 +245,7 @@ class UpstreamPools:
         conn._counted = True
         if self._opened_cb:
             self._opened_cb(key)
-        if conn.closed:         # lost between connect and now
-            on_done(None, "reset")
-            return
-        on_done(conn, "")
+        return conn, ""
 
     def on_connection_closed(self, key: tuple[str, int]) -> None:
         if self._closed_cb:

@@ -219,19 +219,105 @@ async def test_sticky_canary_keeps_each_user_on_one_version():
             await u.close()
 
 
-async def test_circuit_breaker_overflow_answers_503_UO():
-    async def slow(req, writer):
-        await asyncio.sleep(0.5)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        return True
-    up = await Upstream(slow).start()
-    policy = TrafficPolicy(connection_pool=ConnectionPoolPolicy(max_pending_requests=1))
+def _slow_paths(delay: float, close: bool = False, seen: dict | None = None):
+    """Upstream that answers /slow... after ``delay`` seconds and anything else at once;
+    ``seen["max"]`` is the most requests it had in progress at once."""
+    seen = {"now": 0, "max": 0} if seen is None else seen
+
+    async def behaviour(req, writer):
+        seen["now"] += 1
+        seen["max"] = max(seen["max"], seen["now"])
+        if req.target.startswith("/slow"):
+            await asyncio.sleep(delay)
+        seen["now"] -= 1
+        extra = b"connection: close\r\n" if close else b""
+        writer.write(b"HTTP/1.1 200 OK\r\n%scontent-length: 2\r\n\r\nok" % extra)
+        return not close
+    return behaviour
+
+
+def _metric(worker, line: str) -> bool:
+    from meshproxy.telemetry.exposition import render_prometheus
+    return line + "\n" in render_prometheus(worker.telemetry.metrics.dump()).decode()
+
+
+async def test_circuit_breaker_queues_at_max_connections_and_overflows_past_pending(codec):
+    """Istio's circuit-breaking task: maxConnections 1, http1MaxPendingRequests 1.  Of four
+    concurrent requests one runs on the connection, one waits for it (Envoy's pending
+    queue) and is served on the same connection when it frees, two overflow: 503 UO."""
+    up = await Upstream(_slow_paths(0.4)).start()
+    policy = TrafficPolicy(connection_pool=ConnectionPoolPolicy(max_connections=1, max_pending_requests=1))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", up.port, policy=policy)], codec)
+    try:
+        assert (await http_get(port, "svc.local", "/warm"))[0] == 200       # one pooled connection
+        results = await asyncio.gather(*(http_get(port, "svc.local", f"/slow{i}") for i in range(4)))
+        assert sorted(r[0] for r in results) == [200, 200, 503, 503]
+        assert all(b"overflow" in r[2] for r in results if r[0] == 503)
+        assert up.connections == 1 and len(up.requests) == 3
+        stats = worker.clusters.get("c").stats()
+        assert stats["overflow"]["pending"] == 2 and stats["overflow"]["connections"] >= 1
+        assert stats["pending_requests"] == 0 and stats["requests"] == 0 and stats["connections"] == 1
+        assert _metric(worker, 'meshproxy_upstream_rq_pending_overflow_total{cluster="c"} 2')
+        assert _metric(worker, 'meshproxy_upstream_cx_overflow_total{cluster="c"} 1')
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_queued_request_gets_a_new_connection_when_the_busy_one_closes():
+    """A waiter is offered the freed connection slot when the upstream closes the busy
+    connection (Connection: close), and opens its own."""
+    seen = {"now": 0, "max": 0}
+    up = await Upstream(_slow_paths(0.2, close=True, seen=seen)).start()
+    policy = TrafficPolicy(connection_pool=ConnectionPoolPolicy(max_connections=1))
     worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
                                  [cluster("c", up.port, policy=policy)])
     try:
-        results = await asyncio.gather(*(http_get(port, "svc.local") for _ in range(4)))
-        statuses = sorted(r[0] for r in results)
-        assert statuses.count(503) >= 2 and 200 in statuses
+        results = await asyncio.gather(*(http_get(port, "svc.local", f"/slow{i}") for i in range(3)))
+        assert [r[0] for r in results] == [200, 200, 200]
+        assert up.connections == 3 and seen["max"] == 1      # one at a time, each on its own connection
+        assert worker.clusters.get("c").stats()["connections"] == 0
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_request_waiting_for_a_connection_times_out_with_504_and_leaves_the_queue():
+    from meshproxy.config.model import RouteMatch, StringMatch
+    up = await Upstream(_slow_paths(1.0)).start()
+    policy = TrafficPolicy(connection_pool=ConnectionPoolPolicy(max_connections=1))
+    routes = [HttpRoute(name="q", source="t", matches=(RouteMatch(uri=StringMatch("prefix", "/queued")),),
+                        destinations=(dest("c"),), timeout=0.3),
+              HttpRoute(name="r", source="t", destinations=(dest("c"),))]
+    worker, port = await _worker(routes, [cluster("c", up.port, policy=policy)])
+    try:
+        assert (await http_get(port, "svc.local", "/warm"))[0] == 200
+        slow = asyncio.ensure_future(http_get(port, "svc.local", "/slow"))   # holds the connection 1 s
+        await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        status, headers, _ = await http_get(port, "svc.local", "/queued")
+        assert status == 504 and 0.25 < asyncio.get_running_loop().time() - started < 0.8
+        pool = worker.pools.stats()[f"127.0.0.1:{up.port}"]
+        assert pool["waiting"] == 0 and worker.clusters.get("c").stats()["pending_requests"] == 0
+        assert (await slow)[0] == 200
+        assert (await http_get(port, "svc.local", "/after"))[0] == 200
+        assert up.connections == 1 and [r.target for r in up.requests] == ["/warm", "/slow", "/after"]
+    finally:
+        await worker.drain(1)
+        await up.close()
+
+
+async def test_http2_max_requests_caps_requests_in_flight_on_the_cluster():
+    up = await Upstream(_slow_paths(0.3)).start()
+    policy = TrafficPolicy(connection_pool=ConnectionPoolPolicy(max_requests=2))
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", up.port, policy=policy)])
+    try:
+        results = await asyncio.gather(*(http_get(port, "svc.local", f"/slow{i}") for i in range(3)))
+        assert sorted(r[0] for r in results) == [200, 200, 503]
+        assert worker.clusters.get("c").stats()["overflow"]["requests"] == 1
+        assert (await http_get(port, "svc.local", "/again"))[0] == 200
     finally:
         await worker.drain(1)
         await up.close()

@@ -162,11 +162,28 @@ def test_pending_requests_overflow_at_the_limit_and_free_on_release():
     assert s.stats()["overflow"]["pending"] == 1
 
 
+def test_requests_in_flight_overflow_at_http2_max_requests_apart_from_pending():
+    _, s = make(pool=ConnectionPoolPolicy(max_requests=2, max_pending_requests=1))
+    assert s.admit_request() and s.admit_request()
+    assert not s.admit_request()
+    assert s.admit_pending() and not s.admit_pending()   # a separate count
+    s.release_request()
+    assert s.admit_request()
+    stats = s.stats()
+    assert stats["overflow"]["requests"] == 1 and stats["overflow"]["pending"] == 1
+    assert stats["requests"] == 2 and stats["pending_requests"] == 1
+    assert stats["limits"]["max_requests"] == 2
+
+
 def test_connections_overflow_at_max_connections():
     _, s = make(pool=ConnectionPoolPolicy(max_connections=1))
     assert s.admit_connection() and not s.admit_connection()
     s.release_connection()
     assert s.admit_connection()
+    s.force_connection()   # an endpoint with no connection may open one over the limit
+    assert s.stats()["connections"] == 2
+    s.release_connection()
+    assert not s.admit_connection()
 
 
 def test_max_retries_caps_concurrent_retries():
@@ -178,7 +195,7 @@ def test_max_retries_caps_concurrent_retries():
 
 def test_retry_budget_allows_three_concurrent_retries_when_traffic_is_low():
     _, s = make()
-    s.admit_pending()
+    s.admit_request()
     assert [s.admit_retry() for _ in range(4)] == [True, True, True, False]
     assert s.stats()["overflow"]["retry_budget"] == 1
 
@@ -186,7 +203,7 @@ def test_retry_budget_allows_three_concurrent_retries_when_traffic_is_low():
 def test_retry_budget_is_twenty_percent_of_requests_in_flight():
     _, s = make()
     for _ in range(50):
-        s.admit_pending()
+        s.admit_request()
     assert sum(s.admit_retry() for _ in range(20)) == 10
 
 

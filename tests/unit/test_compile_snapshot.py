@@ -343,3 +343,31 @@ def test_version_is_a_content_hash_and_dump_is_json():
     assert dump["version"] == a.version
     assert f"outbound|9080|v1|{REVIEWS}" in dump["clusters"]
     assert {r["kind"] for r in dump["resources"]} == {"ServiceEntry", "DestinationRule"}
+
+
+def test_circuit_breaker_thresholds_map_like_istiod_and_zero_means_unset():
+    dr = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 0}
+      http: {http1MaxPendingRequests: 7, http2MaxRequests: 40, maxRetries: 0}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool:
+        tcp: {maxConnections: 2}
+        http: {http1MaxPendingRequests: 0, http2MaxRequests: 0}
+"""
+    clusters = compile_(REVIEWS_SE, dr).snapshot.clusters
+    top = clusters[f"outbound|9080||{REVIEWS}"].policy.connection_pool
+    assert (top.max_connections, top.max_pending_requests, top.max_requests, top.max_retries) == \
+        (2**31 - 1, 7, 40, 2**31 - 1)
+    v1 = clusters[f"outbound|9080|v1|{REVIEWS}"].policy.connection_pool
+    # the subset's connectionPool replaces the top level's whole; its zeros are unset (defaults)
+    assert (v1.max_connections, v1.max_pending_requests, v1.max_requests) == (2, 2**31 - 1, 2**31 - 1)

@@ -1,0 +1,79 @@
+"""UpstreamPools.connect: on_done runs exactly once per connect, whatever ends it, so the
+connection slot a request took for it is always given back (real loopback sockets)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from meshproxy.codec import make_response_parser
+from meshproxy.codec.api import CodecLimits
+from meshproxy.upstream.pool import UpstreamPools
+
+pytestmark = pytest.mark.asyncio
+
+
+def _pools(resolver=None):
+    loop = asyncio.get_running_loop()
+    return UpstreamPools(loop, lambda handler: make_response_parser("httptools", handler, CodecLimits()),
+                         time.monotonic, resolver=resolver)
+
+
+async def _settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_connect_cancelled_before_it_ran_still_reports_cancelled_once():
+    pools = _pools()
+    done = []
+    task = pools.connect(("127.0.0.1", 9), 1.0, lambda conn, reason: done.append((conn, reason)))
+    task.cancel()
+    await _settle()
+    assert done == [(None, "cancelled")]
+    assert pools.pool(("127.0.0.1", 9)).connecting == 0
+
+
+async def test_a_connect_cancelled_while_resolving_reports_cancelled_once():
+    async def never(host, port):
+        await asyncio.sleep(3600)
+    pools = _pools(never)
+    done = []
+    task = pools.connect(("upstream.example", 80), 10.0, lambda conn, reason: done.append((conn, reason)))
+    await asyncio.sleep(0.05)
+    assert pools.pool(("upstream.example", 80)).connecting == 1
+    task.cancel()
+    await _settle()
+    assert done == [(None, "cancelled")]
+    assert pools.pool(("upstream.example", 80)).connecting == 0
+
+
+async def test_a_refused_connect_and_a_good_one_report_once_each():
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    closed = socket_port_without_listener()
+    pools = _pools()
+    done = []
+    pools.connect(("127.0.0.1", port), 2.0, lambda conn, reason: done.append(("ok", conn is not None, reason)))
+    pools.connect(("127.0.0.1", closed), 2.0, lambda conn, reason: done.append(("refused", conn is not None, reason)))
+    for _ in range(100):
+        if len(done) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(done) == 2
+    ok, refused = sorted(done)
+    assert ok == ("ok", True, "")
+    assert refused[:2] == ("refused", False) and refused[2]      # the error text, e.g. "Connection refused"
+    assert pools.pool(("127.0.0.1", port)).active == 1 and pools.pool(("127.0.0.1", port)).connecting == 0
+    pools.close()
+    server.close()
+
+
+def socket_port_without_listener() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
