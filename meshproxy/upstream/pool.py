@@ -152,8 +152,11 @@ class UpstreamPools:
 
     def acquire_idle(self, key: tuple[str, int], idle_timeout: float | None) -> UpstreamConnection | None:
         pool = self._pools.get(key)
-        if pool is None:
+        if pool is None or pool.waiters:   # requests are queued for this endpoint: no overtaking them
             return None
+        return self._pop_idle(pool, idle_timeout)
+
+    def _pop_idle(self, pool: EndpointPool, idle_timeout: float | None) -> UpstreamConnection | None:
         idle = pool.idle
         while idle:
             conn = idle.pop()
@@ -190,7 +193,7 @@ class UpstreamPools:
         pool._offer_scheduled = False
         waiters = pool.waiters
         while waiters:
-            conn = self.acquire_idle(pool.key, None)
+            conn = self._pop_idle(pool, None)
             if not waiters.popleft().connection_available(conn):
                 return
 

@@ -77,3 +77,46 @@ def socket_port_without_listener() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class _Conn:
+    closed = False
+    idle_since = 0.0
+
+
+class _Waiter:
+    def __init__(self, requeue: bool = False):
+        self.offers = []
+        self.requeue = requeue
+
+    def connection_available(self, conn) -> bool:
+        self.offers.append(conn)
+        return conn is not None or not self.requeue
+
+
+async def test_queued_requests_are_offered_idle_connections_in_order_and_not_overtaken():
+    pools = _pools()
+    pool = pools.pool(("127.0.0.1", 1))
+    first, second = _Waiter(), _Waiter()
+    pool.wait(first)
+    pool.wait(second)
+    conn = _Conn()
+    pool.idle.append(conn)
+    assert pools.acquire_idle(("127.0.0.1", 1), None) is None     # a new request may not take it
+    pools.offer_soon(pool)
+    pools.offer_soon(pool)                                          # one offer round, not two
+    await _settle()
+    assert first.offers == [conn] and second.offers == [None] and not pool.waiters
+    assert pools.acquire_idle(("127.0.0.1", 1), None) is None       # taken by the first waiter
+
+
+async def test_a_waiter_that_queues_again_stops_the_offer_round():
+    pools = _pools()
+    pool = pools.pool(("127.0.0.1", 1))
+    stuck, behind = _Waiter(requeue=True), _Waiter()
+    pool.wait(stuck)
+    pool.wait(behind)
+    pools.offer_soon(pool)
+    await _settle()
+    assert stuck.offers == [None] and behind.offers == []
+    assert list(pool.waiters) == [behind]     # (a real waiter puts itself back at the front)
