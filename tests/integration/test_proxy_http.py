@@ -276,3 +276,38 @@ async def test_dns_service_entry_endpoints_are_resolved_by_the_proxy(proxy_facto
     proxy = proxy_factory(config, codec=codec)
     status, _, _ = await http_get(proxy.port, "named.local")
     assert status == 200
+
+
+async def test_istio_circuit_breaking_task_queues_one_request_and_overflows_the_rest(proxy_factory, codec):
+    """The DestinationRule of Istio's circuit-breaking task, unchanged (maxConnections 1,
+    http1MaxPendingRequests 1, maxRequestsPerConnection 1).  Three requests 50 ms apart
+    while the upstream takes 0.4 s: the first runs, the second waits for the connection
+    slot and is served when the first's connection closes, the third overflows: 503 UO."""
+    import pathlib
+    dr = (pathlib.Path(__file__).parents[1] / "fixtures" / "istio" / "destination-rule-circuit-breaker.yaml").read_text()
+    in_flight = {"now": 0, "max": 0}
+
+    async def slow(req, writer):
+        in_flight["now"] += 1
+        in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        await asyncio.sleep(0.4)
+        in_flight["now"] -= 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        return True
+
+    up = await Upstream(slow).start()
+    proxy = proxy_factory({"se.yaml": service_entry_yaml("httpbin", 8000, [("127.0.0.1", up.port, {})]),
+                           "dr.yaml": dr}, codec=codec)
+
+    async def later(delay):
+        await asyncio.sleep(delay)
+        return await http_get(proxy.port, "httpbin:8000", "/get", timeout=5)
+
+    results = await asyncio.gather(later(0), later(0.05), later(0.1))
+    assert [r[0] for r in results] == [200, 200, 503]
+    assert b"overflow" in results[2][2]
+    assert in_flight["max"] == 1 and up.connections == 2     # one connection at a time, one request each
+    text = proxy.admin("/metrics")[1].decode()
+    assert any(line.startswith("meshproxy_upstream_rq_pending_overflow_total{") and line.endswith(" 1")
+               for line in text.splitlines()), text
+    await up.close()
