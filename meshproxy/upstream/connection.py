@@ -87,10 +87,18 @@ class UpstreamConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- parser events -> exchange
 
     def on_response_head(self, head: ResponseHead) -> None:
-        self.exchange.upstream_response_head(head)
+        exchange = self.exchange
+        if exchange is None:
+            # a response after the one that was asked for, in the same read (the exchange
+            # was released when the first completed): the upstream is out of step
+            self.close()
+            return
+        exchange.upstream_response_head(head)
 
     def on_body(self, data: bytes) -> None:
-        self.exchange.upstream_body(data)
+        exchange = self.exchange
+        if exchange is not None:      # None: see on_response_head
+            exchange.upstream_body(data)
 
     def on_message_complete(self) -> None:
         exchange = self.exchange

@@ -452,3 +452,27 @@ async def test_connections_beyond_the_listener_limit_are_reset_and_counted(upstr
         clients[1][1].close()
     finally:
         await worker.drain(1)
+
+
+async def test_an_unasked_response_in_the_same_read_closes_the_upstream_connection(codec, caplog):
+    """An upstream that answers one request with two responses in one write: the client gets
+    the first; the connection is never reused (the second response is nobody's), and no
+    callback fails on the way."""
+    async def twice(req, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none"
+                     b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntwo")
+        return True
+    up = await Upstream(twice).start()
+    worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),))],
+                                 [cluster("c", up.port)], codec)
+    try:
+        with caplog.at_level("ERROR"):
+            for _ in range(3):
+                status, _, body = await http_get(port, "svc.local")
+                assert (status, body) == (200, b"one")
+                await asyncio.sleep(0.05)
+        assert up.connections == 3
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    finally:
+        await worker.drain(1)
+        await up.close()
