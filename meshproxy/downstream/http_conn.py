@@ -32,7 +32,7 @@ CLOSING = 3
 _HEAD, _BODY, _END = 0, 1, 2
 
 
-class DownstreamConnection(asyncio.Protocol):
+class DownstreamConnection:  # cython-exp: a cdef class cannot derive from asyncio.Protocol (a Python class)
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .pool import EndpointPool
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:  # cython-exp: a cdef class cannot derive from asyncio.Protocol (a Python class)
     __slots__ = (
         "transport", "parser", "exchange", "pool", "idle_since", "requests", "closed",
         "_counted", "on_close", "write",

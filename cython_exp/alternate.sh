@@ -1,0 +1,12 @@
+#!/bin/bash
+# cython_exp/alternate.sh ROUNDS VARIANT...   (variant "pure" = no .so) -- pipeline_bench us/request, alternated
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD
+rounds=$1; shift
+for r in $(seq "$rounds"); do
+  for v in "$@"; do
+    if [ "$v" = pure ]; then cython_exp/variant.sh pure >/dev/null; else cython_exp/variant.sh use "$v" >/dev/null; fi
+    echo "$v: $(.venv/bin/python benchmarks/pipeline_bench.py --wrk-request | cut -d' ' -f1)"
+  done
+done

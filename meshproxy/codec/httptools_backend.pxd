@@ -1,0 +1,19 @@
+# Augmenting declarations for httptools_backend.py (Cython experiment, branch cython-exp).
+cdef class _Base:
+    cdef public object _handler, _limits, _parser, on_header, on_body, _handler_body, _handler_complete
+    cdef public list _raw
+    cdef public int _state, _err_status
+    cdef public Py_ssize_t _head_bytes, _line_carry, _ext_cap, _body_bytes, _max_head_bytes, _max_raw, _max_body
+    cdef public bint _chunked, _line_pending, _chunk_header_seen, _keep_alive
+    cdef public bytes _tunnel
+
+cdef class HttptoolsRequestParser(_Base):
+    cdef public bytes _url
+    cdef public Py_ssize_t _max_target
+    cdef public object _handler_head
+
+cdef class HttptoolsResponseParser(_Base):
+    cdef public bytes _reason
+    cdef public bint _skip
+    cdef public int _head_kind
+    cdef public object _py, _handler_head
