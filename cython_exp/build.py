@@ -47,8 +47,11 @@ def main(argv):
 
     exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"]) for m in mods]
     t0 = time.time()
+    # the typed variant: types come from the .pxd files only (a `data: bytes` annotation in the .py
+    # would otherwise have to be repeated exactly in the .pxd signature)
+    directives = {} if "--annotation-typing" in argv else {"annotation_typing": False}
     ext_modules = cythonize(exts, language_level=3, nthreads=2, annotate="--annotate" in argv,
-                            compiler_directives={"binding": False} if "--nobinding" in argv else {})
+                            compiler_directives=directives)
     setup(name="cyexp", ext_modules=ext_modules, script_args=["build_ext", "--inplace", "-j", "2"])
     print(f"build time {time.time() - t0:.1f} s for {len(mods)} modules", file=sys.stderr)
 

@@ -1,4 +1,6 @@
 # Augmenting declarations for state.py (Cython experiment, branch cython-exp).
+cimport cython
+
 cdef class _Counters:
     cdef public Py_ssize_t pending, retries, connections, active
     cdef public dict overflow
@@ -12,3 +14,25 @@ cdef class ClusterState:
     cdef public Py_ssize_t max_pending, max_retries, max_connections
     cdef public _Counters counters
     cdef public dict _by_id, _by_key
+
+    cpdef _refresh(self, double now)
+    cpdef pick(self, hash_key=*, exclude=*, original=*)
+    cdef _host(self, ep)
+    cpdef on_request_start(self, ep)
+    @cython.locals(counters=_Counters)
+    cpdef on_request_end(self, ep)
+    cpdef record(self, ep, outcome)
+    @cython.locals(c=_Counters)
+    cpdef bint admit_pending(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef release_pending(self)
+    @cython.locals(c=_Counters)
+    cpdef Py_ssize_t retry_budget(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef bint admit_retry(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef release_retry(self)
+    @cython.locals(c=_Counters)
+    cpdef bint admit_connection(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef release_connection(self)

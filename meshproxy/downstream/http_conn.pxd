@@ -1,4 +1,5 @@
 # Augmenting declarations for http_conn.py (Cython experiment, branch cython-exp).
+cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
 
 cdef class DownstreamConnection:
@@ -11,3 +12,19 @@ cdef class DownstreamConnection:
     cdef public list out, upgrade_buffer
     cdef public bint keep_alive, closed, replaying, feeding
     cdef public Py_ssize_t requests, out_start
+
+    @cython.locals(exchange=Exchange)
+    cdef _start(self, head)
+    cdef _enqueue(self, event)
+    @cython.locals(exchange=Exchange)
+    cpdef exchange_finished(self, exchange, bint keep_alive)
+    cdef _replay(self)
+    @cython.locals(out=list, exchange=Exchange)
+    cpdef flush(self)
+    cpdef reject(self, status, reason)
+    cpdef close_after_flush(self)
+    cpdef close(self)
+    cpdef abort(self)
+    cpdef pause_reading(self, int reason)
+    @cython.locals(was=int)
+    cpdef resume_reading(self, int reason)

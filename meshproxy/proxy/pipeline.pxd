@@ -1,10 +1,13 @@
 # Augmenting declarations for pipeline.py (Cython experiment, branch cython-exp).
+cimport cython
 from meshproxy.downstream.http_conn cimport DownstreamConnection
 from meshproxy.upstream.connection cimport UpstreamConnection
+from meshproxy.cluster.state cimport ClusterState
 
 cdef class Exchange:
     cdef public DownstreamConnection down
-    cdef public object worker, head, snapshot, route, destination, cluster, view, endpoint
+    cdef public object worker, head, snapshot, route, destination, view, endpoint
+    cdef public ClusterState cluster
     cdef public UpstreamConnection upstream
     cdef public bytes forward_head
     cdef public list pending_body
@@ -22,3 +25,48 @@ cdef class Exchange:
     cdef public list forward_headers, mirrors, up_out
     cdef public bytes forward_path
     cdef public object set_cookie
+
+    # entry points called by the connection drivers (and Python code)
+    cpdef start(self)
+    cpdef request_view(self)
+    cpdef request_body(self, data)
+    cpdef request_end(self)
+    cpdef upstream_flush(self)
+    @cython.locals(status=int, kind=int, keep_alive=bint, down=DownstreamConnection)
+    cpdef upstream_response_head(self, head)
+    cpdef upstream_body(self, data)
+    cpdef upstream_complete(self, conn)
+    cpdef downstream_flush(self)
+    cpdef bint keep_alive_now(self) except -1
+    cpdef downstream_lost(self)
+    cpdef abandon(self)
+
+    # internal steps, only called from compiled code
+    cdef bint _local_reply_for_route(self, match, bint after_delay=*) except -1
+    cdef _local_reply(self, int status, str flag)
+    cdef _respond_local(self, int status, list headers, bytes body, str flag)
+    cdef _write_local(self, bytes payload, int status)
+    cdef _choose_cluster(self, match)
+    cdef _start_mirrors(self)
+    cdef _complete_mirrors(self)
+    cdef _choose_hash_key(self, policy)
+    @cython.locals(kind=int)
+    cdef _prepare_head(self, match)
+    @cython.locals(cluster=ClusterState, conn=UpstreamConnection)
+    cdef _attempt(self)
+    cdef _original_destination(self)
+    cdef _send_on(self, UpstreamConnection conn)
+    cdef bytes _head_and_body(self)
+    cdef _retain(self, list chunks)
+    cdef _up_write(self, data)
+    cdef bint _retry_allowed(self) except -1
+    @cython.locals(conn=UpstreamConnection)
+    cdef _release_upstream(self, bint reusable)
+    cdef _switch_protocols(self, head)
+    cdef _upstream_failed(self, conn, failure)
+    cdef _attempt_failed(self, failure)
+    cdef _schedule_retry(self)
+    cdef _answer_failure(self, int status, str flag)
+    cdef _cancel_timers(self)
+    cdef _release_admissions(self)
+    cdef _finish(self, bint keep_alive)

@@ -314,7 +314,7 @@ class Exchange:
         original = self._original_destination() if cluster.passthrough else None
         endpoint = cluster.pick(self.hash_key, self.tried, original)
         if endpoint is None and self.tried:
-            endpoint = cluster.pick(self.hash_key, original=original)    # every endpoint tried: allow repeats
+            endpoint = cluster.pick(self.hash_key, (), original)    # every endpoint tried: allow repeats (cython-exp: positional, a cpdef call cannot skip `exclude`)
         if endpoint is None:
             return self._answer_failure(503, "UH")
         self.endpoint = endpoint
