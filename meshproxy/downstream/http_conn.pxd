@@ -1,6 +1,7 @@
 # Augmenting declarations for http_conn.py (Cython experiment, branch cython-exp).
 cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
+from meshproxy.codec.api cimport RequestHead
 
 cdef class DownstreamConnection:
     cdef public object worker, listener, transport, parser
@@ -14,7 +15,7 @@ cdef class DownstreamConnection:
     cdef public Py_ssize_t requests, out_start
 
     @cython.locals(exchange=Exchange)
-    cdef _start(self, head)
+    cdef _start(self, RequestHead head)
     cdef _enqueue(self, event)
     @cython.locals(exchange=Exchange)
     cpdef exchange_finished(self, exchange, bint keep_alive)

@@ -3,10 +3,13 @@ cimport cython
 from meshproxy.downstream.http_conn cimport DownstreamConnection
 from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
+from meshproxy.codec.api cimport RequestHead, ResponseHead
 
 cdef class Exchange:
     cdef public DownstreamConnection down
-    cdef public object worker, head, snapshot, route, destination, view, endpoint
+    cdef public RequestHead head
+    cdef public ResponseHead response_head
+    cdef public object worker, snapshot, route, destination, view, endpoint
     cdef public ClusterState cluster
     cdef public UpstreamConnection upstream
     cdef public bytes forward_head
@@ -14,7 +17,7 @@ cdef class Exchange:
     cdef public list retained_body
     cdef public Py_ssize_t retained_bytes, buffered_bytes, request_bytes, response_bytes
     cdef public bint request_complete, response_started, response_chunked, close_delimited
-    cdef public object response_head, retry
+    cdef public object retry
     cdef public int attempts, status
     cdef public tuple tried
     cdef public str flags, route_name
@@ -33,7 +36,7 @@ cdef class Exchange:
     cpdef request_end(self)
     cpdef upstream_flush(self)
     @cython.locals(status=int, kind=int, keep_alive=bint, down=DownstreamConnection)
-    cpdef upstream_response_head(self, head)
+    cpdef upstream_response_head(self, ResponseHead head)
     cpdef upstream_body(self, data)
     cpdef upstream_complete(self, conn)
     cpdef downstream_flush(self)
@@ -50,7 +53,7 @@ cdef class Exchange:
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
     cdef _choose_hash_key(self, policy)
-    @cython.locals(kind=int)
+    @cython.locals(kind=int, head=RequestHead)
     cdef _prepare_head(self, match)
     @cython.locals(cluster=ClusterState, conn=UpstreamConnection)
     cdef _attempt(self)
@@ -62,7 +65,7 @@ cdef class Exchange:
     cdef bint _retry_allowed(self) except -1
     @cython.locals(conn=UpstreamConnection)
     cdef _release_upstream(self, bint reusable)
-    cdef _switch_protocols(self, head)
+    cdef _switch_protocols(self, ResponseHead head)
     cdef _upstream_failed(self, conn, failure)
     cdef _attempt_failed(self, failure)
     cdef _schedule_retry(self)
