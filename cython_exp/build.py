@@ -28,6 +28,7 @@ HOT = [
     "meshproxy/proxy/observe.py",
     "meshproxy/telemetry/metrics.py",
     "meshproxy/router/split.py",
+    "meshproxy/bootstrap.py",   # step D: Worker as a cdef class
 ]
 
 

@@ -2,9 +2,11 @@
 cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.codec.api cimport RequestHead
+from meshproxy.bootstrap cimport Worker
 
 cdef class DownstreamConnection:
-    cdef public object worker, listener, transport, parser
+    cdef public Worker worker
+    cdef public object listener, transport, parser
     cdef public str client_ip
     cdef public int state, read_paused_by
     cdef public Exchange exchange

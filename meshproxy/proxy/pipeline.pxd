@@ -4,12 +4,14 @@ from meshproxy.downstream.http_conn cimport DownstreamConnection
 from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.codec.api cimport RequestHead, ResponseHead
+from meshproxy.bootstrap cimport Worker
 
 cdef class Exchange:
     cdef public DownstreamConnection down
     cdef public RequestHead head
     cdef public ResponseHead response_head
-    cdef public object worker, snapshot, route, destination, view, endpoint
+    cdef public Worker worker
+    cdef public object snapshot, route, destination, view, endpoint
     cdef public ClusterState cluster
     cdef public UpstreamConnection upstream
     cdef public bytes forward_head
@@ -49,13 +51,14 @@ cdef class Exchange:
     cdef _local_reply(self, int status, str flag)
     cdef _respond_local(self, int status, list headers, bytes body, str flag)
     cdef _write_local(self, bytes payload, int status)
+    @cython.locals(worker=Worker, cluster=ClusterState)
     cdef _choose_cluster(self, match)
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
     cdef _choose_hash_key(self, policy)
     @cython.locals(kind=int, head=RequestHead)
     cdef _prepare_head(self, match)
-    @cython.locals(cluster=ClusterState, conn=UpstreamConnection)
+    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection)
     cdef _attempt(self)
     cdef _original_destination(self)
     cdef _send_on(self, UpstreamConnection conn)

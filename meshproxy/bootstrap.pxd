@@ -1,0 +1,14 @@
+# Augmenting declarations for bootstrap.py (Cython experiment, branch cython-exp).
+from meshproxy.upstream.pool cimport UpstreamPools
+from meshproxy.proxy.observe cimport Telemetry
+
+cdef class Worker:
+    cdef public object loop, store, options, rng, new_request_id, clock, settings
+    cdef public Telemetry telemetry
+    cdef public bint draining
+    cdef public Py_ssize_t downstream_active
+    cdef public dict http_listeners, tcp_listeners
+    cdef public set tunnels, mirror_tasks
+    cdef public object clusters, splitter, _request_parser, _sweeper
+    cdef public UpstreamPools pools
+    cdef public list listen_errors
