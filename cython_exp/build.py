@@ -29,6 +29,11 @@ HOT = [
     "meshproxy/telemetry/metrics.py",
     "meshproxy/router/split.py",
     "meshproxy/bootstrap.py",   # step D: Worker as a cdef class
+    # step E: small per-request helpers, compiled without declarations
+    "meshproxy/telemetry/tracing.py",
+    "meshproxy/cluster/balancer.py",
+    "meshproxy/router/match.py",
+    "meshproxy/router/request.py",
 ]
 
 

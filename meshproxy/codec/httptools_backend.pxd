@@ -1,5 +1,6 @@
 # Augmenting declarations for httptools_backend.py (Cython experiment, branch cython-exp).
 cimport cython
+from meshproxy.codec cimport framing
 
 cdef class _Base:
     cdef public object _handler, _limits, _parser, on_header, on_body, _handler_body, _handler_complete

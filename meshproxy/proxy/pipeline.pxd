@@ -5,6 +5,8 @@ from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 from meshproxy.bootstrap cimport Worker
+from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
+from meshproxy.proxy.transform cimport forwarded_request_headers, forwarded_response_headers
 
 cdef class Exchange:
     cdef public DownstreamConnection down
