@@ -1,6 +1,7 @@
 # Augmenting declarations for bootstrap.py (Cython experiment, branch cython-exp).
 from meshproxy.upstream.pool cimport UpstreamPools
 from meshproxy.proxy.observe cimport Telemetry
+from meshproxy.router.split cimport Splitter
 
 cdef class Worker:
     cdef public object loop, store, options, rng, new_request_id, clock, settings
@@ -9,6 +10,7 @@ cdef class Worker:
     cdef public Py_ssize_t downstream_active
     cdef public dict http_listeners, tcp_listeners
     cdef public set tunnels, mirror_tasks
-    cdef public object clusters, splitter, _request_parser, _sweeper
+    cdef public object clusters, _request_parser, _sweeper
+    cdef public Splitter splitter
     cdef public UpstreamPools pools
     cdef public list listen_errors

@@ -5,6 +5,7 @@ from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 from meshproxy.bootstrap cimport Worker
+from meshproxy.router.split cimport _RouteSplit
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
 from meshproxy.proxy.transform cimport forwarded_request_headers, forwarded_response_headers
 
@@ -53,7 +54,7 @@ cdef class Exchange:
     cdef _local_reply(self, int status, str flag)
     cdef _respond_local(self, int status, list headers, bytes body, str flag)
     cdef _write_local(self, bytes payload, int status)
-    @cython.locals(worker=Worker, cluster=ClusterState)
+    @cython.locals(worker=Worker, cluster=ClusterState, split=_RouteSplit)
     cdef _choose_cluster(self, match)
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
