@@ -56,6 +56,11 @@ def main(argv):
     # the typed variant: types come from the .pxd files only (a `data: bytes` annotation in the .py
     # would otherwise have to be repeated exactly in the .pxd signature)
     directives = {} if "--annotation-typing" in argv else {"annotation_typing": False}
+    # a typed attribute that is None must raise AttributeError as in Python, not dereference
+    # NULL vtables / struct fields (without this an upstream response arriving while
+    # UpstreamConnection.exchange is None segfaults the proxy instead of closing the connection)
+    if "--no-nonecheck" not in argv:
+        directives["nonecheck"] = True
     ext_modules = cythonize(exts, language_level=3, nthreads=2, annotate="--annotate" in argv,
                             compiler_directives=directives)
     setup(name="cyexp", ext_modules=ext_modules, script_args=["build_ext", "--inplace", "-j", "2"])
