@@ -163,6 +163,9 @@ def versions(args) -> str:
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "meshproxy"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         parts.append(f"meshproxy @ {rev}" + (" (meshproxy/ has uncommitted changes)" if dirty else ""))
+        hot = subprocess.run([sys.executable, "-c", "import meshproxy; print(meshproxy.HOT_PATH)"],
+                             capture_output=True, text=True, timeout=30, cwd=str(REPO)).stdout.strip()
+        parts.append(f"hot path {hot or 'unknown'}")
     except (OSError, subprocess.TimeoutExpired):
         pass
     return ", ".join(parts)

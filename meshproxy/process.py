@@ -22,6 +22,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
+from . import HOT_PATH
 from .admin import AdminServer
 from .bootstrap import Worker, WorkerOptions
 from .config.compile import ProxyIdentity
@@ -237,8 +238,9 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    log.info("meshproxy ready: listeners %s", ", ".join(
-        f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners}.items()))
+    log.info("meshproxy ready: listeners %s; hot path %s", ", ".join(
+        f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners}.items()),
+        HOT_PATH)
     await stop.wait()
     if remote is not None:
         await remote.deregister()

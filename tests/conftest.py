@@ -53,3 +53,8 @@ async def routed_proxy(proxy_factory, upstream, codec):
     """A proxy routing Host ``svc.local`` (and ``svc.default...`` aliases) to ``upstream``."""
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]), codec=codec)
     return proxy
+
+
+def pytest_report_header(config):
+    import meshproxy
+    return f"meshproxy hot path: {meshproxy.HOT_PATH}"

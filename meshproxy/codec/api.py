@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import cython  # compiled: the heads are extension-type dataclasses (api.pxd); pure Python: Cython's shadow module
+
 Headers = list[tuple[bytes, bytes]]
 
 # How a message body is delimited (RFC 9112 §6.3).
@@ -28,7 +30,7 @@ BODY_CHUNKED = 2    # Transfer-Encoding: chunked
 BODY_UNTIL_CLOSE = 3  # responses only: read until the upstream closes
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass  # fields and their order (= __init__'s) are declared again in api.pxd
 class RequestHead:
     method: bytes           # as received, e.g. b"GET" (methods are case-sensitive)
     target: bytes           # request-target as received: origin-form, absolute-form, authority-form or "*"
@@ -52,7 +54,7 @@ def field_names(head: "RequestHead | ResponseHead") -> tuple:
     return head.names or tuple([n for n, _ in head.headers])
 
 
-@dataclass(slots=True)
+@cython.dataclasses.dataclass
 class ResponseHead:
     status: int
     reason: bytes

@@ -32,7 +32,7 @@ CLOSING = 3
 _HEAD, _BODY, _END = 0, 1, 2
 
 
-class DownstreamConnection(asyncio.Protocol):
+class DownstreamConnection:  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",

@@ -317,7 +317,7 @@ class Exchange:
         original = self._original_destination() if cluster.passthrough else None
         endpoint = cluster.pick(self.hash_key, self.tried, original)
         if endpoint is None and self.tried:
-            endpoint = cluster.pick(self.hash_key, original=original)    # every endpoint tried: allow repeats
+            endpoint = cluster.pick(self.hash_key, (), original)    # every endpoint tried: allow repeats
         if endpoint is None:
             return self._answer_failure(503, "UH")
         self.endpoint = endpoint

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .pool import EndpointPool
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
     __slots__ = (
         "transport", "parser", "exchange", "pool", "idle_since", "requests", "closed",
         "_counted", "on_close", "write",

@@ -9,6 +9,7 @@ import pytest
 
 from meshproxy.codec import make_response_parser
 from meshproxy.codec.api import CodecLimits
+from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import UpstreamPools
 
 pytestmark = pytest.mark.asyncio
@@ -79,11 +80,6 @@ def socket_port_without_listener() -> int:
     return port
 
 
-class _Conn:
-    closed = False
-    idle_since = 0.0
-
-
 class _Waiter:
     def __init__(self, requeue: bool = False):
         self.offers = []
@@ -100,7 +96,8 @@ async def test_queued_requests_are_offered_idle_connections_in_order_and_not_ove
     first, second = _Waiter(), _Waiter()
     pool.wait(first)
     pool.wait(second)
-    conn = _Conn()
+    conn = UpstreamConnection(pool, lambda handler: make_response_parser("httptools", handler, CodecLimits()))
+    conn.idle_since = time.monotonic()
     pool.idle.append(conn)
     assert pools.acquire_idle(("127.0.0.1", 1), None) is None     # a new request may not take it
     pools.offer_soon(pool)

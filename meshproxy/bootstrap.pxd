@@ -1,0 +1,17 @@
+# Augmenting declarations for bootstrap.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+from meshproxy.upstream.pool cimport UpstreamPools
+from meshproxy.proxy.observe cimport Telemetry
+from meshproxy.router.split cimport Splitter
+
+cdef class Worker:
+    cdef public object loop, store, options, rng, new_request_id, clock, settings
+    cdef public Telemetry telemetry
+    cdef public bint draining
+    cdef public Py_ssize_t downstream_active
+    cdef public dict http_listeners, tcp_listeners
+    cdef public set tunnels, mirror_tasks
+    cdef public object clusters, _request_parser, _sweeper
+    cdef public Splitter splitter
+    cdef public UpstreamPools pools
+    cdef public list listen_errors

@@ -1,0 +1,44 @@
+# Augmenting declarations for state.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cimport cython
+
+cdef class _Counters:
+    cdef public Py_ssize_t requests, pending, retries, connections, active
+    cdef public dict overflow
+
+cdef class ClusterState:
+    cdef public object cluster, clock, rng, balancer, outlier, warmup
+    cdef public str lb_name
+    cdef public list hosts, _candidates
+    cdef public bint passthrough, panic, _warming
+    cdef public double min_health, _next_change
+    cdef public Py_ssize_t max_requests, max_pending, max_retries, max_connections
+    cdef public _Counters counters
+    cdef public dict _by_id, _by_key
+
+    cpdef _refresh(self, double now)
+    cpdef pick(self, hash_key=*, exclude=*, original=*)
+    cdef _host(self, ep)
+    cpdef on_request_start(self, ep)
+    @cython.locals(counters=_Counters)
+    cpdef on_request_end(self, ep)
+    cpdef record(self, ep, outcome)
+    @cython.locals(c=_Counters)
+    cpdef bint admit_request(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef release_request(self)
+    @cython.locals(c=_Counters)
+    cpdef bint admit_pending(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef release_pending(self)
+    @cython.locals(c=_Counters)
+    cpdef Py_ssize_t retry_budget(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef bint admit_retry(self) except -1
+    @cython.locals(c=_Counters)
+    cpdef release_retry(self)
+    @cython.locals(c=_Counters)
+    cpdef bint admit_connection(self) except -1
+    cpdef force_connection(self)
+    @cython.locals(c=_Counters)
+    cpdef release_connection(self)

@@ -1,0 +1,26 @@
+# Augmenting declarations for api.py: the two heads
+# become extension-type dataclasses (@cython.dataclasses.dataclass in api.py).
+# The field order here IS the __init__ argument order: keep it identical to api.py.
+cdef class RequestHead:
+    cdef public bytes method
+    cdef public bytes target
+    cdef public bytes version
+    cdef public object headers
+    cdef public bytes host
+    cdef public bytes path
+    cdef public int body_kind
+    cdef public Py_ssize_t content_length
+    cdef public bint keep_alive
+    cdef public bytes upgrade
+    cdef public bint expect_continue
+    cdef public tuple names
+
+cdef class ResponseHead:
+    cdef public int status
+    cdef public bytes reason
+    cdef public bytes version
+    cdef public object headers
+    cdef public int body_kind
+    cdef public Py_ssize_t content_length
+    cdef public bint keep_alive
+    cdef public tuple names

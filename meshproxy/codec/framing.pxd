@@ -1,0 +1,10 @@
+# Augmenting declarations for framing.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cimport cython
+from meshproxy.codec.api cimport RequestHead, ResponseHead
+
+cdef tuple _checked_fields(headers, limits, int status)
+@cython.locals(names=tuple, values=tuple)
+cpdef RequestHead request_head(method, target, version, headers, limits)
+@cython.locals(names=tuple, values=tuple)
+cpdef ResponseHead response_head(int status, reason, version, headers, limits, bint no_body)

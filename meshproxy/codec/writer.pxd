@@ -1,0 +1,7 @@
+# Augmenting declarations for writer.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+# cpdef module functions: other compiled modules cimport them and call them in C.
+cpdef bytes encode_request_head(method, target, headers)
+cpdef bytes encode_response_head(int status, reason, headers, version=*)
+cpdef bytes encode_chunk(data)
+cpdef tuple content_length_field(n)

@@ -1,0 +1,34 @@
+# Augmenting declarations for http_conn.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cimport cython
+from meshproxy.proxy.pipeline cimport Exchange
+from meshproxy.codec.api cimport RequestHead
+from meshproxy.bootstrap cimport Worker
+
+cdef class DownstreamConnection:
+    cdef public Worker worker
+    cdef public object listener, transport, parser
+    cdef public str client_ip
+    cdef public int state, read_paused_by
+    cdef public Exchange exchange
+    cdef public object queue, tunnel, write
+    cdef public double since
+    cdef public list out, upgrade_buffer
+    cdef public bint keep_alive, closed, replaying, feeding
+    cdef public Py_ssize_t requests, out_start
+
+    @cython.locals(exchange=Exchange)
+    cdef _start(self, RequestHead head)
+    cdef _enqueue(self, event)
+    @cython.locals(exchange=Exchange)
+    cpdef exchange_finished(self, exchange, bint keep_alive)
+    cdef _replay(self)
+    @cython.locals(out=list, exchange=Exchange)
+    cpdef flush(self)
+    cpdef reject(self, status, reason)
+    cpdef close_after_flush(self)
+    cpdef close(self)
+    cpdef abort(self)
+    cpdef pause_reading(self, int reason)
+    @cython.locals(was=int)
+    cpdef resume_reading(self, int reason)

@@ -1,0 +1,10 @@
+# Augmenting declarations for transform.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cimport cython
+from meshproxy.codec.api cimport RequestHead, ResponseHead
+
+cpdef _named_fields(headers, tuple names)
+@cython.locals(names=tuple, out=list)
+cpdef list forwarded_request_headers(RequestHead head, authority, str client_ip, str scheme, new_request_id, trace_fields=*)
+@cython.locals(names=tuple, out=list)
+cpdef list forwarded_response_headers(ResponseHead head, framing, bint keep_alive, bint upgrade=*)

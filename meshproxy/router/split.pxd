@@ -1,0 +1,16 @@
+# Augmenting declarations for split.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cdef class _RouteSplit:
+    cdef public object single, total, hash_policy
+    cdef public list dests, weights, current, cuts, ordered
+    cdef public dict _retry_states
+
+    cpdef retry_state(self, policy, method, rng)
+    cpdef pick(self, hash_key)
+
+cdef class Splitter:
+    cdef public object snapshot, rng
+    cdef public dict _by_id, _by_key
+
+    cdef _RouteSplit _add(self, route, clusters, old_by_key)
+    cpdef _RouteSplit route_split(self, route)
