@@ -25,7 +25,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from meshproxy.telemetry.accesslog import AccessLog
 from meshproxy.telemetry.metrics import PeerInfo, ProxyMetrics
-from meshproxy.telemetry.tracing import ProxyTracer, build_trace_export, otlp_http_exporter
+from meshproxy.telemetry.trace_export import build_trace_export, otlp_http_exporter
+from meshproxy.telemetry.tracing import ProxyTracer
 
 HEADERS = [(b"host", b"reviews:9080"), (b"user-agent", b"bench/1"), (b"accept", b"*/*"),
            (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),

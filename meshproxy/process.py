@@ -33,7 +33,7 @@ from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
 from .proxy.observe import NullMetrics, Telemetry
 from .telemetry import (
-    AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, build_trace_export, otlp_http_exporter, render,
+    AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, render,
 )
 
 log = logging.getLogger("meshproxy")
@@ -164,6 +164,7 @@ def build_telemetry(options: "RunOptions", loop) -> Telemetry:
     if t.get("propagate", True):
         export = None
         if t.get("tracing_endpoint"):
+            from .telemetry.trace_export import build_trace_export, otlp_http_exporter
             export = build_trace_export(otlp_http_exporter(t["tracing_endpoint"], timeout_s=5.0),
                                         service_name=t.get("service_name") or f"{app}.{identity.namespace}")
             metrics.attach(export.stats)

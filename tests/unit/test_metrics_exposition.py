@@ -15,7 +15,7 @@ from meshproxy.telemetry.accesslog import AccessLog
 from meshproxy.telemetry.exposition import (OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, render,
                                             render_openmetrics, render_prometheus)
 from meshproxy.telemetry.metrics import MetricsAggregator, PeerInfo, ProxyMetrics
-from meshproxy.telemetry.tracing import SpanExportStats
+from meshproxy.telemetry.trace_export import SpanExportStats
 
 CORPUS = Path("/work/shared/corpora/openmetrics-parsers")
 PROMTOOL = shutil.which("promtool")

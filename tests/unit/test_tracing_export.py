@@ -11,7 +11,8 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from meshproxy.telemetry.tracing import ProxyTracer, build_trace_export, otlp_http_exporter
+from meshproxy.telemetry.trace_export import build_trace_export, otlp_http_exporter
+from meshproxy.telemetry.tracing import ProxyTracer
 from telemetry.otlp_receiver import OtlpReceiver
 
 
@@ -135,6 +136,6 @@ def test_spans_beyond_the_queue_bound_are_dropped_and_counted():
 
 def test_provider_without_preset_ids_is_refused():
     from opentelemetry.sdk.trace import TracerProvider
-    from meshproxy.telemetry.tracing import SpanExportStats, TraceExport
+    from meshproxy.telemetry.trace_export import SpanExportStats, TraceExport
     with pytest.raises(ValueError, match="PresetIdGenerator"):
         ProxyTracer(TraceExport(TracerProvider(), SpanExportStats(), 16))
