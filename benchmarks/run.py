@@ -465,12 +465,13 @@ def profile_meshproxy(t: Target, args, load_pre, tmp: Path, name: str) -> str:
     dur = max(3, round(args.duration))
     speedscope = out_dir / f"{name}-{stamp}.speedscope.json"
     raw = tmp / "pyspy.raw"
-    native = ["--native"] if args.profile_native else []
+    # --native (C frames: the compiled hot path's functions) needs py-spy to pause the process per sample
+    native = ["--native"] if args.profile_native else ["--nonblocking"]
     # speedscope for people, raw (collapsed stacks) for the summary below: two sampled runs
     results = []
     for fmt_, path in (("speedscope", speedscope), ("raw", raw)):
         spy = subprocess.Popen([py_spy, "record", "--pid", str(t.pid), "--subprocesses", "--rate", "200",
-                                "--duration", str(dur), "--format", fmt_, "-o", str(path), "--nonblocking", *native],
+                                "--duration", str(dur), "--format", fmt_, "-o", str(path), *native],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             time.sleep(0.5)
