@@ -8,7 +8,7 @@ runs is decided here, once, before any of them is imported:
 * pure Python, when there are none, when ``MESHPROXY_PURE=1``, or when one is stale (a
   source edited since the last build: running old compiled code would be worse than slow).
 
-``HOT_PATH`` says which, for logs and the admin endpoints.
+``HOT_PATH`` says which (the ready log line, the pytest header, benchmark reports).
 """
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from importlib.machinery import EXTENSION_SUFFIXES, SOURCE_SUFFIXES, FileFinder,
 
 def _choose_hot_path(root: str) -> str:
     suffix = EXTENSION_SUFFIXES[0]
-    compiled, stale, dirs = [], [], []
+    compiled = False
+    stale, dirs = [], []
     for folder, _, files in os.walk(root):
         dirs.append(folder)
         for name in files:
             if name.endswith(suffix):
                 base = os.path.join(folder, name[:-len(suffix)])
                 built = os.stat(base + suffix).st_mtime
-                compiled.append(base)
+                compiled = True
                 if any(os.path.exists(src) and os.stat(src).st_mtime > built for src in (base + ".py", base + ".pxd")):
                     stale.append(os.path.relpath(base, root))
     if not compiled:

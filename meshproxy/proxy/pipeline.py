@@ -359,11 +359,11 @@ class Exchange:
 
     def connection_available(self, conn: "UpstreamConnection | None") -> bool:
         """Offered by the endpoint's pool while this exchange waits (see _connect_or_wait)."""
-        self.waiting = None
+        pool, self.waiting = self.waiting, None
         if conn is not None:
             self._send_on(conn)
             return True
-        return self._connect_or_wait((self.endpoint.address, self.endpoint.port), first=True)
+        return self._connect_or_wait(pool.key, first=True)
 
     def _original_destination(self) -> tuple[str, int] | None:
         """PASSTHROUGH load balancing: the address the request named (its authority)."""

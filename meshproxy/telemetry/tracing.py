@@ -13,25 +13,18 @@ new trace is sampled with probability ``sample_rate`` (decided on the trace id, 
 OTel's TraceIdRatioBased); ``x-client-trace-id``, ``x-envoy-force-trace`` and B3 debug
 force sampling, as in Envoy.
 
-Export (:mod:`meshproxy.telemetry.trace_export`, imported only when an exporter is
-configured, so a proxy that only propagates never loads the OpenTelemetry SDK, ~2.3 MiB):
-:func:`build_trace_export` makes a TracerProvider (never installed globally)
-with a :class:`PresetIdGenerator` (so the span the SDK records carries the span id we
-already propagated) and a BatchSpanProcessor with a bounded queue.  Spans beyond the
-queue bound, and spans whose export failed, are dropped and counted in
-:class:`SpanExportStats`; nothing else happens to traffic.
+Export lives in :mod:`meshproxy.telemetry.trace_export`, imported only when an exporter
+is configured: a proxy that only propagates never loads the OpenTelemetry SDK.
 """
 from __future__ import annotations
 
 import random
 import re
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:   # the OpenTelemetry SDK is imported only when spans are exported (trace_export.py)
-    from .trace_export import TraceExport
+if TYPE_CHECKING:   # the OpenTelemetry SDK is imported only when spans are exported
+    from .trace_export import PresetIdGenerator, TraceExport
 
 Headers = Sequence[tuple[bytes, bytes]]
 

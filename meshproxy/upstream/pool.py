@@ -205,7 +205,7 @@ class UpstreamPools:
         where reason is "timeout", "cancelled" or "refused"/the error text."""
         pool = self.pool(key)
         pool.connecting += 1
-        task = self._loop.create_task(self._connect(pool, key, timeout))
+        task = self._loop.create_task(self._connect(pool, timeout))
 
         def finished(task: asyncio.Task) -> None:
             self._tasks.discard(task)
@@ -227,7 +227,8 @@ class UpstreamPools:
         task.add_done_callback(finished)
         return task
 
-    async def _connect(self, pool: EndpointPool, key, timeout) -> tuple[UpstreamConnection | None, str]:
+    async def _connect(self, pool: EndpointPool, timeout: float) -> tuple[UpstreamConnection | None, str]:
+        key = pool.key
         try:
             async with asyncio.timeout(timeout):
                 address = await self.dns.address(key[0], key[1])
