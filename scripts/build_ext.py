@@ -66,7 +66,10 @@ def build() -> int:
     exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"]) for m in HOT]
     try:
         modules = cythonize(exts, language_level=3, nthreads=2, quiet=True,
-                            compiler_directives={"annotation_typing": False, "nonecheck": True})
+                            # warn.unreachable: the Python reference after an ``if cython.compiled:``
+                            # branch is unreachable in C by design
+                            compiler_directives={"annotation_typing": False, "nonecheck": True,
+                                                 "warn.unreachable": False})
         setup(name="meshproxy-hot-path", ext_modules=modules,
               script_args=["-q", "build_ext", "--inplace", "-j", "2"])
     except (Exception, SystemExit) as err:   # no compiler, no Python.h: stay pure Python

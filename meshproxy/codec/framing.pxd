@@ -3,6 +3,10 @@
 cimport cython
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 
+cdef bytes _TCHAR_OK, _VALUE_OK, _TARGET_OK
+@cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
+               tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
+               name_list=list, value_list=list)
 cdef tuple _checked_fields(headers, limits, int status)
 @cython.locals(names=tuple, values=tuple)
 cpdef RequestHead request_head(method, target, version, headers, limits)

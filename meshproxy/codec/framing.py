@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 
+import cython
+
 from .api import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -85,6 +87,28 @@ def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple
         raise ProtocolError(431 if status == 400 else status, "too many header fields")
     if not headers:
         return (), ()
+    if cython.compiled:
+        # the same checks as C loops over each field's bytes (no joined copies)
+        bad = empty = False
+        name_list, value_list = [], []
+        tchar, vchar = _TCHAR_OK, _VALUE_OK
+        for name, value in headers:
+            n = len(name)
+            empty |= n == 0
+            p = name
+            for i in range(n):
+                bad |= not tchar[p[i]]
+            n = len(value)
+            p = value
+            for i in range(n):
+                bad |= not vchar[p[i]]
+            name_list.append(name)
+            value_list.append(value)
+        if bad:
+            raise ProtocolError(status, "invalid header field")
+        if empty:
+            raise ProtocolError(status, "empty header field name")
+        return tuple(name_list), tuple(value_list)
     names, values = zip(*headers)
     if 0 in b"".join(names).translate(_TCHAR_OK) or 0 in b"".join(values).translate(_VALUE_OK):
         raise ProtocolError(status, "invalid header field")

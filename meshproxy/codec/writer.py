@@ -7,6 +7,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Iterable
 
+import cython
+
 Headers = Iterable[tuple[bytes, bytes]]
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
@@ -26,8 +28,39 @@ def _fields(headers: Headers) -> bytes:
     return block + b"\r\n\r\n" if block else b"\r\n"
 
 
+def _put(w, data: bytes):
+    """Copy ``data`` to ``w``; return the position after it (compiled only)."""
+    n = len(data)
+    src = data
+    memcpy(w, src, n)
+    return w + n
+
+
+def _head(start: bytes, middle: bytes, end: bytes, headers: list) -> bytes:
+    """``start + middle + end`` + ``name: value CRLF`` per field + CRLF, written into one
+    allocation (compiled only: the C version of ``_fields``)."""
+    size = len(start) + len(middle) + len(end) + 2
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    out = PyBytes_FromStringAndSize(cython.NULL, size)
+    w = _put(_put(_put(PyBytes_AS_STRING(out), start), middle), end)
+    for name, value in headers:
+        w = _put(w, name)
+        w[0] = 58        # ":"
+        w[1] = 32        # " "
+        w = _put(w + 2, value)
+        w[0] = 13        # CR
+        w[1] = 10        # LF
+        w += 2
+    w[0] = 13
+    w[1] = 10
+    return out
+
+
 def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """``METHOD target HTTP/1.1`` + fields + blank line (always HTTP/1.1 upstream)."""
+    if cython.compiled and type(headers) is list:
+        return _head(method, b" ", target + b" HTTP/1.1\r\n", headers)
     block = b"\r\n".join(map(_FIELD, headers))     # _fields, inlined: this runs for every request
     if block:
         return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, block)
@@ -38,6 +71,8 @@ def encode_response_head(status: int, reason: bytes, headers: Headers,
                          version: bytes = b"1.1") -> bytes:
     line = _STATUS_LINES.get(status)
     if line is not None and version == b"1.1" and (not reason or reason == _REASONS[status]):
+        if cython.compiled and type(headers) is list:
+            return _head(line, b"", b"", headers)
         block = b"\r\n".join(map(_FIELD, headers))   # _fields, inlined
         return b"%s%s\r\n\r\n" % (line, block) if block else line + b"\r\n"
     return b"HTTP/%s %d %s\r\n%s" % (version, status, reason, _fields(headers))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 import re
 import time
+
+import cython
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:   # the OpenTelemetry SDK is imported only when spans are exported
@@ -44,6 +46,9 @@ _UUID_V4 = (0x4 << 76) | (0x2 << 62)
 _MASK128 = (1 << 128) - 1
 _NEW_IDS_CLEAR = ~(~_UUID_CLEAR << 192)
 _NEW_IDS_UUID_V4 = _UUID_V4 << 192
+# the same bits in the two 64-bit halves of a UUID (compiled random_uuid / _new_ids)
+_UUID_HI_CLEAR, _UUID_HI_V4 = (_UUID_CLEAR >> 64) & _MASK64, _UUID_V4 >> 64
+_UUID_LO_CLEAR, _UUID_LO_VARIANT = _UUID_CLEAR & _MASK64, _UUID_V4 & _MASK64
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
@@ -55,19 +60,79 @@ def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
 
 def random_uuid(rng) -> bytes:
     """A random (version 4) UUID from ``rng`` (no syscall), like Envoy's x-request-id."""
+    if cython.compiled:
+        # getrandbits(128) is getrandbits(64) for the low half, then for the high half
+        lo = rng.getrandbits(64)
+        return _uuid(rng.getrandbits(64), lo)
     h = b"%032x" % (rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+
+def _new_ids(rng):
+    """A new trace's ids from one 320-bit draw: ``(x-request-id (a UUIDv4, the top 128 bits),
+    trace id (the next 128), span id (the low 64), the trace id's low 64 bits as an int)``."""
+    if cython.compiled:
+        # getrandbits(320) is five getrandbits(64), least significant first: the same ids
+        span = rng.getrandbits(64)
+        low = rng.getrandbits(64)
+        high = rng.getrandbits(64)
+        lo = rng.getrandbits(64)
+        hi = rng.getrandbits(64)
+        if not (high | low) or not span:
+            low |= 1                              # all-zero ids are invalid (W3C)
+            span |= 1
+        return _uuid(hi, lo), _hex(high, low, 32), _hex(span, 0, 16), low
+    r = rng.getrandbits(320) & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
+    if not (r >> 64) & _MASK128 or not r & _MASK64:
+        r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
+    ids = b"%080x" % r
+    request_id = b"-".join((ids[:8], ids[8:12], ids[12:16], ids[16:20], ids[20:32]))
+    return request_id, ids[32:64], ids[64:], (r >> 64) & _MASK64
+
+
+def _put_hex(w, value, digits: int):
+    """Write the low ``digits`` hex digits of ``value`` at ``w``; return the position after
+    them (compiled only)."""
+    hexdigits = _HEXDIGITS
+    for i in range(digits):
+        w[i] = hexdigits[(value >> (4 * (digits - 1 - i))) & 15]
+    return w + digits
+
+
+def _hex(high, low, digits: int) -> bytes:
+    """``digits`` (16 or 32) lower-case hex digits: ``high`` then, for 32, ``low`` (64-bit
+    words; compiled only)."""
+    out = PyBytes_FromStringAndSize(cython.NULL, digits)
+    w = _put_hex(PyBytes_AS_STRING(out), high, 16)
+    if digits == 32:
+        _put_hex(w, low, 16)
+    return out
+
+
+def _uuid(hi, lo) -> bytes:
+    """The text of a version 4 UUID from 128 random bits (compiled only)."""
+    hi = hi & _UUID_HI_CLEAR | _UUID_HI_V4       # version 0100 in bits 76-79
+    lo = lo & _UUID_LO_CLEAR | _UUID_LO_VARIANT  # variant 10 in bits 62-63
+    out = PyBytes_FromStringAndSize(cython.NULL, 36)
+    w = _put_hex(PyBytes_AS_STRING(out), hi >> 32, 8)
+    w[0] = 45                                    # "-"
+    w = _put_hex(w + 1, hi >> 16, 4)
+    w[0] = 45
+    w = _put_hex(w + 1, hi, 4)
+    w[0] = 45
+    w = _put_hex(w + 1, lo >> 48, 4)
+    w[0] = 45
+    _put_hex(w + 1, lo, 12)
+    return out
 
 
 class TraceContext:
     """One hop of one request.  ``span_id`` is this proxy's span (client or server).
 
-    The span's request attributes are set only on sampled contexts; the class holds their
-    defaults, so an unsampled context (nearly every request) costs nine stores."""
-    start_ns = 0
-    method = path = authority = user_agent = b""
-    scheme = "http"
-    peer_address = ""
+    The span's request attributes (from ``start_ns``) are set only on sampled contexts."""
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "debug", "kind", "request_id", "tracestate",
+                 "headers_to_forward", "start_ns", "method", "path", "authority", "user_agent", "scheme",
+                 "peer_address")
 
     def __init__(self, trace_id: bytes, span_id: bytes, parent_id: bytes, sampled: bool, debug: bool,
                  kind: str, request_id: bytes, tracestate: bytes, headers_to_forward: list):
@@ -80,6 +145,10 @@ class TraceContext:
         self.request_id = request_id
         self.tracestate = tracestate
         self.headers_to_forward = headers_to_forward
+        self.start_ns = 0
+        self.method = self.path = self.authority = self.user_agent = b""
+        self.scheme = "http"
+        self.peer_address = ""
 
     @property
     def trace_id_hex(self) -> str:
@@ -183,14 +252,8 @@ class ProxyTracer:
         parent = tracestate = b""
         debug = False
         if found is None:
-            # one draw: x-request-id (a UUIDv4, top 128 bits), trace id (next 128), span id (low 64)
-            r = rng.getrandbits(320) & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
-            if not (r >> 64) & _MASK128 or not r & _MASK64:
-                r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
-            ids = b"%080x" % r
-            trace, span = ids[32:64], ids[64:]
-            sampled = ((r >> 64) & _MASK64) < self._bound   # trace[16:] as an int, as below
-            request_id = b"-".join((ids[:8], ids[8:12], ids[12:16], ids[16:20], ids[20:32]))
+            request_id, trace, span, low = _new_ids(rng)
+            sampled = low < self._bound   # trace[16:] as an int, as below
         else:
             trace = b""
             sampled: bool | None = None

@@ -1,0 +1,116 @@
+"""Functions with a C branch for the compiled hot path (``if cython.compiled:``) must give
+exactly what their Python reference gives.  These tests state the reference independently
+(from the RFC sets, the documented id layout, bisect), so they check whichever branch is
+running: the compiled one under ``./scripts/test``, the Python one in its pure-Python rerun."""
+from __future__ import annotations
+
+import random
+from bisect import bisect_left
+
+import pytest
+
+import meshproxy
+from meshproxy.codec.api import CodecLimits, ProtocolError
+from meshproxy.codec.framing import TCHAR, VALUE_CHARS, check_fields, response_head
+from meshproxy.codec.writer import encode_request_head, encode_response_head
+from meshproxy.telemetry.metrics import ISTIO_BUCKETS, ProxyMetrics, PeerInfo
+from meshproxy.telemetry.tracing import ProxyTracer, random_uuid
+
+LIMITS = CodecLimits()
+
+
+def test_hot_path_mode_is_reported():
+    assert meshproxy.HOT_PATH == "compiled" or meshproxy.HOT_PATH.startswith("python")
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_each_byte_in_a_field_name_and_value_gets_the_rfc_verdict(byte):
+    b = bytes([byte])
+    name_ok = byte in TCHAR
+    value_ok = byte in VALUE_CHARS
+    for headers, ok in (([(b"x" + b + b"y", b"v")], name_ok), ([(b"name", b"a" + b + b"c")], value_ok),
+                        ([(b"host", b"h"), (b"a", b"b"), (b"n" + b, b"v" + b)], name_ok and value_ok)):
+        if ok:
+            check_fields(headers, LIMITS)
+        else:
+            with pytest.raises(ProtocolError) as err:
+                check_fields(headers, LIMITS)
+            assert err.value.status == 400 and err.value.reason == "invalid header field"
+
+
+def test_empty_field_name_and_its_precedence():
+    with pytest.raises(ProtocolError, match="empty header field name"):
+        check_fields([(b"a", b"b"), (b"", b"v")], LIMITS)
+    # a bad byte anywhere is reported first, as the reference does
+    with pytest.raises(ProtocolError, match="invalid header field"):
+        check_fields([(b"", b"v"), (b"a", b"\x00")], LIMITS, 502)
+
+
+def test_response_head_returns_names_in_order_for_the_framing_dispatch():
+    head = response_head(200, b"OK", b"1.1", [(b"server", b"x"), (b"content-length", b"5"), (b"date", b"d")],
+                         LIMITS, False)
+    assert head.names == (b"server", b"content-length", b"date") and head.content_length == 5
+
+
+FIELDS = [(b"host", b"example.com"), (b"x-empty", b""), (b"user-agent", b"curl/8 \xff")]
+
+
+@pytest.mark.parametrize("headers", [FIELDS, [], FIELDS[:1]])
+def test_encoded_heads_match_the_reference_layout(headers):
+    fields = b"".join(b"%s: %s\r\n" % f for f in headers)
+    assert encode_request_head(b"GET", b"/a?b", headers) == b"GET /a?b HTTP/1.1\r\n" + fields + b"\r\n"
+    assert encode_request_head(b"GET", b"/a?b", iter(headers)) == encode_request_head(b"GET", b"/a?b", headers)
+    assert encode_response_head(200, b"", headers) == b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n"
+    assert encode_response_head(200, b"OK", tuple(headers)) == encode_response_head(200, b"", headers)
+    assert encode_response_head(299, b"", headers) == b"HTTP/1.1 299 \r\n" + fields + b"\r\n"
+
+
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
+
+
+def _uuid_text(value: int) -> bytes:
+    h = b"%032x" % value
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_request_ids_are_the_documented_uuid4_of_128_rng_bits(seed):
+    expected = _uuid_text(random.Random(seed).getrandbits(128) & _UUID_CLEAR | _UUID_V4)
+    got = random_uuid(random.Random(seed))
+    assert got == expected and got[14:15] == b"4" and got[19:20] in b"89ab"
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_new_trace_ids_are_the_documented_slices_of_one_320_bit_draw(seed):
+    r = random.Random(seed).getrandbits(320)
+    request_id = _uuid_text((r >> 192) & _UUID_CLEAR | _UUID_V4)
+    trace, span = (r >> 64) & ((1 << 128) - 1), r & ((1 << 64) - 1)
+    tracer = ProxyTracer(None, sample_rate=0.5, rng=random.Random(seed))
+    ctx = tracer.start([(b"host", b"h")], names=(b"host",))
+    assert ctx.request_id == request_id
+    assert ctx.trace_id == b"%032x" % trace and ctx.span_id == b"%016x" % span
+    assert ctx.sampled == (trace & ((1 << 64) - 1) < 1 << 63)
+
+
+class _ZeroRng(random.Random):
+    def getrandbits(self, k):
+        return 0
+
+
+def test_all_zero_draw_still_gives_valid_trace_and_span_ids():
+    ctx = ProxyTracer(None, rng=_ZeroRng()).start([], names=())
+    assert ctx.trace_id == b"0" * 31 + b"1" and ctx.span_id == b"0" * 15 + b"1"
+
+
+def test_histogram_buckets_match_bisect_at_and_around_every_bound():
+    values = [0, 0.1, 7, 10**9] + [b + d for b in ISTIO_BUCKETS for d in (-0.25, 0, 0.25)]
+    metrics = ProxyMetrics()
+    h = metrics.http_handle("source", PeerInfo(), PeerInfo())
+    for v in values:
+        metrics.record_http(h, 200, "-", v, int(v), int(v))
+    expected = [0] * (len(ISTIO_BUCKETS) + 1)
+    for v in values:
+        expected[bisect_left(ISTIO_BUCKETS, v)] += 1
+    hist = metrics.dump()["histograms"]["istio_request_duration_milliseconds"]
+    assert hist[0][1] == expected and hist[0][2] == pytest.approx(sum(values))
