@@ -3,11 +3,14 @@
 cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.cluster.state cimport ClusterState
+from meshproxy.telemetry.tracing cimport ProxyTracer
 
 cdef class Telemetry:
-    cdef public object metrics, tracer, access_log, source, _unrouted, _inbound
+    cdef public ProxyTracer tracer
+    cdef public object metrics, access_log, source, _unrouted, _inbound
     cdef public str reporter
     cdef public dict _handles, _tcp_handles
 
+    cpdef request_routed(self, Exchange exchange)
     @cython.locals(cluster=ClusterState, duration_ms=double)
     cpdef exchange_done(self, Exchange exchange, double now)

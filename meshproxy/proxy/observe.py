@@ -9,10 +9,14 @@ never asks which of them are on.  Label handles are interned once per cluster.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from ..codec.api import field_names
 from ..config.model import Cluster, Listener, Snapshot
-from ..telemetry import AccessLog, PeerInfo, ProxyMetrics, ProxyTracer, UNKNOWN_PEER
+from ..telemetry import AccessLog, PeerInfo, ProxyMetrics, UNKNOWN_PEER
+
+if TYPE_CHECKING:   # compiled, the attribute's type comes from observe.pxd (a cimport)
+    from ..telemetry.tracing import ProxyTracer
 
 
 class NullMetrics:

@@ -7,18 +7,15 @@ from libc.stdint cimport int64_t
 ctypedef unsigned long long u64
 
 cdef bytes _HEXDIGITS
-cdef u64 _UUID_HI_CLEAR, _UUID_HI_V4, _UUID_LO_CLEAR, _UUID_LO_VARIANT
 
-@cython.locals(lo=u64)
 cpdef bytes random_uuid(rng)
-@cython.locals(span=u64, low=u64, high=u64, lo=u64, hi=u64)
+@cython.locals(raw=bytes, p="const unsigned char*", i=int, trace_bits=int, span_bits=int, low=u64)
 cdef tuple _new_ids(rng)
 @cython.locals(i=int, hexdigits="const char*")
-cdef char* _put_hex(char* w, u64 value, int digits)
-@cython.locals(w="char*")
-cdef bytes _hex(u64 high, u64 low, int digits)
-@cython.locals(w="char*")
-cdef bytes _uuid(u64 hi, u64 lo)
+cdef char* _put_hex(char* w, const unsigned char* p, int start, int end)
+cdef bytes _hex_text(bytes raw, int start, int end)
+@cython.locals(w="char*", p="const unsigned char*")
+cdef bytes _uuid_text(bytes raw, int start)
 
 cdef class TraceContext:
     cdef public bytes trace_id, span_id, parent_id, request_id, tracestate
@@ -31,3 +28,7 @@ cdef class TraceContext:
 cdef class ProxyTracer:
     cdef public object export, sample_rate, _bound, _rng, _clock_ns, _tracer, _ids, _record
     cdef public bint b3_single, b3_multi
+
+    @cython.locals(fwd=list, ctx=TraceContext)
+    cpdef TraceContext start(self, head_headers, str kind=*, bytes method=*, bytes path=*, bytes authority=*,
+                             str scheme=*, str peer_address=*, names=*)

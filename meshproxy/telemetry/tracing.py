@@ -46,9 +46,6 @@ _UUID_V4 = (0x4 << 76) | (0x2 << 62)
 _MASK128 = (1 << 128) - 1
 _NEW_IDS_CLEAR = ~(~_UUID_CLEAR << 192)
 _NEW_IDS_UUID_V4 = _UUID_V4 << 192
-# the same bits in the two 64-bit halves of a UUID (compiled random_uuid / _new_ids)
-_UUID_HI_CLEAR, _UUID_HI_V4 = (_UUID_CLEAR >> 64) & _MASK64, _UUID_V4 >> 64
-_UUID_LO_CLEAR, _UUID_LO_VARIANT = _UUID_CLEAR & _MASK64, _UUID_V4 & _MASK64
 
 
 def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
@@ -61,9 +58,7 @@ def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
 def random_uuid(rng) -> bytes:
     """A random (version 4) UUID from ``rng`` (no syscall), like Envoy's x-request-id."""
     if cython.compiled:
-        # getrandbits(128) is getrandbits(64) for the low half, then for the high half
-        lo = rng.getrandbits(64)
-        return _uuid(rng.getrandbits(64), lo)
+        return _uuid_text(rng.getrandbits(128).to_bytes(16, "big"), 0)
     h = b"%032x" % (rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
@@ -71,18 +66,20 @@ def random_uuid(rng) -> bytes:
 def _new_ids(rng):
     """A new trace's ids from one 320-bit draw: ``(x-request-id (a UUIDv4, the top 128 bits),
     trace id (the next 128), span id (the low 64), the trace id's low 64 bits as an int)``."""
+    r = rng.getrandbits(320)
     if cython.compiled:
-        # getrandbits(320) is five getrandbits(64), least significant first: the same ids
-        span = rng.getrandbits(64)
-        low = rng.getrandbits(64)
-        high = rng.getrandbits(64)
-        lo = rng.getrandbits(64)
-        hi = rng.getrandbits(64)
-        if not (high | low) or not span:
-            low |= 1                              # all-zero ids are invalid (W3C)
-            span |= 1
-        return _uuid(hi, lo), _hex(high, low, 32), _hex(span, 0, 16), low
-    r = rng.getrandbits(320) & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
+        raw = r.to_bytes(40, "big")          # the same bits, most significant byte first
+        p = raw
+        trace_bits = span_bits = low = 0
+        for i in range(16, 32):
+            trace_bits |= p[i]
+        for i in range(32, 40):
+            span_bits |= p[i]
+        if trace_bits and span_bits:          # else: the reference below makes them valid
+            for i in range(24, 32):
+                low = low << 8 | p[i]
+            return _uuid_text(raw, 0), _hex_text(raw, 16, 32), _hex_text(raw, 32, 40), low
+    r = r & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
     if not (r >> 64) & _MASK128 or not r & _MASK64:
         r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
     ids = b"%080x" % r
@@ -90,39 +87,42 @@ def _new_ids(rng):
     return request_id, ids[32:64], ids[64:], (r >> 64) & _MASK64
 
 
-def _put_hex(w, value, digits: int):
-    """Write the low ``digits`` hex digits of ``value`` at ``w``; return the position after
+def _put_hex(w, p, start: int, end: int):
+    """Write bytes ``p[start:end]`` as lower-case hex at ``w``; return the position after
     them (compiled only)."""
     hexdigits = _HEXDIGITS
-    for i in range(digits):
-        w[i] = hexdigits[(value >> (4 * (digits - 1 - i))) & 15]
-    return w + digits
+    for i in range(start, end):
+        w[0] = hexdigits[p[i] >> 4]
+        w[1] = hexdigits[p[i] & 15]
+        w += 2
+    return w
 
 
-def _hex(high, low, digits: int) -> bytes:
-    """``digits`` (16 or 32) lower-case hex digits: ``high`` then, for 32, ``low`` (64-bit
-    words; compiled only)."""
-    out = PyBytes_FromStringAndSize(cython.NULL, digits)
-    w = _put_hex(PyBytes_AS_STRING(out), high, 16)
-    if digits == 32:
-        _put_hex(w, low, 16)
+def _hex_text(raw: bytes, start: int, end: int) -> bytes:
+    """``raw[start:end]`` in lower-case hex (compiled only)."""
+    out = PyBytes_FromStringAndSize(cython.NULL, 2 * (end - start))
+    _put_hex(PyBytes_AS_STRING(out), raw, start, end)
     return out
 
 
-def _uuid(hi, lo) -> bytes:
-    """The text of a version 4 UUID from 128 random bits (compiled only)."""
-    hi = hi & _UUID_HI_CLEAR | _UUID_HI_V4       # version 0100 in bits 76-79
-    lo = lo & _UUID_LO_CLEAR | _UUID_LO_VARIANT  # variant 10 in bits 62-63
+def _uuid_text(raw: bytes, start: int) -> bytes:
+    """The text of a version 4 UUID from the 16 random bytes at ``raw[start:]`` (compiled only):
+    version 0100 and variant 10 set, 8-4-4-4-12 hex digits."""
+    p = raw
     out = PyBytes_FromStringAndSize(cython.NULL, 36)
-    w = _put_hex(PyBytes_AS_STRING(out), hi >> 32, 8)
-    w[0] = 45                                    # "-"
-    w = _put_hex(w + 1, hi >> 16, 4)
+    w = _put_hex(PyBytes_AS_STRING(out), p, start, start + 4)
+    w[0] = 45                                          # "-"
+    w = _put_hex(w + 1, p, start + 4, start + 6)
     w[0] = 45
-    w = _put_hex(w + 1, hi, 4)
+    w[1] = 52                                          # "4": the version
+    w[2] = _HEXDIGITS[p[start + 6] & 15]
+    w = _put_hex(w + 3, p, start + 7, start + 8)
     w[0] = 45
-    w = _put_hex(w + 1, lo >> 48, 4)
+    w[1] = _HEXDIGITS[8 | (p[start + 8] >> 4) & 3]     # the variant: 10xx
+    w[2] = _HEXDIGITS[p[start + 8] & 15]
+    w = _put_hex(w + 3, p, start + 9, start + 10)
     w[0] = 45
-    _put_hex(w + 1, lo, 12)
+    _put_hex(w + 1, p, start + 10, start + 16)
     return out
 
 
@@ -233,7 +233,7 @@ class ProxyTracer:
 
     # ---------------------------------------------------------------- request path
 
-    def start(self, head_headers: Headers, kind: str = "server", *, method: bytes = b"", path: bytes = b"",
+    def start(self, head_headers: Headers, kind: str = "server", method: bytes = b"", path: bytes = b"",
               authority: bytes = b"", scheme: str = "http", peer_address: str = "",
               names: tuple | None = None) -> TraceContext:
         # Runs for every request: nothing allocated for a head that carries no trace fields
@@ -308,7 +308,10 @@ class ProxyTracer:
             ctx.start_ns = self._clock_ns()
             ctx.method, ctx.path, ctx.authority = method, path, authority
             ctx.scheme, ctx.peer_address = scheme, peer_address
-            ctx.user_agent = next((v for n, v in head_headers if n == b"user-agent"), b"")
+            for name, value in head_headers:
+                if name == b"user-agent":
+                    ctx.user_agent = value
+                    break
         return ctx
 
     def finish(self, ctx: TraceContext, status: int, *, route_name: str = "", upstream_cluster: str = "",
