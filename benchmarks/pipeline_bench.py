@@ -6,7 +6,7 @@ is written, so a loop can push a request in and the upstream's response back and
 measure only the interpreter's share of a request (what wrk + /proc cannot separate
 from kernel time and VM noise).
 
-    .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile] [--asyncio-loop]
+    .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile] [--asyncio-loop] [--realistic]
 
 It runs on uvloop, as ``meshproxy run`` does (``--asyncio-loop`` for the stdlib loop).  Timings
 on a shared VM drift by +-20%; ``benchmarks/instructions_per_request.sh`` counts instructions
@@ -81,34 +81,56 @@ class FakeTransport:
         pass
 
 
-async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST) -> None:
+def realistic_snapshot():
+    """run.py's meshproxy-realistic config (benchmarks/lib/meshconfig.py) through the real
+    load -> decode -> compile path: 50 services, 9 missed match routes, then 90/10 subsets."""
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
+    import meshconfig
+    from meshproxy.config.compile import ProxyIdentity
+    from meshproxy.config.load import build_from_paths
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "realistic.yaml"
+        path.write_text(meshconfig.realistic(9, 19, with_tcp=False))
+        built = build_from_paths([str(path)], ProxyIdentity(http_listen=("127.0.0.1", 0)))
+    assert built.snapshot is not None and not built.errors, built.errors
+    return built.snapshot
+
+
+async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, realistic: bool = False) -> None:
     loop = asyncio.get_running_loop()
     # as compiled from Istio YAML: a route without a retries block gets Istio's default policy
-    snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=DEFAULT_RETRY_POLICY)],
-                    [cluster("c", 9)],
-                    domains=("bench.local",), port=0)
+    snap = realistic_snapshot() if realistic else snapshot(
+        [HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=DEFAULT_RETRY_POLICY)],
+        [cluster("c", 9)], domains=("bench.local",), port=0)
     tracer = ProxyTracer(None, sample_rate=0.01, rng=random.Random(1)) if trace else None
     worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(tracer=tracer), rng=random.Random(1))
     await worker.start()
     listener = next(iter(worker.http_listeners.values()))
     down = DownstreamConnection(worker, listener)
     down.connection_made(FakeTransport())
-    # one pooled upstream connection, already connected
-    pool = worker.pools.pool(("127.0.0.1", 9))
-    up = UpstreamConnection(pool, lambda h: __import__("meshproxy.codec", fromlist=["x"]).make_response_parser(
-        "httptools", h, worker.options.limits))
-    up.connection_made(FakeTransport())
-    up.requests = 1
-    up.idle_since = worker.clock()
-    pool.idle.append(up)
+    # one pooled upstream connection per endpoint, already connected (the realistic config's
+    # v2 subset is 127.0.0.2)
+    ups = []
+    for address in ("127.0.0.1", "127.0.0.2") if realistic else ("127.0.0.1",):
+        pool = worker.pools.pool((address, 9))
+        up = UpstreamConnection(pool, lambda h: __import__("meshproxy.codec", fromlist=["x"]).make_response_parser(
+            "httptools", h, worker.options.limits))
+        up.connection_made(FakeTransport())
+        up.requests = 1
+        up.idle_since = worker.clock()
+        pool.idle.append(up)
+        ups.append(up)
 
     def one():
         down.data_received(request)
-        up.data_received(RESPONSE)
+        for up in ups:
+            if up.exchange is not None:
+                up.data_received(RESPONSE)
 
     for _ in range(2000):
         one()
-    assert down.transport.written and up.transport.written
+    assert down.transport.written and all(up.transport.written for up in ups)
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
@@ -132,8 +154,11 @@ if __name__ == "__main__":
     parser.add_argument("--wrk-request", action="store_true",
                         help="the two-field request wrk sends instead of a browser-like one with x-request-id")
     parser.add_argument("--asyncio-loop", action="store_true", help="the stdlib loop instead of uvloop")
+    parser.add_argument("--realistic", action="store_true",
+                        help="run.py's realistic config (50 services, 9 missed match routes, 90/10 subsets)")
     args = parser.parse_args()
     if not args.asyncio_loop:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(main(args.n, args.trace, args.profile, PLAIN_REQUEST if args.wrk_request else REQUEST))
+    asyncio.run(main(args.n, args.trace, args.profile, PLAIN_REQUEST if args.wrk_request else REQUEST,
+                     args.realistic))

@@ -7,6 +7,7 @@ from meshproxy.cluster.state cimport ClusterState
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 from meshproxy.bootstrap cimport Worker
 from meshproxy.router.split cimport _RouteSplit
+from meshproxy.router.request cimport view_from_head
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
 from meshproxy.proxy.transform cimport forwarded_request_headers, forwarded_response_headers
 

@@ -38,7 +38,7 @@ from ..codec.writer import (
 )
 from ..config.model import NO_HEADER_POLICY
 from ..router.match import select_route, select_virtual_host
-from ..router.request import RequestView
+from ..router.request import RequestView, view_from_head
 from ..router.retry import RetryState
 from ..router.split import hash_key_for
 from ..telemetry.tracing import random_uuid
@@ -165,7 +165,7 @@ class Exchange:
         view = self.view
         if view is None:
             listener = self.down.listener
-            view = self.view = RequestView.from_head(self.head, listener.port, listener.scheme, self.down.client_ip)
+            view = self.view = view_from_head(self.head, listener.port, listener.scheme, self.down.client_ip)
         return view
 
     # ================================================================ 2. local replies

@@ -37,15 +37,7 @@ class RequestView:
     @classmethod
     def from_head(cls, head, port: int, scheme: str, source_ip: str) -> "RequestView":
         """From a ``meshproxy.codec.api.RequestHead``; bytes decoded as latin-1."""
-        headers: dict[str, str] = {}
-        for name, value in head.headers:
-            key = name.decode("latin-1")
-            old = headers.get(key)
-            headers[key] = value.decode("latin-1") if old is None else old + "," + value.decode("latin-1")
-        target = head.path.decode("latin-1")
-        path, _, query = target.partition("?")
-        return cls(head.method.decode("latin-1"), head.host.decode("latin-1").lower(), path, query,
-                   headers, port, scheme, source_ip)
+        return view_from_head(head, port, scheme, source_ip)
 
     @property
     def query_params(self) -> Mapping[str, str]:
@@ -80,3 +72,25 @@ class RequestView:
     def __repr__(self) -> str:
         return (f"RequestView({self.method} {self.scheme}://{self.authority}{self.path}"
                 f"{'?' + self.query if self.query else ''} port={self.port})")
+
+
+def view_from_head(head, port: int, scheme: str, source_ip: str) -> RequestView:
+    """:meth:`RequestView.from_head` (the request path calls this)."""
+    headers: dict[str, str] = {}
+    for name, value in head.headers:
+        key = name.decode("latin-1")
+        old = headers.get(key)
+        headers[key] = value.decode("latin-1") if old is None else old + "," + value.decode("latin-1")
+    target = head.path.decode("latin-1")
+    path, _, query = target.partition("?")
+    view = RequestView.__new__(RequestView)      # the fields directly: no __init__ call
+    view.method = head.method.decode("latin-1")
+    view.authority = head.host.decode("latin-1").lower()
+    view.path = path
+    view.query = query
+    view.headers = headers
+    view.port = port
+    view.scheme = scheme
+    view.source_ip = source_ip
+    view._query_params = None
+    return view
