@@ -3,6 +3,9 @@
 cimport cython
 from meshproxy.codec cimport framing
 
+@cython.locals(p="const unsigned char*", i=Py_ssize_t, n=Py_ssize_t)
+cdef tuple _field(bytes name, bytes value)
+
 cdef class _Base:
     cdef public object _handler, _limits, _parser, on_header, on_body, _handler_body, _handler_complete
     cdef public list _raw

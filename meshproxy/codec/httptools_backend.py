@@ -19,6 +19,8 @@ Two things llhttp cannot tell us are done here with a little bookkeeping:
 """
 from __future__ import annotations
 
+import cython
+
 import httptools
 
 from . import framing
@@ -35,6 +37,21 @@ _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 _HEAD, _BODY, _TUNNEL, _CLOSED, _DEAD = range(5)
 _CHUNK_SIZE_SLACK = 18  # hex digits + CRLF allowed on top of the extension bound
 _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)  # Upgrade is not an HttpParserError
+
+
+def _field(name: bytes, value: bytes) -> tuple:
+    """``(name.lower(), value.rstrip(b" \t"))`` (llhttp strips leading OWS only), new bytes
+    objects only where something changes (compiled only: C scans decide)."""
+    p = name
+    for i in range(len(name)):
+        if 65 <= p[i] <= 90:             # A-Z
+            name = name.lower()
+            break
+    n = len(value)
+    p = value
+    if n and (p[n - 1] == 32 or p[n - 1] == 9):
+        value = value.rstrip(b" \t")
+    return (name, value)
 
 
 class _Base:
@@ -65,8 +82,12 @@ class _Base:
         lower = bytes.lower
         rstrip = bytes.rstrip
 
-        def on_header(name: bytes, value: bytes) -> None:
-            append((lower(name), rstrip(value, b" \t")))  # llhttp strips leading OWS only
+        if cython.compiled:
+            def on_header(name: bytes, value: bytes) -> None:
+                append(_field(name, value))
+        else:
+            def on_header(name: bytes, value: bytes) -> None:
+                append((lower(name), rstrip(value, b" \t")))  # llhttp strips leading OWS only
 
         self.on_header = on_header  # must be set before the llhttp parser is built
         # without a body cap llhttp hands body bytes straight to the handler (one frame less)

@@ -114,3 +114,27 @@ def test_histogram_buckets_match_bisect_at_and_around_every_bound():
         expected[bisect_left(ISTIO_BUCKETS, v)] += 1
     hist = metrics.dump()["histograms"]["istio_request_duration_milliseconds"]
     assert hist[0][1] == expected and hist[0][2] == pytest.approx(sum(values))
+
+
+class _Heads:
+    def __init__(self):
+        self.heads = []
+
+    def on_request_head(self, head):
+        self.heads.append(head)
+
+    def on_body(self, data):
+        pass
+
+    def on_message_complete(self):
+        pass
+
+
+@pytest.mark.parametrize("backend", ["httptools", "h11"])
+def test_field_names_are_lower_cased_and_trailing_ows_dropped_only_where_present(backend):
+    from meshproxy.codec import make_request_parser
+    sink = _Heads()
+    parser = make_request_parser(backend, sink, LIMITS)
+    parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-MiXeD-Case: a b \t\r\nlower: v\r\nUA: \xff\t\r\nE:\r\n\r\n")
+    assert sink.heads[0].headers == [(b"host", b"h"), (b"x-mixed-case", b"a b"), (b"lower", b"v"),
+                                     (b"ua", b"\xff"), (b"e", b"")]
