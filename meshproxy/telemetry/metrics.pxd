@@ -2,9 +2,14 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 
-cdef tuple _BOUNDS
+cdef double[:] _BOUNDS
 
-@cython.locals(buckets=list)
-cdef _add_request(list s, double duration_ms, Py_ssize_t request_bytes, Py_ssize_t response_bytes)
-@cython.locals(i=Py_ssize_t, bound=double)
+cdef class _HttpSeries:
+    cdef public long long count, request_sum, response_sum
+    cdef public double duration_sum
+    cdef public long long[:] duration_buckets, request_buckets, response_buckets
+
+    cpdef add(self, double duration_ms, long long request_bytes, long long response_bytes)
+
+@cython.locals(bounds="double[:]", i=Py_ssize_t, n=Py_ssize_t)
 cdef Py_ssize_t _bucket(double value) except -1

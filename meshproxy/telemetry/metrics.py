@@ -6,8 +6,9 @@ The request path never touches a metrics library.  A label set that is fixed for
 (direction, source, destination, protocol) combination is interned ONCE into an integer
 *handle* (:meth:`ProxyMetrics.http_handle`, :meth:`ProxyMetrics.tcp_handle`); the caller
 caches the handle (per cluster/subset).  Per request, :meth:`ProxyMetrics.record_http`
-does one dict lookup keyed by ``(handle, status, flags, grpc_status)``, four additions
-and three ``bisect`` calls into plain Python lists.
+does one dict lookup keyed by ``(handle, status, flags, grpc_status)`` and updates that
+series' count, sums and bucket counts (C numbers and arrays when compiled, the same
+arithmetic in Python otherwise).
 
 Scrape time
 -----------
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Iterable, Protocol
@@ -45,7 +47,7 @@ ISTIO_BUCKETS: tuple[float, ...] = (
     300000, 600000, 1800000, 3600000,
 )
 _NBUCKETS = len(ISTIO_BUCKETS) + 1          # + the +Inf bucket
-_BOUNDS = ISTIO_BUCKETS                     # (typed for the compiled _bucket)
+_BOUNDS = array("d", ISTIO_BUCKETS)         # (a C array of doubles for the compiled _bucket)
 
 REPORTERS = ("source", "destination", "waypoint")
 
@@ -162,29 +164,41 @@ class CounterSource(Protocol):
     def counters(self) -> Iterable[tuple[str, tuple[str, ...], int]]: ...
 
 
-def _add_request(s: list, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-    """Count one request into its series ``s`` (see ``ProxyMetrics._http``)."""
-    s[0] += 1
-    s[1] += duration_ms
-    s[2] += request_bytes
-    s[3] += response_bytes
-    buckets = s[4]
-    buckets[_bucket(duration_ms)] += 1
-    buckets = s[5]
-    buckets[_bucket(request_bytes)] += 1
-    buckets = s[6]
-    buckets[_bucket(response_bytes)] += 1
+class _HttpSeries:
+    """One request label set's numbers: the count, the three sums and the three histograms'
+    bucket counts (non-cumulative; ``dump`` reports them as they are)."""
+
+    __slots__ = ("count", "duration_sum", "request_sum", "response_sum",
+                 "duration_buckets", "request_buckets", "response_buckets")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.duration_sum = 0.0
+        self.request_sum = 0
+        self.response_sum = 0
+        self.duration_buckets = array("q", [0]) * _NBUCKETS
+        self.request_buckets = array("q", [0]) * _NBUCKETS
+        self.response_buckets = array("q", [0]) * _NBUCKETS
+
+    def add(self, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        self.count += 1
+        self.duration_sum += duration_ms
+        self.request_sum += request_bytes
+        self.response_sum += response_bytes
+        self.duration_buckets[_bucket(duration_ms)] += 1
+        self.request_buckets[_bucket(request_bytes)] += 1
+        self.response_buckets[_bucket(response_bytes)] += 1
 
 
 def _bucket(value: float) -> int:
     """The histogram bucket of ``value``: the first bound >= value, or +Inf's index."""
     if cython.compiled:
-        i = 0
-        for bound in _BOUNDS:
-            if value <= bound:
+        bounds = _BOUNDS
+        n = len(bounds)
+        for i in range(n):
+            if value <= bounds[i]:
                 return i
-            i += 1
-        return i
+        return n
     return bisect_left(_BOUNDS, value)
 
 
@@ -197,8 +211,8 @@ class ProxyMetrics:
         # handle -> static label values (everything but response_code/flags/grpc status)
         self._http_static: list[tuple[str, ...]] = []
         self._http_handles: dict[tuple[str, ...], int] = {}
-        # (handle, status, flags, grpc_status) -> [count, dur_sum, req_sum, resp_sum, dur_b, req_b, resp_b]
-        self._http: dict[tuple, list] = {}
+        # (handle, status, flags, grpc_status) -> its numbers
+        self._http: dict[tuple, _HttpSeries] = {}
         self._tcp_static: list[tuple[str, ...]] = []
         self._tcp_handles: dict[tuple[str, ...], int] = {}
         # (handle, flags) -> [opened, closed, sent, received]
@@ -232,9 +246,8 @@ class ProxyMetrics:
         """One finished request.  ``flags`` is Envoy's response flags string (``"-"`` for none)."""
         s = self._http.get((h, status, flags, grpc_status))
         if s is None:
-            s = self._http[(h, status, flags, grpc_status)] = [
-                0, 0.0, 0, 0, [0] * _NBUCKETS, [0] * _NBUCKETS, [0] * _NBUCKETS]
-        _add_request(s, duration_ms, request_bytes, response_bytes)
+            s = self._http[(h, status, flags, grpc_status)] = _HttpSeries()
+        s.add(duration_ms, request_bytes, response_bytes)
 
     # ------------------------------------------------------------------ Istio TCP
 
@@ -360,10 +373,10 @@ class ProxyMetrics:
         for (h, status, flags, grpc), s in self._http.items():
             st = self._http_static[h]
             labels = [*st[:12], st[12], str(status), flags, st[13], grpc]
-            requests.append([labels, s[0]])
-            durations.append([labels, list(s[4]), s[1]])
-            req_bytes.append([labels, list(s[5]), s[2]])
-            resp_bytes.append([labels, list(s[6]), s[3]])
+            requests.append([labels, s.count])
+            durations.append([labels, list(s.duration_buckets), s.duration_sum])
+            req_bytes.append([labels, list(s.request_buckets), s.request_sum])
+            resp_bytes.append([labels, list(s.response_buckets), s.response_sum])
 
         tcp_names = ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
                      "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total")

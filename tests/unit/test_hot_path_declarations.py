@@ -14,7 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PXDS = sorted((ROOT / "meshproxy").rglob("*.pxd"))
-_DECL = re.compile(r"^\s+cdef\s+(?:public\s+|readonly\s+)?(?!class\b)[\w.\[\]]+\s+([\w\s,]+?)\s*(?:#.*)?$")
+# cdef [public|readonly] TYPE names: TYPE may be several words (long long) or a memoryview (double[:])
+_DECL = re.compile(r"^\s+cdef\s+(?:public\s+|readonly\s+)?(?!class\b)(?:(?:unsigned|signed|long|short)\s+)*"
+                   r"[\w.\[\]:]+\s+([\w\s,]+?)\s*(?:#.*)?$")
 
 
 def pxd_classes(path: Path) -> dict[str, tuple[list[str], str | None]]:
