@@ -117,10 +117,33 @@ def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple
     return names, values
 
 
+def field_index(names: tuple[bytes, ...], name: bytes) -> int:
+    """Where the field ``name`` is in ``names``: its index when it occurs once, -1 when it
+    does not occur, -2 when it occurs more than once."""
+    if cython.compiled:
+        # one C pass: length, then bytes, compared in place
+        found = -1
+        n = len(name)
+        a = name
+        for i in range(len(names)):
+            item = names[i]
+            b = item
+            if len(item) == n and memcmp(a, b, n) == 0:
+                if found != -1:
+                    return -2
+                found = i
+        return found
+    count = names.count(name)
+    if count == 1:
+        return names.index(name)
+    return -2 if count else -1
+
+
 def _values_of(name: bytes, names: tuple[bytes, ...], values: tuple[bytes, ...]) -> list[bytes]:
     """Every value of field ``name`` (known to be present), in order."""
-    if names.count(name) == 1:
-        return [values[names.index(name)]]
+    i = field_index(names, name)
+    if i >= 0:
+        return [values[i]]
     return [v for n, v in zip(names, values) if n == name]
 
 
@@ -214,16 +237,17 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError(505, "HTTP version not supported")
     names, values = _checked_fields(headers, limits, 400)
-    if names.count(b"host") == 1 and target[:1] == b"/":
+    host_index = field_index(names, b"host")
+    if host_index >= 0 and target[:1] == b"/":
         if _REQUEST_FRAMING_FIELDS.isdisjoint(names):
             # The common head, decided with C-level scans of ``names``: one Host, origin-form
             # target, and no CL/TE/Upgrade/Expect, so no body; keep-alive by version and
             # Connection (the same outcome _request_tail reaches for it, without the loop
             # over fields).
-            host = values[names.index(b"host")]
+            host = values[host_index]
             if host not in _VALID_HOSTS and not _valid_host(host):
                 raise ProtocolError(400, "invalid Host")
-            if b"connection" in names:
+            if field_index(names, b"connection") != -1:
                 keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
             else:
                 keep_alive = version == b"1.1"
@@ -232,7 +256,7 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
         if _REQUEST_RARE_FIELDS.isdisjoint(names):
             # one Host and at most Content-Length / Connection among the framing fields
             return _request_tail(
-                method, target, version, headers, limits, [values[names.index(b"host")]],
+                method, target, version, headers, limits, [values[host_index]],
                 _values_of(b"content-length", names, values) if b"content-length" in names else (),
                 (), _values_of(b"connection", names, values) if b"connection" in names else (), b"", False,
                 names)
@@ -344,21 +368,23 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
     if not 200 <= status <= 999 or version not in _VERSIONS:
         _check_status_line(status, version)
     names, values = _checked_fields(headers, limits, 502)
-    if names.count(b"content-length") == 1 and b"transfer-encoding" not in names and not no_body \
+    cl = field_index(names, b"content-length")
+    if cl >= 0 and field_index(names, b"transfer-encoding") == -1 and not no_body \
             and status != 204 and status != 304 and status >= 200:
         # The common response: one Content-Length, no Transfer-Encoding; the outcome
         # _response_tail reaches for it, found with C-level scans of ``names``.
-        length = values[names.index(b"content-length")]
+        length = values[cl]
         content_length = _LENGTHS.get(length)
         if content_length is None:
             content_length = _content_length([length], 502)
             if len(_LENGTHS) < _LENGTHS_MAX and length[:1] != b"0":
                 _LENGTHS[length] = content_length
-        if b"connection" not in names:
+        conn = field_index(names, b"connection")
+        persists = _PERSISTENT_1_1.get(values[conn]) if conn >= 0 and version == b"1.1" else None
+        if conn == -1:
             keep_alive = version == b"1.1"
-        elif version == b"1.1" and names.count(b"connection") == 1 \
-                and values[names.index(b"connection")] in _PERSISTENT_1_1:
-            keep_alive = _PERSISTENT_1_1[values[names.index(b"connection")]]
+        elif persists is not None:
+            keep_alive = persists
         else:
             keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
         return ResponseHead(status, reason, version, headers, BODY_LENGTH if content_length else BODY_NONE,

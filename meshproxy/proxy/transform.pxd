@@ -2,9 +2,11 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from meshproxy.codec.api cimport RequestHead, ResponseHead
+from meshproxy.codec.framing cimport field_index
 
+@cython.locals(i=Py_ssize_t)
 cpdef _named_fields(headers, tuple names)
 @cython.locals(names=tuple, out=list)
 cpdef list forwarded_request_headers(RequestHead head, authority, str client_ip, str scheme, new_request_id, trace_fields=*)
-@cython.locals(names=tuple, out=list)
+@cython.locals(out=list)
 cpdef list forwarded_response_headers(ResponseHead head, framing, bint keep_alive, bint upgrade=*)

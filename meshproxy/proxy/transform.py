@@ -9,7 +9,7 @@ import random
 from typing import Callable
 
 from ..codec.api import RequestHead, ResponseHead, field_names
-from ..codec.framing import connection_tokens
+from ..codec.framing import connection_tokens, field_index
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
 from ..telemetry.tracing import PROPAGATION_HEADERS
 
@@ -36,11 +36,11 @@ def _named_fields(headers: Headers, names: tuple) -> frozenset[bytes] | set[byte
     """Fields named in Connection, besides the hop-by-hop ones that are always removed
     (so usually none: ``Connection: keep-alive`` names a hop-by-hop field).  ``names``
     are the field names of ``headers``, in order."""
-    count = names.count(b"connection")
-    if not count:
+    i = field_index(names, b"connection")
+    if i == -1:
         return _NOTHING
-    if count == 1:
-        value = headers[names.index(b"connection")][1]
+    if i >= 0:
+        value = headers[i][1]
         if value in _KEEP_ALIVE_VALUES:
             return _NOTHING
         values = [value]
@@ -64,18 +64,18 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
     out: Headers = [(b"host", authority)]
     out += [field for field in fields if field[0] not in drop]
-    named = _named_fields(fields, names) if b"connection" in names else _NOTHING
+    named = _named_fields(fields, names)
     if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
     ip = client_ip.encode()
-    if b"x-forwarded-for" in names and b"x-forwarded-for" not in named:
+    if field_index(names, b"x-forwarded-for") != -1 and b"x-forwarded-for" not in named:
         xff = b", ".join([v for n, v in fields if n == b"x-forwarded-for"])
         ip = xff + b", " + ip
     out.append((b"x-forwarded-for", ip))
     out.append((b"x-forwarded-proto", scheme.encode()))
     if trace_fields is not None:
         out.extend(trace_fields)
-    elif new_request_id is not None and (b"x-request-id" not in names or b"x-request-id" in named):
+    elif new_request_id is not None and (field_index(names, b"x-request-id") == -1 or b"x-request-id" in named):
         out.append((b"x-request-id", new_request_id()))
     if head.upgrade:
         out.append((b"connection", b"upgrade"))
@@ -93,8 +93,7 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
     else:
         drop = _RESPONSE_DROP
     out: Headers = [field for field in fields if field[0] not in drop]
-    names = field_names(head)
-    named = _named_fields(fields, names) if b"connection" in names else _NOTHING
+    named = _named_fields(fields, field_names(head))
     if named:
         out = [(n, v) for n, v in out if n not in named]
     if framing is not None:

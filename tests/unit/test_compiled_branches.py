@@ -138,3 +138,13 @@ def test_field_names_are_lower_cased_and_trailing_ows_dropped_only_where_present
     parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-MiXeD-Case: a b \t\r\nlower: v\r\nUA: \xff\t\r\nE:\r\n\r\n")
     assert sink.heads[0].headers == [(b"host", b"h"), (b"x-mixed-case", b"a b"), (b"lower", b"v"),
                                      (b"ua", b"\xff"), (b"e", b"")]
+
+
+@pytest.mark.parametrize("names", [(), (b"host",), (b"a", b"host", b"b"), (b"host", b"x", b"host"),
+                                   (b"hos", b"hostt", b"Host", b"host "), (b"connection",) * 3])
+@pytest.mark.parametrize("name", [b"host", b"connection", b""])
+def test_field_index_is_the_only_occurrence_or_minus_one_absent_minus_two_repeated(names, name):
+    from meshproxy.codec.framing import field_index
+    count = sum(1 for n in names if n == name)
+    expected = -1 if count == 0 else names.index(name) if count == 1 else -2
+    assert field_index(names, name) == expected
