@@ -291,12 +291,12 @@ class ProxyTracer:
             flag, b3_sampled = b"01", b"1"
         else:
             flag, b3_sampled = b"00", b"0"
-        fwd = [(b"traceparent", b"00-%s-%s-%s" % (trace, span, flag)), (b"x-request-id", request_id)]
+        fwd = [(b"traceparent", b"-".join((b"00", trace, span, flag))), (b"x-request-id", request_id)]
         if tracestate:
             fwd.append((b"tracestate", tracestate))
         if self.b3_single:
             b3s = b"d" if debug else b3_sampled
-            fwd.append((b"b3", b"%s-%s-%s-%s" % (trace, span, b3s, parent) if parent else b"%s-%s-%s" % (trace, span, b3s)))
+            fwd.append((b"b3", b"-".join((trace, span, b3s, parent) if parent else (trace, span, b3s))))
         if self.b3_multi:
             last = (b"x-b3-flags", b"1") if debug else (b"x-b3-sampled", b3_sampled)
             if parent:
