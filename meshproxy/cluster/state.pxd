@@ -13,6 +13,8 @@ cdef class ClusterState:
     cdef public bint passthrough, panic, _warming
     cdef public double min_health, _next_change
     cdef public Py_ssize_t max_requests, max_pending, max_retries, max_connections
+    cdef public object idle_timeout
+    cdef public Py_ssize_t max_idle_per_endpoint, max_requests_per_connection
     cdef public _Counters counters
     cdef public dict _by_id, _by_key
 

@@ -81,6 +81,10 @@ class ClusterState:
         self.max_pending = pool.max_pending_requests
         self.max_retries = pool.max_retries
         self.max_connections = pool.max_connections
+        # the upstream pool's settings, read for every request (pipeline: acquire and release)
+        self.idle_timeout = pool.idle_timeout
+        self.max_idle_per_endpoint = pool.max_idle_per_endpoint
+        self.max_requests_per_connection = pool.max_requests_per_connection
         self.counters = previous.counters if previous is not None else _Counters()
         self._by_id = {id(h.endpoint): h for h in hosts}
         self._by_key = {h.key: h for h in hosts}

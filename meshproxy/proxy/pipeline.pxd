@@ -75,7 +75,7 @@ cdef class Exchange:
     cdef _retain(self, list chunks)
     cdef _up_write(self, data)
     cdef bint _retry_allowed(self) except -1
-    @cython.locals(conn=UpstreamConnection)
+    @cython.locals(conn=UpstreamConnection, cluster=ClusterState)
     cdef _release_upstream(self, bint reusable)
     cdef _switch_protocols(self, ResponseHead head)
     cdef _upstream_failed(self, conn, failure)

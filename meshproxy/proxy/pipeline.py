@@ -324,8 +324,7 @@ class Exchange:
         self.attempts += 1
         key = (endpoint.address, endpoint.port)
         self.tried += (key,)
-        policy = cluster.cluster.policy.connection_pool
-        conn = None if self.stale_retried else worker.pools.acquire_idle(key, policy.idle_timeout)
+        conn = None if self.stale_retried else worker.pools.acquire_idle(key, cluster.idle_timeout)
         self.upstream_start = worker.clock()
         if conn is not None:
             self._send_on(conn)
@@ -624,10 +623,9 @@ class Exchange:
         if self.upstream_paused:
             self.upstream_paused = False
             conn.transport.resume_reading()
-        self.cluster.on_request_end(self.endpoint)
-        policy = self.cluster.cluster.policy.connection_pool
-        self.worker.pools.release(conn, reusable, policy.max_idle_per_endpoint,
-                                  policy.max_requests_per_connection)
+        cluster = self.cluster
+        cluster.on_request_end(self.endpoint)
+        self.worker.pools.release(conn, reusable, cluster.max_idle_per_endpoint, cluster.max_requests_per_connection)
 
     # ================================================================ upgrade (WebSocket)
 
