@@ -487,11 +487,38 @@ def profile_meshproxy(t: Target, args, load_pre, tmp: Path, name: str) -> str:
         return f"py-spy produced no output ({spy.stderr.read().decode(errors='replace')[-500:] if spy.stderr else ''})"
     from lib import profile_summary
     summary = profile_summary.summarize(raw.read_text(), top=20)
-    (out_dir / f"{name}-{stamp}.top.md").write_text(summary)
-    return (f"Sampled with `py-spy record --rate 200 --subprocesses{' --native' if native else ''}` during "
+    text = (f"Sampled with `py-spy record --rate 200 --subprocesses {native[0]}` during "
             f"{dur} s of `wrk -c{args.conns}` on /small (req/s while sampled: "
             f"{', '.join(f'{r:.0f}' for r in results)}). Speedscope file: "
             f"`{os.path.relpath(speedscope, REPO)}` (open in speedscope.app).\n\n" + summary)
+    if shutil.which("perf"):
+        # py-spy reads Python frames only: with the compiled hot path it sees the event loop and
+        # nothing under it.  perf samples the CPU (kernel, libpython, llhttp, compiled modules).
+        text += "\n" + perf_profile(t, args, load_pre, tmp, dur)
+    (out_dir / f"{name}-{stamp}.top.md").write_text(text)
+    return text
+
+
+def perf_profile(t: Target, args, load_pre, tmp: Path, dur: int) -> str:
+    data = tmp / "perf.data"
+    rec = subprocess.Popen(["perf", "record", "-F", "999", "-p", str(t.pid), "-o", str(data), "--",
+                            "sleep", str(dur)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    try:
+        time.sleep(0.5)
+        res, _ = loadgen.run_wrk(load_pre, f"http://127.0.0.1:{t.http_port}/small", conns=args.conns,
+                                 threads=1, duration_s=dur, host=t.host)
+        rec.wait(timeout=dur + 30)
+    finally:
+        if rec.poll() is None:
+            os.killpg(rec.pid, signal.SIGKILL)
+            rec.wait()
+    if rec.returncode != 0 or not data.exists():
+        err = rec.stderr.read().decode(errors="replace")[-300:] if rec.stderr else ""
+        return f"perf record failed (rc {rec.returncode}): {err}\n"
+    from lib import perf_summary
+    return (f"Sampled with `perf record -F 999 -p PID` during {dur} s of `wrk -c{args.conns}` on /small "
+            f"(req/s while sampled: {res.rps:.0f}), the CPU seen whole:\n\n" + perf_summary.summarize(str(data)))
 
 
 # --- main ------------------------------------------------------------------------------------

@@ -186,3 +186,17 @@ def test_strace_summary_per_request():
     per = syscalls.per_request(counts, 2000)
     assert per["total"] == 6.0
     assert per["top"][0] == ("read", 3.0)
+
+
+@pytest.mark.parametrize("symbol, name", [
+    ("__pyx_f_9meshproxy_5proxy_8pipeline_8Exchange_start", "meshproxy.proxy.pipeline.Exchange.start"),
+    ("__pyx_pw_9meshproxy_9telemetry_7tracing_11ProxyTracer_3start", "meshproxy.telemetry.tracing.ProxyTracer.start"),
+    ("__pyx_pw_9meshproxy_5codec_17httptools_backend_5_Base_5feed", "meshproxy.codec.httptools_backend._Base.feed"),
+    ("__pyx_pw_9meshproxy_5proxy_8pipeline_8Exchange_1__init__", "meshproxy.proxy.pipeline.Exchange.__init__"),
+    ("__pyx_f_9meshproxy_5codec_6writer__head", "meshproxy.codec.writer._head"),
+    ("__pyx_tp_dealloc_9meshproxy_5proxy_8pipeline_Exchange", "meshproxy.proxy.pipeline.Exchange (dealloc)"),
+    ("_PyObject_Malloc", "_PyObject_Malloc"),
+])
+def test_perf_summary_names_cython_symbols_as_python(symbol, name):
+    from lib import perf_summary
+    assert perf_summary.python_name(symbol) == name
