@@ -76,10 +76,7 @@ def test_canary_step_adding_a_subset_and_shifting_weight_under_load_has_zero_non
 
 
 def test_control_plane_killed_and_restarted_under_traffic_fails_no_request_and_changes_nothing(mesh):
-    # the previous test's last applies may still be in flight: start from a mesh in sync
-    wait_for(lambda: all(p["state"] == "acked" and p["acked_version"] == p["sent_version"]
-                         for p in proxies(mesh.api).values()), 15, "mesh in sync before the kill")
-    before = {n: p["acked_version"] for n, p in proxies(mesh.api).items()}
+    before = settled_versions(mesh.api)
     load = Load(mesh.gw_port).start()
     try:
         wait_for(lambda: load.total() > 20, 10, "traffic flowing")
@@ -95,13 +92,27 @@ def test_control_plane_killed_and_restarted_under_traffic_fails_no_request_and_c
     finally:
         load.stop()
     assert load.failures == []
-    # The restarted control plane computes the same versions from the same store: the proxies end
-    # on the versions they ran before.  Under a loaded full-suite run (twice in the fifth session,
-    # once in CI) the endpoints version differed right after the reconnect with the same two
-    # registrations listed: a transient push during the restart, not understood yet.  A lasting
-    # difference still fails here, after 10 s.
-    wait_for(lambda: {n: p["acked_version"] for n, p in proxies(mesh.api).items()} == before, 10,
-             "proxies back on the versions they ran before the restart")
+    after = {n: p["acked_version"] for n, p in proxies(mesh.api).items()}
+    assert after == before                  # same versions: in sync, no snapshot was pushed
+
+
+def settled_versions(api, debounce: float = 0.1) -> dict:
+    """The proxies' versions once the mesh is in sync and stays so for longer than the control
+    plane's push debounce.  "All acked" alone can hold inside the debounce window right after a
+    registration (the fixture waits for both), before the push that carries it is computed: a
+    test that read the versions then saw them change under it (seen in loaded full runs)."""
+    def in_sync() -> dict | None:
+        items = proxies(api)
+        if all(p["state"] == "acked" and p["acked_version"] == p["sent_version"] for p in items.values()):
+            return {n: p["acked_version"] for n, p in items.items()}
+        return None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        first = in_sync()
+        time.sleep(10 * debounce)
+        if first is not None and in_sync() == first:
+            return first
+    raise TimeoutError("the mesh did not settle in sync within 15 s")
 
 
 def test_rollback_restores_the_earlier_routing_through_the_gateway(mesh):
