@@ -99,8 +99,9 @@ def test_control_plane_killed_and_restarted_under_traffic_fails_no_request_and_c
 def settled_versions(api, debounce: float = 0.1) -> dict:
     """The proxies' versions once the mesh is in sync and stays so for longer than the control
     plane's push debounce.  "All acked" alone can hold inside the debounce window right after a
-    registration (the fixture waits for both), before the push that carries it is computed: a
-    test that read the versions then saw them change under it (seen in loaded full runs)."""
+    registration (the fixture waits for both), before the push that carries it is computed; a
+    test reading the versions then would see them change under it.  That is the likely cause of
+    two failures of the restart test in loaded full runs (not reproduced in isolation)."""
     def in_sync() -> dict | None:
         items = proxies(api)
         if all(p["state"] == "acked" and p["acked_version"] == p["sent_version"] for p in items.values()):
