@@ -15,7 +15,7 @@ cdef tuple _new_ids(rng)
 cdef char* _put_hex(char* w, const unsigned char* p, int start, int end)
 cdef bytes _hex_text(bytes raw, int start, int end)
 @cython.locals(w="char*", p="const unsigned char*")
-cdef bytes _uuid_text(bytes raw, int start)
+cdef bytes _uuid_text(bytes raw)
 
 cdef class TraceContext:
     cdef public bytes trace_id, span_id, parent_id, request_id, tracestate

@@ -58,7 +58,7 @@ def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
 def random_uuid(rng) -> bytes:
     """A random (version 4) UUID from ``rng`` (no syscall), like Envoy's x-request-id."""
     if cython.compiled:
-        return _uuid_text(rng.getrandbits(128).to_bytes(16, "big"), 0)
+        return _uuid_text(rng.getrandbits(128).to_bytes(16, "big"))
     h = b"%032x" % (rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
@@ -78,7 +78,7 @@ def _new_ids(rng):
         if trace_bits and span_bits:          # else: the reference below makes them valid
             for i in range(24, 32):
                 low = low << 8 | p[i]
-            return _uuid_text(raw, 0), _hex_text(raw, 16, 32), _hex_text(raw, 32, 40), low
+            return _uuid_text(raw), _hex_text(raw, 16, 32), _hex_text(raw, 32, 40), low
     r = r & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
     if not (r >> 64) & _MASK128 or not r & _MASK64:
         r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
@@ -105,24 +105,24 @@ def _hex_text(raw: bytes, start: int, end: int) -> bytes:
     return out
 
 
-def _uuid_text(raw: bytes, start: int) -> bytes:
-    """The text of a version 4 UUID from the 16 random bytes at ``raw[start:]`` (compiled only):
+def _uuid_text(raw: bytes) -> bytes:
+    """The text of a version 4 UUID from the first 16 random bytes of ``raw`` (compiled only):
     version 0100 and variant 10 set, 8-4-4-4-12 hex digits."""
     p = raw
     out = PyBytes_FromStringAndSize(cython.NULL, 36)
-    w = _put_hex(PyBytes_AS_STRING(out), p, start, start + 4)
-    w[0] = 45                                          # "-"
-    w = _put_hex(w + 1, p, start + 4, start + 6)
+    w = _put_hex(PyBytes_AS_STRING(out), p, 0, 4)
+    w[0] = 45                                  # "-"
+    w = _put_hex(w + 1, p, 4, 6)
     w[0] = 45
-    w[1] = 52                                          # "4": the version
-    w[2] = _HEXDIGITS[p[start + 6] & 15]
-    w = _put_hex(w + 3, p, start + 7, start + 8)
+    w[1] = 52                                  # "4": the version
+    w[2] = _HEXDIGITS[p[6] & 15]
+    w = _put_hex(w + 3, p, 7, 8)
     w[0] = 45
-    w[1] = _HEXDIGITS[8 | (p[start + 8] >> 4) & 3]     # the variant: 10xx
-    w[2] = _HEXDIGITS[p[start + 8] & 15]
-    w = _put_hex(w + 3, p, start + 9, start + 10)
+    w[1] = _HEXDIGITS[8 | (p[8] >> 4) & 3]     # the variant: 10xx
+    w[2] = _HEXDIGITS[p[8] & 15]
+    w = _put_hex(w + 3, p, 9, 10)
     w[0] = 45
-    _put_hex(w + 1, p, start + 10, start + 16)
+    _put_hex(w + 1, p, 10, 16)
     return out
 
 
