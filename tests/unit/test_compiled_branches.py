@@ -148,3 +148,40 @@ def test_field_index_is_the_only_occurrence_or_minus_one_absent_minus_two_repeat
     count = sum(1 for n in names if n == name)
     expected = -1 if count == 0 else names.index(name) if count == 1 else -2
     assert field_index(names, name) == expected
+
+
+class _ResponseHeads(_Heads):
+    def on_response_head(self, head):
+        self.heads.append(head)
+
+
+def test_the_compiled_backend_reads_message_versions_from_llhttp_directly():
+    """Compiled, with the httptools this project installs, the version is read from llhttp's
+    struct; if a new httptools moves it, this fails (the slower get_http_version still works)."""
+    from meshproxy.codec.httptools_backend import llhttp_version_read_directly
+    assert llhttp_version_read_directly() is (meshproxy.HOT_PATH == "compiled")
+
+
+@pytest.mark.parametrize("backend", ["httptools", "h11"])
+def test_each_message_on_a_connection_gets_its_own_version(backend):
+    """1.1 then 1.0 then 1.1 in one feed, then an unsupported version (505), on both sides."""
+    from meshproxy.codec import make_request_parser, make_response_parser
+    sink = _Heads()
+    parser = make_request_parser(backend, sink, LIMITS)
+    parser.feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n"
+                b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [(h.path, h.version, h.keep_alive) for h in sink.heads] == [
+        (b"/a", b"1.1", True), (b"/b", b"1.0", True), (b"/c", b"1.1", True)]
+    with pytest.raises(ProtocolError) as err:
+        parser.feed(b"GET /d HTTP/1.2\r\nHost: h\r\n\r\n")
+    assert err.value.status == 505
+
+    sink = _ResponseHeads()
+    parser = make_response_parser(backend, sink, LIMITS)
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.0 204 No Content\r\nConnection: keep-alive\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    assert [(h.status, h.version) for h in sink.heads] == [(200, b"1.1"), (204, b"1.0"), (200, b"1.1")]
+    parser = make_response_parser(backend, _ResponseHeads(), LIMITS)
+    with pytest.raises(ProtocolError) as err:
+        parser.feed(b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert err.value.status == 502
