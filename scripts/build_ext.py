@@ -33,6 +33,7 @@ HOT = [
     "meshproxy/codec/httptools_backend.py",
     "meshproxy/codec/framing.py",
     "meshproxy/codec/writer.py",
+    "meshproxy/config/model.py",
     "meshproxy/router/request.py",
     "meshproxy/router/match.py",
     "meshproxy/router/split.py",

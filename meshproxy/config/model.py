@@ -1,6 +1,6 @@
 """The compiled routing snapshot the proxy runs on.
 
-Everything here is frozen, slotted and built once by :mod:`meshproxy.config.compile`
+Everything here is frozen and built once by :mod:`meshproxy.config.compile`
 from decoded Istio resources.  A request reads the current :class:`Snapshot` once and
 uses it to the end, so a reload never mixes new routes with old clusters.
 
@@ -9,6 +9,11 @@ state, outlier ejections, connection pools) lives in objects that the data plane
 *from* a snapshot (``meshproxy.router`` / ``meshproxy.cluster``), keyed by the names used
 here so that state survives a reload when a cluster's config did not change.
 
+Compiled (``scripts/build_ext.py``), the classes a request reads (routes, virtual hosts, the
+snapshot itself, ...) are extension types declared in ``model.pxd``: the request path reads
+their fields as C struct members instead of looking them up by name.  Without a compiler they
+are ordinary frozen dataclasses.
+
 Durations are float seconds; ``None`` means "not set / disabled".
 Hosts are canonical lower-case FQDNs (``reviews.default.svc.cluster.local``).
 """
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+import cython  # compiled: the classes in model.pxd are extension-type dataclasses; pure Python: plain frozen dataclasses
 from types import MappingProxyType
 from typing import Mapping
 
@@ -66,14 +73,17 @@ class RouteMatch:
 # ---------------------------------------------------------------- route actions
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True, repr=False)   # Cython's generated repr breaks on a field named "set"
 class HeaderOps:
     set: tuple[tuple[str, str], ...] = ()
     add: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()          # lower-case names
 
+    def __repr__(self) -> str:
+        return f"HeaderOps(set={self.set!r}, add={self.add!r}, remove={self.remove!r})"
 
-@dataclass(frozen=True, slots=True)
+
+@cython.dataclasses.dataclass(frozen=True)
 class HeaderPolicy:
     request: HeaderOps = HeaderOps()
     response: HeaderOps = HeaderOps()
@@ -82,7 +92,7 @@ class HeaderPolicy:
 NO_HEADER_POLICY = HeaderPolicy()
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class WeightedDestination:
     """One HTTPRouteDestination / RouteDestination after compilation."""
 
@@ -119,7 +129,7 @@ class DirectResponse:
     body: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     attempts: int                         # retries, not tries; 0 = disabled
     per_try_timeout: float | None
@@ -156,7 +166,7 @@ class CorsPolicy:
     allow_credentials: bool | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class HttpRoute:
     """One Istio HTTPRoute.  Exactly one of destinations / redirect / direct_response is set."""
 
@@ -175,7 +185,7 @@ class HttpRoute:
     cors: CorsPolicy | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class VirtualHost:
     """The routes for one set of domains, from one VirtualService (or the implicit
     default route to a service when no VirtualService names it)."""
@@ -185,7 +195,7 @@ class VirtualHost:
     routes: tuple[HttpRoute, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class RouteTable:
     """Domain -> VirtualHost index for one HTTP listener.
 
@@ -195,7 +205,7 @@ class RouteTable:
     """
 
     name: str
-    exact: Mapping[str, VirtualHost] = field(default_factory=lambda: EMPTY_MAP)
+    exact: Mapping[str, VirtualHost] = cython.dataclasses.field(default_factory=lambda: EMPTY_MAP)
     wildcards: tuple[tuple[str, VirtualHost], ...] = ()   # (".example.com", vh) longest suffix first
     default: VirtualHost | None = None
 
@@ -307,7 +317,7 @@ class Listener:
     tls: TlsSettings | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class ProxySettings:
     """Limits and timeouts that are not per route (configurable from the command line)."""
 
@@ -329,7 +339,7 @@ class ResourceInfo:
     version: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class Snapshot:
     version: str
     listeners: tuple[Listener, ...]
@@ -337,4 +347,4 @@ class Snapshot:
     clusters: Mapping[str, Cluster]
     resources: tuple[ResourceInfo, ...] = ()
     warnings: tuple[str, ...] = ()          # accepted-with-notes (shadowed VS, missing subset, ...)
-    settings: ProxySettings = field(default_factory=ProxySettings)
+    settings: ProxySettings = cython.dataclasses.field(default_factory=ProxySettings)

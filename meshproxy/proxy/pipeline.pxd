@@ -6,6 +6,7 @@ from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 from meshproxy.bootstrap cimport Worker
+from meshproxy.config.model cimport Snapshot, HttpRoute, WeightedDestination, RouteTable, VirtualHost
 from meshproxy.router.split cimport _RouteSplit
 from meshproxy.router.request cimport view_from_head
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
@@ -16,7 +17,10 @@ cdef class Exchange:
     cdef public RequestHead head
     cdef public ResponseHead response_head
     cdef public Worker worker
-    cdef public object snapshot, route, destination, view, endpoint
+    cdef public Snapshot snapshot
+    cdef public HttpRoute route
+    cdef public WeightedDestination destination
+    cdef public object view, endpoint
     cdef public ClusterState cluster
     cdef public UpstreamConnection upstream
     cdef public bytes forward_head
@@ -38,6 +42,7 @@ cdef class Exchange:
     cdef public object set_cookie
 
     # entry points called by the connection drivers (and Python code)
+    @cython.locals(snapshot=Snapshot, table=RouteTable, vhost=VirtualHost, routes=tuple, route=HttpRoute)
     cpdef start(self)
     cpdef request_view(self)
     cpdef request_body(self, data)
@@ -58,12 +63,12 @@ cdef class Exchange:
     cdef _local_reply(self, int status, str flag)
     cdef _respond_local(self, int status, list headers, bytes body, str flag)
     cdef _write_local(self, bytes payload, int status)
-    @cython.locals(worker=Worker, cluster=ClusterState, split=_RouteSplit)
+    @cython.locals(worker=Worker, cluster=ClusterState, split=_RouteSplit, route=HttpRoute, dest=WeightedDestination)
     cdef _choose_cluster(self, match)
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
     cdef _choose_hash_key(self, policy)
-    @cython.locals(kind=int, head=RequestHead)
+    @cython.locals(kind=int, head=RequestHead, route=HttpRoute)
     cdef _prepare_head(self, match)
     @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection)
     cdef _attempt(self)

@@ -185,3 +185,28 @@ def test_each_message_on_a_connection_gets_its_own_version(backend):
     with pytest.raises(ProtocolError) as err:
         parser.feed(b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert err.value.status == 502
+
+
+def test_snapshot_classes_behave_as_frozen_dataclasses_in_both_modes():
+    """Compiled, the classes in model.pxd are extension-type dataclasses; they must keep what
+    the rest of the code relies on: frozen fields, value equality and hashing, replace(),
+    dataclasses.fields() (config_dump) and a readable repr."""
+    import dataclasses
+    from meshproxy.config.dump import to_jsonable
+    from meshproxy.config.model import HeaderOps, HeaderPolicy, HttpRoute, WeightedDestination
+    ops = HeaderOps(set=(("x-a", "1"),), remove=("x-b",))
+    dest = WeightedDestination("reviews.default.svc.cluster.local", "v1", 9080, 90, "outbound|9080|v1|reviews",
+                               HeaderPolicy(request=ops))
+    route = HttpRoute("r", "VirtualService default/reviews: spec.http[0]", destinations=(dest,))
+    with pytest.raises(AttributeError):
+        route.name = "other"
+    with pytest.raises(AttributeError):
+        ops.set = ()
+    same = WeightedDestination("reviews.default.svc.cluster.local", "v1", 9080, 90, "outbound|9080|v1|reviews",
+                               HeaderPolicy(request=HeaderOps(set=(("x-a", "1"),), remove=("x-b",))))
+    assert same == dest and hash(same) == hash(dest) and same != dataclasses.replace(dest, weight=10)
+    assert dataclasses.replace(route, name="r2").destinations == (dest,)
+    assert [f.name for f in dataclasses.fields(route)][:4] == ["name", "source", "matches", "destinations"]
+    assert to_jsonable(ops) == {"set": [["x-a", "1"]], "add": [], "remove": ["x-b"]}
+    assert repr(ops) == "HeaderOps(set=(('x-a', '1'),), add=(), remove=('x-b',))"
+    assert repr(route).startswith("HttpRoute(name='r', source='VirtualService default/reviews: spec.http[0]'")
