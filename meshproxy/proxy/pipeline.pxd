@@ -9,6 +9,8 @@ from meshproxy.bootstrap cimport Worker
 from meshproxy.config.model cimport Snapshot, HttpRoute, WeightedDestination, RouteTable, VirtualHost
 from meshproxy.router.split cimport _RouteSplit
 from meshproxy.router.request cimport view_from_head
+from meshproxy.router.match cimport select_virtual_host
+from meshproxy.telemetry.tracing cimport TraceContext
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
 from meshproxy.proxy.transform cimport forwarded_request_headers, forwarded_response_headers
 
@@ -33,7 +35,8 @@ cdef class Exchange:
     cdef public tuple tried
     cdef public str flags, route_name
     cdef public double start_time, upstream_start
-    cdef public object timer, try_timer, hash_key, connect_task, trace
+    cdef public object timer, try_timer, hash_key, connect_task
+    cdef public TraceContext trace
     cdef public bint discarding, finished, keep_alive, request_admitted, pending_admitted, retry_admitted
     cdef public object waiting
     cdef public bint upstream_paused, request_discard, switching, response_flushed, reused, stale_retried
