@@ -4,13 +4,17 @@ cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.telemetry.tracing cimport ProxyTracer
+from meshproxy.codec.api cimport RequestHead
+from meshproxy.telemetry.metrics cimport ProxyMetrics
 
 cdef class Telemetry:
     cdef public ProxyTracer tracer
-    cdef public object metrics, access_log, source, _unrouted, _inbound
+    cdef public ProxyMetrics metrics
+    cdef public object access_log, source, _unrouted, _inbound
     cdef public str reporter
     cdef public dict _handles, _tcp_handles
 
+    @cython.locals(head=RequestHead)
     cpdef request_routed(self, Exchange exchange)
     @cython.locals(cluster=ClusterState, duration_ms=double)
     cpdef exchange_done(self, Exchange exchange, double now)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from ..codec.api import field_names
 from ..config.model import Cluster, Listener, Snapshot
-from ..telemetry import AccessLog, PeerInfo, ProxyMetrics, UNKNOWN_PEER
+from ..telemetry import AccessLog, PeerInfo, UNKNOWN_PEER
+from ..telemetry.metrics import ProxyMetrics
 
 if TYPE_CHECKING:   # compiled, the attribute's type comes from observe.pxd (a cimport)
     from ..telemetry.tracing import ProxyTracer
@@ -107,7 +108,8 @@ class Telemetry:
             kind = "server" if exchange.down.listener.inbound else "client"
             exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
                                           authority=head.host, scheme=exchange.down.listener.scheme,
-                                          peer_address=exchange.down.client_ip, names=field_names(head))
+                                          peer_address=exchange.down.client_ip,
+                                          names=head.names or field_names(head))
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster

@@ -13,3 +13,13 @@ cdef class _HttpSeries:
 
 @cython.locals(bounds="double[:]", i=Py_ssize_t, n=Py_ssize_t)
 cdef Py_ssize_t _bucket(double value) except -1
+
+cdef class ProxyMetrics:
+    cdef public object worker, instance
+    cdef public str _config_version
+    cdef public list _http_static, _tcp_static, _sources
+    cdef public dict _http_handles, _http, _tcp_handles, _tcp, _counters, _gauges
+
+    @cython.locals(s=_HttpSeries)
+    cpdef record_http(self, h, int status, str flags, double duration_ms, long long request_bytes,
+                      long long response_bytes, str grpc_status=*)

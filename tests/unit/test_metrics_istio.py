@@ -1,7 +1,6 @@
 """Istio standard metrics and proxy internals after known traffic."""
 from __future__ import annotations
 
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -133,13 +132,13 @@ def test_proxy_internals_count_per_cluster_and_reason():
     assert value("meshproxy_draining") == [1] and value("meshproxy_workers") == [1]
 
 
-def test_record_http_cost_is_printed():
+def test_record_http_counts_every_request_in_its_own_series():
+    """Round robin over three destinations: each series counts exactly its share.
+    (The cost per call is measured by benchmarks/telemetry_bench.py, not here.)"""
     m = ProxyMetrics()
     handles = [m.http_handle("source", PRODUCTPAGE, reviews(v)) for v in ("v1", "v2", "v3")]
-    n = 100_000
-    began = time.process_time()
+    n = 3001
     for i in range(n):
         m.record_http(handles[i % 3], 200, "-", 3.7, 120, 1500)
-    cost = (time.process_time() - began) / n * 1e6
-    print(f"\nrecord_http: {cost:.2f} us CPU per request (loop overhead included)")
-    assert samples(m, "istio_requests_total")[0].value + 1 >= n // 3
+    by_version = {s.labels["destination_version"]: s.value for s in samples(m, "istio_requests_total")}
+    assert by_version == {"v1": 1001, "v2": 1000, "v3": 1000}
