@@ -40,7 +40,7 @@ cdef class HttpRoute:
     cdef readonly object direct_response
     cdef readonly object rewrite
     cdef readonly object timeout
-    cdef readonly object retries
+    cdef readonly RetryPolicy retries
     cdef readonly object fault
     cdef readonly tuple mirrors
     cdef readonly HeaderPolicy headers
@@ -74,3 +74,10 @@ cdef class Snapshot:
     cdef readonly object resources
     cdef readonly object warnings
     cdef readonly ProxySettings settings
+
+cdef class Endpoint:
+    cdef readonly object address
+    cdef readonly object port
+    cdef readonly object labels
+    cdef readonly object weight
+    cdef readonly object locality

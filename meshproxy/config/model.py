@@ -213,11 +213,11 @@ class RouteTable:
 # ---------------------------------------------------------------- clusters
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class Endpoint:
     address: str
     port: int
-    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+    labels: Mapping[str, str] = cython.dataclasses.field(default_factory=lambda: EMPTY_MAP)
     weight: int = 1
     locality: str = ""
 

@@ -6,7 +6,7 @@ from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 from meshproxy.bootstrap cimport Worker
-from meshproxy.config.model cimport Snapshot, HttpRoute, WeightedDestination, RouteTable, VirtualHost
+from meshproxy.config.model cimport Snapshot, HttpRoute, WeightedDestination, RouteTable, VirtualHost, RetryPolicy, Endpoint
 from meshproxy.router.split cimport _RouteSplit
 from meshproxy.router.request cimport view_from_head
 from meshproxy.router.match cimport select_virtual_host
@@ -45,7 +45,8 @@ cdef class Exchange:
     cdef public object set_cookie
 
     # entry points called by the connection drivers (and Python code)
-    @cython.locals(snapshot=Snapshot, table=RouteTable, vhost=VirtualHost, routes=tuple, route=HttpRoute)
+    @cython.locals(snapshot=Snapshot, table=RouteTable, vhost=VirtualHost, routes=tuple, first=HttpRoute,
+                   route=HttpRoute)
     cpdef start(self)
     cpdef request_view(self)
     cpdef request_body(self, data)
@@ -66,14 +67,15 @@ cdef class Exchange:
     cdef _local_reply(self, int status, str flag)
     cdef _respond_local(self, int status, list headers, bytes body, str flag)
     cdef _write_local(self, bytes payload, int status)
-    @cython.locals(worker=Worker, cluster=ClusterState, split=_RouteSplit, route=HttpRoute, dest=WeightedDestination)
+    @cython.locals(worker=Worker, cluster=ClusterState, split=_RouteSplit, route=HttpRoute, dest=WeightedDestination,
+                   retries=RetryPolicy)
     cdef _choose_cluster(self, match)
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
     cdef _choose_hash_key(self, policy)
     @cython.locals(kind=int, head=RequestHead, route=HttpRoute)
     cdef _prepare_head(self, match)
-    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection)
+    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, endpoint=Endpoint)
     cdef _attempt(self)
     @cython.locals(worker=Worker, cluster=ClusterState)
     cdef bint _connect_or_wait(self, tuple key, bint first=*) except -1

@@ -144,8 +144,9 @@ class Exchange:
         if vhost is None:
             return self._local_reply(404, "NR")
         routes = vhost.routes
-        if routes and not routes[0].matches:
-            found = (routes[0], None)          # the first route matches everything: no view needed
+        first = routes[0] if routes else None
+        if first is not None and not first.matches:
+            found = (first, None)              # the first route matches everything: no view needed
         else:
             found = select_route(vhost, self.request_view())
         if found is None:
