@@ -55,6 +55,17 @@ def clean() -> None:
             os.remove(path)
 
 
+def _declarations_changed() -> bool:
+    """Whether a .pxd is newer than a compiled module: then everything is rebuilt.  Cython's
+    own dependency tracking misses some cimports (``from meshproxy.codec cimport framing``), and
+    a module built against an old declaration fails at import ("wrong signature")."""
+    pxds = glob.glob(os.path.join(ROOT, "meshproxy/**/*.pxd"), recursive=True)
+    built = glob.glob(os.path.join(ROOT, "meshproxy/**/*.so"), recursive=True)
+    if not pxds or not built:
+        return False
+    return max(map(os.path.getmtime, pxds)) > min(map(os.path.getmtime, built))
+
+
 def build() -> int:
     try:
         from Cython.Build import cythonize
@@ -66,7 +77,7 @@ def build() -> int:
     started = time.time()
     exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"]) for m in HOT]
     try:
-        modules = cythonize(exts, language_level=3, nthreads=2, quiet=True,
+        modules = cythonize(exts, language_level=3, nthreads=2, quiet=True, force=_declarations_changed(),
                             # warn.unreachable: the Python reference after an ``if cython.compiled:``
                             # branch is unreachable in C by design
                             compiler_directives={"annotation_typing": False, "nonecheck": True,

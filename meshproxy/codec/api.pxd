@@ -24,3 +24,10 @@ cdef class ResponseHead:
     cdef public Py_ssize_t content_length
     cdef public bint keep_alive
     cdef public tuple names
+
+cdef class CodecLimits:
+    cdef readonly Py_ssize_t max_header_bytes
+    cdef readonly Py_ssize_t max_header_count
+    cdef readonly Py_ssize_t max_target_bytes
+    cdef readonly Py_ssize_t max_body_bytes
+    cdef readonly Py_ssize_t max_chunk_ext_bytes

@@ -16,7 +16,6 @@ so nothing the client framed ever reaches the upstream byte for byte.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import cython  # compiled: the heads are extension-type dataclasses (api.pxd); pure Python: Cython's shadow module
@@ -66,7 +65,7 @@ class ResponseHead:
     names: tuple = ()        # field names of ``headers`` in order (see RequestHead.names)
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)   # compiled: an extension type (api.pxd), read at C level
 class CodecLimits:
     """Limits enforced identically by every backend, whatever the read sizes are."""
 

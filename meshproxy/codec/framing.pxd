@@ -2,18 +2,18 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from libc.string cimport memcmp
-from meshproxy.codec.api cimport RequestHead, ResponseHead
+from meshproxy.codec.api cimport RequestHead, ResponseHead, CodecLimits
 
 cdef bytes _TCHAR_OK, _VALUE_OK, _TARGET_OK
 @cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
                name_list=list, value_list=list)
-cdef tuple _checked_fields(headers, limits, int status)
+cdef tuple _checked_fields(headers, CodecLimits limits, int status)
 @cython.locals(found=Py_ssize_t, n=Py_ssize_t, i=Py_ssize_t, item=bytes, a="const char*", b="const char*")
 cpdef Py_ssize_t field_index(tuple names, bytes name) except -3
 @cython.locals(i=Py_ssize_t)
 cdef list _values_of(bytes name, tuple names, tuple values)
 @cython.locals(names=tuple, values=tuple, host_index=Py_ssize_t)
-cpdef RequestHead request_head(method, target, version, headers, limits)
+cpdef RequestHead request_head(method, target, version, headers, CodecLimits limits)
 @cython.locals(names=tuple, values=tuple, cl=Py_ssize_t, conn=Py_ssize_t)
-cpdef ResponseHead response_head(int status, reason, version, headers, limits, bint no_body)
+cpdef ResponseHead response_head(int status, reason, version, headers, CodecLimits limits, bint no_body)
