@@ -44,3 +44,10 @@ if ! command -v gcc >/dev/null 2>&1 || ! .venv/bin/python -c 'import os, sysconf
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >/dev/null
 fi
 .venv/bin/python scripts/build_ext.py
+
+# Byte-compile the Python modules, as pip does for an installed package (an editable install
+# does not).  Without .pyc files every proxy process compiles its modules from source at start:
+# slower, and the compiler's scratch memory stays in the worker's RSS (~5 MiB measured, with
+# PYTHONDONTWRITEBYTECODE set, which keeps Python from caching them itself).  A stale .pyc is
+# never used: Python checks it against the source.
+.venv/bin/python -m compileall -q meshproxy controlplane benchmarks >/dev/null

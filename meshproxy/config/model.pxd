@@ -6,6 +6,29 @@
 # argument order: keep it identical to model.py.  Fields are `object` unless typed code follows a
 # chain through them (route.headers.request).
 
+cdef class StringMatch:
+    cdef readonly str kind
+    cdef readonly str value
+    cdef readonly object regex
+    cdef readonly bint ignore_case
+
+cdef class HeaderMatch:
+    cdef readonly str name
+    cdef readonly StringMatch match
+
+cdef class RouteMatch:
+    cdef readonly object name
+    cdef readonly StringMatch uri
+    cdef readonly StringMatch scheme
+    cdef readonly StringMatch method
+    cdef readonly StringMatch authority
+    cdef readonly tuple headers
+    cdef readonly tuple without_headers
+    cdef readonly tuple query_params
+    cdef readonly object port
+    cdef readonly object source_labels
+    cdef readonly object gateways
+
 cdef class HeaderOps:
     cdef readonly tuple set
     cdef readonly tuple add

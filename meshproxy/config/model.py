@@ -32,7 +32,7 @@ EMPTY_MAP: Mapping = MappingProxyType({})
 # ---------------------------------------------------------------- matching
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class StringMatch:
     """Istio StringMatch: exactly one of exact / prefix / regex.
 
@@ -47,13 +47,13 @@ class StringMatch:
     ignore_case: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class HeaderMatch:
     name: str                      # lower-case
     match: StringMatch | None      # None = presence check (``myheader: {}``)
 
 
-@dataclass(frozen=True, slots=True)
+@cython.dataclasses.dataclass(frozen=True)
 class RouteMatch:
     """One HTTPMatchRequest.  All conditions inside are AND-ed; a route's matches are OR-ed."""
 

@@ -9,7 +9,7 @@ from meshproxy.bootstrap cimport Worker
 from meshproxy.config.model cimport Snapshot, HttpRoute, WeightedDestination, RouteTable, VirtualHost, RetryPolicy, Endpoint
 from meshproxy.router.split cimport _RouteSplit
 from meshproxy.router.request cimport view_from_head
-from meshproxy.router.match cimport select_virtual_host
+from meshproxy.router.match cimport select_virtual_host, select_route
 from meshproxy.telemetry.tracing cimport TraceContext
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
 from meshproxy.proxy.transform cimport forwarded_request_headers, forwarded_response_headers
