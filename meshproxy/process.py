@@ -31,7 +31,7 @@ from .config.load import build_from_paths
 from .config.model import ProxySettings
 from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
-from .proxy.observe import NullMetrics, Telemetry
+from .proxy.observe import Telemetry
 from .telemetry import (
     AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, render,
 )
@@ -159,7 +159,7 @@ def build_telemetry(options: "RunOptions", loop) -> Telemetry:
     version = labels.get("version", "unknown")
     source = PeerInfo(workload=f"{app}-{version}" if version != "unknown" else app,
                       namespace=identity.namespace, app=app, version=version)
-    metrics = NullMetrics() if t.get("disable_metrics") else ProxyMetrics(worker=options.worker.worker_index)
+    metrics = ProxyMetrics(worker=options.worker.worker_index, enabled=not t.get("disable_metrics"))
     tracer = None
     if t.get("propagate", True):
         export = None

@@ -20,30 +20,6 @@ if TYPE_CHECKING:   # compiled, the attribute's type comes from observe.pxd (a c
     from ..telemetry.tracing import ProxyTracer
 
 
-class NullMetrics:
-    """Metrics switched off (``--disable-metrics``): the same calls, doing nothing.
-    Exists so the cost of metrics can be measured side by side."""
-
-    def http_handle(self, *args, **kwargs) -> int:
-        return 0
-
-    def tcp_handle(self, *args, **kwargs) -> int:
-        return 0
-
-    def record_http(self, *args) -> None:
-        pass
-
-    def dump(self) -> dict:
-        return {}
-
-    def __getattr__(self, name):
-        return _nothing
-
-
-def _nothing(*args, **kwargs) -> None:
-    return None
-
-
 def _service_peer(cluster: Cluster) -> PeerInfo:
     name, _, rest = cluster.service.partition(".")
     namespace = rest.split(".", 1)[0] if rest else cluster.namespace

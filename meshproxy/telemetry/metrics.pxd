@@ -16,6 +16,7 @@ cdef Py_ssize_t _bucket(double value) except -1
 
 cdef class ProxyMetrics:
     cdef public object worker, instance
+    cdef public bint enabled
     cdef public str _config_version
     cdef public list _http_static, _tcp_static, _sources
     cdef public dict _http_handles, _http, _tcp_handles, _tcp, _counters, _gauges

@@ -205,8 +205,11 @@ def _bucket(value: float) -> int:
 class ProxyMetrics:
     """One worker's metrics.  Not thread-safe: owned by the worker's event loop thread."""
 
-    def __init__(self, worker: int = 0, instance: str | None = None):
+    def __init__(self, worker: int = 0, instance: str | None = None, enabled: bool = True):
         self.worker = worker
+        # False (``--disable-metrics``, to measure what metrics cost): requests and TCP
+        # connections are not recorded and nothing is exported
+        self.enabled = enabled
         self.instance = instance or f"{os.getpid()}-{time.time_ns()}"
         # handle -> static label values (everything but response_code/flags/grpc status)
         self._http_static: list[tuple[str, ...]] = []
@@ -244,6 +247,8 @@ class ProxyMetrics:
     def record_http(self, h: int, status: int, flags: str, duration_ms: float,
                     request_bytes: int, response_bytes: int, grpc_status: str = "") -> None:
         """One finished request.  ``flags`` is Envoy's response flags string (``"-"`` for none)."""
+        if not self.enabled:
+            return
         s = self._http.get((h, status, flags, grpc_status))
         if s is None:
             s = self._http[(h, status, flags, grpc_status)] = _HttpSeries()
@@ -272,16 +277,21 @@ class ProxyMetrics:
         return s
 
     def record_tcp_open(self, h: int) -> None:
-        self._tcp_series(h, "-")[0] += 1
+        if self.enabled:
+            self._tcp_series(h, "-")[0] += 1
 
     def record_tcp_bytes(self, h: int, sent: int, received: int, flags: str = "-") -> None:
         """Bytes moved so far on a long-lived connection (optional periodic report)."""
+        if not self.enabled:
+            return
         s = self._tcp_series(h, flags)
         s[2] += sent
         s[3] += received
 
     def record_tcp_close(self, h: int, sent: int, received: int, flags: str = "-") -> None:
         """Connection closed; ``sent``/``received`` are the bytes not reported yet."""
+        if not self.enabled:
+            return
         s = self._tcp_series(h, flags)
         s[1] += 1
         s[2] += sent
@@ -361,7 +371,10 @@ class ProxyMetrics:
     # ------------------------------------------------------------------ scrape time
 
     def dump(self) -> dict:
-        """A JSON-serialisable snapshot of this worker's metrics (see module doc)."""
+        """A JSON-serialisable snapshot of this worker's metrics (see module doc); ``{}``
+        when disabled."""
+        if not self.enabled:
+            return {}
         counters: dict[str, list] = {}
         gauges: dict[str, list] = {}
         histograms: dict[str, list] = {}

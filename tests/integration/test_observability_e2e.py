@@ -106,6 +106,18 @@ async def test_a_real_scrape_passes_promtool_and_a_strict_openmetrics_parser(pro
     assert "istio_requests" in families
 
 
+async def test_disable_metrics_serves_traffic_and_exports_no_request_metrics(proxy_factory, upstream):
+    """--disable-metrics (run.py's metrics-off variant) is a real mode, not only a benchmark knob."""
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]),
+                          extra_args=["--disable-metrics"])
+    for _ in range(3):
+        status, _, _ = await http_get(proxy.port, "svc.local")
+        assert status == 200
+    assert len(upstream.requests) == 3
+    status, body = proxy.admin("/metrics")
+    assert status == 200 and b"istio_requests_total" not in body and b"istio_request_duration" not in body
+
+
 async def test_span_tree_across_two_sidecars_and_the_app_between(proxy_factory):
     receiver = OtlpReceiver().start()
     seen = {}

@@ -142,3 +142,13 @@ def test_record_http_counts_every_request_in_its_own_series():
         m.record_http(handles[i % 3], 200, "-", 3.7, 120, 1500)
     by_version = {s.labels["destination_version"]: s.value for s in samples(m, "istio_requests_total")}
     assert by_version == {"v1": 1001, "v2": 1000, "v3": 1000}
+
+def test_disabled_metrics_record_nothing_and_export_nothing():
+    m = ProxyMetrics(enabled=False)
+    h = m.http_handle("source", PRODUCTPAGE, reviews("v1"))
+    m.record_http(h, 200, "-", 1.0, 10, 20)
+    t = m.tcp_handle("source", PRODUCTPAGE, reviews("v1"))
+    m.record_tcp_open(t)
+    m.record_tcp_bytes(t, 1, 2)
+    m.record_tcp_close(t, 1, 2)
+    assert m.dump() == {} and m._http == {} and m._tcp == {}
