@@ -31,3 +31,10 @@ cdef class CodecLimits:
     cdef readonly Py_ssize_t max_target_bytes
     cdef readonly Py_ssize_t max_body_bytes
     cdef readonly Py_ssize_t max_chunk_ext_bytes
+
+ctypedef fused _Head:
+    RequestHead
+    ResponseHead
+
+# typed for either head: the callers' C-level read of head.names
+cpdef tuple field_names(_Head head)

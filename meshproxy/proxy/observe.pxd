@@ -4,7 +4,7 @@ cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.telemetry.tracing cimport ProxyTracer
-from meshproxy.codec.api cimport RequestHead
+from meshproxy.codec.api cimport RequestHead, field_names
 from meshproxy.telemetry.metrics cimport ProxyMetrics
 
 cdef class Telemetry:

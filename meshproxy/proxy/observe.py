@@ -84,8 +84,7 @@ class Telemetry:
             kind = "server" if exchange.down.listener.inbound else "client"
             exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
                                           authority=head.host, scheme=exchange.down.listener.scheme,
-                                          peer_address=exchange.down.client_ip,
-                                          names=head.names or field_names(head))
+                                          peer_address=exchange.down.client_ip, names=field_names(head))
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster

@@ -1,7 +1,7 @@
 # Augmenting declarations for transform.py: the types of the compiled hot path (scripts/build_ext.py).
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
-from meshproxy.codec.api cimport RequestHead, ResponseHead
+from meshproxy.codec.api cimport RequestHead, ResponseHead, field_names
 from meshproxy.codec.framing cimport field_index
 
 @cython.locals(i=Py_ssize_t)

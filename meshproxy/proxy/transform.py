@@ -60,7 +60,7 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     # The head's field names decide, with C-level scans, which of the rarer steps run;
     # the common head is one filtering comprehension.
     fields = head.headers
-    names = head.names or field_names(head)      # the attribute first: a C read when compiled
+    names = field_names(head)
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
     out: Headers = [(b"host", authority)]
     out += [field for field in fields if field[0] not in drop]
@@ -93,7 +93,7 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
     else:
         drop = _RESPONSE_DROP
     out: Headers = [field for field in fields if field[0] not in drop]
-    named = _named_fields(fields, head.names or field_names(head))
+    named = _named_fields(fields, field_names(head))
     if named:
         out = [(n, v) for n, v in out if n not in named]
     if framing is not None:
