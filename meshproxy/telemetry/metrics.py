@@ -271,27 +271,24 @@ class ProxyMetrics:
         return h
 
     def _tcp_series(self, h: int, flags: str) -> list[int]:
+        if not self.enabled:
+            return [0, 0, 0, 0]          # counted nowhere
         s = self._tcp.get((h, flags))
         if s is None:
             s = self._tcp[(h, flags)] = [0, 0, 0, 0]
         return s
 
     def record_tcp_open(self, h: int) -> None:
-        if self.enabled:
-            self._tcp_series(h, "-")[0] += 1
+        self._tcp_series(h, "-")[0] += 1
 
     def record_tcp_bytes(self, h: int, sent: int, received: int, flags: str = "-") -> None:
         """Bytes moved so far on a long-lived connection (optional periodic report)."""
-        if not self.enabled:
-            return
         s = self._tcp_series(h, flags)
         s[2] += sent
         s[3] += received
 
     def record_tcp_close(self, h: int, sent: int, received: int, flags: str = "-") -> None:
         """Connection closed; ``sent``/``received`` are the bytes not reported yet."""
-        if not self.enabled:
-            return
         s = self._tcp_series(h, flags)
         s[1] += 1
         s[2] += sent
