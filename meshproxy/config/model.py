@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import cython  # compiled: the classes in model.pxd are extension-type dataclasses; pure Python: plain frozen dataclasses
 from types import MappingProxyType
 from typing import Mapping
+
+import cython  # compiled: the classes in model.pxd are extension-type dataclasses; pure Python: plain frozen dataclasses
 
 EMPTY_MAP: Mapping = MappingProxyType({})
 
