@@ -2,8 +2,12 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from meshproxy.codec cimport framing
-from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
 from cpython.object cimport PyObject
+from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
+
+cdef extern from "<dlfcn.h>":
+    int RTLD_NOLOAD
 
 # The start of llhttp's parser struct (llhttp.h of llhttp 8 and 9, up to http_minor) and of the
 # httptools HttpParser object that holds a pointer to it (parser.pyx of httptools 0.6.4-0.9.x:
@@ -42,6 +46,90 @@ cdef inline int _llhttp_version(object parser):
 
 cdef bint _llhttp_readable
 
+# llhttp driven directly (llhttp.h as bundled in the httptools 0.9.0 sdist, llhttp 9): its
+# parser struct and callback table, and the functions httptools' extension module exports.
+# Used only once _load_llhttp has found every function and a self-check agrees with httptools.
+cdef struct _llhttp_t:
+    int32_t _index
+    void* _span_pos0
+    void* _span_cb0
+    int32_t error
+    const char* reason
+    const char* error_pos
+    void* data
+    void* _current
+    uint64_t content_length
+    uint8_t type
+    uint8_t method
+    uint8_t http_major
+    uint8_t http_minor
+    uint8_t header_state
+    uint16_t lenient_flags
+    uint8_t upgrade
+    uint8_t finish
+    uint16_t flags
+    uint16_t status_code
+    uint8_t initial_message_completed
+    void* settings
+
+ctypedef int (*_ll_data_cb)(_llhttp_t*, const char*, size_t) noexcept
+ctypedef int (*_ll_cb)(_llhttp_t*) noexcept
+
+cdef struct _ll_settings:
+    _ll_cb on_message_begin
+    _ll_data_cb on_protocol
+    _ll_data_cb on_url
+    _ll_data_cb on_status
+    _ll_data_cb on_method
+    _ll_data_cb on_version
+    _ll_data_cb on_header_field
+    _ll_data_cb on_header_value
+    _ll_data_cb on_chunk_extension_name
+    _ll_data_cb on_chunk_extension_value
+    _ll_cb on_headers_complete
+    _ll_data_cb on_body
+    _ll_cb on_message_complete
+    _ll_cb on_protocol_complete
+    _ll_cb on_url_complete
+    _ll_cb on_status_complete
+    _ll_cb on_method_complete
+    _ll_cb on_version_complete
+    _ll_cb on_header_field_complete
+    _ll_cb on_header_value_complete
+    _ll_cb on_chunk_extension_name_complete
+    _ll_cb on_chunk_extension_value_complete
+    _ll_cb on_chunk_header
+    _ll_cb on_chunk_complete
+    _ll_cb on_reset
+
+ctypedef void (*_ll_init_fn)(_llhttp_t*, int, const _ll_settings*) noexcept
+ctypedef int (*_ll_execute_fn)(_llhttp_t*, const char*, size_t) noexcept
+ctypedef const char* (*_ll_text_fn)(const _llhttp_t*) noexcept
+ctypedef void (*_ll_parser_fn)(_llhttp_t*) noexcept
+ctypedef void (*_ll_flag_fn)(_llhttp_t*, int) noexcept
+ctypedef const char* (*_ll_name_fn)(int) noexcept
+
+cdef _ll_init_fn _ll_init
+cdef _ll_execute_fn _ll_execute
+cdef _ll_text_fn _ll_error_pos, _ll_error_reason
+cdef _ll_parser_fn _ll_resume_after_upgrade
+cdef _ll_flag_fn _ll_lenient_version
+cdef _ll_settings _LL_SETTINGS
+cdef tuple _LL_METHODS
+cdef bint _ll_driven
+
+@cython.locals(handle="void*", fn="void*", i=int)
+cdef bint _resolve_llhttp(bytes path) except -1
+cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept
+cdef int _ll_on_status(_llhttp_t* p, const char* at, size_t n) noexcept
+cdef int _ll_on_header_field(_llhttp_t* p, const char* at, size_t n) noexcept
+cdef int _ll_on_header_value(_llhttp_t* p, const char* at, size_t n) noexcept
+cdef int _ll_on_headers_complete(_llhttp_t* p) noexcept
+cdef int _ll_on_body(_llhttp_t* p, const char* at, size_t n) noexcept
+cdef int _ll_on_message_complete(_llhttp_t* p) noexcept
+cdef int _ll_on_chunk_header(_llhttp_t* p) noexcept
+cdef int _ll_on_chunk_complete(_llhttp_t* p) noexcept
+
 @cython.locals(v=int)
 cdef bytes _version(parser)
 
@@ -55,7 +143,23 @@ cdef class _Base:
     cdef public Py_ssize_t _head_bytes, _line_carry, _ext_cap, _body_bytes, _max_head_bytes, _max_raw, _max_body
     cdef public bint _chunked, _line_pending, _chunk_header_seen, _keep_alive
     cdef public bytes _tunnel
+    cdef _llhttp_t _ll
+    cdef char _ll_slack[64]                     # room should a later llhttp 9 grow its struct
+    cdef public bint _driven
+    cdef bytes _hname, _hvalue
+    cdef object _cb_error
 
+    cdef _drive(self, int kind)
+    @cython.locals(buf=bytes, err=int)
+    cdef _execute(self, data)
+    @cython.locals(ll="_llhttp_t*", reason="const char*")
+    cdef _llhttp_failed(self, int err, const char* base)
+    cdef _flush_field(self)
+    cdef bytes _message_version(self)
+    cpdef on_headers_complete(self)
+    cpdef on_message_complete(self)
+    cpdef on_chunk_header(self)
+    cpdef on_chunk_complete(self)
     @cython.locals(state=int)
     cpdef feed(self, data)
     cdef _feed(self, data)
@@ -76,6 +180,9 @@ cdef class HttptoolsRequestParser(_Base):
     cdef public object _handler_head
 
     cdef _refuse(self, exc)
+    cpdef on_url(self, bytes url)
+    cpdef on_headers_complete(self)
+    cpdef on_message_complete(self)
 
 cdef class HttptoolsResponseParser(_Base):
     cdef public bytes _reason
@@ -84,3 +191,7 @@ cdef class HttptoolsResponseParser(_Base):
     cdef public object _py, _handler_head
 
     cpdef feed(self, data)
+    cdef _new_parser(self)
+    cpdef on_status(self, bytes reason)
+    cpdef on_headers_complete(self)
+    cpdef on_message_complete(self)

@@ -19,6 +19,8 @@ Two things llhttp cannot tell us are done here with a little bookkeeping:
 """
 from __future__ import annotations
 
+import os
+
 import cython
 
 import httptools
@@ -115,6 +117,164 @@ def _field(name: bytes, value: bytes) -> tuple:
 _llhttp_readable = _check_llhttp_layout()
 
 
+# ---------------------------------------------------------------------- llhttp driven directly
+#
+# Compiled, the parsers drive llhttp themselves through the C functions httptools' extension
+# module exports (llhttp_init, llhttp_execute, ...), with C callbacks that append header fields
+# to the pending list and call the parser's own methods at C level.  Through httptools'
+# Python-level protocol every field costs two C callbacks, two bytes objects, a concatenation
+# check and a Python call, and every other event a Python call.  Only for the httptools
+# releases whose bundled llhttp.h was read (0.9.x: the struct and callback table declared in
+# httptools_backend.pxd), only when every function is found, and only after a self-check
+# (_driver_agrees) has fed the same messages through both drivers and seen the same events.
+# Anything else, and pure Python, keeps httptools' parser objects.
+
+_HTTP_REQUEST, _HTTP_RESPONSE = 1, 2
+_HPE_INVALID_METHOD, _HPE_INVALID_URL, _HPE_INVALID_STATUS = 6, 7, 13
+_HPE_PAUSED_UPGRADE, _HPE_USER = 22, 24
+_LL_METHOD_COUNT = 47   # llhttp 9's methods are 0-46 (llhttp_method_name aborts on any other)
+_LL_FUNCTIONS = (b"llhttp_init", b"llhttp_execute", b"llhttp_get_error_pos", b"llhttp_get_error_reason",
+                 b"llhttp_resume_after_upgrade", b"llhttp_set_lenient_version", b"llhttp_method_name")
+_ll_driven = False
+
+
+def _resolve_llhttp(path: bytes) -> bool:
+    """Find llhttp's functions in httptools' already loaded extension module (compiled only)."""
+    global _ll_init, _ll_execute, _ll_error_pos, _ll_error_reason, _ll_resume_after_upgrade
+    global _ll_lenient_version, _LL_METHODS
+    handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD)
+    if handle == cython.NULL:
+        return False
+    for name in _LL_FUNCTIONS:
+        if dlsym(handle, name) == cython.NULL:
+            return False
+    _ll_init = cython.cast(_ll_init_fn, dlsym(handle, b"llhttp_init"))
+    _ll_execute = cython.cast(_ll_execute_fn, dlsym(handle, b"llhttp_execute"))
+    _ll_error_pos = cython.cast(_ll_text_fn, dlsym(handle, b"llhttp_get_error_pos"))
+    _ll_error_reason = cython.cast(_ll_text_fn, dlsym(handle, b"llhttp_get_error_reason"))
+    _ll_resume_after_upgrade = cython.cast(_ll_parser_fn, dlsym(handle, b"llhttp_resume_after_upgrade"))
+    _ll_lenient_version = cython.cast(_ll_flag_fn, dlsym(handle, b"llhttp_set_lenient_version"))
+    name_of = cython.cast(_ll_name_fn, dlsym(handle, b"llhttp_method_name"))
+    _LL_METHODS = tuple([name_of(i) for i in range(_LL_METHOD_COUNT)])   # get_method's bytes, made once
+    _LL_SETTINGS.on_url = _ll_on_url
+    _LL_SETTINGS.on_status = _ll_on_status
+    _LL_SETTINGS.on_header_field = _ll_on_header_field
+    _LL_SETTINGS.on_header_value = _ll_on_header_value
+    _LL_SETTINGS.on_headers_complete = _ll_on_headers_complete
+    _LL_SETTINGS.on_body = _ll_on_body
+    _LL_SETTINGS.on_message_complete = _ll_on_message_complete
+    _LL_SETTINGS.on_chunk_header = _ll_on_chunk_header
+    _LL_SETTINGS.on_chunk_complete = _ll_on_chunk_complete
+    return True
+
+
+# The callbacks mirror httptools' (parser.pyx): a field is complete when the next one starts,
+# the head ends or a chunk ends (trailers); an exception is kept and re-raised by _execute.
+
+def _ll_on_url(p, at, n):
+    parser = cython.cast(HttptoolsRequestParser, p.data)
+    try:
+        parser.on_url(at[:n])
+    except BaseException as exc:
+        parser._cb_error = exc
+        return _HPE_USER
+    return 0
+
+
+def _ll_on_status(p, at, n):
+    parser = cython.cast(HttptoolsResponseParser, p.data)
+    try:
+        parser.on_status(at[:n])
+    except BaseException as exc:
+        parser._cb_error = exc
+        return _HPE_USER
+    return 0
+
+
+def _ll_on_header_field(p, at, n):
+    parser = cython.cast(_Base, p.data)
+    try:
+        if parser._hvalue is not None:
+            parser._flush_field()
+        if parser._hname is None:
+            parser._hname = at[:n]
+        else:
+            parser._hname += at[:n]
+    except BaseException as exc:
+        parser._cb_error = exc
+        return _HPE_USER
+    return 0
+
+
+def _ll_on_header_value(p, at, n):
+    parser = cython.cast(_Base, p.data)
+    try:
+        if parser._hvalue is None:
+            parser._hvalue = at[:n]
+        else:
+            parser._hvalue += at[:n]
+    except BaseException as exc:
+        parser._cb_error = exc
+        return _HPE_USER
+    return 0
+
+
+def _ll_on_headers_complete(p):
+    parser = cython.cast(_Base, p.data)
+    try:
+        if parser._hvalue is not None:
+            parser._flush_field()
+        parser.on_headers_complete()
+    except BaseException as exc:
+        parser._cb_error = exc
+        return -1
+    return 1 if p.upgrade else 0
+
+
+def _ll_on_body(p, at, n):
+    parser = cython.cast(_Base, p.data)
+    try:
+        parser.on_body(at[:n])
+    except BaseException as exc:
+        parser._cb_error = exc
+        return _HPE_USER
+    return 0
+
+
+def _ll_on_message_complete(p):
+    parser = cython.cast(_Base, p.data)
+    try:
+        parser.on_message_complete()
+    except BaseException as exc:
+        parser._cb_error = exc
+        return -1
+    return 0
+
+
+def _ll_on_chunk_header(p):
+    parser = cython.cast(_Base, p.data)
+    try:
+        if parser._hname is not None or parser._hvalue is not None:
+            raise ProtocolError(parser._err_status, "invalid headers state")
+        parser.on_chunk_header()
+    except BaseException as exc:
+        parser._cb_error = exc
+        return -1
+    return 0
+
+
+def _ll_on_chunk_complete(p):
+    parser = cython.cast(_Base, p.data)
+    try:
+        if parser._hvalue is not None:
+            parser._flush_field()
+        parser.on_chunk_complete()
+    except BaseException as exc:
+        parser._cb_error = exc
+        return -1
+    return 0
+
+
 class _Base:
     """Shared feeding and callbacks.
 
@@ -131,7 +291,7 @@ class _Base:
     __slots__ = ("_handler", "_limits", "_parser", "_raw", "on_header", "on_body", "_state", "_head_bytes",
                  "_chunked", "_line_pending", "_line_carry", "_ext_cap", "_body_bytes",
                  "_chunk_header_seen", "_tunnel", "_keep_alive", "_err_status", "_max_head_bytes",
-                 "_max_raw", "_max_body", "_handler_body", "_handler_complete")
+                 "_max_raw", "_max_body", "_handler_body", "_handler_complete", "_driven")
 
     def _init(self, handler, limits: CodecLimits, err_status: int) -> None:
         self._handler = handler
@@ -139,18 +299,20 @@ class _Base:
         self._handler_complete = handler.on_message_complete
         self._limits = limits
         self._raw = raw = []  # (lower-cased name, value) of the pending head, or trailers
-        append = raw.append
-        lower = bytes.lower
-        rstrip = bytes.rstrip
+        self._driven = _ll_driven
+        if not self._driven:
+            append = raw.append
+            lower = bytes.lower
+            rstrip = bytes.rstrip
 
-        if cython.compiled:
-            def on_header(name: bytes, value: bytes) -> None:
-                append(_field(name, value))
-        else:
-            def on_header(name: bytes, value: bytes) -> None:
-                append((lower(name), rstrip(value, b" \t")))  # llhttp strips leading OWS only
+            if cython.compiled:
+                def on_header(name: bytes, value: bytes) -> None:
+                    append(_field(name, value))
+            else:
+                def on_header(name: bytes, value: bytes) -> None:
+                    append((lower(name), rstrip(value, b" \t")))  # llhttp strips leading OWS only
 
-        self.on_header = on_header  # must be set before the llhttp parser is built
+            self.on_header = on_header  # must be set before the llhttp parser is built
         # without a body cap llhttp hands body bytes straight to the handler (one frame less)
         self.on_body = self._on_body_capped if limits.max_body_bytes else handler.on_body
         self._state = _HEAD
@@ -168,7 +330,65 @@ class _Base:
         self._max_raw = limits.max_header_count
         self._max_body = limits.max_body_bytes
 
+    def _drive(self, kind: int) -> None:
+        """(Re)start the directly driven llhttp parser for a new stream (compiled only)."""
+        ll = cython.address(self._ll)
+        _ll_init(ll, kind, cython.address(_LL_SETTINGS))
+        ll.data = cython.cast(cython.p_void, self)   # borrowed: the struct lives inside self
+        self._hname = self._hvalue = None
+        self._cb_error = None
+
+    def _flush_field(self) -> None:
+        self._raw.append(_field(self._hname, self._hvalue))
+        self._hname = self._hvalue = None
+
+    def _message_version(self) -> bytes:
+        if cython.compiled:
+            if self._driven:
+                v = self._ll.http_major << 8 | self._ll.http_minor
+                return b"1.1" if v == 0x101 else b"1.0" if v == 0x100 else b"?"
+        return _version(self._parser)
+
+    def on_headers_complete(self) -> None:   # each side's own
+        raise NotImplementedError
+
+    def on_message_complete(self) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ feeding
+
+    def _execute(self, data) -> None:
+        """Run llhttp over ``data``: directly when driven, else through httptools' parser."""
+        if cython.compiled:
+            if self._driven:
+                buf = data if type(data) is bytes else bytes(data)
+                err = _ll_execute(cython.address(self._ll), buf, len(buf))
+                if err:
+                    self._llhttp_failed(err, buf)
+                return
+        self._parser.feed_data(data)
+
+    def _llhttp_failed(self, err: int, base) -> None:
+        """What httptools' feed_data raises for llhttp's ``err`` (compiled only); an exception
+        from a callback is raised itself."""
+        ll = cython.address(self._ll)
+        if err == _HPE_PAUSED_UPGRADE and ll.upgrade == 1:
+            offset = ll.error_pos - base
+            _ll_resume_after_upgrade(ll)
+            raise httptools.HttpParserUpgrade(offset)
+        exc = self._cb_error
+        if exc is not None:
+            self._cb_error = None
+            raise exc
+        reason = _ll_error_reason(ll)
+        text = reason.decode("latin-1") if reason != cython.NULL else ""
+        if err == _HPE_INVALID_METHOD:
+            raise httptools.HttpParserInvalidMethodError(text)
+        if err == _HPE_INVALID_STATUS:
+            raise httptools.HttpParserInvalidStatusError(text)
+        if err == _HPE_INVALID_URL:
+            raise httptools.HttpParserInvalidURLError(text)
+        raise httptools.HttpParserError(text)
 
     def unconsumed(self) -> bytes:
         return self._tunnel
@@ -191,7 +411,7 @@ class _Base:
                 self._head_bytes += len(data)
             # _feed and _after_feed, inlined for the common case
             try:
-                self._parser.feed_data(data)
+                self._execute(data)
             except _PARSER_ERRORS as exc:
                 self._parser_error(exc, data)
             state = self._state
@@ -212,7 +432,7 @@ class _Base:
 
     def _feed(self, data: bytes) -> None:
         try:
-            self._parser.feed_data(data)
+            self._execute(data)
         except _PARSER_ERRORS as exc:
             self._parser_error(exc, data)
 
@@ -347,10 +567,15 @@ class HttptoolsRequestParser(_Base):
         self._url = b""
         self._max_target = limits.max_target_bytes
         self._handler_head = handler.on_request_head
-        self._parser = httptools.HttpRequestParser(self)
         # llhttp refuses a well-formed HTTP/d.d it does not know (HTTP/1.2, HTTP/9.9) as malformed;
         # with this leniency it hands the version over and framing answers 505, as the h11
         # backend does.  It relaxes nothing else: bad digits and extra characters stay errors.
+        if cython.compiled:
+            if self._driven:
+                self._drive(_HTTP_REQUEST)
+                _ll_lenient_version(cython.address(self._ll), 1)
+                return
+        self._parser = httptools.HttpRequestParser(self)
         self._parser.set_dangerous_leniencies(lenient_version=True)
 
     # No on_message_begin: per-message state (the URL, the field list) is reset as soon as
@@ -370,15 +595,17 @@ class HttptoolsRequestParser(_Base):
         raise ProtocolError(400, f"malformed request ({exc})") from None
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        method = parser.get_method()
+        if cython.compiled and self._driven:
+            method = _LL_METHODS[self._ll.method]
+        else:
+            method = self._parser.get_method()
         url = self._url
         raw = self._raw
         if self._head_bytes > self._max_head_bytes and self._head_too_big(len(method) + len(url) + 10):
             raise ProtocolError(431, "header section too large")
         if len(raw) > self._max_raw:  # before the start line checks, as a per-field count would
             raise ProtocolError(431, "too many header fields")
-        head = framing.request_head(method, url, _version(parser),
+        head = framing.request_head(method, url, self._message_version(),
                                     raw[:], self._limits)
         raw.clear()
         self._url = b""
@@ -416,6 +643,13 @@ class HttptoolsResponseParser(_Base):
         self._head_kind = 0
         self._py = None
         self._handler_head = handler.on_response_head
+        self._new_parser()
+
+    def _new_parser(self) -> None:
+        if cython.compiled:
+            if self._driven:
+                self._drive(_HTTP_RESPONSE)
+                return
         self._parser = httptools.HttpResponseParser(self)
 
     def expect_no_body(self) -> None:
@@ -433,7 +667,7 @@ class HttptoolsResponseParser(_Base):
         py.feed(data)
         if py._state == _TUNNEL:  # the HEAD response is complete: back to llhttp
             self._py = None
-            self._parser = httptools.HttpResponseParser(self)
+            self._new_parser()
             rest = py.unconsumed()
             if rest:
                 _Base.feed(self, rest)
@@ -462,15 +696,17 @@ class HttptoolsResponseParser(_Base):
         self._reason = self._reason + reason if self._reason else reason
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
+        if cython.compiled and self._driven:
+            status = self._ll.status_code
+        else:
+            status = self._parser.get_status_code()
         raw = self._raw
         reason = self._reason
         if self._head_bytes > self._max_head_bytes and self._head_too_big(len(reason) + 13):
             raise ProtocolError(502, "upstream header section too large")
         if len(raw) > self._max_raw:
             raise ProtocolError(502, "too many header fields")
-        head = framing.response_head(status, reason, _version(parser),
+        head = framing.response_head(status, reason, self._message_version(),
                                      raw[:], self._limits, False)
         raw.clear()
         self._reason = b""
@@ -498,3 +734,98 @@ class HttptoolsResponseParser(_Base):
             return
         self._state = _HEAD if self._keep_alive else _CLOSED
         self._handler_complete()
+
+
+# ---------------------------------------------------------------------- choosing the llhttp driver
+
+class _Recorder:
+    """A handler that records what a parser reports (the driver's self-check)."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_request_head(self, head) -> None:
+        self.events.append(("head", head))
+
+    def on_response_head(self, head) -> None:
+        self.events.append(("head", head))
+
+    def on_body(self, data: bytes) -> None:
+        self.events.append(("body", bytes(data)))
+
+    def on_message_complete(self) -> None:
+        self.events.append(("end",))
+
+
+# Streams the two drivers must report identically, each fed whole, byte by byte and in two
+# halves: fields split across reads, an empty value, trailing OWS, chunked bodies with trailers,
+# pipelining, an upgrade, a 1xx, and refusals.
+_SELF_CHECK = (
+    (True, b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-Empty:\r\nUser-Agent: t \t\r\nAccept: */*\r\n\r\n"
+           b"POST /p HTTP/1.0\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"),
+    (True, b"PUT /u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3;e=v\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\nGET / HTTP/1.1\r\nHost: y\r\n\r\n"),
+    (True, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nraw bytes"),
+    (True, b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n"),
+    (True, b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    (False, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 204 No Content\r\nDate: d\r\n\r\n"),
+    (False, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nT: v\r\n\r\n"),
+    (False, b"HTTP/1.1 2000 OK\r\n\r\n"),
+)
+
+
+def _run_self_check_stream(request: bool, data: bytes, cuts: list) -> list:
+    rec = _Recorder()
+    parser = HttptoolsRequestParser(rec, CodecLimits()) if request else HttptoolsResponseParser(rec, CodecLimits())
+    start = 0
+    try:
+        for end in cuts + [len(data)]:
+            if end > start:
+                parser.feed(data[start:end])
+            start = end
+    except ProtocolError as err:
+        rec.events.append(("error", err.status, err.reason))
+    rec.events.append(("tunnel", parser.unconsumed()))
+    return rec.events
+
+
+def _driver_agrees() -> bool:
+    """Whether the directly driven llhttp reports what httptools' parser objects report."""
+    global _ll_driven
+    for request, data in _SELF_CHECK:
+        for cuts in ([], list(range(1, len(data))), [len(data) // 2]):
+            _ll_driven = False
+            expected = _run_self_check_stream(request, data, cuts)
+            _ll_driven = True
+            try:
+                seen = _run_self_check_stream(request, data, cuts)
+            finally:
+                _ll_driven = False
+            if seen != expected:
+                return False
+    return True
+
+
+def _choose_llhttp_driver() -> bool:
+    if not cython.compiled:
+        return False
+    try:
+        release = tuple(int(x) for x in httptools.__version__.split(".")[:3])
+    except ValueError:
+        return False
+    if not (0, 9, 0) <= release < (0, 10, 0):
+        return False
+    from httptools.parser import parser as extension
+    if not _resolve_llhttp(os.fsencode(extension.__file__)):
+        return False
+    return _driver_agrees()
+
+
+_ll_driven = _choose_llhttp_driver()
+
+
+def llhttp_driven_directly() -> bool:
+    """True when the compiled backend drives llhttp itself instead of through httptools' parser
+    objects (see the section above)."""
+    return bool(_ll_driven)

@@ -162,6 +162,28 @@ def test_the_compiled_backend_reads_message_versions_from_llhttp_directly():
     assert llhttp_version_read_directly() is (meshproxy.HOT_PATH == "compiled")
 
 
+def test_the_compiled_backend_drives_llhttp_itself():
+    """Compiled, with the httptools this project installs (0.9.x), the parsers drive llhttp
+    through its exported C functions, after the import-time self-check agreed with httptools'
+    own parser objects; a different httptools, or a disagreement, falls back to those objects
+    (slower, same behaviour) and fails this test, so the fallback is never silent."""
+    from meshproxy.codec.httptools_backend import llhttp_driven_directly
+    assert llhttp_driven_directly() is (meshproxy.HOT_PATH == "compiled")
+
+
+def test_the_driver_self_check_streams_cover_every_event_kind():
+    """The self-check compares heads, bodies, ends, refusals and tunnelled bytes: each kind
+    occurs in its streams (run here through whichever driver this mode uses)."""
+    from meshproxy.codec import httptools_backend as hb
+    kinds = set()
+    for request, data in hb._SELF_CHECK:
+        events = hb._run_self_check_stream(request, data, [])
+        kinds.update(e[0] for e in events)
+        if events[-1][1]:
+            kinds.add("tunnelled bytes")
+    assert kinds == {"head", "body", "end", "error", "tunnel", "tunnelled bytes"}
+
+
 @pytest.mark.parametrize("backend", ["httptools", "h11"])
 def test_each_message_on_a_connection_gets_its_own_version(backend):
     """1.1 then 1.0 then 1.1 in one feed, then an unsupported version (505), on both sides."""

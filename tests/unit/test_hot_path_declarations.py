@@ -44,6 +44,12 @@ def py_attributes(cls: ast.ClassDef) -> tuple[list[str], bool]:
         return [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)], True
     names: list[str] = []
     for node in ast.walk(cls):
+        # a C struct member is set through its address (``cython.address(self._ll)``)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "cython.address" and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name) and arg.value.id == "self":
+                if arg.attr not in names:
+                    names.append(arg.attr)
         if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for t in targets:
