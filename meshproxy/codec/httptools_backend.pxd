@@ -5,6 +5,7 @@ from meshproxy.codec cimport framing
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
 from cpython.object cimport PyObject
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
 cdef extern from "<dlfcn.h>":
     int RTLD_NOLOAD
@@ -120,6 +121,8 @@ cdef bint _ll_driven
 
 @cython.locals(handle="void*", fn="void*", i=int)
 cdef bint _resolve_llhttp(bytes path) except -1
+@cython.locals(out=bytes, w="char*", i=size_t, c="unsigned char")
+cdef bytes _lowered(const char* at, size_t n)
 cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_status(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_header_field(_llhttp_t* p, const char* at, size_t n) noexcept
@@ -154,6 +157,7 @@ cdef class _Base:
     cdef _execute(self, data)
     @cython.locals(ll="_llhttp_t*", reason="const char*")
     cdef _llhttp_failed(self, int err, const char* base)
+    @cython.locals(value=bytes, n=Py_ssize_t, p="const unsigned char*")
     cdef _flush_field(self)
     cdef bytes _message_version(self)
     cpdef on_headers_complete(self)

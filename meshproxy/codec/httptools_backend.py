@@ -168,6 +168,16 @@ def _resolve_llhttp(path: bytes) -> bool:
     return True
 
 
+def _lowered(at, n) -> bytes:
+    """``at[:n]`` with A-Z lower-cased, made in one copy (compiled only)."""
+    out = PyBytes_FromStringAndSize(cython.NULL, n)
+    w = PyBytes_AS_STRING(out)
+    for i in range(n):
+        c = at[i]
+        w[i] = c + 32 if 65 <= c <= 90 else c
+    return out
+
+
 # The callbacks mirror httptools' (parser.pyx): a field is complete when the next one starts,
 # the head ends or a chunk ends (trailers); an exception is kept and re-raised by _execute.
 
@@ -197,9 +207,9 @@ def _ll_on_header_field(p, at, n):
         if parser._hvalue is not None:
             parser._flush_field()
         if parser._hname is None:
-            parser._hname = at[:n]
+            parser._hname = _lowered(at, n)
         else:
-            parser._hname += at[:n]
+            parser._hname += _lowered(at, n)
     except BaseException as exc:
         parser._cb_error = exc
         return _HPE_USER
@@ -339,7 +349,13 @@ class _Base:
         self._cb_error = None
 
     def _flush_field(self) -> None:
-        self._raw.append(_field(self._hname, self._hvalue))
+        # the name is lower-cased already (_lowered); llhttp strips the value's leading OWS only
+        value = self._hvalue
+        n = len(value)
+        p = value
+        if n and (p[n - 1] == 32 or p[n - 1] == 9):
+            value = value.rstrip(b" \t")
+        self._raw.append((self._hname, value))
         self._hname = self._hvalue = None
 
     def _message_version(self) -> bytes:
