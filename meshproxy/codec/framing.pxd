@@ -9,6 +9,8 @@ cdef bytes _TCHAR_OK, _VALUE_OK, _TARGET_OK
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
                name_list=list, value_list=list)
 cdef tuple _checked_fields(headers, CodecLimits limits, int status)
+@cython.locals(ok="const unsigned char*", p="const unsigned char*", bad=bint, i=Py_ssize_t)
+cdef bint _target_ok(bytes target) except -1
 @cython.locals(found=Py_ssize_t, n=Py_ssize_t, i=Py_ssize_t, item=bytes, a="const char*", b="const char*")
 cpdef Py_ssize_t field_index(tuple names, bytes name) except -3
 @cython.locals(i=Py_ssize_t)

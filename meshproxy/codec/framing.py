@@ -225,6 +225,18 @@ def split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
     return authority, rest
 
 
+def _target_ok(target: bytes) -> bool:
+    """Whether every byte of ``target`` may appear in a request-target."""
+    if cython.compiled:
+        ok = _TARGET_OK
+        p = target
+        bad = False
+        for i in range(len(target)):
+            bad |= not ok[p[i]]
+        return not bad
+    return 0 not in target.translate(_TARGET_OK)
+
+
 def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
                  limits: CodecLimits) -> RequestHead:
     """Apply every request framing rule; return the head the handler sees."""
@@ -232,7 +244,7 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
         raise ProtocolError(400, "unknown or invalid method")
     if len(target) > limits.max_target_bytes:
         raise ProtocolError(414, "request-target too long")
-    if not target or 0 in target.translate(_TARGET_OK):
+    if not target or not _target_ok(target):
         raise ProtocolError(400, "invalid request-target")
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError(505, "HTTP version not supported")

@@ -16,6 +16,8 @@ cdef class DownstreamConnection:
     cdef public list out, upgrade_buffer
     cdef public bint keep_alive, closed, replaying, feeding
     cdef public Py_ssize_t requests, out_start
+    cdef public object vhost_snapshot, vhost
+    cdef public bytes vhost_authority
 
     @cython.locals(exchange=Exchange)
     cdef _start(self, RequestHead head)

@@ -37,6 +37,7 @@ class DownstreamConnection:  # an asyncio protocol (not derived from asyncio.Pro
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
         "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
+        "vhost_snapshot", "vhost_authority", "vhost",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -62,6 +63,11 @@ class DownstreamConnection:  # an asyncio protocol (not derived from asyncio.Pro
         self.replaying = False
         self.feeding = False                 # inside parser.feed (upstream writes are held)
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
+        # the virtual host the last request on this connection was routed to, for the snapshot
+        # and Host it was chosen with (keep-alive clients repeat both)
+        self.vhost_snapshot = None
+        self.vhost_authority = b""
+        self.vhost = None
 
     # ---------------------------------------------------------------- transport events
 

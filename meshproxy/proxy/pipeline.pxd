@@ -45,7 +45,7 @@ cdef class Exchange:
     cdef public object set_cookie
 
     # entry points called by the connection drivers (and Python code)
-    @cython.locals(snapshot=Snapshot, table=RouteTable, vhost=VirtualHost, routes=tuple, first=HttpRoute,
+    @cython.locals(down=DownstreamConnection, snapshot=Snapshot, table=RouteTable, vhost=VirtualHost, routes=tuple, first=HttpRoute,
                    route=HttpRoute)
     cpdef start(self)
     cpdef request_view(self)

@@ -139,8 +139,15 @@ class Exchange:
         head = self.head
         if head.upgrade == b"connect":
             return self._local_reply(501, "-")     # CONNECT tunnelling is not supported
-        table = snapshot.route_tables.get(listener.route_table) if snapshot else None
-        vhost = select_virtual_host(table, head.host.decode("latin-1").lower()) if table else None
+        down = self.down
+        if down.vhost_snapshot is snapshot and down.vhost_authority == head.host:
+            vhost = down.vhost                 # as for the previous request on this connection
+        else:
+            table = snapshot.route_tables.get(listener.route_table) if snapshot else None
+            vhost = select_virtual_host(table, head.host.decode("latin-1").lower()) if table else None
+            down.vhost_snapshot = snapshot
+            down.vhost_authority = head.host
+            down.vhost = vhost
         if vhost is None:
             return self._local_reply(404, "NR")
         routes = vhost.routes

@@ -476,3 +476,49 @@ async def test_an_unasked_response_in_the_same_read_closes_the_upstream_connecti
     finally:
         await worker.drain(1)
         await up.close()
+
+
+async def test_a_keepalive_connection_routes_each_request_by_its_own_host_and_the_current_config():
+    """The downstream connection remembers the virtual host of its last request (keep-alive
+    clients repeat the Host): a different Host on the same connection, and a new snapshot for
+    the same Host, are routed afresh."""
+    from dataclasses import replace as _replace
+    from types import MappingProxyType
+    from meshproxy.config.model import RouteTable, VirtualHost
+
+    a = await Upstream(respond(body=b"from-a")).start()
+    b = await Upstream(respond(body=b"from-b")).start()
+
+    def snap(a_goes_to: str, version: str):
+        first = snapshot([], [cluster("a", a.port), cluster("b", b.port)], version=version)
+        vhosts = {name: VirtualHost(name=f"default/{name}", domains=(f"{name}.local",),
+                                    routes=(HttpRoute(name=name, source="t", destinations=(dest(target),)),))
+                  for name, target in (("a", a_goes_to), ("b", "b"))}
+        table = RouteTable(name="http", exact=MappingProxyType({f"{n}.local": v for n, v in vhosts.items()}))
+        return _replace(first, route_tables=MappingProxyType({"http": table}))
+
+    worker, port = await start_worker(asyncio.get_running_loop(), snap("a", "v1"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def ask(host: bytes) -> bytes:
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        return body if head.startswith(b"HTTP/1.1 200 ") else head.split(b" ")[1]
+
+    try:
+        assert await ask(b"a.local") == b"from-a"
+        assert await ask(b"b.local") == b"from-b"
+        assert await ask(b"a.local") == b"from-a"
+        worker.store.swap(snap("b", "v2"))
+        assert await ask(b"a.local") == b"from-b"
+        assert await ask(b"A.LOCAL") == b"from-b"
+        assert await ask(b"c.local") == b"404"         # no virtual host
+        assert await ask(b"b.local") == b"from-b"
+        assert (len(a.requests), len(b.requests)) == (2, 4)
+    finally:
+        writer.close()
+        await worker.drain(1)
+        await a.close()
+        await b.close()
