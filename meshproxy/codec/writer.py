@@ -36,10 +36,10 @@ def _put(w, data: bytes):
     return w + n
 
 
-def _head(start: bytes, middle: bytes, end: bytes, headers: list) -> bytes:
-    """``start + middle + end`` + ``name: value CRLF`` per field + CRLF, written into one
-    allocation (compiled only: the C version of ``_fields``)."""
-    size = len(start) + len(middle) + len(end) + 2
+def _head(start: bytes, middle: bytes, end: bytes, headers: list, tail: bytes = b"") -> bytes:
+    """``start + middle + end`` + ``name: value CRLF`` per field + ``tail`` (field lines already
+    encoded) + CRLF, written into one allocation (compiled only: the C version of ``_fields``)."""
+    size = len(start) + len(middle) + len(end) + len(tail) + 2
     for name, value in headers:
         size += len(name) + len(value) + 4
     out = PyBytes_FromStringAndSize(cython.NULL, size)
@@ -52,19 +52,21 @@ def _head(start: bytes, middle: bytes, end: bytes, headers: list) -> bytes:
         w[0] = 13        # CR
         w[1] = 10        # LF
         w += 2
+    w = _put(w, tail)
     w[0] = 13
     w[1] = 10
     return out
 
 
-def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
-    """``METHOD target HTTP/1.1`` + fields + blank line (always HTTP/1.1 upstream)."""
+def encode_request_head(method: bytes, target: bytes, headers: Headers, tail: bytes = b"") -> bytes:
+    """``METHOD target HTTP/1.1`` + fields + ``tail`` (field lines already encoded, each ending
+    in CRLF) + blank line (always HTTP/1.1 upstream)."""
     if cython.compiled and type(headers) is list:
-        return _head(method, b" ", target + b" HTTP/1.1\r\n", headers)
+        return _head(method, b" ", target + b" HTTP/1.1\r\n", headers, tail)
     block = b"\r\n".join(map(_FIELD, headers))     # _fields, inlined: this runs for every request
     if block:
-        return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, block)
-    return b"%s %s HTTP/1.1\r\n\r\n" % (method, target)
+        return b"%s %s HTTP/1.1\r\n%s\r\n%s\r\n" % (method, target, block, tail)
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, tail)
 
 
 def encode_response_head(status: int, reason: bytes, headers: Headers,

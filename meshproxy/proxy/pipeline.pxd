@@ -73,7 +73,7 @@ cdef class Exchange:
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
     cdef _choose_hash_key(self, policy)
-    @cython.locals(kind=int, head=RequestHead, route=HttpRoute)
+    @cython.locals(kind=int, head=RequestHead, route=HttpRoute, trace=TraceContext, ops=bint, block=bint)
     cdef _prepare_head(self, match)
     @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, endpoint=Endpoint)
     cdef _attempt(self)

@@ -57,6 +57,8 @@ _MAX_RETAINED_BODY = 64 * 1024     # request body kept for replay on retry
 _MAX_BUFFERED_BODY = 64 * 1024     # request body held while the upstream connects
 _NO_BODY_STATUSES = frozenset((204, 304))
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# the trace fields go to the head as encoded lines: none to add as fields
+_IN_BLOCK = ()
 _READ_PAUSE_UPSTREAM = 1           # DownstreamConnection.read_paused_by bits
 _READ_PAUSE_CONNECTING = 8
 
@@ -299,15 +301,20 @@ class Exchange:
             path, authority = head.path, head.host
         else:
             path, authority = rewrite_path_and_authority(route, match, head)
-        # with tracing on, the tracer supplies x-request-id along with the trace fields
+        # With tracing on, the tracer supplies x-request-id along with the trace fields: as lines
+        # already encoded (appended to the head by the writer) unless header operations or
+        # mirrors need them as fields.
         trace = self.trace
+        ops = route.headers is not NO_HEADER_POLICY or self.destination.headers is not NO_HEADER_POLICY
+        block = trace is not None and not ops and not route.mirrors
         headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.listener.scheme,
                                             self.worker.new_request_id,
-                                            trace.headers_to_forward if trace is not None else None)
-        if route.headers is not NO_HEADER_POLICY:
-            headers = apply_header_ops(headers, route.headers.request)
-        if self.destination.headers is not NO_HEADER_POLICY:
-            headers = apply_header_ops(headers, self.destination.headers.request)
+                                            None if trace is None else _IN_BLOCK if block else trace.headers_to_forward)
+        if ops:
+            if route.headers is not NO_HEADER_POLICY:
+                headers = apply_header_ops(headers, route.headers.request)
+            if self.destination.headers is not NO_HEADER_POLICY:
+                headers = apply_header_ops(headers, self.destination.headers.request)
         kind = head.body_kind
         if kind == BODY_LENGTH:
             headers.append((b"content-length", str(head.content_length).encode()))
@@ -315,7 +322,7 @@ class Exchange:
             headers.append((b"transfer-encoding", b"chunked"))
         self.forward_headers = headers
         self.forward_path = path
-        self.forward_head = encode_request_head(head.method, path, headers)
+        self.forward_head = encode_request_head(head.method, path, headers, trace.forward_block() if block else b"")
 
     # ================================================================ 5. endpoint, connection, send
 

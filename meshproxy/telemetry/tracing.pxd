@@ -2,6 +2,7 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memcpy
 from libc.stdint cimport int64_t
 
 ctypedef unsigned long long u64
@@ -19,16 +20,23 @@ cdef bytes _uuid_text(bytes raw)
 
 cdef class TraceContext:
     cdef public bytes trace_id, span_id, parent_id, request_id, tracestate
-    cdef public bint sampled, debug
+    cdef public bint sampled, debug, b3_single, b3_multi
     cdef public str kind, scheme, peer_address
-    cdef public list headers_to_forward
     cdef public int64_t start_ns
     cdef public bytes method, path, authority, user_agent
+
+    @cython.locals(parts=list)
+    cpdef bytes forward_block(self)
+
+@cython.locals(n=Py_ssize_t)
+cdef char* _put(char* w, bytes data)
+@cython.locals(buf="char[1024]", w="char*", trace=bytes, span=bytes, parent=bytes, sampled=bint)
+cdef bytes _forward_lines(TraceContext ctx)
 
 cdef class ProxyTracer:
     cdef public object export, sample_rate, _bound, _rng, _clock_ns, _tracer, _ids, _record
     cdef public bint b3_single, b3_multi
 
-    @cython.locals(fwd=list, ctx=TraceContext)
+    @cython.locals(ctx=TraceContext)
     cpdef TraceContext start(self, head_headers, str kind=*, bytes method=*, bytes path=*, bytes authority=*,
                              str scheme=*, str peer_address=*, names=*)

@@ -2,9 +2,11 @@
 
 On the request path the worker calls :meth:`ProxyTracer.start` with the request head
 and gets a :class:`TraceContext`: the trace id, this hop's new span id, the sampling
-decision and ``headers_to_forward`` (W3C ``traceparent``/``tracestate``, B3 single and
-multi, ``x-request-id``) to put on the upstream request after removing the incoming
-copies (:data:`PROPAGATION_HEADERS`).  :meth:`ProxyTracer.finish` records an
+decision and this hop's propagation fields (W3C ``traceparent``/``tracestate``, B3 single
+and multi, ``x-request-id``) to put on the upstream request after removing the incoming
+copies (:data:`PROPAGATION_HEADERS`): ``forward_block()`` as encoded header lines for the
+request head, ``headers_to_forward`` as fields where header operations or mirrors need
+them.  :meth:`ProxyTracer.finish` records an
 OpenTelemetry span only when the context is sampled; unsampled requests never create
 SDK objects.
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:   # the OpenTelemetry SDK is imported only when spans are expo
 
 Headers = Sequence[tuple[bytes, bytes]]
 
-# Incoming copies of these must be removed before adding ``ctx.headers_to_forward``.
+# Incoming copies of these must be removed before adding this hop's (``ctx.forward_block()``).
 PROPAGATION_HEADERS = frozenset({
     b"traceparent", b"tracestate", b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid",
     b"x-b3-sampled", b"x-b3-flags", b"x-request-id",
@@ -131,11 +133,11 @@ class TraceContext:
 
     The span's request attributes (from ``start_ns``) are set only on sampled contexts."""
     __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "debug", "kind", "request_id", "tracestate",
-                 "headers_to_forward", "start_ns", "method", "path", "authority", "user_agent", "scheme",
+                 "b3_single", "b3_multi", "start_ns", "method", "path", "authority", "user_agent", "scheme",
                  "peer_address")
 
     def __init__(self, trace_id: bytes, span_id: bytes, parent_id: bytes, sampled: bool, debug: bool,
-                 kind: str, request_id: bytes, tracestate: bytes, headers_to_forward: list):
+                 kind: str, request_id: bytes, tracestate: bytes, b3_single: bool = True, b3_multi: bool = True):
         self.trace_id = trace_id          # 32 lower-case hex digits
         self.span_id = span_id            # 16 lower-case hex digits
         self.parent_id = parent_id        # 16 hex digits, b"" for a new trace
@@ -144,7 +146,8 @@ class TraceContext:
         self.kind = kind
         self.request_id = request_id
         self.tracestate = tracestate
-        self.headers_to_forward = headers_to_forward
+        self.b3_single = b3_single        # which B3 forms are propagated
+        self.b3_multi = b3_multi
         self.start_ns = 0
         self.method = self.path = self.authority = self.user_agent = b""
         self.scheme = "http"
@@ -153,6 +156,83 @@ class TraceContext:
     @property
     def trace_id_hex(self) -> str:
         return self.trace_id.decode()
+
+    @property
+    def headers_to_forward(self) -> list:
+        """This hop's propagation fields, ``x-request-id`` included, as ``(name, value)``: they
+        replace the incoming copies (:data:`PROPAGATION_HEADERS`)."""
+        trace, span, parent, debug = self.trace_id, self.span_id, self.parent_id, self.debug
+        flag, b3_sampled = (b"01", b"1") if self.sampled else (b"00", b"0")
+        fwd = [(b"traceparent", b"-".join((b"00", trace, span, flag))), (b"x-request-id", self.request_id)]
+        if self.tracestate:
+            fwd.append((b"tracestate", self.tracestate))
+        if self.b3_single:
+            b3s = b"d" if debug else b3_sampled
+            fwd.append((b"b3", b"-".join((trace, span, b3s, parent) if parent else (trace, span, b3s))))
+        if self.b3_multi:
+            last = (b"x-b3-flags", b"1") if debug else (b"x-b3-sampled", b3_sampled)
+            if parent:
+                fwd += ((b"x-b3-traceid", trace), (b"x-b3-spanid", span), (b"x-b3-parentspanid", parent), last)
+            else:
+                fwd += ((b"x-b3-traceid", trace), (b"x-b3-spanid", span), last)
+        return fwd
+
+    def forward_block(self) -> bytes:
+        """The same fields, in the same order, as header lines (``name: value CRLF`` each) for
+        the request head: no tuple per field and no join per value."""
+        trace, span, parent, debug = self.trace_id, self.span_id, self.parent_id, self.debug
+        if cython.compiled:
+            if len(trace) + len(span) + len(parent) + len(self.request_id) + len(self.tracestate) <= 600:
+                return _forward_lines(self)
+        parts = [b"traceparent: 00-", trace, b"-", span, b"-01\r\nx-request-id: " if self.sampled
+                 else b"-00\r\nx-request-id: ", self.request_id, b"\r\n"]
+        if self.tracestate:
+            parts += (b"tracestate: ", self.tracestate, b"\r\n")
+        if self.b3_single:
+            parts += (b"b3: ", trace, b"-", span, b"-d" if debug else b"-1" if self.sampled else b"-0")
+            if parent:
+                parts += (b"-", parent)
+            parts.append(b"\r\n")
+        if self.b3_multi:
+            parts += (b"x-b3-traceid: ", trace, b"\r\nx-b3-spanid: ", span, b"\r\n")
+            if parent:
+                parts += (b"x-b3-parentspanid: ", parent, b"\r\n")
+            parts.append(b"x-b3-flags: 1\r\n" if debug else b"x-b3-sampled: 1\r\n" if self.sampled
+                         else b"x-b3-sampled: 0\r\n")
+        return b"".join(parts)
+
+
+def _put(w, data: bytes):
+    """Copy ``data`` to ``w``; return the position after it (compiled only)."""
+    n = len(data)
+    memcpy(w, cython.cast(cython.p_const_char, data), n)
+    return w + n
+
+
+def _forward_lines(ctx: TraceContext) -> bytes:
+    """:meth:`TraceContext.forward_block` written into a stack buffer by C copies (compiled
+    only; the caller checked that the variable parts fit: at most 600 bytes of ids and state
+    besides about 200 of names and separators)."""
+    trace, span, parent = ctx.trace_id, ctx.span_id, ctx.parent_id
+    sampled = ctx.sampled
+    w = _put(_put(_put(_put(buf, b"traceparent: 00-"), trace), b"-"), span)
+    w = _put(_put(_put(w, b"-01\r\nx-request-id: " if sampled else b"-00\r\nx-request-id: "), ctx.request_id),
+             b"\r\n")
+    if ctx.tracestate:
+        w = _put(_put(_put(w, b"tracestate: "), ctx.tracestate), b"\r\n")
+    if ctx.b3_single:
+        w = _put(_put(_put(_put(w, b"b3: "), trace), b"-"), span)
+        w = _put(w, b"-d" if ctx.debug else b"-1" if sampled else b"-0")
+        if parent:
+            w = _put(_put(w, b"-"), parent)
+        w = _put(w, b"\r\n")
+    if ctx.b3_multi:
+        w = _put(_put(_put(_put(_put(w, b"x-b3-traceid: "), trace), b"\r\nx-b3-spanid: "), span), b"\r\n")
+        if parent:
+            w = _put(_put(_put(w, b"x-b3-parentspanid: "), parent), b"\r\n")
+        w = _put(w, b"x-b3-flags: 1\r\n" if ctx.debug else b"x-b3-sampled: 1\r\n" if sampled
+                 else b"x-b3-sampled: 0\r\n")
+    return PyBytes_FromStringAndSize(buf, w - buf)
 
 
 def _parse_traceparent(value: bytes):
@@ -287,23 +367,8 @@ class ProxyTracer:
             span = b"%016x" % (rng.getrandbits(64) or 1)
             request_id = found.get(b"x-request-id") or random_uuid(rng)
 
-        if sampled:
-            flag, b3_sampled = b"01", b"1"
-        else:
-            flag, b3_sampled = b"00", b"0"
-        fwd = [(b"traceparent", b"-".join((b"00", trace, span, flag))), (b"x-request-id", request_id)]
-        if tracestate:
-            fwd.append((b"tracestate", tracestate))
-        if self.b3_single:
-            b3s = b"d" if debug else b3_sampled
-            fwd.append((b"b3", b"-".join((trace, span, b3s, parent) if parent else (trace, span, b3s))))
-        if self.b3_multi:
-            last = (b"x-b3-flags", b"1") if debug else (b"x-b3-sampled", b3_sampled)
-            if parent:
-                fwd += ((b"x-b3-traceid", trace), (b"x-b3-spanid", span), (b"x-b3-parentspanid", parent), last)
-            else:
-                fwd += ((b"x-b3-traceid", trace), (b"x-b3-spanid", span), last)
-        ctx = TraceContext(trace, span, parent, sampled, debug, kind, request_id, tracestate, fwd)
+        ctx = TraceContext(trace, span, parent, sampled, debug, kind, request_id, tracestate,
+                           self.b3_single, self.b3_multi)
         if sampled and self._tracer is not None:
             ctx.start_ns = self._clock_ns()
             ctx.method, ctx.path, ctx.authority = method, path, authority

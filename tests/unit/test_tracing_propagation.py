@@ -147,3 +147,23 @@ def test_new_trace_and_span_ids_are_hex_of_the_right_length_and_never_zero():
         ctx = tracer.start([(b"host", b"a")], "server")
         assert len(ctx.trace_id) == 32 and int(ctx.trace_id, 16) != 0
         assert len(ctx.span_id) == 16 and int(ctx.span_id, 16) != 0
+
+
+@pytest.mark.parametrize("b3_single", [True, False])
+@pytest.mark.parametrize("b3_multi", [True, False])
+@pytest.mark.parametrize("incoming", [
+    [],                                                                                   # a new trace
+    [(b"traceparent", b"00-" + TRACE + b"-" + PARENT + b"-01"), (b"tracestate", b"congo=t61rcWkgMzE")],
+    [(b"traceparent", b"00-" + TRACE + b"-" + PARENT + b"-00"), (b"x-request-id", b"kept-id")],
+    [(b"b3", TRACE + b"-" + PARENT + b"-d")],                                             # debug
+    [(b"traceparent", b"00-" + TRACE + b"-" + PARENT + b"-01"), (b"tracestate", b"k=" + b"v" * 700),
+     (b"x-request-id", b"r" * 300)],                                                   # longer than the C buffer path
+])
+def test_the_encoded_propagation_lines_are_exactly_the_forwarded_fields(b3_single, b3_multi, incoming):
+    """The request head carries ``forward_block()`` (compiled: C copies into a stack buffer, or
+    a join when the ids and state are long); header operations and mirrors use
+    ``headers_to_forward``.  Both must say the same, field for field, in the same order."""
+    t = ProxyTracer(None, sample_rate=0.5, rng=random.Random(3), b3_single=b3_single, b3_multi=b3_multi)
+    for _ in range(8):                                       # sampled and unsampled new traces
+        ctx = t.start(incoming, "server")
+        assert ctx.forward_block() == b"".join(n + b": " + v + b"\r\n" for n, v in ctx.headers_to_forward)
