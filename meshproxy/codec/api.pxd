@@ -32,6 +32,12 @@ cdef class CodecLimits:
     cdef readonly Py_ssize_t max_body_bytes
     cdef readonly Py_ssize_t max_chunk_ext_bytes
 
+cdef class MessageHandler:
+    cpdef on_request_head(self, RequestHead head)
+    cpdef on_response_head(self, ResponseHead head)
+    cpdef on_body(self, data)
+    cpdef on_message_complete(self)
+
 ctypedef fused _Head:
     RequestHead
     ResponseHead

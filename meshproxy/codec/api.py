@@ -86,6 +86,26 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
+class MessageHandler:
+    """Base class of the connection drivers, which receive a parser's events (the methods of
+    :class:`RequestHandler` and :class:`ResponseHandler`).  Compiled, the llhttp backend calls a
+    MessageHandler's methods at C level; any other handler object works too, through its bound
+    methods."""
+    __slots__ = ()
+
+    def on_request_head(self, head: RequestHead) -> None:
+        raise NotImplementedError
+
+    def on_response_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_message_complete(self) -> None:
+        raise NotImplementedError
+
+
 class RequestHandler(Protocol):
     """Implemented by the downstream connection driver."""
 

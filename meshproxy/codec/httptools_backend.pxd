@@ -2,6 +2,7 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from meshproxy.codec cimport framing
+from meshproxy.codec.api cimport MessageHandler
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
 from cpython.object cimport PyObject
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
@@ -151,6 +152,7 @@ cdef class _Base:
     cdef public bint _driven
     cdef bytes _hname, _hvalue
     cdef object _cb_error
+    cdef public MessageHandler _sink
 
     cdef _drive(self, int kind)
     @cython.locals(buf=bytes, err=int)

@@ -30,6 +30,7 @@ from .api import (
     BODY_CHUNKED,
     BODY_UNTIL_CLOSE,
     CodecLimits,
+    MessageHandler,
     ProtocolError,
     RequestHandler,
     ResponseHandler,
@@ -244,7 +245,10 @@ def _ll_on_headers_complete(p):
 def _ll_on_body(p, at, n):
     parser = cython.cast(_Base, p.data)
     try:
-        parser.on_body(at[:n])
+        if parser._sink is not None and not parser._max_body:
+            parser._sink.on_body(at[:n])           # a C call
+        else:
+            parser.on_body(at[:n])
     except BaseException as exc:
         parser._cb_error = exc
         return _HPE_USER
@@ -301,10 +305,12 @@ class _Base:
     __slots__ = ("_handler", "_limits", "_parser", "_raw", "on_header", "on_body", "_state", "_head_bytes",
                  "_chunked", "_line_pending", "_line_carry", "_ext_cap", "_body_bytes",
                  "_chunk_header_seen", "_tunnel", "_keep_alive", "_err_status", "_max_head_bytes",
-                 "_max_raw", "_max_body", "_handler_body", "_handler_complete", "_driven")
+                 "_max_raw", "_max_body", "_handler_body", "_handler_complete", "_driven", "_sink")
 
     def _init(self, handler, limits: CodecLimits, err_status: int) -> None:
         self._handler = handler
+        # compiled, a connection driver's events are C calls (MessageHandler's cpdef methods)
+        self._sink = handler if cython.compiled and isinstance(handler, MessageHandler) else None
         self._handler_body = handler.on_body
         self._handler_complete = handler.on_message_complete
         self._limits = limits
@@ -632,7 +638,10 @@ class HttptoolsRequestParser(_Base):
         self._body_bytes = 0
         self._chunked = self._line_pending = head.body_kind == BODY_CHUNKED
         self._line_carry = 0
-        self._handler_head(head)
+        if self._sink is not None:
+            self._sink.on_request_head(head)      # a C call
+        else:
+            self._handler_head(head)
 
     def on_message_complete(self) -> None:
         if self._raw:
@@ -640,7 +649,10 @@ class HttptoolsRequestParser(_Base):
         self._state = _HEAD if self._keep_alive else _CLOSED
         self._head_bytes = 0
         self._line_pending = False
-        self._handler_complete()
+        if self._sink is not None:
+            self._sink.on_message_complete()      # a C call
+        else:
+            self._handler_complete()
 
 
 class HttptoolsResponseParser(_Base):
@@ -737,7 +749,10 @@ class HttptoolsResponseParser(_Base):
         self._body_bytes = 0
         self._chunked = self._line_pending = kind == BODY_CHUNKED
         self._line_carry = 0
-        self._handler_head(head)
+        if self._sink is not None:
+            self._sink.on_response_head(head)     # a C call
+        else:
+            self._handler_head(head)
 
     def on_message_complete(self) -> None:
         if self._raw:
@@ -749,7 +764,10 @@ class HttptoolsResponseParser(_Base):
             self._state = _HEAD
             return
         self._state = _HEAD if self._keep_alive else _CLOSED
-        self._handler_complete()
+        if self._sink is not None:
+            self._sink.on_message_complete()      # a C call
+        else:
+            self._handler_complete()
 
 
 # ---------------------------------------------------------------------- choosing the llhttp driver

@@ -2,10 +2,11 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
-from meshproxy.codec.api cimport RequestHead
+from meshproxy.codec.api cimport RequestHead, MessageHandler
+from meshproxy.codec.httptools_backend cimport _Base as LlhttpParser
 from meshproxy.bootstrap cimport Worker
 
-cdef class DownstreamConnection:
+cdef class DownstreamConnection(MessageHandler):
     cdef public Worker worker
     cdef public object listener, transport, parser
     cdef public str client_ip
@@ -19,6 +20,9 @@ cdef class DownstreamConnection:
     cdef public object vhost_snapshot, vhost
     cdef public bytes vhost_authority
 
+    cpdef on_request_head(self, RequestHead head)
+    cpdef on_body(self, data)
+    cpdef on_message_complete(self)
     @cython.locals(exchange=Exchange)
     cdef _start(self, RequestHead head)
     cdef _enqueue(self, event)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+
+import cython
 from typing import TYPE_CHECKING
 
-from ..codec.api import ProtocolError, RequestHead
+from ..codec.api import MessageHandler, ProtocolError, RequestHead
+from ..codec.httptools_backend import _Base as LlhttpParser
 from ..proxy.errors import error_response
 from ..proxy.pipeline import Exchange
 
@@ -32,7 +35,7 @@ CLOSING = 3
 _HEAD, _BODY, _END = 0, 1, 2
 
 
-class DownstreamConnection:  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
+class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
@@ -89,8 +92,12 @@ class DownstreamConnection:  # an asyncio protocol (not derived from asyncio.Pro
             self.state = READING
             self.since = self.worker.clock()
         self.feeding = True
+        parser = self.parser
         try:
-            self.parser.feed(data)
+            if cython.compiled and isinstance(parser, LlhttpParser):
+                cython.cast(LlhttpParser, parser).feed(data)     # a C call
+            else:
+                parser.feed(data)
         except ProtocolError as err:
             self.feeding = False
             self.reject(err.status, err.reason)

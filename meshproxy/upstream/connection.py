@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Callable
 
-from ..codec.api import ProtocolError, ResponseHead
+import cython
+
+from ..codec.api import MessageHandler, ProtocolError, ResponseHead
+from ..codec.httptools_backend import _Base as LlhttpParser
 
 if TYPE_CHECKING:
     from .pool import EndpointPool
 
 
-class UpstreamConnection:  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
+class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
     __slots__ = (
         "transport", "parser", "exchange", "pool", "idle_since", "requests", "closed",
         "_counted", "on_close", "write",
@@ -49,8 +52,12 @@ class UpstreamConnection:  # an asyncio protocol (not derived from asyncio.Proto
             # Bytes on an idle keep-alive connection: the upstream is confused; never reuse.
             self.close()
             return
+        parser = self.parser
         try:
-            self.parser.feed(data)
+            if cython.compiled and isinstance(parser, LlhttpParser):
+                cython.cast(LlhttpParser, parser).feed(data)     # a C call
+            else:
+                parser.feed(data)
         except ProtocolError as err:
             exchange.upstream_protocol_error(self, err)
             return
