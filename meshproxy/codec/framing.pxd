@@ -5,6 +5,10 @@ from libc.string cimport memcmp
 from meshproxy.codec.api cimport RequestHead, ResponseHead, CodecLimits
 
 cdef bytes _TCHAR_OK, _VALUE_OK, _TARGET_OK
+cdef frozenset _REQUEST_RARE_FIELDS, _REQUEST_FRAMING_FIELDS
+cdef dict _LENGTHS, _PERSISTENT_1_1
+@cython.locals(name=bytes)
+cdef bint _none_of(frozenset fields, tuple names) except -1
 @cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
                name_list=list, value_list=list)

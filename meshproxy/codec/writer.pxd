@@ -1,6 +1,8 @@
 # Augmenting declarations for writer.py: the types of the compiled hot path (scripts/build_ext.py).
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
+
+cdef dict _STATUS_LINES
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 

@@ -19,6 +19,8 @@ cdef class DownstreamConnection(MessageHandler):
     cdef public Py_ssize_t requests, out_start
     cdef public object vhost_snapshot, vhost
     cdef public bytes vhost_authority
+    cdef public str scheme
+    cdef public bint inbound
 
     cpdef on_request_head(self, RequestHead head)
     cpdef on_body(self, data)

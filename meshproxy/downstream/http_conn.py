@@ -40,7 +40,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
         "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
-        "vhost_snapshot", "vhost_authority", "vhost",
+        "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -68,6 +68,8 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
         # the virtual host the last request on this connection was routed to, for the snapshot
         # and Host it was chosen with (keep-alive clients repeat both)
+        self.scheme = listener.scheme        # the listener's, read per request
+        self.inbound = listener.inbound
         self.vhost_snapshot = None
         self.vhost_authority = b""
         self.vhost = None

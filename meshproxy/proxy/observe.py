@@ -81,14 +81,14 @@ class Telemetry:
         tracer = self.tracer
         if tracer is not None:
             head = exchange.head
-            kind = "server" if exchange.down.listener.inbound else "client"
+            kind = "server" if exchange.down.inbound else "client"
             exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
-                                          authority=head.host, scheme=exchange.down.listener.scheme,
+                                          authority=head.host, scheme=exchange.down.scheme,
                                           peer_address=exchange.down.client_ip, names=field_names(head))
 
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster
-        if exchange.down.listener.inbound:
+        if exchange.down.inbound:
             handle = self._inbound
         else:
             handle = self._handles.get(cluster.cluster.name) if cluster is not None else self._unrouted

@@ -175,7 +175,7 @@ class Exchange:
         view = self.view
         if view is None:
             listener = self.down.listener
-            view = self.view = view_from_head(self.head, listener.port, listener.scheme, self.down.client_ip)
+            view = self.view = view_from_head(self.head, listener.port, self.down.scheme, self.down.client_ip)
         return view
 
     # ================================================================ 2. local replies
@@ -307,7 +307,7 @@ class Exchange:
         trace = self.trace
         ops = route.headers is not NO_HEADER_POLICY or self.destination.headers is not NO_HEADER_POLICY
         block = trace is not None and not ops and not route.mirrors
-        headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.listener.scheme,
+        headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.scheme,
                                             self.worker.new_request_id,
                                             None if trace is None else _IN_BLOCK if block else trace.headers_to_forward)
         if ops:

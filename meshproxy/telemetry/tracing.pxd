@@ -8,6 +8,9 @@ from libc.stdint cimport int64_t
 ctypedef unsigned long long u64
 
 cdef bytes _HEXDIGITS
+cdef frozenset _READ
+@cython.locals(name=bytes)
+cdef bint _reads_any(tuple names) except -1
 
 cpdef bytes random_uuid(rng)
 @cython.locals(raw=bytes, p="const unsigned char*", i=int, trace_bits=int, span_bits=int, low=u64)
