@@ -1,6 +1,7 @@
 # Augmenting declarations for state.py: the types of the compiled hot path (scripts/build_ext.py).
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
+from meshproxy.cluster.balancer cimport Host
 
 cdef class _Counters:
     cdef public Py_ssize_t requests, pending, retries, connections, active
@@ -19,10 +20,13 @@ cdef class ClusterState:
     cdef public dict _by_id, _by_key
 
     cpdef _refresh(self, double now)
+    @cython.locals(host=Host)
     cpdef pick(self, hash_key=*, exclude=*, original=*)
-    cdef _host(self, ep)
+    @cython.locals(host=Host)
+    cdef Host _host(self, ep)
+    @cython.locals(host=Host)
     cpdef on_request_start(self, ep)
-    @cython.locals(counters=_Counters)
+    @cython.locals(counters=_Counters, host=Host)
     cpdef on_request_end(self, ep)
     cpdef record(self, ep, outcome)
     @cython.locals(c=_Counters)

@@ -12,7 +12,7 @@ cdef class DownstreamConnection(MessageHandler):
     cdef public str client_ip
     cdef public int state, read_paused_by
     cdef public Exchange exchange
-    cdef public object queue, tunnel, write
+    cdef public object queue, tunnel, write, send
     cdef public double since
     cdef public list out, upgrade_buffer
     cdef public bint keep_alive, closed, replaying, feeding

@@ -40,7 +40,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
         "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
-        "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound",
+        "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound", "send",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -48,6 +48,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.parser = None
+        self.send = None                     # transport.write, from connection_made
         self.client_ip = ""
         self.state = IDLE
         self.exchange: Exchange | None = None
@@ -78,6 +79,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self.send = transport.write          # one bound method for every response
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
@@ -230,9 +232,9 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         if out:
             if not self.closed:
                 if len(out) == 1:
-                    self.transport.write(out[0])
+                    self.send(out[0])
                 else:
-                    self.transport.write(b"".join(out))
+                    self.send(b"".join(out))
             out.clear()
             self.out_start = 0
             exchange = self.exchange

@@ -79,7 +79,7 @@ class Exchange:
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead):
         self.down = down
-        self.worker = down.worker
+        self.worker = self.down.worker           # (through the typed attributes: C reads when compiled)
         self.head = head
         self.snapshot = None
         self.route = None
@@ -105,13 +105,13 @@ class Exchange:
         self.tried: tuple = ()                   # (address, port) of the endpoints attempted
         self.flags = "-"
         self.status = 0
-        self.start_time = down.since             # the first byte of this request (or when the previous one ended)
+        self.start_time = self.down.since        # the first byte of this request (or when the previous one ended)
         self.upstream_start = 0.0
         self.timer = None
         self.try_timer = None
         self.discarding = False
         self.finished = False
-        self.keep_alive = head.keep_alive
+        self.keep_alive = self.head.keep_alive
         self.hash_key = None
         self.request_admitted = False            # counted in the cluster's requests (http2MaxRequests)
         self.pending_admitted = False            # counted as waiting for a connection (http1MaxPendingRequests)
