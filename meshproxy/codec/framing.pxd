@@ -2,6 +2,8 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from libc.string cimport memcmp
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
 from meshproxy.codec.api cimport RequestHead, ResponseHead, CodecLimits
 
 cdef bytes _TCHAR_OK, _VALUE_OK, _TARGET_OK
@@ -11,7 +13,7 @@ cdef dict _LENGTHS, _PERSISTENT_1_1
 cdef bint _none_of(frozenset fields, tuple names) except -1
 @cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
-               name_list=list, value_list=list)
+               fields=list, count=Py_ssize_t, k=Py_ssize_t, names_out=tuple, values_out=tuple)
 cdef tuple _checked_fields(headers, CodecLimits limits, int status)
 @cython.locals(ok="const unsigned char*", p="const unsigned char*", bad=bint, i=Py_ssize_t)
 cdef bint _target_ok(bytes target) except -1

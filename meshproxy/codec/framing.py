@@ -87,12 +87,16 @@ def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple
         raise ProtocolError(431 if status == 400 else status, "too many header fields")
     if not headers:
         return (), ()
-    if cython.compiled:
-        # the same checks as C loops over each field's bytes (no joined copies)
+    if cython.compiled and type(headers) is list:
+        # the same checks as C loops over each field's bytes (no joined copies), the two
+        # tuples filled in place
+        fields = headers
+        count = len(fields)
         bad = empty = False
-        name_list, value_list = [], []
+        names_out, values_out = PyTuple_New(count), PyTuple_New(count)
         tchar, vchar = _TCHAR_OK, _VALUE_OK
-        for name, value in headers:
+        for k in range(count):
+            name, value = fields[k]
             n = len(name)
             empty |= n == 0
             p = name
@@ -102,13 +106,15 @@ def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple
             p = value
             for i in range(n):
                 bad |= not vchar[p[i]]
-            name_list.append(name)
-            value_list.append(value)
+            Py_INCREF(name)                    # the tuples take a reference each
+            PyTuple_SET_ITEM(names_out, k, name)
+            Py_INCREF(value)
+            PyTuple_SET_ITEM(values_out, k, value)
         if bad:
             raise ProtocolError(status, "invalid header field")
         if empty:
             raise ProtocolError(status, "empty header field name")
-        return tuple(name_list), tuple(value_list)
+        return names_out, values_out
     names, values = zip(*headers)
     if 0 in b"".join(names).translate(_TCHAR_OK) or 0 in b"".join(values).translate(_VALUE_OK):
         raise ProtocolError(status, "invalid header field")
