@@ -11,6 +11,8 @@ cdef frozenset _REQUEST_RARE_FIELDS, _REQUEST_FRAMING_FIELDS
 cdef dict _LENGTHS, _PERSISTENT_1_1
 @cython.locals(name=bytes)
 cdef bint _none_of(frozenset fields, tuple names) except -1
+@cython.locals(n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*", total="long long")
+cdef long long _short_digits(bytes value) except? -2
 @cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
                fields=list, count=Py_ssize_t, k=Py_ssize_t, names_out=tuple, values_out=tuple)
@@ -23,5 +25,5 @@ cpdef Py_ssize_t field_index(tuple names, bytes name) except -3
 cdef list _values_of(bytes name, tuple names, tuple values)
 @cython.locals(names=tuple, values=tuple, host_index=Py_ssize_t)
 cpdef RequestHead request_head(method, target, version, headers, CodecLimits limits)
-@cython.locals(names=tuple, values=tuple, cl=Py_ssize_t, conn=Py_ssize_t)
+@cython.locals(names=tuple, values=tuple, cl=Py_ssize_t, conn=Py_ssize_t, conn_value=bytes)
 cpdef ResponseHead response_head(int status, reason, version, headers, CodecLimits limits, bint no_body)

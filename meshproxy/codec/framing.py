@@ -179,6 +179,23 @@ def _content_length(values: list[bytes], status: int) -> int:
     return int(stripped)
 
 
+def _short_digits(value: bytes) -> int:
+    """The number ``value`` spells when it is 1 to 15 ASCII digits (what :func:`_content_length`
+    returns for it), else -1 (compiled: a C loop; pure Python: always -1, the memo decides)."""
+    if cython.compiled:
+        n = len(value)
+        if n == 0 or n > 15:
+            return -1
+        p = value
+        total = 0
+        for i in range(n):
+            if not 48 <= p[i] <= 57:
+                return -1
+            total = total * 10 + (p[i] - 48)
+        return total
+    return -1
+
+
 def _transfer_codings(values: list[bytes]) -> list[bytes]:
     codings = []
     for raw in values:
@@ -402,13 +419,18 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
         # The common response: one Content-Length, no Transfer-Encoding; the outcome
         # _response_tail reaches for it, found with C-level scans of ``names``.
         length = values[cl]
-        content_length = _LENGTHS.get(length)
+        content_length = _short_digits(length)
+        if content_length < 0:
+            content_length = _LENGTHS.get(length)
         if content_length is None:
             content_length = _content_length([length], 502)
             if len(_LENGTHS) < _LENGTHS_MAX and length[:1] != b"0":
                 _LENGTHS[length] = content_length
         conn = field_index(names, b"connection")
-        persists = _PERSISTENT_1_1.get(values[conn]) if conn >= 0 and version == b"1.1" else None
+        persists = None
+        if conn >= 0 and version == b"1.1":
+            conn_value = values[conn]
+            persists = True if conn_value == b"keep-alive" else _PERSISTENT_1_1.get(conn_value)
         if conn == -1:
             keep_alive = version == b"1.1"
         elif persists is not None:

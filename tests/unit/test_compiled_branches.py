@@ -232,3 +232,27 @@ def test_snapshot_classes_behave_as_frozen_dataclasses_in_both_modes():
     assert to_jsonable(ops) == {"set": [["x-a", "1"]], "add": [], "remove": ["x-b"]}
     assert repr(ops) == "HeaderOps(set=(('x-a', '1'),), add=(), remove=('x-b',))"
     assert repr(route).startswith("HttpRoute(name='r', source='VirtualService default/reviews: spec.http[0]'")
+
+
+@pytest.mark.parametrize("value", [b"0", b"7", b"007", b"42", b"123456789012345", b"1234567890123456",
+                                   b"000000000000000000000001", b"999999999999999999"])
+def test_a_response_content_length_of_digits_is_its_number(value):
+    """Compiled, up to 15 digits are read by a C loop (_short_digits), longer ones by the
+    reference parse; both give the number, leading zeros included."""
+    head = response_head(200, b"OK", b"1.1", [(b"content-length", value)], LIMITS, False)
+    assert head.content_length == int(value)
+
+
+@pytest.mark.parametrize("value", [b"", b"1a", b"-1", b"+1", b" 1", b"1 ", b"0x10", b"1,1", b"\xb9",
+                                   b"1234567890123456789"])
+def test_a_response_content_length_that_is_not_digits_is_refused(value):
+    with pytest.raises(ProtocolError) as err:
+        response_head(200, b"OK", b"1.1", [(b"content-length", value)], LIMITS, False)
+    assert err.value.status == 502
+
+
+@pytest.mark.parametrize("value, persists", [(b"keep-alive", True), (b"Keep-Alive", True), (b"close", False),
+                                             (b"keep-alive, close", False), (b"upgrade", True)])
+def test_a_response_connection_value_decides_persistence(value, persists):
+    head = response_head(200, b"OK", b"1.1", [(b"content-length", b"2"), (b"connection", value)], LIMITS, False)
+    assert head.keep_alive is persists
