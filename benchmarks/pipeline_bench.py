@@ -130,7 +130,10 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
 
     for _ in range(2000):
         one()
-    assert down.transport.written and all(up.transport.written for up in ups)
+    assert down.transport.written and all(up.transport.written for up in ups), (
+        f"responses {len(down.transport.written)}, requests per upstream {[len(u.transport.written) for u in ups]}: "
+        "with --realistic every subset must be reached (the browser-like request's /api/v1/ path matches a "
+        "route to v2 only: use --wrk-request)")
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
