@@ -5,9 +5,11 @@ colon, bad chunk sizes and terminators.  What it does not decide (Content-Length
 Transfer-Encoding policy, Host, limits, method set, value bytes) is decided by
 :mod:`meshproxy.codec.framing` inside ``on_headers_complete``, before the handler sees the head.
 
-Hot path: ``on_header`` appends ``(name.lower(), value)`` to a list; field checks and the
-framing decision happen once per head.  No per-request objects beyond the head and its header
-list.
+Hot path: each header field is appended as ``(name.lower(), value)`` to a list; field checks
+and the framing decision happen once per head.  No per-request objects beyond the head and its
+header list.  Compiled, llhttp is driven directly through the C API httptools' extension
+exports, with C callbacks (see "llhttp driven directly" below); otherwise, and in pure Python,
+through httptools' parser objects and their Python-level protocol (``on_header`` and friends).
 
 Two things llhttp cannot tell us are done here with a little bookkeeping:
 
@@ -292,8 +294,9 @@ def _ll_on_chunk_complete(p):
 class _Base:
     """Shared feeding and callbacks.
 
-    Per-request cost is what this class is shaped around: llhttp calls back into Python about
-    ten times per message, so each callback does as little as it can.  ``on_header`` is a
+    Per-request cost is what this class is shaped around: through httptools' parser objects,
+    llhttp calls back into Python about ten times per message, so each callback does as little
+    as it can (driven directly, the same methods are C calls).  ``on_header`` is a
     closure that appends ``(name.lower(), value without trailing OWS)`` to a list, with no
     attribute lookups and no checks; the fields are checked once per head by
     :func:`framing.request_head` / :func:`framing.response_head`.  Trailer fields land in the
