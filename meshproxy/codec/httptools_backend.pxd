@@ -124,6 +124,9 @@ cdef bint _ll_driven
 cdef bint _resolve_llhttp(bytes path) except -1
 @cython.locals(out=bytes, w="char*", i=size_t, c="unsigned char")
 cdef bytes _lowered(const char* at, size_t n)
+cdef tuple _NAMES_BY_LENGTH
+@cython.locals(known=bytes, p="const unsigned char*", i=size_t, c="unsigned char")
+cdef bytes _field_name(const char* at, size_t n)
 cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_status(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_header_field(_llhttp_t* p, const char* at, size_t n) noexcept

@@ -9,7 +9,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 @cython.locals(n=Py_ssize_t, src="const char*")
 cdef char* _put(char* w, bytes data)
 @cython.locals(size=Py_ssize_t, w="char*", name=bytes, value=bytes)
-cdef bytes _head(bytes start, bytes middle, bytes end, list headers, bytes tail=*)
+cdef bytes _head(bytes start, bytes middle, bytes end, list headers, bytes tail=*, bytes line_end=*)
 # cpdef module functions: other compiled modules cimport them and call them in C.
 cpdef bytes encode_request_head(method, target, headers, bytes tail=*)
 cpdef bytes encode_response_head(int status, reason, headers, version=*)

@@ -36,14 +36,16 @@ def _put(w, data: bytes):
     return w + n
 
 
-def _head(start: bytes, middle: bytes, end: bytes, headers: list, tail: bytes = b"") -> bytes:
-    """``start + middle + end`` + ``name: value CRLF`` per field + ``tail`` (field lines already
-    encoded) + CRLF, written into one allocation (compiled only: the C version of ``_fields``)."""
-    size = len(start) + len(middle) + len(end) + len(tail) + 2
+def _head(start: bytes, middle: bytes, end: bytes, headers: list, tail: bytes = b"",
+          line_end: bytes = b"") -> bytes:
+    """``start + middle + end + line_end`` + ``name: value CRLF`` per field + ``tail`` (field
+    lines already encoded) + CRLF, written into one allocation (compiled only: the C version
+    of ``_fields``)."""
+    size = len(start) + len(middle) + len(end) + len(line_end) + len(tail) + 2
     for name, value in headers:
         size += len(name) + len(value) + 4
     out = PyBytes_FromStringAndSize(cython.NULL, size)
-    w = _put(_put(_put(PyBytes_AS_STRING(out), start), middle), end)
+    w = _put(_put(_put(_put(PyBytes_AS_STRING(out), start), middle), end), line_end)
     for name, value in headers:
         w = _put(w, name)
         w[0] = 58        # ":"
@@ -62,7 +64,7 @@ def encode_request_head(method: bytes, target: bytes, headers: Headers, tail: by
     """``METHOD target HTTP/1.1`` + fields + ``tail`` (field lines already encoded, each ending
     in CRLF) + blank line (always HTTP/1.1 upstream)."""
     if cython.compiled and type(headers) is list:
-        return _head(method, b" ", target + b" HTTP/1.1\r\n", headers, tail)
+        return _head(method, b" ", target, headers, tail, b" HTTP/1.1\r\n")
     block = b"\r\n".join(map(_FIELD, headers))     # _fields, inlined: this runs for every request
     if block:
         return b"%s %s HTTP/1.1\r\n%s\r\n%s\r\n" % (method, target, block, tail)

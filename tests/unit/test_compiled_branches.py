@@ -140,6 +140,29 @@ def test_field_names_are_lower_cased_and_trailing_ows_dropped_only_where_present
                                      (b"ua", b"\xff"), (b"e", b"")]
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("backend", ["httptools", "h11"])
+def test_common_field_names_in_any_case_and_their_near_misses_come_out_lower_cased(backend, split):
+    """Compiled, a common name is a shared constant (httptools_backend._COMMON_NAMES) when it
+    matches in any case; names one byte off, longer or shorter, or split across reads are
+    copied and lower-cased.  Either way the field list is the same."""
+    from meshproxy.codec import make_request_parser
+    from meshproxy.codec.httptools_backend import _COMMON_NAMES
+    names = [n.upper() for n in _COMMON_NAMES] + [n.title() for n in _COMMON_NAMES] + [
+        b"Hos", b"Hostt", b"Hosu", b"Gost", b"Content-Lengtz", b"Content_Length", b"B4", b"X-B3-SpanIdX"]
+    names = [n for n in names if n.lower() not in (b"host", b"content-length", b"transfer-encoding", b"connection",
+                                                   b"upgrade", b"keep-alive")]
+    head = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(n + b": v\r\n" for n in names) + b"\r\n"
+    sink = _Heads()
+    parser = make_request_parser(backend, sink, LIMITS)
+    if split:
+        for i in range(len(head)):
+            parser.feed(head[i:i + 1])
+    else:
+        parser.feed(head)
+    assert sink.heads[0].headers == [(b"host", b"h")] + [(n.lower(), b"v") for n in names]
+
+
 @pytest.mark.parametrize("names", [(), (b"host",), (b"a", b"host", b"b"), (b"host", b"x", b"host"),
                                    (b"hos", b"hostt", b"Host", b"host "), (b"connection",) * 3])
 @pytest.mark.parametrize("name", [b"host", b"connection", b""])
