@@ -2,7 +2,7 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 
-cdef dict _STATUS_LINES
+cdef dict _STATUS_LINES, LENGTH_FIELDS
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 

@@ -88,7 +88,7 @@ LENGTH_FIELDS: dict[int, tuple[bytes, bytes]] = {}
 
 
 def content_length_field(n: int) -> tuple[bytes, bytes]:
-    """``(b"content-length", b"<n>")``; callers on the hot path try ``LENGTH_FIELDS.get(n)`` first."""
+    """``(b"content-length", b"<n>")``, made once per length (up to 4096 lengths kept)."""
     field = LENGTH_FIELDS.get(n)
     if field is None:
         field = (b"content-length", b"%d" % n)

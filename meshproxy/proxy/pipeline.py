@@ -34,7 +34,7 @@ from ..codec.api import (
     BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, ProtocolError, RequestHead, ResponseHead,
 )
 from ..codec.writer import (
-    LAST_CHUNK, LENGTH_FIELDS, content_length_field, encode_chunk, encode_request_head, encode_response_head,
+    LAST_CHUNK, content_length_field, encode_chunk, encode_request_head, encode_response_head,
 )
 from ..config.model import NO_HEADER_POLICY
 from ..router.match import select_route, select_virtual_host
@@ -549,7 +549,7 @@ class Exchange:
         keep_alive = self.keep_alive_now()
         kind = head.body_kind
         if kind == BODY_LENGTH and status not in _NO_BODY_STATUSES and self.head.method != b"HEAD":
-            framing = LENGTH_FIELDS.get(head.content_length) or content_length_field(head.content_length)
+            framing = content_length_field(head.content_length)
         elif kind == BODY_NONE or self.head.method == b"HEAD" or status in _NO_BODY_STATUSES:
             framing = None
         elif self.head.version == b"1.1":
