@@ -11,46 +11,12 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 cdef extern from "<dlfcn.h>":
     int RTLD_NOLOAD
 
-# The start of llhttp's parser struct (llhttp.h of llhttp 8 and 9, up to http_minor) and of the
-# httptools HttpParser object that holds a pointer to it (parser.pyx of httptools 0.6.4-0.9.x:
-# the object header, the vtable pointer, then `llhttp_t* _cparser`).  Read only once
-# _check_llhttp_layout has confirmed both for the installed httptools.
-cdef struct _llhttp_start:
-    int32_t _index
-    void* _span_pos0
-    void* _span_cb0
-    int32_t error
-    const char* reason
-    const char* error_pos
-    void* data
-    void* _current
-    uint64_t content_length
-    uint8_t type
-    uint8_t method
-    uint8_t http_major
-    uint8_t http_minor
-
-cdef struct _httptools_parser_start:
-    Py_ssize_t ob_refcnt
-    void* ob_type
-    void* vtab
-    _llhttp_start* cparser
-
-cdef inline int _llhttp_version(object parser):
-    # major * 256 + minor, or -1 when the struct does not point back at this parser
-    # (llhttp's `data`, which httptools sets to the parser object)
-    if sizeof(PyObject) != sizeof(Py_ssize_t) + sizeof(void*):
-        return -1                              # a debug build's object header is longer
-    cdef _llhttp_start* c = (<_httptools_parser_start*><PyObject*>parser).cparser
-    if c == NULL or c.data != <void*>parser:
-        return -1
-    return c.http_major << 8 | c.http_minor
-
-cdef bint _llhttp_readable
-
-# llhttp driven directly (llhttp.h as bundled in the httptools 0.9.0 sdist, llhttp 9): its
-# parser struct and callback table, and the functions httptools' extension module exports.
-# Used only once _load_llhttp has found every function and a self-check agrees with httptools.
+# llhttp's parser struct (llhttp.h as bundled in the httptools 0.9.0 sdist, llhttp 9; llhttp 8
+# and earlier 9 releases start it the same way up to http_minor, all _llhttp_version reads) and
+# the start of the httptools HttpParser object that holds a pointer to it (parser.pyx of httptools
+# 0.6.4-0.9.x: the object header, the vtable pointer, then `llhttp_t* _cparser`).  The version
+# is read through httptools' pointer only once _check_llhttp_layout has confirmed both for the
+# installed httptools; the whole struct is used by the directly driven parsers below.
 cdef struct _llhttp_t:
     int32_t _index
     void* _span_pos0
@@ -74,6 +40,27 @@ cdef struct _llhttp_t:
     uint8_t initial_message_completed
     void* settings
 
+cdef struct _httptools_parser_start:
+    Py_ssize_t ob_refcnt
+    void* ob_type
+    void* vtab
+    _llhttp_t* cparser
+
+cdef inline int _llhttp_version(object parser):
+    # major * 256 + minor, or -1 when the struct does not point back at this parser
+    # (llhttp's `data`, which httptools sets to the parser object)
+    if sizeof(PyObject) != sizeof(Py_ssize_t) + sizeof(void*):
+        return -1                              # a debug build's object header is longer
+    cdef _llhttp_t* c = (<_httptools_parser_start*><PyObject*>parser).cparser
+    if c == NULL or c.data != <void*>parser:
+        return -1
+    return c.http_major << 8 | c.http_minor
+
+cdef bint _llhttp_readable
+
+# Driving llhttp directly: its callback table, and the functions httptools' extension module
+# exports.  Used only once _choose_llhttp_driver has found every function and a self-check
+# agrees with httptools' parser objects.
 ctypedef int (*_ll_data_cb)(_llhttp_t*, const char*, size_t) noexcept
 ctypedef int (*_ll_cb)(_llhttp_t*) noexcept
 
