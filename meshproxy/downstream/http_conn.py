@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import TYPE_CHECKING
 
 import cython
-from typing import TYPE_CHECKING
 
 from ..codec.api import MessageHandler, ProtocolError, RequestHead
 from ..codec.httptools_backend import _Base as LlhttpParser
@@ -67,10 +67,10 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.replaying = False
         self.feeding = False                 # inside parser.feed (upstream writes are held)
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
-        # the virtual host the last request on this connection was routed to, for the snapshot
-        # and Host it was chosen with (keep-alive clients repeat both)
         self.scheme = listener.scheme        # the listener's, read per request
         self.inbound = listener.inbound
+        # the virtual host the last request on this connection was routed to, for the snapshot
+        # and Host it was chosen with (keep-alive clients repeat both)
         self.vhost_snapshot = None
         self.vhost_authority = b""
         self.vhost = None
