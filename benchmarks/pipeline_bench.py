@@ -33,6 +33,7 @@ from meshproxy.config.store import SnapshotStore  # noqa: E402
 from meshproxy.downstream.http_conn import DownstreamConnection  # noqa: E402
 from meshproxy.proxy.observe import Telemetry  # noqa: E402
 from meshproxy.telemetry import ProxyTracer  # noqa: E402
+from meshproxy.telemetry.tracing import IdSource  # noqa: E402
 from meshproxy.upstream.connection import UpstreamConnection  # noqa: E402
 
 REQUEST = (b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: bench/1.0\r\n"
@@ -103,7 +104,8 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
     snap = realistic_snapshot() if realistic else snapshot(
         [HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=DEFAULT_RETRY_POLICY)],
         [cluster("c", 9)], domains=("bench.local",), port=0)
-    tracer = ProxyTracer(None, sample_rate=0.01, rng=random.Random(1)) if trace else None
+    # the production default id source (IdSource), with a fixed seed so that runs repeat
+    tracer = ProxyTracer(None, sample_rate=0.01, rng=IdSource(bytes(range(32)))) if trace else None
     worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(tracer=tracer), rng=random.Random(1))
     await worker.start()
     listener = next(iter(worker.http_listeners.values()))

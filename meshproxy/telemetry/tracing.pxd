@@ -12,14 +12,25 @@ cdef frozenset _READ
 @cython.locals(name=bytes)
 cdef bint _reads_any(tuple names) except -1
 
+cdef u64 _U64
+
+cdef class IdSource:
+    cdef u64 _s0, _s1, _s2, _s3
+    @cython.locals(s0=u64, s1=u64, s2=u64, s3=u64, x=u64, result=u64, t=u64)
+    cpdef u64 next64(self)
+    @cython.locals(i=int, j=int, v=u64)
+    cdef void _fill(self, unsigned char* out, int words)
+
+@cython.locals(raw=bytes)
 cpdef bytes random_uuid(rng)
-@cython.locals(raw=bytes, p="const unsigned char*", i=int, trace_bits=int, span_bits=int, low=u64)
+@cython.locals(raw=bytes, buf="unsigned char[40]", p="const unsigned char*", i=int, trace_bits=int,
+               span_bits=int, low=u64)
 cdef tuple _new_ids(rng)
 @cython.locals(i=int, hexdigits="const char*")
 cdef char* _put_hex(char* w, const unsigned char* p, int start, int end)
-cdef bytes _hex_text(bytes raw, int start, int end)
+cdef bytes _hex_text(const unsigned char* raw, int start, int end)
 @cython.locals(w="char*", p="const unsigned char*")
-cdef bytes _uuid_text(bytes raw)
+cdef bytes _uuid_text(const unsigned char* raw)
 
 cdef class TraceContext:
     cdef public bytes trace_id, span_id, parent_id, request_id, tracestate

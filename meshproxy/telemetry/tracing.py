@@ -20,6 +20,7 @@ is configured: a proxy that only propagates never loads the OpenTelemetry SDK.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -42,6 +43,7 @@ _HEXDIGITS = b"0123456789abcdef"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 _MASK64 = (1 << 64) - 1
+_U64 = 0xFFFFFFFFFFFFFFFF                      # the same mask, a C constant when compiled
 # UUID version 4 (bits 76-79 = 0100) and RFC 4122 variant (bits 62-63 = 10)
 _UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _UUID_V4 = (0x4 << 76) | (0x2 << 62)
@@ -60,18 +62,78 @@ def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
 def random_uuid(rng) -> bytes:
     """A random (version 4) UUID from ``rng`` (no syscall), like Envoy's x-request-id."""
     if cython.compiled:
-        return _uuid_text(rng.getrandbits(128).to_bytes(16, "big"))
+        raw = rng.getrandbits(128).to_bytes(16, "big")
+        return _uuid_text(raw)
     h = b"%032x" % (rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+
+class IdSource:
+    """The default source of new ids: xoshiro256** (Blackman and Vigna, 2018), 256 bits of
+    state seeded from ``os.urandom`` when each ProxyTracer is built (in each worker, after
+    fork).  Trace and request ids need uniqueness, not secrecy; Envoy draws them from a
+    seeded mt19937_64 the same way.  It offers ``getrandbits`` like ``random.Random`` (the
+    tracer's rng contract), and compiled, a new trace's 320 bits go from the C state into
+    the ids without becoming a Python int (``_new_ids``)."""
+
+    def __init__(self, seed: bytes | None = None):
+        s = seed if seed is not None else os.urandom(32)
+        if len(s) != 32:
+            raise ValueError(f"an IdSource seed is 32 bytes, got {len(s)}")
+        self._s0 = int.from_bytes(s[0:8], "little")
+        self._s1 = int.from_bytes(s[8:16], "little")
+        self._s2 = int.from_bytes(s[16:24], "little")
+        self._s3 = int.from_bytes(s[24:32], "little")
+        if not (self._s0 | self._s1 | self._s2 | self._s3):
+            self._s0 = 1                       # the one state xoshiro never leaves
+
+    def next64(self) -> int:
+        """The next 64 random bits."""
+        s0, s1, s2, s3 = self._s0, self._s1, self._s2, self._s3
+        x = s1 * 5 & _U64
+        result = ((x << 7 | x >> 57) & _U64) * 9 & _U64
+        t = s1 << 17 & _U64
+        s2 ^= s0
+        s3 ^= s1
+        s1 ^= s2
+        s0 ^= s3
+        s2 ^= t
+        self._s0, self._s1, self._s2, self._s3 = s0, s1, s2, (s3 << 45 | s3 >> 19) & _U64
+        return result
+
+    def getrandbits(self, k: int) -> int:
+        """``k`` random bits: the top ``k`` of ``ceil(k / 64)`` draws, the first draw most
+        significant."""
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
+        words = (k + 63) // 64
+        r = 0
+        for _ in range(words):
+            r = r << 64 | self.next64()
+        return r >> (64 * words - k)
+
+    def _fill(self, out, words: int) -> None:
+        """``words`` draws into ``out`` big-endian, the bytes of ``getrandbits(64 * words)``
+        (compiled only)."""
+        for i in range(words):
+            v = self.next64()
+            for j in range(7, -1, -1):
+                out[8 * i + j] = v & 255
+                v >>= 8
 
 
 def _new_ids(rng):
     """A new trace's ids from one 320-bit draw: ``(x-request-id (a UUIDv4, the top 128 bits),
     trace id (the next 128), span id (the low 64), the trace id's low 64 bits as an int)``."""
-    r = rng.getrandbits(320)
     if cython.compiled:
-        raw = r.to_bytes(40, "big")          # the same bits, most significant byte first
-        p = raw
+        if type(rng) is IdSource:            # the default: no Python int in between
+            r = None
+            cython.cast(IdSource, rng)._fill(buf, 5)
+        else:
+            r = rng.getrandbits(320)
+            raw = r.to_bytes(40, "big")      # the same bits, most significant byte first
+            memcpy(buf, PyBytes_AS_STRING(raw), 40)
+        p = buf
         trace_bits = span_bits = low = 0
         for i in range(16, 32):
             trace_bits |= p[i]
@@ -80,7 +142,11 @@ def _new_ids(rng):
         if trace_bits and span_bits:          # else: the reference below makes them valid
             for i in range(24, 32):
                 low = low << 8 | p[i]
-            return _uuid_text(raw), _hex_text(raw, 16, 32), _hex_text(raw, 32, 40), low
+            return _uuid_text(p), _hex_text(p, 16, 32), _hex_text(p, 32, 40), low
+        if r is None:
+            r = int.from_bytes(cython.cast(cython.p_char, p)[:40], "big")
+    else:
+        r = rng.getrandbits(320)
     r = r & _NEW_IDS_CLEAR | _NEW_IDS_UUID_V4
     if not (r >> 64) & _MASK128 or not r & _MASK64:
         r |= (1 << 64) | 1                   # all-zero ids are invalid (W3C)
@@ -100,14 +166,14 @@ def _put_hex(w, p, start: int, end: int):
     return w
 
 
-def _hex_text(raw: bytes, start: int, end: int) -> bytes:
+def _hex_text(raw, start: int, end: int) -> bytes:
     """``raw[start:end]`` in lower-case hex (compiled only)."""
     out = PyBytes_FromStringAndSize(cython.NULL, 2 * (end - start))
     _put_hex(PyBytes_AS_STRING(out), raw, start, end)
     return out
 
 
-def _uuid_text(raw: bytes) -> bytes:
+def _uuid_text(raw) -> bytes:
     """The text of a version 4 UUID from the first 16 random bytes of ``raw`` (compiled only):
     version 0100 and variant 10 set, 8-4-4-4-12 hex digits."""
     p = raw
@@ -306,7 +372,7 @@ class ProxyTracer:
         self.export = export
         self.sample_rate = sample_rate
         self._bound = int(sample_rate * (1 << 64))
-        self._rng = rng or random.Random()
+        self._rng = rng if rng is not None else IdSource()
         self._clock_ns = clock_ns
         self.b3_single = b3_single
         self.b3_multi = b3_multi

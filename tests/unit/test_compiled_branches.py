@@ -14,7 +14,7 @@ from meshproxy.codec.api import CodecLimits, ProtocolError
 from meshproxy.codec.framing import TCHAR, VALUE_CHARS, check_fields, response_head
 from meshproxy.codec.writer import encode_request_head, encode_response_head
 from meshproxy.telemetry.metrics import ISTIO_BUCKETS, ProxyMetrics, PeerInfo
-from meshproxy.telemetry.tracing import ProxyTracer, random_uuid
+from meshproxy.telemetry.tracing import IdSource, ProxyTracer, random_uuid
 
 LIMITS = CodecLimits()
 
@@ -91,6 +91,64 @@ def test_new_trace_ids_are_the_documented_slices_of_one_320_bit_draw(seed):
     assert ctx.request_id == request_id
     assert ctx.trace_id == b"%032x" % trace and ctx.span_id == b"%016x" % span
     assert ctx.sampled == (trace & ((1 << 64) - 1) < 1 << 63)
+
+
+# xoshiro256** outputs printed by the authors' reference C code (prng.di.unimi.it/xoshiro256starstar.c,
+# compiled with gcc -O2) from the state s[0..3] given; IdSource reads its 32-byte seed as
+# four little-endian words.
+_XOSHIRO_VECTORS = [
+    ((1, 2, 3, 4), [0x2D00, 0x0, 0x5A007080, 0x10E0000000009D80, 0x10E0B61CE1009D80, 0x0870021CE143AD00]),
+    ((0x0706050403020100, 0x0F0E0D0C0B0A0908, 0x1716151413121110, 0x1F1E1D1C1B1A1918),
+     [0xBC258EF861CB354D, 0x258EF861CB349EB5, 0x013C0EE1B61E1C2D, 0x60E9801651AD191D,
+      0x76BCD2D5A42E1C5D, 0x89983C77DAD11265]),
+]
+
+
+@pytest.mark.parametrize("state, outputs", _XOSHIRO_VECTORS)
+def test_id_source_is_xoshiro256_starstar(state, outputs):
+    source = IdSource(b"".join(w.to_bytes(8, "little") for w in state))
+    assert [source.next64() for _ in outputs] == outputs
+
+
+@pytest.mark.parametrize("k", [1, 7, 63, 64, 65, 128, 320])
+def test_id_source_getrandbits_takes_the_top_bits_of_whole_draws(k):
+    seed = bytes(range(32))
+    reference = IdSource(seed)
+    n = (k + 63) // 64
+    words = [reference.next64() for _ in range(n)]
+    joined = int.from_bytes(b"".join(w.to_bytes(8, "big") for w in words), "big")
+    assert IdSource(seed).getrandbits(k) == joined >> (64 * n - k)
+
+
+def test_id_source_refuses_a_short_seed_and_leaves_the_all_zero_state():
+    with pytest.raises(ValueError, match="32 bytes"):
+        IdSource(b"\x01" * 31)
+    zero, one = IdSource(bytes(32)), IdSource((1).to_bytes(8, "little") + bytes(24))
+    draws = [zero.next64() for _ in range(4)]
+    assert draws == [one.next64() for _ in range(4)] and any(draws)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_new_trace_ids_from_the_default_source_are_the_slices_of_its_320_bit_draw(seed):
+    # compiled, the default source fills the ids from its C state without a Python int:
+    # the result must be what its getrandbits(320) documents
+    key = random.Random(seed).randbytes(32)
+    r = IdSource(key).getrandbits(320)
+    request_id = _uuid_text((r >> 192) & _UUID_CLEAR | _UUID_V4)
+    trace, span = (r >> 64) & ((1 << 128) - 1), r & ((1 << 64) - 1)
+    ctx = ProxyTracer(None, sample_rate=0.5, rng=IdSource(key)).start([(b"host", b"h")], names=(b"host",))
+    assert ctx.request_id == request_id
+    assert ctx.trace_id == b"%032x" % trace and ctx.span_id == b"%016x" % span
+    assert ctx.sampled == (trace & ((1 << 64) - 1) < 1 << 63)
+
+
+def test_default_tracers_are_seeded_apart():
+    # each worker builds its own tracer after fork; two tracers must not repeat each other's ids
+    a, b = ProxyTracer(None), ProxyTracer(None)
+    assert isinstance(a._rng, IdSource)
+    ids_a = {a.start([], names=()).trace_id for _ in range(100)}
+    ids_b = {b.start([], names=()).trace_id for _ in range(100)}
+    assert len(ids_a) == len(ids_b) == 100 and not ids_a & ids_b
 
 
 class _ZeroRng(random.Random):
