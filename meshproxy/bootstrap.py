@@ -261,9 +261,9 @@ class Worker:
     def on_retry(self, cluster) -> None:
         self.telemetry.retry(cluster.cluster.name)
 
-    def clusters_record(self, cluster, endpoint, outcome) -> None:
-        if cluster is not None and endpoint is not None:
-            cluster.record(endpoint, outcome)
+    def clusters_record(self, cluster, host, outcome) -> None:
+        if cluster is not None and host is not None:
+            cluster.record_host(host, outcome)
 
     def start_tunnel(self, down, conn, to_upstream: bytes, to_downstream: bytes) -> None:
         """A 101 Switching Protocols: from here on the two connections are spliced as bytes."""

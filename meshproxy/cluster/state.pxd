@@ -3,6 +3,8 @@
 cimport cython
 from meshproxy.cluster.balancer cimport Host
 
+cdef double _NEVER
+
 cdef class _Counters:
     cdef public Py_ssize_t requests, pending, retries, connections, active
     cdef public dict overflow
@@ -22,11 +24,14 @@ cdef class ClusterState:
     cpdef _refresh(self, double now)
     @cython.locals(host=Host)
     cpdef pick(self, hash_key=*, exclude=*, original=*)
+    cpdef Host pick_host(self, hash_key=*, exclude=*, original=*)
     @cython.locals(host=Host)
     cdef Host _host(self, ep)
-    @cython.locals(host=Host)
+    cpdef host_started(self, Host host)
+    @cython.locals(counters=_Counters)
+    cpdef host_finished(self, Host host)
+    cpdef record_host(self, Host host, outcome)
     cpdef on_request_start(self, ep)
-    @cython.locals(counters=_Counters, host=Host)
     cpdef on_request_end(self, ep)
     cpdef record(self, ep, outcome)
     @cython.locals(c=_Counters)

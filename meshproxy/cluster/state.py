@@ -20,6 +20,7 @@ from .outlier import EJECTED, OutlierDetector
 RETRY_BUDGET_PERCENT = 20.0       # Envoy RetryBudget defaults (Istio retryBudget the same)
 RETRY_BUDGET_MIN_CONCURRENCY = 3
 SLOW_START_MIN_WEIGHT = 0.1       # Envoy SlowStartConfig.min_weight_percent 10 %
+_NEVER = float("inf")
 _SLOW_START_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN")
 
 
@@ -89,14 +90,14 @@ class ClusterState:
         self._by_id = {id(h.endpoint): h for h in hosts}
         self._by_key = {h.key: h for h in hosts}
         self._candidates: list[Host] = hosts        # usable hosts; recomputed on health change
-        self._next_change = float("inf")            # next ejection expiry or warm-up end
+        self._next_change = _NEVER            # next ejection expiry or warm-up end
         self._refresh(now)
 
     # ---------------------------------------------------------------- health bookkeeping
 
     def _refresh(self, now: float) -> None:
         """Apply expired ejections; recompute the usable list and the next time it changes."""
-        next_change = float("inf")
+        next_change = _NEVER
         healthy: list[Host] = []
         for h in self.hosts:
             if h.state is EJECTED:
@@ -127,16 +128,24 @@ class ClusterState:
 
     def pick(self, hash_key: bytes | None = None, exclude=frozenset(),
              original: tuple[str, int] | None = None) -> Endpoint | None:
-        """An endpoint for one attempt, or None (no usable endpoint: 503 UH).
+        """The endpoint of :meth:`pick_host`, or None."""
+        host = self.pick_host(hash_key, exclude, original)
+        return host.endpoint if host is not None else None
+
+    def pick_host(self, hash_key: bytes | None = None, exclude=frozenset(),
+                  original: tuple[str, int] | None = None) -> Host | None:
+        """The host (an endpoint and its load and health) for one attempt, or None (no
+        usable endpoint: 503 UH).  The proxy keeps it for the attempt's ``host_started``,
+        ``host_finished`` and ``record_host``.
 
         ``exclude``: endpoints (or ``(address, port)`` pairs) already tried by this
         request; they are skipped unless nothing else is left, in which case None is
         returned and the caller may ask again without ``exclude``.  Ejected endpoints are
         skipped except in panic mode (usable share below ``min_health_percent``: all are
         used).  ``original``: the request's original destination, used by PASSTHROUGH."""
-        if self.passthrough:
-            return Endpoint(original[0], original[1]) if original is not None else None
-        if self._next_change != float("inf") and self.clock() >= self._next_change:
+        if self.passthrough:     # the original destination: a host outside the cluster's list
+            return Host(Endpoint(original[0], original[1]), -_NEVER) if original is not None else None
+        if self._next_change != _NEVER and self.clock() >= self._next_change:
             self._refresh(self.clock())
         candidates = self._candidates
         if exclude:
@@ -144,8 +153,7 @@ class ClusterState:
             candidates = [h for h in candidates if h.key not in keys]
         if not candidates:
             return None
-        host = self.balancer.pick(candidates, hash_key, self._slow_start_weight if self._warming else None)
-        return host.endpoint if host is not None else None
+        return self.balancer.pick(candidates, hash_key, self._slow_start_weight if self._warming else None)
 
     def _host(self, ep) -> Host | None:
         host = self._by_id.get(id(ep))
@@ -153,29 +161,42 @@ class ClusterState:
             return host
         return self._by_key.get(_key(ep))
 
-    def on_request_start(self, ep: Endpoint) -> None:
-        """A request was sent to ``ep`` (LEAST_REQUEST load, retry budget)."""
+    # A Host outlives config changes that keep its address and port (``__init__`` carries it
+    # over), so the one an attempt picked is the one its end must release.
+
+    def host_started(self, host: Host | None) -> None:
+        """A request was sent to ``host`` (LEAST_REQUEST load, retry budget)."""
         self.counters.active += 1
-        host = self._host(ep)
         if host is not None:
             host.active += 1
 
-    def on_request_end(self, ep: Endpoint) -> None:
+    def host_finished(self, host: Host | None) -> None:
         counters = self.counters
         if counters.active > 0:
             counters.active -= 1
-        host = self._host(ep)
         if host is not None and host.active > 0:
             host.active -= 1
 
-    def record(self, ep: Endpoint, outcome: int | str) -> None:
-        """The result of one attempt on ``ep``: an HTTP status or "connect-failure",
+    def record_host(self, host: Host | None, outcome: int | str) -> None:
+        """The result of one attempt on ``host``: an HTTP status or "connect-failure",
         "reset", "timeout" (outlier detection; see ``meshproxy.cluster.outlier``)."""
-        if self.outlier is None:
+        if self.outlier is None or host is None or self.passthrough:
             return
-        host = self._host(ep)
-        if host is not None and self.outlier.record(host, outcome, self.hosts):
+        if self.outlier.record(host, outcome, self.hosts):
             self._refresh(self.clock())
+
+    def on_request_start(self, ep: Endpoint) -> None:
+        """``host_started`` by endpoint."""
+        self.host_started(self._host(ep))
+
+    def on_request_end(self, ep: Endpoint) -> None:
+        """``host_finished`` by endpoint."""
+        self.host_finished(self._host(ep))
+
+    def record(self, ep: Endpoint, outcome: int | str) -> None:
+        """``record_host`` by endpoint."""
+        if self.outlier is not None:
+            self.record_host(self._host(ep), outcome)
 
     # ---------------------------------------------------------------- circuit breakers
 
@@ -264,7 +285,7 @@ class ClusterState:
 
     def stats(self) -> dict:
         now = self.clock()
-        if self._next_change != float("inf") and now >= self._next_change:
+        if self._next_change != _NEVER and now >= self._next_change:
             self._refresh(now)
         endpoints = []
         for h in self.hosts:

@@ -4,6 +4,7 @@ cimport cython
 from meshproxy.downstream.http_conn cimport DownstreamConnection
 from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.cluster.state cimport ClusterState
+from meshproxy.cluster.balancer cimport Host
 from meshproxy.codec.api cimport RequestHead, ResponseHead
 from meshproxy.bootstrap cimport Worker
 from meshproxy.config.model cimport Snapshot, HttpRoute, WeightedDestination, RouteTable, VirtualHost, RetryPolicy, Endpoint
@@ -23,6 +24,7 @@ cdef class Exchange:
     cdef public HttpRoute route
     cdef public WeightedDestination destination
     cdef public object view, endpoint
+    cdef public Host host
     cdef public ClusterState cluster
     cdef public UpstreamConnection upstream
     cdef public bytes forward_head
@@ -75,7 +77,7 @@ cdef class Exchange:
     cdef _choose_hash_key(self, policy)
     @cython.locals(kind=int, head=RequestHead, route=HttpRoute, trace=TraceContext, ops=bint, block=bint)
     cdef _prepare_head(self, match)
-    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, endpoint=Endpoint)
+    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, host=Host, key=tuple)
     cdef _attempt(self)
     @cython.locals(worker=Worker, cluster=ClusterState)
     cdef bint _connect_or_wait(self, tuple key, bint first=*) except -1

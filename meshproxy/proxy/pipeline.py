@@ -66,7 +66,7 @@ _READ_PAUSE_CONNECTING = 8
 class Exchange:
     __slots__ = (
         "down", "worker", "head", "snapshot", "route", "destination", "cluster", "view",
-        "endpoint", "upstream", "forward_head", "pending_body", "retained_body", "retained_bytes",
+        "endpoint", "host", "upstream", "forward_head", "pending_body", "retained_body", "retained_bytes",
         "request_complete", "request_bytes", "response_head", "response_started", "response_bytes",
         "response_chunked", "retry", "attempts", "tried", "flags", "status", "start_time",
         "upstream_start", "timer", "try_timer", "discarding", "finished", "keep_alive",
@@ -87,6 +87,7 @@ class Exchange:
         self.cluster = None
         self.view = None
         self.endpoint = None
+        self.host = None                          # the cluster's Host of the endpoint (load, health)
         self.upstream: UpstreamConnection | None = None
         self.forward_head = b""
         self.pending_body: list[bytes] = []      # received, not yet sent upstream
@@ -330,14 +331,15 @@ class Exchange:
         worker = self.worker
         cluster = self.cluster
         original = self._original_destination() if cluster.passthrough else None
-        endpoint = cluster.pick(self.hash_key, self.tried, original)
-        if endpoint is None and self.tried:
-            endpoint = cluster.pick(self.hash_key, (), original)    # every endpoint tried: allow repeats
-        if endpoint is None:
+        host = cluster.pick_host(self.hash_key, self.tried, original)
+        if host is None and self.tried:
+            host = cluster.pick_host(self.hash_key, (), original)    # every endpoint tried: allow repeats
+        if host is None:
             return self._answer_failure(503, "UH")
-        self.endpoint = endpoint
+        self.host = host
+        self.endpoint = host.endpoint
         self.attempts += 1
-        key = (endpoint.address, endpoint.port)
+        key = host.key                           # (address, port)
         self.tried += (key,)
         conn = None if self.stale_retried else worker.pools.acquire_idle(key, cluster.idle_timeout)
         self.upstream_start = worker.clock()
@@ -420,7 +422,7 @@ class Exchange:
         self.upstream = conn
         self.reused = conn.requests > 0
         conn.exchange = self
-        self.cluster.on_request_start(self.endpoint)
+        self.cluster.host_started(self.host)
         per_try = self.route.retries.per_try_timeout if self.retry is not None else None
         if per_try is not None:
             self.try_timer = self.worker.loop.call_later(per_try, self._per_try_timeout)
@@ -534,7 +536,7 @@ class Exchange:
         if (retry is not None and status >= 400 and retry.should_retry(self.attempts, status)
                 and self._retry_allowed()):
             # read this response to its end, then try again
-            self.worker.clusters_record(self.cluster, self.endpoint, status)
+            self.worker.clusters_record(self.cluster, self.host, status)
             self.discarding = True
             self.response_head = head
             return
@@ -544,7 +546,7 @@ class Exchange:
             # hand over once the parser has finished this read (its leftovers are the tunnel's)
             self.switching = True
             return
-        self.cluster.record(self.endpoint, status)
+        self.cluster.record_host(self.host, status)
         down = self.down
         keep_alive = self.keep_alive_now()
         kind = head.body_kind
@@ -639,7 +641,7 @@ class Exchange:
             self.upstream_paused = False
             conn.transport.resume_reading()
         cluster = self.cluster
-        cluster.on_request_end(self.endpoint)
+        cluster.host_finished(self.host)
         self.worker.pools.release(conn, reusable, cluster.max_idle_per_endpoint, cluster.max_requests_per_connection)
 
     # ================================================================ upgrade (WebSocket)
@@ -655,7 +657,7 @@ class Exchange:
         self.upstream = None
         conn.exchange = None
         conn.pool.forget(conn)
-        self.cluster.on_request_end(self.endpoint)
+        self.cluster.host_finished(self.host)
         self._cancel_timers()
         self._release_admissions()
         self.finished = True
@@ -675,7 +677,7 @@ class Exchange:
         if conn is not self.upstream or self.finished:
             return
         self.upstream = None
-        self.cluster.on_request_end(self.endpoint)
+        self.cluster.host_finished(self.host)
         conn.close()
         if self.response_started:
             # mid-body: the client must not see this response as complete
@@ -691,7 +693,7 @@ class Exchange:
         if conn is None or self.response_started:
             return
         self.upstream = None
-        self.cluster.on_request_end(self.endpoint)
+        self.cluster.host_finished(self.host)
         conn.close()
         self._attempt_failed(Failure.PER_TRY_TIMEOUT)
 
@@ -705,10 +707,10 @@ class Exchange:
         conn = self.upstream
         if conn is not None:
             self.upstream = None
-            self.cluster.on_request_end(self.endpoint)
+            self.cluster.host_finished(self.host)
             conn.close()
-        if self.endpoint is not None:
-            self.worker.clusters_record(self.cluster, self.endpoint, "timeout")
+        if self.host is not None:
+            self.worker.clusters_record(self.cluster, self.host, "timeout")
         if self.response_started:
             self.flags = "UT"
             self.down.abort()
@@ -725,7 +727,7 @@ class Exchange:
             self.stale_retried = True
             self.tried = ()
             return self._attempt()
-        self.worker.clusters_record(self.cluster, self.endpoint, failure.condition)
+        self.worker.clusters_record(self.cluster, self.host, failure.condition)
         retry = self.retry
         if retry is not None:
             if retry.should_retry(self.attempts, failure.condition) and self._retry_allowed():
@@ -809,7 +811,7 @@ class Exchange:
             self.connect_task = None
         if self.upstream is not None:
             conn, self.upstream = self.upstream, None
-            self.cluster.on_request_end(self.endpoint)
+            self.cluster.host_finished(self.host)
             conn.close()
         self.finished = True
         self._cancel_timers()

@@ -197,3 +197,34 @@ def test_changed_cluster_shares_counters_so_old_requests_release_what_they_took(
     old.release_connection()
     old.on_request_end(old.cluster.endpoints[0])
     assert new.stats()["connections"] == 0 and new.stats()["active_requests"] == 0
+
+
+def test_the_picked_host_is_released_on_the_state_that_replaced_its_cluster():
+    # the proxy keeps the Host an attempt picked; a config change that keeps the endpoint's
+    # address and port carries the Host over, so the attempt's end releases the new state's load
+    manager = ClusterManager(Clock(), random.Random(1))
+    manager.update(Snapshot("1", (), {}, {"a": cluster(2, "LEAST_REQUEST", name="a")}))
+    old = manager.get("a")
+    host = old.pick_host()
+    old.host_started(host)
+    moved = tuple(Endpoint(ep.address, ep.port, weight=3) for ep in old.cluster.endpoints)
+    manager.update(Snapshot("2", (), {}, {"a": cluster(name="a", simple="LEAST_REQUEST", eps=moved)}))
+    new = manager.get("a")
+    active = {e["address"]: e["active_requests"] for e in new.stats()["endpoints"]}
+    assert new is not old and active[host.endpoint.address] == 1
+    old.host_finished(host)
+    assert [e["active_requests"] for e in new.stats()["endpoints"]] == [0, 0]
+    assert new.stats()["active_requests"] == 0
+
+
+def test_passthrough_picks_a_host_for_the_original_destination_outside_the_cluster():
+    c = Cluster("pt", "svc.default.svc.cluster.local", 8080, None, (),
+                TrafficPolicy(load_balancer=LoadBalancerPolicy(simple="PASSTHROUGH")))
+    s = state(c)
+    host = s.pick_host(original=("10.9.9.9", 7000))
+    assert (host.endpoint.address, host.endpoint.port, host.key) == ("10.9.9.9", 7000, ("10.9.9.9", 7000))
+    assert s.pick_host() is None and s.pick(original=("10.9.9.9", 7000)).address == "10.9.9.9"
+    s.host_started(host)
+    s.record_host(host, 503)
+    s.host_finished(host)
+    assert host.active == 0 and s.stats()["active_requests"] == 0 and s.stats()["endpoints"] == []
