@@ -15,15 +15,15 @@ cdef bint _none_of(frozenset fields, tuple names) except -1
 cdef long long _short_digits(bytes value) except? -2
 @cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
-               fields=list, count=Py_ssize_t, k=Py_ssize_t, names_out=tuple, values_out=tuple)
+               fields=list, count=Py_ssize_t, k=Py_ssize_t, names_out=tuple)
 cdef tuple _checked_fields(headers, CodecLimits limits, int status)
 @cython.locals(ok="const unsigned char*", p="const unsigned char*", bad=bint, i=Py_ssize_t)
 cdef bint _target_ok(bytes target) except -1
 @cython.locals(found=Py_ssize_t, n=Py_ssize_t, i=Py_ssize_t, item=bytes, a="const char*", b="const char*")
 cpdef Py_ssize_t field_index(tuple names, bytes name) except -3
 @cython.locals(i=Py_ssize_t)
-cdef list _values_of(bytes name, tuple names, tuple values)
-@cython.locals(names=tuple, values=tuple, host_index=Py_ssize_t)
+cdef list _values_of(bytes name, tuple names, headers)
+@cython.locals(names=tuple, host_index=Py_ssize_t)
 cpdef RequestHead request_head(method, target, version, headers, CodecLimits limits)
-@cython.locals(names=tuple, values=tuple, cl=Py_ssize_t, conn=Py_ssize_t, conn_value=bytes)
+@cython.locals(names=tuple, cl=Py_ssize_t, conn=Py_ssize_t, conn_value=bytes)
 cpdef ResponseHead response_head(int status, reason, version, headers, CodecLimits limits, bint no_body)

@@ -79,21 +79,21 @@ def check_fields(headers: Headers, limits: CodecLimits, status: int = 400) -> No
     _checked_fields(headers, limits, status)
 
 
-def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    """:func:`check_fields`, returning (names, values) for the framing dispatch.
+def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple[bytes, ...]:
+    """:func:`check_fields`, returning the field names for the framing dispatch.
 
     One ``zip(*headers)`` and C-level joins and scans instead of Python loops over fields."""
     if len(headers) > limits.max_header_count:
         raise ProtocolError(431 if status == 400 else status, "too many header fields")
     if not headers:
-        return (), ()
+        return ()
     if cython.compiled and type(headers) is list:
-        # the same checks as C loops over each field's bytes (no joined copies), the two
-        # tuples filled in place
+        # the same checks as C loops over each field's bytes (no joined copies), the names
+        # tuple filled in place
         fields = headers
         count = len(fields)
         bad = empty = False
-        names_out, values_out = PyTuple_New(count), PyTuple_New(count)
+        names_out = PyTuple_New(count)
         tchar, vchar = _TCHAR_OK, _VALUE_OK
         for k in range(count):
             name, value = fields[k]
@@ -106,21 +106,19 @@ def _checked_fields(headers: Headers, limits: CodecLimits, status: int) -> tuple
             p = value
             for i in range(n):
                 bad |= not vchar[p[i]]
-            Py_INCREF(name)                    # the tuples take a reference each
+            Py_INCREF(name)                    # the tuple takes a reference
             PyTuple_SET_ITEM(names_out, k, name)
-            Py_INCREF(value)
-            PyTuple_SET_ITEM(values_out, k, value)
         if bad:
             raise ProtocolError(status, "invalid header field")
         if empty:
             raise ProtocolError(status, "empty header field name")
-        return names_out, values_out
+        return names_out
     names, values = zip(*headers)
     if 0 in b"".join(names).translate(_TCHAR_OK) or 0 in b"".join(values).translate(_VALUE_OK):
         raise ProtocolError(status, "invalid header field")
     if b"" in names:
         raise ProtocolError(status, "empty header field name")
-    return names, values
+    return names
 
 
 def _none_of(fields: frozenset, names: tuple) -> bool:
@@ -155,12 +153,12 @@ def field_index(names: tuple[bytes, ...], name: bytes) -> int:
     return -2 if count else -1
 
 
-def _values_of(name: bytes, names: tuple[bytes, ...], values: tuple[bytes, ...]) -> list[bytes]:
+def _values_of(name: bytes, names: tuple[bytes, ...], headers: Headers) -> list[bytes]:
     """Every value of field ``name`` (known to be present), in order."""
     i = field_index(names, name)
     if i >= 0:
-        return [values[i]]
-    return [v for n, v in zip(names, values) if n == name]
+        return [headers[i][1]]
+    return [v for n, v in headers if n == name]
 
 
 def _content_length(values: list[bytes], status: int) -> int:
@@ -281,7 +279,7 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
         raise ProtocolError(400, "invalid request-target")
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError(505, "HTTP version not supported")
-    names, values = _checked_fields(headers, limits, 400)
+    names = _checked_fields(headers, limits, 400)
     host_index = field_index(names, b"host")
     if host_index >= 0 and target[:1] == b"/":
         if _none_of(_REQUEST_FRAMING_FIELDS, names):
@@ -289,11 +287,11 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
             # target, and no CL/TE/Upgrade/Expect, so no body; keep-alive by version and
             # Connection (the same outcome _request_tail reaches for it, without the loop
             # over fields).
-            host = values[host_index]
+            host = headers[host_index][1]
             if host not in _VALID_HOSTS and not _valid_host(host):
                 raise ProtocolError(400, "invalid Host")
             if field_index(names, b"connection") != -1:
-                keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
+                keep_alive = _persistence(version, _values_of(b"connection", names, headers))[1]
             else:
                 keep_alive = version == b"1.1"
             return RequestHead(method, target, version, headers, host, target, BODY_NONE, -1,
@@ -301,9 +299,9 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
         if _none_of(_REQUEST_RARE_FIELDS, names):
             # one Host and at most Content-Length / Connection among the framing fields
             return _request_tail(
-                method, target, version, headers, limits, [values[host_index]],
-                _values_of(b"content-length", names, values) if b"content-length" in names else (),
-                (), _values_of(b"connection", names, values) if b"connection" in names else (), b"", False,
+                method, target, version, headers, limits, [headers[host_index][1]],
+                _values_of(b"content-length", names, headers) if b"content-length" in names else (),
+                (), _values_of(b"connection", names, headers) if b"connection" in names else (), b"", False,
                 names)
     return _request_framing(method, target, version, headers, limits, names)
 
@@ -412,13 +410,13 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
     """Apply the response framing rules; bad upstream framing is a 502."""
     if not 200 <= status <= 999 or version not in _VERSIONS:
         _check_status_line(status, version)
-    names, values = _checked_fields(headers, limits, 502)
+    names = _checked_fields(headers, limits, 502)
     cl = field_index(names, b"content-length")
     if cl >= 0 and field_index(names, b"transfer-encoding") == -1 and not no_body \
             and status != 204 and status != 304 and status >= 200:
         # The common response: one Content-Length, no Transfer-Encoding; the outcome
         # _response_tail reaches for it, found with C-level scans of ``names``.
-        length = values[cl]
+        length = headers[cl][1]
         content_length = _short_digits(length)
         if content_length < 0:
             content_length = _LENGTHS.get(length)
@@ -429,21 +427,21 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
         conn = field_index(names, b"connection")
         persists = None
         if conn >= 0 and version == b"1.1":
-            conn_value = values[conn]
+            conn_value = headers[conn][1]
             persists = True if conn_value == b"keep-alive" else _PERSISTENT_1_1.get(conn_value)
         if conn == -1:
             keep_alive = version == b"1.1"
         elif persists is not None:
             keep_alive = persists
         else:
-            keep_alive = _persistence(version, _values_of(b"connection", names, values))[1]
+            keep_alive = _persistence(version, _values_of(b"connection", names, headers))[1]
         return ResponseHead(status, reason, version, headers, BODY_LENGTH if content_length else BODY_NONE,
                             content_length, keep_alive, names)
     return _response_tail(
         status, reason, version, headers, no_body,
-        _values_of(b"content-length", names, values) if b"content-length" in names else (),
-        _values_of(b"transfer-encoding", names, values) if b"transfer-encoding" in names else (),
-        _values_of(b"connection", names, values) if b"connection" in names else (), names)
+        _values_of(b"content-length", names, headers) if b"content-length" in names else (),
+        _values_of(b"transfer-encoding", names, headers) if b"transfer-encoding" in names else (),
+        _values_of(b"connection", names, headers) if b"connection" in names else (), names)
 
 
 _VERSIONS = frozenset((b"1.1", b"1.0"))

@@ -20,6 +20,7 @@ cdef class DownstreamConnection(MessageHandler):
     cdef public object vhost_snapshot, vhost
     cdef public bytes vhost_authority
     cdef public str scheme
+    cdef public tuple client_fields
     cdef public bint inbound
 
     cpdef on_request_head(self, RequestHead head)

@@ -40,7 +40,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
         "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
-        "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound", "send",
+        "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound", "send", "client_fields",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -68,6 +68,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.feeding = False                 # inside parser.feed (upstream writes are held)
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
         self.scheme = listener.scheme        # the listener's, read per request
+        self.client_fields = None            # X-Forwarded-For/-Proto for this client (the pipeline's, made once)
         self.inbound = listener.inbound
         # the virtual host the last request on this connection was routed to, for the snapshot
         # and Host it was chosen with (keep-alive clients repeat both)

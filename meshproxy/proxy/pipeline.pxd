@@ -13,7 +13,7 @@ from meshproxy.router.request cimport view_from_head
 from meshproxy.router.match cimport select_virtual_host, select_route
 from meshproxy.telemetry.tracing cimport TraceContext
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
-from meshproxy.proxy.transform cimport forwarded_request_headers, forwarded_response_headers
+from meshproxy.proxy.transform cimport client_fields, forwarded_request_headers, forwarded_response_headers
 
 cdef class Exchange:
     cdef public DownstreamConnection down
@@ -75,7 +75,8 @@ cdef class Exchange:
     cdef _start_mirrors(self)
     cdef _complete_mirrors(self)
     cdef _choose_hash_key(self, policy)
-    @cython.locals(kind=int, head=RequestHead, route=HttpRoute, trace=TraceContext, ops=bint, block=bint)
+    @cython.locals(kind=int, head=RequestHead, route=HttpRoute, trace=TraceContext, ops=bint, block=bint,
+                   down=DownstreamConnection, client=tuple)
     cdef _prepare_head(self, match)
     @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, host=Host, key=tuple)
     cdef _attempt(self)

@@ -45,7 +45,7 @@ from ..telemetry.tracing import random_uuid
 from .errors import Failure, error_response
 from .mirror import start_mirror
 from .transform import (
-    apply_header_ops, cors_response_headers, forwarded_request_headers, forwarded_response_headers, local_reply_for,
+    apply_header_ops, client_fields, cors_response_headers, forwarded_request_headers, forwarded_response_headers, local_reply_for,
     rewrite_path_and_authority,
 )
 
@@ -308,8 +308,11 @@ class Exchange:
         trace = self.trace
         ops = route.headers is not NO_HEADER_POLICY or self.destination.headers is not NO_HEADER_POLICY
         block = trace is not None and not ops and not route.mirrors
-        headers = forwarded_request_headers(head, authority, self.down.client_ip, self.down.scheme,
-                                            self.worker.new_request_id,
+        down = self.down
+        client = down.client_fields
+        if client is None:
+            down.client_fields = client = client_fields(down.client_ip, down.scheme)
+        headers = forwarded_request_headers(head, authority, client, self.worker.new_request_id,
                                             None if trace is None else _IN_BLOCK if block else trace.headers_to_forward)
         if ops:
             if route.headers is not NO_HEADER_POLICY:

@@ -6,7 +6,8 @@ from meshproxy.codec.framing cimport field_index
 
 @cython.locals(i=Py_ssize_t)
 cpdef _named_fields(headers, tuple names)
+cpdef tuple client_fields(str client_ip, str scheme)
 @cython.locals(names=tuple, out=list)
-cpdef list forwarded_request_headers(RequestHead head, authority, str client_ip, str scheme, new_request_id, trace_fields=*)
+cpdef list forwarded_request_headers(RequestHead head, authority, tuple client, new_request_id, trace_fields=*)
 @cython.locals(out=list)
 cpdef list forwarded_response_headers(ResponseHead head, framing, bint keep_alive, bint upgrade=*)

@@ -49,14 +49,21 @@ def _named_fields(headers: Headers, names: tuple) -> frozenset[bytes] | set[byte
     return connection_tokens(values) - _HOP_BY_HOP
 
 
-def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: str, scheme: str,
+def client_fields(client_ip: str, scheme: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """The X-Forwarded-For and X-Forwarded-Proto fields for a client's requests (made once
+    per downstream connection)."""
+    return (b"x-forwarded-for", client_ip.encode()), (b"x-forwarded-proto", scheme.encode())
+
+
+def forwarded_request_headers(head: RequestHead, authority: bytes, client: tuple,
                               new_request_id: Callable[[], bytes] | None,
                               trace_fields: Headers | None = None) -> Headers:
     """The request's fields as sent upstream: Host first, hop-by-hop fields (and those
-    named in Connection) removed, X-Forwarded-For appended, X-Forwarded-Proto set,
-    X-Request-Id kept or generated.  With ``trace_fields`` (this hop's propagation fields,
-    x-request-id included) the incoming propagation fields are replaced by them in the same
-    pass.  Framing fields are added by the caller."""
+    named in Connection) removed, X-Forwarded-For appended, X-Forwarded-Proto set (both
+    from ``client``, :func:`client_fields`), X-Request-Id kept or generated.  With
+    ``trace_fields`` (this hop's propagation fields, x-request-id included) the incoming
+    propagation fields are replaced by them in the same pass.  Framing fields are added by
+    the caller."""
     # The head's field names decide, with C-level scans, which of the rarer steps run;
     # the common head is one filtering comprehension.
     fields = head.headers
@@ -67,12 +74,12 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client_ip: st
     named = _named_fields(fields, names)
     if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
-    ip = client_ip.encode()
+    forwarded_for, forwarded_proto = client
     if field_index(names, b"x-forwarded-for") != -1 and b"x-forwarded-for" not in named:
-        xff = b", ".join([v for n, v in fields if n == b"x-forwarded-for"])
-        ip = xff + b", " + ip
-    out.append((b"x-forwarded-for", ip))
-    out.append((b"x-forwarded-proto", scheme.encode()))
+        prior = b", ".join([v for n, v in fields if n == b"x-forwarded-for"])
+        forwarded_for = (b"x-forwarded-for", prior + b", " + forwarded_for[1])
+    out.append(forwarded_for)
+    out.append(forwarded_proto)
     if trace_fields is not None:
         out.extend(trace_fields)
     elif new_request_id is not None and (field_index(names, b"x-request-id") == -1 or b"x-request-id" in named):

@@ -14,6 +14,7 @@ cdef bint _reads_any(tuple names) except -1
 
 cdef u64 _U64
 
+@cython.final
 cdef class IdSource:
     cdef u64 _s0, _s1, _s2, _s3
     @cython.locals(s0=u64, s1=u64, s2=u64, s3=u64, x=u64, result=u64, t=u64)

@@ -9,7 +9,7 @@ from meshproxy.config.model import (
     DirectResponse, FaultPolicy, HeaderOps, HttpRoute, Redirect, Rewrite, RouteMatch, StringMatch,
 )
 from meshproxy.proxy.transform import (
-    apply_header_ops, forwarded_request_headers, forwarded_response_headers, local_reply_for,
+    apply_header_ops, client_fields, forwarded_request_headers, forwarded_response_headers, local_reply_for,
     rewrite_path_and_authority,
 )
 
@@ -29,7 +29,7 @@ class View:
 
 def test_connection_named_fields_are_removed_even_when_listed_before_connection():
     h = head(headers=[(b"x-a", b"1"), (b"connection", b"x-a, close"), (b"x-b", b"2")])
-    out = forwarded_request_headers(h, b"svc.local", "10.1.1.1", "http", lambda: b"id")
+    out = forwarded_request_headers(h, b"svc.local", client_fields("10.1.1.1", "http"), lambda: b"id")
     names = [n for n, _ in out]
     assert b"x-a" not in names and b"connection" not in names
     assert (b"x-b", b"2") in out
@@ -38,7 +38,7 @@ def test_connection_named_fields_are_removed_even_when_listed_before_connection(
 
 def test_several_x_forwarded_for_fields_are_joined_and_the_client_appended():
     h = head(headers=[(b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"2.2.2.2")])
-    out = dict(forwarded_request_headers(h, b"svc.local", "3.3.3.3", "https", lambda: b"id"))
+    out = dict(forwarded_request_headers(h, b"svc.local", client_fields("3.3.3.3", "https"), lambda: b"id"))
     assert out[b"x-forwarded-for"] == b"1.1.1.1, 2.2.2.2, 3.3.3.3"
     assert out[b"x-forwarded-proto"] == b"https"
     assert out[b"x-request-id"] == b"id"
@@ -46,7 +46,7 @@ def test_several_x_forwarded_for_fields_are_joined_and_the_client_appended():
 
 def test_upgrade_request_keeps_its_upgrade_token():
     h = head(headers=[(b"connection", b"Upgrade"), (b"upgrade", b"websocket")], upgrade=b"websocket")
-    out = forwarded_request_headers(h, b"svc.local", "1.1.1.1", "http", lambda: b"id")
+    out = forwarded_request_headers(h, b"svc.local", client_fields("1.1.1.1", "http"), lambda: b"id")
     assert (b"connection", b"upgrade") in out and (b"upgrade", b"websocket") in out
 
 
