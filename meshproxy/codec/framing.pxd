@@ -23,6 +23,13 @@ cdef bint _target_ok(bytes target) except -1
 cpdef Py_ssize_t field_index(tuple names, bytes name) except -3
 @cython.locals(i=Py_ssize_t)
 cdef list _values_of(bytes name, tuple names, headers)
+@cython.locals(head=RequestHead)
+cdef RequestHead _new_request_head(bytes method, bytes target, bytes version, headers, bytes host, bytes path,
+                                   int body_kind, Py_ssize_t content_length, bint keep_alive, bytes upgrade,
+                                   bint expect_continue, tuple names)
+@cython.locals(head=ResponseHead)
+cdef ResponseHead _new_response_head(int status, bytes reason, bytes version, headers, int body_kind,
+                                     Py_ssize_t content_length, bint keep_alive, tuple names)
 @cython.locals(names=tuple, host_index=Py_ssize_t)
 cpdef RequestHead request_head(method, target, version, headers, CodecLimits limits)
 @cython.locals(names=tuple, cl=Py_ssize_t, conn=Py_ssize_t, conn_value=bytes)

@@ -268,6 +268,30 @@ def _target_ok(target: bytes) -> bool:
     return 0 not in target.translate(_TARGET_OK)
 
 
+def _new_request_head(method, target, version, headers, host, path, body_kind, content_length,
+                      keep_alive, upgrade, expect_continue, names) -> RequestHead:
+    """``RequestHead(...)``; compiled, the fields are stored at C level (no argument parsing)."""
+    if cython.compiled:
+        head = RequestHead.__new__(RequestHead)
+        head.method, head.target, head.version, head.headers = method, target, version, headers
+        head.host, head.path, head.body_kind, head.content_length = host, path, body_kind, content_length
+        head.keep_alive, head.upgrade, head.expect_continue, head.names = keep_alive, upgrade, expect_continue, names
+        return head
+    return RequestHead(method, target, version, headers, host, path, body_kind, content_length,
+                       keep_alive, upgrade, expect_continue, names)
+
+
+def _new_response_head(status, reason, version, headers, body_kind, content_length, keep_alive,
+                       names) -> ResponseHead:
+    """``ResponseHead(...)``; compiled, the fields are stored at C level."""
+    if cython.compiled:
+        head = ResponseHead.__new__(ResponseHead)
+        head.status, head.reason, head.version, head.headers = status, reason, version, headers
+        head.body_kind, head.content_length, head.keep_alive, head.names = body_kind, content_length, keep_alive, names
+        return head
+    return ResponseHead(status, reason, version, headers, body_kind, content_length, keep_alive, names)
+
+
 def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
                  limits: CodecLimits) -> RequestHead:
     """Apply every request framing rule; return the head the handler sees."""
@@ -294,8 +318,8 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
                 keep_alive = _persistence(version, _values_of(b"connection", names, headers))[1]
             else:
                 keep_alive = version == b"1.1"
-            return RequestHead(method, target, version, headers, host, target, BODY_NONE, -1,
-                               keep_alive, b"connect" if method == b"CONNECT" else b"", False, names)
+            return _new_request_head(method, target, version, headers, host, target, BODY_NONE, -1,
+                                     keep_alive, b"connect" if method == b"CONNECT" else b"", False, names)
         if _none_of(_REQUEST_RARE_FIELDS, names):
             # one Host and at most Content-Length / Connection among the framing fields
             return _request_tail(
@@ -394,8 +418,8 @@ def _request_tail(method: bytes, target: bytes, version: bytes, headers: Headers
     if method == b"CONNECT":
         upgrade = b"connect"
 
-    return RequestHead(method, target, version, headers, host, path, body_kind,
-                       content_length, keep_alive, upgrade, expect_continue, names)
+    return _new_request_head(method, target, version, headers, host, path, body_kind,
+                             content_length, keep_alive, upgrade, expect_continue, names)
 
 
 def _check_status_line(status: int, version: bytes) -> None:
@@ -435,8 +459,8 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
             keep_alive = persists
         else:
             keep_alive = _persistence(version, _values_of(b"connection", names, headers))[1]
-        return ResponseHead(status, reason, version, headers, BODY_LENGTH if content_length else BODY_NONE,
-                            content_length, keep_alive, names)
+        return _new_response_head(status, reason, version, headers,
+                                  BODY_LENGTH if content_length else BODY_NONE, content_length, keep_alive, names)
     return _response_tail(
         status, reason, version, headers, no_body,
         _values_of(b"content-length", names, headers) if b"content-length" in names else (),
@@ -489,7 +513,7 @@ def _response_tail(status: int, reason: bytes, version: bytes, headers: Headers,
     else:
         body_kind = BODY_UNTIL_CLOSE
         keep_alive = False
-    return ResponseHead(status, reason, version, headers, body_kind, content_length, keep_alive, names)
+    return _new_response_head(status, reason, version, headers, body_kind, content_length, keep_alive, names)
 
 
 # --------------------------------------------------------------------------- raw head scan
