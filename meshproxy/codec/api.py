@@ -48,6 +48,26 @@ class RequestHead:
     names: tuple = ()
 
 
+# Field names most heads carry, lower-case.  The llhttp backend hands out these very objects
+# for a matching name (in any case), and the sets of names the proxy tests fields against are
+# built from them (:func:`name_set`): a lookup of a common name then finds it by identity,
+# its hash already cached, without comparing bytes.
+COMMON_FIELD_NAMES = (
+    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"connection",
+    b"keep-alive", b"content-length", b"content-type", b"transfer-encoding", b"date", b"server",
+    b"cookie", b"set-cookie", b"cache-control", b"authorization", b"referer", b"origin", b"vary",
+    b"etag", b"last-modified", b"location", b"expires", b"pragma", b"upgrade", b"x-request-id",
+    b"x-forwarded-for", b"x-forwarded-proto", b"traceparent", b"tracestate", b"b3",
+    b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled", b"expect",
+)
+_SHARED_NAMES = {name: name for name in COMMON_FIELD_NAMES}
+
+
+def name_set(names) -> frozenset:
+    """A frozenset of lower-case field names holding the shared objects of the common ones."""
+    return frozenset([_SHARED_NAMES.get(name, name) for name in names])
+
+
 def field_names(head: "RequestHead | ResponseHead") -> tuple:
     """``head.names``, or computed for a head built without it."""
     return head.names or tuple([n for n, _ in head.headers])

@@ -33,6 +33,7 @@ from .api import (
     ProtocolError,
     RequestHead,
     ResponseHead,
+    name_set,
 )
 
 # RFC 9110 §5.6.2 tchar
@@ -67,7 +68,7 @@ _CHUNK_EXT_RE = re.compile(
 )
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 # RFC 9110 §6.5.1: fields that frame the message never come from trailers (llhttp refuses them)
-_FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding"))
+_FRAMING_FIELDS = name_set((b"content-length", b"transfer-encoding"))
 
 
 def _bad_name(names: bytes) -> bool:
@@ -330,8 +331,8 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
     return _request_framing(method, target, version, headers, limits, names)
 
 
-_REQUEST_RARE_FIELDS = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
-_REQUEST_FRAMING_FIELDS = _REQUEST_RARE_FIELDS | {b"content-length"}
+_REQUEST_RARE_FIELDS = name_set((b"transfer-encoding", b"upgrade", b"expect"))
+_REQUEST_FRAMING_FIELDS = name_set(_REQUEST_RARE_FIELDS | {b"content-length"})
 # Host values already matched by _HOST_RE: a memo of a pure function (a dict lookup costs less
 # than the regex), bounded in entries and entry size, so at most ~1 MB per worker process.
 _VALID_HOSTS: dict[bytes, None] = {}

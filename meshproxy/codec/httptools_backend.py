@@ -31,6 +31,7 @@ from . import framing
 from .api import (
     BODY_CHUNKED,
     BODY_UNTIL_CLOSE,
+    COMMON_FIELD_NAMES,
     CodecLimits,
     MessageHandler,
     ProtocolError,
@@ -181,22 +182,13 @@ def _lowered(at, n) -> bytes:
     return out
 
 
-# Field names most heads carry, lower-case: a name that matches one (in any case) is that
-# shared object instead of a new copy, with its hash already computed for the set and dict
-# lookups that follow.  Grouped by length.
-_COMMON_NAMES = (
-    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"connection",
-    b"keep-alive", b"content-length", b"content-type", b"transfer-encoding", b"date", b"server",
-    b"cookie", b"set-cookie", b"cache-control", b"authorization", b"referer", b"origin", b"vary",
-    b"etag", b"last-modified", b"location", b"expires", b"pragma", b"upgrade", b"x-request-id",
-    b"x-forwarded-for", b"x-forwarded-proto", b"traceparent", b"tracestate", b"b3",
-    b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
-)
-_NAMES_BY_LENGTH = tuple(tuple(name for name in _COMMON_NAMES if len(name) == n) for n in range(32))
+# A field name that matches one of api.COMMON_FIELD_NAMES (in any case) is that shared object
+# instead of a new copy.  Grouped by length.
+_NAMES_BY_LENGTH = tuple(tuple(name for name in COMMON_FIELD_NAMES if len(name) == n) for n in range(32))
 
 
 def _field_name(at, n) -> bytes:
-    """``at[:n]`` lower-cased: one of :data:`_COMMON_NAMES` when it matches, else a new copy
+    """``at[:n]`` lower-cased: one of ``COMMON_FIELD_NAMES`` when it matches, else a new copy
     (compiled only)."""
     if n < 32:
         for known in _NAMES_BY_LENGTH[n]:

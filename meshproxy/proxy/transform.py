@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from ..codec.api import RequestHead, ResponseHead, field_names
+from ..codec.api import RequestHead, ResponseHead, field_names, name_set
 from ..codec.framing import connection_tokens, field_index
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
 from ..telemetry.tracing import PROPAGATION_HEADERS
@@ -16,16 +16,17 @@ from ..telemetry.tracing import PROPAGATION_HEADERS
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1 connection-specific fields, plus fields the proxy re-generates itself.
-_HOP_BY_HOP = frozenset((
+# (name_set: common names are the parser's shared objects, found by identity)
+_HOP_BY_HOP = name_set((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 ))
 # (x-forwarded-for is re-appended at the end, with the client's address added)
-_REQUEST_DROP = _HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-for"}
-_RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
-_REQUEST_DROP_TRACED = _REQUEST_DROP | PROPAGATION_HEADERS
-_RESPONSE_DROP_UPGRADE = _RESPONSE_DROP - {b"upgrade"}
-_RESPONSE_DROP_KEEP_LENGTH = _RESPONSE_DROP - {b"content-length"}
+_REQUEST_DROP = name_set(_HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-for"})
+_RESPONSE_DROP = name_set(_HOP_BY_HOP | {b"content-length"})
+_REQUEST_DROP_TRACED = name_set(_REQUEST_DROP | PROPAGATION_HEADERS)
+_RESPONSE_DROP_UPGRADE = name_set(_RESPONSE_DROP - {b"upgrade"})
+_RESPONSE_DROP_KEEP_LENGTH = name_set(_RESPONSE_DROP - {b"content-length"})
 
 
 _NOTHING: frozenset[bytes] = frozenset()

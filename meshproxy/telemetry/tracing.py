@@ -28,17 +28,19 @@ import time
 import cython
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..codec.api import name_set
+
 if TYPE_CHECKING:   # the OpenTelemetry SDK is imported only when spans are exported
     from .trace_export import PresetIdGenerator, TraceExport
 
 Headers = Sequence[tuple[bytes, bytes]]
 
 # Incoming copies of these must be removed before adding this hop's (``ctx.forward_block()``).
-PROPAGATION_HEADERS = frozenset({
+PROPAGATION_HEADERS = name_set({
     b"traceparent", b"tracestate", b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid",
     b"x-b3-sampled", b"x-b3-flags", b"x-request-id",
 })
-_READ = PROPAGATION_HEADERS | {b"x-client-trace-id", b"x-envoy-force-trace"}
+_READ = name_set(PROPAGATION_HEADERS | {b"x-client-trace-id", b"x-envoy-force-trace"})
 _HEXDIGITS = b"0123456789abcdef"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16

@@ -201,11 +201,11 @@ def test_field_names_are_lower_cased_and_trailing_ows_dropped_only_where_present
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("backend", ["httptools", "h11"])
 def test_common_field_names_in_any_case_and_their_near_misses_come_out_lower_cased(backend, split):
-    """Compiled, a common name is a shared constant (httptools_backend._COMMON_NAMES) when it
+    """Compiled, a common name is a shared constant (api.COMMON_FIELD_NAMES) when it
     matches in any case; names one byte off, longer or shorter, or split across reads are
     copied and lower-cased.  Either way the field list is the same."""
     from meshproxy.codec import make_request_parser
-    from meshproxy.codec.httptools_backend import _COMMON_NAMES
+    from meshproxy.codec.api import COMMON_FIELD_NAMES as _COMMON_NAMES
     names = [n.upper() for n in _COMMON_NAMES] + [n.title() for n in _COMMON_NAMES] + [
         b"Hos", b"Hostt", b"Hosu", b"Gost", b"Content-Lengtz", b"Content_Length", b"B4", b"X-B3-SpanIdX"]
     names = [n for n in names if n.lower() not in (b"host", b"content-length", b"transfer-encoding", b"connection",
@@ -337,3 +337,26 @@ def test_a_response_content_length_that_is_not_digits_is_refused(value):
 def test_a_response_connection_value_decides_persistence(value, persists):
     head = response_head(200, b"OK", b"1.1", [(b"content-length", b"2"), (b"connection", value)], LIMITS, False)
     assert head.keep_alive is persists
+
+
+def test_sets_of_field_names_hold_the_parsers_shared_objects():
+    # a common name from the llhttp backend is found in these sets by identity (no bytes
+    # compared); a set built from its own literals would still be correct, only slower
+    from meshproxy.codec import framing
+    from meshproxy.codec.api import COMMON_FIELD_NAMES, name_set
+    from meshproxy.proxy import transform
+    from meshproxy.telemetry import tracing
+    shared = {n: n for n in COMMON_FIELD_NAMES}
+    sets = [framing._FRAMING_FIELDS, transform._HOP_BY_HOP, transform._REQUEST_DROP, transform._RESPONSE_DROP,
+            transform._REQUEST_DROP_TRACED, transform._RESPONSE_DROP_UPGRADE, transform._RESPONSE_DROP_KEEP_LENGTH,
+            tracing.PROPAGATION_HEADERS]
+    if meshproxy.HOT_PATH != "compiled":    # C globals in the compiled build, built by the same code
+        sets += [framing._REQUEST_RARE_FIELDS, framing._REQUEST_FRAMING_FIELDS, tracing._READ]
+    checked = 0
+    for names in sets:
+        for member in names:
+            if member in shared:
+                assert member is shared[member], member
+                checked += 1
+    assert checked >= 30
+    assert name_set([b"x-made-up", bytes(b"host")]) == {b"x-made-up", b"host"}
