@@ -6,6 +6,8 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from meshproxy.codec.api cimport RequestHead, ResponseHead, CodecLimits
 
+cdef int BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE
+
 cdef bytes _TCHAR_OK, _VALUE_OK, _TARGET_OK
 cdef frozenset _REQUEST_RARE_FIELDS, _REQUEST_FRAMING_FIELDS
 cdef dict _LENGTHS, _PERSISTENT_1_1

@@ -14,6 +14,7 @@ import h11
 
 from . import framing
 from .api import (
+    BODY_CHUNKED,
     BODY_UNTIL_CLOSE,
     CodecLimits,
     ProtocolError,
@@ -220,7 +221,7 @@ class H11RequestParser(_H11Parser):
         except h11.RemoteProtocolError as exc:
             # h11 only speaks "Transfer-Encoding: chunked" exactly; the framing layer has
             # already accepted an equivalent list such as ",chunked", so that hint is not ours.
-            if not (exc.error_status_hint == 501 and head.body_kind == framing.BODY_CHUNKED):
+            if not (exc.error_status_hint == 501 and head.body_kind == BODY_CHUNKED):
                 raise ProtocolError(400, f"invalid request head ({exc})") from None
         else:
             if not isinstance(event, h11.Request):
@@ -286,7 +287,7 @@ class H11ResponseParser(_H11Parser):
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            if not (exc.error_status_hint == 501 and head.body_kind == framing.BODY_CHUNKED):
+            if not (exc.error_status_hint == 501 and head.body_kind == BODY_CHUNKED):
                 raise ProtocolError(502, f"invalid upstream response head ({exc})") from None
         else:
             if event is h11.NEED_DATA:

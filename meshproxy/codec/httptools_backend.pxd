@@ -57,6 +57,10 @@ cdef inline int _llhttp_version(object parser):
     return c.http_major << 8 | c.http_minor
 
 cdef bint _llhttp_readable
+# module constants read at C level on every read (else: a global lookup and a boxed compare)
+cdef int _HEAD, _BODY, _TUNNEL, _CLOSED, _DEAD
+cdef int _HPE_INVALID_METHOD, _HPE_INVALID_URL, _HPE_INVALID_STATUS, _HPE_PAUSED_UPGRADE, _HPE_USER
+cdef int BODY_CHUNKED, BODY_UNTIL_CLOSE
 
 # Driving llhttp directly: its callback table, and the functions httptools' extension module
 # exports.  Used only once _choose_llhttp_driver has found every function and a self-check

@@ -13,6 +13,9 @@ from meshproxy.router.request cimport view_from_head
 from meshproxy.router.match cimport select_virtual_host, select_route
 from meshproxy.telemetry.tracing cimport TraceContext
 from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
+
+cdef int BODY_CHUNKED, BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE
+
 from meshproxy.proxy.transform cimport client_fields, forwarded_request_headers, forwarded_response_headers
 
 cdef class Exchange:
