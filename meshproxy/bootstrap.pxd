@@ -3,11 +3,12 @@
 from meshproxy.upstream.pool cimport UpstreamPools
 from meshproxy.proxy.observe cimport Telemetry
 from meshproxy.router.split cimport Splitter
+from meshproxy.clock cimport monotonic
 
 cdef class Worker:
     cdef public object loop, store, options, rng, new_request_id, clock, settings
     cdef public Telemetry telemetry
-    cdef public bint draining
+    cdef public bint draining, system_clock
     cdef public Py_ssize_t downstream_active
     cdef public dict http_listeners, tcp_listeners
     cdef public set tunnels, mirror_tasks
@@ -15,3 +16,4 @@ cdef class Worker:
     cdef public Splitter splitter
     cdef public UpstreamPools pools
     cdef public list listen_errors
+    cpdef double now(self) except? -1.0

@@ -22,6 +22,7 @@ from functools import partial
 from types import MappingProxyType
 from typing import Callable
 
+from .clock import monotonic
 from .cluster import ClusterManager
 from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
@@ -56,7 +57,9 @@ class Worker:
         self.options = options
         self.rng = rng or random.Random()
         self.new_request_id = partial(random_uuid, self.rng)    # an x-request-id (UUIDv4) from the worker's rng
-        self.clock = clock or loop.time
+        # the worker's clock, injectable; ``now()`` reads it (the default at C level when compiled)
+        self.clock = clock or monotonic
+        self.system_clock = clock is None
         self.telemetry = telemetry
         self.settings = store.current.settings if store.current else None
         self.draining = False
@@ -69,7 +72,7 @@ class Worker:
         self.splitter: Splitter | None = None
         codec, limits = options.codec, options.limits
         self._request_parser = lambda handler: make_request_parser(codec, handler, limits)
-        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), self.clock)
+        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock)
         self._sweeper: asyncio.TimerHandle | None = None
         self.listen_errors: list[str] = []
         store.subscribe(self._on_swap)
@@ -243,11 +246,17 @@ class Worker:
 
     # ---------------------------------------------------------------- hooks the pipeline calls
 
+    def now(self) -> float:
+        """``clock()``: compiled with the default clock, CLOCK_MONOTONIC read at C level."""
+        if self.system_clock:
+            return monotonic()
+        return self.clock()
+
     def metrics_rejected(self, reason: str, status: int) -> None:
         self.telemetry.rejected(reason, status)
 
     def on_exchange_done(self, exchange) -> None:
-        self.telemetry.exchange_done(exchange, self.clock())
+        self.telemetry.exchange_done(exchange, self.now())
 
     def on_overflow(self, cluster) -> None:
         self.telemetry.overflow(cluster.cluster.name)

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-request modules, roughly in the order of the life of a request.  With a .pxd: typed;
 # without: compiled as they are (the interpreter loop goes, the Python objects stay).
 HOT = [
+    "meshproxy/clock.py",
     "meshproxy/bootstrap.py",
     "meshproxy/downstream/http_conn.py",
     "meshproxy/codec/api.py",

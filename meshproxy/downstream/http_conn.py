@@ -85,7 +85,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.client_ip = peer[0] if peer else ""
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
         self.parser = self.worker.make_request_parser(self)
-        self.since = self.worker.clock()
+        self.since = self.worker.now()
         self.listener.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -95,7 +95,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             return
         if self.state == IDLE:
             self.state = READING
-            self.since = self.worker.clock()
+            self.since = self.worker.now()
         self.feeding = True
         parser = self.parser
         try:
@@ -191,7 +191,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             self.close_after_flush()
             return
         self.state = IDLE
-        self.since = self.worker.clock()
+        self.since = self.worker.now()
         if self.queue and not self.replaying:
             self._replay()
         if self.out:

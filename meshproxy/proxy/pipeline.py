@@ -345,7 +345,7 @@ class Exchange:
         key = host.key                           # (address, port)
         self.tried += (key,)
         conn = None if self.stale_retried else worker.pools.acquire_idle(key, cluster.idle_timeout)
-        self.upstream_start = worker.clock()
+        self.upstream_start = worker.now()
         if conn is not None:
             self._send_on(conn)
             return
@@ -800,7 +800,7 @@ class Exchange:
             self._release_upstream(reusable=False)
         if self.down.read_paused_by:
             self.down.resume_reading(_READ_PAUSE_CONNECTING | _READ_PAUSE_UPSTREAM)
-        self.worker.telemetry.exchange_done(self, self.worker.clock())
+        self.worker.telemetry.exchange_done(self, self.worker.now())
         self.down.exchange_finished(self, keep_alive)
 
     def downstream_lost(self) -> None:

@@ -2,6 +2,7 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from meshproxy.upstream.connection cimport UpstreamConnection
+from meshproxy.clock cimport monotonic
 
 cdef class EndpointPool:
     cdef public object key, _pools
@@ -14,6 +15,9 @@ cdef class UpstreamPools:
     cdef public object _loop, dns, _make_parser, _clock, _opened_cb, _closed_cb
     cdef public dict _pools
     cdef public set _tasks
+    cdef public bint _system_clock
+
+    cdef double _now(self) except? -1.0
 
     @cython.locals(pool=EndpointPool)
     cpdef acquire_idle(self, key, idle_timeout)

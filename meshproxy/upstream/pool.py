@@ -26,6 +26,7 @@ import socket
 from collections import deque
 from typing import Awaitable, Callable, Protocol
 
+from ..clock import monotonic
 from .connection import UpstreamConnection
 
 
@@ -124,14 +125,15 @@ def system_resolver(loop: asyncio.AbstractEventLoop) -> Resolver:
 
 
 class UpstreamPools:
-    def __init__(self, loop: asyncio.AbstractEventLoop, make_parser: Callable, clock: Callable[[], float],
+    def __init__(self, loop: asyncio.AbstractEventLoop, make_parser: Callable, clock: Callable[[], float] | None,
                  on_connection_opened: Callable[[tuple[str, int]], None] | None = None,
                  on_connection_closed: Callable[[tuple[str, int]], None] | None = None,
                  resolver: Resolver | None = None):
         self._loop = loop
-        self.dns = DnsCache(resolver or system_resolver(loop), clock)
         self._make_parser = make_parser
-        self._clock = clock
+        self._clock = clock or monotonic          # None: the system clock, read by _now at C level
+        self._system_clock = clock is None
+        self.dns = DnsCache(resolver or system_resolver(loop), self._clock)
         self._pools: dict[tuple[str, int], EndpointPool] = {}
         self._tasks: set[asyncio.Task] = set()
         self._opened_cb = on_connection_opened
@@ -150,6 +152,11 @@ class UpstreamPools:
 
     # ---------------------------------------------------------------- acquire / release
 
+    def _now(self) -> float:
+        if self._system_clock:
+            return monotonic()
+        return self._clock()
+
     def acquire_idle(self, key: tuple[str, int], idle_timeout: float | None) -> UpstreamConnection | None:
         pool = self._pools.get(key)
         if pool is None or pool.waiters:   # requests are queued for this endpoint: no overtaking them
@@ -162,7 +169,7 @@ class UpstreamPools:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if idle_timeout is not None and self._clock() - conn.idle_since > idle_timeout:
+            if idle_timeout is not None and self._now() - conn.idle_since > idle_timeout:
                 conn.close()
                 continue
             return conn
@@ -176,7 +183,7 @@ class UpstreamPools:
                 or (max_requests and conn.requests >= max_requests)):
             conn.close()
             return
-        conn.idle_since = self._clock()
+        conn.idle_since = self._now()
         pool = conn.pool
         pool.idle.append(conn)
         if pool.waiters:
@@ -259,7 +266,7 @@ class UpstreamPools:
 
     def sweep(self, idle_timeout: float) -> None:
         """Close idle connections older than ``idle_timeout`` (called periodically)."""
-        now = self._clock()
+        now = self._now()
         for pool in self._pools.values():
             for conn in [c for c in pool.idle if now - c.idle_since > idle_timeout]:
                 conn.close()

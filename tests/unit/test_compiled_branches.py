@@ -360,3 +360,36 @@ def test_sets_of_field_names_hold_the_parsers_shared_objects():
                 checked += 1
     assert checked >= 30
     assert name_set([b"x-made-up", bytes(b"host")]) == {b"x-made-up", b"host"}
+
+
+def test_monotonic_reads_the_clock_time_monotonic_reads():
+    import time
+    from meshproxy.clock import monotonic
+    readings = []
+    for _ in range(200):
+        before = time.monotonic()
+        now = monotonic()
+        after = time.monotonic()
+        assert before - 1e-6 <= now <= after + 1e-6
+        readings.append(now)
+    assert readings == sorted(readings)
+    assert len(set(readings)) > 100        # sub-millisecond resolution, not the loop's cached tick
+
+
+def test_worker_now_is_the_injected_clock_or_the_system_clock():
+    import asyncio
+    import time
+    from inproc import snapshot
+    from meshproxy.bootstrap import Worker, WorkerOptions
+    from meshproxy.config.store import SnapshotStore
+    from meshproxy.proxy.observe import Telemetry
+    loop = asyncio.new_event_loop()
+    try:
+        fake = Worker(loop, SnapshotStore(snapshot([], [])), WorkerOptions(), Telemetry(), clock=lambda: 42.5)
+        assert fake.now() == 42.5 and fake.clock() == 42.5 and not fake.system_clock
+        real = Worker(loop, SnapshotStore(snapshot([], [])), WorkerOptions(), Telemetry())
+        before = time.monotonic()
+        assert real.system_clock and before - 1e-6 <= real.now() <= time.monotonic() + 1e-6
+        assert abs(real.clock() - time.monotonic()) < 0.5
+    finally:
+        loop.close()
