@@ -4,6 +4,7 @@ from meshproxy.upstream.pool cimport UpstreamPools
 from meshproxy.proxy.observe cimport Telemetry
 from meshproxy.router.split cimport Splitter
 from meshproxy.clock cimport monotonic
+from meshproxy.cluster.state cimport ClusterManager
 
 cdef class Worker:
     cdef public object loop, store, options, rng, new_request_id, clock, settings
@@ -12,7 +13,8 @@ cdef class Worker:
     cdef public Py_ssize_t downstream_active
     cdef public dict http_listeners, tcp_listeners
     cdef public set tunnels, mirror_tasks
-    cdef public object clusters, _request_parser, _sweeper
+    cdef public ClusterManager clusters
+    cdef public object _request_parser, _sweeper
     cdef public Splitter splitter
     cdef public UpstreamPools pools
     cdef public list listen_errors

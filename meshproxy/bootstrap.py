@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Callable
 
 from .clock import monotonic
-from .cluster import ClusterManager
+from .cluster.state import ClusterManager
 from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
 from .config.model import Endpoint, Listener, Snapshot

@@ -53,3 +53,10 @@ cdef class ClusterState:
     cpdef force_connection(self)
     @cython.locals(c=_Counters)
     cpdef release_connection(self)
+
+cdef class ClusterManager:
+    cdef public object clock, rng
+    cdef public dict _clusters
+    cdef public bint _seen_update
+
+    cpdef ClusterState get(self, name)

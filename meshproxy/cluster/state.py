@@ -331,9 +331,10 @@ class ClusterManager:
         self.rng = rng
         self._clusters: dict[str, ClusterState] = {}
         self._seen_update = False
-        # ``get(name)``: the ClusterState or None; the current dict's own ``get`` (one C call
-        # per request instead of a method frame around it)
-        self.get = self._clusters.get
+
+    def get(self, name: str) -> ClusterState | None:
+        """The ClusterState of cluster ``name``, or None (compiled: a C call per request)."""
+        return self._clusters.get(name)
 
     def update(self, snapshot: Snapshot) -> None:
         """Adopt the clusters of ``snapshot``: unchanged ones keep their state object,
@@ -350,7 +351,6 @@ class ClusterManager:
                 new[name] = ClusterState(cluster, self.clock, self.rng, previous=old,
                                          initial=initial or old is None)
         self._clusters = new
-        self.get = new.get
         self._seen_update = True
 
     def __iter__(self):

@@ -19,8 +19,9 @@ cdef class ProxyMetrics:
     cdef public bint enabled
     cdef public str _config_version
     cdef public list _http_static, _tcp_static, _sources
-    cdef public dict _http_handles, _http, _tcp_handles, _tcp, _counters, _gauges
+    cdef public dict _http_handles, _http, _plain, _tcp_handles, _tcp, _counters, _gauges
 
     @cython.locals(s=_HttpSeries)
-    cpdef record_http(self, h, int status, str flags, double duration_ms, long long request_bytes,
+    cpdef record_http(self, Py_ssize_t h, int status, str flags, double duration_ms, long long request_bytes,
                       long long response_bytes, str grpc_status=*)
+    cdef _HttpSeries _http_series(self, Py_ssize_t h, int status, str flags, str grpc_status)

@@ -216,6 +216,9 @@ class ProxyMetrics:
         self._http_handles: dict[tuple[str, ...], int] = {}
         # (handle, status, flags, grpc_status) -> its numbers
         self._http: dict[tuple, _HttpSeries] = {}
+        # handle * 1000 + status -> the same series of requests without flags or gRPC status
+        # (nearly all): an int key instead of a 4-tuple built and hashed per request
+        self._plain: dict[int, _HttpSeries] = {}
         self._tcp_static: list[tuple[str, ...]] = []
         self._tcp_handles: dict[tuple[str, ...], int] = {}
         # (handle, flags) -> [opened, closed, sent, received]
@@ -249,10 +252,19 @@ class ProxyMetrics:
         """One finished request.  ``flags`` is Envoy's response flags string (``"-"`` for none)."""
         if not self.enabled:
             return
+        if flags == "-" and not grpc_status and 0 <= status < 1000:
+            s = self._plain.get(h * 1000 + status)
+            if s is None:
+                s = self._plain[h * 1000 + status] = self._http_series(h, status, flags, grpc_status)
+        else:
+            s = self._http_series(h, status, flags, grpc_status)
+        s.add(duration_ms, request_bytes, response_bytes)
+
+    def _http_series(self, h: int, status: int, flags: str, grpc_status: str) -> _HttpSeries:
         s = self._http.get((h, status, flags, grpc_status))
         if s is None:
             s = self._http[(h, status, flags, grpc_status)] = _HttpSeries()
-        s.add(duration_ms, request_bytes, response_bytes)
+        return s
 
     # ------------------------------------------------------------------ Istio TCP
 

@@ -179,12 +179,12 @@ class UpstreamPools:
                 max_requests: int = 0) -> None:
         conn.exchange = None
         conn.requests += 1
-        if (not reusable or conn.closed or len(conn.pool.idle) >= max_idle
+        pool = conn.pool
+        if (not reusable or conn.closed or len(pool.idle) >= max_idle
                 or (max_requests and conn.requests >= max_requests)):
             conn.close()
             return
         conn.idle_since = self._now()
-        pool = conn.pool
         pool.idle.append(conn)
         if pool.waiters:
             self.offer_soon(pool)

@@ -53,6 +53,23 @@ def test_status_and_response_flags_make_separate_series():
     assert {s.labels["reporter"] for s in samples(m, "istio_requests_total")} == {"destination"}
 
 
+def test_plain_flagged_and_grpc_requests_of_one_status_are_separate_series_with_exact_counts():
+    # requests without flags or gRPC status take an int-keyed shortcut to the same series table
+    m = ProxyMetrics()
+    h = m.http_handle("source", PRODUCTPAGE, reviews("v1"))
+    other = m.http_handle("source", PRODUCTPAGE, reviews("v2"))
+    for _ in range(3):
+        m.record_http(h, 503, "-", 1, 0, 0)
+    m.record_http(h, 503, "UF", 1, 0, 0)
+    m.record_http(h, 503, "-", 1, 0, 0, grpc_status="14")
+    m.record_http(other, 503, "-", 1, 0, 0)
+    m.record_http(h, 0, "DC", 1, 0, 0)
+    got = {(s.labels["destination_version"], s.labels["response_code"], s.labels["response_flags"],
+            s.labels["grpc_response_status"]): s.value for s in samples(m, "istio_requests_total")}
+    assert got == {("v1", "503", "-", ""): 3, ("v1", "503", "UF", ""): 1, ("v1", "503", "-", "14"): 1,
+                   ("v2", "503", "-", ""): 1, ("v1", "0", "DC", ""): 1}
+
+
 def test_same_label_set_gets_the_same_handle():
     m = ProxyMetrics()
     assert m.http_handle("source", PRODUCTPAGE, reviews("v1")) == m.http_handle("source", PRODUCTPAGE, reviews("v1"))
