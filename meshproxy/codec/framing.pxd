@@ -1,7 +1,8 @@
 # Augmenting declarations for framing.py: the types of the compiled hot path (scripts/build_ext.py).
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
+from libc.stdint cimport uint64_t
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from meshproxy.codec.api cimport RequestHead, ResponseHead, CodecLimits
@@ -15,9 +16,10 @@ cdef dict _LENGTHS, _PERSISTENT_1_1
 cdef bint _none_of(frozenset fields, tuple names) except -1
 @cython.locals(n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*", total="long long")
 cdef long long _short_digits(bytes value) except? -2
+cdef uint64_t _WORD_01, _WORD_20, _WORD_7F, _WORD_80
 @cython.locals(bad=bint, empty=bint, n=Py_ssize_t, i=Py_ssize_t, p="const unsigned char*",
                tchar="const unsigned char*", vchar="const unsigned char*", name=bytes, value=bytes,
-               fields=list, count=Py_ssize_t, k=Py_ssize_t, names_out=tuple)
+               fields=list, count=Py_ssize_t, k=Py_ssize_t, names_out=tuple, w=uint64_t, d=uint64_t)
 cdef tuple _checked_fields(headers, CodecLimits limits, int status)
 @cython.locals(ok="const unsigned char*", p="const unsigned char*", bad=bint, i=Py_ssize_t)
 cdef bint _target_ok(bytes target) except -1

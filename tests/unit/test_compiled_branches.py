@@ -393,3 +393,20 @@ def test_worker_now_is_the_injected_clock_or_the_system_clock():
         assert abs(real.clock() - time.monotonic()) < 0.5
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_each_byte_at_each_place_in_a_long_value_gets_the_rfc_verdict(byte):
+    # compiled, values are scanned eight bytes at a time: every byte at every offset of a
+    # 20-byte value (both words and the tail), alone and beside a tab
+    ok = byte in VALUE_CHARS
+    for pos in range(20):
+        for filler in (b"a", b"\xff", b"\t"):
+            value = bytearray(filler * 20)
+            value[pos] = byte
+            headers = [(b"x-long", bytes(value)), (b"host", b"h")]
+            if ok:
+                check_fields(headers, LIMITS, 400)
+            else:
+                with pytest.raises(ProtocolError):
+                    check_fields(headers, LIMITS, 400)
