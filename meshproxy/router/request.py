@@ -8,6 +8,10 @@ from __future__ import annotations
 from typing import Mapping
 from urllib.parse import unquote_plus
 
+import cython
+
+from ..codec.framing import KNOWN_METHODS
+
 
 class RequestView:
     """The parts of a request that matching, splitting and hashing read.
@@ -74,6 +78,31 @@ class RequestView:
                 f"{'?' + self.query if self.query else ''} port={self.port})")
 
 
+def _query_start(target: bytes) -> int:
+    """Where the ``?`` of ``target`` is, or -1 (compiled: memchr, no method call)."""
+    if cython.compiled:
+        p = PyBytes_AS_STRING(target)
+        found = memchr(p, 63, len(target))    # 63 = "?"
+        return -1 if found == cython.NULL else cython.cast(cython.p_char, found) - p
+    return target.find(b"?")
+
+
+def _lower_text(raw: bytes) -> str:
+    """``raw.decode("latin-1").lower()``; compiled, one decode when every byte is ASCII and
+    none is an upper-case letter (the usual Host) instead of two new strings."""
+    if cython.compiled:
+        p = raw
+        for i in range(len(raw)):
+            if 65 <= p[i] <= 90 or p[i] >= 128:
+                return raw.decode("latin-1").lower()
+        return raw.decode("latin-1")
+    return raw.decode("latin-1").lower()
+
+
+# the text of the methods the codec accepts (its shared method objects hit by identity)
+_METHOD_TEXT = {m: m.decode("latin-1") for m in KNOWN_METHODS}
+
+
 def view_from_head(head, port: int, scheme: str, source_ip: str) -> RequestView:
     """:meth:`RequestView.from_head` (the request path calls this)."""
     headers: dict[str, str] = {}
@@ -81,11 +110,16 @@ def view_from_head(head, port: int, scheme: str, source_ip: str) -> RequestView:
         key = name.decode("latin-1")
         old = headers.get(key)
         headers[key] = value.decode("latin-1") if old is None else old + "," + value.decode("latin-1")
-    target = head.path.decode("latin-1")
-    path, _, query = target.partition("?")
+    target = head.path
+    q = _query_start(target)
+    if q < 0:
+        path, query = target.decode("latin-1"), ""
+    else:
+        path, query = target[:q].decode("latin-1"), target[q + 1:].decode("latin-1")
     view = RequestView.__new__(RequestView)      # the fields directly: no __init__ call
-    view.method = head.method.decode("latin-1")
-    view.authority = head.host.decode("latin-1").lower()
+    method = _METHOD_TEXT.get(head.method)
+    view.method = method if method is not None else head.method.decode("latin-1")
+    view.authority = _lower_text(head.host)
     view.path = path
     view.query = query
     view.headers = headers

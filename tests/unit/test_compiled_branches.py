@@ -410,3 +410,18 @@ def test_each_byte_at_each_place_in_a_long_value_gets_the_rfc_verdict(byte):
             else:
                 with pytest.raises(ProtocolError):
                     check_fields(headers, LIMITS, 400)
+
+
+@pytest.mark.parametrize("host", [b"svc.local", b"SVC.Local:8080", b"[::1]:80", b"", b"\xc0\xe9.example",
+                                  b"a" * 300, b"x?y"])
+def test_request_view_authority_method_path_and_query_match_the_reference(host):
+    from meshproxy.codec.api import BODY_NONE, RequestHead
+    from meshproxy.router.request import view_from_head
+    for target in (b"/p", b"/p?q=1&r", b"/?", b"/a/b?c?d", b"/caf\xe9?x=\xe9"):
+        for method in (b"GET", b"PROPFIND", b"M-SEARCH"):
+            head = RequestHead(method, target, b"1.1", [(b"host", host)], host, target, BODY_NONE, -1,
+                               True, b"", False, (b"host",))
+            view = view_from_head(head, 80, "http", "1.2.3.4")
+            path, _, query = target.decode("latin-1").partition("?")
+            assert (view.authority, view.method, view.path, view.query) == (
+                host.decode("latin-1").lower(), method.decode("latin-1"), path, query)
