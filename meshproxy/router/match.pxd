@@ -9,6 +9,7 @@ from meshproxy.router.request cimport RequestView
 @cython.locals(vhost=VirtualHost, wildcards=tuple, host=str, dot=Py_ssize_t)
 cpdef VirtualHost select_virtual_host(RouteTable table, str authority)
 
+cdef bint _same(str a, str b) except -1
 @cython.locals(kind=str)
 cpdef bint string_matches(StringMatch sm, str value) except -1
 @cython.locals(value=str)

@@ -106,11 +106,17 @@ def select_virtual_host(table: RouteTable, authority: str) -> VirtualHost | None
 # ---------------------------------------------------------------- string / block matching
 
 
+def _same(a: str, b: str) -> bool:
+    """``a == b``, deciding by identity or length first (compiled, str == str is otherwise a
+    PyUnicode_Compare, an ordering compare of the characters)."""
+    return a is b or (len(a) == len(b) and a == b)
+
+
 def string_matches(sm: StringMatch, value: str) -> bool:
     kind = sm.kind
-    if kind == "exact":
-        return (value.lower() if sm.ignore_case else value) == sm.value
-    if kind == "prefix":
+    if _same(kind, "exact"):
+        return _same(value.lower() if sm.ignore_case else value, sm.value)
+    if _same(kind, "prefix"):
         return (value.lower() if sm.ignore_case else value).startswith(sm.value)
     if kind == "regex":
         return sm.regex.fullmatch(value) is not None
