@@ -33,7 +33,7 @@ from .downstream.tcp_proxy import TcpProxyListener
 from .listener import HttpListener, bind_socket
 from .router.split import Splitter
 from .proxy.observe import Telemetry
-from .telemetry.tracing import random_uuid
+from .telemetry.tracing import IdSource, random_uuid
 from .upstream.pool import UpstreamPools
 
 log = logging.getLogger("meshproxy")
@@ -56,7 +56,9 @@ class Worker:
         self.store = store
         self.options = options
         self.rng = rng or random.Random()
-        self.new_request_id = partial(random_uuid, self.rng)    # an x-request-id (UUIDv4) from the worker's rng
+        # an x-request-id (UUIDv4) when tracing does not make one: from an IdSource seeded by
+        # the worker's rng (an injected rng makes them repeat)
+        self.new_request_id = partial(random_uuid, IdSource(self.rng.randbytes(32)))
         # the worker's clock, injectable; ``now()`` reads it (the default at C level when compiled)
         self.clock = clock or monotonic
         self.system_clock = clock is None

@@ -22,7 +22,7 @@ cdef class IdSource:
     @cython.locals(i=int, j=int, v=u64)
     cdef void _fill(self, unsigned char* out, int words)
 
-@cython.locals(raw=bytes)
+@cython.locals(raw=bytes, buf="unsigned char[16]")
 cpdef bytes random_uuid(rng)
 @cython.locals(raw=bytes, buf="unsigned char[40]", p="const unsigned char*", i=int, trace_bits=int,
                span_bits=int, low=u64)

@@ -64,6 +64,9 @@ def _is_hex(value: bytes, lengths: tuple[int, ...]) -> bool:
 def random_uuid(rng) -> bytes:
     """A random (version 4) UUID from ``rng`` (no syscall), like Envoy's x-request-id."""
     if cython.compiled:
+        if type(rng) is IdSource:              # 128 bits from its C state, no Python int
+            cython.cast(IdSource, rng)._fill(buf, 2)
+            return _uuid_text(buf)
         raw = rng.getrandbits(128).to_bytes(16, "big")
         return _uuid_text(raw)
     h = b"%032x" % (rng.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
