@@ -449,8 +449,16 @@ class ProxyTracer:
             span = b"%016x" % (rng.getrandbits(64) or 1)
             request_id = found.get(b"x-request-id") or random_uuid(rng)
 
-        ctx = TraceContext(trace, span, parent, sampled, debug, kind, request_id, tracestate,
-                           self.b3_single, self.b3_multi)
+        if cython.compiled:       # the fields stored at C level: no call with ten arguments
+            ctx = TraceContext.__new__(TraceContext)
+            ctx.trace_id, ctx.span_id, ctx.parent_id, ctx.request_id = trace, span, parent, request_id
+            ctx.sampled, ctx.debug, ctx.kind, ctx.tracestate = sampled, debug, kind, tracestate
+            ctx.b3_single, ctx.b3_multi, ctx.start_ns = self.b3_single, self.b3_multi, 0
+            ctx.method = ctx.path = ctx.authority = ctx.user_agent = b""
+            ctx.scheme, ctx.peer_address = "http", ""
+        else:
+            ctx = TraceContext(trace, span, parent, sampled, debug, kind, request_id, tracestate,
+                               self.b3_single, self.b3_multi)
         if sampled and self._tracer is not None:
             ctx.start_ns = self._clock_ns()
             ctx.method, ctx.path, ctx.authority = method, path, authority

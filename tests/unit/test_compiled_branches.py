@@ -427,3 +427,16 @@ def test_request_view_authority_method_path_and_query_match_the_reference(host):
             path, _, query = target.decode("latin-1").partition("?")
             assert (view.authority, view.method, view.path, view.query) == (
                 host.decode("latin-1").lower(), method.decode("latin-1"), path, query)
+
+
+def test_started_context_has_every_field_its_constructor_sets():
+    # compiled, start() stores the fields itself instead of calling TraceContext(...): a field
+    # added to __init__ and not to start() would be None here
+    from meshproxy.telemetry.tracing import TraceContext
+    ctx = ProxyTracer(None, rng=IdSource(bytes(range(32)))).start([], names=())
+    ref = TraceContext(ctx.trace_id, ctx.span_id, ctx.parent_id, ctx.sampled, ctx.debug, ctx.kind,
+                       ctx.request_id, ctx.tracestate, ctx.b3_single, ctx.b3_multi)
+    slots = TraceContext.__slots__ if hasattr(TraceContext, "__slots__") else [
+        n for n in dir(ref) if not n.startswith("_") and not callable(getattr(ref, n))]
+    assert {n: getattr(ctx, n) for n in slots} == {n: getattr(ref, n) for n in slots}
+    assert ctx.forward_block() == ref.forward_block()
