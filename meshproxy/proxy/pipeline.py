@@ -343,7 +343,7 @@ class Exchange:
         self.endpoint = host.endpoint
         self.attempts += 1
         key = host.key                           # (address, port)
-        self.tried += (key,)
+        self.tried = self.tried + (key,) if self.tried else (key,)
         conn = None if self.stale_retried else worker.pools.acquire_idle(key, cluster.idle_timeout)
         self.upstream_start = worker.now()
         if conn is not None:
