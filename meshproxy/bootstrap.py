@@ -22,6 +22,8 @@ from functools import partial
 from types import MappingProxyType
 from typing import Callable
 
+import cython
+
 from .clock import monotonic
 from .cluster.state import ClusterManager
 from .codec import make_request_parser, make_response_parser
@@ -56,11 +58,12 @@ class Worker:
         self.store = store
         self.options = options
         self.rng = rng or random.Random()
-        # an x-request-id (UUIDv4) when tracing does not make one: from an IdSource seeded by
-        # the worker's rng (an injected rng makes them repeat)
-        self.new_request_id = partial(random_uuid, IdSource(self.rng.randbytes(32)))
+        # an x-request-id (UUIDv4) when tracing does not make one: compiled, from an IdSource
+        # seeded by the worker's rng (an injected rng makes them repeat); pure Python, the rng
+        ids = IdSource(self.rng.randbytes(32)) if cython.compiled else self.rng
+        self.new_request_id = partial(random_uuid, ids)
         # the worker's clock, injectable; ``now()`` reads it (the default at C level when compiled)
-        self.clock = clock or monotonic
+        self.clock = clock or time.monotonic
         self.system_clock = clock is None
         self.telemetry = telemetry
         self.settings = store.current.settings if store.current else None
@@ -250,7 +253,7 @@ class Worker:
 
     def now(self) -> float:
         """``clock()``: compiled with the default clock, CLOCK_MONOTONIC read at C level."""
-        if self.system_clock:
+        if cython.compiled and self.system_clock:
             return monotonic()
         return self.clock()
 

@@ -377,7 +377,9 @@ class ProxyTracer:
         self.export = export
         self.sample_rate = sample_rate
         self._bound = int(sample_rate * (1 << 64))
-        self._rng = rng if rng is not None else IdSource()
+        # default: IdSource when compiled (its C state fills the ids); pure Python, the
+        # C-implemented Mersenne Twister is the faster of the two
+        self._rng = rng if rng is not None else IdSource() if cython.compiled else random.Random()
         self._clock_ns = clock_ns
         self.b3_single = b3_single
         self.b3_multi = b3_multi

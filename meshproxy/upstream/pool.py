@@ -23,8 +23,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections import deque
 from typing import Awaitable, Callable, Protocol
+
+import cython
 
 from ..clock import monotonic
 from .connection import UpstreamConnection
@@ -131,7 +134,7 @@ class UpstreamPools:
                  resolver: Resolver | None = None):
         self._loop = loop
         self._make_parser = make_parser
-        self._clock = clock or monotonic          # None: the system clock, read by _now at C level
+        self._clock = clock or time.monotonic     # None: the system clock, read by _now at C level
         self._system_clock = clock is None
         self.dns = DnsCache(resolver or system_resolver(loop), self._clock)
         self._pools: dict[tuple[str, int], EndpointPool] = {}
@@ -153,7 +156,7 @@ class UpstreamPools:
     # ---------------------------------------------------------------- acquire / release
 
     def _now(self) -> float:
-        if self._system_clock:
+        if cython.compiled and self._system_clock:
             return monotonic()
         return self._clock()
 
