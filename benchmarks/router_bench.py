@@ -115,9 +115,9 @@ def main() -> None:
     n = 200_000
     t0 = time.perf_counter()
     for _ in range(n):
-        ep = state.pick()
-        state.on_request_start(ep)
-        state.on_request_end(ep)
+        host = state.pick_host()
+        state.host_started(host)
+        state.host_finished(host)
     print(f"{'cluster pick + start/end (LEAST_REQUEST, 10 endpoints)':58s} "
           f"{(time.perf_counter() - t0) / n * 1e6:6.3f} us/request")
 

@@ -1,7 +1,7 @@
 """Clusters at runtime: endpoints, load balancing, outlier detection, circuit breakers.
 
 ``ClusterManager(clock, rng)`` -> ``update(snapshot)``, ``get(name) -> ClusterState``.
-``ClusterState``: ``pick``, ``on_request_start/end``, ``record``, ``admit_*/release_*``,
+``ClusterState``: ``pick_host`` (``pick``), ``host_started/finished``, ``record_host``, ``admit_*/release_*``,
 ``stats``.  See :mod:`meshproxy.cluster.state`, ``.balancer`` and ``.outlier``.
 """
 from .state import ClusterManager, ClusterState

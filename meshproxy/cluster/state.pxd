@@ -19,21 +19,15 @@ cdef class ClusterState:
     cdef public object idle_timeout
     cdef public Py_ssize_t max_idle_per_endpoint, max_requests_per_connection
     cdef public _Counters counters
-    cdef public dict _by_id, _by_key
 
     cpdef _refresh(self, double now)
     @cython.locals(host=Host)
     cpdef pick(self, hash_key=*, exclude=*, original=*)
     cpdef Host pick_host(self, hash_key=*, exclude=*, original=*)
-    @cython.locals(host=Host)
-    cdef Host _host(self, ep)
     cpdef host_started(self, Host host)
     @cython.locals(counters=_Counters)
     cpdef host_finished(self, Host host)
     cpdef record_host(self, Host host, outcome)
-    cpdef on_request_start(self, ep)
-    cpdef on_request_end(self, ep)
-    cpdef record(self, ep, outcome)
     @cython.locals(c=_Counters)
     cpdef bint admit_request(self) except -1
     @cython.locals(c=_Counters)

@@ -87,8 +87,6 @@ class ClusterState:
         self.max_idle_per_endpoint = pool.max_idle_per_endpoint
         self.max_requests_per_connection = pool.max_requests_per_connection
         self.counters = previous.counters if previous is not None else _Counters()
-        self._by_id = {id(h.endpoint): h for h in hosts}
-        self._by_key = {h.key: h for h in hosts}
         self._candidates: list[Host] = hosts        # usable hosts; recomputed on health change
         self._next_change = _NEVER            # next ejection expiry or warm-up end
         self._refresh(now)
@@ -155,12 +153,6 @@ class ClusterState:
             return None
         return self.balancer.pick(candidates, hash_key, self._slow_start_weight if self._warming else None)
 
-    def _host(self, ep) -> Host | None:
-        host = self._by_id.get(id(ep))
-        if host is not None and host.endpoint is ep:
-            return host
-        return self._by_key.get(_key(ep))
-
     # A Host outlives config changes that keep its address and port (``__init__`` carries it
     # over), so the one an attempt picked is the one its end must release.
 
@@ -184,19 +176,6 @@ class ClusterState:
             return
         if self.outlier.record(host, outcome, self.hosts):
             self._refresh(self.clock())
-
-    def on_request_start(self, ep: Endpoint) -> None:
-        """``host_started`` by endpoint."""
-        self.host_started(self._host(ep))
-
-    def on_request_end(self, ep: Endpoint) -> None:
-        """``host_finished`` by endpoint."""
-        self.host_finished(self._host(ep))
-
-    def record(self, ep: Endpoint, outcome: int | str) -> None:
-        """``record_host`` by endpoint."""
-        if self.outlier is not None:
-            self.record_host(self._host(ep), outcome)
 
     # ---------------------------------------------------------------- circuit breakers
 

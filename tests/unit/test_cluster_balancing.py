@@ -30,6 +30,11 @@ def state(c, clock=None, seed=1):
     return ClusterState(c, clock or Clock(), random.Random(seed))
 
 
+def host_of(state, ep):
+    """The state's Host record of endpoint ``ep`` (what the proxy keeps from pick_host)."""
+    return state.hosts[state.cluster.endpoints.index(ep)]
+
+
 def addr(ep):
     return ep.address
 
@@ -62,10 +67,10 @@ def test_least_request_power_of_two_prefers_the_less_loaded_endpoint():
     c = cluster(2, "LEAST_REQUEST")
     s = state(c)
     for _ in range(5):
-        s.on_request_start(c.endpoints[0])
+        s.host_started(host_of(s, c.endpoints[0]))
     assert all(s.pick() is c.endpoints[1] for _ in range(50))
     for _ in range(5):
-        s.on_request_end(c.endpoints[0])
+        s.host_finished(host_of(s, c.endpoints[0]))
     assert {addr(s.pick()) for _ in range(50)} == {"10.0.0.0", "10.0.0.1"}
 
 
@@ -73,7 +78,7 @@ def test_least_request_never_picks_the_busiest_of_three_when_others_are_idle():
     c = cluster(3, "LEAST_REQUEST")
     s = state(c)
     for _ in range(10):
-        s.on_request_start(c.endpoints[2])
+        s.host_started(host_of(s, c.endpoints[2]))
     assert "10.0.0.2" not in {addr(s.pick()) for _ in range(200)}
 
 
@@ -189,13 +194,13 @@ def test_changed_cluster_shares_counters_so_old_requests_release_what_they_took(
     manager.update(Snapshot("1", (), {}, {"a": cluster(2, name="a")}))
     old = manager.get("a")
     assert old.admit_connection()
-    old.on_request_start(old.cluster.endpoints[0])
+    old.host_started(host_of(old, old.cluster.endpoints[0]))
     manager.update(Snapshot("2", (), {}, {"a": cluster(3, name="a")}))
     new = manager.get("a")
     assert new is not old and new.stats()["connections"] == 1
     assert new.stats()["endpoints"][0]["active_requests"] == 1
     old.release_connection()
-    old.on_request_end(old.cluster.endpoints[0])
+    old.host_finished(host_of(old, old.cluster.endpoints[0]))
     assert new.stats()["connections"] == 0 and new.stats()["active_requests"] == 0
 
 

@@ -25,13 +25,18 @@ def make(n=10, outlier=None, pool=None, clock=None):
     return c, ClusterState(c, clock or Clock(), random.Random(7))
 
 
+def host_of(state, ep):
+    """The state's Host record of endpoint ``ep`` (what the proxy keeps from pick_host)."""
+    return state.hosts[state.cluster.endpoints.index(ep)]
+
+
 def picked(state, n=100):
     return {state.pick().address for _ in range(n)}
 
 
 def fail(state, ep, times, outcome=503):
     for _ in range(times):
-        state.record(ep, outcome)
+        state.record_host(host_of(state, ep), outcome)
 
 
 OD = OutlierPolicy(consecutive_5xx=5, interval=10.0, base_ejection_time=30.0, max_ejection_percent=50)
@@ -49,7 +54,7 @@ def test_endpoint_is_ejected_after_n_consecutive_5xx_and_not_before():
 def test_a_success_resets_the_consecutive_count():
     c, s = make(outlier=OD)
     fail(s, c.endpoints[0], 4)
-    s.record(c.endpoints[0], 200)
+    s.record_host(host_of(s, c.endpoints[0]), 200)
     fail(s, c.endpoints[0], 4)
     assert "10.0.0.0" in picked(s)
 
@@ -57,7 +62,7 @@ def test_a_success_resets_the_consecutive_count():
 def test_local_origin_failures_count_as_5xx():
     c, s = make(outlier=OD)
     for outcome in ("connect-failure", "reset", "timeout", 500, 502):
-        s.record(c.endpoints[0], outcome)
+        s.record_host(host_of(s, c.endpoints[0]), outcome)
     assert "10.0.0.0" not in picked(s)
 
 
@@ -65,10 +70,10 @@ def test_gateway_errors_eject_on_their_own_threshold_and_500_resets_that_count()
     gw = OutlierPolicy(consecutive_gateway_errors=3, max_ejection_percent=50)
     c, s = make(outlier=gw)
     fail(s, c.endpoints[1], 2, 502)
-    s.record(c.endpoints[1], 500)
+    s.record_host(host_of(s, c.endpoints[1]), 500)
     fail(s, c.endpoints[1], 2, 504)
     assert "10.0.0.1" in picked(s)
-    s.record(c.endpoints[1], "connect-failure")
+    s.record_host(host_of(s, c.endpoints[1]), "connect-failure")
     assert "10.0.0.1" not in picked(s)
 
 
@@ -105,33 +110,33 @@ def test_times_ejected_decays_by_one_per_healthy_interval():
 def test_max_ejection_percent_caps_how_many_endpoints_are_ejected():
     c, s = make(n=10, outlier=OutlierPolicy(consecutive_5xx=1, max_ejection_percent=20))
     for ep in c.endpoints:
-        s.record(ep, 503)
+        s.record_host(host_of(s, ep), 503)
     ejected = [e for e in s.stats()["endpoints"] if e["health"] == "ejected"]
     assert len(ejected) == 2
 
 
 def test_one_endpoint_can_be_ejected_even_when_the_cap_is_below_one_endpoint():
     c, s = make(n=3, outlier=OutlierPolicy(consecutive_5xx=1, max_ejection_percent=10))
-    s.record(c.endpoints[0], 503)
-    s.record(c.endpoints[1], 503)
+    s.record_host(host_of(s, c.endpoints[0]), 503)
+    s.record_host(host_of(s, c.endpoints[1]), 503)
     assert [e["health"] for e in s.stats()["endpoints"]] == ["ejected", "healthy", "healthy"]
 
 
 def test_panic_mode_uses_all_endpoints_when_healthy_share_is_below_min_health():
     od = OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100, min_health_percent=50)
     c, s = make(n=4, outlier=od)
-    s.record(c.endpoints[0], 503)
+    s.record_host(host_of(s, c.endpoints[0]), 503)
     assert picked(s) == {"10.0.0.1", "10.0.0.2", "10.0.0.3"} and not s.stats()["panic"]
-    s.record(c.endpoints[1], 503)
-    s.record(c.endpoints[2], 503)
+    s.record_host(host_of(s, c.endpoints[1]), 503)
+    s.record_host(host_of(s, c.endpoints[2]), 503)
     assert s.stats()["panic"]
     assert picked(s) == {f"10.0.0.{i}" for i in range(4)}
 
 
 def test_all_ejected_without_panic_threshold_gives_no_endpoint():
     c, s = make(n=2, outlier=OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100))
-    s.record(c.endpoints[0], 503)
-    s.record(c.endpoints[1], 503)
+    s.record_host(host_of(s, c.endpoints[0]), 503)
+    s.record_host(host_of(s, c.endpoints[1]), 503)
     assert s.pick() is None
 
 
@@ -209,7 +214,7 @@ def test_retry_budget_is_twenty_percent_of_requests_in_flight():
 
 def test_stats_show_endpoint_health_load_and_weight():
     c, s = make(n=2, outlier=OD)
-    s.on_request_start(c.endpoints[1])
+    s.host_started(host_of(s, c.endpoints[1]))
     row = s.stats()["endpoints"][1]
     assert (row["address"], row["health"], row["active_requests"], row["weight"], row["ejected_until"]) == \
         ("10.0.0.1", "healthy", 1, 1, None)
