@@ -40,19 +40,25 @@ async def count(requests: int, trace: bool, request: bytes) -> tuple[collections
     worker = bench.Worker(loop, bench.SnapshotStore(snap), bench.WorkerOptions(), bench.Telemetry(tracer=tracer),
                           rng=random.Random(1))
     await worker.start()
+    worker.batch.loop = bench.PassEnds()
     listener = next(iter(worker.http_listeners.values()))
     down = bench.DownstreamConnection(worker, listener)
     down.connection_made(bench.FakeTransport())
     pool = worker.pools.pool(("127.0.0.1", 9))
-    up = bench.UpstreamConnection(pool, lambda h: make_response_parser("httptools", h, worker.options.limits))
+    up = bench.UpstreamConnection(pool, lambda h: make_response_parser("httptools", h, worker.options.limits),
+                                  worker.batch)
     up.connection_made(bench.FakeTransport())
     up.requests = 1
     up.idle_since = worker.clock()
     pool.idle.append(up)
 
-    def one() -> None:
+    end_pass = worker.batch.run
+
+    def one() -> None:          # two loop passes: each ends by sending what it queued
         down.data_received(request)
+        end_pass()
         up.data_received(bench.RESPONSE)
+        end_pass()
         down.transport.written.clear()
         up.transport.written.clear()
 

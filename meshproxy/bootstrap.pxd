@@ -4,6 +4,7 @@ from meshproxy.upstream.pool cimport UpstreamPools
 from meshproxy.proxy.observe cimport Telemetry
 from meshproxy.router.split cimport Splitter
 from meshproxy.clock cimport monotonic
+from meshproxy.batch cimport SendBatch
 from meshproxy.cluster.state cimport ClusterManager
 
 cdef class Worker:
@@ -17,5 +18,6 @@ cdef class Worker:
     cdef public object _request_parser, _sweeper
     cdef public Splitter splitter
     cdef public UpstreamPools pools
+    cdef public SendBatch batch
     cdef public list listen_errors
     cpdef double now(self) except? -1.0

@@ -24,6 +24,7 @@ from typing import Callable
 
 import cython
 
+from .batch import SendBatch
 from .clock import monotonic
 from .cluster.state import ClusterManager
 from .codec import make_request_parser, make_response_parser
@@ -77,7 +78,10 @@ class Worker:
         self.splitter: Splitter | None = None
         codec, limits = options.codec, options.limits
         self._request_parser = lambda handler: make_request_parser(codec, handler, limits)
-        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock)
+        # the connections' writes of one loop pass, sent together at its end (batch.py)
+        self.batch = SendBatch(loop)
+        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock,
+                                   batch=self.batch)
         self._sweeper: asyncio.TimerHandle | None = None
         self.listen_errors: list[str] = []
         store.subscribe(self._on_swap)

@@ -22,6 +22,8 @@ cdef class DownstreamConnection(MessageHandler):
     cdef public str scheme
     cdef public tuple client_fields
     cdef public bint inbound
+    cdef public bint queued
+    cdef public object sender
 
     cpdef on_request_head(self, RequestHead head)
     cpdef on_body(self, data)
@@ -32,8 +34,9 @@ cdef class DownstreamConnection(MessageHandler):
     @cython.locals(exchange=Exchange)
     cpdef exchange_finished(self, exchange, bint keep_alive)
     cdef _replay(self)
-    @cython.locals(out=list, exchange=Exchange)
     cpdef flush(self)
+    @cython.locals(out=list, exchange=Exchange)
+    cpdef send_now(self)
     cpdef reject(self, status, reason)
     cpdef close_after_flush(self)
     cpdef close(self)

@@ -41,6 +41,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
         "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
         "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound", "send", "client_fields",
+        "queued", "sender",
     )
 
     def __init__(self, worker: "Worker", listener: "HttpListener"):
@@ -49,14 +50,16 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.transport: asyncio.Transport | None = None
         self.parser = None
         self.send = None                     # transport.write, from connection_made
+        self.queued = False                  # ``sender`` is in the worker's batch for this pass
+        self.sender = self.send_now          # one bound method, queued once per pass (dropped when the connection goes)
         self.client_ip = ""
         self.state = IDLE
         self.exchange: Exchange | None = None
         self.queue: deque | None = None      # events of pipelined requests not yet started
         self.since = 0.0                     # when the current state began
         self.out: list[bytes] = []
-        # ``write(data)``: queue bytes for the client; sent by ``flush`` (the list's own
-        # ``append``, so the exchange's writes cost no Python frame)
+        # ``write(data)``: queue bytes for the client; ``flush`` sends them at the end of the
+        # loop pass (the list's own ``append``, so the exchange's writes cost no Python frame)
         self.write = self.out.append
         self.read_paused_by = 0              # bit set of reasons reading is paused
         self.keep_alive = True
@@ -126,6 +129,8 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.out.clear()
+        self.sender = None
         self.listener.connection_closed(self)
         if self.exchange is not None:
             self.exchange.downstream_lost()
@@ -229,6 +234,16 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
     # ---------------------------------------------------------------- output
 
     def flush(self) -> None:
+        """The output so far goes to the socket at the end of this loop pass, with the
+        other connections' (batch.py)."""
+        if not self.queued and self.out:
+            self.queued = True
+            self.worker.batch.add(self.sender)
+
+    def send_now(self) -> None:
+        """The output so far goes to the transport now (the batch calls this; so does
+        anything that must follow it: ``write_eof``, ``close``, a tunnel)."""
+        self.queued = False
         out = self.out
         if out:
             if not self.closed:
@@ -256,11 +271,11 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             del self.out[self.out_start:]    # drop its unsent answer; earlier answers still go
         self.queue = None
         if not self.closed:
-            self.transport.write(error_response(status, close=True))
+            self.out.append(error_response(status, close=True))
         self.close_after_flush()
 
     def close_after_flush(self) -> None:
-        self.flush()
+        self.send_now()
         if not self.closed:
             self.state = CLOSING
             self.closed = True
@@ -272,6 +287,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
 
     def close(self) -> None:
         if not self.closed:
+            self.send_now()                  # answers still queued go first
             self.closed = True
             self.transport.close()
 

@@ -655,7 +655,7 @@ class Exchange:
             return self._attempt_failed(Failure.PROTOCOL_ERROR)
         headers = forwarded_response_headers(head, None, True, upgrade=True)
         down.write(encode_response_head(101, head.reason, headers))
-        down.flush()
+        down.send_now()                      # before the tunnel writes to the socket itself
         conn = self.upstream
         self.upstream = None
         conn.exchange = None

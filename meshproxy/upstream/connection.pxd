@@ -4,9 +4,13 @@ cimport cython
 from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.codec.api cimport ResponseHead, MessageHandler
 from meshproxy.codec.httptools_backend cimport _Base as LlhttpParser
+from meshproxy.batch cimport SendBatch
 
 cdef class UpstreamConnection(MessageHandler):
-    cdef public object transport, parser, pool, on_close, write
+    cdef public object transport, parser, pool, on_close, sender
+    cdef public list out
+    cdef public bint queued
+    cdef public SendBatch batch
     cdef public Exchange exchange
     cdef public double idle_since
     cdef public Py_ssize_t requests
@@ -15,5 +19,8 @@ cdef class UpstreamConnection(MessageHandler):
     cpdef on_response_head(self, ResponseHead head)
     cpdef on_body(self, data)
     cpdef on_message_complete(self)
+    cpdef write(self, data)
+    @cython.locals(out=list)
+    cpdef send(self)
     cpdef close(self)
     cdef _run_on_close(self)

@@ -17,6 +17,7 @@ import cython
 
 from ..codec.api import MessageHandler, ProtocolError, ResponseHead
 from ..codec.httptools_backend import _Base as LlhttpParser
+from ..batch import SendBatch
 
 if TYPE_CHECKING:
     from .pool import EndpointPool
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
 class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
     __slots__ = (
         "transport", "parser", "exchange", "pool", "idle_since", "requests", "closed",
-        "_counted", "on_close", "write",
+        "_counted", "on_close", "out", "queued", "batch", "sender",
     )
 
-    def __init__(self, pool: "EndpointPool", make_parser: Callable):
+    def __init__(self, pool: "EndpointPool", make_parser: Callable, batch: SendBatch | None = None):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = make_parser(self)
@@ -38,12 +39,15 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
         self.closed = False
         self._counted = False          # included in the pool's open-connection count
         self.on_close: Callable[[], None] | None = None   # releases the owning cluster's connection slot
+        self.out: list[bytes] = []     # bytes for the upstream, sent at the end of the loop pass
+        self.queued = False            # ``sender`` is in the batch for this pass
+        self.batch = batch
+        self.sender = self.send        # one bound method, queued once per pass (dropped when the connection goes)
 
     # ---------------------------------------------------------------- transport events
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.write = transport.write       # ``write(data)``: bytes for the upstream, no frame of our own
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
 
     def data_received(self, data: bytes) -> None:
@@ -76,6 +80,8 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.out.clear()
+        self.sender = None
         self.pool.forget(self)
         self._run_on_close()
         exchange = self.exchange
@@ -114,10 +120,29 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
 
     # ---------------------------------------------------------------- used by the exchange
 
+    def write(self, data: bytes) -> None:
+        """Bytes for the upstream (no frame of our own): sent with the loop pass's other
+        writes (batch.py), or at once without a batch."""
+        self.out.append(data)
+        if self.batch is None:
+            self.send()
+        elif not self.queued:
+            self.queued = True
+            self.batch.add(self.sender)
+
+    def send(self) -> None:
+        self.queued = False
+        out = self.out
+        if out:
+            if not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
     def close(self) -> None:
         """Close without reuse (also used for aborts: pending writes are dropped)."""
         if not self.closed:
             self.closed = True
+            self.out.clear()
             self.pool.forget(self)
             self._run_on_close()
             if self.transport is not None:

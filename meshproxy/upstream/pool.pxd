@@ -3,6 +3,7 @@
 cimport cython
 from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.clock cimport monotonic
+from meshproxy.batch cimport SendBatch
 
 cdef class EndpointPool:
     cdef public object key, _pools
@@ -16,6 +17,7 @@ cdef class UpstreamPools:
     cdef public dict _pools
     cdef public set _tasks
     cdef public bint _system_clock
+    cdef public SendBatch batch
 
     cdef double _now(self) except? -1.0
 

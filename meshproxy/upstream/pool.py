@@ -29,6 +29,7 @@ from typing import Awaitable, Callable, Protocol
 
 import cython
 
+from ..batch import SendBatch
 from ..clock import monotonic
 from .connection import UpstreamConnection
 
@@ -131,8 +132,9 @@ class UpstreamPools:
     def __init__(self, loop: asyncio.AbstractEventLoop, make_parser: Callable, clock: Callable[[], float] | None,
                  on_connection_opened: Callable[[tuple[str, int]], None] | None = None,
                  on_connection_closed: Callable[[tuple[str, int]], None] | None = None,
-                 resolver: Resolver | None = None):
+                 resolver: Resolver | None = None, batch: SendBatch | None = None):
         self._loop = loop
+        self.batch = batch or SendBatch(loop)     # where the connections queue their writes
         self._make_parser = make_parser
         self._clock = clock or time.monotonic     # None: the system clock, read by _now at C level
         self._system_clock = clock is None
@@ -243,7 +245,7 @@ class UpstreamPools:
             async with asyncio.timeout(timeout):
                 address = await self.dns.address(key[0], key[1])
                 _, conn = await self._loop.create_connection(
-                    lambda: UpstreamConnection(pool, self._make_parser), address, key[1])
+                    lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1])
         except asyncio.TimeoutError:
             return None, "timeout"
         except OSError as err:

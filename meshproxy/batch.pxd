@@ -1,0 +1,12 @@
+# Augmenting declarations for batch.py: the types of the compiled hot path (scripts/build_ext.py).
+# The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cimport cython
+
+cdef class SendBatch:
+    cdef public object loop
+    cdef public list sends
+    cdef public bint scheduled
+
+    cpdef add(self, send)
+    @cython.locals(sends=list, i=Py_ssize_t)
+    cpdef run(self)
