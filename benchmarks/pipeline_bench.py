@@ -82,14 +82,6 @@ class FakeTransport:
         pass
 
 
-class PassEnds:
-    """The send batch's loop here: ``one()`` ends each simulated loop pass by running the
-    batch itself, so ``call_soon`` does nothing (``callable``: a C call, no handle).  Not counted
-    therefore: the one loop handle a real pass spends on its batch, shared by every
-    connection the pass served."""
-    call_soon = callable
-
-
 def realistic_snapshot():
     """run.py's meshproxy-realistic config (benchmarks/lib/meshconfig.py) through the real
     load -> decode -> compile path: 50 services, 9 missed match routes, then 90/10 subsets."""
@@ -116,7 +108,10 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
     tracer = ProxyTracer(None, sample_rate=0.01, rng=IdSource(bytes(range(32)))) if trace else None
     worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(tracer=tracer), rng=random.Random(1))
     await worker.start()
-    worker.batch.loop = PassEnds()
+    # one() ends each simulated loop pass by running the send batch itself, so the batch's
+    # call_soon does nothing (``callable``: a C call, no handle).  Not counted therefore: the
+    # one loop handle a real pass spends on its batch, shared by every connection it served.
+    worker.batch.call_soon = callable
     listener = next(iter(worker.http_listeners.values()))
     down = DownstreamConnection(worker, listener)
     down.connection_made(FakeTransport())

@@ -3,9 +3,10 @@
 cimport cython
 
 cdef class SendBatch:
-    cdef public object loop
+    cdef public object call_soon, end
     cdef public list sends
-    cdef public bint scheduled
+    cdef public bint scheduled, deferring
+    cdef public Py_ssize_t adds
 
     cpdef add(self, send)
     @cython.locals(sends=list, i=Py_ssize_t)

@@ -1,4 +1,5 @@
-"""The worker's writes of one loop pass leave together at its end (meshproxy/batch.py).
+"""After a busy loop pass, the worker's writes of the next leave together at its end;
+after a light one, at once (meshproxy/batch.py).
 
 Real sockets where the order on the wire is the point; a recording transport where the
 point is *when* the bytes reach the transport (before or after the pass ends)."""
@@ -11,6 +12,7 @@ import pytest
 
 from helpers import parse_responses, raw_exchange
 from inproc import cluster, snapshot, start_worker
+from meshproxy import batch as batch_module
 from meshproxy.batch import SendBatch
 from meshproxy.config.model import DirectResponse, HttpRoute
 from meshproxy.downstream.http_conn import DownstreamConnection
@@ -77,10 +79,11 @@ async def _end_of_pass():
     await asyncio.sleep(0)     # one turn of the loop: the batch's call_soon runs
 
 
-async def test_answers_of_one_pass_reach_the_transports_together_at_its_end(codec):
+async def test_answers_of_a_pass_after_a_busy_one_reach_the_transports_together_at_its_end(codec):
     worker, _ = await _direct_worker(codec)
     try:
         (a, ta), (b, tb) = _connection(worker), _connection(worker)
+        worker.batch.deferring = True        # as after a pass that sent for > BUSY_PASS connections
         a.data_received(GET)
         b.data_received(GET + GET)           # two pipelined requests: one write for both answers
         assert ta.calls == [] and tb.calls == []          # nothing written inside the pass
@@ -94,15 +97,18 @@ async def test_answers_of_one_pass_reach_the_transports_together_at_its_end(code
         await worker.drain(1)
 
 
-async def test_close_sends_the_queued_answer_first_and_abort_drops_it():
+async def test_close_sends_the_held_answer_first_and_abort_drops_it():
     worker, _ = await _direct_worker()
     try:
         conn, transport = _connection(worker)
+        worker.batch.deferring = True
         conn.data_received(GET)
+        assert transport.calls == []
         conn.close()                          # e.g. the client's EOF in the same pass
         assert [c[0] for c in transport.calls] == ["write", "close"]
         assert parse_responses(transport.written())[0][0] == 200
         conn, transport = _connection(worker)
+        worker.batch.deferring = True
         conn.data_received(GET)
         conn.abort()
         await _end_of_pass()
@@ -124,8 +130,40 @@ async def test_a_pipelined_answer_goes_before_the_rejection_of_the_next_request(
         await worker.drain(1)
 
 
+async def test_the_rejection_follows_the_held_pipelined_answer_in_one_write_then_eof():
+    worker, _ = await _direct_worker()
+    try:
+        conn, transport = _connection(worker)
+        worker.batch.deferring = True
+        conn.data_received(GET + b"GET / HTTP/1.1\r\nHost: svc.local\r\nHost: other\r\n\r\n")
+        assert [c[0] for c in transport.calls] == ["write", "eof"]
+        assert [s for s, _, _ in parse_responses(transport.written())] == [200, 400]
+    finally:
+        await worker.drain(1)
+
+
+async def test_sends_are_held_only_in_a_pass_after_a_busy_one():
+    batch = SendBatch(asyncio.get_running_loop())
+    sent = []
+    batch.add(lambda: sent.append("light"))           # a light last pass (the start): at once
+    assert sent == ["light"] and batch.scheduled      # the pass end still counts the pass
+    for i in range(batch_module.BUSY_PASS):
+        batch.add(lambda i=i: sent.append(i))
+    assert len(sent) == batch_module.BUSY_PASS + 1 and batch.sends == []
+    await _end_of_pass()                               # BUSY_PASS + 1 sends: a busy pass
+    assert batch.deferring
+    batch.add(lambda: sent.append("held"))
+    assert sent[-1] != "held" and len(batch.sends) == 1
+    await _end_of_pass()                               # one send: light again
+    assert sent[-1] == "held" and not batch.deferring
+    batch.add(lambda: sent.append("now"))
+    assert sent[-1] == "now"
+    await _end_of_pass()
+
+
 async def test_a_send_that_fails_does_not_hold_back_the_others(caplog):
     batch = SendBatch(asyncio.get_running_loop())
+    batch.deferring = True
     sent = []
 
     def broken():
@@ -141,14 +179,17 @@ async def test_a_send_that_fails_does_not_hold_back_the_others(caplog):
     assert batch.sends == [] and not batch.scheduled
 
 
-async def test_one_loop_callback_per_pass_and_a_send_queued_while_sending_is_served():
+async def test_held_sends_go_in_order_and_one_added_while_sending_belongs_to_the_next_pass():
     loop = asyncio.get_running_loop()
     batch = SendBatch(loop)
+    batch.deferring = True
     order = []
     batch.add(lambda: (order.append(1), batch.add(lambda: order.append(3))))
     batch.add(lambda: order.append(2))
-    assert len(batch.sends) == 2
+    assert len(batch.sends) == 2 and order == []
     await _end_of_pass()
-    assert order == [1, 2, 3]
-    await _end_of_pass()                     # the second callback the nested add scheduled finds nothing
-    assert order == [1, 2, 3] and batch.sends == []
+    # the held pass had 2 sends (light): the one added while sending went at once
+    assert order == [1, 3, 2]
+    assert batch.scheduled                   # and it counts toward the next pass, whose end comes next
+    await _end_of_pass()
+    assert not batch.scheduled and batch.sends == [] and not batch.deferring
