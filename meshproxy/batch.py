@@ -2,8 +2,8 @@
 
 A connection with bytes for its socket adds its ``send`` to the worker's :class:`SendBatch`
 once per pass and keeps adding bytes to its own output.  When the last pass sent for more
-than one connection (the worker is busy), the batch holds the sends and calls them after
-the pass's other callbacks have run (``loop.call_soon``: the next turn runs ready callbacks
+than ``BUSY_PASS`` connections (the worker is busy), the batch holds the sends and calls
+them after the pass's other callbacks have run (``loop.call_soon``: the next turn runs ready callbacks
 before it polls again); Envoy defers the same way (a connection's ``write`` buffers and
 activates the socket's write event).  When the last pass was light, ``send`` runs at once:
 holding it would only delay the answer by the rest of the pass.

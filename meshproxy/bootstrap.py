@@ -78,7 +78,7 @@ class Worker:
         self.splitter: Splitter | None = None
         codec, limits = options.codec, options.limits
         self._request_parser = lambda handler: make_request_parser(codec, handler, limits)
-        # the connections' writes of one loop pass, sent together at its end (batch.py)
+        # where the connections' writes go: at once, or after a busy loop pass at the end of the next (batch.py)
         self.batch = SendBatch(loop)
         self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock,
                                    batch=self.batch)

@@ -58,8 +58,8 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.queue: deque | None = None      # events of pipelined requests not yet started
         self.since = 0.0                     # when the current state began
         self.out: list[bytes] = []
-        # ``write(data)``: queue bytes for the client; ``flush`` sends them at the end of the
-        # loop pass (the list's own ``append``, so the exchange's writes cost no Python frame)
+        # ``write(data)``: queue bytes for the client; ``flush`` hands them to the worker's send
+        # batch (the list's own ``append``, so the exchange's writes cost no Python frame)
         self.write = self.out.append
         self.read_paused_by = 0              # bit set of reasons reading is paused
         self.keep_alive = True
@@ -234,8 +234,8 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
     # ---------------------------------------------------------------- output
 
     def flush(self) -> None:
-        """The output so far goes to the socket at the end of this loop pass, with the
-        other connections' (batch.py)."""
+        """The output so far goes to the socket: at once, or after a busy loop pass at the
+        end of this one with the other connections' (batch.py)."""
         if not self.queued and self.out:
             self.queued = True
             self.worker.batch.add(self.sender)

@@ -39,7 +39,7 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
         self.closed = False
         self._counted = False          # included in the pool's open-connection count
         self.on_close: Callable[[], None] | None = None   # releases the owning cluster's connection slot
-        self.out: list[bytes] = []     # bytes for the upstream, sent at the end of the loop pass
+        self.out: list[bytes] = []     # bytes for the upstream not yet handed to the transport
         self.queued = False            # ``sender`` is in the batch for this pass
         self.batch = batch
         self.sender = self.send        # one bound method, queued once per pass (dropped when the connection goes)
@@ -121,8 +121,9 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
     # ---------------------------------------------------------------- used by the exchange
 
     def write(self, data: bytes) -> None:
-        """Bytes for the upstream (no frame of our own): sent with the loop pass's other
-        writes (batch.py), or at once without a batch."""
+        """Bytes for the upstream (no frame of our own), sent as the worker's send batch
+        decides (batch.py: at once, or after a busy pass at the end of this one); at once
+        without a batch."""
         self.out.append(data)
         if self.batch is None:
             self.send()
@@ -131,6 +132,7 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
             self.batch.add(self.sender)
 
     def send(self) -> None:
+        """What was written so far goes to the transport now (the batch calls this)."""
         self.queued = False
         out = self.out
         if out:
