@@ -1,13 +1,15 @@
 #!/bin/bash
 # The floor vs meshproxy vs HAProxy, alternately, same upstream and load:
-#   benchmarks/floor.sh [ROUNDS]
+#   benchmarks/floor.sh [ROUNDS] [TRACE]
 # Starts its own nginx upstream (core 0) and runs, one at a time on core 1: benchmarks/floor_proxy.py
 # (uvloop + httptools forwarding raw bytes, nothing else), meshproxy's in-process worker
-# (benchmarks/lib/inproc_worker.py: real Worker, hand-built snapshot, trace propagation off) and
+# (benchmarks/lib/inproc_worker.py: real Worker, hand-built snapshot, trace propagation off, or on
+# with TRACE=1, as `meshproxy run` by default) and
 # HAProxy (nbthread 1, http-reuse always). wrk -t1 -c50 on core 0; CPU from /proc/PID/stat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
+TRACE=${2:-0}
 TMP=$(mktemp -d)
 UP=18180; FLOOR=18181; MESH=18182; HAP=18183
 cat > "$TMP/nginx.conf" <<NGX
@@ -51,6 +53,6 @@ measure() {  # NAME PORT CMD...
 
 for _ in $(seq "$ROUNDS"); do
     measure floor "$FLOOR" .venv/bin/python benchmarks/floor_proxy.py "$UP" "$FLOOR"
-    measure meshproxy "$MESH" .venv/bin/python benchmarks/lib/inproc_worker.py "$UP" "$MESH" 0
+    measure meshproxy "$MESH" .venv/bin/python benchmarks/lib/inproc_worker.py "$UP" "$MESH" "$TRACE"
     measure haproxy "$HAP" haproxy -f "$TMP/haproxy.cfg" -db
 done

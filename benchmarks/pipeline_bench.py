@@ -43,6 +43,11 @@ REQUEST = (b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: bench.local\r\nUser-Agen
 PLAIN_REQUEST = b"GET /small HTTP/1.1\r\nHost: bench.local\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 06:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
+# what run.py's upstream sends: nginx serving a static file (three more fields)
+STATIC_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 06:00:00 GMT\r\n"
+                   b"Content-Type: application/octet-stream\r\nContent-Length: 100\r\n"
+                   b"Last-Modified: Mon, 30 Nov 2026 17:54:00 GMT\r\nConnection: keep-alive\r\n"
+                   b"ETag: \"692c8388-64\"\r\nAccept-Ranges: bytes\r\n\r\n" + b"x" * 100)
 
 
 class FakeTransport:
@@ -98,7 +103,8 @@ def realistic_snapshot():
     return built.snapshot
 
 
-async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, realistic: bool = False) -> None:
+async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, realistic: bool = False,
+               response: bytes = RESPONSE) -> None:
     loop = asyncio.get_running_loop()
     # as compiled from Istio YAML: a route without a retries block gets Istio's default policy
     snap = realistic_snapshot() if realistic else snapshot(
@@ -137,7 +143,7 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
         end_pass()
         for up in ups:
             if up.exchange is not None:
-                up.data_received(RESPONSE)
+                up.data_received(response)
         end_pass()
 
     for _ in range(2000):
@@ -168,6 +174,8 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--wrk-request", action="store_true",
                         help="the two-field request wrk sends instead of a browser-like one with x-request-id")
+    parser.add_argument("--static-response", action="store_true",
+                        help="the response run.py's upstream sends (nginx serving a static file: 8 fields, not 5)")
     parser.add_argument("--asyncio-loop", action="store_true", help="the stdlib loop instead of uvloop")
     parser.add_argument("--realistic", action="store_true",
                         help="run.py's realistic config (50 services, 9 missed match routes, 90/10 subsets)")
@@ -176,4 +184,4 @@ if __name__ == "__main__":
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(main(args.n, args.trace, args.profile, PLAIN_REQUEST if args.wrk_request else REQUEST,
-                     args.realistic))
+                     args.realistic, STATIC_RESPONSE if args.static_response else RESPONSE))

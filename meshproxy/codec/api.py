@@ -59,6 +59,7 @@ COMMON_FIELD_NAMES = (
     b"etag", b"last-modified", b"location", b"expires", b"pragma", b"upgrade", b"x-request-id",
     b"x-forwarded-for", b"x-forwarded-proto", b"traceparent", b"tracestate", b"b3",
     b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled", b"expect",
+    b"accept-ranges", b"content-encoding", b"age", b"via",
 )
 _SHARED_NAMES = {name: name for name in COMMON_FIELD_NAMES}
 
