@@ -3,10 +3,11 @@
 cimport cython
 from meshproxy.codec cimport framing
 from meshproxy.codec.api cimport MessageHandler
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.object cimport PyObject
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memcpy
 
 cdef extern from "<dlfcn.h>":
     int RTLD_NOLOAD
@@ -115,8 +116,12 @@ cdef bint _ll_driven
 cdef bint _resolve_llhttp(bytes path) except -1
 @cython.locals(out=bytes, w="char*", i=size_t, c="unsigned char")
 cdef bytes _lowered(const char* at, size_t n)
-cdef tuple _NAMES_BY_LENGTH
-@cython.locals(known=bytes, p="const unsigned char*", i=size_t, c="unsigned char")
+cdef uint32_t _SLOT_MULT
+cdef tuple _NAME_SLOTS
+cdef uint64_t _WORD_20, _WORD_80
+@cython.locals(key=uint32_t)
+cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
+@cython.locals(known=bytes, p="const char*", i=size_t, w=uint64_t, k=uint64_t)
 cdef bytes _field_name(const char* at, size_t n)
 cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_status(_llhttp_t* p, const char* at, size_t n) noexcept

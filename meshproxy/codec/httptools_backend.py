@@ -183,20 +183,52 @@ def _lowered(at, n) -> bytes:
 
 
 # A field name that matches one of api.COMMON_FIELD_NAMES (in any case) is that shared object
-# instead of a new copy.  Grouped by length.
-_NAMES_BY_LENGTH = tuple(tuple(name for name in COMMON_FIELD_NAMES if len(name) == n) for n in range(32))
+# instead of a new copy.  Each common name has a slot of its own in _NAME_SLOTS, found from
+# the name's length and its first, middle and last bytes (``| 32``: A-Z as a-z) by a
+# multiplicative hash, so a name is compared with one candidate, eight bytes at a time.
+# _SLOT_MULT is the first multiplier (in a fixed sequence) that keeps the common names apart.
+def _slot(n, first, last, middle, mult) -> int:
+    key = n << 24 | (first | 32) << 16 | (last | 32) << 8 | (middle | 32)
+    return key * mult >> 24 & 255                 # bits 24-31 of the product (mod 2**32 in C)
+
+
+def _slot_multiplier() -> int:
+    for k in range(100000):
+        mult = 2654435761 + 2 * k                  # odd, from Knuth's multiplicative hash
+        if len({_slot(len(name), name[0], name[-1], name[len(name) >> 1], mult) for name in COMMON_FIELD_NAMES}) \
+                == len(COMMON_FIELD_NAMES):
+            return mult
+    raise RuntimeError("no collision-free slot multiplier for the common field names")
+
+
+_SLOT_MULT = _slot_multiplier()
+_slots = [None] * 256
+for _name in COMMON_FIELD_NAMES:
+    assert len(_name) < 32
+    _slots[_slot(len(_name), _name[0], _name[-1], _name[len(_name) >> 1], _SLOT_MULT)] = _name
+_NAME_SLOTS = tuple(_slots)
+del _name, _slots
+_WORD_20, _WORD_80 = 0x2020202020202020, 0x8080808080808080   # every byte of a 64-bit word
 
 
 def _field_name(at, n) -> bytes:
     """``at[:n]`` lower-cased: one of ``COMMON_FIELD_NAMES`` when it matches, else a new copy
     (compiled only)."""
-    if n < 32:
-        for known in _NAMES_BY_LENGTH[n]:
+    if 0 < n < 32:
+        known = _NAME_SLOTS[_slot(n, at[0], at[n - 1], at[n >> 1], _SLOT_MULT)]
+        if known is not None and len(known) == n:
+            # word by word: ``byte | 0x20`` equals a common name's byte (a-z, 0-9, "-") only
+            # for that byte or its upper case, or for a control byte (0x0d, 0x10-0x19), which
+            # the second test refuses
             p = known
-            for i in range(n):
-                c = at[i]
-                if (c + 32 if 65 <= c <= 90 else c) != p[i]:
+            i = 0
+            while i < n:
+                w = k = _WORD_20                # a short last word: padded with spaces on both sides
+                memcpy(cython.address(w), at + i, min(8, n - i))
+                memcpy(cython.address(k), p + i, min(8, n - i))
+                if (w | _WORD_20) ^ k or (w - _WORD_20) & ~w & _WORD_80:
                     break
+                i += 8
             else:
                 return known
     return _lowered(at, n)
