@@ -331,27 +331,51 @@ def check_response(t: Target, path: str, size: int) -> None:
 
 # --- measurements ----------------------------------------------------------------------------
 
-def measure_wrk(t: Target, path: str, args, load_pre, notes: list[str]) -> dict:
+def wrk_once(t: Target, path: str, args, load_pre) -> tuple[dict, str]:
+    """One wrk run against ``t``, with the CPU its process tree spent meanwhile."""
     url = f"http://127.0.0.1:{t.http_port}{path}"
-    runs = []
-    cmd = ""
-    for _ in range(args.repeat):
-        cpu0, wall0 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
-        res, cmd = loadgen.run_wrk(load_pre, url, conns=args.conns, threads=1, duration_s=args.duration, host=t.host)
-        cpu1, wall1 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
-        runs.append({"rps": res.rps, "requests": res.requests, "errors": res.errors, "p50_us": res.p50_us,
-                     "p99_us": res.p99_us, "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
-                     "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, res.requests) if t.pid else None,
-                     "cpu_busy": (cpu1 - cpu0) / (wall1 - wall0) if t.pid else None})
-    runs.sort(key=lambda r: r["rps"])
-    mid = runs[len(runs) // 2]  # the median run, whole (its CPU belongs to its request count)
-    out = dict(mid)
+    cpu0, wall0 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
+    res, cmd = loadgen.run_wrk(load_pre, url, conns=args.conns, threads=1, duration_s=args.duration, host=t.host)
+    cpu1, wall1 = (procs.tree_cpu_seconds(t.pid) if t.pid else 0.0), time.monotonic()
+    return {"rps": res.rps, "requests": res.requests, "errors": res.errors, "p50_us": res.p50_us,
+            "p99_us": res.p99_us, "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
+            "cpu_us_per_req": report.cpu_us_per_request(cpu1 - cpu0, res.requests) if t.pid else None,
+            "cpu_busy": (cpu1 - cpu0) / (wall1 - wall0) if t.pid else None}, cmd
+
+
+def summarise_wrk(t: Target, path: str, runs: list[dict], cmd: str, notes: list[str]) -> dict:
+    """The median run of ``runs``, whole (its CPU belongs to its request count), with all req/s."""
+    runs = sorted(runs, key=lambda r: r["rps"])
+    out = dict(runs[len(runs) // 2])
     out["all_rps"] = [round(r["rps"]) for r in runs]
     out["errors"] = sum(r["errors"] for r in runs)
     out["command"] = cmd
     if out["errors"]:
         notes.append(f"{t.name} {path}: {out['errors']} wrk errors (connect/read/write/timeout/non-2xx)")
     return out
+
+
+def measure_wrk(t: Target, path: str, args, load_pre, notes: list[str]) -> dict:
+    runs, cmd = [], ""
+    for _ in range(args.repeat):
+        run_, cmd = wrk_once(t, path, args, load_pre)
+        runs.append(run_)
+    return summarise_wrk(t, path, runs, cmd, notes)
+
+
+def measure_small_interleaved(started: dict, args, load_pre, notes: list[str]) -> dict:
+    """The small-response runs of every target, round by round: round k runs each target once,
+    in the order given, so a change of the machine's speed over the minutes of a benchmark
+    (seen on this VM: HAProxy 72k -> 82k req/s between two runs an hour apart) reaches every
+    target alike instead of favouring whichever ran in the faster minutes."""
+    runs: dict[str, list[dict]] = {name: [] for name in started}
+    cmds: dict[str, str] = {}
+    for k in range(args.repeat):
+        for name, t in started.items():
+            run_, cmds[name] = wrk_once(t, "/small", args, load_pre)
+            runs[name].append(run_)
+            print(f"   round {k + 1}: {name} {run_['rps']:.0f} req/s, cpu {run_['cpu_us_per_req']} us/req", flush=True)
+    return {name: summarise_wrk(started[name], "/small", runs[name], cmds[name], notes) for name in started}
 
 
 def proxy_capacity(args, proxy_cores, name: str) -> int:
@@ -523,6 +547,11 @@ def perf_profile(t: Target, args, load_pre, tmp: Path, dur: int) -> str:
 
 # --- main ------------------------------------------------------------------------------------
 
+def _not_measured(name: str, exc: Exception, notes: list[str]) -> None:
+    notes.append(f"{name}: not measured: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    print(f"   FAILED: {exc}", file=sys.stderr, flush=True)
+
+
 def run(args, ps: ProcessSet, tmp: Path) -> dict:
     proxy_cores, load_cores, pin_desc = plan_pinning(args)
     load_pre = pin_prefix(load_cores)
@@ -545,8 +574,11 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
     }
     results: dict = {"meta": meta, "targets": {}, "notes": []}
     notes = results["notes"]
+    # Every target is started and warmed up first, and stays up (idle, on the proxy core) until
+    # its turn for the other measurements: the small-response runs go round the targets.
+    started: dict[str, Target] = {}
     for name in args.targets:
-        print(f"== {name}", flush=True)
+        print(f"== starting {name}", flush=True)
         t = None
         try:
             t = start_target(name, args, ps, tmp, upstream_port, proxy_cores)
@@ -555,8 +587,19 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             # warm-up: connections, upstream pools, caches
             loadgen.run_wrk(load_pre, f"http://127.0.0.1:{t.http_port}/small", conns=args.conns, threads=1,
                             duration_s=1, host=t.host)
-            r: dict = {}
-            r["http_small"] = measure_wrk(t, "/small", args, load_pre, notes)
+            started[name] = t
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken target must not sink the others
+            _not_measured(name, exc, notes)
+            if t is not None and t.managed is not None:
+                ps.stop(t.managed)
+    print("== small responses, interleaved", flush=True)
+    small = measure_small_interleaved(started, args, load_pre, notes) if started else {}
+    for name, t in started.items():
+        print(f"== {name}", flush=True)
+        try:
+            r: dict = {"http_small": small[name]}
             print(f"   small: {r['http_small']['rps']:.0f} req/s, cpu {r['http_small']['cpu_us_per_req']} us/req", flush=True)
             busy = r["http_small"].get("cpu_busy")
             if busy is not None and busy < 0.9 * proxy_capacity(args, proxy_cores, name):
@@ -591,10 +634,9 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
         except (Interrupted, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - one broken target must not sink the others
-            notes.append(f"{name}: not measured: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
-            print(f"   FAILED: {exc}", file=sys.stderr, flush=True)
+            _not_measured(name, exc, notes)
         finally:
-            if t is not None and t.managed is not None:
+            if t.managed is not None:
                 ps.stop(t.managed)
     meta["loadavg_end"] = loadavg()
     return results
