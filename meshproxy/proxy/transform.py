@@ -30,7 +30,6 @@ _RESPONSE_DROP_KEEP_LENGTH = name_set(_RESPONSE_DROP - {b"content-length"})
 
 
 _NOTHING: frozenset[bytes] = frozenset()
-_KEEP_ALIVE_VALUES = frozenset((b"keep-alive", b"Keep-Alive"))
 
 
 def _named_fields(headers: Headers, names: tuple) -> frozenset[bytes] | set[bytes]:
@@ -42,7 +41,7 @@ def _named_fields(headers: Headers, names: tuple) -> frozenset[bytes] | set[byte
         return _NOTHING
     if i >= 0:
         value = headers[i][1]
-        if value in _KEEP_ALIVE_VALUES:
+        if value == b"keep-alive" or value == b"Keep-Alive":   # (compared, not hashed: a new bytes object each time)
             return _NOTHING
         values = [value]
     else:

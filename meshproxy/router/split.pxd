@@ -11,6 +11,8 @@ cdef class _RouteSplit:
 cdef class Splitter:
     cdef public object snapshot, rng
     cdef public dict _by_id, _by_key
+    cdef object _last_route
+    cdef _RouteSplit _last_split
 
     cdef _RouteSplit _add(self, route, clusters, old_by_key)
     cpdef _RouteSplit route_split(self, route)

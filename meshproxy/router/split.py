@@ -165,6 +165,9 @@ class Splitter:
         # id(route) -> (route, state): the route is kept so its id stays valid
         self._by_id: dict[int, tuple[object, _RouteSplit]] = {}
         self._by_key: dict[tuple, _RouteSplit] = {}
+        # the route asked for last and its state: most requests of a worker take the route
+        # the previous one took, found without id()'s int and a dict lookup
+        self._last_route = self._last_split = None
         clusters = snapshot.clusters
         old_by_key = previous._by_key if previous is not None else {}
         for table in snapshot.route_tables.values():
@@ -203,10 +206,16 @@ class Splitter:
     def route_split(self, route: HttpRoute) -> _RouteSplit:
         """The route's split state (``pick``, ``hash_policy``): one lookup per request, for
         callers that need both."""
+        if route is self._last_route:
+            return self._last_split
         entry = self._by_id.get(id(route))
         if entry is None or entry[0] is not route:
-            return self._add(route, self.snapshot.clusters, {})
-        return entry[1]
+            state = self._add(route, self.snapshot.clusters, {})
+        else:
+            state = entry[1]
+        self._last_route = route
+        self._last_split = state
+        return state
 
     def pick_tcp(self, route: TcpRoute) -> WeightedDestination | None:
         return self.pick(route, None)

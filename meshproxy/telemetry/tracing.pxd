@@ -3,7 +3,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint16_t
 
 ctypedef unsigned long long u64
 
@@ -27,7 +27,10 @@ cpdef bytes random_uuid(rng)
 @cython.locals(raw=bytes, buf="unsigned char[40]", p="const unsigned char*", i=int, trace_bits=int,
                span_bits=int, low=u64)
 cdef tuple _new_ids(rng)
-@cython.locals(i=int, hexdigits="const char*")
+cdef uint16_t _HEX_PAIRS[256]
+cdef int _byte
+cdef char* _pair
+@cython.locals(i=int)
 cdef char* _put_hex(char* w, const unsigned char* p, int start, int end)
 cdef bytes _hex_text(const unsigned char* raw, int start, int end)
 @cython.locals(w="char*", p="const unsigned char*")

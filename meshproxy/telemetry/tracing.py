@@ -162,13 +162,18 @@ def _new_ids(rng):
 
 def _put_hex(w, p, start: int, end: int):
     """Write bytes ``p[start:end]`` as lower-case hex at ``w``; return the position after
-    them (compiled only)."""
-    hexdigits = _HEXDIGITS
+    them (compiled only: one two-byte copy from _HEX_PAIRS per byte)."""
     for i in range(start, end):
-        w[0] = hexdigits[p[i] >> 4]
-        w[1] = hexdigits[p[i] & 15]
+        memcpy(w, cython.address(_HEX_PAIRS[p[i]]), 2)
         w += 2
     return w
+
+
+if cython.compiled:
+    for _byte in range(256):                    # the two hex digits of each byte value, in memory order
+        _pair = cython.cast(cython.p_char, cython.address(_HEX_PAIRS[_byte]))
+        _pair[0] = _HEXDIGITS[_byte >> 4]
+        _pair[1] = _HEXDIGITS[_byte & 15]
 
 
 def _hex_text(raw, start: int, end: int) -> bytes:
