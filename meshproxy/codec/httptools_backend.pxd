@@ -121,7 +121,7 @@ cdef tuple _NAME_SLOTS
 cdef uint64_t _WORD_20, _WORD_80
 @cython.locals(key=uint32_t)
 cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
-@cython.locals(known=bytes, p="const char*", i=size_t, w=uint64_t, k=uint64_t)
+@cython.locals(known=bytes, p="const char*", i=size_t, j=size_t, w=uint64_t, k=uint64_t, c="unsigned char")
 cdef bytes _field_name(const char* at, size_t n)
 cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_status(_llhttp_t* p, const char* at, size_t n) noexcept

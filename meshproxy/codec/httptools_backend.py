@@ -217,20 +217,27 @@ def _field_name(at, n) -> bytes:
     if 0 < n < 32:
         known = _NAME_SLOTS[_slot(n, at[0], at[n - 1], at[n >> 1], _SLOT_MULT)]
         if known is not None and len(known) == n:
-            # word by word: ``byte | 0x20`` equals a common name's byte (a-z, 0-9, "-") only
-            # for that byte or its upper case, or for a control byte (0x0d, 0x10-0x19), which
-            # the second test refuses
+            # ``byte | 0x20`` equals a common name's byte (a-z, 0-9, "-") only for that byte,
+            # its upper case, or a control byte (0x0d, 0x10-0x19), which is refused apart
             p = known
-            i = 0
-            while i < n:
-                w = k = _WORD_20                # a short last word: padded with spaces on both sides
-                memcpy(cython.address(w), at + i, min(8, n - i))
-                memcpy(cython.address(k), p + i, min(8, n - i))
-                if (w | _WORD_20) ^ k or (w - _WORD_20) & ~w & _WORD_80:
-                    break
-                i += 8
+            if n >= 8:                          # eight bytes at a time, the last word overlapping
+                i = 0
+                while True:
+                    j = min(i, n - 8)
+                    memcpy(cython.address(w), at + j, 8)
+                    memcpy(cython.address(k), p + j, 8)
+                    if (w | _WORD_20) ^ k or (w - _WORD_20) & ~w & _WORD_80:
+                        break
+                    if j == n - 8:
+                        return known
+                    i += 8
             else:
-                return known
+                for i in range(n):
+                    c = at[i]
+                    if (c | 32) != p[i] or c < 32:
+                        break
+                else:
+                    return known
     return _lowered(at, n)
 
 

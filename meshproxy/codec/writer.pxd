@@ -7,7 +7,7 @@ from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
 @cython.locals(n=Py_ssize_t, src="const char*")
-cdef char* _put(char* w, bytes data)
+cdef inline char* _put(char* w, bytes data)
 @cython.locals(size=Py_ssize_t, w="char*", name=bytes, value=bytes)
 cdef bytes _head(bytes start, bytes middle, bytes end, list headers, bytes tail=*, bytes line_end=*)
 # cpdef module functions: other compiled modules cimport them and call them in C.

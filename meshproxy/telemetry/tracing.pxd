@@ -31,7 +31,7 @@ cdef uint16_t _HEX_PAIRS[256]
 cdef int _byte
 cdef char* _pair
 @cython.locals(i=int)
-cdef char* _put_hex(char* w, const unsigned char* p, int start, int end)
+cdef inline char* _put_hex(char* w, const unsigned char* p, int start, int end)
 cdef bytes _hex_text(const unsigned char* raw, int start, int end)
 @cython.locals(w="char*", p="const unsigned char*")
 cdef bytes _uuid_text(const unsigned char* raw)
@@ -47,7 +47,7 @@ cdef class TraceContext:
     cpdef bytes forward_block(self)
 
 @cython.locals(n=Py_ssize_t)
-cdef char* _put(char* w, bytes data)
+cdef inline char* _put(char* w, bytes data)
 @cython.locals(buf="char[1024]", w="char*", trace=bytes, span=bytes, parent=bytes, sampled=bint)
 cdef bytes _forward_lines(TraceContext ctx)
 
