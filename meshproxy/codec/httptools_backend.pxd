@@ -160,6 +160,7 @@ cdef class _Base:
     cdef _llhttp_failed(self, int err, const char* base)
     @cython.locals(value=bytes, n=Py_ssize_t, p="const unsigned char*")
     cdef _flush_field(self)
+    cdef list _take_fields(self)
     cdef bytes _message_version(self)
     cpdef on_headers_complete(self)
     cpdef on_message_complete(self)

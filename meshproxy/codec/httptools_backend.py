@@ -427,6 +427,18 @@ class _Base:
         self._raw.append((self._hname, value))
         self._hname = self._hvalue = None
 
+    def _take_fields(self) -> list:
+        """The pending head's fields, handed over to the head.  Driven directly, the parser
+        then starts a new list; through httptools' parser objects, whose ``on_header``
+        closure holds the list, the head gets a copy and the list is emptied."""
+        raw = self._raw
+        if self._driven:
+            self._raw = []
+            return raw
+        fields = raw[:]
+        raw.clear()
+        return fields
+
     def _message_version(self) -> bytes:
         if cython.compiled:
             if self._driven:
@@ -690,9 +702,7 @@ class HttptoolsRequestParser(_Base):
             raise ProtocolError(431, "header section too large")
         if len(raw) > self._max_raw:  # before the start line checks, as a per-field count would
             raise ProtocolError(431, "too many header fields")
-        head = framing.request_head(method, url, self._message_version(),
-                                    raw[:], self._limits)
-        raw.clear()
+        head = framing.request_head(method, url, self._message_version(), self._take_fields(), self._limits)
         self._url = b""
         self._keep_alive = head.keep_alive
         # the body starts
@@ -797,9 +807,8 @@ class HttptoolsResponseParser(_Base):
             raise ProtocolError(502, "upstream header section too large")
         if len(raw) > self._max_raw:
             raise ProtocolError(502, "too many header fields")
-        head = framing.response_head(status, reason, self._message_version(),
-                                     raw[:], self._limits, False)
-        raw.clear()
+        head = framing.response_head(status, reason, self._message_version(), self._take_fields(),
+                                     self._limits, False)
         self._reason = b""
         if status < 200 and status != 101:
             self._skip = True  # 1xx: consumed here, never shown to the handler
