@@ -94,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
     p.add_argument("--proxy-cores", default=None, help="cores for the proxy under test (default: the last one)")
     p.add_argument("--load-cores", default=None, help="cores for load generator + upstream (default: the first one)")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure one target at a time, start to stop (default: all targets stay up and the "
+                        "small-response runs go round them)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.only.split(",") if t.strip()]
@@ -552,32 +555,13 @@ def _not_measured(name: str, exc: Exception, notes: list[str]) -> None:
     print(f"   FAILED: {exc}", file=sys.stderr, flush=True)
 
 
-def run(args, ps: ProcessSet, tmp: Path) -> dict:
-    proxy_cores, load_cores, pin_desc = plan_pinning(args)
-    load_pre = pin_prefix(load_cores)
-    root = make_docroot(tmp, args.tcp_mib)
-    upstream_port = procs.free_port()
-    conf = render_template("upstream_nginx.conf.tmpl", tmp / "upstream.conf", prefix=tmp, port=upstream_port,
-                           docroot=root)
-    up = ps.start("upstream", load_pre + ["nginx", "-p", str(tmp), "-c", str(conf)], str(tmp / "upstream.log"))
-    procs.wait_port(upstream_port, proc=up.proc)
-
-    meta = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]]),
-        "nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
-        "loadavg_start": loadavg(), "pinning": pin_desc, "versions": versions(args),
-        "wrk_threads": 1, "conns": args.conns, "duration_s": args.duration, "repeat": args.repeat,
-        "rate": args.rate, "rate_conns": args.rate_conns, "low_rate": args.low_rate, "rate_duration_s": args.rate_duration,
-        "small_bytes": SMALL_BYTES, "large_bytes": LARGE_BYTES, "tcp_mib": args.tcp_mib, "tcp_repeat": args.tcp_repeat,
-        "label": args.label or ("quick run" if args.quick else None), "meshproxy_workers": args.workers,
-    }
-    results: dict = {"meta": meta, "targets": {}, "notes": []}
+def measure_group(group: list[str], args, ps: ProcessSet, tmp: Path, upstream_port: int, proxy_cores, load_pre,
+                  results: dict) -> None:
+    """Start the targets of ``group``, run their small-response rounds, then measure the rest
+    target by target, stopping each when it is done."""
     notes = results["notes"]
-    # Every target is started and warmed up first, and stays up (idle, on the proxy core) until
-    # its turn for the other measurements: the small-response runs go round the targets.
     started: dict[str, Target] = {}
-    for name in args.targets:
+    for name in group:
         print(f"== starting {name}", flush=True)
         t = None
         try:
@@ -594,7 +578,7 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
             _not_measured(name, exc, notes)
             if t is not None and t.managed is not None:
                 ps.stop(t.managed)
-    print("== small responses, interleaved", flush=True)
+    print(f"== small responses{', interleaved' if len(started) > 1 else ''}", flush=True)
     small = measure_small_interleaved(started, args, load_pre, notes) if started else {}
     for name, t in started.items():
         print(f"== {name}", flush=True)
@@ -638,6 +622,36 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
         finally:
             if t.managed is not None:
                 ps.stop(t.managed)
+
+
+def run(args, ps: ProcessSet, tmp: Path) -> dict:
+    proxy_cores, load_cores, pin_desc = plan_pinning(args)
+    load_pre = pin_prefix(load_cores)
+    root = make_docroot(tmp, args.tcp_mib)
+    upstream_port = procs.free_port()
+    conf = render_template("upstream_nginx.conf.tmpl", tmp / "upstream.conf", prefix=tmp, port=upstream_port,
+                           docroot=root)
+    up = ps.start("upstream", load_pre + ["nginx", "-p", str(tmp), "-c", str(conf)], str(tmp / "upstream.log"))
+    procs.wait_port(upstream_port, proc=up.proc)
+
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]]),
+        "nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+        "loadavg_start": loadavg(), "pinning": pin_desc, "versions": versions(args),
+        "wrk_threads": 1, "conns": args.conns, "duration_s": args.duration, "repeat": args.repeat,
+        "rate": args.rate, "rate_conns": args.rate_conns, "low_rate": args.low_rate, "rate_duration_s": args.rate_duration,
+        "small_bytes": SMALL_BYTES, "large_bytes": LARGE_BYTES, "tcp_mib": args.tcp_mib, "tcp_repeat": args.tcp_repeat,
+        "label": args.label or ("quick run" if args.quick else None), "meshproxy_workers": args.workers,
+        "sequential": args.sequential,
+    }
+    results: dict = {"meta": meta, "targets": {}, "notes": []}
+    notes = results["notes"]
+    # By default every target is started and warmed up first and stays up (idle, on the proxy
+    # core) until its turn for the other measurements, while the small-response runs go round
+    # the targets; --sequential measures one target at a time from start to stop.
+    for group in ([[name] for name in args.targets] if args.sequential else [args.targets]):
+        measure_group(group, args, ps, tmp, upstream_port, proxy_cores, load_pre, results)
     meta["loadavg_end"] = loadavg()
     return results
 

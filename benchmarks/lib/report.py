@@ -164,8 +164,9 @@ def render(results: dict) -> str:
     lines.append(f"- Pinning: {meta['pinning']}")
     lines.append(f"- Versions: {meta['versions']}")
     lines.append(f"- Load: throughput = `wrk -t{meta['wrk_threads']} -c{meta['conns']}` for {meta['duration_s']} s "
-                 f"per size (median of {meta['repeat']}; small responses in rounds, each round running every target once, "
-                 f"while all targets stay up); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
+                 f"per size (median of {meta['repeat']}"
+                 f"{'; one target at a time' if meta.get('sequential') else '; small responses in rounds, each round running every target once, while all targets stay up'}"
+                 f"); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
                  f"--rps {meta['rate'] // meta['rate_conns']}` = {meta['rate']} req/s offered for {meta['rate_duration_s']} s "
                  f"after a warm-up; nearly idle = "
                  f"{'1 x `h2load --h1 -c1 --rps ' + str(meta['low_rate']) + '`' if meta.get('low_rate') else 'skipped'}; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
