@@ -1,11 +1,13 @@
 # Augmenting declarations for split.py: the types of the compiled hot path (scripts/build_ext.py).
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
+cimport cython
 cdef class _RouteSplit:
     cdef public object single, total, hash_policy
     cdef public list dests, weights, current, cuts, ordered
     cdef public dict _retry_states
 
     cpdef retry_state(self, policy, method, rng)
+    @cython.locals(i=Py_ssize_t, best=Py_ssize_t)
     cpdef pick(self, hash_key)
 
 cdef class Splitter:
