@@ -646,7 +646,6 @@ def run(args, ps: ProcessSet, tmp: Path) -> dict:
         "sequential": args.sequential,
     }
     results: dict = {"meta": meta, "targets": {}, "notes": []}
-    notes = results["notes"]
     # By default every target is started and warmed up first and stays up (idle, on the proxy
     # core) until its turn for the other measurements, while the small-response runs go round
     # the targets; --sequential measures one target at a time from start to stop.
