@@ -36,5 +36,7 @@ cdef ResponseHead _new_response_head(int status, bytes reason, bytes version, he
                                      Py_ssize_t content_length, bint keep_alive, tuple names)
 @cython.locals(names=tuple, host_index=Py_ssize_t)
 cpdef RequestHead request_head(method, target, version, headers, CodecLimits limits)
-@cython.locals(names=tuple, cl=Py_ssize_t, conn=Py_ssize_t, conn_value=bytes)
+@cython.locals(cl=Py_ssize_t, te=Py_ssize_t, conn=Py_ssize_t, i=Py_ssize_t, n=Py_ssize_t, item=bytes, p="const char*")
+cdef (Py_ssize_t, Py_ssize_t, Py_ssize_t) _framing_indices(tuple names) except *
+@cython.locals(names=tuple, cl=Py_ssize_t, te=Py_ssize_t, conn=Py_ssize_t, conn_value=bytes)
 cpdef ResponseHead response_head(int status, reason, version, headers, CodecLimits limits, bint no_body)

@@ -167,6 +167,29 @@ def field_index(names: tuple[bytes, ...], name: bytes) -> int:
     return -2 if count else -1
 
 
+def _framing_indices(names: tuple[bytes, ...]) -> tuple[int, int, int]:
+    """:func:`field_index` of content-length, transfer-encoding and connection, the fields a
+    response is framed by (compiled: one pass over ``names`` instead of three)."""
+    if cython.compiled:
+        cl = te = conn = -1
+        for i in range(len(names)):
+            item = names[i]
+            n = len(item)
+            p = item
+            if n == 14:
+                if memcmp(p, b"content-length", 14) == 0:
+                    cl = i if cl == -1 else -2
+            elif n == 17:
+                if memcmp(p, b"transfer-encoding", 17) == 0:
+                    te = i if te == -1 else -2
+            elif n == 10:
+                if memcmp(p, b"connection", 10) == 0:
+                    conn = i if conn == -1 else -2
+        return cl, te, conn
+    return (field_index(names, b"content-length"), field_index(names, b"transfer-encoding"),
+            field_index(names, b"connection"))
+
+
 def _values_of(name: bytes, names: tuple[bytes, ...], headers: Headers) -> list[bytes]:
     """Every value of field ``name`` (known to be present), in order."""
     i = field_index(names, name)
@@ -449,9 +472,8 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
     if not 200 <= status <= 999 or version not in _VERSIONS:
         _check_status_line(status, version)
     names = _checked_fields(headers, limits, 502)
-    cl = field_index(names, b"content-length")
-    if cl >= 0 and field_index(names, b"transfer-encoding") == -1 and not no_body \
-            and status != 204 and status != 304 and status >= 200:
+    cl, te, conn = _framing_indices(names)
+    if cl >= 0 and te == -1 and not no_body and status != 204 and status != 304 and status >= 200:
         # The common response: one Content-Length, no Transfer-Encoding; the outcome
         # _response_tail reaches for it, found with C-level scans of ``names``.
         length = headers[cl][1]
@@ -462,7 +484,6 @@ def response_head(status: int, reason: bytes, version: bytes, headers: Headers,
             content_length = _content_length([length], 502)
             if len(_LENGTHS) < _LENGTHS_MAX and length[:1] != b"0":
                 _LENGTHS[length] = content_length
-        conn = field_index(names, b"connection")
         persists = None
         if conn >= 0 and version == b"1.1":
             conn_value = headers[conn][1]
