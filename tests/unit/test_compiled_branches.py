@@ -447,3 +447,20 @@ def test_started_context_has_every_field_its_constructor_sets():
         n for n in dir(ref) if not n.startswith("_") and not callable(getattr(ref, n))]
     assert {n: getattr(ctx, n) for n in slots} == {n: getattr(ref, n) for n in slots}
     assert ctx.forward_block() == ref.forward_block()
+
+
+@pytest.mark.parametrize("names_given", [False, True])
+def test_hop_by_hop_response_fields_go_and_their_same_length_neighbours_stay(names_given):
+    """Compiled, a field whose name length no dropped name has skips the set lookup; names
+    of a dropped name's length (te/tf, upgrade/upgradf, connection/connectioo) are looked up,
+    and names of 64 bytes or more too."""
+    from meshproxy.codec.api import BODY_LENGTH, ResponseHead
+    from meshproxy.proxy.transform import forwarded_response_headers
+    fields = [(b"server", b"s"), (b"te", b"trailers"), (b"tf", b"1"), (b"connection", b"close"),
+              (b"connectioo", b"2"), (b"content-length", b"5"), (b"x" * 70, b"3"), (b"upgrade", b"h2c"),
+              (b"upgradf", b"4"), (b"keep-alive", b"timeout=5"), (b"trailer", b"x"), (b"etag", b'"e"')]
+    head = ResponseHead(200, b"OK", b"1.1", fields, BODY_LENGTH, 5, False,
+                        tuple(n for n, _ in fields) if names_given else ())
+    out = forwarded_response_headers(head, (b"content-length", b"5"), True)
+    assert out == [(b"server", b"s"), (b"tf", b"1"), (b"connectioo", b"2"), (b"x" * 70, b"3"), (b"upgradf", b"4"),
+                   (b"etag", b'"e"'), (b"content-length", b"5")]
