@@ -7,7 +7,7 @@ from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.object cimport PyObject
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp
 
 cdef extern from "<dlfcn.h>":
     int RTLD_NOLOAD
@@ -121,11 +121,18 @@ cdef tuple _NAME_SLOTS
 cdef uint64_t _WORD_20, _WORD_80
 @cython.locals(key=uint32_t)
 cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
-@cython.locals(known=bytes, p="const char*", i=size_t, j=size_t, w=uint64_t, k=uint64_t, c="unsigned char")
+@cython.locals(known=bytes, p="const char*", i=size_t, j=size_t, w=uint64_t, k=uint64_t, c="unsigned char", s=int)
+cdef int _name_slot(const char* at, size_t n)
+@cython.locals(s=int)
 cdef bytes _field_name(const char* at, size_t n)
+cdef Py_ssize_t _CACHED_VALUE_MAX
+cdef list _FIELD_CACHE
+cdef bytes _CACHEABLE_SLOTS
 cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_status(_llhttp_t* p, const char* at, size_t n) noexcept
+@cython.locals(s=int)
 cdef int _ll_on_header_field(_llhttp_t* p, const char* at, size_t n) noexcept
+@cython.locals(s=int, value=bytes)
 cdef int _ll_on_header_value(_llhttp_t* p, const char* at, size_t n) noexcept
 cdef int _ll_on_headers_complete(_llhttp_t* p) noexcept
 cdef int _ll_on_body(_llhttp_t* p, const char* at, size_t n) noexcept
@@ -150,6 +157,8 @@ cdef class _Base:
     cdef char _ll_slack[64]                     # room should a later llhttp 9 grow its struct
     cdef public bint _driven
     cdef bytes _hname, _hvalue
+    cdef object _hfield                         # the kept field the value matched, or None
+    cdef int _hslot                             # the name's cacheable _NAME_SLOTS index, or -1
     cdef object _cb_error
     cdef public MessageHandler _sink
 
@@ -158,7 +167,7 @@ cdef class _Base:
     cdef _execute(self, data)
     @cython.locals(ll="_llhttp_t*", reason="const char*")
     cdef _llhttp_failed(self, int err, const char* base)
-    @cython.locals(value=bytes, n=Py_ssize_t, p="const unsigned char*")
+    @cython.locals(value=bytes, n=Py_ssize_t, p="const unsigned char*", field=tuple)
     cdef _flush_field(self)
     cdef list _take_fields(self)
     cdef bytes _message_version(self)

@@ -211,11 +211,12 @@ del _name, _slots
 _WORD_20, _WORD_80 = 0x2020202020202020, 0x8080808080808080   # every byte of a 64-bit word
 
 
-def _field_name(at, n) -> bytes:
-    """``at[:n]`` lower-cased: one of ``COMMON_FIELD_NAMES`` when it matches, else a new copy
+def _name_slot(at, n) -> int:
+    """The _NAME_SLOTS index of the common name ``at[:n]`` matches (in any case), or -1
     (compiled only)."""
     if 0 < n < 32:
-        known = _NAME_SLOTS[_slot(n, at[0], at[n - 1], at[n >> 1], _SLOT_MULT)]
+        s = _slot(n, at[0], at[n - 1], at[n >> 1], _SLOT_MULT)
+        known = _NAME_SLOTS[s]
         if known is not None and len(known) == n:
             # ``byte | 0x20`` equals a common name's byte (a-z, 0-9, "-") only for that byte,
             # its upper case, or a control byte (0x0d, 0x10-0x19), which is refused apart
@@ -229,7 +230,7 @@ def _field_name(at, n) -> bytes:
                     if (w | _WORD_20) ^ k or (w - _WORD_20) & ~w & _WORD_80:
                         break
                     if j == n - 8:
-                        return known
+                        return s
                     i += 8
             else:
                 for i in range(n):
@@ -237,8 +238,38 @@ def _field_name(at, n) -> bytes:
                     if (c | 32) != p[i] or c < 32:
                         break
                 else:
-                    return known
-    return _lowered(at, n)
+                    return s
+    return -1
+
+
+def _field_name(at, n) -> bytes:
+    """``at[:n]`` lower-cased: one of ``COMMON_FIELD_NAMES`` when it matches, else a new copy
+    (compiled only)."""
+    s = _name_slot(at, n)
+    return _NAME_SLOTS[s] if s >= 0 else _lowered(at, n)
+
+
+# The last field seen under each common name, as the very (name, value) tuple handed out
+# then: a field whose value is byte-for-byte the same (a response's server, content-type,
+# connection, accept-ranges; a client's host, user-agent, accept) is that tuple again, with
+# no new value, tuple, or their frees later.  One per worker process (one event loop), shared
+# by every connection; values up to _CACHED_VALUE_MAX bytes, so at most ~40 KiB.  Like HPACK's
+# never-indexed fields (RFC 7541 section 7.1.3), credentials are never kept, nor the tracing
+# fields that differ on every request.  The checks of framing.check_fields still run on every
+# field, cached or not.
+_CACHED_VALUE_MAX = 128
+_UNCACHED_NAMES = frozenset((
+    b"authorization", b"cookie", b"set-cookie", b"x-request-id", b"traceparent", b"tracestate",
+    b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
+))
+_FIELD_CACHE = [None] * 256
+_CACHEABLE_SLOTS = bytes([name is not None and name not in _UNCACHED_NAMES for name in _NAME_SLOTS])
+
+
+def clear_field_cache() -> None:
+    """Forget the kept fields (tests compare runs with and without them)."""
+    for i in range(256):
+        _FIELD_CACHE[i] = None
 
 
 # The callbacks mirror httptools' (parser.pyx): a field is complete when the next one starts,
@@ -270,9 +301,12 @@ def _ll_on_header_field(p, at, n):
         if parser._hvalue is not None:
             parser._flush_field()
         if parser._hname is None:
-            parser._hname = _field_name(at, n)
+            s = _name_slot(at, n)
+            parser._hslot = s if s >= 0 and _CACHEABLE_SLOTS[s] else -1
+            parser._hname = _NAME_SLOTS[s] if s >= 0 else _lowered(at, n)
         else:
             parser._hname += _lowered(at, n)
+            parser._hslot = -1
     except BaseException as exc:
         parser._cb_error = exc
         return _HPE_USER
@@ -283,9 +317,19 @@ def _ll_on_header_value(p, at, n):
     parser = cython.cast(_Base, p.data)
     try:
         if parser._hvalue is None:
+            s = parser._hslot
+            if s >= 0:
+                kept = _FIELD_CACHE[s]
+                if kept is not None:
+                    value = cython.cast(tuple, kept)[1]
+                    if len(value) == n and memcmp(cython.cast(cython.p_char, value), at, n) == 0:
+                        parser._hfield = kept      # the same bytes: the kept tuple, no copy
+                        parser._hvalue = value
+                        return 0
             parser._hvalue = at[:n]
         else:
             parser._hvalue += at[:n]
+            parser._hfield = None              # the value went on: not the kept one
     except BaseException as exc:
         parser._cb_error = exc
         return _HPE_USER
@@ -414,17 +458,25 @@ class _Base:
         ll = cython.address(self._ll)
         _ll_init(ll, kind, cython.address(_LL_SETTINGS))
         ll.data = cython.cast(cython.p_void, self)   # borrowed: the struct lives inside self
-        self._hname = self._hvalue = None
+        self._hname = self._hvalue = self._hfield = None
+        self._hslot = -1
         self._cb_error = None
 
     def _flush_field(self) -> None:
         # the name is lower-cased already (_lowered); llhttp strips the value's leading OWS only
-        value = self._hvalue
-        n = len(value)
-        p = value
-        if n and (p[n - 1] == 32 or p[n - 1] == 9):
-            value = value.rstrip(b" \t")
-        self._raw.append((self._hname, value))
+        field = self._hfield
+        if field is None:
+            value = self._hvalue
+            n = len(value)
+            p = value
+            if n and (p[n - 1] == 32 or p[n - 1] == 9):
+                value = value.rstrip(b" \t")
+            field = (self._hname, value)
+            if self._hslot >= 0 and len(value) <= _CACHED_VALUE_MAX:
+                _FIELD_CACHE[self._hslot] = field
+        else:
+            self._hfield = None
+        self._raw.append(field)
         self._hname = self._hvalue = None
 
     def _take_fields(self) -> list:

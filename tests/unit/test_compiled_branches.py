@@ -229,6 +229,93 @@ def test_common_field_names_in_any_case_and_their_near_misses_come_out_lower_cas
         assert all((shared.get(name) is name) == (name in shared) for name, _ in sink.heads[0].headers)
 
 
+# Heads fed one after another on one connection: each a value the field cache (httptools
+# backend, compiled) could wrongly reuse, next to the one it holds.
+_CACHE_HEADS = [
+    [(b"User-Agent", b"curl/8"), (b"Accept", b"*/*")],
+    [(b"User-Agent", b"curl/8"), (b"Accept", b"*/*")],             # the same values
+    [(b"USER-AGENT", b"curl/8 \t"), (b"accept", b"*/*")],          # trailing OWS, other case
+    [(b"User-Agent", b"curl/80"), (b"Accept", b"*/")],              # one byte longer, shorter
+    [(b"User-Agent", b"curl/9"), (b"Accept", b"")],                 # same length, empty
+    [(b"User-Agent", b"curl/9"), (b"Accept", b"")],
+    [(b"User-Agent", b"u" * 128), (b"Accept", b"a" * 129)],         # at and over the size kept
+    [(b"User-Agent", b"u" * 128), (b"Accept", b"a" * 129)],
+    [(b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"X-Request-Id", b"r")],
+    [(b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"X-Request-Id", b"r")],
+    [(b"Host-X", b"curl/9"), (b"User-Agentx", b"curl/9")],          # near-miss names, same value
+]
+
+
+def _cache_head(fields) -> bytes:
+    return b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+
+
+def _expected(fields):
+    return [(b"host", b"h")] + [(n.lower(), v.rstrip(b" \t")) for n, v in fields]
+
+
+@pytest.mark.parametrize("split", ["whole", "bytes", "random"])
+@pytest.mark.parametrize("backend", ["httptools", "h11"])
+def test_repeated_field_values_parse_the_same_whatever_the_field_cache_holds(backend, split):
+    """Compiled, a common field whose value is byte-for-byte the last one seen under that
+    name is handed out as the same tuple.  The fields must be what a fresh parse gives
+    whatever the cache holds: values one byte longer or shorter, with trailing OWS, empty,
+    split across reads right where the kept value ends."""
+    from meshproxy.codec import httptools_backend, make_request_parser
+    httptools_backend.clear_field_cache()
+    rng = random.Random(7)
+    sink = _Heads()
+    parser = make_request_parser(backend, sink, LIMITS)
+    stream = b"".join(_cache_head(fields) for fields in _CACHE_HEADS)
+    if split == "whole":
+        parser.feed(stream)
+    elif split == "bytes":
+        for i in range(len(stream)):
+            parser.feed(stream[i:i + 1])
+    else:
+        i = 0
+        while i < len(stream):
+            n = rng.randint(1, 40)
+            parser.feed(stream[i:i + n])
+            i += n
+    assert [head.headers for head in sink.heads] == [_expected(fields) for fields in _CACHE_HEADS]
+
+
+def test_a_value_split_where_the_kept_one_ends_is_not_the_kept_field():
+    from meshproxy.codec import httptools_backend, make_request_parser
+    httptools_backend.clear_field_cache()
+    sink = _Heads()
+    parser = make_request_parser("httptools", sink, LIMITS)
+    parser.feed(_cache_head([(b"User-Agent", b"curl/8")]))
+    second = _cache_head([(b"User-Agent", b"curl/80")])
+    cut = second.index(b"curl/8") + len(b"curl/8")
+    parser.feed(second[:cut])
+    parser.feed(second[cut:])
+    assert sink.heads[1].headers == [(b"host", b"h"), (b"user-agent", b"curl/80")]
+    assert sink.heads[0].headers[1] == (b"user-agent", b"curl/8")
+
+
+def test_the_field_cache_hands_out_the_kept_tuple_only_where_it_may():
+    """The identity the cache promises, checked where it runs (compiled, llhttp driven):
+    common names with values up to 128 bytes are the kept tuple; credentials, tracing
+    fields, longer values and names that are not common never are."""
+    from meshproxy.codec import httptools_backend, make_request_parser
+    httptools_backend.clear_field_cache()
+    sink = _Heads()
+    parser = make_request_parser("httptools", sink, LIMITS)
+    for fields in ([(b"User-Agent", b"curl/8"), (b"Accept", b"a" * 128), (b"Content-Type", b"a" * 129),
+                    (b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"Traceparent", b"t"),
+                    (b"X-Custom", b"v")],) * 2:
+        parser.feed(_cache_head(fields))
+    first, second = (head.headers for head in sink.heads)
+    assert first == second
+    if not httptools_backend.llhttp_driven_directly():
+        return                              # pure Python or httptools' parser objects: no cache
+    assert {a[0] for a, b in zip(first, second) if a is b} == {b"host", b"user-agent", b"accept"}
+    parser.feed(_cache_head([(b"User-Agent", b"curl/9")]))
+    assert sink.heads[2].headers[1] is not first[1] and sink.heads[2].headers[1] == (b"user-agent", b"curl/9")
+
+
 @pytest.mark.parametrize("names", [(), (b"host",), (b"a", b"host", b"b"), (b"host", b"x", b"host"),
                                    (b"hos", b"hostt", b"Host", b"host "), (b"connection",) * 3])
 @pytest.mark.parametrize("name", [b"host", b"connection", b""])
