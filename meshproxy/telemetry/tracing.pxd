@@ -3,7 +3,11 @@
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t
+
+cdef extern from "<endian.h>":
+    uint64_t htobe64(uint64_t) nogil
+    uint64_t be64toh(uint64_t) nogil
 
 ctypedef unsigned long long u64
 
@@ -19,13 +23,12 @@ cdef class IdSource:
     cdef u64 _s0, _s1, _s2, _s3
     @cython.locals(s0=u64, s1=u64, s2=u64, s3=u64, x=u64, result=u64, t=u64)
     cpdef u64 next64(self)
-    @cython.locals(i=int, j=int, v=u64)
+    @cython.locals(i=int, v=u64)
     cdef void _fill(self, unsigned char* out, int words)
 
 @cython.locals(raw=bytes, buf="unsigned char[16]")
 cpdef bytes random_uuid(rng)
-@cython.locals(raw=bytes, buf="unsigned char[40]", p="const unsigned char*", i=int, trace_bits=int,
-               span_bits=int, low=u64)
+@cython.locals(raw=bytes, buf="unsigned char[40]", p="const unsigned char*", high=u64, span_bits=u64, low=u64)
 cdef tuple _new_ids(rng)
 cdef uint16_t _HEX_PAIRS[256]
 cdef int _byte

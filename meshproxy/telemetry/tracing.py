@@ -121,10 +121,8 @@ class IdSource:
         """``words`` draws into ``out`` big-endian, the bytes of ``getrandbits(64 * words)``
         (compiled only)."""
         for i in range(words):
-            v = self.next64()
-            for j in range(7, -1, -1):
-                out[8 * i + j] = v & 255
-                v >>= 8
+            v = htobe64(self.next64())        # the word's bytes, most significant first
+            memcpy(out + 8 * i, cython.address(v), 8)
 
 
 def _new_ids(rng):
@@ -139,15 +137,11 @@ def _new_ids(rng):
             raw = r.to_bytes(40, "big")      # the same bits, most significant byte first
             memcpy(buf, PyBytes_AS_STRING(raw), 40)
         p = buf
-        trace_bits = span_bits = low = 0
-        for i in range(16, 32):
-            trace_bits |= p[i]
-        for i in range(32, 40):
-            span_bits |= p[i]
-        if trace_bits and span_bits:          # else: the reference below makes them valid
-            for i in range(24, 32):
-                low = low << 8 | p[i]
-            return _uuid_text(p), _hex_text(p, 16, 32), _hex_text(p, 32, 40), low
+        memcpy(cython.address(high), p + 16, 8)    # the trace id's two words and the span id,
+        memcpy(cython.address(low), p + 24, 8)     # as stored (big-endian)
+        memcpy(cython.address(span_bits), p + 32, 8)
+        if (high | low) and span_bits:       # else: the reference below makes them valid
+            return _uuid_text(p), _hex_text(p, 16, 32), _hex_text(p, 32, 40), be64toh(low)
         if r is None:
             r = int.from_bytes(cython.cast(cython.p_char, p)[:40], "big")
     else:
