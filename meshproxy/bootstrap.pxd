@@ -8,7 +8,7 @@ from meshproxy.batch cimport SendBatch
 from meshproxy.cluster.state cimport ClusterManager
 
 cdef class Worker:
-    cdef public object loop, store, options, rng, new_request_id, clock, settings
+    cdef public object loop, store, options, rng, new_request_id, clock, settings, snapshot
     cdef public Telemetry telemetry
     cdef public bint draining, system_clock
     cdef public Py_ssize_t downstream_active

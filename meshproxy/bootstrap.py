@@ -68,6 +68,9 @@ class Worker:
         self.system_clock = clock is None
         self.telemetry = telemetry
         self.settings = store.current.settings if store.current else None
+        # the snapshot requests route on: store.current, set after the runtime built from it
+        # (a C attribute read per request instead of a Python one)
+        self.snapshot = store.current
         self.draining = False
         self.downstream_active = 0
         self.http_listeners: dict[tuple[str, int], HttpListener] = {}
@@ -96,6 +99,7 @@ class Worker:
         self.clusters.update(with_dns_endpoints(snapshot))
         self.splitter = Splitter(snapshot, rng=self.rng, previous=self.splitter)
         self.telemetry.on_snapshot(snapshot)
+        self.snapshot = snapshot
 
     def _on_swap(self, new: Snapshot, old: Snapshot | None) -> None:
         # runs synchronously inside SnapshotStore.swap: requests that already read the
@@ -268,16 +272,16 @@ class Worker:
         self.telemetry.exchange_done(exchange, self.now())
 
     def on_overflow(self, cluster) -> None:
-        self.telemetry.overflow(cluster.cluster.name)
+        self.telemetry.overflow(cluster.name)
 
     def on_connection_overflow(self, cluster) -> None:
-        self.telemetry.connection_overflow(cluster.cluster.name)
+        self.telemetry.connection_overflow(cluster.name)
 
     def on_retry_overflow(self, cluster) -> None:
-        self.telemetry.retry_overflow(cluster.cluster.name)
+        self.telemetry.retry_overflow(cluster.name)
 
     def on_retry(self, cluster) -> None:
-        self.telemetry.retry(cluster.cluster.name)
+        self.telemetry.retry(cluster.name)
 
     def clusters_record(self, cluster, host, outcome) -> None:
         if cluster is not None and host is not None:

@@ -11,7 +11,7 @@ cdef class _Counters:
 
 cdef class ClusterState:
     cdef public object cluster, clock, rng, balancer, outlier, warmup
-    cdef public str lb_name
+    cdef public str lb_name, name
     cdef public list hosts, _candidates
     cdef public bint passthrough, panic, _warming
     cdef public double min_health, _next_change

@@ -51,6 +51,7 @@ class ClusterState:
     def __init__(self, cluster: Cluster, clock: Callable[[], float], rng: random.Random,
                  previous: "ClusterState | None" = None, initial: bool = True):
         self.cluster = cluster
+        self.name = cluster.name       # read per request (metrics, logs): a C attribute compiled
         self.clock = clock
         self.rng = rng
         policy = cluster.policy

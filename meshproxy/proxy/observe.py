@@ -91,7 +91,7 @@ class Telemetry:
         if exchange.down.inbound:
             handle = self._inbound
         else:
-            handle = self._handles.get(cluster.cluster.name) if cluster is not None else self._unrouted
+            handle = self._handles.get(cluster.name) if cluster is not None else self._unrouted
             if handle is None:
                 handle = self._handle(cluster.cluster)
         duration_ms = (now - exchange.start_time) * 1000.0
@@ -102,7 +102,7 @@ class Telemetry:
         if trace is not None and trace.sampled:
             self.tracer.finish(
                 trace, exchange.status, route_name=exchange.route_name,
-                upstream_cluster=cluster.cluster.name if cluster is not None else "",
+                upstream_cluster=cluster.name if cluster is not None else "",
                 subset=(exchange.destination.subset or "") if exchange.destination is not None else "",
                 upstream_address=endpoint.address if endpoint is not None else "",
                 upstream_port=endpoint.port if endpoint is not None else 0,
@@ -124,7 +124,7 @@ class Telemetry:
                     f"{endpoint.address}:{endpoint.port}" if endpoint is not None else "",
                     (now - exchange.upstream_start) * 1000.0 if exchange.upstream_start else None,
                     request_id, trace.trace_id if trace is not None else b"", exchange.route_name, user_agent,
-                    exchange.down.client_ip, head.host, cluster.cluster.name if cluster is not None else "")
+                    exchange.down.client_ip, head.host, cluster.name if cluster is not None else "")
 
     def rejected(self, reason: str, status: int) -> None:
         self.metrics.rejected(reason)

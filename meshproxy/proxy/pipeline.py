@@ -137,7 +137,7 @@ class Exchange:
 
     def start(self) -> None:
         worker = self.worker
-        self.snapshot = snapshot = worker.store.current
+        self.snapshot = snapshot = worker.snapshot
         listener = self.down.listener
         head = self.head
         if head.upgrade == b"connect":
@@ -397,7 +397,7 @@ class Exchange:
             self.cluster.release_connection()
             if reason == "cancelled":   # the exchange gave up (timeout, client gone, shutdown)
                 return
-            self.worker.telemetry.connect_failed(self.cluster.cluster.name)
+            self.worker.telemetry.connect_failed(self.cluster.name)
             if not self.finished:
                 self._attempt_failed(Failure.CONNECT_TIMEOUT if reason == "timeout" else Failure.CONNECT_FAILURE)
             return
@@ -410,7 +410,7 @@ class Exchange:
     def _connection_closed_callback(self):
         cluster = self.cluster
         telemetry = self.worker.telemetry
-        name = cluster.cluster.name
+        name = cluster.name
         telemetry.upstream_cx_opened(name)
 
         def closed() -> None:
