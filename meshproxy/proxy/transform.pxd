@@ -7,8 +7,14 @@ from meshproxy.codec.framing cimport field_index
 from libc.stdint cimport uint64_t
 
 cdef uint64_t _REQUEST_DROP_LENGTHS, _RESPONSE_DROP_LENGTHS
-@cython.locals(out=list, field=tuple, name=bytes, n=Py_ssize_t)
-cdef list _kept(fields, frozenset drop, uint64_t lengths)
+from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
+from cpython.ref cimport Py_INCREF
+
+cdef extern from "Python.h":
+    void Py_SET_SIZE(object, Py_ssize_t)
+
+@cython.locals(out=list, field=tuple, name=bytes, n=Py_ssize_t, count=Py_ssize_t, k=Py_ssize_t, i=Py_ssize_t)
+cdef list _kept(first, fields, frozenset drop, uint64_t lengths, Py_ssize_t spare)
 @cython.locals(i=Py_ssize_t)
 cpdef _named_fields(headers, tuple names)
 cpdef tuple client_fields(str client_ip, str scheme)

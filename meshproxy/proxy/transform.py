@@ -47,19 +47,33 @@ _REQUEST_DROP_LENGTHS = _length_mask(_REQUEST_DROP_TRACED)     # covers _REQUEST
 _RESPONSE_DROP_LENGTHS = _length_mask(_RESPONSE_DROP)          # covers the two subsets too
 
 
-def _kept(fields: Headers, drop: frozenset, lengths: int) -> Headers:
-    """``[field for field in fields if field[0] not in drop]``.  Compiled, a name whose length
-    no name in ``drop`` has (``lengths``: a :func:`_length_mask` covering ``drop``) is kept
-    without the set lookup: Server, Date, Content-Type, ETag... are most of a head."""
-    if cython.compiled:
-        out = []
-        for field in fields:
+def _kept(first, fields: Headers, drop: frozenset, lengths: int, spare: int) -> Headers:
+    """``first`` (unless None), then ``[field for field in fields if field[0] not in drop]``.
+
+    Compiled, a name whose length no name in ``drop`` has (``lengths``: a
+    :func:`_length_mask` covering ``drop``) is kept without the set lookup (Server, Date,
+    Content-Type, ETag... are most of a head), and the list is made at its largest size
+    once, with room for ``spare`` appends after it, instead of grown append by append."""
+    if cython.compiled and type(fields) is list:
+        count = len(fields)
+        k = 0 if first is None else 1
+        out = PyList_New(k + count + spare)    # slots past the size stay NULL (list_dealloc skips them)
+        if first is not None:
+            Py_INCREF(first)
+            PyList_SET_ITEM(out, 0, first)
+        for i in range(count):
+            field = cython.cast(tuple, PyList_GET_ITEM(fields, i))
             name = field[0]
             n = len(name)
             if (n < 64 and not (lengths >> n) & 1) or name not in drop:
-                out.append(field)
+                Py_INCREF(field)
+                PyList_SET_ITEM(out, k, field)
+                k += 1
+        Py_SET_SIZE(out, k)
         return out
-    return [field for field in fields if field[0] not in drop]
+    out = [] if first is None else [first]
+    out += [field for field in fields if field[0] not in drop]
+    return out
 
 
 def _named_fields(headers: Headers, names: tuple) -> frozenset[bytes] | set[bytes]:
@@ -99,8 +113,8 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client: tuple
     fields = head.headers
     names = field_names(head)
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
-    out: Headers = [(b"host", authority)]
-    out += _kept(fields, drop, _REQUEST_DROP_LENGTHS)
+    # room for X-Forwarded-For, X-Forwarded-Proto and one of X-Request-Id / a framing field
+    out: Headers = _kept((b"host", authority), fields, drop, _REQUEST_DROP_LENGTHS, 3)
     named = _named_fields(fields, names)
     if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
@@ -129,7 +143,7 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
         drop = _RESPONSE_DROP_KEEP_LENGTH      # HEAD / 304: keep the length the upstream declared
     else:
         drop = _RESPONSE_DROP
-    out: Headers = _kept(fields, drop, _RESPONSE_DROP_LENGTHS)
+    out: Headers = _kept(None, fields, drop, _RESPONSE_DROP_LENGTHS, 2)   # room for framing, Connection
     named = _named_fields(fields, field_names(head))
     if named:
         out = [(n, v) for n, v in out if n not in named]
