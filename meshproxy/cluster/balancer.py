@@ -21,7 +21,7 @@ class Host:
 
     __slots__ = ("endpoint", "key", "weight", "active", "added_at", "state", "ejected_until",
                  "times_ejected", "healthy_since", "consecutive_5xx", "consecutive_gateway",
-                 "ejection_reason", "ejections_overflowed", "rr_current", "index")
+                 "ejection_reason", "ejections_overflowed", "rr_current", "index", "pool")
 
     def __init__(self, endpoint: Endpoint, added_at: float, index: int = 0):
         self.endpoint = endpoint
@@ -39,6 +39,9 @@ class Host:
         self.ejections_overflowed = 0
         self.rr_current = 0.0
         self.index = index
+        # the upstream connection pool for this endpoint, remembered by the exchange that first
+        # needs it (opaque here; the worker's pools are never removed)
+        self.pool = None
 
 
 WeightFn = Callable[[Host], float]

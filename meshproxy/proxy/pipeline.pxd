@@ -3,6 +3,7 @@
 cimport cython
 from meshproxy.downstream.http_conn cimport DownstreamConnection
 from meshproxy.upstream.connection cimport UpstreamConnection
+from meshproxy.upstream.pool cimport EndpointPool
 from meshproxy.cluster.state cimport ClusterState
 from meshproxy.cluster.balancer cimport Host
 from meshproxy.codec.api cimport RequestHead, ResponseHead
@@ -81,7 +82,7 @@ cdef class Exchange:
     @cython.locals(kind=int, head=RequestHead, route=HttpRoute, trace=TraceContext, ops=bint, block=bint,
                    down=DownstreamConnection, client=tuple)
     cdef _prepare_head(self, match)
-    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, host=Host, key=tuple)
+    @cython.locals(worker=Worker, cluster=ClusterState, conn=UpstreamConnection, host=Host, key=tuple, pool=EndpointPool)
     cdef _attempt(self)
     @cython.locals(worker=Worker, cluster=ClusterState)
     cdef bint _connect_or_wait(self, tuple key, bint first=*) except -1

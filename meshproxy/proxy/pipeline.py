@@ -344,7 +344,13 @@ class Exchange:
         self.attempts += 1
         key = host.key                           # (address, port)
         self.tried = self.tried + (key,) if self.tried else (key,)
-        conn = None if self.stale_retried else worker.pools.acquire_idle(key, cluster.idle_timeout)
+        if self.stale_retried:
+            conn = None
+        else:
+            pool = host.pool
+            if pool is None:              # the endpoint's pool, found by address once per Host
+                pool = host.pool = worker.pools.pool(key)
+            conn = worker.pools.acquire_idle_in(pool, cluster.idle_timeout)
         self.upstream_start = worker.now()
         if conn is not None:
             self._send_on(conn)

@@ -23,6 +23,7 @@ cdef class UpstreamPools:
 
     @cython.locals(pool=EndpointPool)
     cpdef acquire_idle(self, key, idle_timeout)
+    cpdef acquire_idle_in(self, EndpointPool pool, idle_timeout)
     @cython.locals(idle=list, conn=UpstreamConnection)
     cpdef _pop_idle(self, EndpointPool pool, idle_timeout)
     @cython.locals(pool=EndpointPool)

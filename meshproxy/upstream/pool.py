@@ -164,7 +164,13 @@ class UpstreamPools:
 
     def acquire_idle(self, key: tuple[str, int], idle_timeout: float | None) -> UpstreamConnection | None:
         pool = self._pools.get(key)
-        if pool is None or pool.waiters:   # requests are queued for this endpoint: no overtaking them
+        if pool is None:
+            return None
+        return self.acquire_idle_in(pool, idle_timeout)
+
+    def acquire_idle_in(self, pool: EndpointPool, idle_timeout: float | None) -> UpstreamConnection | None:
+        """An idle connection of ``pool`` (one of this object's), or None."""
+        if pool.waiters:                   # requests are queued for this endpoint: no overtaking them
             return None
         return self._pop_idle(pool, idle_timeout)
 

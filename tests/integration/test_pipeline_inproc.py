@@ -522,3 +522,35 @@ async def test_a_keepalive_connection_routes_each_request_by_its_own_host_and_th
         await worker.drain(1)
         await a.close()
         await b.close()
+
+
+async def test_requests_reuse_the_endpoint_connection_across_a_config_swap_that_keeps_it(upstream, codec):
+    """The Host remembers its endpoint's pool after the first lookup.  Requests before and
+    after a swap that keeps the endpoint (the Host carries over, the pool with it) go out on
+    the one upstream connection; a Host made anew for an endpoint that comes back finds the
+    same pool."""
+    route = HttpRoute(name="r", source="t", destinations=(dest("c"),))
+    snap = snapshot([route], [cluster("c", upstream.port)])
+    worker, port = await start_worker(asyncio.get_running_loop(), snap, codec)
+    try:
+        for _ in range(3):
+            assert (await http_get(port, "svc.local"))[0] == 200
+        host = worker.clusters.get("c").hosts[0]
+        assert host.pool is worker.pools.pool(host.key)
+        worker.store.swap(replace(snap, version="v2"))
+        assert (await http_get(port, "svc.local"))[0] == 200
+        assert worker.clusters.get("c").hosts[0] is host
+        assert upstream.connections == 1 and len(upstream.requests) == 4
+        other = await Upstream().start()
+        try:
+            worker.store.swap(snapshot([route], [cluster("c", other.port)], version="v3"))
+            assert (await http_get(port, "svc.local"))[0] == 200
+            worker.store.swap(snapshot([route], [cluster("c", upstream.port)], version="v4"))
+            fresh = worker.clusters.get("c").hosts[0]
+            assert fresh is not host and fresh.pool is None
+            assert (await http_get(port, "svc.local"))[0] == 200
+            assert fresh.pool is host.pool and len(upstream.requests) == 5
+        finally:
+            await other.close()
+    finally:
+        await worker.drain(1)
