@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # without: compiled as they are (the interpreter loop goes, the Python objects stay).
 HOT = [
     "meshproxy/clock.py",
+    "meshproxy/lists.py",
     "meshproxy/batch.py",
     "meshproxy/bootstrap.py",
     "meshproxy/downstream/http_conn.py",

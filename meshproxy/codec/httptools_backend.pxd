@@ -3,6 +3,7 @@
 cimport cython
 from meshproxy.codec cimport framing
 from meshproxy.codec.api cimport MessageHandler
+from meshproxy.lists cimport push, with_room
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.object cimport PyObject
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
@@ -125,7 +126,7 @@ cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, 
 cdef int _name_slot(const char* at, size_t n)
 @cython.locals(s=int)
 cdef bytes _field_name(const char* at, size_t n)
-cdef Py_ssize_t _CACHED_VALUE_MAX
+cdef Py_ssize_t _CACHED_VALUE_MAX, _FIELDS_ROOM
 cdef list _FIELD_CACHE
 cdef bytes _CACHEABLE_SLOTS
 cdef int _ll_on_url(_llhttp_t* p, const char* at, size_t n) noexcept

@@ -27,6 +27,7 @@ import cython
 
 import httptools
 
+from ..lists import push, with_room
 from . import framing
 from .api import (
     BODY_CHUNKED,
@@ -258,6 +259,7 @@ def _field_name(at, n) -> bytes:
 # fields that differ on every request.  The checks of framing.check_fields still run on every
 # field, cached or not.
 _CACHED_VALUE_MAX = 128
+_FIELDS_ROOM = 16          # a new head's field list holds this many before it reallocates
 _UNCACHED_NAMES = frozenset((
     b"authorization", b"cookie", b"set-cookie", b"x-request-id", b"traceparent", b"tracestate",
     b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
@@ -476,7 +478,7 @@ class _Base:
                 _FIELD_CACHE[self._hslot] = field
         else:
             self._hfield = None
-        self._raw.append(field)
+        push(self._raw, field)
         self._hname = self._hvalue = None
 
     def _take_fields(self) -> list:
@@ -485,7 +487,7 @@ class _Base:
         closure holds the list, the head gets a copy and the list is emptied."""
         raw = self._raw
         if self._driven:
-            self._raw = []
+            self._raw = with_room(_FIELDS_ROOM)
             return raw
         fields = raw[:]
         raw.clear()

@@ -3,6 +3,7 @@
 cimport cython
 from meshproxy.upstream.connection cimport UpstreamConnection
 from meshproxy.clock cimport monotonic
+from meshproxy.lists cimport pop_last, push
 from meshproxy.batch cimport SendBatch
 
 cdef class EndpointPool:

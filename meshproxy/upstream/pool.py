@@ -31,6 +31,7 @@ import cython
 
 from ..batch import SendBatch
 from ..clock import monotonic
+from ..lists import pop_last, push
 from .connection import UpstreamConnection
 
 
@@ -177,7 +178,7 @@ class UpstreamPools:
     def _pop_idle(self, pool: EndpointPool, idle_timeout: float | None) -> UpstreamConnection | None:
         idle = pool.idle
         while idle:
-            conn = idle.pop()
+            conn = pop_last(idle)
             if conn.closed:
                 continue
             if idle_timeout is not None and self._now() - conn.idle_since > idle_timeout:
@@ -196,7 +197,7 @@ class UpstreamPools:
             conn.close()
             return
         conn.idle_since = self._now()
-        pool.idle.append(conn)
+        push(pool.idle, conn)
         if pool.waiters:
             self.offer_soon(pool)
 

@@ -1,0 +1,44 @@
+"""Lists on the request path that keep their capacity.
+
+CPython frees a list's item array when it empties (``pop`` of the last item) and grows it in
+steps of about an eighth (0, 4, 8, 16 items: a realloc at each step), so a per-request list
+that fills to a dozen fields, or a stack that goes 0 -> 1 -> 0 items once per request,
+allocates on every request.  Compiled, these helpers put items into spare capacity and take
+them off without shrinking; pure Python they are the list methods they stand for."""
+from __future__ import annotations
+
+import cython
+
+
+def with_room(n: int) -> list:
+    """An empty list with room for ``n`` items before its first reallocation (compiled)."""
+    if cython.compiled:
+        items = PyList_New(n)          # noqa: F821 (lists.pxd cimports the C API)
+        Py_SET_SIZE(items, 0)          # noqa: F821 (the slots past the size are never read)
+        return items
+    return []
+
+
+def push(items: list, item) -> None:
+    """``items.append(item)``; compiled, into spare capacity without a call when there is some."""
+    if cython.compiled:
+        n = Py_SIZE(items)             # noqa: F821
+        if cython.cast(cython.pointer(PyListObject), items).allocated > n:   # noqa: F821
+            Py_INCREF(item)            # noqa: F821
+            PyList_SET_ITEM(items, n, item)   # noqa: F821
+            Py_SET_SIZE(items, n + 1)  # noqa: F821
+            return
+    items.append(item)
+
+
+def pop_last(items: list):
+    """``items.pop()`` of a non-empty list; compiled, the item array is kept even when the
+    list empties."""
+    if cython.compiled:
+        n = Py_SIZE(items)             # noqa: F821
+        if n > 0:
+            item = cython.cast(object, PyList_GET_ITEM(items, n - 1))   # noqa: F821 (a new reference)
+            Py_SET_SIZE(items, n - 1)  # noqa: F821
+            Py_DECREF(item)            # noqa: F821 (the list's reference, which the slot no longer holds)
+            return item
+    return items.pop()

@@ -1,0 +1,59 @@
+"""meshproxy.lists: list operations that keep capacity must behave as the list methods."""
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+
+import meshproxy
+from meshproxy.lists import pop_last, push, with_room
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_push_and_pop_last_do_what_append_and_pop_do(seed):
+    rng = random.Random(seed)
+    ours, reference = with_room(rng.choice([0, 1, 4, 16])), []
+    for step in range(400):
+        if reference and rng.random() < 0.45:
+            assert pop_last(ours) is reference.pop()
+        else:
+            item = object() if rng.random() < 0.5 else step
+            push(ours, item)
+            reference.append(item)
+        assert ours == reference and len(ours) == len(reference)
+    ours.append("x")                     # still an ordinary list for everyone else
+    ours.extend(range(30))
+    reference.append("x")
+    reference.extend(range(30))
+    assert ours == reference
+
+
+def test_pop_last_of_an_empty_list_raises_like_pop():
+    with pytest.raises(IndexError):
+        pop_last(with_room(4))
+    with pytest.raises(IndexError):
+        pop_last([])
+
+
+def test_items_taken_off_are_released():
+    class Item:
+        pass
+    items = with_room(2)
+    item = Item()
+    push(items, item)
+    before = sys.getrefcount(item)
+    assert pop_last(items) is item
+    assert sys.getrefcount(item) == before - 1
+
+
+def test_compiled_the_item_array_outlives_an_empty_list():
+    items = with_room(4)
+    size = sys.getsizeof(items)          # counts the allocated slots
+    for _ in range(3):
+        push(items, 1)
+        pop_last(items)
+    if meshproxy.HOT_PATH == "compiled":
+        assert sys.getsizeof(items) == size > sys.getsizeof([])
+    else:
+        assert items == []
