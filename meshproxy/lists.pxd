@@ -2,7 +2,7 @@
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
 from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
-from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF, PyObject
 
 cdef extern from "Python.h":
     ctypedef struct PyListObject:
@@ -16,3 +16,5 @@ cpdef list with_room(Py_ssize_t n)
 cpdef push(list items, item)
 @cython.locals(n=Py_ssize_t)
 cpdef pop_last(list items)
+@cython.locals(n=Py_ssize_t, item="PyObject*")
+cpdef clear(list items)

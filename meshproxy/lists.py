@@ -31,6 +31,22 @@ def push(items: list, item) -> None:
     items.append(item)
 
 
+def clear(items: list) -> None:
+    """``items.clear()``; compiled, the item array is kept.  Each item leaves the list before
+    its reference is dropped, so whatever that release runs sees a consistent list (and
+    anything it appends is cleared too)."""
+    if cython.compiled:
+        n = Py_SIZE(items)             # noqa: F821
+        while n > 0:
+            n -= 1
+            item = PyList_GET_ITEM(items, n)   # noqa: F821 (borrowed: the list's reference)
+            Py_SET_SIZE(items, n)      # noqa: F821
+            Py_XDECREF(item)           # noqa: F821 (the reference the list held)
+            n = Py_SIZE(items)         # noqa: F821 (in case a release changed the list)
+        return
+    items.clear()
+
+
 def pop_last(items: list):
     """``items.pop()`` of a non-empty list; compiled, the item array is kept even when the
     list empties."""

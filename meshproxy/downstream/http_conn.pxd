@@ -5,6 +5,7 @@ from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.codec.api cimport RequestHead, MessageHandler
 from meshproxy.codec.httptools_backend cimport _Base as LlhttpParser
 from meshproxy.bootstrap cimport Worker
+from meshproxy.lists cimport clear, push, with_room
 
 cdef class DownstreamConnection(MessageHandler):
     cdef public Worker worker
@@ -12,7 +13,7 @@ cdef class DownstreamConnection(MessageHandler):
     cdef public str client_ip
     cdef public int state, read_paused_by
     cdef public Exchange exchange
-    cdef public object queue, tunnel, write, send
+    cdef public object queue, tunnel, send
     cdef public double since
     cdef public list out, upgrade_buffer
     cdef public bint keep_alive, closed, replaying, feeding
@@ -34,6 +35,7 @@ cdef class DownstreamConnection(MessageHandler):
     @cython.locals(exchange=Exchange)
     cpdef exchange_finished(self, exchange, bint keep_alive)
     cdef _replay(self)
+    cpdef write(self, data)
     cpdef flush(self)
     @cython.locals(out=list, exchange=Exchange)
     cpdef send_now(self)

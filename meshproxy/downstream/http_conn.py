@@ -19,6 +19,7 @@ import cython
 
 from ..codec.api import MessageHandler, ProtocolError, RequestHead
 from ..codec.httptools_backend import _Base as LlhttpParser
+from ..lists import clear, push, with_room
 from ..proxy.errors import error_response
 from ..proxy.pipeline import Exchange
 
@@ -39,7 +40,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
     __slots__ = (
         "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
         "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
-        "closed", "upgrade_buffer", "replaying", "feeding", "out_start", "write",
+        "closed", "upgrade_buffer", "replaying", "feeding", "out_start",
         "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound", "send", "client_fields",
         "queued", "sender",
     )
@@ -57,10 +58,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.exchange: Exchange | None = None
         self.queue: deque | None = None      # events of pipelined requests not yet started
         self.since = 0.0                     # when the current state began
-        self.out: list[bytes] = []
-        # ``write(data)``: queue bytes for the client; ``flush`` hands them to the worker's send
-        # batch (the list's own ``append``, so the exchange's writes cost no Python frame)
-        self.write = self.out.append
+        self.out: list[bytes] = with_room(4)   # bytes queued for the client (see write)
         self.read_paused_by = 0              # bit set of reasons reading is paused
         self.keep_alive = True
         self.requests = 0
@@ -233,6 +231,10 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
 
     # ---------------------------------------------------------------- output
 
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client; :meth:`flush` hands them to the worker's send batch."""
+        push(self.out, data)
+
     def flush(self) -> None:
         """The output so far goes to the socket: at once, or after a busy loop pass at the
         end of this one with the other connections' (batch.py)."""
@@ -251,7 +253,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
                     self.send(out[0])
                 else:
                     self.send(b"".join(out))
-            out.clear()
+            clear(out)                       # keeps the list's room for the next answer
             self.out_start = 0
             exchange = self.exchange
             if exchange is not None and exchange.response_started:

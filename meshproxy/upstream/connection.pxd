@@ -5,6 +5,7 @@ from meshproxy.proxy.pipeline cimport Exchange
 from meshproxy.codec.api cimport ResponseHead, MessageHandler
 from meshproxy.codec.httptools_backend cimport _Base as LlhttpParser
 from meshproxy.batch cimport SendBatch
+from meshproxy.lists cimport clear, push
 
 cdef class UpstreamConnection(MessageHandler):
     cdef public object transport, parser, pool, on_close, sender

@@ -18,6 +18,7 @@ import cython
 from ..codec.api import MessageHandler, ProtocolError, ResponseHead
 from ..codec.httptools_backend import _Base as LlhttpParser
 from ..batch import SendBatch
+from ..lists import clear, push
 
 if TYPE_CHECKING:
     from .pool import EndpointPool
@@ -124,7 +125,7 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
         """Bytes for the upstream (no frame of our own), sent as the worker's send batch
         decides (batch.py: at once, or after a busy pass at the end of this one); at once
         without a batch."""
-        self.out.append(data)
+        push(self.out, data)
         if self.batch is None:
             self.send()
         elif not self.queued:
@@ -138,7 +139,7 @@ class UpstreamConnection(MessageHandler):  # an asyncio protocol (not derived fr
         if out:
             if not self.closed:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
+            clear(out)                       # keeps the list's room for the next request
 
     def close(self) -> None:
         """Close without reuse (also used for aborts: pending writes are dropped)."""
