@@ -168,7 +168,9 @@ def render(results: dict) -> str:
                  f"{'; one target at a time' if meta.get('sequential') else '; small responses in rounds, each round running every target once, while all targets stay up'}"
                  f"); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
                  f"--rps {meta['rate'] // meta['rate_conns']}` = {meta['rate']} req/s offered for {meta['rate_duration_s']} s "
-                 f"after a warm-up; nearly idle = "
+                 f"after a warm-up"
+                 f"{'' if meta.get('rate_repeat', 1) <= 1 else '; p50 and p99 each the median of ' + str(meta['rate_repeat']) + ' such runs, in rounds over the targets'}"
+                 f"; nearly idle = "
                  f"{'1 x `h2load --h1 -c1 --rps ' + str(meta['low_rate']) + '`' if meta.get('low_rate') else 'skipped'}; response bodies {meta['small_bytes']} B and {meta['large_bytes']} B")
     lines.append("")
     lines.append("### HTTP")
@@ -203,6 +205,15 @@ def render(results: dict) -> str:
         ])
     lines += _table(hdr, rows)
     lines.append("")
+    rounds = [(name, t[name].get("rate", {})) for name in order]
+    if any(len(rt.get("all_p50_us") or ()) > 1 for _, rt in rounds):
+        lines.append("Latency at the fixed rate, round by round (p50 / p99 us; the table gives the medians):")
+        lines.append("")
+        for name, rt in rounds:
+            if rt.get("all_p50_us"):
+                pairs = ", ".join(f"{a} / {b}" for a, b in zip(rt["all_p50_us"], rt["all_p99_us"]))
+                lines.append(f"- {name}: {pairs}")
+        lines.append("")
     tcp_rows = []
     ht = _get(results, "haproxy", "tcp", "mib_per_s")
     dt = _get(results, "direct", "tcp", "mib_per_s")
