@@ -362,27 +362,20 @@ def summarise_wrk(t: Target, path: str, runs: list[dict], cmd: str, notes: list[
     return out
 
 
-def measure_wrk(t: Target, path: str, args, load_pre, notes: list[str]) -> dict:
-    runs, cmd = [], ""
-    for _ in range(args.repeat):
-        run_, cmd = wrk_once(t, path, args, load_pre)
-        runs.append(run_)
-    return summarise_wrk(t, path, runs, cmd, notes)
-
-
-def measure_small_interleaved(started: dict, args, load_pre, notes: list[str]) -> dict:
-    """The small-response runs of every target, round by round: round k runs each target once,
-    in the order given, so a change of the machine's speed over the minutes of a benchmark
-    (seen on this VM: HAProxy 72k -> 82k req/s between two runs an hour apart) reaches every
-    target alike instead of favouring whichever ran in the faster minutes."""
+def measure_interleaved(started: dict, path: str, args, load_pre, notes: list[str]) -> dict:
+    """The throughput runs of every target for ``path``, round by round: round k runs each
+    target once, in the order given, so a change of the machine's speed over the minutes of a
+    benchmark (seen on this VM: HAProxy 72k -> 82k req/s between two runs an hour apart)
+    reaches every target alike instead of favouring whichever ran in the faster minutes."""
     runs: dict[str, list[dict]] = {name: [] for name in started}
     cmds: dict[str, str] = {}
     for k in range(args.repeat):
         for name, t in started.items():
-            run_, cmds[name] = wrk_once(t, "/small", args, load_pre)
+            run_, cmds[name] = wrk_once(t, path, args, load_pre)
             runs[name].append(run_)
-            print(f"   round {k + 1}: {name} {run_['rps']:.0f} req/s, cpu {run_['cpu_us_per_req']} us/req", flush=True)
-    return {name: summarise_wrk(started[name], "/small", runs[name], cmds[name], notes) for name in started}
+            print(f"   {path} round {k + 1}: {name} {run_['rps']:.0f} req/s, cpu {run_['cpu_us_per_req']} us/req",
+                  flush=True)
+    return {name: summarise_wrk(started[name], path, runs[name], cmds[name], notes) for name in started}
 
 
 def measure_rate_interleaved(started: dict, args, load_pre, tmp: Path, notes: list[str], proxy_cores) -> dict:
@@ -609,7 +602,9 @@ def measure_group(group: list[str], args, ps: ProcessSet, tmp: Path, upstream_po
             if t is not None and t.managed is not None:
                 ps.stop(t.managed)
     print(f"== small responses{', interleaved' if len(started) > 1 else ''}", flush=True)
-    small = measure_small_interleaved(started, args, load_pre, notes) if started else {}
+    small = measure_interleaved(started, "/small", args, load_pre, notes) if started else {}
+    print(f"== 16 KiB responses{', interleaved' if len(started) > 1 else ''}", flush=True)
+    large = measure_interleaved(started, "/16k", args, load_pre, notes) if started else {}
     print(f"== latency at {args.rate} req/s{', interleaved' if len(started) > 1 else ''}", flush=True)
     at_rate = measure_rate_interleaved(started, args, load_pre, tmp, notes, proxy_cores) if started else {}
     for name, t in started.items():
@@ -622,7 +617,7 @@ def measure_group(group: list[str], args, ps: ProcessSet, tmp: Path, upstream_po
                 notes.append(f"{name}: its CPU was only {busy:.0%} busy during the small-response run, so the "
                              f"bottleneck was elsewhere (the load core running wrk + upstream, or other processes "
                              f"on its own core): its req/s is a lower bound; compare CPU us/req")
-            r["http_16k"] = measure_wrk(t, "/16k", args, load_pre, notes)
+            r["http_16k"] = large[name]
             print(f"   16k:   {r['http_16k']['rps']:.0f} req/s", flush=True)
             r["rate"] = at_rate[name]
             print(f"   rate {r['rate']['achieved_rps']:.0f} req/s: p50 {r['rate']['p50_us']:.0f} us "

@@ -165,7 +165,7 @@ def render(results: dict) -> str:
     lines.append(f"- Versions: {meta['versions']}")
     lines.append(f"- Load: throughput = `wrk -t{meta['wrk_threads']} -c{meta['conns']}` for {meta['duration_s']} s "
                  f"per size (median of {meta['repeat']}"
-                 f"{'; one target at a time' if meta.get('sequential') else '; small responses in rounds, each round running every target once, while all targets stay up'}"
+                 f"{'; one target at a time' if meta.get('sequential') else '; in rounds, each round running every target once, while all targets stay up'}"
                  f"); latency = {meta['rate_conns']} x `h2load --h1 -c1 "
                  f"--rps {meta['rate'] // meta['rate_conns']}` = {meta['rate']} req/s offered for {meta['rate_duration_s']} s "
                  f"after a warm-up"
