@@ -76,7 +76,7 @@ def parse_args(argv=None):
                    help="also measure latency nearly idle: one connection at this many req/s (default 1000; 0 = skip)")
     p.add_argument("--rate-duration", type=float, default=None, help="seconds measured at the fixed rate (default 10, quick 3)")
     p.add_argument("--rate-repeat", type=int, default=None,
-                   help="fixed-rate runs per target, in rounds over the targets like the small-response runs; "
+                   help="fixed-rate runs per target, in rounds over the targets like the throughput runs; "
                         "p50 and p99 are each the median over the runs (default 3, quick 1)")
     p.add_argument("--tcp-mib", type=int, default=None, help="size of the TCP download in MiB (default 1024, quick 256)")
     p.add_argument("--tcp-repeat", type=int, default=None, help="TCP downloads per target; median (default 3, quick 2)")
@@ -379,7 +379,7 @@ def measure_interleaved(started: dict, path: str, args, load_pre, notes: list[st
 
 
 def measure_rate_interleaved(started: dict, args, load_pre, tmp: Path, notes: list[str], proxy_cores) -> dict:
-    """The fixed-rate latency runs of every target, in rounds like the small-response runs.
+    """The fixed-rate latency runs of every target, in rounds like the throughput runs.
     One 10 s window per target moved by more than the 100 us target between runs on this VM
     (and with every target at once: nginx and meshproxy both +30 us in one window), so each
     target's p50 and p99 are the medians over its rounds; the row's other figures (CPU, the

@@ -124,8 +124,6 @@ cdef uint64_t _WORD_20, _WORD_80
 cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
 @cython.locals(known=bytes, p="const char*", i=size_t, j=size_t, w=uint64_t, k=uint64_t, c="unsigned char", s=int)
 cdef int _name_slot(const char* at, size_t n)
-@cython.locals(s=int)
-cdef bytes _field_name(const char* at, size_t n)
 cdef Py_ssize_t _CACHED_VALUE_MAX, _FIELDS_ROOM
 cdef list _FIELD_CACHE
 cdef bytes _CACHEABLE_SLOTS

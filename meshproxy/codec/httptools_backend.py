@@ -243,13 +243,6 @@ def _name_slot(at, n) -> int:
     return -1
 
 
-def _field_name(at, n) -> bytes:
-    """``at[:n]`` lower-cased: one of ``COMMON_FIELD_NAMES`` when it matches, else a new copy
-    (compiled only)."""
-    s = _name_slot(at, n)
-    return _NAME_SLOTS[s] if s >= 0 else _lowered(at, n)
-
-
 # The last field seen under each common name, as the very (name, value) tuple handed out
 # then: a field whose value is byte-for-byte the same (a response's server, content-type,
 # connection, accept-ranges; a client's host, user-agent, accept) is that tuple again, with

@@ -7,13 +7,9 @@ from meshproxy.codec.framing cimport field_index
 from libc.stdint cimport uint64_t
 
 cdef uint64_t _REQUEST_DROP_LENGTHS, _RESPONSE_DROP_LENGTHS
-from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
-from cpython.ref cimport Py_INCREF
+from meshproxy.lists cimport push, with_room
 
-cdef extern from "Python.h":
-    void Py_SET_SIZE(object, Py_ssize_t)
-
-@cython.locals(out=list, field=tuple, name=bytes, n=Py_ssize_t, count=Py_ssize_t, k=Py_ssize_t, i=Py_ssize_t)
+@cython.locals(out=list, field=tuple, name=bytes, n=Py_ssize_t)
 cdef list _kept(first, fields, frozenset drop, uint64_t lengths, Py_ssize_t spare)
 @cython.locals(i=Py_ssize_t)
 cpdef _named_fields(headers, tuple names)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-import cython
-
 from ..codec.api import RequestHead, ResponseHead, field_names, name_set
 from ..codec.framing import connection_tokens, field_index
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
+from ..lists import push, with_room
 from ..telemetry.tracing import PROPAGATION_HEADERS
 
 Headers = list[tuple[bytes, bytes]]
@@ -48,31 +47,19 @@ _RESPONSE_DROP_LENGTHS = _length_mask(_RESPONSE_DROP)          # covers the two 
 
 
 def _kept(first, fields: Headers, drop: frozenset, lengths: int, spare: int) -> Headers:
-    """``first`` (unless None), then ``[field for field in fields if field[0] not in drop]``.
-
-    Compiled, a name whose length no name in ``drop`` has (``lengths``: a
-    :func:`_length_mask` covering ``drop``) is kept without the set lookup (Server, Date,
-    Content-Type, ETag... are most of a head), and the list is made at its largest size
-    once, with room for ``spare`` appends after it, instead of grown append by append."""
-    if cython.compiled and type(fields) is list:
-        count = len(fields)
-        k = 0 if first is None else 1
-        out = PyList_New(k + count + spare)    # slots past the size stay NULL (list_dealloc skips them)
-        if first is not None:
-            Py_INCREF(first)
-            PyList_SET_ITEM(out, 0, first)
-        for i in range(count):
-            field = cython.cast(tuple, PyList_GET_ITEM(fields, i))
-            name = field[0]
-            n = len(name)
-            if (n < 64 and not (lengths >> n) & 1) or name not in drop:
-                Py_INCREF(field)
-                PyList_SET_ITEM(out, k, field)
-                k += 1
-        Py_SET_SIZE(out, k)
-        return out
-    out = [] if first is None else [first]
-    out += [field for field in fields if field[0] not in drop]
+    """``first`` (unless None), then ``[field for field in fields if field[0] not in drop]``,
+    in a list made once with room for ``spare`` appends after it (:mod:`meshproxy.lists`).
+    A name whose length no name in ``drop`` has (``lengths``: a :func:`_length_mask`
+    covering ``drop``) is kept without the set lookup: Server, Date, Content-Type, ETag...
+    are most of a head."""
+    out = with_room((first is not None) + len(fields) + spare)
+    if first is not None:
+        push(out, first)
+    for field in fields:
+        name = field[0]
+        n = len(name)
+        if (n < 64 and not (lengths >> n) & 1) or name not in drop:
+            push(out, field)
     return out
 
 
