@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 PYTHON = sys.executable
 
 

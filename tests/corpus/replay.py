@@ -10,7 +10,9 @@ from pathlib import Path
 from meshproxy.codec import make_request_parser, make_response_parser
 from meshproxy.codec.api import CodecLimits, ProtocolError
 
-CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
+# Third-party test data kept in the repository (origin and licence in data/README.md and each
+# corpus's README), so a fresh clone needs nothing beside it.
+CORPORA = Path(__file__).resolve().parent / "data"
 BACKENDS = ("httptools", "h11")
 # h11's default head limit, so that the 20 KB "endless header" case hits it
 CORPUS_LIMITS = CodecLimits(max_header_bytes=16 * 1024)

@@ -1,4 +1,4 @@
-"""Replay the shared bad-HTTP corpora through both codec backends, at codec level.
+"""Replay the bad-HTTP corpora (tests/corpus/data) through both codec backends, at codec level.
 
 Asserted: every verdict the corpus states as REJECT (with its status) or ACCEPT, for one
 write, 1-byte writes and seeded random splits; both backends agree; nothing is delivered after a
@@ -19,7 +19,7 @@ MODES = [("one", 0), ("bytes", 0), ("rand", 1), ("rand", 2)]
 # these and we keep both backends on one verdict.
 STRICTER_THAN_CORPUS = {"rfc-trailer-framing-fields", "h11-cl-duplicate-same-0"}
 
-assert SMUGGLING.is_dir(), f"the shared corpus must sit beside the project root: {SMUGGLING} not found"
+assert SMUGGLING.is_dir(), f"the corpus data is part of the repository: {SMUGGLING} not found"
 
 ROWS = read_tsv(SMUGGLING / "cases.tsv")
 REQUEST_ROWS = [r for r in ROWS if r["file"].startswith("requests/")]

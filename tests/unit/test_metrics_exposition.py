@@ -17,7 +17,7 @@ from meshproxy.telemetry.exposition import (OPENMETRICS_CONTENT_TYPE, PROMETHEUS
 from meshproxy.telemetry.metrics import MetricsAggregator, PeerInfo, ProxyMetrics
 from meshproxy.telemetry.trace_export import SpanExportStats
 
-CORPUS = Path("/work/shared/corpora/openmetrics-parsers")
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "data" / "openmetrics-parsers"
 PROMTOOL = shutil.which("promtool")
 # Istio's own name; promtool's unit lint prefers seconds.  Renaming would break every
 # Istio dashboard, Kiali and Flagger query, so this one finding is accepted, nothing else.
