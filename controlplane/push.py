@@ -137,7 +137,7 @@ class PushEngine:
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  ping_interval: float = PING_INTERVAL, metrics=None):
         self.store = store
-        self.metrics = metrics          # meshproxy.telemetry.cp_metrics.ControlPlaneMetrics, or None
+        self.metrics = metrics          # controlplane.metrics.ControlPlaneMetrics, or None
         self.debounce = debounce
         self.debounce_max = debounce_max
         self.ping_interval = ping_interval

@@ -25,7 +25,7 @@ class ControlPlane:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
                  default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0):
         from prometheus_client import CollectorRegistry
-        from meshproxy.telemetry.cp_metrics import ControlPlaneMetrics
+        from .metrics import ControlPlaneMetrics
         self.store = store
         self.registry = CollectorRegistry()
         self.metrics = ControlPlaneMetrics(self.registry)

@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from meshproxy.telemetry.cp_metrics import ControlPlaneMetrics
+from controlplane.metrics import ControlPlaneMetrics
 
 
 def busy_control_plane() -> tuple[CollectorRegistry, ControlPlaneMetrics]:
