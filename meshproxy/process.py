@@ -10,6 +10,10 @@ children over one pipe each (readiness is the AND of theirs, metrics are their s
 with the last dump of a child that died kept so counters never go backwards).  It
 forwards SIGTERM to the children, restarts a child that dies unexpectedly, and exits
 0 once they have all drained.
+
+Exit codes: 0 after a clean drain; ``EXIT_UNCLEAN_DRAIN`` when the drain deadline passed
+with connections still open (they were closed); 1 when the proxy could not start.  The
+master exits with ``EXIT_UNCLEAN_DRAIN`` when any worker did not drain cleanly.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ from .proxy.observe import Telemetry
 from .telemetry import (
     AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, render,
 )
+
+EXIT_UNCLEAN_DRAIN = 3
 
 log = logging.getLogger("meshproxy")
 
@@ -253,7 +259,9 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
         task.cancel()
     if admin is not None:
         await admin.close()
-    return 0 if clean else 0     # the deadline forcing connections closed is still a clean exit
+    if not clean:
+        log.warning("drain deadline passed with connections still open: they were closed")
+    return 0 if clean else EXIT_UNCLEAN_DRAIN
 
 
 def run(options: RunOptions) -> int:
@@ -396,11 +404,16 @@ class Master:
             self._collect_final_dumps()
             await asyncio.sleep(0.05)
         self._collect_final_dumps()
+        code = 0
         for proc in self.children:
             if proc.is_alive():
                 proc.kill()
+                proc.join(1.0)
+                code = EXIT_UNCLEAN_DRAIN
+            elif proc.exitcode != 0:
+                code = EXIT_UNCLEAN_DRAIN
         await admin.close()
-        return 0
+        return code
 
 
     def _collect_final_dumps(self) -> None:

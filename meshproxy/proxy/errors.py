@@ -31,17 +31,20 @@ class Failure(Enum):
     before any request byte reached an upstream, so even non-idempotent requests may
     be retried after them."""
 
-    CONNECT_FAILURE = ("connect-failure", "UF", 503, True)
-    CONNECT_TIMEOUT = ("connect-failure", "UF", 503, True)
-    RESET_BEFORE_RESPONSE = ("reset", "UC", 503, False)
-    PER_TRY_TIMEOUT = ("timeout", "UT", 504, False)
-    PROTOCOL_ERROR = ("reset", "UPE", 502, False)
+    # (retry-on condition, response flag, status, retryable before send, detail): the detail,
+    # Envoy's reset reason, makes each member distinct (equal values would make aliases)
+    CONNECT_FAILURE = ("connect-failure", "UF", 503, True, "connection_failure")
+    CONNECT_TIMEOUT = ("connect-failure", "UF", 503, True, "connection_timeout")
+    RESET_BEFORE_RESPONSE = ("reset", "UC", 503, False, "connection_termination")
+    PER_TRY_TIMEOUT = ("timeout", "UT", 504, False, "per_try_timeout")
+    PROTOCOL_ERROR = ("reset", "UPE", 502, False, "protocol_error")
 
-    def __init__(self, condition: str, flag: str, status: int, before_send: bool):
+    def __init__(self, condition: str, flag: str, status: int, before_send: bool, detail: str):
         self.condition = condition      # the Envoy retry-on condition it matches
         self.flag = flag
         self.status = status
         self.retryable_before_send = before_send
+        self.detail = detail
 
 
 _BODIES = {
