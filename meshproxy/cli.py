@@ -82,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--namespace", default="default")
     exp.add_argument("--labels", type=_labels, default={})
     exp.add_argument("--mode", choices=("sidecar", "gateway"), default="sidecar")
+
+    init = sub.add_parser("pod-init", help="install the pod's traffic capture rules (nftables; run as root in the pod)")
+    init.add_argument("--proxy-uid", type=int, default=1337, help="the sidecar's user id: its traffic is never captured")
+    init.add_argument("--proxy-gid", type=int, default=None, help="the sidecar's group id (default: --proxy-uid)")
+    init.add_argument("--outbound-port", type=int, default=15001, help="outbound capture port")
+    init.add_argument("--inbound-port", type=int, default=15006, help="inbound capture port")
+    init.add_argument("--dns-port", type=int, default=15053, help="the sidecar's DNS port (with --capture-dns)")
+    init.add_argument("--health-port", type=int, default=15021, help="never captured inbound")
+    init.add_argument("--metrics-port", type=int, default=15090, help="never captured inbound")
+    init.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDR,...")
+    init.add_argument("--exclude-outbound-ports", default="", metavar="PORT,...")
+    init.add_argument("--exclude-inbound-ports", default="", metavar="PORT,...")
+    init.add_argument("--no-inbound-capture", action="store_true", help="capture outbound only")
+    init.add_argument("--capture-dns", action="store_true", help="redirect UDP/TCP port 53 to --dns-port")
+    init.add_argument("--dry-run", action="store_true", help="print the rule set; change nothing")
+    init.add_argument("--cleanup", action="store_true", help="remove the rules pod-init installed")
     return p
 
 
@@ -91,7 +107,43 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "pod-init":
+        return _pod_init(args)
     return _explain(args)
+
+
+def _pod_init(args) -> int:
+    from .capture import podinit
+
+    try:
+        if args.cleanup:
+            if args.dry_run:
+                print(podinit.cleanup_transaction(), end="")
+                return 0
+            podinit.cleanup()
+            print(f"meshproxy pod-init: removed table {podinit.FAMILY} {podinit.TABLE}", file=sys.stderr)
+            return 0
+        for port in (args.outbound_port, args.inbound_port, args.dns_port, args.health_port, args.metrics_port):
+            if not 0 < port < 65536:
+                raise podinit.PodInitError(f"{port} is not a port (1-65535)")
+        rules = podinit.CaptureRules(
+            proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid, outbound_port=args.outbound_port,
+            inbound_port=args.inbound_port, dns_port=args.dns_port, health_port=args.health_port,
+            metrics_port=args.metrics_port, capture_dns=args.capture_dns,
+            capture_inbound=not args.no_inbound_capture,
+            exclude_outbound_cidrs=podinit.parse_cidrs(args.exclude_outbound_cidrs, "--exclude-outbound-cidrs"),
+            exclude_outbound_ports=podinit.parse_ports(args.exclude_outbound_ports, "--exclude-outbound-ports"),
+            exclude_inbound_ports=podinit.parse_ports(args.exclude_inbound_ports, "--exclude-inbound-ports"))
+        if args.dry_run:
+            print(podinit.transaction(rules), end="")
+            return 0
+        text = podinit.apply(rules)
+    except podinit.PodInitError as err:
+        print(f"meshproxy pod-init: {err}", file=sys.stderr)
+        return 1
+    print(text, end="")
+    print(f"meshproxy pod-init: installed table {podinit.FAMILY} {podinit.TABLE}", file=sys.stderr)
+    return 0
 
 
 def _run(args) -> int:

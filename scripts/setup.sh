@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS="curl openssl nginx-light haproxy wrk nghttp2-client etcd-server prometheus"
+APT_PKGS="curl openssl nginx-light haproxy wrk nghttp2-client etcd-server prometheus iproute2 nftables util-linux"
 missing=""
-for bin in curl openssl nginx haproxy wrk h2load etcd promtool; do
+for bin in curl openssl nginx haproxy wrk h2load etcd promtool ip nft setpriv; do
   command -v "$bin" >/dev/null 2>&1 || missing="yes"
 done
 if [ -n "$missing" ]; then
