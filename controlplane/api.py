@@ -38,7 +38,7 @@ import yaml
 
 from .http import Request, Response, StreamResponse
 from .push import PushEngine
-from .resources import API_VERSIONS, BY_PLURAL, DEFAULT_API_VERSION, GROUP, describe, proxy_view
+from .resources import API_VERSIONS, BY_KIND, BY_PLURAL, DEFAULT_API_VERSION, GROUP, describe, proxy_view
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
 from .validation import apply_warnings, validate_object
 
@@ -200,7 +200,7 @@ class Api:
         resources, workloads = self.store.resources(), self.store.workloads()
         if len(resources) + len(workloads) > WARNINGS_MAX_OBJECTS:
             return []
-        others = [proxy_view(o) for k, o in sorted(resources.items()) if k != key]
+        others = [proxy_view(o) for k, o in sorted(resources.items()) if k != key and k[0] in BY_KIND]
         return await asyncio.to_thread(apply_warnings, proxy_view(obj), others, list(workloads.values()))
 
     async def _create(self, request, ns, plural):

@@ -6,6 +6,8 @@
   meshctl delete KIND NAME [-n NS]  |  meshctl delete -f FILE|DIR|-
   meshctl history [--limit N]       meshctl rollback REVISION
   meshctl proxies [-o json]         meshctl endpoints SERVICE [-n NS]
+  meshctl canary status [NAME] [-n NS] [-o json]
+  meshctl canary promote|abort|pause|resume NAME [-n NS]
 
 The server comes from --server, else $MESHCTL_SERVER, else http://127.0.0.1:15010.
 Every problem is printed as one line on stderr; the exit code is 1 if there was any.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from .delivery import cli as canary_cli
 from .resources import DEFAULT_API_VERSION, GROUP, lookup_kind
 
 DEFAULT_SERVER = "http://127.0.0.1:15010"
@@ -81,8 +84,9 @@ def status_lines(body: dict) -> list[str]:
 
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None) -> str:
-    plural = lookup_kind(kind).plural
-    base = f"/apis/{GROUP}/v1"
+    k = lookup_kind(kind)
+    plural = k.plural
+    base = f"/apis/{k.group}/v1"
     if namespace is None:
         return f"{base}/{plural}"
     return f"{base}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
@@ -128,7 +132,7 @@ def read_documents(paths: list[str], default_ns: str) -> tuple[list[tuple[str, d
                 kind = lookup_kind(str(item.get("kind", "")))
                 if kind is None or kind.kind != item.get("kind"):
                     errors.append(f"{label}: kind {item.get('kind')!r} is not served by meshctl "
-                                  f"(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar)")
+                                  f"(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, Canary)")
                     continue
                 md = item.setdefault("metadata", {}) if isinstance(item.get("metadata"), (dict, type(None))) else None
                 if md is None:
@@ -183,7 +187,7 @@ def cmd_apply(client: Client, args, *, diff_only: bool = False) -> int:
             continue
         for warning in client.warnings:
             print(f"Warning: {warning}", file=sys.stderr)
-        ref = f"{kind.lower()}.{GROUP}/{name}" + (f" -n {ns}" if ns != "default" else "")
+        ref = f"{kind.lower()}.{lookup_kind(kind).group}/{name}" + (f" -n {ns}" if ns != "default" else "")
         changed = comparable(live) != comparable(result)
         if dry:
             text = unified(live, result, f"{kind}/{ns}/{name}")
@@ -232,6 +236,10 @@ def _summary(obj: dict) -> str:
         return f"host={spec.get('host')} subsets={','.join(s.get('name', '?') for s in spec.get('subsets') or []) or '-'}"
     if kind == "ServiceEntry":
         return f"hosts={','.join(spec.get('hosts') or [])} resolution={spec.get('resolution', 'NONE')}"
+    if kind == "Canary":
+        status = obj.get("status") or {}
+        return f"host={spec.get('host')} {spec.get('stable')}->{spec.get('canary')} phase={status.get('phase', '-')} " \
+               f"weight={status.get('canaryWeight', '-')}"
     if kind == "Gateway":
         return "servers=" + ",".join(f"{s.get('port', {}).get('number')}/{s.get('port', {}).get('protocol')}"
                                      for s in spec.get("servers") or [])
@@ -241,7 +249,8 @@ def _summary(obj: dict) -> str:
 def cmd_get(client: Client, args) -> int:
     kind = lookup_kind(args.kind)
     if kind is None:
-        raise CliError(f"unknown kind {args.kind!r} (virtualservices|destinationrules|serviceentries|gateways|sidecars)")
+        raise CliError(f"unknown kind {args.kind!r} (virtualservices|destinationrules|serviceentries|gateways|sidecars|"
+                       "canaries)")
     ns = None if args.all_namespaces else (args.namespace or "default")
     if args.name and ns is None:
         raise CliError("a NAME needs a namespace (-n), not -A")
@@ -287,7 +296,7 @@ def cmd_delete(client: Client, args) -> int:
         if code != 200:
             problems += status_lines(body)
         else:
-            print(f"{kind.lower()}.{GROUP}/{name} deleted (revision {body['metadata']['resourceVersion']})")
+            print(f"{kind.lower()}.{lookup_kind(kind).group}/{name} deleted (revision {body['metadata']['resourceVersion']})")
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return 1 if problems else 0
@@ -399,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("endpoints")
     p.add_argument("service")
     p.add_argument("-n", "--namespace")
+    canary_cli.add_parser(sub)
     return parser
 
 
@@ -409,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.server)
     commands = {"apply": cmd_apply, "get": cmd_get, "delete": cmd_delete, "history": cmd_history,
                 "rollback": cmd_rollback, "proxies": cmd_proxies, "endpoints": cmd_endpoints,
+                "canary": lambda c, a: canary_cli.run(c, a, CliError),
                 "diff": lambda c, a: cmd_apply(c, a, diff_only=True)}
     if args.command == "diff":
         args.dry_run = True

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from .resources import canonical_json, proxy_view
+from .resources import canonical_json, is_proxy_kind, proxy_view
 from .scope import Identity, select_resources, select_workloads
 from .store import ConfigStore
 
@@ -113,7 +113,7 @@ class ProxyConnection:
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "service": self.info.get("service", ""),
                 "namespace": self.identity.namespace, "mode": self.identity.mode,
-                "labels": dict(self.identity.labels), "state": self.state,
+                "labels": dict(self.identity.labels), "admin": self.info.get("admin", ""), "state": self.state,
                 "sent_version": self.sent_version, "acked_version": self.acked_version,
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
                 "last_nack": self.last_nack, "connected_since": self.connected_since}
@@ -192,7 +192,7 @@ class PushEngine:
 
     def _recompute(self, changed_at: float) -> None:
         """One consistent view of the store -> a target per proxy; wake the streams that changed."""
-        resources = sorted((proxy_view(o) for o in self.store.resources().values()),
+        resources = sorted((proxy_view(o) for o in self.store.resources().values() if is_proxy_kind(o["kind"])),
                            key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]))
         workloads = sorted(({"service": w["service"], "namespace": w["namespace"], "address": w["address"],
                              "ports": w["ports"], "labels": w.get("labels") or {}}

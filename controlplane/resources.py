@@ -31,6 +31,7 @@ class Kind:
     kind: str
     plural: str
     short: tuple[str, ...]
+    group: str = GROUP
 
 
 KINDS: tuple[Kind, ...] = (
@@ -42,7 +43,10 @@ KINDS: tuple[Kind, ...] = (
 )
 BY_PLURAL = {k.plural: k for k in KINDS}
 BY_KIND = {k.kind: k for k in KINDS}
-BY_ANY_NAME = {name: k for k in KINDS for name in (k.plural, k.kind.lower(), *k.short)}
+# kinds of other groups, served by their own modules (controlplane/delivery) and never pushed to proxies
+DELIVERY_GROUP = "delivery.meshproxy.io"
+OTHER_KINDS: tuple[Kind, ...] = (Kind("Canary", "canaries", ("canary",), DELIVERY_GROUP),)
+BY_ANY_NAME = {name: k for k in KINDS + OTHER_KINDS for name in (k.plural, k.kind.lower(), *k.short)}
 
 # metadata keys a client may set; the rest of metadata is owned by the server
 CLIENT_METADATA = ("name", "namespace", "labels", "annotations", "resourceVersion")
@@ -54,6 +58,11 @@ PROXY_METADATA = ("name", "namespace", "labels", "annotations", "creationTimesta
 def lookup_kind(name: str) -> Kind | None:
     """``vs``, ``VirtualService``, ``virtualservices`` -> the Kind; None if unknown."""
     return BY_ANY_NAME.get(name.lower()) or BY_KIND.get(name)
+
+
+def is_proxy_kind(kind: str) -> bool:
+    """True for the Istio kinds proxies receive (not the control plane's own kinds, e.g. Canary)."""
+    return kind in BY_KIND
 
 
 def object_key(obj: dict) -> tuple[str, str, str]:

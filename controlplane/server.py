@@ -9,6 +9,8 @@ import asyncio
 import signal
 
 from .api import DEFAULT_TTL, Api
+from .delivery.api import DeliveryApi
+from .delivery.controller import DeliveryController
 from .http import HttpServer
 from .push import PushEngine
 from .store import ConfigStore, StoreError, open_store
@@ -32,8 +34,14 @@ class ControlPlane:
         self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval,
                                metrics=self.metrics)
         self.api = Api(store, self.push, default_ttl=default_ttl, metrics=self.metrics, metrics_registry=self.registry)
-        self.http = HttpServer(self.api.handle)
+        self.delivery = DeliveryController(store, self.push)
+        self.delivery_api = DeliveryApi(store, self.delivery)
+        self.http = HttpServer(self._handle)
         self._publisher: asyncio.Task | None = None
+
+    async def _handle(self, request):
+        response = await self.delivery_api.handle(request)
+        return response if response is not None else await self.api.handle(request)
 
     @property
     def port(self) -> int:
@@ -42,6 +50,7 @@ class ControlPlane:
     async def start(self, host: str = "127.0.0.1", port: int = 15010) -> None:
         await self.store.start()
         await self.push.start()
+        await self.delivery.start()
         await self.http.start(host, port)
         if hasattr(self.store, "publish_proxies"):
             self._publisher = asyncio.create_task(self._publish_proxies(), name="publish-proxies")
@@ -63,6 +72,7 @@ class ControlPlane:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
         await self.http.close()
+        await self.delivery.close()
         await self.push.close()
         await self.store.close()
 

@@ -29,6 +29,8 @@ class RemoteSource:
         self.telemetry = telemetry
         identity = options.identity
         info = {"namespace": identity.namespace, "mode": identity.mode, "labels": dict(identity.labels)}
+        if options.admin[1]:        # where the control plane reads this proxy's metrics (canary analysis)
+            info["admin"] = f"{options.admin[0]}:{options.admin[1]}"
         self.client = RemoteConfigClient(options.control_plane, options.worker.node_id, info, self._on_config,
                                          options.registration)
         self._task: asyncio.Task | None = None

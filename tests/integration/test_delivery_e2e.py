@@ -1,0 +1,274 @@
+"""Canaries over real processes: the control plane (with its delivery controller), a real
+ingress gateway proxy splitting traffic, versions of a service the test controls (good,
+failing, slow), and users sending requests.  Intervals are half a second."""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from delivery_mesh import DeliveryMesh, Users, VersionApp, wait_for
+
+from controlplane import cli
+
+SUCCESS = {"name": "request-success-rate", "thresholdRange": {"min": 99}}
+LATENCY = {"name": "request-duration", "thresholdRange": {"max": 100}}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    m = DeliveryMesh(tmp_path_factory.mktemp("delivery")).start()
+    yield m
+    m.close()
+
+
+def canary_revisions(mesh, name):
+    items = mesh.api.call("GET", "/history?limit=500")[1]["items"]
+    return [e for e in reversed(items) if e["origin"].startswith(f"canary default/{name}:")]
+
+
+def test_healthy_canary_is_promoted_after_one_passed_check_per_step(mesh):
+    mesh.add_service("good", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    users = Users(mesh.gw_port, "good.example.com", pause=0.002).start()
+    try:
+        started = time.monotonic()
+        mesh.canary("good", "v1", "v2", {"interval": "500ms", "threshold": 2, "maxWeight": 50, "stepWeight": 25,
+                                         "minRequests": 20, "metrics": [SUCCESS, LATENCY]})
+        status = mesh.wait_phase("good", ("Succeeded", "Failed"), 30)
+        took = time.monotonic() - started
+    finally:
+        users.stop()
+    assert status["phase"] == "Succeeded", status["message"]
+    assert mesh.weights("good") == {"v2": 100}
+    # two steps (25, 50), each promoted by one passed check, no failed check
+    assert (status["passedChecks"], status["failedChecks"]) == (2, 0)
+    assert [w["weight"] for w in status["weights"]] == [25, 50, 100]
+    assert took >= 3 * 0.5        # start, two checks, promotion: at least three intervals apart
+    for check in status["checks"]:
+        assert check["window"]["canary"]["requests"] >= 20 and check["verdict"] == "pass"
+    # every weight change is a revision in the history, by the canary
+    origins = [e["origin"].split(": ", 1)[1] for e in canary_revisions(mesh, "good")]
+    assert origins == ["weight 25", "weight 50", "promoted (analysis passed)"]
+    assert users.count(status=200) == len(users.outcomes) > 200
+
+
+def test_canary_with_10_percent_errors_is_rolled_back_before_min_requests_and_errors_are_bounded(mesh):
+    mesh.add_service("bad", {"v1": VersionApp("v1"), "v2": VersionApp("v2", error_every=10)}, "v1")
+    users = Users(mesh.gw_port, "bad.example.com", pause=0.002).start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        mesh.canary("bad", "v1", "v2", {"interval": "500ms", "threshold": 1, "maxWeight": 60, "stepWeight": 20,
+                                        "minRequests": 200, "metrics": [SUCCESS]})
+        status = mesh.wait_phase("bad", ("Succeeded", "Failed"), 30)
+        failed_at = time.monotonic()
+        # the rollback reaches the gateway: from then on nobody sees v2
+        wait_for(lambda: users.count(version="v2", since=time.monotonic() - 0.3) == 0 and
+                 users.count(since=time.monotonic() - 0.3) > 10, 10, "no v2 answers after the rollback")
+    finally:
+        users.stop()
+    assert status["phase"] == "Failed" and mesh.weights("bad") == {"v1": 100}
+    decision = status["checks"][-1]
+    assert "request-success-rate" in decision["reason"]
+    # judged worse than stable with fewer canary requests than minRequests (a fixed threshold needs 200)
+    assert decision["window"]["canary"]["requests"] < 200
+    assert max(w["weight"] for w in status["weights"]) == 20          # never advanced past the first step
+    # the bound: errors are 1 in 10 canary requests, canary requests are 20% of the traffic (exact split)
+    # for as long as the canary had weight, plus what was in flight while the rollback was pushed
+    during = users.count(since=started - 1.0) - users.count(since=failed_at + 1.0)
+    errors = users.count(status=500)
+    canary_requests = users.count(version="v2")
+    assert errors == canary_requests // 10 or errors == canary_requests // 10 + 1
+    assert canary_requests <= 0.2 * during + 2
+    assert errors <= 0.1 * 0.2 * during + 1
+    assert errors >= 2                                                  # it did see the bad version
+
+
+def test_slower_canary_fails_the_latency_check(mesh):
+    mesh.add_service("slow", {"v1": VersionApp("v1"), "v2": VersionApp("v2", delay=0.15)}, "v1")
+    users = Users(mesh.gw_port, "slow.example.com", users=3, pause=0.002).start()
+    try:
+        mesh.canary("slow", "v1", "v2", {"interval": "500ms", "threshold": 1, "maxWeight": 50, "stepWeight": 25,
+                                         "minRequests": 50, "metrics": [SUCCESS, LATENCY]})
+        status = mesh.wait_phase("slow", ("Succeeded", "Failed"), 30)
+    finally:
+        users.stop()
+    assert status["phase"] == "Failed" and mesh.weights("slow") == {"v1": 100}
+    failed = [m for m in status["checks"][-1]["metrics"] if m["verdict"] == "fail"]
+    assert [m["name"] for m in failed] == ["request-duration"]
+    assert failed[0]["value"] > 100 and failed[0]["value"] > failed[0]["stable"]
+
+
+def test_low_traffic_waits_with_not_enough_data_then_progresses(mesh):
+    mesh.add_service("quiet", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    mesh.canary("quiet", "v1", "v2", {"interval": "300ms", "threshold": 1, "maxWeight": 50, "stepWeight": 50,
+                                      "minRequests": 20, "metrics": [SUCCESS]})
+    mesh.wait_phase("quiet", "Progressing", 10)
+    time.sleep(1.5)                                             # five intervals without a request
+    status = mesh.status("quiet")
+    assert status["phase"] == "Progressing" and status["failedChecks"] == 0 and status["canaryWeight"] == 50
+    assert "not enough data: 0/20 canary requests" in status["message"]
+    assert "deadline in" in status["message"]
+    users = Users(mesh.gw_port, "quiet.example.com", users=1, pause=0.01).start()
+    try:
+        status = mesh.wait_phase("quiet", ("Succeeded", "Failed"), 20)
+    finally:
+        users.stop()
+    assert status["phase"] == "Succeeded"
+
+
+def test_no_traffic_past_the_progress_deadline_rolls_back(mesh):
+    mesh.add_service("idle", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    mesh.canary("idle", "v1", "v2", {"interval": "300ms", "stepWeight": 50, "minRequests": 5, "metrics": [SUCCESS]},
+                progressDeadlineSeconds=1)
+    status = mesh.wait_phase("idle", ("Succeeded", "Failed"), 10)
+    assert status["phase"] == "Failed" and "progress deadline exceeded" in status["message"]
+    assert mesh.weights("idle") == {"v1": 100}
+
+
+def test_sticky_canary_keeps_each_user_on_the_canary_once_reached(mesh):
+    mesh.add_service("sticky", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    mesh.canary("sticky", "v1", "v2", {"interval": "500ms", "threshold": 1, "stepWeights": [20, 40, 70],
+                                       "minRequests": 10, "metrics": [SUCCESS],
+                                       "sessionAffinity": {"cookieName": "canary-user", "maxAge": 600}})
+    mesh.wait_phase("sticky", "Progressing", 10)
+    dr = mesh.get("destinationrules", "sticky")
+    assert dr["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpCookie"]["name"] == "canary-user"
+    users = Users(mesh.gw_port, "sticky.example.com", users=16, pause=0.005, cookies=True).start()
+    try:
+        status = mesh.wait_phase("sticky", ("Succeeded", "Failed"), 30)
+        time.sleep(0.3)
+    finally:
+        users.stop()
+    assert status["phase"] == "Succeeded"
+    reached_canary = set()
+    for user in range(16):
+        seen = [v for _, u, s, v in users.outcomes if u == user and s == 200]
+        first = seen.index("v2") if "v2" in seen else len(seen)
+        assert set(seen[first:]) <= {"v2"}, f"user {user} went back to v1: {seen}"
+        if first < len(seen) - 1 and status["weights"]:
+            reached_canary.add(user)
+    assert len(reached_canary) == 16
+    # the session affinity is removed with the canary: the DestinationRule is as before
+    assert "trafficPolicy" not in mesh.get("destinationrules", "sticky")["spec"]
+
+
+def test_human_edit_pauses_resume_reapplies_abort_rolls_back_and_history_undoes(mesh, capsys):
+    mesh.add_service("edited", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    mesh.canary("edited", "v1", "v2", {"interval": "300ms", "stepWeight": 10, "minRequests": 1000,
+                                       "metrics": [SUCCESS]})
+    wait_for(lambda: mesh.weights("edited") == {"v1": 90, "v2": 10}, 10, "first step at 10%")
+    vs = mesh.get("virtualservices", "edited")
+    vs["spec"]["http"][0]["route"][0]["weight"], vs["spec"]["http"][0]["route"][1]["weight"] = 50, 50
+    mesh.put("virtualservices", vs)
+    status = wait_for(lambda: (lambda s: s if s["paused"] else None)(mesh.status("edited")), 5, "paused")
+    assert "was changed outside the canary" in status["paused"]["reason"]
+    time.sleep(0.7)
+    assert mesh.weights("edited") == {"v1": 50, "v2": 50}                      # left as the human set it
+    server = ["--server", mesh.cp.url]
+    assert cli.main(server + ["canary", "resume", "edited"]) == 0
+    wait_for(lambda: mesh.weights("edited") == {"v1": 90, "v2": 10}, 5, "weight re-applied")
+    assert mesh.status("edited")["paused"] is None
+    assert cli.main(server + ["canary", "abort", "edited"]) == 0
+    status = mesh.wait_phase("edited", "Failed", 5)
+    assert "aborted by" in status["message"] and mesh.weights("edited") == {"v1": 100}
+    # the canary's revisions are ordinary history: meshctl rollback undoes the rollback
+    revisions = canary_revisions(mesh, "edited")
+    step = [e for e in revisions if e["origin"].endswith("weight 10")][0]["revision"]
+    capsys.readouterr()
+    assert cli.main(server + ["history", "--limit", "200"]) == 0
+    assert "canary default/edited: weight 10" in capsys.readouterr().out
+    assert cli.main(server + ["rollback", str(step)]) == 0
+    assert mesh.weights("edited") == {"v1": 90, "v2": 10}
+    assert cli.main(server + ["canary", "status", "edited"]) == 0
+    out = capsys.readouterr().out
+    assert "Failed" in out and "aborted by" in out
+
+
+class Hooks:
+    """A webhook receiver the test controls: per path, the status to answer (or a hang)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.answers: dict[str, int | str] = {}
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                hooks.calls.append((self.path, body))
+                answer = hooks.answers.get(self.path, 200)
+                if answer == "hang":
+                    time.sleep(2)
+                    return
+                self.send_response(answer)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self):
+        return [p for p, _ in self.calls]
+
+
+def test_webhooks_gate_promotion_and_a_hanging_pre_rollout_hook_counts_as_failed_checks(mesh):
+    hooks = Hooks()
+    try:
+        mesh.add_service("hooked", {"v1": VersionApp("v1"), "v2": VersionApp("v2"), "v3": VersionApp("v3")}, "v1")
+        hooks.answers["/confirm"] = 403
+        users = Users(mesh.gw_port, "hooked.example.com", users=1, pause=0.005).start()
+        try:
+            mesh.canary("hooked", "v1", "v2", {
+                "interval": "300ms", "stepWeight": 50, "maxWeight": 50, "minRequests": 5, "metrics": [SUCCESS], "webhooks": [
+                    {"name": "load", "type": "rollout", "url": hooks.url + "/rollout", "metadata": {"cmd": "hey"}},
+                    {"name": "gate", "type": "confirm-promotion", "url": hooks.url + "/confirm"},
+                    {"name": "done", "type": "post-rollout", "url": hooks.url + "/post"}]})
+            status = mesh.wait_phase("hooked", "WaitingPromotion", 15)
+            assert "confirm-promotion" in status["message"] and mesh.weights("hooked") == {"v1": 50, "v2": 50}
+            hooks.answers["/confirm"] = 200
+            status = mesh.wait_phase("hooked", ("Succeeded", "Failed"), 10)
+        finally:
+            users.stop()
+        assert status["phase"] == "Succeeded"
+        assert hooks.paths().count("/post") == 1 and "/rollout" in hooks.paths()
+        payload = [b for p, b in hooks.calls if p == "/rollout"][0]
+        assert payload["name"] == "hooked" and payload["namespace"] == "default" and payload["metadata"] == {"cmd": "hey"}
+        # a new canary of the same service (v2 -> v3) whose pre-rollout hook hangs past its timeout
+        hooks.answers["/pre"] = "hang"
+        mesh.canary("hooked", "v2", "v3", {
+            "interval": "300ms", "threshold": 2, "stepWeight": 50, "metrics": [SUCCESS], "webhooks": [
+                {"name": "smoke", "type": "pre-rollout", "url": hooks.url + "/pre", "timeout": "200ms"}]})
+        status = mesh.wait_phase("hooked", "Failed", 10)
+        assert status["failedChecks"] == 2 and "pre-rollout webhook smoke" in status["message"]
+        assert "no answer within 0.2s" in status["message"]
+        assert mesh.weights("hooked") == {"v2": 100}
+    finally:
+        hooks.server.shutdown()
+
+
+def test_invalid_canary_is_refused_with_every_error_and_its_path(mesh):
+    mesh.add_service("checked", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    code, body = mesh.api.call("PUT", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/checked", {
+        "apiVersion": "delivery.meshproxy.io/v1", "kind": "Canary", "metadata": {"name": "checked"},
+        "spec": {"host": "checked", "stable": "v1", "canary": "v9",
+                 "analysis": {"maxWeight": 120, "stepWeight": 10, "metrics": [{"name": "request-success-rate"}]}}})
+    assert code == 422
+    fields = sorted(c["field"] for c in body["details"]["causes"])
+    assert fields == ["spec.analysis.maxWeight", "spec.analysis.metrics[0].thresholdRange"]
+    code, body = mesh.api.call("PUT", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/checked", {
+        "apiVersion": "delivery.meshproxy.io/v1", "kind": "Canary", "metadata": {"name": "checked"},
+        "spec": {"host": "checked", "stable": "v1", "canary": "v9", "analysis": {"stepWeight": 10}}})
+    assert code == 422 and [c["field"] for c in body["details"]["causes"]] == ["spec.canary"]
+    assert "unknown subset 'v9'" in body["message"]
+    code, _ = mesh.api.call("GET", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/checked")
+    assert code == 404
