@@ -1,15 +1,23 @@
 """The HTTP API: Kubernetes-style resources, history/rollback, registry, push streams.
 
-Routes (``{ver}`` is v1, v1beta1 or v1alpha3; objects are always stored as given):
+Routes (``{g}/{v}`` is any group/version :mod:`.resources` serves, e.g. networking.istio.io/v1;
+objects are always stored as given; conventions in :mod:`.kube`):
 
-  GET    /apis/networking.istio.io/{ver}/{plural}                       list, all namespaces
-  GET    /apis/networking.istio.io/{ver}/namespaces/{ns}/{plural}       list (?watch=true streams)
-  POST   /apis/networking.istio.io/{ver}/namespaces/{ns}/{plural}       create (409 if it exists)
-  GET    /apis/networking.istio.io/{ver}/namespaces/{ns}/{plural}/{n}   get
-  PUT    /apis/networking.istio.io/{ver}/namespaces/{ns}/{plural}/{n}   create or update; with
-                                                                        metadata.resourceVersion: 409 if stale
-  DELETE /apis/networking.istio.io/{ver}/namespaces/{ns}/{plural}/{n}   (?resourceVersion= precondition)
-  ?dryRun=All on POST/PUT/DELETE validates and answers without writing.
+  GET    /version, /api, /api/v1, /apis, /apis/{g}, /apis/{g}/{v}         discovery
+  GET    /openapi/v3, /openapi/v3/apis/{g}/{v}                            OpenAPI v3 (schemas of the kinds)
+  GET    /apis/{g}/{v}/{plural}                                 list, all namespaces (?watch=true streams)
+  GET    /apis/{g}/{v}/namespaces/{ns}/{plural}                 list (?watch=true streams)
+         list and watch take labelSelector, fieldSelector (metadata.name/namespace), limit/continue;
+         watch takes resourceVersion (resume; 410 when older than the history), allowWatchBookmarks,
+         timeoutSeconds; Accept: ...;as=Table;g=meta.k8s.io answers a Table (kubectl get)
+  POST   /apis/{g}/{v}/namespaces/{ns}/{plural}                 create (409 if it exists)
+  GET    /apis/{g}/{v}/namespaces/{ns}/{plural}/{n}             get
+  PUT    /apis/{g}/{v}/namespaces/{ns}/{plural}/{n}             create or update; with
+                                                                metadata.resourceVersion: 409 if stale
+  PATCH  /apis/{g}/{v}/namespaces/{ns}/{plural}/{n}             merge patch, JSON patch, server-side apply
+                                                                (?fieldManager=&force=); strategic: 415
+  DELETE /apis/{g}/{v}/namespaces/{ns}/{plural}/{n}             (?resourceVersion= precondition)
+  ?dryRun=All on POST/PUT/PATCH/DELETE validates and answers without writing.
 
   GET    /history?limit=N                     accepted changes, newest first
   POST   /history/{revision}/rollback         make the resources what they were at that revision
@@ -36,26 +44,39 @@ import uuid
 
 import yaml
 
+from . import kube
 from .http import Request, Response, StreamResponse
 from .push import PushEngine
-from .resources import API_VERSIONS, BY_KIND, BY_PLURAL, DEFAULT_API_VERSION, GROUP, describe, proxy_view
+from .resources import BY_KIND, BY_PLURAL, Kind, describe, kind_for, proxy_view
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
 from .validation import apply_warnings, validate_object
 
 DEFAULT_TTL = 10.0
 WARNINGS_MAX_OBJECTS = 3000     # above this many resources + workloads, writes skip the warning compile
-_VER = "|".join(API_VERSIONS)
-_PLURAL = "|".join(BY_PLURAL)
+WATCH_HISTORY = 100_000         # history entries a watch may replay to resume from a resourceVersion
+_GV = r"(?P<group>[a-z0-9.-]+)/(?P<version>v[a-z0-9]+)"
+_NS = r"namespaces/(?P<ns>[^/]+)"
 ROUTES: list[tuple[str, re.Pattern, str]] = [
     (m, re.compile(p), h) for m, p, h in [
         ("GET", r"^/healthz$", "healthz"),
         ("GET", r"^/metrics$", "metrics"),
-        ("GET", rf"^/apis/{GROUP}/(?:{_VER})/(?P<plural>{_PLURAL})$", "list_all"),
-        ("GET", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})$", "list"),
-        ("POST", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})$", "create"),
-        ("GET", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})/(?P<name>[^/]+)$", "get"),
-        ("PUT", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})/(?P<name>[^/]+)$", "replace"),
-        ("DELETE", rf"^/apis/{GROUP}/(?:{_VER})/namespaces/(?P<ns>[^/]+)/(?P<plural>{_PLURAL})/(?P<name>[^/]+)$", "delete"),
+        ("GET", r"^/version/?$", "version"),
+        ("GET", r"^/api/?$", "core_versions"),
+        ("GET", r"^/api/v1/?$", "core_resources"),
+        ("GET", r"^/api/v1/namespaces$", "namespaces"),
+        ("GET", r"^/api/v1/namespaces/(?P<name>[^/]+)$", "namespace"),
+        ("GET", r"^/apis/?$", "groups"),
+        ("GET", r"^/apis/(?P<group>[a-z0-9.-]+)/?$", "group"),
+        ("GET", rf"^/apis/{_GV}/?$", "resource_list"),
+        ("GET", r"^/openapi/v3/?$", "openapi_paths"),
+        ("GET", rf"^/openapi/v3/apis/{_GV}$", "openapi_group_version"),
+        ("GET", rf"^/apis/{_GV}/(?P<plural>[a-z0-9]+)$", "list_all"),
+        ("GET", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)$", "list"),
+        ("POST", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)$", "create"),
+        ("GET", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)/(?P<name>[^/]+)$", "get"),
+        ("PUT", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)/(?P<name>[^/]+)$", "replace"),
+        ("PATCH", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)/(?P<name>[^/]+)$", "patch"),
+        ("DELETE", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)/(?P<name>[^/]+)$", "delete"),
         ("GET", r"^/history$", "history"),
         ("POST", r"^/history/(?P<revision>\d+)/rollback$", "rollback"),
         ("POST", r"^/registry/v1/workloads$", "register"),
@@ -77,7 +98,7 @@ def status(code: int, reason: str, message: str, *, details: dict | None = None)
     return Response.json(code, body)
 
 
-def invalid(kind: str, namespace: str, name: str, errors: list[str]) -> Response:
+def invalid(kind: str, namespace: str, name: str, errors: list[str], group: str = "") -> Response:
     causes = []
     prefix = f"{describe(kind, namespace, name)}: "
     for error in errors:
@@ -85,7 +106,7 @@ def invalid(kind: str, namespace: str, name: str, errors: list[str]) -> Response
         field, sep, message = rest.partition(": ")
         causes.append({"reason": "FieldValueInvalid", "field": field if sep else "", "message": error})
     return status(422, "Invalid", f"{describe(kind, namespace, name)} is invalid: " + "; ".join(errors),
-                  details={"name": name, "group": GROUP, "kind": kind, "causes": causes})
+                  details={"name": name, "group": group, "kind": kind, "causes": causes})
 
 
 def parse_body(request: Request):
@@ -96,6 +117,16 @@ def parse_body(request: Request):
         return json.loads(text) if text[:1] in "{[" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise BadRequest(f"request body is neither valid JSON nor YAML: {exc}") from None
+
+
+def _int_param(query: dict, name: str) -> int | None:
+    value = query.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{name}: must be an integer, got {value!r}") from None
 
 
 class Api:
@@ -110,7 +141,8 @@ class Api:
     async def handle(self, request: Request):
         response = await self._route(request)
         if self.metrics and request.path.startswith("/apis/"):
-            plural = request.path.split("/")[-1] if request.method in ("GET", "POST") else request.path.split("/")[-2]
+            parts = request.path.rstrip("/").split("/")
+            plural = parts[-1] if request.method in ("GET", "POST") else parts[-2]
             kind = BY_PLURAL[plural].kind if plural in BY_PLURAL else "-"
             self.metrics.api_request(request.method, kind, response.status)
             if response.status == 422:
@@ -125,15 +157,17 @@ class Api:
                 if method == request.method:
                     try:
                         return await getattr(self, "_" + name)(request, **match.groupdict())
+                    except kube.ApplyConflict as exc:
+                        return status(409, "Conflict", str(exc), details={"causes": exc.causes})
                     except StoreError as exc:
                         return status(exc.code, exc.reason, str(exc))
                 allowed.append(method)
         if allowed:
             return status(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path} "
                                                    f"(allowed: {', '.join(allowed)})")
-        return status(404, "NotFound", f"no route for {request.method} {request.path}")
+        return status(404, "NotFound", f"the server could not find the requested resource ({request.path})")
 
-    # ------------------------------------------------------------ resources
+    # ------------------------------------------------------------ discovery
 
     async def _healthz(self, request):
         return Response(200, b"ok\n", "text/plain")
@@ -144,54 +178,176 @@ class Api:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return Response(200, generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST)
 
-    def _items(self, kind: str, namespace: str | None) -> list[dict]:
+    async def _version(self, request):
+        return Response.json(200, kube.SERVER_VERSION)
+
+    async def _core_versions(self, request):
+        return Response.json(200, kube.api_versions())
+
+    async def _core_resources(self, request):
+        return Response.json(200, kube.core_resources())
+
+    def _namespace_names(self) -> list[str]:
+        names = {ns for (_, ns, _) in self.store.resources()} | {w["namespace"] for w in self.store.workloads().values()}
+        return sorted(names | {"default"})
+
+    async def _namespaces(self, request):
+        return Response.json(200, {"apiVersion": "v1", "kind": "NamespaceList",
+                                   "metadata": {"resourceVersion": str(self._revision())},
+                                   "items": [kube.namespace_object(n) for n in self._namespace_names()]})
+
+    async def _namespace(self, request, name):
+        if name not in self._namespace_names():
+            raise NotFound(f'namespaces "{name}" not found')
+        return Response.json(200, kube.namespace_object(name))
+
+    async def _groups(self, request):
+        return Response.json(200, kube.api_group_list())
+
+    async def _group(self, request, group):
+        body = kube.api_group(group)
+        if body is None:
+            raise NotFound(f"the server could not find the requested resource (group {group})")
+        return Response.json(200, body)
+
+    async def _resource_list(self, request, group, version):
+        body = kube.api_resource_list(group, version)
+        if body is None:
+            raise NotFound(f"the server could not find the requested resource ({group}/{version})")
+        return Response.json(200, body)
+
+    async def _openapi_paths(self, request):
+        from .openapi import v3_paths
+        return Response.json(200, v3_paths())
+
+    async def _openapi_group_version(self, request, group, version):
+        from .openapi import v3_document
+        body = v3_document(group, version)
+        if body is None:
+            raise NotFound(f"no OpenAPI document for {group}/{version}")
+        return Response.json(200, body)
+
+    # ------------------------------------------------------------ resources
+
+    @staticmethod
+    def _kind(group: str, version: str, plural: str) -> Kind:
+        kind = kind_for(group, version, plural)
+        if kind is None:
+            raise NotFound(f"the server could not find the requested resource ({group}/{version} {plural})")
+        return kind
+
+    def _items(self, kind: Kind, namespace: str | None, query: dict | None = None) -> list[dict]:
+        labels = kube.parse_label_selector((query or {}).get("labelSelector", ""))
+        fields = kube.parse_field_selector((query or {}).get("fieldSelector", ""))
         items = [obj for (k, ns, _), obj in self.store.resources().items()
-                 if k == kind and (namespace is None or ns == namespace)]
+                 if k == kind.kind and (namespace is None or ns == namespace) and kube.selected(obj, labels, fields)]
         return sorted(items, key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"]))
 
-    def _list_body(self, kind: str, items: list[dict]) -> dict:
-        revisions = [int(o["metadata"]["resourceVersion"]) for o in self.store.resources().values()]
-        return {"apiVersion": DEFAULT_API_VERSION, "kind": f"{kind}List",
-                "metadata": {"resourceVersion": str(max(revisions, default=0))}, "items": items}
+    def _revision(self) -> int:
+        return self.store.resource_revision()
 
-    async def _list_all(self, request, plural):
-        kind = BY_PLURAL[plural].kind
-        return Response.json(200, self._list_body(kind, self._items(kind, None)))
+    async def _list_all(self, request, group, version, plural):
+        return await self._list(request, group, version, None, plural)
 
-    async def _list(self, request, ns, plural):
-        kind = BY_PLURAL[plural].kind
+    async def _list(self, request, group, version, ns, plural):
+        kind = self._kind(group, version, plural)
         if request.query.get("watch") in ("true", "1"):
-            return self._watch(kind, ns)
-        return Response.json(200, self._list_body(kind, self._items(kind, ns)))
+            return await self._watch(request, kind, ns)
+        items, meta = kube.page(self._items(kind, ns, request.query), _int_param(request.query, "limit"),
+                                request.query.get("continue"), str(self._revision()))
+        if kube.wants_table(request.headers.get("accept", "")):
+            return Response.json(200, kube.table(kind, items, meta, request.query.get("includeObject", "Metadata")))
+        return Response.json(200, {"apiVersion": f"{group}/{version}", "kind": f"{kind.kind}List",
+                                   "metadata": meta, "items": items})
 
-    async def _get(self, request, ns, plural, name):
-        kind = BY_PLURAL[plural].kind
-        obj = self.store.resources().get((kind, ns, name))
-        if obj is None:
-            raise NotFound(f"{describe(kind, ns, name)} not found")
+    async def _get(self, request, group, version, ns, plural, name):
+        kind = self._kind(group, version, plural)
+        obj = self._existing(kind, ns, name)
+        if kube.wants_table(request.headers.get("accept", "")):
+            meta = {"resourceVersion": obj["metadata"]["resourceVersion"]}
+            return Response.json(200, kube.table(kind, [obj], meta, request.query.get("includeObject", "Metadata")))
         return Response.json(200, obj)
 
-    async def _write(self, request, ns, plural, name, create_only):
-        kind = BY_PLURAL[plural].kind
+    def _existing(self, kind: Kind, ns: str, name: str) -> dict:
+        obj = self.store.resources().get((kind.kind, ns, name))
+        if obj is None:
+            raise NotFound(f'{kind.plural}.{kind.group} "{name}" not found')
+        return obj
+
+    async def _create(self, request, group, version, ns, plural):
+        kind = self._kind(group, version, plural)
+        return await self._write(request, kind, ns, None, parse_body(request), create_only=True)
+
+    async def _replace(self, request, group, version, ns, plural, name):
+        kind = self._kind(group, version, plural)
+        return await self._write(request, kind, ns, name, parse_body(request), create_only=False)
+
+    async def _patch(self, request, group, version, ns, plural, name):
+        """PATCH as Kubernetes serves custom resources: merge patch, JSON patch, server-side apply."""
+        kind = self._kind(group, version, plural)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        existing = self.store.resources().get((kind.kind, ns, name))
         body = parse_body(request)
+        if content_type == "application/apply-patch+yaml":
+            if not request.query.get("fieldManager"):
+                raise BadRequest("fieldManager: required for apply patches")
+            if not isinstance(body, dict):
+                raise BadRequest("an apply patch must be one object (a mapping)")
+            errors = [f"{p}: must be {want!r} for this URL, got {body.get(p)!r}"
+                      for p, want in (("kind", kind.kind),) if body.get(p) not in (None, want)]
+            if errors:
+                return invalid(kind.kind, ns, name, errors, kind.group)
+            applied = kube.apply(existing, body, request.query["fieldManager"], request.query.get("force") == "true")
+            expect = (body.get("metadata") or {}).get("resourceVersion")
+            return await self._commit(request, kind, ns, name, applied, existing, expect, managed=True)
+        if existing is None:
+            raise NotFound(f'{kind.plural}.{kind.group} "{name}" not found')
+        if content_type == "application/merge-patch+json":
+            if not isinstance(body, dict):
+                raise BadRequest("a merge patch must be an object")
+            patched = kube.merge_patch(existing, body)
+            expect = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body.get("metadata"), dict) else None
+        elif content_type == "application/json-patch+json":
+            patched = kube.json_patch(existing, body)
+            moved = (patched.get("metadata") or {}).get("resourceVersion")
+            expect = moved if moved != existing["metadata"]["resourceVersion"] else None
+        else:
+            raise kube.UnsupportedMediaType(
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml "
+                f"(got {content_type or 'none'}; strategic merge patch is not supported for custom resources)")
+        return await self._commit(request, kind, ns, name, patched, existing, expect)
+
+    async def _write(self, request, kind: Kind, ns: str, name: str | None, body, create_only: bool):
         if not isinstance(body, dict):
             raise BadRequest("request body must be one object (a mapping)")
-        errors = validate_object(body, kind, ns, name)
-        obj_name = (body.get("metadata") or {}).get("name") if isinstance(body.get("metadata"), dict) else None
+        md = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        obj_name = md.get("name") or name or "?"
+        existing = self.store.resources().get((kind.kind, ns, obj_name))
+        return await self._commit(request, kind, ns, name, body, existing, md.get("resourceVersion"),
+                                  create_only=create_only)
+
+    async def _commit(self, request, kind: Kind, ns: str, name: str | None, body: dict, existing: dict | None,
+                      expect, *, create_only: bool = False, managed: bool = False):
+        """Validate, then store (or with dryRun=All only answer) one object; the writer's field
+        ownership is recorded in metadata.managedFields."""
+        errors = validate_object(body, kind.kind, ns, name)
+        md = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
         if errors:
-            return invalid(kind, ns, name or obj_name or "?", errors)
-        md = body["metadata"]
-        expect = md.get("resourceVersion")
-        obj = {"apiVersion": body.get("apiVersion") or DEFAULT_API_VERSION, "kind": kind,
+            return invalid(kind.kind, ns, name or md.get("name") or "?", errors, kind.group)
+        obj = {"apiVersion": body.get("apiVersion") or kind.api_version, "kind": kind.kind,
                "metadata": {k: md[k] for k in ("name", "labels", "annotations") if k in md} | {"namespace": ns},
                "spec": body["spec"]}
+        obj["metadata"]["managedFields"] = (md.get("managedFields") if managed else
+                                            kube.record_update(existing, obj, kube.manager_from(request.query, request.headers)))
         headers = [("warning", f'299 - "{w}"'.encode("ascii", "replace").decode()) for w in await self._warnings(obj)]
         if request.query.get("dryRun") == "All":
-            return Response(200, Response.json(200, obj).body, headers=headers)
-        existed = (kind, ns, obj["metadata"]["name"]) in self.store.resources()
+            preview = dict(obj, metadata=dict(obj["metadata"], **{k: v for k, v in (existing or {}).get("metadata", {}).items()
+                                                                  if k in ("resourceVersion", "generation", "creationTimestamp")}))
+            return Response(200 if existing else 201, Response.json(200, preview).body, headers=headers)
         stored = await self.store.put(obj, expect_version=str(expect) if expect else None,
                                       create_only=create_only, origin=request.headers.get("x-meshctl-user", "api"))
-        return Response(200 if existed else 201, Response.json(200, stored).body, headers=headers)
+        return Response(200 if existing else 201, Response.json(200, stored).body, headers=headers)
 
     async def _warnings(self, obj: dict) -> list[str]:
         """Kubernetes-style Warning headers: what proxies would report about this object.
@@ -203,59 +359,133 @@ class Api:
         others = [proxy_view(o) for k, o in sorted(resources.items()) if k != key and k[0] in BY_KIND]
         return await asyncio.to_thread(apply_warnings, proxy_view(obj), others, list(workloads.values()))
 
-    async def _create(self, request, ns, plural):
-        return await self._write(request, ns, plural, None, True)
-
-    async def _replace(self, request, ns, plural, name):
-        return await self._write(request, ns, plural, name, False)
-
-    async def _delete(self, request, ns, plural, name):
-        kind = BY_PLURAL[plural].kind
+    async def _delete(self, request, group, version, ns, plural, name):
+        kind = self._kind(group, version, plural)
         expect = request.query.get("resourceVersion")
         if request.body:
-            pre = (parse_body(request) or {}).get("preconditions") or {}
+            options = parse_body(request) or {}
+            pre = options.get("preconditions") or {} if isinstance(options, dict) else {}
             expect = pre.get("resourceVersion", expect)
+            if options.get("dryRun") == ["All"]:
+                request.query["dryRun"] = "All"
         if request.query.get("dryRun") == "All":
-            obj = self.store.resources().get((kind, ns, name))
-            if obj is None:
-                raise NotFound(f"{describe(kind, ns, name)} not found")
-            return Response.json(200, obj)
-        gone = await self.store.delete((kind, ns, name), expect_version=expect,
+            return Response.json(200, self._existing(kind, ns, name))
+        gone = await self.store.delete((kind.kind, ns, name), expect_version=expect,
                                        origin=request.headers.get("x-meshctl-user", "api"))
         return Response.json(200, gone)
 
-    def _watch(self, kind: str, ns: str) -> StreamResponse:
-        """Kubernetes watch: ADDED for what exists, then ADDED/MODIFIED/DELETED as it changes."""
+    # ------------------------------------------------------------ watch
+
+    async def _watch(self, request, kind: Kind, ns: str | None) -> StreamResponse:
+        """Kubernetes watch: one JSON event per line.  Without resourceVersion (or "0"), ADDED for
+        what exists, then ADDED/MODIFIED/DELETED as it changes; with one, the changes after it
+        (410 Expired when the history no longer reaches back that far).  An object that stops
+        matching the selectors is DELETED for this watch; BOOKMARKs only with allowWatchBookmarks
+        (an object with just metadata.resourceVersion); the stream ends after timeoutSeconds."""
+        query = dict(request.query)
+        self._items(kind, ns, query)                         # a bad selector is a 400 before the stream starts
+        timeout = _int_param(query, "timeoutSeconds")
+        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        as_table = kube.wants_table(request.headers.get("accept", ""))
+        include = query.get("includeObject", "Metadata")
+        replayed, seen = await self._replay(kind, ns, query, query.get("resourceVersion", ""))
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1)
 
         def on_change(what):
             if what == CHANGED_RESOURCES and queue.empty():
                 queue.put_nowait(what)
 
+        def event(type_: str, obj: dict) -> bytes:
+            if as_table and type_ != "BOOKMARK":
+                obj = kube.table(kind, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, include)
+            return (json.dumps({"type": type_, "object": obj}, separators=(",", ":")) + "\n").encode()
+
         self.store.subscribe(on_change)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
 
         async def events():
-            seen: dict[str, dict] = {}
+            nonlocal seen
             try:
+                for type_, obj in replayed:
+                    yield event(type_, obj)
                 while True:
-                    current = {o["metadata"]["name"]: o for o in self._items(kind, ns)}
-                    for name, obj in current.items():
-                        old = seen.get(name)
+                    current = {(o["metadata"]["namespace"], o["metadata"]["name"]): o
+                               for o in self._items(kind, ns, query)}
+                    out = []
+                    for key, obj in current.items():
+                        old = seen.get(key)
                         if old is None or old["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-                            kind_of = "ADDED" if old is None else "MODIFIED"
-                            yield (json.dumps({"type": kind_of, "object": obj}) + "\n").encode()
-                    for name in seen.keys() - current.keys():
-                        yield (json.dumps({"type": "DELETED", "object": seen[name]}) + "\n").encode()
+                            out.append(("ADDED" if old is None else "MODIFIED", obj))
+                    revision = str(self._revision())
+                    for key in seen.keys() - current.keys():
+                        gone = seen[key]
+                        out.append(("DELETED", dict(gone, metadata=dict(gone["metadata"], resourceVersion=revision))))
+                    for type_, obj in sorted(out, key=lambda e: int(e[1]["metadata"]["resourceVersion"])):
+                        yield event(type_, obj)
                     seen = current
+                    wait = self.push.ping_interval
+                    if deadline is not None:
+                        wait = min(wait, deadline - loop.time())
+                        if wait <= 0:
+                            return
                     try:
-                        async with asyncio.timeout(self.push.ping_interval):
+                        async with asyncio.timeout(wait):
                             await queue.get()
                     except asyncio.TimeoutError:
-                        yield b'{"type":"BOOKMARK"}\n'
+                        if bookmarks:
+                            yield event("BOOKMARK", {"kind": kind.kind, "apiVersion": kind.api_version,
+                                                     "metadata": {"resourceVersion": str(self._revision())}})
             finally:
                 self.store.unsubscribe(on_change)
 
-        return StreamResponse(events())
+        return StreamResponse(events(), content_type="application/json")
+
+    async def _replay(self, kind: Kind, ns: str | None, query: dict, resource_version: str) -> tuple[list, dict]:
+        """Where a watch starts: (events to send first, the objects the client then knows).
+        No resourceVersion (or "0"): nothing replayed, so everything current is ADDED.  With one,
+        each change after it, from the history, in order, with its own resourceVersion."""
+        if resource_version in ("", "0"):
+            return [], {}
+        try:
+            since = int(resource_version)
+        except ValueError:
+            raise BadRequest(f"resourceVersion: must be an integer, got {resource_version!r}") from None
+        key_of = lambda o: (o["metadata"]["namespace"], o["metadata"]["name"])
+        current = self._revision()
+        if since >= current:
+            return [], {key_of(o): o for o in self._items(kind, ns, query)}
+        entries = await self.store.history(WATCH_HISTORY)        # newest first
+        newer = [e for e in entries if e.revision > since]
+        if not entries or (len(newer) == len(entries) and entries[-1].revision > since + 1):
+            raise kube.Gone(f"too old resource version: {since} ({current})")
+        labels = kube.parse_label_selector(query.get("labelSelector", ""))
+        fields = kube.parse_field_selector(query.get("fieldSelector", ""))
+        visible = lambda o: o is not None and kube.selected(o, labels, fields)
+        relevant = [e for e in reversed(newer) if e.kind == kind.kind and (ns is None or e.namespace == ns)]
+        seen = {key_of(o): o for o in self._items(kind, ns, query) if int(o["metadata"]["resourceVersion"]) <= since}
+        decided = set(seen)
+        for e in relevant:                         # the state at `since`: each key's first change's "before"
+            key = (e.namespace, e.name)
+            if key not in decided:
+                decided.add(key)
+                if visible(e.before):
+                    seen[key] = e.before
+        events = []
+        known = dict(seen)
+        for e in relevant:
+            key = (e.namespace, e.name)
+            after = None
+            if e.after is not None:
+                after = dict(e.after, metadata=dict(e.after["metadata"], resourceVersion=str(e.revision)))
+            was, now = key in known, visible(after)
+            if now:
+                events.append(("MODIFIED" if was else "ADDED", after))
+                known[key] = after
+            elif was:
+                last = known.pop(key)
+                events.append(("DELETED", dict(last, metadata=dict(last["metadata"], resourceVersion=str(e.revision)))))
+        return events, known
 
     # ------------------------------------------------------------ history
 

@@ -1,7 +1,9 @@
-"""The Istio kinds the control plane serves, and the shape of a stored object.
+"""The kinds the control plane serves, and the shape of a stored object.
 
-One table maps the URL plural (``virtualservices``) to the kind (``VirtualService``) and
-its short names; everything else (API routing, the CLI's ``get vs``) looks kinds up here.
+One table (:data:`KINDS`) says, per kind: its API group and versions (preferred first), the URL
+plural (``virtualservices``), short names, discovery categories and the columns ``kubectl get``
+prints.  Everything else (API routing, discovery, OpenAPI, Table output, the CLI's ``get vs``)
+looks kinds up here: a new kind (another group included) is one more row.
 
 A stored object is a plain dict in Kubernetes shape::
 
@@ -27,26 +29,75 @@ DEFAULT_API_VERSION = f"{GROUP}/v1"
 
 
 @dataclass(frozen=True, slots=True)
+class Column:
+    """A ``kubectl get`` column: a JSONPath-like dotted path into the object (Istio's CRD
+    ``additionalPrinterColumns``); type ``date`` prints as an age."""
+    name: str
+    type: str
+    path: str
+    description: str = ""
+
+
+AGE = Column("Age", "date", ".metadata.creationTimestamp",
+             "CreationTimestamp is a timestamp representing the server time when this object was created.")
+
+
+@dataclass(frozen=True, slots=True)
 class Kind:
     kind: str
     plural: str
-    short: tuple[str, ...]
+    short: tuple[str, ...]                   # kubectl short names (the lower-case kind is added)
     group: str = GROUP
+    versions: tuple[str, ...] = API_VERSIONS  # served; the first is preferred and stored
+    columns: tuple[Column, ...] = (AGE,)
+    categories: tuple[str, ...] = ("istio-io", "networking-istio-io")
+    verbs: tuple[str, ...] = ("create", "delete", "get", "list", "patch", "update", "watch")
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.versions[0]}"
+
+    def serves(self, api_version: str) -> bool:
+        return api_version in {f"{self.group}/{v}" for v in self.versions}
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("VirtualService", "virtualservices", ("vs", "virtualservice")),
-    Kind("DestinationRule", "destinationrules", ("dr", "destinationrule")),
-    Kind("ServiceEntry", "serviceentries", ("se", "serviceentry")),
-    Kind("Gateway", "gateways", ("gw", "gateway")),
-    Kind("Sidecar", "sidecars", ("sidecar",)),
+    Kind("VirtualService", "virtualservices", ("vs",), columns=(
+        Column("Gateways", "string", ".spec.gateways", "The names of gateways and sidecars that should apply these routes"),
+        Column("Hosts", "string", ".spec.hosts", "The destination hosts to which traffic is being sent"), AGE)),
+    Kind("DestinationRule", "destinationrules", ("dr",), columns=(
+        Column("Host", "string", ".spec.host", "The name of a service from the service registry"), AGE)),
+    Kind("ServiceEntry", "serviceentries", ("se",), columns=(
+        Column("Hosts", "string", ".spec.hosts", "The hosts associated with the ServiceEntry"),
+        Column("Location", "string", ".spec.location", "Whether the service is external to the mesh or part of the mesh (MESH_EXTERNAL or MESH_INTERNAL)"),
+        Column("Resolution", "string", ".spec.resolution", "Service resolution mode for the hosts (NONE, STATIC, or DNS)"),
+        AGE)),
+    Kind("Gateway", "gateways", ("gw",)),
+    Kind("Sidecar", "sidecars", ()),
 )
 BY_PLURAL = {k.plural: k for k in KINDS}
 BY_KIND = {k.kind: k for k in KINDS}
 # kinds of other groups, served by their own modules (controlplane/delivery) and never pushed to proxies
 DELIVERY_GROUP = "delivery.meshproxy.io"
-OTHER_KINDS: tuple[Kind, ...] = (Kind("Canary", "canaries", ("canary",), DELIVERY_GROUP),)
-BY_ANY_NAME = {name: k for k in KINDS + OTHER_KINDS for name in (k.plural, k.kind.lower(), *k.short)}
+OTHER_KINDS: tuple[Kind, ...] = (
+    Kind("Canary", "canaries", (), DELIVERY_GROUP, versions=("v1",), categories=("meshproxy-io",),
+         verbs=("create", "delete", "get", "list", "update")),
+)
+BY_ANY_NAME = {name: k for k in KINDS + OTHER_KINDS for name in (k.plural, k.singular, *k.short)}
+GROUPS: dict[str, tuple[Kind, ...]] = {
+    group: tuple(k for k in KINDS + OTHER_KINDS if k.group == group)
+    for group in dict.fromkeys(k.group for k in KINDS + OTHER_KINDS)}
+
+
+def kind_for(group: str, version: str, plural: str) -> Kind | None:
+    """The networking kind a URL names (``/apis/<group>/<version>/.../<plural>``); None if not
+    one (other groups are answered by their own modules before the generic API)."""
+    kind = BY_PLURAL.get(plural)
+    return kind if kind is not None and kind.group == group and version in kind.versions else None
 
 # metadata keys a client may set; the rest of metadata is owned by the server
 CLIENT_METADATA = ("name", "namespace", "labels", "annotations", "resourceVersion")

@@ -72,9 +72,15 @@ class StoreViews:
     _resources: dict
     _workloads: dict
     _subscribers: list
+    _resource_revision: int = 0     # the newest revision the resource view reflects
 
     def resources(self) -> Mapping[ResourceKey, dict]:
         return self._resources
+
+    def resource_revision(self) -> int:
+        """The newest store revision the resource view reflects, deletions included: a list's
+        ``resourceVersion``, and where a watch that has seen everything resumes."""
+        return self._resource_revision
 
     def workloads(self) -> Mapping[str, dict]:
         return self._workloads
@@ -97,6 +103,7 @@ class ConfigStore(Protocol):
     async def close(self) -> None: ...
 
     def resources(self) -> Mapping[ResourceKey, dict]: ...
+    def resource_revision(self) -> int: ...
     def workloads(self) -> Mapping[str, dict]: ...
     def subscribe(self, callback: Callable[[str], None]) -> None: ...
     def unsubscribe(self, callback: Callable[[str], None]) -> None: ...

@@ -244,6 +244,7 @@ class EtcdStore(StoreViews):
         for kv in result.get("kvs", []):
             self._apply_put(kv)
         self._revision = int(result["header"]["revision"])
+        self._resource_revision = self._revision
 
     def _apply_put(self, kv: dict) -> str | None:
         key = unb64(kv["key"])
@@ -257,6 +258,7 @@ class EtcdStore(StoreViews):
             return None
         self._key_revision[key] = revision
         if key.startswith(RESOURCES):
+            self._resource_revision = max(self._resource_revision, revision)
             obj = json.loads(base64.b64decode(kv["value"]))
             obj["metadata"]["resourceVersion"] = str(revision)
             md = obj["metadata"]
@@ -277,6 +279,7 @@ class EtcdStore(StoreViews):
             return None
         self._key_revision[key] = revision
         if key.startswith(RESOURCES):
+            self._resource_revision = max(self._resource_revision, revision)
             kind, ns, name = key[len(RESOURCES):].split("/", 2)
             return CHANGED_RESOURCES if self._resources.pop((kind, ns, name), None) is not None else None
         if key.startswith(WORKLOADS):

@@ -57,6 +57,7 @@ class SqliteStore(StoreViews):
             obj = json.loads(body)
             md = obj["metadata"]
             self._resources[(obj["kind"], md["namespace"], md["name"])] = obj
+        self._resource_revision = self._revision()
         now = self._clock()
         for wid, body, ttl in db.execute("SELECT id, body, ttl FROM workloads"):
             self._workloads[wid] = json.loads(body)
@@ -106,6 +107,7 @@ class SqliteStore(StoreViews):
                 self._resources.pop(key, None)
             else:
                 self._resources[key] = after
+        self._resource_revision = revision
 
     async def put(self, obj: dict, *, expect_version: str | None = None,
                   create_only: bool = False, origin: str = "api") -> dict:

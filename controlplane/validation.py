@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .resources import API_VERSIONS, GROUP, describe, proxy_view
+from .resources import BY_KIND, describe, proxy_view
 
 from meshproxy.config.compile import ProxyIdentity as _ProxyIdentity
 from meshproxy.config.compile import WorkloadEndpoint as _WorkloadEndpoint
@@ -29,8 +29,10 @@ def check_metadata(obj: dict, kind: str, namespace: str, name: str | None) -> li
     errors: list[str] = []
     where = describe(kind, namespace, (obj.get("metadata") or {}).get("name") or name or "?")
     api_version = obj.get("apiVersion")
-    if api_version is not None and api_version not in {f"{GROUP}/{v}" for v in API_VERSIONS}:
-        errors.append(f"{where}: apiVersion: must be one of {GROUP}/{'|'.join(API_VERSIONS)}, got {api_version!r}")
+    served = BY_KIND[kind]
+    if api_version is not None and not served.serves(api_version):
+        errors.append(f"{where}: apiVersion: must be one of {served.group}/{'|'.join(served.versions)}, "
+                      f"got {api_version!r}")
     if obj.get("kind") not in (None, kind):
         errors.append(f"{where}: kind: must be {kind} for this URL, got {obj.get('kind')!r}")
     md = obj.get("metadata")

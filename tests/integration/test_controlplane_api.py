@@ -144,7 +144,7 @@ def test_meshctl_apply_get_diff_delete_round_trip(cp):
     assert deleted.returncode == 0 and "deleted" in deleted.stdout
     missing = meshctl(cp, "get", "gw", "ingress")
     assert missing.returncode == 1
-    assert missing.stderr.strip() == "error: Gateway default/ingress not found"
+    assert missing.stderr.strip() == 'error: gateways.networking.istio.io "ingress" not found'
 
 
 def test_meshctl_apply_of_invalid_input_prints_one_line_per_problem_and_exits_1(cp):
@@ -192,7 +192,7 @@ def test_watch_streams_added_modified_and_deleted_events(cp, api):
     events.append(json.loads(resp.readline()))
     conn.close()
     assert [(e["type"], e["object"]["metadata"]["resourceVersion"]) for e in events] == [
-        ("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "2")]
+        ("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "3")]
 
 
 def test_route_to_an_undefined_subset_is_accepted_with_a_warning_naming_the_503(cp, api):
