@@ -90,7 +90,8 @@ class DeliveryApi:
         if allowed:
             return status_response(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path} "
                                                             f"(allowed: {', '.join(allowed)})")
-        if request.path.startswith(f"/apis/{GROUP}/"):
+        if request.path.startswith(f"/apis/{GROUP}/") and request.path.rstrip("/").count("/") > 3:
+            # below /apis/<group>/<version>: ours; the group's discovery documents are the API's
             return status_response(404, "NotFound", f"no route for {request.method} {request.path}")
         return None
 
