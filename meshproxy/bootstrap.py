@@ -35,6 +35,7 @@ from .downstream.splice import Splice
 from .downstream.tcp_proxy import TcpProxyListener
 from .listener import HttpListener, bind_socket
 from .router.split import Splitter
+from .security.authz import authorize_connection
 from .proxy.observe import Telemetry
 from .telemetry.tracing import IdSource, random_uuid
 from .upstream.pool import UpstreamPools
@@ -195,8 +196,17 @@ class Worker:
             endpoint = cluster.pick() if cluster is not None else None
             return (endpoint.address, endpoint.port) if endpoint is not None else None
 
+        def admit(transport) -> bool:
+            listener = self.tcp_listeners_by_name.get(model.name)
+            current = listener.model if listener else model
+            if current.authz is None:
+                return True
+            decision = authorize_connection(current.authz, transport.get_extra_info)
+            self.telemetry.authz_decision(model.name, decision, "tcp")
+            return decision.allowed
+
         return TcpProxyListener(
-            self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout,
+            self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout, admit=admit,
             idle_timeout=settings.tcp_idle_timeout, on_open=self.telemetry.tcp_opened(model),
             on_close=self.telemetry.tcp_closed(model), model=model,
             max_connections=settings.max_connections_per_listener,

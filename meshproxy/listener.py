@@ -11,6 +11,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .config.model import Listener
+from .security.authz import AuthzRequest, Decision, PeerInfo, evaluate, peer_from_transport
 
 if TYPE_CHECKING:
     from .bootstrap import Worker
@@ -50,6 +51,8 @@ class HttpListener:
         self.server: asyncio.AbstractServer | None = None
         self.max_connections = worker.settings.max_connections_per_listener
         self.rejected_connections = 0
+        self.authz = model.authz         # the workload's AuthorizationPolicies (PolicySet) or None
+        self.peers: dict["DownstreamConnection", PeerInfo] = {}   # read once per connection, when asked
 
     async def start(self) -> None:
         from .downstream.http_conn import DownstreamConnection
@@ -63,6 +66,7 @@ class HttpListener:
         """Same address, new config: only the route table name can change in place."""
         self.model = model
         self.route_table = model.route_table
+        self.authz = model.authz
 
     def connection_opened(self, conn: "DownstreamConnection") -> None:
         if len(self.connections) >= self.max_connections:
@@ -80,6 +84,24 @@ class HttpListener:
             self.connections.discard(conn)
             self.worker.downstream_active -= 1
             self.worker.telemetry.downstream_closed(self.name)
+        self.peers.pop(conn, None)
+
+    def peer(self, conn: "DownstreamConnection") -> PeerInfo:
+        """Who is on the other end of ``conn`` (address, verified SPIFFE id), read once."""
+        info = self.peers.get(conn)
+        if info is None:
+            info = self.peers[conn] = peer_from_transport(conn.transport.get_extra_info)
+        return info
+
+    def authorize(self, conn: "DownstreamConnection", view) -> Decision:
+        """The AuthorizationPolicy decision for one request (``view``: a RequestView)."""
+        peer = self.peer(conn)
+        decision = evaluate(self.authz, AuthzRequest(
+            source_ip=peer.source_ip, destination_port=self.port, principal=peer.principal,
+            destination_ip=peer.destination_ip, sni=peer.sni, http=True, host=view.authority,
+            method=view.method, path=view.path, headers=view.headers))
+        self.worker.telemetry.authz_decision(self.name, decision)
+        return decision
 
     def sweep(self, now: float) -> None:
         for conn in list(self.connections):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
+from .compile_security import workload_security
 from .decode import DEFAULT_RETRY_POLICY
 from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matches, resolve_host
 from .model import (
@@ -127,6 +128,7 @@ class _Compiler:
         self.route_tables: dict[str, RouteTable] = {}
         self.listeners: list[Listener] = []
         self.sidecar = self._select_sidecar()
+        self.security = workload_security(self.resources, identity.namespace, identity.labels, ROOT_NAMESPACE)
 
     # -- visibility & helpers
 
@@ -495,15 +497,17 @@ class _Compiler:
                                            protocol=protocol, namespace=self.identity.namespace)
             dest = WeightedDestination("", None, ing.port.number, 100, cname)
             name = f"inbound_{ing.port.number}"
+            security = {"authz": self.security.authz, "mtls": self.security.mtls.for_port(target_port)}
             if protocol == "TCP" or protocol == "TLS":
                 self.listeners.append(Listener(name, address, ing.port.number, "TCP",
-                                               tcp_routes=(TcpRoute((dest,), f"{where}"),)))
+                                               tcp_routes=(TcpRoute((dest,), f"{where}"),), **security))
             else:
                 vh = VirtualHost(f"inbound|{ing.port.number}", ("*",),
                                  (HttpRoute(name="", source=where, destinations=(dest,),
                                             timeout=self.settings.default_route_timeout),))
                 self.route_tables[name] = RouteTable(name, default=vh)
-                self.listeners.append(Listener(name, address, ing.port.number, "HTTP", route_table=name))
+                self.listeners.append(Listener(name, address, ing.port.number, "HTTP", route_table=name,
+                                               **security))
 
     def _tcp_routes_for(self, context: str, port: int, in_scope, where: str) -> tuple[TcpRoute, ...]:
         for r in self.by_kind.get("VirtualService", []):
@@ -591,7 +595,8 @@ class _Compiler:
                 if not routes:
                     self.warn(f"{first_r.ref}: spec.servers[{first.index}]: no VirtualService tcp route is bound "
                               f"to this gateway for port {port}")
-                self.listeners.append(Listener(name, address, port, "TCP", tcp_routes=routes))
+                self.listeners.append(Listener(name, address, port, "TCP", tcp_routes=routes,
+                                               authz=self.security.authz))
                 continue
             tls = None
             certificates = [(h.rpartition("/")[2], s.tls.server_certificate, s.tls.private_key)
@@ -600,7 +605,8 @@ class _Compiler:
                 tls = TlsSettings("SIMPLE", tuple(certificates))
             table = f"http.{port}"
             self.route_tables[table] = self._gateway_route_table(table, same, port)
-            self.listeners.append(Listener(name, address, port, "HTTPS" if tls else "HTTP", route_table=table, tls=tls))
+            self.listeners.append(Listener(name, address, port, "HTTPS" if tls else "HTTP", route_table=table, tls=tls,
+                                           authz=self.security.authz))
 
     def _gateway_route_table(self, table: str, servers: list[tuple[Resource, Server]], port: int) -> RouteTable:
         per_host: dict[str, list[HttpRoute]] = {}

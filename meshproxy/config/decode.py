@@ -40,10 +40,13 @@ from .resources import (
     RouteDestination, Server, ServerTLS, ServiceEntry, ServicePort, Sidecar, Subset,
     TrafficPolicySpec, VirtualService, WorkloadEntry,
 )
+from .decode_security import SECURITY_API_VERSIONS, SECURITY_DECODERS, SECURITY_GROUP, SECURITY_KINDS
 
 GROUP = "networking.istio.io"
 API_VERSIONS = frozenset(f"{GROUP}/{v}" for v in ("v1", "v1beta1", "v1alpha3"))
-KINDS = ("VirtualService", "DestinationRule", "ServiceEntry", "Gateway", "Sidecar")
+NETWORKING_KINDS = ("VirtualService", "DestinationRule", "ServiceEntry", "Gateway", "Sidecar")
+KINDS = NETWORKING_KINDS + SECURITY_KINDS
+GROUPS = (GROUP, SECURITY_GROUP)          # API groups whose documents this decoder reads
 
 # Envoy x-envoy-retry-on and x-envoy-retry-grpc-on policies Istio accepts in retryOn.
 RETRY_ON_POLICIES = frozenset({
@@ -381,8 +384,9 @@ def decode_document(doc: Document) -> tuple[Resource | None, tuple[str, str, str
     ref = f"{kind if isinstance(kind, str) and kind else where} {namespace}/{name or '?'}"
     r = _Reader(ref)
     api_version = body.get("apiVersion")
-    if api_version not in API_VERSIONS:
-        r.error("apiVersion", f"must be one of {', '.join(sorted(API_VERSIONS))}, got {api_version!r}")
+    versions = SECURITY_API_VERSIONS if kind in SECURITY_KINDS else API_VERSIONS
+    if api_version not in versions:
+        r.error("apiVersion", f"must be one of {', '.join(sorted(versions))}, got {api_version!r}")
     if kind not in KINDS:
         r.error("kind", f"unsupported kind {kind!r} (supported: {', '.join(KINDS)})")
     r.obj(body, "document", DOCUMENT_FIELDS)
@@ -1578,4 +1582,5 @@ _SPEC_DECODERS: dict[str, Callable[[_Reader, Any, str], Any]] = {
     "ServiceEntry": _decode_service_entry,
     "Gateway": _decode_gateway,
     "Sidecar": _decode_sidecar,
+    **SECURITY_DECODERS,
 }

@@ -16,7 +16,7 @@ from typing import Iterable
 import yaml
 
 from .compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
-from .decode import GROUP, ResourceSet, decode_documents, merge_last_good
+from .decode import GROUPS, ResourceSet, decode_documents, merge_last_good
 from .model import ProxySettings, Snapshot
 from .resources import Document
 
@@ -81,9 +81,9 @@ def load(paths: Iterable[str]) -> LoadResult:
             if body is None:                                # empty document ("---" at the end)
                 continue
             api_version = body.get("apiVersion") if isinstance(body, dict) else None
-            if isinstance(api_version, str) and api_version.split("/")[0] != GROUP:
+            if isinstance(api_version, str) and api_version.split("/")[0] not in GROUPS:
                 notes.append(f"{path} document {index}: {body.get('kind', '?')} ({api_version}) is not "
-                             f"{GROUP}, ignored")
+                             f"{' or '.join(GROUPS)}, ignored")
                 continue
             documents.append(Document(path, index, body))
     return LoadResult(documents, errors, notes, frozenset(failed))

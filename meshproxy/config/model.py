@@ -315,6 +315,12 @@ class Listener:
     route_table: str = ""          # HTTP/HTTPS: key into Snapshot.route_tables
     tcp_routes: tuple[TcpRoute, ...] = ()   # TCP: first route (weighted) wins
     tls: TlsSettings | None = None
+    # the workload's AuthorizationPolicies (a meshproxy.security.authz.PolicySet; None = none apply),
+    # enforced on inbound and gateway listeners
+    authz: object = None
+    # inbound listeners: the PeerAuthentication mode of the port (STRICT | PERMISSIVE | DISABLE);
+    # "" = not an inbound listener (no peer authentication)
+    mtls: str = ""
 
 
 @cython.dataclasses.dataclass(frozen=True)

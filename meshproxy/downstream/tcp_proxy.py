@@ -2,7 +2,8 @@
 
 One accepted connection goes through:
 
-1. ``connection_made``: reading is paused (the client's first bytes wait in the kernel,
+1. ``connection_made``: ``admit(transport)`` (when set: the workload's AuthorizationPolicy)
+   may refuse the connection, which is then closed without data; reading is paused (the client's first bytes wait in the kernel,
    or, if some were already delivered, in a bounded list), ``on_open()`` is called, and
    a connect task owned by the connection starts.
 2. connect: ``pick_upstream()`` -> ``(host, port)``; ``loop.create_connection`` under
@@ -96,6 +97,11 @@ class TcpProxyProtocol(asyncio.Protocol):
             if listener.on_overflow is not None:
                 listener.on_overflow()
             reset_transport(transport)
+            return
+        if listener.admit is not None and not listener.admit(transport):
+            # refused by policy (AuthorizationPolicy): closed without data, as Envoy's network RBAC
+            self._done = True
+            transport.close()
             return
         listener.connections.add(self)
         if listener.on_open is not None:
@@ -223,7 +229,8 @@ class TcpProxyListener:
                  on_connect_failure: Callable[[str, int, str], None] | None = None, *,
                  model: Any = None, high_water: int = DEFAULT_HIGH_WATER,
                  low_water: int = DEFAULT_LOW_WATER, max_connections: int = 2**31 - 1,
-                 on_overflow: Callable[[], None] | None = None):
+                 on_overflow: Callable[[], None] | None = None,
+                 admit: Callable[[asyncio.Transport], bool] | None = None):
         self.loop = loop
         self.pick_upstream = pick_upstream
         self.connect_timeout = connect_timeout
@@ -237,6 +244,7 @@ class TcpProxyListener:
         self.connections: set[TcpProxyProtocol] = set()
         self.max_connections = max_connections      # open at once; more are reset on accept
         self.on_overflow = on_overflow
+        self.admit = admit                          # None, or: may this accepted connection proceed?
         self.rejected_connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.connect_failures = 0

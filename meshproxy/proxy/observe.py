@@ -129,6 +129,19 @@ class Telemetry:
     def rejected(self, reason: str, status: int) -> None:
         self.metrics.rejected(reason)
 
+    def authz_decision(self, listener: str, decision, protocol: str = "http") -> None:
+        """An AuthorizationPolicy decision (``meshproxy.security.authz.Decision``)."""
+        metrics = self.metrics
+        metrics.inc("meshproxy_authz_decisions_total",
+                    (listener, protocol, "allowed" if decision.allowed else "denied", decision.policy))
+        for name in decision.audit:
+            metrics.inc("meshproxy_authz_decisions_total", (listener, protocol, "audit", name))
+        for line in decision.dry_run:
+            metrics.inc("meshproxy_authz_decisions_total", (listener, protocol, "dry_run", line.split(" ")[1]))
+
+    def handshake_failed(self, listener: str, reason: str) -> None:
+        self.metrics.inc("meshproxy_tls_handshake_failures_total", (listener, reason))
+
     def overflow(self, cluster: str) -> None:
         self.metrics.pool_overflow(cluster)
 

@@ -41,6 +41,7 @@ from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView, view_from_head
 from ..router.retry import RetryState
 from ..router.split import hash_key_for
+from ..security.authz import DENIED_BODY
 from ..telemetry.tracing import random_uuid
 from .errors import Failure, error_response
 from .mirror import start_mirror
@@ -140,6 +141,8 @@ class Exchange:
         self.snapshot = snapshot = worker.snapshot
         listener = self.down.listener
         head = self.head
+        if listener.authz is not None and not self._authorized(listener):
+            return
         if head.upgrade == b"connect":
             return self._local_reply(501, "-")     # CONNECT tunnelling is not supported
         down = self.down
@@ -170,6 +173,15 @@ class Exchange:
                 or route.cors is not None) and self._local_reply_for_route(match):
             return
         self._choose_cluster(match)
+
+    def _authorized(self, listener) -> bool:
+        """AuthorizationPolicy (inbound and gateway listeners): a denied request gets
+        Envoy's RBAC answer, 403 ``RBAC: access denied``, and goes no further."""
+        decision = listener.authorize(self.down, self.request_view())
+        if decision.allowed:
+            return True
+        self._respond_local(403, [(b"content-type", b"text/plain")], DENIED_BODY, "RBAC")
+        return False
 
     def request_view(self) -> RequestView:
         """What route matching and hashing see; built only when something needs it."""

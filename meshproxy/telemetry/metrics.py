@@ -109,6 +109,13 @@ FAMILIES: dict[str, Family] = _catalog(
            "downstream_cx_overflow).", ("listener",)),
     Family("meshproxy_downstream_rq_rejected_total", "counter",
            "Downstream requests rejected before routing, by reason (framing, limits, ...).", ("reason",)),
+    Family("meshproxy_authz_decisions_total", "counter",
+           "AuthorizationPolicy decisions on inbound and gateway listeners (Envoy rbac.allowed / rbac.denied; "
+           "audit = an AUDIT policy matched, dry_run = a dry-run policy would have decided); policy is the "
+           "deciding policy, \"\" for the default.", ("listener", "protocol", "decision", "policy")),
+    Family("meshproxy_tls_handshake_failures_total", "counter",
+           "Downstream connections refused before any request: TLS handshake failures and peer-authentication "
+           "refusals (plaintext on a STRICT port, no client certificate, ...), by reason.", ("listener", "reason")),
     Family("meshproxy_upstream_cx_active", "gauge", "Upstream connections currently open.", ("cluster",)),
     Family("meshproxy_upstream_cx_total", "counter", "Upstream connections created.", ("cluster",)),
     Family("meshproxy_upstream_cx_connect_fail_total", "counter", "Upstream connection attempts that failed.",

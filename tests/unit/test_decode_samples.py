@@ -74,7 +74,7 @@ def test_kubernetes_documents_in_the_same_file_are_notes_not_errors(tmp_path):
                  + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: reviews-v3}\nspec: {}\n")
     result = load([str(f)])
     assert result.errors == [] and len(result.documents) == 1
-    assert result.notes == [f"{f} document 1: Deployment (apps/v1) is not networking.istio.io, ignored"]
+    assert result.notes == [f"{f} document 1: Deployment (apps/v1) is not networking.istio.io or security.istio.io, ignored"]
 
 
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):

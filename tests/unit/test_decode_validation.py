@@ -139,7 +139,7 @@ def test_metadata_name_is_required_and_unknown_kind_is_unsupported():
     body = {"apiVersion": "networking.istio.io/v1", "kind": "EnvoyFilter", "metadata": {"name": "f"}, "spec": {}}
     assert decode_documents([Document("f.yaml", 0, body)]).errors == [
         "EnvoyFilter default/f: kind: unsupported kind 'EnvoyFilter' "
-        "(supported: VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar)"]
+        "(supported: VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, AuthorizationPolicy, PeerAuthentication)"]
     assert decode("DestinationRule", {"host": "a"}, name=None).errors[0] == \
         "DestinationRule default/?: metadata.name: required"
 

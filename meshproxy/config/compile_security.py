@@ -1,0 +1,61 @@
+"""Which security policies apply to this proxy's workload (a step of the compiler).
+
+:func:`workload_security` picks, from the decoded AuthorizationPolicies and
+PeerAuthentications, those that select the workload the proxy runs for (its namespace
+and labels, :class:`~meshproxy.config.compile.ProxyIdentity`), and resolves them into what
+the listeners carry: one :class:`~meshproxy.security.authz.PolicySet` and one
+:class:`~meshproxy.security.peer_authn.MtlsPolicy`.
+
+AuthorizationPolicy scope (Istio): a policy in the root namespace applies mesh-wide, one
+elsewhere to its namespace; ``selector.matchLabels`` narrows it to the workloads whose
+labels match; ``targetRefs`` (a Kubernetes Gateway, decode refuses other kinds) select the
+gateway proxy labelled ``gateway.networking.k8s.io/gateway-name: <name>`` in the policy's
+namespace, and such a policy applies to nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from ..security.authz import ALLOW, AUDIT, DENY, AppliedPolicy, AuthorizationPolicy, PolicySet
+from ..security.peer_authn import MtlsPolicy, PeerAuthentication, ScopedPeerAuthentication, resolve_mtls
+from .decode_security import DRY_RUN_ANNOTATION
+from .resources import Resource
+
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSecurity:
+    authz: PolicySet | None
+    mtls: MtlsPolicy
+
+
+def _selects(policy: AuthorizationPolicy, r: Resource, namespace: str, labels: Mapping[str, str],
+             root_namespace: str) -> bool:
+    if policy.target_refs:
+        return r.namespace == namespace and any(
+            kind == "Gateway" and labels.get(GATEWAY_NAME_LABEL) == name for _, kind, _, name in policy.target_refs)
+    if r.namespace != root_namespace and r.namespace != namespace:
+        return False
+    return all(labels.get(k) == v for k, v in (policy.selector or {}).items())
+
+
+def workload_security(resources: Iterable[Resource], namespace: str, labels: Mapping[str, str],
+                      root_namespace: str) -> WorkloadSecurity:
+    """``resources`` oldest first (the compiler's order)."""
+    by_action: dict[str, list[AppliedPolicy]] = {ALLOW: [], DENY: [], AUDIT: []}
+    peer: list[ScopedPeerAuthentication] = []
+    for order, r in enumerate(resources):
+        if r.kind == "AuthorizationPolicy":
+            policy: AuthorizationPolicy = r.spec
+            if _selects(policy, r, namespace, labels, root_namespace):
+                dry_run = r.annotations.get(DRY_RUN_ANNOTATION, "").lower() == "true"
+                by_action[policy.action].append(
+                    AppliedPolicy(f"{r.namespace}/{r.name}", policy.action, policy.rules, dry_run))
+        elif r.kind == "PeerAuthentication":
+            spec: PeerAuthentication = r.spec
+            peer.append(ScopedPeerAuthentication(f"{r.namespace}/{r.name}", r.namespace, r.creation_timestamp,
+                                                 order, spec))
+    policies = PolicySet(deny=tuple(by_action[DENY]), allow=tuple(by_action[ALLOW]), audit=tuple(by_action[AUDIT]))
+    return WorkloadSecurity(policies if policies else None, resolve_mtls(peer, namespace, labels, root_namespace))
