@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS="curl openssl nginx-light haproxy wrk nghttp2-client etcd-server prometheus iproute2 nftables util-linux kubectl"
+APT_PKGS="curl openssl nginx-light haproxy wrk nghttp2-client etcd-server prometheus iproute2 nftables util-linux kubectl chromium"
 missing=""
-for bin in curl openssl nginx haproxy wrk h2load etcd promtool ip nft setpriv kubectl; do
+for bin in curl openssl nginx haproxy wrk h2load etcd promtool ip nft setpriv kubectl chromium; do
   command -v "$bin" >/dev/null 2>&1 || missing="yes"
 done
 if [ -n "$missing" ]; then
@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
   $PY -m venv .venv
 fi
-if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, cython, pytest_asyncio, pytest_timeout, opentelemetry.exporter.otlp.proto.http, kubernetes' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, cython, pytest_asyncio, pytest_timeout, playwright, opentelemetry.exporter.otlp.proto.http, kubernetes' >/dev/null 2>&1; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]'
 fi

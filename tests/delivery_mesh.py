@@ -15,6 +15,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 from controlplane.cli import Client
 from controlplane.testing import ControlPlaneProcess, free_ports
 
@@ -57,7 +59,7 @@ class VersionApp:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def close(self):
@@ -233,3 +235,11 @@ class DeliveryMesh:
         phases = (phases,) if isinstance(phases, str) else phases
         return wait_for(lambda: (lambda s: s if s.get("phase") in phases else None)(self.status(name)),
                         timeout, f"canary {name} reaching {'/'.join(phases)}")
+
+
+@pytest.fixture(scope="session", name="mesh")
+def delivery_mesh_fixture(tmp_path_factory):
+    """One control plane and gateway for every canary test module (each test its own service)."""
+    m = DeliveryMesh(tmp_path_factory.mktemp("delivery")).start()
+    yield m
+    m.close()

@@ -8,6 +8,8 @@
   DELETE /apis/delivery.meshproxy.io/v1/namespaces/{ns}/canaries/{name}
   POST   /apis/delivery.meshproxy.io/v1/namespaces/{ns}/canaries/{name}/{promote|abort|pause|resume}
   GET    /apis/delivery.meshproxy.io/v1/namespaces/{ns}/canaries/{name}/events
+  GET    /delivery/v1/traffic      live requests/s, success rate, p50/p99 per service and version
+  GET    /ui                       the web console (see console.py)
   ?dryRun=All on writes validates and answers without writing.
 
 A Canary is validated like the networking kinds (every error with its path, 422 Invalid with
@@ -23,6 +25,7 @@ from ..api import invalid, parse_body, status as status_response
 from ..http import Request, Response
 from ..store import BadRequest, NotFound, StoreError
 from ..validation import DNS1123_LABEL, DNS1123_SUBDOMAIN
+from .console import TrafficView, asset as console_asset
 from .controller import ACTIONS, DeliveryController
 from .spec import API_VERSION, GROUP, KIND, PLURAL, check_references, decode_canary
 
@@ -37,6 +40,9 @@ ROUTES = [(m, re.compile(p), h) for m, p, h in [
     ("GET", _BASE + rf"/namespaces/(?P<ns>[^/]+)/{PLURAL}/(?P<name>[^/]+)/events$", "events"),
     ("POST", _BASE + rf"/namespaces/(?P<ns>[^/]+)/{PLURAL}/(?P<name>[^/]+)/(?P<action>{'|'.join(ACTIONS)})$",
      "action"),
+    ("GET", r"^/delivery/v1/traffic$", "traffic"),
+    ("GET", r"^/ui/?$", "ui"),
+    ("GET", r"^/ui/(?P<asset>[a-z0-9_.-]+)$", "ui"),
 ]]
 
 
@@ -74,6 +80,7 @@ class DeliveryApi:
     def __init__(self, store, controller: DeliveryController):
         self.store = store
         self.controller = controller
+        self.traffic = TrafficView(controller, store)
 
     async def handle(self, request: Request) -> Response | None:
         """The answer for a delivery path, or None when the path is not ours."""
@@ -90,7 +97,8 @@ class DeliveryApi:
         if allowed:
             return status_response(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path} "
                                                             f"(allowed: {', '.join(allowed)})")
-        if request.path.startswith(f"/apis/{GROUP}/") and request.path.rstrip("/").count("/") > 3:
+        if (request.path.startswith(f"/apis/{GROUP}/") and request.path.rstrip("/").count("/") > 3) or \
+                request.path.startswith(("/ui/", "/delivery/")):
             # below /apis/<group>/<version>: ours; the group's discovery documents are the API's
             return status_response(404, "NotFound", f"no route for {request.method} {request.path}")
         return None
@@ -177,3 +185,14 @@ class DeliveryApi:
         await self.controller.request_action((ns, name), action, who)
         return Response.json(202, {"kind": "Status", "apiVersion": "v1", "status": "Success",
                                    "message": f"{action} of {KIND} {ns}/{name} requested by {who}"})
+
+    # ------------------------------------------------------------ the console
+
+    async def _traffic(self, request):
+        return Response.json(200, await self.traffic.read())
+
+    async def _ui(self, request, asset: str = "index.html"):
+        response = console_asset(asset)
+        if response is None:
+            raise NotFound(f"no console asset {asset!r}")
+        return response

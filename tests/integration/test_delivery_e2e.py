@@ -11,19 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from delivery_mesh import DeliveryMesh, Users, VersionApp, wait_for
+from delivery_mesh import Users, VersionApp, delivery_mesh_fixture, wait_for  # noqa: F401  (the "mesh" fixture)
 
 from controlplane import cli
 
 SUCCESS = {"name": "request-success-rate", "thresholdRange": {"min": 99}}
 LATENCY = {"name": "request-duration", "thresholdRange": {"max": 100}}
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    m = DeliveryMesh(tmp_path_factory.mktemp("delivery")).start()
-    yield m
-    m.close()
 
 
 def canary_revisions(mesh, name):
@@ -215,7 +208,7 @@ class Hooks:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def paths(self):
         return [p for p, _ in self.calls]
