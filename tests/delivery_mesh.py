@@ -128,8 +128,9 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 class DeliveryMesh:
-    def __init__(self, workdir: Path, store: str | None = None):
+    def __init__(self, workdir: Path, store: str | None = None, more_control_planes: tuple[str, ...] = ()):
         self.workdir = workdir
+        self.more_control_planes = more_control_planes      # the gateway streams from these too
         self.apps: list[VersionApp] = []
         self.procs: list[subprocess.Popen] = []
         self.cp = ControlPlaneProcess(store or f"sqlite:{workdir / 'cp.db'}", ttl=600.0,
@@ -147,7 +148,8 @@ class DeliveryMesh:
                                    "hosts": ["*"]}]}})
         log = open(self.workdir / "gateway.log", "ab")
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "meshproxy", "run", "--control-plane", self.cp.url, "--node-id",
+            [sys.executable, "-m", "meshproxy", "run", "--control-plane", ",".join((self.cp.url, *self.more_control_planes)),
+             "--node-id",
              f"gw-{os.getpid()}", "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind",
              "127.0.0.1", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{self.gw_admin}"],
             stdout=log, stderr=log, cwd=ROOT))

@@ -8,6 +8,7 @@
   DELETE /apis/delivery.meshproxy.io/v1/namespaces/{ns}/canaries/{name}
   POST   /apis/delivery.meshproxy.io/v1/namespaces/{ns}/canaries/{name}/{promote|abort|pause|resume}
   GET    /apis/delivery.meshproxy.io/v1/namespaces/{ns}/canaries/{name}/events
+  GET    /delivery/v1/leader       this replica, the replica driving canaries, whether it is this one
   GET    /delivery/v1/traffic      live requests/s, success rate, p50/p99 per service and version
   GET    /ui                       the web console (see console.py)
   ?dryRun=All on writes validates and answers without writing.
@@ -41,6 +42,7 @@ ROUTES = [(m, re.compile(p), h) for m, p, h in [
     ("POST", _BASE + rf"/namespaces/(?P<ns>[^/]+)/{PLURAL}/(?P<name>[^/]+)/(?P<action>{'|'.join(ACTIONS)})$",
      "action"),
     ("GET", r"^/delivery/v1/traffic$", "traffic"),
+    ("GET", r"^/delivery/v1/leader$", "leader"),
     ("GET", r"^/ui/?$", "ui"),
     ("GET", r"^/ui/(?P<asset>[a-z0-9_.-]+)$", "ui"),
 ]]
@@ -187,6 +189,11 @@ class DeliveryApi:
                                    "message": f"{action} of {KIND} {ns}/{name} requested by {who}"})
 
     # ------------------------------------------------------------ the console
+
+    async def _leader(self, request):
+        leadership = self.controller.leadership
+        return Response.json(200, {"replica": getattr(leadership, "replica_id", "local"), "leader": leadership.holder,
+                                   "isLeader": leadership.is_leader})
 
     async def _traffic(self, request):
         return Response.json(200, await self.traffic.read())

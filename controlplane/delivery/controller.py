@@ -38,7 +38,7 @@ from .httpclient import HttpFailure, request
 from .policy import (CONFIRMED, DONE, FAIL, FAILED, INITIALIZING, NO_DATA, PASS, PROGRESSING, PROMOTE, PROMOTING,
                      RESTART, ROLLBACK, START, SUCCEEDED, TERMINAL, WAIT, WAITING_PROMOTION, CustomCheck, Decision,
                      MetricResult, StepPlan, Window, builtin_checks, judge, next_phase)
-from .routing import restore_load_balancer, rewrite_virtual_service, route_state, sticky_destination_rule
+from .routing import observed_weights, restore_load_balancer, rewrite_virtual_service, route_state, sticky_destination_rule
 from .samples import Baseline, Selector, parse_versions
 from .spec import KIND, CanarySpec, check_references, decode_canary, find_destination_rule, versions_of
 from .state import Key, for_store
@@ -193,6 +193,10 @@ class CanaryRun:
         self.ctl = ctl
         self.key = key
         self.status = status or new_status()
+        self.adopting = status is not None     # a stored run: reconcile with the route once (see tick)
+        if status is not None and status.get("phase") not in TERMINAL:
+            self.event("Normal", f"controller on replica {ctl.leadership.holder or 'local'} continues at phase "
+                                 f"{status.get('phase')}, weight {status.get('canaryWeight')}")
         self.wake = asyncio.Event()
         self.baseline: Baseline | None = None
         self.next_check = 0.0
@@ -310,6 +314,9 @@ class CanaryRun:
             self.next_check = ctl.clock() + interval
             return interval
         vs = ctl.store.resources()[("VirtualService", spec.namespace, spec.virtual_service)]
+        if self.adopting:
+            self.adopting = False
+            self.adopt_route(spec, vs)
         if status["written"] is not None and _json(route_state(vs["spec"], spec)) != status["written"]:
             self.pause(f"VirtualService {spec.namespace}/{spec.virtual_service} was changed outside the canary "
                        f"(resourceVersion {vs['metadata']['resourceVersion']}); traffic is left as edited; "
@@ -327,6 +334,23 @@ class CanaryRun:
         elif phase == PROMOTING:
             await self.finish(spec)
         return interval
+
+    def adopt_route(self, spec: CanarySpec, vs: dict) -> None:
+        """A controller that died between writing a step and saving its status leaves the route one
+        step ahead of the status: a route this canary could have written (its two subsets at one of
+        its weights) is taken as the current step instead of being treated as a human edit."""
+        status = self.status
+        if status["written"] is None or status["phase"] not in (PROGRESSING, WAITING_PROMOTION):
+            return
+        current = _json(route_state(vs["spec"], spec))
+        if current == status["written"]:
+            return
+        weights = observed_weights(vs["spec"], spec) or {}
+        canary = weights.get(spec.canary)
+        if canary in StepPlan.of(spec).weights and weights == {spec.stable: 100 - canary, spec.canary: canary}:
+            self.event("Normal", f"adopted weight {canary} found on the route (written before the last status save)")
+            self.set_weight(canary)
+            status["written"] = current
 
     async def take_actions(self, spec: CanarySpec) -> None:
         action = await self.ctl.state.take_action(self.key)

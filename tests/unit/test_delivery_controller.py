@@ -1,0 +1,87 @@
+"""The canary loop's reconciliation with the route, one tick at a time, over the real SQLite
+store in memory (no proxies: every window is empty)."""
+from __future__ import annotations
+
+import json
+
+from controlplane.delivery.controller import CanaryRun, DeliveryController, new_status
+from controlplane.delivery.routing import rewrite_virtual_service, route_state
+from controlplane.delivery.spec import decode_canary
+from controlplane.delivery.state import AlwaysLeader, SqliteState
+from controlplane.store_sqlite import SqliteStore
+
+
+class NoProxies:
+    proxies: dict = {}
+
+
+DR = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "web", "namespace": "default"},
+      "spec": {"host": "web", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                          {"name": "v2", "labels": {"version": "v2"}}]}}
+VS = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "web", "namespace": "default"},
+      "spec": {"hosts": ["web"], "http": [{"name": "main", "route": [{"destination": {"host": "web", "subset": "v1"}}]}]}}
+CANARY = {"apiVersion": "delivery.meshproxy.io/v1", "kind": "Canary", "metadata": {"name": "web", "namespace": "default"},
+          "spec": {"host": "web", "stable": "v1", "canary": "v2",
+                   "analysis": {"interval": "10s", "stepWeights": [10, 20, 50], "minRequests": 10}}}
+
+
+async def setup():
+    store = SqliteStore(":memory:")
+    await store.start()
+    for obj in (DR, VS, CANARY):
+        await store.put(json.loads(json.dumps(obj)))
+    ctl = DeliveryController(store, NoProxies(), state=SqliteState(":memory:"), leadership=AlwaysLeader())
+    return store, ctl, decode_canary(CANARY).spec
+
+
+async def put_weight(store, spec, weight):
+    vs = store.resources()[("VirtualService", "default", "web")]
+    await store.put(rewrite_virtual_service(vs, spec, weight), origin="test")
+
+
+def stored_status(spec, store, weight):
+    vs = rewrite_virtual_service(store.resources()[("VirtualService", "default", "web")], spec, weight)
+    status = new_status()
+    status.update(phase="Progressing", canaryWeight=weight, run={"stable": "v1", "canary": "v2"},
+                  written=json.loads(json.dumps(route_state(vs["spec"], spec))))
+    return status
+
+
+async def test_a_new_leader_adopts_a_step_written_just_before_the_old_one_died():
+    store, ctl, spec = await setup()
+    try:
+        status = stored_status(spec, store, 10)        # saved at 10% ...
+        await put_weight(store, spec, 20)               # ... then 20% written, then the replica died
+        run = CanaryRun(ctl, ("default", "web"), status)
+        await run.tick()
+        assert run.status["paused"] is None and run.status["canaryWeight"] == 20
+        assert any("adopted weight 20" in e["message"] for e in run.status["events"])
+    finally:
+        await store.close()
+
+
+async def test_a_human_edit_of_the_route_pauses_the_canary_and_is_left_alone():
+    store, ctl, spec = await setup()
+    try:
+        await put_weight(store, spec, 10)
+        run = CanaryRun(ctl, ("default", "web"), stored_status(spec, store, 10))
+        await run.tick()
+        assert run.status["paused"] is None
+        await put_weight(store, spec, 35)               # not a step of this canary: a human
+        await run.tick()
+        assert "changed outside the canary" in run.status["paused"]["reason"]
+        vs = store.resources()[("VirtualService", "default", "web")]
+        assert [d["weight"] for d in vs["spec"]["http"][0]["route"]] == [65, 35]
+    finally:
+        await store.close()
+
+
+async def test_a_stored_route_at_a_foreign_weight_is_not_adopted():
+    store, ctl, spec = await setup()
+    try:
+        await put_weight(store, spec, 35)
+        run = CanaryRun(ctl, ("default", "web"), stored_status(spec, store, 10))
+        await run.tick()
+        assert run.status["paused"] and run.status["canaryWeight"] == 10
+    finally:
+        await store.close()
