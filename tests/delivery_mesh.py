@@ -71,8 +71,10 @@ class Users:
     """``users`` clients sending GETs through the gateway back to back (``pause`` between), each
     with its own keep-alive connection and cookie; every outcome recorded with its time."""
 
-    def __init__(self, port: int, host: str, *, users: int = 2, pause: float = 0.0, cookies: bool = False):
+    def __init__(self, port: int, host: str, *, users: int = 2, pause: float = 0.0, cookies: bool = False,
+                 headers: dict | None = None):
         self.port, self.host, self.pause, self.cookies = port, host, pause, cookies
+        self.headers = headers or {}
         self.outcomes: list[tuple[float, int, int, str]] = []      # (time, user, status, version)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(users)]
@@ -81,7 +83,7 @@ class Users:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         cookie = ""
         while not self._stop.is_set():
-            headers = {"host": self.host}
+            headers = {"host": self.host, **self.headers}
             if cookie:
                 headers["cookie"] = cookie
             try:

@@ -265,3 +265,97 @@ def test_invalid_canary_is_refused_with_every_error_and_its_path(mesh):
     assert "unknown subset 'v9'" in body["message"]
     code, _ = mesh.api.call("GET", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/checked")
     assert code == 404
+
+
+class Prometheus:
+    """The real Prometheus (Debian's /usr/bin/prometheus) scraping the gateway's admin every 200 ms."""
+
+    def __init__(self, workdir, target: str):
+        import subprocess
+        from controlplane.testing import free_ports
+        self.port = free_ports(1)[0]
+        config = workdir / "prometheus.yml"
+        config.write_text(f"""
+global: {{scrape_interval: 200ms, evaluation_interval: 1s}}
+scrape_configs:
+- job_name: gateway
+  metrics_path: /stats/prometheus
+  static_configs: [{{targets: ["{target}"]}}]
+""")
+        log = open(workdir / "prometheus.log", "ab")
+        self.proc = subprocess.Popen(["/usr/bin/prometheus", f"--config.file={config}",
+                                      f"--storage.tsdb.path={workdir / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"], stdout=log, stderr=log)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+        def ready():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/-/ready")
+                ok = conn.getresponse().status == 200
+                conn.close()
+                return ok
+            except OSError:
+                return False
+        wait_for(ready, 20, "prometheus ready")
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except Exception:
+            self.proc.kill()
+
+
+def test_custom_promql_metric_waits_for_values_then_passes_and_a_dead_prometheus_fails_the_check(mesh, tmp_path):
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{mesh.gw_admin}")
+    try:
+        mesh.add_service("promql", {"v1": VersionApp("v1"), "v2": VersionApp("v2"), "v3": VersionApp("v3")}, "v1")
+        users = Users(mesh.gw_port, "promql.example.com", users=1, pause=0.005).start()
+        try:
+            rate = {"name": "canary-rps", "interval": "2s", "thresholdRange": {"min": 1},
+                    "provider": {"type": "prometheus", "address": prometheus.url},
+                    "query": 'sum(rate(istio_requests_total{reporter="source",destination_service="{{ service }}",'
+                             'destination_version="{{ target }}"}[{{ interval }}]))'}
+            mesh.canary("promql", "v1", "v2", {"interval": "500ms", "threshold": 1, "stepWeight": 50, "maxWeight": 50,
+                                               "metrics": [rate]})
+            status = mesh.wait_phase("promql", ("Succeeded", "Failed"), 30)
+        finally:
+            users.stop()
+        assert status["phase"] == "Succeeded", status["message"]
+        passed = [m for c in status["checks"] for m in c["metrics"] if m["name"] == "canary-rps"]
+        assert passed and all(m["verdict"] == "pass" and m["value"] >= 1 for m in passed)
+        # Prometheus down: the check fails (it cannot vouch for the canary) and the canary rolls back
+        dead = dict(rate, provider={"type": "prometheus", "address": "http://127.0.0.1:9"})
+        mesh.canary("promql", "v2", "v3", {"interval": "300ms", "threshold": 2, "stepWeight": 50, "metrics": [dead]})
+        status = mesh.wait_phase("promql", "Failed", 10)
+        assert status["failedChecks"] == 2 and "prometheus unreachable" in status["message"]
+        assert mesh.weights("promql") == {"v2": 100}
+    finally:
+        prometheus.close()
+
+
+def test_ab_canary_sends_only_matching_requests_to_the_canary_then_promotes_after_its_iterations(mesh):
+    mesh.add_service("abtest", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+    testers = Users(mesh.gw_port, "abtest.example.com", users=1, pause=0.005, headers={"x-canary": "yes"}).start()
+    others = Users(mesh.gw_port, "abtest.example.com", users=1, pause=0.005).start()
+    try:
+        mesh.canary("abtest", "v1", "v2", {"interval": "500ms", "threshold": 1, "iterations": 3, "minRequests": 10,
+                                           "match": [{"headers": {"x-canary": {"exact": "yes"}}}],
+                                           "metrics": [SUCCESS]})
+        wait_for(lambda: testers.count(version="v2") > 0, 10, "testers reaching v2")
+        since = time.monotonic()
+        time.sleep(0.5)
+        assert mesh.status("abtest")["phase"] == "Progressing"
+        until = time.monotonic()
+        during = [(u, v) for t, u, s, v in testers.outcomes + others.outcomes if since <= t < until]
+        status = mesh.wait_phase("abtest", ("Succeeded", "Failed"), 20)
+    finally:
+        testers.stop()
+        others.stop()
+    assert {v for t, _, s, v in testers.outcomes if since <= t < until} == {"v2"}
+    assert {v for t, _, s, v in others.outcomes if since <= t < until} == {"v1"}
+    assert len(during) > 20
+    assert status["phase"] == "Succeeded" and status["passedChecks"] == 3 and status["iterations"] == 3
+    assert mesh.weights("abtest") == {"v2": 100}
+    assert [r.get("name") for r in mesh.get("virtualservices", "abtest")["spec"]["http"]] == ["main"]
