@@ -19,8 +19,20 @@ from meshproxy.telemetry.tracing import IdSource, ProxyTracer, random_uuid
 LIMITS = CodecLimits()
 
 
-def test_hot_path_mode_is_reported():
-    assert meshproxy.HOT_PATH == "compiled" or meshproxy.HOT_PATH.startswith("python")
+def test_the_reported_hot_path_is_the_one_that_runs():
+    import os
+    import cython
+
+    from meshproxy.codec import framing
+    from meshproxy.downstream import http_conn
+    from meshproxy.proxy import pipeline
+    compiled = [m.__file__.endswith((".so", ".pyd")) for m in (framing, http_conn, pipeline)]
+    if meshproxy.HOT_PATH == "compiled":
+        assert all(compiled)
+    else:
+        assert not any(compiled) and not cython.compiled
+        if os.environ.get("MESHPROXY_PURE") == "1":
+            assert meshproxy.HOT_PATH == "python (MESHPROXY_PURE=1)"
 
 
 @pytest.mark.parametrize("byte", range(256))
