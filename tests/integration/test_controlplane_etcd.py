@@ -52,6 +52,44 @@ async def eventually(predicate, timeout=10.0):
     assert predicate(), "condition not reached within the time limit"
 
 
+def _etcd_call(endpoint: str, path: str) -> dict:
+    import json
+    import urllib.request
+    req = urllib.request.Request(f"http://{endpoint}{path}", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=2) as resp:
+        return json.loads(resp.read())
+
+
+def etcd_leader(cluster, skip: str = "") -> str:
+    """The name of the member etcd says is the leader, asked of the live members (etcd's
+    gRPC gateway: maintenance status and member list)."""
+    for name, endpoint in zip(cluster.names, cluster.endpoints):
+        if name == skip or cluster.procs[name].poll() is not None:
+            continue
+        try:
+            leader_id = _etcd_call(endpoint, "/v3/maintenance/status")["leader"]
+            members = _etcd_call(endpoint, "/v3/cluster/member/list")["members"]
+        except OSError:
+            continue
+        return next(m["name"] for m in members if m["ID"] == leader_id)
+    raise AssertionError("no live etcd member answered")
+
+
+async def kill_etcd_leader(cluster) -> str:
+    """Kill the current leader; return its name once the others have elected a new one."""
+    leader = etcd_leader(cluster)
+    cluster.kill(leader)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if etcd_leader(cluster, skip=leader) != leader:
+                return leader
+        except (AssertionError, StopIteration, KeyError):
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no new etcd leader after killing {leader}")
+
+
 @pytest.fixture
 def etcd(tmp_path):
     cluster = EtcdCluster(str(tmp_path)).start()
@@ -59,7 +97,7 @@ def etcd(tmp_path):
     cluster.stop()
 
 
-async def test_two_replicas_share_state_and_survive_losing_one_replica_and_one_etcd_member(etcd):
+async def test_two_replicas_share_state_and_survive_losing_one_replica_and_the_etcd_leader(etcd):
     a = ControlPlaneProcess(etcd.store_spec(), ttl=2.0).start()
     b = ControlPlaneProcess(etcd.store_spec(), ttl=2.0).start()
     api_a, api_b = Client(a.url), Client(b.url)
@@ -89,9 +127,9 @@ async def test_two_replicas_share_state_and_survive_losing_one_replica_and_one_e
         code, status = await asyncio.to_thread(api_b.call, "PUT", f"{VS_PATH}/demo", stale)
         assert (code, status["reason"]) == (409, "Conflict")
 
-        # lose replica A and one etcd member: the proxy moves to B, writes and pushes continue
+        # lose replica A and the etcd leader: the proxy moves to B, writes and pushes continue
         a.kill()
-        etcd.kill("m0")
+        await kill_etcd_leader(etcd)
         await eventually(lambda: client.status.connected and client.status.url == b.url)
         code, _ = await asyncio.to_thread(api_b.call, "PUT", f"{VS_PATH}/demo", vs((50, 50)))
         assert code == 200
@@ -126,7 +164,7 @@ async def test_lease_expiry_removes_a_dead_workload_and_rollback_works_on_etcd(e
         assert [d["weight"] for d in now["spec"]["http"][0]["route"]] == [90, 10]
 
 
-async def test_replica_and_etcd_member_killed_under_traffic_writes_and_pushes_continue_with_no_failed_request(etcd, tmp_path):
+async def test_replica_and_etcd_leader_killed_under_traffic_writes_and_pushes_continue_with_no_failed_request(etcd, tmp_path):
     """Real sidecars and gateway on two replicas; constant load through the gateway."""
     from pathlib import Path
 
@@ -152,7 +190,7 @@ async def test_replica_and_etcd_member_killed_under_traffic_writes_and_pushes_co
         load = Load(gw_port).start()
         await asyncio.sleep(1.0)
         a.kill()
-        etcd.kill("m0")
+        await kill_etcd_leader(etcd)
         apply_file(api_b, configs / "steps" / "demo-virtualservice-50-50.yaml")          # a write after the failures
         counts_before = dict(load.outcomes)
         on_b = lambda: [p for p in api_b.call("GET", "/push/v1/proxies?local=true")[1]["items"] if p["state"] == "acked"]
