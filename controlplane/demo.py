@@ -7,7 +7,9 @@
 3. an ingress gateway proxy (`meshproxy run --control-plane URL --mode gateway`);
 4. `configs/`: ServiceEntry + DestinationRule (v1/v2 subsets) + Gateway + a 90/10 canary;
 5. traffic through the gateway, the observed split printed live;
-6. the canary moved to 50/50 through the API (configs/steps/), and the split follows.
+6. the canary moved to 50/50 through the API (configs/steps/), and the split follows;
+7. progressive delivery (controlplane/delivery/demo.py): a Canary promotes v2 automatically, then
+   v3 with injected errors is rolled back automatically; the console's address is printed.
 
 Every process is started here and stopped here; the whole run is bounded (about 30 s).
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .cli import Client
+from .delivery.demo import release_story
 from .resources import GROUP, lookup_kind
 from .testing import ControlPlaneProcess, free_ports
 
@@ -82,14 +85,20 @@ def spawn_proxies(mesh: Mesh, control_plane: str, ports: list[int], gw_admin: in
     python = sys.executable
     for version, (app_port, listen, admin) in zip(("v1", "v2"), (ports[0:3], ports[3:6])):
         mesh.spawn(f"app-{version}", [python, "-c", APP, version, str(app_port)])
-        mesh.spawn(f"sidecar-{version}", [
-            python, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-{version}",
-            "--service", "demo", "--namespace", "default", "--labels", f"app=demo,version={version}",
-            "--app-port", str(app_port), "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"])
+        spawn_sidecar(mesh, control_plane, version, app_port, listen, admin, prefix)
     mesh.spawn("ingress", [
         python, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-ingress",
         "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind", "127.0.0.1",
         "--listen", f"127.0.0.1:{ports[6]}", "--admin", f"127.0.0.1:{gw_admin}"])
+
+
+def spawn_sidecar(mesh: Mesh, control_plane: str, version: str, app_port: int, listen: int, admin: int,
+                  prefix: str = "demo") -> None:
+    """The sidecar of one demo version: registers the workload (service demo, version label)."""
+    mesh.spawn(f"sidecar-{version}", [
+        sys.executable, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-{version}",
+        "--service", "demo", "--namespace", "default", "--labels", f"app=demo,version={version}",
+        "--app-port", str(app_port), "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"])
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -193,7 +202,7 @@ def split_line(counts: dict[str, int]) -> str:
     return "  ".join(f"{k}={100 * v / total:5.1f}% ({v})" for k, v in sorted(counts.items())) + f"  total={total}"
 
 
-def run(seconds_per_step: float, quiet: bool) -> int:
+def run(seconds_per_step: float, quiet: bool, release: bool = True) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-demo-"))
     mesh = Mesh(workdir, quiet)
     try:
@@ -245,6 +254,20 @@ def run(seconds_per_step: float, quiet: bool) -> int:
         ok = errors == 0 and 0.35 <= share_v2 <= 0.65 and first.get("v2", 0) / max(1, sum(first.values())) < 0.25
         print("  OK: the split followed the API change with no failed request" if ok else
               f"  NOT OK: {errors} failed requests or the split did not follow (see logs in {workdir})")
+        if release:
+            def apply_obj(obj):
+                kind = lookup_kind(obj["kind"])
+                code, body = api.call("PUT", f"/apis/{kind.group}/v1/namespaces/default/{kind.plural}/"
+                                             f"{obj['metadata']['name']}", obj)
+                if code >= 300:
+                    raise RuntimeError(f"demo: applying {obj['kind']} failed: {body.get('message')}")
+
+            released = release_story(api, mesh, cp.url, gw_port, apply_obj,
+                                     lambda v, app, listen, admin: spawn_sidecar(mesh, cp.url, v, app, listen, admin),
+                                     lambda: free_ports(1)[0])
+            ok = ok and released
+            if not released:
+                print(f"  (logs in {workdir})")
         return 0 if ok else 1
     finally:
         mesh.close()
@@ -254,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlplane.demo")
     parser.add_argument("--seconds", type=float, default=8.0, help="traffic per step (default 8)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-release", action="store_true", help="skip the progressive-delivery story (steps 3-4)")
     args = parser.parse_args(argv)
-    return run(args.seconds, args.quiet)
+    return run(args.seconds, args.quiet, release=not args.no_release)
 
 
 if __name__ == "__main__":
