@@ -175,8 +175,9 @@ class Api:
     async def _metrics(self, request):
         if self.metrics_registry is None:
             raise NotFound("metrics are not enabled")
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return Response(200, generate_latest(self.metrics_registry), CONTENT_TYPE_LATEST)
+        from prometheus_client import CONTENT_TYPE_LATEST
+        from .metrics import exposition
+        return Response(200, exposition(self.metrics_registry), CONTENT_TYPE_LATEST)
 
     async def _version(self, request):
         return Response.json(200, kube.SERVER_VERSION)

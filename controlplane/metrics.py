@@ -13,6 +13,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 CONVERGENCE_BUCKETS = (0.1, 0.5, 1, 3, 5, 10, 20, 30)
 
 
+# Counters Istio exposes without the ``_total`` suffix (its dashboards query these names).
+ISTIO_COUNTER_NAMES = ("pilot_xds_pushes", "pilot_xds_push_errors", "pilot_total_xds_rejects")
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """Prometheus text for ``registry``, with Istio's names for Istio's counters
+    (``pilot_xds_pushes``, not prometheus_client's ``pilot_xds_pushes_total``)."""
+    from prometheus_client import generate_latest
+    text = generate_latest(registry).decode()
+    for name in ISTIO_COUNTER_NAMES:
+        text = text.replace(f"{name}_total", name)
+    return text.encode()
+
+
+PUSH_TYPES = ("resources", "endpoints", "snapshot")   # the `type` label of pushes, errors and rejects
+
+
 class ControlPlaneMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.pushes = Counter("pilot_xds_pushes", "Config pushes sent to proxies, by resource type.",
@@ -33,6 +50,11 @@ class ControlPlaneMetrics:
         self.services = Gauge("pilot_services", "Services known to the service registry.", registry=registry)
         self.endpoints = Gauge("meshproxy_cp_registry_endpoints", "Endpoints known to the service registry.",
                                registry=registry)
+        # series a dashboard queries exist from the start at 0 (a panel shows 0, not "No data")
+        for type_ in PUSH_TYPES:
+            self.pushes.labels(type_)
+            self.push_errors.labels(type_)
+            self.nacks.labels(type_)
 
     def push_sent(self, type_: str = "snapshot") -> None:
         self.pushes.labels(type_).inc()

@@ -37,8 +37,9 @@ from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
 from .proxy.observe import Telemetry
 from .telemetry import (
-    AccessLog, MetricsAggregator, PeerInfo, ProxyMetrics, ProxyTracer, render,
+    AccessLog, MetricsAggregator, ProxyMetrics, ProxyTracer, render,
 )
+from .telemetry.metrics import workload_peer
 
 EXIT_UNCLEAN_DRAIN = 3
 
@@ -161,10 +162,8 @@ def build_telemetry(options: "RunOptions", loop) -> Telemetry:
     t = options.telemetry
     identity = options.identity
     labels = identity.labels
-    app = labels.get("app", "unknown")
-    version = labels.get("version", "unknown")
-    source = PeerInfo(workload=f"{app}-{version}" if version != "unknown" else app,
-                      namespace=identity.namespace, app=app, version=version)
+    source = workload_peer(labels, identity.namespace)
+    app = source.app
     metrics = ProxyMetrics(worker=options.worker.worker_index, enabled=not t.get("disable_metrics"))
     tracer = None
     if t.get("propagate", True):

@@ -8,13 +8,14 @@ never asks which of them are on.  Label handles are interned once per cluster.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
 from ..codec.api import field_names
 from ..config.model import Cluster, Listener, Snapshot
 from ..telemetry import AccessLog, PeerInfo, UNKNOWN_PEER
-from ..telemetry.metrics import ProxyMetrics
+from ..telemetry.metrics import ProxyMetrics, workload_peer
 
 if TYPE_CHECKING:   # compiled, the attribute's type comes from observe.pxd (a cimport)
     from ..telemetry.tracing import ProxyTracer
@@ -23,12 +24,7 @@ if TYPE_CHECKING:   # compiled, the attribute's type comes from observe.pxd (a c
 def _service_peer(cluster: Cluster) -> PeerInfo:
     name, _, rest = cluster.service.partition(".")
     namespace = rest.split(".", 1)[0] if rest else cluster.namespace
-    labels = cluster.labels
-    app = labels.get("app", name)
-    version = labels.get("version", "unknown")
-    return PeerInfo(workload=f"{app}-{version}" if version != "unknown" else app, namespace=namespace,
-                    app=app, version=version, service=cluster.service, service_name=name,
-                    service_namespace=namespace)
+    return workload_peer(cluster.labels, namespace, fallback_name=name, service=cluster.service)
 
 
 class Telemetry:
@@ -51,6 +47,7 @@ class Telemetry:
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self._handles.clear()
         self._tcp_handles.clear()
+        self.metrics.declare_per("listener", [listener.name for listener in snapshot.listeners])
         self.metrics.config_applied(snapshot.version, True, time.time())
 
     def config_rejected(self, version: str) -> None:
@@ -64,15 +61,17 @@ class Telemetry:
         if source.app == "unknown":
             return source
         service = f"{source.app}.{source.namespace}.svc.cluster.local"
-        return PeerInfo(workload=source.workload, namespace=source.namespace, app=source.app,
-                        version=source.version, service=service, service_name=source.app,
-                        service_namespace=source.namespace)
+        return dataclasses.replace(source, service=service, service_name=source.app,
+                                   service_namespace=source.namespace)
 
     def _handle(self, cluster: Cluster) -> int:
         handle = self._handles.get(cluster.name)
         if handle is None:
             handle = self._handles[cluster.name] = self.metrics.http_handle(
                 self.reporter, self.source, _service_peer(cluster))
+            # a cluster's counters exist at 0 from its first request on (not for every cluster
+            # of a large mesh: that would be Envoy's stats bloat)
+            self.metrics.declare_per("cluster", (cluster.name,))
         return handle
 
     # ---------------------------------------------------------------- requests

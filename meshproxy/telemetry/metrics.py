@@ -51,22 +51,24 @@ _BOUNDS = array("d", ISTIO_BUCKETS)         # (a C array of doubles for the comp
 
 REPORTERS = ("source", "destination", "waypoint")
 
-# Istio's label order for the request metrics.
+# Istio's labels for the request metrics, in the order Istio's stats plugin emits them.
 ISTIO_HTTP_LABELS: tuple[str, ...] = (
     "reporter",
-    "source_workload", "source_workload_namespace", "source_app", "source_version",
-    "destination_service", "destination_service_name", "destination_service_namespace",
-    "destination_workload", "destination_workload_namespace", "destination_version", "destination_app",
-    "request_protocol", "response_code", "response_flags", "connection_security_policy",
-    "grpc_response_status",
+    "source_workload", "source_canonical_service", "source_canonical_revision", "source_workload_namespace",
+    "source_principal", "source_app", "source_version", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+    "destination_version", "destination_service", "destination_canonical_service",
+    "destination_canonical_revision", "destination_service_name", "destination_service_namespace",
+    "destination_cluster",
+    "request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
 )
-ISTIO_TCP_LABELS: tuple[str, ...] = (
-    "reporter",
-    "source_workload", "source_workload_namespace", "source_app", "source_version",
-    "destination_service", "destination_service_name", "destination_service_namespace",
-    "destination_workload", "destination_workload_namespace", "destination_version", "destination_app",
-    "request_protocol", "response_flags", "connection_security_policy",
-)
+ISTIO_TCP_LABELS: tuple[str, ...] = tuple(n for n in ISTIO_HTTP_LABELS
+                                          if n not in ("response_code", "grpc_response_status"))
+# the labels fixed per (reporter, source, destination, protocol, security policy): a handle's key
+_PER_REQUEST = ("response_code", "grpc_response_status", "response_flags")
+HTTP_HANDLE_LABELS: tuple[str, ...] = tuple(n for n in ISTIO_HTTP_LABELS if n not in _PER_REQUEST)
+TCP_HANDLE_LABELS: tuple[str, ...] = tuple(n for n in ISTIO_TCP_LABELS if n not in _PER_REQUEST)
+CLUSTER_ID = "Kubernetes"       # Istio's default cluster id (global.multiCluster.clusterName)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +155,8 @@ FAMILIES: dict[str, Family] = _catalog(
 @dataclass(frozen=True, slots=True)
 class PeerInfo:
     """What Istio's labels say about one side of a request.  ``service`` is the FQDN
-    (``reviews.default.svc.cluster.local``); unknown parts stay ``"unknown"`` as in Istio."""
+    (``reviews.default.svc.cluster.local``); unknown parts stay ``"unknown"`` as in Istio.
+    Build a known workload's with :func:`workload_peer` (Istio's derivation rules)."""
     workload: str = "unknown"
     namespace: str = "unknown"
     app: str = "unknown"
@@ -161,9 +164,49 @@ class PeerInfo:
     service: str = "unknown"
     service_name: str = "unknown"
     service_namespace: str = "unknown"
+    canonical_service: str = "unknown"
+    canonical_revision: str = "unknown"
+    principal: str = "unknown"
+    cluster: str = "unknown"
+
+    def label_values(self, side: str) -> dict[str, str]:
+        """This peer as the ``source_*`` or ``destination_*`` labels."""
+        values = {f"{side}_workload": self.workload, f"{side}_workload_namespace": self.namespace,
+                  f"{side}_app": self.app, f"{side}_version": self.version,
+                  f"{side}_canonical_service": self.canonical_service,
+                  f"{side}_canonical_revision": self.canonical_revision,
+                  f"{side}_principal": self.principal, f"{side}_cluster": self.cluster}
+        if side == "destination":
+            values |= {"destination_service": self.service, "destination_service_name": self.service_name,
+                       "destination_service_namespace": self.service_namespace}
+        return values
 
 
 UNKNOWN_PEER = PeerInfo()
+
+
+def workload_peer(labels, namespace: str, *, fallback_name: str = "unknown", service: str = "unknown",
+                  principal: str = "unknown") -> PeerInfo:
+    """A workload's labels as Istio derives them from its pod labels:
+    app/version from ``app``/``version`` (then ``app.kubernetes.io/name``/``.../version``);
+    canonical service from ``service.istio.io/canonical-name``, ``app.kubernetes.io/name``,
+    ``app``, else the workload name; canonical revision likewise, else ``latest``; the workload
+    name from ``service.istio.io/workload-name``, else ``<app>-<version>`` (our stand-in for
+    the Deployment name).  ``service`` is the FQDN this workload serves, if known."""
+    app = labels.get("app") or labels.get("app.kubernetes.io/name") or fallback_name
+    version = labels.get("version") or labels.get("app.kubernetes.io/version") or "unknown"
+    workload = labels.get("service.istio.io/workload-name") or (
+        f"{app}-{version}" if version != "unknown" and app != "unknown" else app)
+    canonical = (labels.get("service.istio.io/canonical-name") or labels.get("app.kubernetes.io/name")
+                 or labels.get("app") or workload)
+    revision = (labels.get("service.istio.io/canonical-revision") or labels.get("app.kubernetes.io/version")
+                or labels.get("version") or "latest")
+    name, _, rest = service.partition(".")
+    service_namespace = rest.split(".", 1)[0] if rest else ("unknown" if service == "unknown" else namespace)
+    return PeerInfo(workload=workload, namespace=namespace, app=app, version=version, service=service,
+                    service_name=name if service != "unknown" else "unknown", service_namespace=service_namespace,
+                    canonical_service=canonical, canonical_revision=revision, principal=principal,
+                    cluster=CLUSTER_ID if namespace != "unknown" else "unknown")
 
 
 class CounterSource(Protocol):
@@ -236,6 +279,8 @@ class ProxyMetrics:
         self._config_version = ""
         self._gauges[("meshproxy_draining", ())] = 0
         self._gauges[("meshproxy_config_last_reload_success", ())] = 1
+        self.declare("meshproxy_config_reloads_total", ("success",))
+        self.declare("meshproxy_config_reloads_total", ("failure",))
 
     # ------------------------------------------------------------------ Istio HTTP
 
@@ -244,10 +289,9 @@ class ProxyMetrics:
         """Intern the fixed part of a request metric label set; call once and cache."""
         if reporter not in REPORTERS:
             raise ValueError(f"reporter must be one of {REPORTERS}, got {reporter!r}")
-        key = (reporter, source.workload, source.namespace, source.app, source.version,
-               destination.service, destination.service_name, destination.service_namespace,
-               destination.workload, destination.namespace, destination.version, destination.app,
-               protocol, security_policy)
+        values = {"reporter": reporter, "request_protocol": protocol, "connection_security_policy": security_policy,
+                  **source.label_values("source"), **destination.label_values("destination")}
+        key = tuple([values[n] for n in HTTP_HANDLE_LABELS])
         h = self._http_handles.get(key)
         if h is None:
             h = self._http_handles[key] = len(self._http_static)
@@ -279,10 +323,9 @@ class ProxyMetrics:
                    security_policy: str = "none") -> int:
         if reporter not in REPORTERS:
             raise ValueError(f"reporter must be one of {REPORTERS}, got {reporter!r}")
-        key = (reporter, source.workload, source.namespace, source.app, source.version,
-               destination.service, destination.service_name, destination.service_namespace,
-               destination.workload, destination.namespace, destination.version, destination.app,
-               "tcp", security_policy)
+        values = {"reporter": reporter, "request_protocol": "tcp", "connection_security_policy": security_policy,
+                  **source.label_values("source"), **destination.label_values("destination")}
+        key = tuple([values[n] for n in TCP_HANDLE_LABELS])
         h = self._tcp_handles.get(key)
         if h is None:
             h = self._tcp_handles[key] = len(self._tcp_static)
@@ -319,6 +362,21 @@ class ProxyMetrics:
         """Add to any counter family of :data:`FAMILIES` (labels in the family's order)."""
         key = (family, labels)
         self._counters[key] = self._counters.get(key, 0) + n
+
+    def declare(self, family: str, labels: tuple[str, ...] = ()) -> None:
+        """Make a counter series exist at 0 before its first event, so that a dashboard shows
+        0 rather than "No data"."""
+        key = (family, labels)
+        if key not in self._counters:
+            self._counters[key] = 0
+
+    def declare_per(self, label: str, values) -> None:
+        """Every counter family labelled only by ``label`` (``listener``, ``cluster``), at 0 for
+        each of ``values``."""
+        for fam in FAMILIES.values():
+            if fam.type == "counter" and fam.labels == (label,):
+                for value in values:
+                    self.declare(fam.name, (value,))
 
     def add_gauge(self, family: str, labels: tuple[str, ...], delta: float) -> None:
         key = (family, labels)
@@ -400,8 +458,9 @@ class ProxyMetrics:
         req_bytes = histograms.setdefault("istio_request_bytes", [])
         resp_bytes = histograms.setdefault("istio_response_bytes", [])
         for (h, status, flags, grpc), s in self._http.items():
-            st = self._http_static[h]
-            labels = [*st[:12], st[12], str(status), flags, st[13], grpc]
+            labels = _with_per_request(ISTIO_HTTP_LABELS, self._http_static[h],
+                                       {"response_code": str(status), "grpc_response_status": grpc,
+                                        "response_flags": flags})
             requests.append([labels, s.count])
             durations.append([labels, list(s.duration_buckets), s.duration_sum])
             req_bytes.append([labels, list(s.request_buckets), s.request_sum])
@@ -412,8 +471,7 @@ class ProxyMetrics:
         for name in tcp_names:
             counters.setdefault(name, [])
         for (h, flags), s in self._tcp.items():
-            st = self._tcp_static[h]
-            labels = [*st[:13], flags, st[13]]
+            labels = _with_per_request(ISTIO_TCP_LABELS, self._tcp_static[h], {"response_flags": flags})
             for name, value in zip(tcp_names, s):
                 counters[name].append([labels, value])
 
@@ -425,8 +483,17 @@ class ProxyMetrics:
         for (family, labels), value in self._gauges.items():
             gauges.setdefault(family, []).append([list(labels), value])
         gauges["meshproxy_workers"] = [[[], 1]]
+        for fam in FAMILIES.values():           # unlabelled counters exist from the start, at 0
+            if fam.type == "counter" and not fam.labels and fam.name not in counters:
+                counters[fam.name] = [[[], 0]]
         return {"format": DUMP_FORMAT, "instance": self.instance, "worker": self.worker,
                 "counters": counters, "gauges": gauges, "histograms": histograms}
+
+
+def _with_per_request(names: tuple[str, ...], fixed: tuple, per_request: dict) -> list:
+    """A series' label values in ``names`` order: a handle's fixed values with the per-request ones."""
+    rest = iter(fixed)
+    return [per_request[n] if n in per_request else next(rest) for n in names]
 
 
 # ---------------------------------------------------------------------- merging

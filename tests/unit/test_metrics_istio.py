@@ -6,15 +6,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy.telemetry.exposition import render_prometheus
-from meshproxy.telemetry.metrics import ISTIO_BUCKETS, ISTIO_HTTP_LABELS, PeerInfo, ProxyMetrics
+from meshproxy.telemetry.metrics import ISTIO_BUCKETS, ISTIO_HTTP_LABELS, PeerInfo, ProxyMetrics, workload_peer
 
-PRODUCTPAGE = PeerInfo(workload="productpage-v1", namespace="default", app="productpage", version="v1")
+PRODUCTPAGE = workload_peer({"app": "productpage", "version": "v1"}, "default")
 
 
 def reviews(version: str) -> PeerInfo:
-    return PeerInfo(workload=f"reviews-{version}", namespace="default", app="reviews", version=version,
-                    service="reviews.default.svc.cluster.local", service_name="reviews",
-                    service_namespace="default")
+    return workload_peer({"app": "reviews", "version": version}, "default",
+                         service="reviews.default.svc.cluster.local")
 
 
 def samples(metrics: ProxyMetrics, name: str) -> list:
@@ -32,13 +31,29 @@ def test_90_10_split_gives_istio_requests_total_90_and_10_with_istio_labels():
     assert {v: s.value for v, s in got.items()} == {"v1": 90, "v2": 10}
     assert got["v2"].labels == {
         "reporter": "source", "source_workload": "productpage-v1", "source_workload_namespace": "default",
-        "source_app": "productpage", "source_version": "v1",
+        "source_app": "productpage", "source_version": "v1", "source_canonical_service": "productpage",
+        "source_canonical_revision": "v1", "source_principal": "unknown", "source_cluster": "Kubernetes",
         "destination_service": "reviews.default.svc.cluster.local", "destination_service_name": "reviews",
         "destination_service_namespace": "default", "destination_workload": "reviews-v2",
         "destination_workload_namespace": "default", "destination_version": "v2", "destination_app": "reviews",
+        "destination_canonical_service": "reviews", "destination_canonical_revision": "v2",
+        "destination_principal": "unknown", "destination_cluster": "Kubernetes",
         "request_protocol": "http", "response_code": "200", "response_flags": "-",
         "connection_security_policy": "none", "grpc_response_status": ""}
-    assert set(got["v2"].labels) == set(ISTIO_HTTP_LABELS)
+    assert list(got["v2"].labels) == list(ISTIO_HTTP_LABELS)         # Istio's 25 labels, in its order
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ({"app": "reviews", "version": "v2"}, ("reviews-v2", "reviews", "v2")),
+    ({"app": "reviews"}, ("reviews", "reviews", "latest")),
+    ({"app.kubernetes.io/name": "ratings", "app.kubernetes.io/version": "1.2"}, ("ratings-1.2", "ratings", "1.2")),
+    ({"app": "a", "version": "v1", "service.istio.io/canonical-name": "shop",
+      "service.istio.io/canonical-revision": "r7", "service.istio.io/workload-name": "shop-deploy"},
+     ("shop-deploy", "shop", "r7")),
+])
+def test_workload_canonical_service_and_revision_follow_istios_label_rules(labels, expected):
+    peer = workload_peer(labels, "default")
+    assert (peer.workload, peer.canonical_service, peer.canonical_revision) == expected
 
 
 def test_status_and_response_flags_make_separate_series():
