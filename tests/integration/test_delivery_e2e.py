@@ -276,7 +276,7 @@ class Prometheus:
         self.port = free_ports(1)[0]
         config = workdir / "prometheus.yml"
         config.write_text(f"""
-global: {{scrape_interval: 200ms, evaluation_interval: 1s}}
+global: {{scrape_interval: 100ms, evaluation_interval: 1s}}
 scrape_configs:
 - job_name: gateway
   metrics_path: /stats/prometheus
@@ -313,7 +313,7 @@ def test_custom_promql_metric_waits_for_values_then_passes_and_a_dead_prometheus
         mesh.add_service("promql", {"v1": VersionApp("v1"), "v2": VersionApp("v2"), "v3": VersionApp("v3")}, "v1")
         users = Users(mesh.gw_port, "promql.example.com", users=1, pause=0.005).start()
         try:
-            rate = {"name": "canary-rps", "interval": "2s", "thresholdRange": {"min": 1},
+            rate = {"name": "canary-rps", "interval": "1s", "thresholdRange": {"min": 1},
                     "provider": {"type": "prometheus", "address": prometheus.url},
                     "query": 'sum(rate(istio_requests_total{reporter="source",destination_service="{{ service }}",'
                              'destination_version="{{ target }}"}[{{ interval }}]))'}
