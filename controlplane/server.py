@@ -35,7 +35,7 @@ class ControlPlane:
                                metrics=self.metrics)
         self.api = Api(store, self.push, default_ttl=default_ttl, metrics=self.metrics, metrics_registry=self.registry)
         self.delivery = DeliveryController(store, self.push)
-        self.delivery_api = DeliveryApi(store, self.delivery)
+        self.delivery_api = DeliveryApi(store, self.delivery, security=getattr(self.api, "security", None))
         self.http = HttpServer(self._handle)
         self._publisher: asyncio.Task | None = None
 

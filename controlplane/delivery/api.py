@@ -78,10 +78,21 @@ def check_metadata(obj: dict, namespace: str, name: str | None) -> list[str]:
     return errors
 
 
+def who(request: Request) -> str:
+    """The author recorded for a change: the authenticated principal, else the client's name."""
+    principal = getattr(request, "principal", None)
+    name = getattr(principal, "name", None)
+    return name or request.headers.get("x-meshctl-user") or "api"
+
+
 class DeliveryApi:
-    def __init__(self, store, controller: DeliveryController):
+    def __init__(self, store, controller: DeliveryController, *, security=None):
         self.store = store
         self.controller = controller
+        # the control plane's authentication (controlplane.security, when enabled): reads need a
+        # view token, writes and actions an edit token, like the networking kinds; the console's
+        # static files are public (they hold no data; the page asks for a token on a 401)
+        self.security = security
         self.traffic = TrafficView(controller, store)
 
     async def handle(self, request: Request) -> Response | None:
@@ -92,9 +103,17 @@ class DeliveryApi:
             if match:
                 if method == request.method:
                     try:
+                        if self.security is not None and name != "ui":
+                            request.principal = await self.security.authenticate(request)
+                            self.security.authorize(request.principal, f"delivery_{name}", request.method,
+                                                    request.path)
                         return await getattr(self, "_" + name)(request, **match.groupdict())
                     except StoreError as exc:
                         return status_response(exc.code, exc.reason, str(exc))
+                    except Exception as exc:        # the security module's Denied (401/403)
+                        if isinstance(getattr(exc, "code", None), int) and hasattr(exc, "reason"):
+                            return status_response(exc.code, exc.reason, str(exc))
+                        raise
                 allowed.append(method)
         if allowed:
             return status_response(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path} "
@@ -164,7 +183,7 @@ class DeliveryApi:
         existed = (KIND, ns, md["name"]) in self.store.resources()
         expect = md.get("resourceVersion")
         stored = await self.store.put(obj, expect_version=str(expect) if expect else None, create_only=create_only,
-                                      origin=request.headers.get("x-meshctl-user", "api"))
+                                      origin=who(request))
         return Response(200 if existed else 201, Response.json(200, stored).body, headers=headers)
 
     async def _create(self, request, ns):
@@ -178,15 +197,15 @@ class DeliveryApi:
         if request.query.get("dryRun") == "All":
             return Response.json(200, obj)
         gone = await self.store.delete((KIND, ns, name), expect_version=request.query.get("resourceVersion"),
-                                       origin=request.headers.get("x-meshctl-user", "api"))
+                                       origin=who(request))
         return Response.json(200, gone)
 
     async def _action(self, request, ns, name, action):
         self._get_obj(ns, name)
-        who = request.headers.get("x-meshctl-user") or "api"
-        await self.controller.request_action((ns, name), action, who)
+        by = who(request)
+        await self.controller.request_action((ns, name), action, by)
         return Response.json(202, {"kind": "Status", "apiVersion": "v1", "status": "Success",
-                                   "message": f"{action} of {KIND} {ns}/{name} requested by {who}"})
+                                   "message": f"{action} of {KIND} {ns}/{name} requested by {by}"})
 
     # ------------------------------------------------------------ the console
 

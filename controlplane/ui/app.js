@@ -9,13 +9,27 @@ const openDiffs = new Set();
 
 // ------------------------------------------------------------------ helpers
 
+const TOKEN_KEY = "meshproxy-token";   // per browser tab, never in the URL
+
 async function api(path, options = {}) {
   const headers = { "content-type": "application/json", "x-meshctl-user": "console" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.authorization = `Bearer ${token}`;
   const response = await fetch(path, { ...options, headers });
   const body = await response.json().catch(() => ({}));
+  if (response.status === 401) document.getElementById("login").hidden = false;
   if (!response.ok) throw new Error(body.message || `${response.status} ${path}`);
   return body;
 }
+
+document.getElementById("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  document.getElementById("login").hidden = true;
+  refresh();
+});
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);

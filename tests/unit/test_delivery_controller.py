@@ -85,3 +85,44 @@ async def test_a_stored_route_at_a_foreign_weight_is_not_adopted():
         assert run.status["paused"] and run.status["canaryWeight"] == 10
     finally:
         await store.close()
+
+
+class Refused(Exception):
+    def __init__(self, code, reason, message):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+class ScopedSecurity:
+    """What the control plane's security module offers: who asks, and may they."""
+
+    def __init__(self, scope):
+        self.scope = scope
+        self.asked = []
+
+    async def authenticate(self, request):
+        return type("Principal", (), {"name": f"alice ({self.scope})", "scope": self.scope})()
+
+    def authorize(self, principal, route, method, path=""):
+        self.asked.append(route)
+        if method != "GET" and principal.scope != "edit":
+            raise Refused(403, "Forbidden", f"{principal.name} may not {method} {path}")
+
+
+async def test_delivery_api_asks_the_control_planes_security_view_for_reads_edit_for_actions():
+    from controlplane.delivery.api import DeliveryApi
+    from controlplane.http import Request
+    store, ctl, spec = await setup()
+    try:
+        base = "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/web"
+        viewer = DeliveryApi(store, ctl, security=ScopedSecurity("view"))
+        assert (await viewer.handle(Request("GET", base, {}, {}, b""))).status == 200
+        refused = await viewer.handle(Request("POST", base + "/abort", {}, {}, b"{}"))
+        assert refused.status == 403 and b"may not POST" in refused.body
+        assert (await viewer.handle(Request("GET", "/ui/app.js", {}, {}, b""))).status == 200   # static: public
+        assert viewer.security.asked == ["delivery_get", "delivery_action"]
+        editor = DeliveryApi(store, ctl, security=ScopedSecurity("edit"))
+        accepted = await editor.handle(Request("POST", base + "/pause", {}, {}, b"{}"))
+        assert accepted.status == 202 and b"requested by alice (edit)" in accepted.body
+    finally:
+        await store.close()
