@@ -124,8 +124,10 @@ class DeliveryController:
         leader = self.leadership.is_leader
         wanted = {(ns, name) for (kind, ns, name) in self.store.resources() if kind == KIND} if leader else set()
         for key in [k for k in self.runs if k not in wanted]:
-            await self.runs.pop(key).stop()
-            if leader:                                  # the Canary was deleted: its status goes too
+            run = self.runs.pop(key)
+            await run.stop()
+            if leader:                                  # the Canary was deleted: traffic back, status gone
+                await run.abandon()
                 await self.state.delete(key)
         for key in sorted(wanted - self.runs.keys()):
             status = await self.state.load(key)
@@ -199,6 +201,7 @@ class CanaryRun:
                                  f"{status.get('phase')}, weight {status.get('canaryWeight')}")
         self.wake = asyncio.Event()
         self.baseline: Baseline | None = None
+        self.spec: CanarySpec | None = None        # as of the last tick (to undo the route if deleted)
         self.next_check = 0.0
         self._task: asyncio.Task | None = None
         self._saved = ""
@@ -287,7 +290,7 @@ class CanaryRun:
             self.status["message"] = "invalid: " + "; ".join(decoded.errors)
             self.next_check = ctl.clock() + 5.0
             return 5.0
-        spec = decoded.spec
+        spec = self.spec = decoded.spec
         interval = spec.analysis.interval
         run = {"stable": spec.stable, "canary": spec.canary}
         status = self.status
@@ -351,6 +354,19 @@ class CanaryRun:
             self.event("Normal", f"adopted weight {canary} found on the route (written before the last status save)")
             self.set_weight(canary)
             status["written"] = current
+
+    async def abandon(self) -> None:
+        """The Canary was deleted mid-run: its route goes back to 100% stable (never left split
+        between two versions with nobody driving it) and the session affinity is removed."""
+        spec = self.spec
+        if spec is None or self.status["phase"] in TERMINAL or self.status["written"] is None:
+            return
+        try:
+            await self.write_route(spec, 0, final="rolledback", reason="canary deleted")
+            await self.unstick(spec)
+            log.warning("%s: deleted while %s: route back to 100%% %s", self.ref, self.status["phase"], spec.stable)
+        except (StoreError, RefusedWrite, ValueError) as exc:
+            log.warning("%s: deleted mid-run; could not restore the route: %s", self.ref, exc)
 
     async def take_actions(self, spec: CanarySpec) -> None:
         action = await self.ctl.state.take_action(self.key)

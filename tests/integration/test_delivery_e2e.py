@@ -180,6 +180,9 @@ def test_human_edit_pauses_resume_reapplies_abort_rolls_back_and_history_undoes(
     assert cli.main(server + ["canary", "status", "edited"]) == 0
     out = capsys.readouterr().out
     assert "Failed" in out and "aborted by" in out
+    assert cli.main(server + ["get", "canaries", "edited", "-o", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["status"]["phase"] == "Failed" and got["status"]["canaryWeight"] == 0
 
 
 class Hooks:

@@ -126,3 +126,21 @@ async def test_delivery_api_asks_the_control_planes_security_view_for_reads_edit
         assert accepted.status == 202 and b"requested by alice (edit)" in accepted.body
     finally:
         await store.close()
+
+
+async def test_deleting_a_canary_mid_run_returns_the_route_to_stable():
+    store, ctl, spec = await setup()
+    try:
+        await ctl._reconcile()                          # picks the Canary up
+        run = ctl.runs[("default", "web")]
+        await run.stop()                                # drive it by hand from here
+        await run.tick()                                # Initializing -> Progressing at 10%
+        vs = store.resources()[("VirtualService", "default", "web")]
+        assert [d["weight"] for d in vs["spec"]["http"][0]["route"]] == [90, 10]
+        await store.delete(("Canary", "default", "web"))
+        await ctl._reconcile()
+        vs = store.resources()[("VirtualService", "default", "web")]
+        assert vs["spec"]["http"][0]["route"] == [{"destination": {"host": "web", "subset": "v1"}, "weight": 100}]
+        assert ("default", "web") not in ctl.runs and await ctl.state.load(("default", "web")) is None
+    finally:
+        await store.close()
