@@ -166,13 +166,16 @@ class DeliveryController:
                 out.setdefault(admin, p.get("node_id", admin))
         return out
 
-    async def read_proxies(self, selector: Selector) -> tuple[dict, tuple[str, ...]]:
+    async def read_proxies(self, selector: Selector, timeout: float | None = None) -> tuple[dict, tuple[str, ...]]:
+        """Every proxy's cumulative reading for ``selector``, and the proxies that did not answer
+        within ``timeout`` (default ``read_timeout``; a check passes its interval, at least 0.5 s)."""
         admins = self.proxy_admins()
+        timeout = self.read_timeout if timeout is None else timeout
 
         async def one(address: str):
             async with self._reads:
                 try:
-                    status, body = await request("GET", f"http://{address}/stats/prometheus", timeout=self.read_timeout)
+                    status, body = await request("GET", f"http://{address}/stats/prometheus", timeout=timeout)
                 except HttpFailure as exc:
                     return address, None, str(exc)
             if status != 200:
@@ -445,7 +448,7 @@ class CanaryRun:
         if selector is None:
             self.pause("the subsets have no version labels")
             return
-        readings, missing = await self.ctl.read_proxies(selector)
+        readings, missing = await self.ctl.read_proxies(selector, self.read_timeout(spec))
         window = self.baseline.window(readings, self.ctl.wall(), missing)
         results: list[MetricResult] = [c.judge(window) for c in builtin_checks(analysis)]
         versions = versions_of(spec, self.ctl.store.resources())
@@ -549,6 +552,9 @@ class CanaryRun:
 
     # ------------------------------------------------------------ writes and reads
 
+    def read_timeout(self, spec: CanarySpec) -> float:
+        return min(self.ctl.read_timeout, max(0.5, spec.analysis.interval))
+
     def selector(self, spec: CanarySpec) -> Selector | None:
         versions = versions_of(spec, self.ctl.store.resources())
         if versions is None:
@@ -561,7 +567,7 @@ class CanaryRun:
         if selector is None:
             self.baseline = None
             return
-        readings, _ = await self.ctl.read_proxies(selector)
+        readings, _ = await self.ctl.read_proxies(selector, self.read_timeout(spec))
         self.baseline = Baseline(readings, self.ctl.wall())
 
     async def write_route(self, spec: CanarySpec, weight: int, *, final: str | None = None, reason: str) -> None:

@@ -362,3 +362,44 @@ def test_ab_canary_sends_only_matching_requests_to_the_canary_then_promotes_afte
     assert status["phase"] == "Succeeded" and status["passedChecks"] == 3 and status["iterations"] == 3
     assert mesh.weights("abtest") == {"v2": 100}
     assert [r.get("name") for r in mesh.get("virtualservices", "abtest")["spec"]["http"]] == ["main"]
+
+
+def test_a_proxy_that_stops_answering_holds_the_step_with_the_reason_until_it_is_back(mesh, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from controlplane.testing import free_ports
+    listen, admin = free_ports(2)
+    node = f"frozen-{os.getpid()}"
+    log = open(tmp_path / "frozen.log", "ab")
+    proxy = subprocess.Popen([sys.executable, "-m", "meshproxy", "run", "--control-plane", mesh.cp.url, "--node-id", node,
+                              "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: any(p["node_id"] == node and p["state"] == "acked"
+                             for p in mesh.api.call("GET", "/push/v1/proxies")[1]["items"]), 20, "the proxy connected")
+        mesh.add_service("frozen", {"v1": VersionApp("v1"), "v2": VersionApp("v2")}, "v1")
+        users = Users(mesh.gw_port, "frozen.example.com", users=1, pause=0.005).start()
+        try:
+            mesh.canary("frozen", "v1", "v2", {"interval": "300ms", "threshold": 1, "stepWeights": [20, 40],
+                                               "minRequests": 10, "metrics": [SUCCESS]})
+            mesh.wait_phase("frozen", "Progressing", 10)
+            proxy.send_signal(signal.SIGSTOP)
+            status = wait_for(lambda: (lambda s: s if "did not report" in s["message"] else None)(mesh.status("frozen")),
+                              10, "the check waiting for the frozen proxy")
+            assert node in status["message"] and status["failedChecks"] == 0 and status["phase"] == "Progressing"
+            weight = status["canaryWeight"]
+            time.sleep(0.5)
+            assert mesh.status("frozen")["canaryWeight"] == weight            # held, not advanced, not failed
+            proxy.send_signal(signal.SIGCONT)
+            status = mesh.wait_phase("frozen", ("Succeeded", "Failed"), 20)
+        finally:
+            users.stop()
+        assert status["phase"] == "Succeeded" and status["failedChecks"] == 0
+    finally:
+        proxy.send_signal(signal.SIGCONT)
+        proxy.terminate()
+        try:
+            proxy.wait(2)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
