@@ -35,8 +35,8 @@ from ..store import StoreError
 from ..validation import validate_object
 from . import hooks
 from .httpclient import HttpFailure, request
-from .policy import (CONFIRMED, DONE, FAIL, FAILED, INITIALIZING, NO_DATA, PASS, PROGRESSING, PROMOTE, PROMOTING,
-                     RESTART, ROLLBACK, START, SUCCEEDED, TERMINAL, WAIT, WAITING_PROMOTION, CustomCheck, Decision,
+from .policy import (CONFIRMED, DONE, FAIL, INITIALIZING, NO_DATA, PROGRESSING, PROMOTE, PROMOTING,
+                     RESTART, ROLLBACK, START, TERMINAL, WAIT, WAITING_PROMOTION, CustomCheck, Decision,
                      MetricResult, StepPlan, Window, builtin_checks, judge, next_phase)
 from .routing import observed_weights, restore_load_balancer, rewrite_virtual_service, route_state, sticky_destination_rule
 from .samples import Baseline, Selector, parse_versions
@@ -415,11 +415,11 @@ class CanaryRun:
             await self.failed_check(spec, Decision(FAIL, (), "pre-rollout webhook " +
                                                    "; ".join(f"{r.name}: {r.detail}" for r in failed)), None)
             return
-        plan = StepPlan.of(spec)
+        first = StepPlan.of(spec).first_weight()
+        await self.write_route(spec, first, reason=f"weight {first}")      # the route first: status follows it
         self.transition(START)
-        self.set_weight(plan.first_weight())
+        self.set_weight(first)
         status["stepStartedAt"] = self.ctl.wall()
-        await self.write_route(spec, status["canaryWeight"], reason=f"weight {status['canaryWeight']}")
         self.event("Normal", f"advance {spec.canary} canary weight {status['canaryWeight']}"
                    if analysis.strategy == "canary" else f"{analysis.strategy} analysis of {spec.canary} started")
         status["message"] = "collecting the first window"
@@ -494,8 +494,8 @@ class CanaryRun:
         status["iterations"] = iterations
         if action == "advance":
             if weight != status["canaryWeight"]:
-                self.set_weight(weight)
                 await self.write_route(spec, weight, reason=f"weight {weight}")
+                self.set_weight(weight)
                 self.event("Normal", f"advance {spec.canary} canary weight {weight}")
             else:
                 self.event("Normal", f"iteration {iterations}/{spec.analysis.iterations} passed")
@@ -517,9 +517,11 @@ class CanaryRun:
 
     async def promote(self, spec: CanarySpec, why: str) -> None:
         status = self.status
-        self.transition(CONFIRMED if status["phase"] == WAITING_PROMOTION else PROMOTE)
-        self.set_weight(100)
+        event = CONFIRMED if status["phase"] == WAITING_PROMOTION else PROMOTE
+        next_phase(status["phase"], event)                 # legal here, before anything is written
         await self.write_route(spec, 100, final="promoted", reason=f"promoted ({why})")
+        self.transition(event)
+        self.set_weight(100)
         self.event("Normal", f"promotion of {spec.canary} ({why}): 100% {spec.canary}")
         status["message"] = f"promoting: {why}"
 
@@ -536,12 +538,11 @@ class CanaryRun:
         if status["phase"] == PROMOTING:     # too late to roll back a finished copy: stay promoted
             self.event("Warning", f"rollback asked while promoting ignored: {reason}")
             return
+        next_phase(status["phase"], ROLLBACK)              # legal here, before anything is written
+        await self.write_route(spec, 0, final="rolledback", reason=f"rolled back ({reason[:120]})")
+        await self.unstick(spec)
         self.transition(ROLLBACK)
         self.set_weight(0)
-        try:
-            await self.write_route(spec, 0, final="rolledback", reason=f"rolled back ({reason[:120]})")
-        finally:
-            await self.unstick(spec)
         status["message"] = f"rolled back: {reason}"
         self.event("Warning", f"rolling back {spec.canary}: {reason}")
         await self.post_rollout(spec)

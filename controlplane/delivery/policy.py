@@ -4,7 +4,7 @@ them numbers and applies what they decide.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import stats

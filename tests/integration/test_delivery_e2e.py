@@ -9,8 +9,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-
 from delivery_mesh import Users, VersionApp, delivery_mesh_fixture, wait_for  # noqa: F401  (the "mesh" fixture)
 
 from controlplane import cli
