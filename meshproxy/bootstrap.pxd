@@ -20,4 +20,5 @@ cdef class Worker:
     cdef public UpstreamPools pools
     cdef public SendBatch batch
     cdef public list listen_errors
+    cdef public object certificates
     cpdef double now(self) except? -1.0

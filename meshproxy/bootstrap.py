@@ -33,7 +33,7 @@ from .config.model import Endpoint, Listener, Snapshot
 from .config.store import SnapshotStore
 from .downstream.splice import Splice
 from .downstream.tcp_proxy import TcpProxyListener
-from .listener import HttpListener, bind_socket
+from .listener import HttpListener, bind_socket, inbound_acceptor
 from .router.split import Splitter
 from .security.authz import authorize_connection
 from .proxy.observe import Telemetry
@@ -88,6 +88,9 @@ class Worker:
                                    batch=self.batch)
         self._sweeper: asyncio.TimerHandle | None = None
         self.listen_errors: list[str] = []
+        # the workload certificate manager (meshproxy.security.CertificateManager), set by the
+        # composition root when the proxy has an identity; None = no workload certificate
+        self.certificates = None
         store.subscribe(self._on_swap)
 
     # ---------------------------------------------------------------- snapshot lifecycle
@@ -151,7 +154,12 @@ class Worker:
                 self.http_listeners[key] = listener
             elif model.protocol == "TCP":
                 tcp = self._tcp_listener(model)
-                await tcp.start(sock)
+                if model.mtls:
+                    # inbound: its PeerAuthentication decides per connection (mTLS or plaintext)
+                    tcp.server = inbound_acceptor(self, model.name, sock, tcp.protocol_factory,
+                                                  lambda: tcp.model.mtls, ())
+                else:
+                    await tcp.start(sock)
                 self.tcp_listeners[key] = tcp
         self.listen_errors = errors
         for error in errors:
@@ -180,6 +188,13 @@ class Worker:
 
         default.sni_callback = pick
         return default
+
+    def inbound_tls_context(self, alpn: tuple[str, ...], client_cert: str) -> ssl.SSLContext | None:
+        """The workload's mTLS server context for inbound listeners (None: no certificate)."""
+        certificates = self.certificates
+        if certificates is None or certificates.current is None:
+            return None
+        return certificates.server_context(alpn=alpn, client_cert=client_cert)
 
     def _tcp_listener(self, model: Listener) -> TcpProxyListener:
         settings = self.settings

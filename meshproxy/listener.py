@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .config.model import Listener
 from .security.authz import AuthzRequest, Decision, PeerInfo, evaluate, peer_from_transport
+from .security.inbound import PeerAuthAcceptor
 
 if TYPE_CHECKING:
     from .bootstrap import Worker
@@ -34,6 +36,18 @@ def bind_socket(address: str, port: int, backlog: int = 1024, reuse_port: bool =
     return sock
 
 
+def inbound_acceptor(worker: "Worker", name: str, sock: socket.socket, factory, mode, alpn: tuple[str, ...]
+                     ) -> PeerAuthAcceptor:
+    """A started :class:`PeerAuthAcceptor` for inbound listener ``name`` of ``worker``;
+    ``mode()`` reads the port's current PeerAuthentication mode."""
+    acceptor = PeerAuthAcceptor(
+        worker.loop, sock, factory, mode, lambda client_cert: worker.inbound_tls_context(alpn, client_cert),
+        lambda reason: worker.telemetry.handshake_failed(name, reason),
+        detect_timeout=worker.settings.header_read_timeout, handshake_timeout=worker.settings.header_read_timeout)
+    acceptor.start()
+    return acceptor
+
+
 class HttpListener:
     """An HTTP (or TLS-terminated HTTPS) listener and the connections it accepted."""
 
@@ -53,11 +67,18 @@ class HttpListener:
         self.rejected_connections = 0
         self.authz = model.authz         # the workload's AuthorizationPolicies (PolicySet) or None
         self.peers: dict["DownstreamConnection", PeerInfo] = {}   # read once per connection, when asked
+        self.acceptor: PeerAuthAcceptor | None = None
 
     async def start(self) -> None:
         from .downstream.http_conn import DownstreamConnection
 
         worker = self.worker
+        if self.model.mtls:
+            # an inbound listener: its PeerAuthentication decides per connection (mTLS or plaintext)
+            self.acceptor = inbound_acceptor(worker, self.name, self.sock, lambda: DownstreamConnection(worker, self),
+                                             lambda: self.model.mtls, ("http/1.1",))
+            self.server = self.acceptor
+            return
         self.server = await worker.loop.create_server(
             lambda: DownstreamConnection(worker, self), sock=self.sock, ssl=self.ssl_context,
             backlog=1024)
@@ -90,7 +111,10 @@ class HttpListener:
         """Who is on the other end of ``conn`` (address, verified SPIFFE id), read once."""
         info = self.peers.get(conn)
         if info is None:
-            info = self.peers[conn] = peer_from_transport(conn.transport.get_extra_info)
+            info = peer_from_transport(conn.transport.get_extra_info)
+            if self.acceptor is not None and info.mutual_tls:
+                info = replace(info, sni=self.acceptor.take_sni(conn.transport.get_extra_info("peername")))
+            self.peers[conn] = info
         return info
 
     def authorize(self, conn: "DownstreamConnection", view) -> Decision:

@@ -349,10 +349,6 @@ def decode_peer_authentication(r: "_Reader", raw: Any, namespace: str) -> PeerAu
                 pm = r.obj(value, where, ("mode",))
                 if pm is not None:
                     ports.append((port, r.string(pm, "mode", where, choices=MODES) or "UNSET"))
-    if mode in ("STRICT", "DISABLE") or any(m in ("STRICT", "DISABLE") for _, m in ports):
-        # security settings are applied or refused: inbound mTLS termination lands next
-        r.error("spec", "STRICT and DISABLE are not applied by this proxy yet (inbound mTLS termination "
-                "is not built); only PERMISSIVE and UNSET, today's plaintext-accepting behaviour, are accepted")
     return PeerAuthentication(mode=mode, selector=selector, port_level=tuple(sorted(ports)))
 
 

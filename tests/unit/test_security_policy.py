@@ -101,7 +101,6 @@ def test_invalid_authorization_policies_are_refused_with_their_path(spec, error)
     ("selector: {matchLabels: {app: a}}\nportLevelMtls: {}\n", "spec.portLevelMtls: must not be empty"),
     ("selector: {matchLabels: {app: a}}\nportLevelMtls: {'0': {mode: DISABLE}}\n", "key must be a port number"),
     ("mtls: {mode: STRIKT}\n", "spec.mtls.mode: must be one of DISABLE|PERMISSIVE|STRICT|UNSET"),
-    ("mtls: {mode: STRICT}\n", "STRICT and DISABLE are not applied by this proxy yet"),
 ])
 def test_invalid_peer_authentications_are_refused_with_their_path(spec, error):
     text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa, namespace: foo}\nspec:\n" + \

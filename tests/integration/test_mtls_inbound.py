@@ -1,0 +1,247 @@
+"""PeerAuthentication at a real worker's inbound listeners, over real sockets: STRICT
+terminates mTLS and refuses plaintext, other CAs, missing/expired certificates and garbage;
+PERMISSIVE decides per connection; the caller's SPIFFE id reaches AuthorizationPolicy;
+operators' tools (openssl s_client, curl) see what they expect."""
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import subprocess
+from dataclasses import replace
+from types import MappingProxyType
+
+import pytest
+
+from helpers import Upstream, free_port, respond
+from meshproxy.bootstrap import Worker, WorkerOptions
+from meshproxy.config.model import (
+    Cluster, Endpoint, HttpRoute, Listener, ProxySettings, RouteTable, Snapshot, TcpRoute, VirtualHost,
+    WeightedDestination,
+)
+from meshproxy.config.store import SnapshotStore
+from meshproxy.proxy.observe import Telemetry
+from meshproxy.security.authz import (
+    ALLOW, AppliedPolicy, Condition, PolicySet, Rule, SOURCE_PRINCIPAL, value_match,
+)
+from mtls import MeshCA, StaticCertificates, client_context
+
+pytestmark = pytest.mark.asyncio
+
+SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"
+OTHER = "spiffe://cluster.local/ns/foo/sa/other"
+ONLY_SLEEP = PolicySet(allow=(AppliedPolicy("foo/only-sleep", ALLOW, (
+    Rule(sources=((Condition(SOURCE_PRINCIPAL, (value_match("cluster.local/ns/foo/sa/sleep"),)),),)),)),))
+
+
+def _snapshot(app_port: int, echo_port: int, mode: str, authz=None) -> Snapshot:
+    app = Cluster("inbound|app", "", 80, None, (Endpoint("127.0.0.1", app_port),))
+    echo = Cluster("inbound|echo", "", 81, None, (Endpoint("127.0.0.1", echo_port),), protocol="TCP")
+    vh = VirtualHost("inbound", ("*",), (HttpRoute("", "test", destinations=(
+        WeightedDestination("", None, 80, 100, app.name),)),))
+    return Snapshot("v1", listeners=(
+        Listener("inbound_http", "127.0.0.1", free_port(), "HTTP", route_table="inbound", mtls=mode, authz=authz),
+        Listener("inbound_tcp", "127.0.0.1", free_port(), "TCP", mtls=mode, authz=authz, tcp_routes=(
+            TcpRoute((WeightedDestination("", None, 81, 100, echo.name),)),)),
+    ), route_tables=MappingProxyType({"inbound": RouteTable("inbound", default=vh)}),
+        clusters=MappingProxyType({app.name: app, echo.name: echo}),
+        settings=ProxySettings(header_read_timeout=2.0))
+
+
+class Mesh:
+    def __init__(self, tmp_path):
+        self.ca = MeshCA()
+        self.tmp = tmp_path
+        self.server = StaticCertificates(self.ca.issue("spiffe://cluster.local/ns/foo/sa/httpbin"), tmp_path)
+
+    def client(self, spiffe: str = SLEEP, ca: MeshCA | None = None, alpn=("istio-http/1.1", "istio", "http/1.1"),
+               **kw) -> ssl.SSLContext:
+        issued = (ca or self.ca).issue(spiffe, **kw)
+        cert, key, _ = issued.files(self.tmp)
+        return client_context(issued, self.server.root_file, cert, key, alpn)
+
+
+async def _echo(reader, writer):
+    data = await reader.read(100)
+    writer.write(b"echo:" + data)
+    await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def inbound(tmp_path):
+    app = await Upstream(respond(200, b"hello")).start()
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    mesh = Mesh(tmp_path)
+    loop = asyncio.get_running_loop()
+    workers = []
+
+    async def start(mode: str, authz=None):
+        snap = _snapshot(app.port, echo.sockets[0].getsockname()[1], mode, authz)
+        worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(1))
+        worker.certificates = mesh.server
+        await worker.start()
+        workers.append(worker)
+        http = next(iter(worker.http_listeners.values())).acceptor.sock.getsockname()[1]
+        tcp = next(iter(worker.tcp_listeners.values())).server.sock.getsockname()[1]
+        return worker, http, tcp
+
+    yield mesh, start, app
+    for worker in workers:
+        await worker.drain(0.1)
+    echo.close()
+    await app.close()
+
+
+async def _get(port: int, ctx: ssl.SSLContext | None, path: str = "/") -> bytes:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                       server_hostname="httpbin.foo" if ctx else None)
+    except (ConnectionResetError, ssl.SSLError):
+        return b""                                # the handshake failed (or the server spoke plaintext)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: httpbin.foo\r\nConnection: close\r\n\r\n".encode())
+        return await asyncio.wait_for(reader.read(), 5)
+    except (ConnectionResetError, ssl.SSLError):
+        return b""
+    finally:
+        writer.close()
+
+
+def _refusals(worker: Worker) -> dict:
+    return {labels: n for (family, labels), n in worker.telemetry.metrics._counters.items()
+            if family == "meshproxy_tls_handshake_failures_total"}
+
+
+async def test_strict_terminates_mtls_and_refuses_plaintext(inbound):
+    mesh, start, app = inbound
+    worker, http, tcp = await start("STRICT")
+    answer = await _get(http, mesh.client())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello")
+    assert await _get(http, None) == b""                          # plaintext: closed without an answer
+    assert _refusals(worker)[("inbound_http", "plaintext_refused")] == 1
+    # TCP over mTLS reaches the app; plaintext TCP does not
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp, ssl=mesh.client(), server_hostname="x")
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.read(), 5) == b"echo:ping"
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp)
+    writer.write(b"ping")
+    with pytest.raises((ConnectionResetError, AssertionError)):
+        assert await asyncio.wait_for(reader.read(), 5) != b""
+    writer.close()
+
+
+@pytest.mark.parametrize("bad", ["other-ca", "no-client-cert", "expired", "not-yet-valid"])
+async def test_strict_refuses_bad_client_certificates_and_keeps_serving(inbound, bad):
+    mesh, start, app = inbound
+    worker, http, _ = await start("STRICT")
+    if bad == "other-ca":
+        ctx = mesh.client(ca=MeshCA("another root"))
+    elif bad == "no-client-cert":
+        ctx = client_context(None, mesh.server.root_file)
+    elif bad == "expired":
+        ctx = mesh.client(valid_from=-7200, valid_for=3600)
+    else:
+        ctx = mesh.client(valid_from=3600)
+    assert await _get(http, ctx) == b""
+    await asyncio.sleep(0.05)
+    assert _refusals(worker)[("inbound_http", "handshake_failed")] == 1
+    assert (await _get(http, mesh.client())).endswith(b"hello")     # everything else keeps serving
+
+
+async def test_the_callers_spiffe_id_reaches_authorization_policy(inbound):
+    mesh, start, app = inbound
+    worker, http, tcp = await start("STRICT", ONLY_SLEEP)
+    assert (await _get(http, mesh.client(SLEEP))).endswith(b"hello")
+    denied = await _get(http, mesh.client(OTHER))
+    assert denied.startswith(b"HTTP/1.1 403") and denied.endswith(b"RBAC: access denied")
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp, ssl=mesh.client(OTHER), server_hostname="x")
+    writer.write(b"ping")
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        pass
+    writer.close()
+
+
+async def test_permissive_decides_per_connection(inbound):
+    mesh, start, app = inbound
+    worker, http, _ = await start("PERMISSIVE", ONLY_SLEEP)
+    assert (await _get(http, mesh.client(SLEEP))).endswith(b"hello")             # mTLS: principal known
+    plain = await _get(http, None)
+    assert plain.startswith(b"HTTP/1.1 403")                                     # plaintext: no principal
+    # TLS without Istio's ALPN is the app's own TLS: its bytes are not terminated (here: not HTTP -> 400)
+    assert await _get(http, mesh.client(SLEEP, alpn=("http/1.1",))) == b""
+    assert len(app.requests) == 1
+
+
+async def test_disable_never_terminates(inbound):
+    mesh, start, app = inbound
+    worker, http, _ = await start("DISABLE")
+    assert (await _get(http, None)).endswith(b"hello")
+    assert not (await _get(http, mesh.client())).endswith(b"hello")
+
+
+async def test_garbage_and_a_client_hello_one_byte_at_a_time(inbound):
+    mesh, start, app = inbound
+    worker, http, _ = await start("STRICT")
+    reader, writer = await asyncio.open_connection("127.0.0.1", http)
+    writer.write(b"\x16\x03\x01\x00\x05\x02garbage that is not a hello" * 3)
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        pass                                     # closed with our bytes unread: a reset
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert _refusals(worker)[("inbound_http", "plaintext_refused")] == 1
+    # a real handshake trickled one byte at a time still completes
+    ctx = mesh.client()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="httpbin.foo")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    reader, writer = await asyncio.open_connection("127.0.0.1", http)
+    for i in range(len(hello)):
+        writer.write(hello[i:i + 1])
+        await writer.drain()
+        if i % 50 == 0:
+            await asyncio.sleep(0.001)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                writer.write(outgoing.read())
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "server closed during the handshake"
+            incoming.write(data)
+    if outgoing.pending:
+        writer.write(outgoing.read())
+    assert tls.getpeercert()["subjectAltName"] == (("URI", "spiffe://cluster.local/ns/foo/sa/httpbin"),)
+    writer.close()
+
+
+async def test_openssl_s_client_and_curl_see_the_workload_certificate(inbound, tmp_path):
+    mesh, start, app = inbound
+    worker, http, _ = await start("STRICT")
+    issued = mesh.ca.issue(SLEEP)
+    cert, key, root = issued.files(tmp_path)
+    loop = asyncio.get_running_loop()
+    out = await loop.run_in_executor(None, lambda: subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{http}", "-CAfile", root, "-cert", cert, "-key", key,
+         "-alpn", "istio-http/1.1,http/1.1", "-verify_return_error", "-brief"],
+        input=b"", capture_output=True, timeout=15))
+    text = (out.stdout + out.stderr).decode()
+    assert "Verification: OK" in text or "Verify return code: 0 (ok)" in text, text
+    curl = await loop.run_in_executor(None, lambda: subprocess.run(
+        ["curl", "-s", "--cacert", root, "--cert", cert, "--key", key, "-k",
+         f"https://127.0.0.1:{http}/", "-H", "Host: httpbin.foo"], capture_output=True, timeout=15))
+    assert curl.stdout == b"hello"
+    no_cert = await loop.run_in_executor(None, lambda: subprocess.run(
+        ["curl", "-s", "-k", f"https://127.0.0.1:{http}/"], capture_output=True, timeout=15))
+    assert no_cert.returncode != 0 and no_cert.stdout == b""

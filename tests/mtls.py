@@ -1,0 +1,106 @@
+"""Certificates for mTLS tests, made with ``cryptography``: a mesh root, SPIFFE workload
+certificates, and a small stand-in for the workload certificate manager (the same
+``server_context`` / ``client_context`` calls as meshproxy.security's CertificateManager)."""
+from __future__ import annotations
+
+import datetime
+import ssl
+import tempfile
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@dataclass
+class Issued:
+    cert_pem: bytes
+    key_pem: bytes
+    root_pem: bytes
+
+    def files(self, directory) -> tuple[str, str, str]:
+        """(cert, key, root) written to ``directory``."""
+        paths = []
+        for suffix, data in (("crt", self.cert_pem), ("key", self.key_pem), ("root", self.root_pem)):
+            f = tempfile.NamedTemporaryFile(dir=directory, suffix="." + suffix, delete=False)
+            f.write(data)
+            f.close()
+            paths.append(f.name)
+        return tuple(paths)
+
+
+class MeshCA:
+    def __init__(self, name: str = "mesh root"):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(hours=1))
+                     .not_valid_after(now + datetime.timedelta(days=10))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                    critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.root_pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, spiffe: str = "", dns: tuple[str, ...] = (), valid_from: float = -3600,
+              valid_for: float = 86400) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        sans = [x509.UniformResourceIdentifier(spiffe)] if spiffe else []
+        sans += [x509.DNSName(d) for d in dns]
+        builder = (x509.CertificateBuilder().subject_name(_name(dns[0] if dns else "workload"))
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now + datetime.timedelta(seconds=valid_from))
+                   .not_valid_after(now + datetime.timedelta(seconds=valid_from + valid_for))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=bool(spiffe) and not dns)
+        cert = builder.sign(self.key, hashes.SHA256())
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), self.root_pem)
+
+
+class StaticCertificates:
+    """One workload certificate, no renewal: what the proxy asks of its certificate manager."""
+
+    def __init__(self, issued: Issued, directory):
+        self.issued = issued
+        self.cert_file, self.key_file, self.root_file = issued.files(directory)
+        self.current = issued
+
+    def server_context(self, alpn=("http/1.1",), client_cert: str = "required") -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx.load_verify_locations(self.root_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))
+        return ctx
+
+    def client_context(self, alpn=()) -> ssl.SSLContext:
+        return client_context(self.issued, self.root_file, self.cert_file, self.key_file, alpn)
+
+
+def client_context(issued: Issued | None, root_file: str, cert_file: str = "", key_file: str = "",
+                   alpn=()) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(root_file)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
