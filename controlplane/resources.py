@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 
 GROUP = "networking.istio.io"
+SECURITY_GROUP = "security.istio.io"
 API_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 DEFAULT_API_VERSION = f"{GROUP}/v1"
 
@@ -78,6 +79,13 @@ KINDS: tuple[Kind, ...] = (
         AGE)),
     Kind("Gateway", "gateways", ("gw",)),
     Kind("Sidecar", "sidecars", ()),
+    # security.istio.io: decoded, validated and pushed like the networking kinds
+    Kind("AuthorizationPolicy", "authorizationpolicies", ("ap",), SECURITY_GROUP, ("v1", "v1beta1"), columns=(
+        Column("Action", "string", ".spec.action", "The operation to take."), AGE),
+        categories=("istio-io", "security-istio-io")),
+    Kind("PeerAuthentication", "peerauthentications", ("pa",), SECURITY_GROUP, ("v1", "v1beta1"), columns=(
+        Column("Mode", "string", ".spec.mtls.mode", "Defines the mTLS mode used for peer authentication."), AGE),
+        categories=("istio-io", "security-istio-io")),
 )
 BY_PLURAL = {k.plural: k for k in KINDS}
 BY_KIND = {k.kind: k for k in KINDS}

@@ -5,6 +5,8 @@ memory grows with mesh size).  Here the narrowing is the default shape of a push
 
 * a sidecar gets the VirtualServices bound to the mesh (no ``gateways`` or ``mesh`` in
   them), a gateway proxy gets the Gateways and the VirtualServices bound to a gateway;
+* AuthorizationPolicy and PeerAuthentication go to the proxies of their namespace, and
+  from the root namespace (``istio-system``) to every proxy (the proxy decides which select it);
 * ``exportTo`` is honoured (``*`` everywhere, ``.`` only the object's own namespace);
 * a ``Sidecar`` in the proxy's namespace whose ``workloadSelector`` matches the proxy's labels
   (or that has none) limits VirtualServices, DestinationRules, ServiceEntries and workloads
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Mapping
+
+ROOT_NAMESPACE = "istio-system"
+SECURITY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,11 @@ def select_resources(resources: list[dict], identity: Identity) -> list[dict]:
             continue
         if kind == "Gateway":
             if identity.mode == "gateway":
+                out.append(obj)
+            continue
+        if kind in SECURITY_KINDS:
+            # workload policies apply in their namespace, and mesh-wide from the root namespace
+            if _ns(obj) in (identity.namespace, ROOT_NAMESPACE):
                 out.append(obj)
             continue
         if not _exported_to(obj, identity.namespace):

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--namespace", default="default")
     exp.add_argument("--labels", type=_labels, default={})
     exp.add_argument("--mode", choices=("sidecar", "gateway"), default="sidecar")
+    exp.add_argument("--source-ip", default="", help="caller address, for AuthorizationPolicy (ipBlocks)")
+    exp.add_argument("--principal", default="",
+                     help="caller identity for AuthorizationPolicy, e.g. cluster.local/ns/default/sa/sleep "
+                          "(empty: a plaintext caller)")
 
     init = sub.add_parser("pod-init", help="install the pod's traffic capture rules (nftables; run as root in the pod)")
     init.add_argument("--proxy-uid", type=int, default=1337, help="the sidecar's user id: its traffic is never captured")
@@ -207,6 +211,7 @@ def _explain(args) -> int:
     from .config.load import build_from_paths
     from .config.model import ProxySettings
     from .router.explain import explain
+    from .security.authz import explain_security
 
     identity = ProxyIdentity(namespace=args.namespace, labels=args.labels, mode=args.mode)
     result = build_from_paths(args.config, identity, ProxySettings(), None)
@@ -222,6 +227,9 @@ def _explain(args) -> int:
             return 2
         headers[key.strip().lower()] = value
     print(explain(result.snapshot, args.host, args.path, method=args.method, headers=headers, port=args.port))
+    for line in explain_security(result.snapshot, args.host, args.path, args.method, headers, args.port,
+                                 args.source_ip, args.principal.removeprefix("spiffe://")):
+        print(line)
     return 0
 
 

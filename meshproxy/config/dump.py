@@ -6,6 +6,7 @@ kept, compiled regexes become their pattern, mappings become dicts, bytes become
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from typing import Any, Mapping
 
@@ -25,6 +26,8 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(value)                  # AuthorizationPolicy ipBlocks
     return value
 
 

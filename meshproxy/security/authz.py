@@ -454,3 +454,33 @@ def authorize_connection(policies: PolicySet, get_extra_info: Callable) -> Decis
     return evaluate(policies, AuthzRequest(
         source_ip=peer.source_ip, destination_port=sock[1] if sock else 0, principal=peer.principal,
         destination_ip=peer.destination_ip, sni=peer.sni, http=False))
+
+
+def explain_security(snapshot, authority: str, path: str, method: str, headers: Mapping[str, str],
+                     port: int | None, source_ip: str, principal: str) -> list[str]:
+    """``meshproxy explain``'s security part: per inbound/gateway HTTP listener (on ``port``
+    if given), its peer authentication mode and the AuthorizationPolicy decision."""
+    lines: list[str] = []
+    for listener in snapshot.listeners:
+        if listener.protocol not in ("HTTP", "HTTPS") or (port is not None and listener.port != port):
+            continue
+        if listener.authz is None and not listener.mtls:
+            continue
+        lines.append(f"security at listener {listener.name} ({listener.address}:{listener.port}):")
+        if listener.mtls:
+            lines.append(f"  peer authentication: {listener.mtls}")
+        policies = listener.authz
+        if policies is None:
+            lines.append("  authorization: no AuthorizationPolicy applies: allowed")
+            continue
+        req = AuthzRequest(source_ip=source_ip, destination_port=listener.port, principal=principal, http=True,
+                           host=authority.lower(), method=method, path=path.partition("?")[0],
+                           headers={k.lower(): v for k, v in headers.items()})
+        for p in policies.deny + policies.allow + policies.audit:
+            i = policy_match(p, req)
+            state = f"matches (rule {i})" if i >= 0 else "does not match"
+            lines.append(f"  {p.action} {p.name}{' (dry run)' if p.dry_run else ''}: {state}")
+        decision = evaluate(policies, req)
+        verdict = "ALLOWED" if decision.allowed else "DENIED: 403 RBAC: access denied"
+        lines.append(f"  authorization: {verdict} ({decision.reason})")
+    return lines

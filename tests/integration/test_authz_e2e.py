@@ -5,6 +5,7 @@ changed policy file takes effect on reload."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import textwrap
@@ -111,6 +112,13 @@ async def test_inbound_http_and_tcp_are_authorized_as_istio_does(proxy_factory):
                      r'policy="foo/deny-admin"\} 2' % http_port, text), text
     assert re.search(r'meshproxy_authz_decisions_total\{listener="inbound_%d",protocol="tcp",decision="denied",'
                      r'policy=""\} 1' % tcp_port, text), "\n".join(l for l in text.splitlines() if "authz_decisions_total{" in l)
+
+    status, dump = proxy.admin("/config_dump")
+    listeners = {l["name"]: l for l in json.loads(dump)["snapshot"]["listeners"]}
+    inbound = listeners[f"inbound_{tcp_port}"]
+    assert status == 200 and inbound["mtls"] == "PERMISSIVE"
+    assert [p["name"] for p in inbound["authz"]["allow"]] == ["foo/allow-get"]
+    assert "10.0.0.0/8" in dump.decode()
 
     # the policy changes on disk: the TCP rule now allows loopback, the watch reloads it
     (proxy.config_dir / "mesh.yaml").write_text(_config(http_port, app.port, tcp_port, echo_port,

@@ -274,3 +274,25 @@ def test_peer_authentication_permissive_reaches_the_inbound_listener():
     text = ("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
             "metadata: {name: default, namespace: foo}\nspec: {mtls: {mode: PERMISSIVE}}\n")
     assert policies_for(text).mtls == "PERMISSIVE"
+
+
+def test_meshproxy_explain_says_which_policy_decided_and_why(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "mesh.yaml").write_text(textwrap.dedent("""\
+        apiVersion: networking.istio.io/v1
+        kind: Sidecar
+        metadata: {name: default, namespace: foo}
+        spec:
+          ingress: [{port: {number: 9080, protocol: HTTP, name: http}, defaultEndpoint: "127.0.0.1:8080"}]
+        """) + policy("action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]\n", "deny-admin")
+        + policy("rules: [{from: [{source: {principals: ['cluster.local/ns/foo/sa/sleep']}}]}]\n", "allow-sleep"))
+    out = subprocess.run([sys.executable, "-m", "meshproxy", "explain", "--config", str(tmp_path), "--namespace", "foo",
+                          "--host", "httpbin", "--path", "/admin/x", "--port", "9080",
+                          "--principal", "spiffe://cluster.local/ns/foo/sa/sleep"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "  peer authentication: PERMISSIVE" in out.stdout
+    assert "  DENY foo/deny-admin: matches (rule 0)" in out.stdout
+    assert "  authorization: DENIED: 403 RBAC: access denied (denied by DENY policy foo/deny-admin (rule 0))" \
+        in out.stdout, out.stdout
