@@ -362,7 +362,14 @@ def cmd_serve(args) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    runner(serve(args.store, args.listen, debounce=args.debounce, ttl=args.ttl, ready_file=args.ready_file))
+    try:
+        from .vips import VipAllocator
+        VipAllocator(args.vip_range)
+    except ValueError as exc:
+        print(f"meshctl serve: --vip-range: {exc}", file=sys.stderr)
+        return 2
+    runner(serve(args.store, args.listen, debounce=args.debounce, ttl=args.ttl, ready_file=args.ready_file,
+                 vip_range=args.vip_range))
     return 0
 
 
@@ -378,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a push (default 0.1)")
     p.add_argument("--ttl", type=float, default=10.0, help="default registration TTL in seconds (default 10)")
     p.add_argument("--ready-file", help="write the bound port to this file once listening")
+    p.add_argument("--vip-range", default="240.240.0.0/16",
+                   help="CIDR that service virtual IPs are allocated from (default 240.240.0.0/16)")
 
     for name in ("apply", "diff"):
         p = sub.add_parser(name, help="create or update resources" if name == "apply" else "show what apply would change")

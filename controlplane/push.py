@@ -32,6 +32,7 @@ from typing import AsyncIterator, Callable
 from .resources import canonical_json, is_proxy_kind, proxy_view
 from .scope import Identity, select_resources, select_workloads
 from .store import ConfigStore
+from .vips import VipAllocator
 
 PING_INTERVAL = 10.0      # a stream writes at least this often, so both ends notice a dead peer
 
@@ -135,8 +136,9 @@ class PushStats:
 class PushEngine:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 ping_interval: float = PING_INTERVAL, metrics=None):
+                 ping_interval: float = PING_INTERVAL, metrics=None, vips: VipAllocator | None = None):
         self.store = store
+        self.vips = vips if vips is not None else VipAllocator()   # service VIPs (controlplane.vips)
         self.metrics = metrics          # controlplane.metrics.ControlPlaneMetrics, or None
         self.debounce = debounce
         self.debounce_max = debounce_max
@@ -199,6 +201,7 @@ class PushEngine:
                             for w in self.store.workloads().values()),
                            key=lambda w: (w["namespace"], w["service"], w["address"], sorted(w["ports"].items()),
                                           sorted(w["labels"].items())))
+        resources, workloads = self.vips.annotate(resources, workloads)
         self._resource_views, self._workload_views = resources, workloads
         # labels only change what a proxy gets where a Sidecar selects workloads by label
         self._label_scoped = {o["metadata"]["namespace"] for o in resources if o["kind"] == "Sidecar"

@@ -25,14 +25,15 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 class ControlPlane:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
-                 default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0):
+                 default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0, vip_range: str = ""):
+        from .vips import DEFAULT_RANGE, VipAllocator
         from prometheus_client import CollectorRegistry
         from .metrics import ControlPlaneMetrics
         self.store = store
         self.registry = CollectorRegistry()
         self.metrics = ControlPlaneMetrics(self.registry)
         self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval,
-                               metrics=self.metrics)
+                               metrics=self.metrics, vips=VipAllocator(vip_range or DEFAULT_RANGE))
         self.api = Api(store, self.push, default_ttl=default_ttl, metrics=self.metrics, metrics_registry=self.registry)
         self.delivery = DeliveryController(store, self.push)
         self.delivery_api = DeliveryApi(store, self.delivery, security=getattr(self.api, "security", None))
@@ -77,9 +78,10 @@ class ControlPlane:
         await self.store.close()
 
 
-async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, ready_file: str | None = None) -> None:
+async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, ready_file: str | None = None,
+                vip_range: str = "") -> None:
     host, port = parse_listen(listen)
-    cp = ControlPlane(open_store(store_spec), debounce=debounce, default_ttl=ttl)
+    cp = ControlPlane(open_store(store_spec), debounce=debounce, default_ttl=ttl, vip_range=vip_range)
     await cp.start(host, port)
     print(f"meshctl serve: listening on http://{host}:{cp.port} (store {store_spec})", flush=True)
     if ready_file:

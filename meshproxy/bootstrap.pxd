@@ -12,7 +12,7 @@ cdef class Worker:
     cdef public Telemetry telemetry
     cdef public bint draining, system_clock
     cdef public Py_ssize_t downstream_active
-    cdef public dict http_listeners, tcp_listeners
+    cdef public dict http_listeners, tcp_listeners, capture_listeners
     cdef public set tunnels, mirror_tasks
     cdef public ClusterManager clusters
     cdef public object _request_parser, _sweeper

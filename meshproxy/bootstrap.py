@@ -76,6 +76,7 @@ class Worker:
         self.downstream_active = 0
         self.http_listeners: dict[tuple[str, int], HttpListener] = {}
         self.tcp_listeners: dict[tuple[str, int], TcpProxyListener] = {}
+        self.capture_listeners: dict[tuple[str, int], "CaptureListener"] = {}   # capture mode (meshproxy.capture)
         self.tunnels: set[Splice] = set()
         self.mirror_tasks: set[asyncio.Task] = set()
         self.clusters = ClusterManager(clock=self.clock, rng=self.rng)
@@ -138,9 +139,16 @@ class Worker:
                 del self.tcp_listeners[key]
             else:
                 tcp.model = model
+        for key, capture in list(self.capture_listeners.items()):
+            model = wanted.get(key)
+            if model is None or model.protocol != capture.model.protocol:
+                capture.drain()
+                del self.capture_listeners[key]
+            else:
+                capture.update(model)
         errors = []
         for key, model in wanted.items():
-            if key in self.http_listeners or key in self.tcp_listeners:
+            if key in self.http_listeners or key in self.tcp_listeners or key in self.capture_listeners:
                 continue
             try:
                 sock = bind_socket(model.address, model.port)
@@ -161,6 +169,11 @@ class Worker:
                 else:
                     await tcp.start(sock)
                 self.tcp_listeners[key] = tcp
+            elif model.protocol in ("CAPTURE_OUTBOUND", "CAPTURE_INBOUND"):
+                from .capture.listener import CaptureListener
+                capture = CaptureListener(self, model, sock)
+                await capture.start()
+                self.capture_listeners[key] = capture
         self.listen_errors = errors
         for error in errors:
             log.error("%s", error)
@@ -233,9 +246,22 @@ class Worker:
 
     # ---------------------------------------------------------------- periodic work
 
+    def all_http_listeners(self) -> list[HttpListener]:
+        """The HTTP listeners and the capture listeners' HTTP views (their connections drain alike)."""
+        listeners = list(self.http_listeners.values())
+        for capture in self.capture_listeners.values():
+            listeners += capture.http_listeners()
+        return listeners
+
+    def all_tcp_listeners(self) -> list[TcpProxyListener]:
+        listeners = list(self.tcp_listeners.values())
+        for capture in self.capture_listeners.values():
+            listeners += capture.tcp_listeners()
+        return listeners
+
     def _sweep(self) -> None:
         now = self.clock()
-        for listener in list(self.http_listeners.values()):
+        for listener in self.all_http_listeners():
             listener.sweep(now)
         self.pools.sweep(60.0)
         self.telemetry.flush()
@@ -259,23 +285,25 @@ class Worker:
             listener.drain()
         for tcp in self.tcp_listeners.values():
             tcp.stop_accepting()
+        for capture in self.capture_listeners.values():
+            capture.drain()
         while self.clock() < deadline:
-            busy = sum(l.active for l in self.http_listeners.values())
-            busy += sum(t.active for t in self.tcp_listeners.values())
+            busy = sum(l.active for l in self.all_http_listeners())
+            busy += sum(t.active for t in self.all_tcp_listeners())
             if busy == 0:
                 break
-            for listener in self.http_listeners.values():
+            for listener in self.all_http_listeners():
                 for conn in list(listener.connections):
                     conn.check_timeouts(self.clock())
                     if conn.exchange is None:
                         conn.close()
             await asyncio.sleep(0.05)
-        clean = sum(l.active for l in self.http_listeners.values()) == 0
-        for listener in self.http_listeners.values():
+        clean = sum(l.active for l in self.all_http_listeners()) == 0
+        for listener in self.all_http_listeners():
             for conn in list(listener.connections):
                 conn.abort()
         remaining = max(0.0, deadline - self.clock())
-        for tcp in self.tcp_listeners.values():
+        for tcp in self.all_tcp_listeners():
             await tcp.close(remaining)
         for tunnel in list(self.tunnels):
             tunnel.abort()

@@ -27,6 +27,29 @@ def _labels(value: str) -> dict[str, str]:
     return labels
 
 
+def _app_port(value: str) -> tuple[str, int]:
+    name, sep, port = value.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536 or (sep and not name):
+        raise argparse.ArgumentTypeError(f"expected [NAME:]PORT, got {value!r}")
+    return (name or "http", int(port))
+
+
+def _pod_address() -> str:
+    """The first non-loopback IPv4 address of this network namespace (the pod IP)."""
+    import fcntl
+    import struct
+    for _, name in socket.if_nameindex():
+        if name == "lo":
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+        return socket.inet_ntoa(packed[20:24])
+    return "127.0.0.1"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,7 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--control-plane", default="", help="control plane URL[,URL...]")
     run.add_argument("--node-id", default="", help="node id shown by `meshctl proxies` (default host-pid)")
     run.add_argument("--service", default="", help="register this workload as SERVICE with the control plane")
-    run.add_argument("--app-port", type=int, default=0, help="port of the local app this sidecar fronts")
+    run.add_argument("--app-port", type=_app_port, action="append", default=[], metavar="[NAME:]PORT",
+                     help="a port of the local app this sidecar fronts (repeatable); NAME sets the protocol "
+                          "as Istio's port names do (http, tcp-..., grpc...; default http)")
+    run.add_argument("--capture", action="store_true",
+                     help="transparent sidecar: take the connections `meshproxy pod-init` redirects")
+    run.add_argument("--outbound-port", type=int, default=15001, help="with --capture: outbound capture port")
+    run.add_argument("--inbound-port", type=int, default=15006, help="with --capture: inbound capture port")
+    run.add_argument("--health-port", type=int, default=15021,
+                     help="with --capture or -- CMD: /healthz/ready, /app-health/..., /stats/prometheus (0: off)")
+    run.add_argument("--dns-listen", type=_addr, default=("127.0.0.1", 15053),
+                     help="with --capture: the DNS listener (mesh names; the rest forwarded)")
+    run.add_argument("--no-dns", action="store_true", help="with --capture: no DNS listener")
+    run.add_argument("--dns-upstream", type=_addr, action="append", default=[], metavar="ADDR:PORT",
+                     help="resolver for non-mesh names (repeatable; default: /etc/resolv.conf's nameservers)")
+    run.add_argument("--app-probers", default="", metavar="JSON",
+                     help='application probes behind /app-health/..., Istio\'s ISTIO_KUBE_APP_PROBERS format')
+    run.add_argument("--app-exit-timeout", type=float, default=30.0,
+                     help="on SIGTERM with -- CMD: seconds outbound keeps serving the exiting application")
+    run.add_argument("--protocol-detection-timeout", type=float, default=5.0,
+                     help="with --capture: seconds to wait for a client's first bytes on a port with no declared "
+                          "protocol before treating it as TCP")
     run.add_argument("--address", default="127.0.0.1", help="address this workload is registered under (e.g. the pod IP)")
     run.add_argument("--initial-config-timeout", type=float, default=60.0,
                      help="with --control-plane: give up (exit 1) if no config arrives within this many seconds")
@@ -106,7 +149,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:       # meshproxy run ... -- CMD ARGS
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
+    args.app_command = command
     if args.command == "run":
         return _run(args)
     if args.command == "validate":
@@ -165,22 +214,43 @@ def _run(args) -> int:
         header_read_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
         upstream_connect_timeout=args.connect_timeout, default_route_timeout=args.route_timeout,
         max_connections_per_listener=args.max_connections, drain_timeout=args.drain_timeout)
+    capture = None
+    address = args.address
+    if args.capture:
+        from .config.capture import CaptureConfig
+        capture = CaptureConfig(outbound_port=args.outbound_port, inbound_port=args.inbound_port,
+                                app_ports=tuple(args.app_port),
+                                protocol_detection_timeout=args.protocol_detection_timeout)
+        if address == "127.0.0.1":
+            address = _pod_address()
     identity = ProxyIdentity(namespace=args.namespace, labels=args.labels, mode=args.mode,
-                             http_listen=args.listen, gateway_bind=args.gateway_bind)
+                             http_listen=args.listen, gateway_bind=args.gateway_bind, capture=capture)
     limits = CodecLimits(max_header_bytes=args.max_header_bytes, max_header_count=args.max_headers,
                          max_target_bytes=args.max_target_bytes, max_body_bytes=args.max_body_bytes)
     node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}"
     registration = None
     if args.service:
         registration = {"service": args.service, "namespace": args.namespace, "labels": args.labels,
-                        "address": args.address, "ports": {"http": args.app_port} if args.app_port else {},
-                        "proxy_port": args.listen[1]}
+                        "address": address, "ports": dict(args.app_port),
+                        "proxy_port": args.inbound_port if args.capture else args.listen[1]}
+    pod = None
+    if args.capture or args.app_command:
+        from .capture.pod import PodOptions, parse_app_probers
+        try:
+            probers = parse_app_probers(args.app_probers)
+        except ValueError as err:
+            print(f"meshproxy run: {err}", file=sys.stderr)
+            return 2
+        pod = PodOptions(health_listen=("0.0.0.0", args.health_port) if args.health_port else None,
+                         dns_listen=args.dns_listen if args.capture and not args.no_dns else None,
+                         dns_upstreams=list(args.dns_upstream), app_probers=probers,
+                         app_command=args.app_command, app_exit_timeout=args.app_exit_timeout)
     options = RunOptions(
         config_paths=args.config, listen=args.listen, admin=args.admin, workers=args.workers,
         identity=identity, settings=settings,
         worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout, node_id=node_id),
         control_plane=[u for u in args.control_plane.split(",") if u], registration=registration,
-        initial_config_timeout=args.initial_config_timeout,
+        initial_config_timeout=args.initial_config_timeout, pod=pod,
         telemetry={"tracing_endpoint": args.tracing_endpoint, "sample_rate": args.trace_sample_rate,
                    "propagate": not args.no_trace_propagation, "access_log": args.access_log,
                    "access_log_sample": args.access_log_sample, "service_name": args.service,

@@ -51,13 +51,18 @@ def inbound_acceptor(worker: "Worker", name: str, sock: socket.socket, factory, 
 class HttpListener:
     """An HTTP (or TLS-terminated HTTPS) listener and the connections it accepted."""
 
-    def __init__(self, worker: "Worker", model: Listener, sock: socket.socket, ssl_context=None):
+    # capture mode (meshproxy.capture): a Host that names no service falls back to this table's
+    # default virtual host; PASSTHROUGH clusters connect to the connection's original destination
+    fallback_table = ""
+    original_dst: tuple[str, int] | None = None
+
+    def __init__(self, worker: "Worker", model: Listener, sock: socket.socket | None, ssl_context=None):
         self.worker = worker
         self.model = model
         self.name = model.name
         self.route_table = model.route_table
         self.inbound = model.name.startswith("inbound")   # a sidecar's ingress: reports as the destination
-        self.port = sock.getsockname()[1]
+        self.port = sock.getsockname()[1] if sock is not None else model.port   # None: a capture view
         self.scheme = "https" if ssl_context is not None else "http"
         self.sock = sock
         self.ssl_context = ssl_context

@@ -59,6 +59,7 @@ class RunOptions:
     registration: dict | None = None
     initial_config_timeout: float = 60.0
     telemetry: dict = field(default_factory=dict)
+    pod: object = None              # capture.pod.PodOptions: health port, DNS, the application (-- CMD)
 
 
 # ==================================================================== config sources
@@ -232,6 +233,11 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
         await admin.start()
     if pipe is not None:
         _serve_pipe(loop, pipe, worker)
+    pod = None
+    if options.pod is not None and with_admin:
+        from .capture.pod import PodServices, mesh_names
+        pod = PodServices(options.pod, worker, WorkerAdmin(worker), lambda: mesh_names(worker))
+        await pod.start()
     stop = asyncio.Event()
     hits = [0]
 
@@ -242,12 +248,17 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
             os._exit(1)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    if pod is None or not pod.install_signals(loop, stop):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
     log.info("meshproxy ready: listeners %s; hot path %s", ", ".join(
-        f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners}.items()),
+        f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners, **worker.capture_listeners}.items()),
         HOT_PATH)
+    if pod is not None:
+        await pod.start_app(stop)      # holdApplicationUntilProxyStarts: the proxy is ready now
     await stop.wait()
+    if pod is not None:
+        await pod.before_drain()       # inbound closes; outbound serves the app until it exits
     if remote is not None:
         await remote.deregister()
     clean = await worker.drain()
@@ -258,9 +269,12 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
         task.cancel()
     if admin is not None:
         await admin.close()
+    if pod is not None:
+        await pod.close()
     if not clean:
         log.warning("drain deadline passed with connections still open: they were closed")
-    return 0 if clean else EXIT_UNCLEAN_DRAIN
+    code = 0 if clean else EXIT_UNCLEAN_DRAIN
+    return pod.exit_code(code) if pod is not None else code
 
 
 def run(options: RunOptions) -> int:

@@ -8,6 +8,13 @@ connect HOST PORT [UID]      connect (as UID if given), print the line the serve
 udp HOST PORT               send one datagram, print the answer (or ``error: ...``)
 agent                       read such ``connect``/``udp`` commands from stdin, one answer line each
                             (one process per pod instead of one per probe: :class:`Agent`)
+http TAG PORT               an application that knows nothing of the mesh: HTTP/1.1 on 0.0.0.0:PORT,
+                            every request answered ``TAG`` (header ``x-seen-traceparent`` echoes the
+                            request's traceparent); ``/health`` answers 200, ``/fail-health`` 500
+echo PORT                   a TCP echo server (echoes until the client half-closes, then closes)
+dns PORT NAME=IP,...        a DNS server (UDP) answering A queries for those names, NXDOMAIN else
+otlp HOST FILE              an OTLP/HTTP trace receiver (tests/telemetry/otlp_receiver.py) on HOST; prints
+                            ``ready`` and its endpoint, writes the spans received so far to FILE (JSON)
 """
 from __future__ import annotations
 
@@ -118,8 +125,119 @@ class Agent:
         return self.ask("udp", host, port)
 
 
+def serve_http(tag: str, port: int) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            status = 500 if self.path == "/fail-health" else 200
+            body = tag.encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.send_header("x-seen-traceparent", self.headers.get("traceparent", ""))
+            self.send_header("x-seen-host", self.headers.get("host", ""))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    ThreadingHTTPServer.allow_reuse_address = True
+    ThreadingHTTPServer.daemon_threads = True
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+def serve_echo(port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(64)
+    print("ready", flush=True)
+
+    def echo(conn):
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+
+def serve_dns(port: int, table: str) -> None:
+    import dns.message
+    import dns.rcode
+    import dns.rrset
+
+    names = dict(item.split("=", 1) for item in table.split(",") if item)
+
+    def answer(wire: bytes) -> bytes:
+        query = dns.message.from_wire(wire)
+        response = dns.message.make_response(query)
+        q = query.question[0]
+        name = q.name.to_text(omit_final_dot=True).lower()
+        if name in names:
+            if q.rdtype == 1:
+                response.answer.append(dns.rrset.from_text(q.name, 60, "IN", "A", names[name]))
+        else:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return response.to_wire()
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", port))
+
+    def udp_loop():
+        while True:
+            data, peer = udp.recvfrom(4096)
+            try:
+                udp.sendto(answer(data), peer)
+            except Exception:
+                pass
+
+    threading.Thread(target=udp_loop, daemon=True).start()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0]
+    if cmd == "http":
+        serve_http(argv[1], int(argv[2]))
+        return 0
+    if cmd == "echo":
+        serve_echo(int(argv[1]))
+        return 0
+    if cmd == "dns":
+        serve_dns(int(argv[1]), argv[2])
+        return 0
+    if cmd == "otlp":
+        import dataclasses
+        import json
+        import time
+        from telemetry.otlp_receiver import OtlpReceiver
+        receiver = OtlpReceiver(host=argv[1]).start()
+        print("ready", flush=True)
+        print(receiver.endpoint, flush=True)
+        written = -1
+        while True:
+            time.sleep(0.1)
+            with receiver._lock:
+                spans = [dataclasses.asdict(s) for s in receiver.spans]
+            if len(spans) != written:
+                with open(argv[2] + ".tmp", "w") as f:
+                    json.dump(spans, f)
+                os.replace(argv[2] + ".tmp", argv[2])
+                written = len(spans)
     if cmd == "serve":
         tag, specs = argv[1], argv[2:]
         ready = threading.Barrier(len(specs) + 1)

@@ -54,6 +54,7 @@ class ProxyIdentity:
     mode: str = "sidecar"                                  # "sidecar" | "gateway"
     http_listen: tuple[str, int] = ("127.0.0.1", 15001)
     gateway_bind: str = "0.0.0.0"
+    capture: object = None         # config.capture.CaptureConfig: transparent listeners instead of http_listen
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ class WorkloadEndpoint:
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     weight: int = 1
     locality: str = ""
+    vip: str = ""                  # the service's virtual IP, allocated by the control plane
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class _Service:
     resolution: str = "STATIC"
     endpoints: list[tuple[str, Mapping[str, int], Mapping[str, str], int, str]] = field(default_factory=list)
     origin: str = ""                               # "ServiceEntry ns/name" or "workloads"
+    addresses: list[str] = field(default_factory=list)   # VIPs: ServiceEntry addresses, allocated VIPs
 
     def port(self, number: int | None) -> ServicePort | None:
         if number is None:
@@ -162,7 +165,8 @@ class _Compiler:
                     self.warn(f"{r.ref}: spec.hosts[{i}]: host {host} is already defined by "
                               f"{self.services[host].origin} (older); ignored")
                     continue
-                svc = _Service(host, r.namespace, list(se.ports), se.resolution, origin=r.ref)
+                svc = _Service(host, r.namespace, list(se.ports), se.resolution, origin=r.ref,
+                               addresses=[a for a in map(_single_ip, se.addresses) if a])
                 for ep in se.endpoints:
                     svc.endpoints.append((ep.address, ep.ports, ep.labels, ep.weight, ep.locality))
                 self.services[host] = svc
@@ -178,6 +182,8 @@ class _Compiler:
                     if svc.port(number) is None:
                         svc.ports.append(ServicePort(number, name, _protocol_from_name(name)))
             svc.endpoints.append((w.address, MappingProxyType(named), w.labels, w.weight, w.locality))
+            if w.vip and w.vip not in svc.addresses:
+                svc.addresses.append(w.vip)
 
     # -- 3. DestinationRules
 
@@ -660,6 +666,10 @@ class _Compiler:
             self.gateway_listeners()
         else:
             self.sidecar_listeners()
+            if self.identity.capture is not None:
+                from .capture import add_capture_listeners
+                self.listeners = [l for l in self.listeners if l.name != DEFAULT_LISTENER]
+                add_capture_listeners(self, self.identity.capture, DEFAULT_LISTENER)
         infos = tuple(ResourceInfo(r.kind, r.namespace, r.name, r.source, r.content_hash) for r in resources)
         if version is None:
             blob = json.dumps([sorted((i.kind, i.namespace, i.name, i.version) for i in infos), workloads_key,
@@ -697,6 +707,16 @@ def _is_ip(address: str) -> bool:
         return address.startswith("unix://")
 
 
+def _single_ip(address: str) -> str:
+    """``"10.0.0.1"`` or ``"10.0.0.1/32"`` -> ``"10.0.0.1"``; a range or a non-address -> ``""``."""
+    import ipaddress
+    try:
+        net = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        return ""
+    return str(net.network_address) if net.num_addresses == 1 else ""
+
+
 def _sorted_wildcards(wildcards: dict[str, VirtualHost]) -> tuple[tuple[str, VirtualHost], ...]:
     return tuple(sorted(wildcards.items(), key=lambda kv: (-len(kv[0]), kv[0])))
 
@@ -728,7 +748,7 @@ def compile_snapshot(resources: Iterable[Resource], identity: ProxyIdentity,
     workloads = list(workloads)
     compiler = _Compiler(resources, identity, settings, workloads)
     workloads_key = repr(sorted((w.service, w.namespace, w.address, repr(dict(w.ports) if isinstance(w.ports, Mapping)
-                                 else tuple(w.ports)), repr(sorted(dict(w.labels).items())), w.weight)
+                                 else tuple(w.ports)), repr(sorted(dict(w.labels).items())), w.weight, w.vip)
                                 for w in workloads))
     snapshot = compiler.snapshot(version, resources, workloads_key)
     return CompileResult(snapshot, list(compiler.warnings))

@@ -321,6 +321,7 @@ class Listener:
     # inbound listeners: the PeerAuthentication mode of the port (STRICT | PERMISSIVE | DISABLE);
     # "" = not an inbound listener (no peer authentication)
     mtls: str = ""
+    capture: object = None         # CAPTURE_OUTBOUND / CAPTURE_INBOUND: config.capture's tables
 
 
 @cython.dataclasses.dataclass(frozen=True)

@@ -47,7 +47,8 @@ class RemoteSource:
             return list(decoded.errors)
         endpoints = [WorkloadEndpoint(service=w["service"], namespace=w.get("namespace", "default"),
                                       address=w["address"], ports=w.get("ports") or {},
-                                      labels=w.get("labels") or {}) for w in workloads]
+                                      labels=w.get("labels") or {}, vip=w.get("vip") or "")
+                     for w in workloads]
         try:
             result = compile_snapshot(decoded.resources, self.options.identity, self.options.settings,
                                       workloads=endpoints, version=version)

@@ -151,6 +151,9 @@ class Exchange:
         else:
             table = snapshot.route_tables.get(listener.route_table) if snapshot else None
             vhost = select_virtual_host(table, head.host.decode("latin-1").lower()) if table else None
+            if vhost is None and listener.fallback_table:    # captured: the original destination's service
+                fallback = snapshot.route_tables.get(listener.fallback_table)
+                vhost = fallback.default if fallback is not None else None
             down.vhost_snapshot = snapshot
             down.vhost_authority = head.host
             down.vhost = vhost
@@ -403,7 +406,11 @@ class Exchange:
         return self._connect_or_wait(pool.key, first=True)
 
     def _original_destination(self) -> tuple[str, int] | None:
-        """PASSTHROUGH load balancing: the address the request named (its authority)."""
+        """PASSTHROUGH load balancing: a captured connection's original destination, else the
+        address the request named (its authority)."""
+        original = self.down.listener.original_dst
+        if original is not None:
+            return original
         host, _, port = self.head.host.decode("latin-1").rpartition(":")
         if not host or not port.isdigit():
             host, port = self.head.host.decode("latin-1"), str(self.cluster.cluster.port)

@@ -1,0 +1,235 @@
+"""The drop-in sidecar, end to end, in real pods (network namespaces), with real nftables rules,
+the real control plane and applications that know nothing about the mesh.
+
+Pods: ``istiod`` (control plane, OTLP receiver), ``client`` (curl / a Python client, DNS captured),
+``reviews-v1`` and ``reviews-v2`` (an HTTP app on 9080), ``echo`` (a TCP echo server on 7000,
+port name ``tcp-echo``), all meshed (``pod-init`` + ``meshproxy run --capture`` as uid 1337), and
+``outside``: no sidecar, an HTTP server on 8080 and 9080, a line server on 5000 and the DNS server
+the pods' resolv.conf would use for names the mesh does not know.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from meshpods import PROBE, Mesh, start_ready
+from netns import PodNetwork, wait_until
+
+REVIEWS = "reviews.default.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("capture")
+    tmp.chmod(0o777)
+    with PodNetwork("capture") as net:
+        mesh = Mesh(net, tmp)
+        outside = net.add_pod("outside")
+        start_ready(outside, [sys.executable, PROBE, "http", "outside-http", "8080"])
+        start_ready(outside, [sys.executable, PROBE, "http", "outside-9080", "9080"])
+        start_ready(outside, [sys.executable, PROBE, "serve", "outside", "5000"])
+        start_ready(outside, [sys.executable, PROBE, "dns", "53", f"outside.example={outside.address}"])
+        otlp = start_ready(mesh.cp_pod, [sys.executable, PROBE, "otlp", mesh.cp_pod.address, str(tmp / "spans.json")])
+        endpoint = otlp.stdout.readline().strip()
+        mesh.spans_file = tmp / "spans.json"
+        common = ["--tracing-endpoint", endpoint, "--dns-upstream", f"{outside.address}:53"]
+        for version in ("v1", "v2"):
+            mesh.add_workload(f"reviews-{version}", "reviews", {"app": "reviews", "version": version},
+                              app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"], sidecar=common)
+        mesh.add_workload("echo", "echo", {"app": "echo", "version": "v1"}, app=["echo", "7000"],
+                          app_ports=["tcp-echo:7000"], sidecar=common)
+        mesh.add_workload("client", "client", {"app": "client", "version": "v1"}, pod_init=["--capture-dns"],
+                          sidecar=common)
+        mesh.outside = outside
+        mesh.wait_endpoints("reviews", 2)
+        mesh.wait_endpoints("echo", 1)
+        yield mesh
+
+
+def series(metrics: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def curl(workload, *args: str) -> subprocess.CompletedProcess:
+    return workload.pod.run(["curl", "-s", "--max-time", "5", *args])
+
+
+def wait_for_config(mesh: Mesh, check, what: str, timeout: float = 10):
+    wait_until(check, timeout, 0.2, what)
+
+
+def test_unmodified_clients_reach_reviews_by_name_through_both_sidecars(mesh):
+    client = mesh.workloads["client"]
+    result = curl(client, "http://reviews:9080/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout in ("reviews-v1", "reviews-v2")
+    status, headers, body = client.http(f"http://{REVIEWS}:9080/")     # a Python client, the FQDN
+    assert status == 200 and body in (b"reviews-v1", b"reviews-v2")
+    assert headers["x-seen-host"] == f"{REVIEWS}:9080"
+    trace_id = headers["x-seen-traceparent"].split("-")[1]
+    assert series(client.metrics(), "istio_requests_total", reporter="source", destination_service=REVIEWS,
+                  response_code="200") >= 2
+    destination = sum(series(mesh.workloads[f"reviews-{v}"].metrics(), "istio_requests_total",
+                             reporter="destination", destination_service=REVIEWS, response_code="200")
+                      for v in ("v1", "v2"))
+    assert destination >= 2
+
+    def spans():
+        try:
+            found = [s for s in json.loads(mesh.spans_file.read_text()) if s["trace_id"] == trace_id]
+        except (OSError, ValueError):
+            return None
+        return found if {s["kind"] for s in found} >= {2, 3} else None
+    found = wait_until(spans, 15, 0.2, "client and server spans of one trace")
+    client_span = next(s for s in found if s["kind"] == 3)
+    server_span = next(s for s in found if s["kind"] == 2)
+    assert server_span["parent_span_id"] == client_span["span_id"]
+
+
+def test_ninety_ten_virtual_service_splits_exactly_through_capture(mesh):
+    mesh.apply("""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+""")
+    client = mesh.workloads["client"]
+    wait_for_config(mesh, lambda: "default/reviews" in client.admin("/config_dump"), "VirtualService at the client")
+    code = ("import urllib.request,collections\n"
+            "c=collections.Counter(urllib.request.urlopen('http://reviews:9080/',timeout=5).read().decode()"
+            " for _ in range(100))\n"
+            "print(dict(c))\n")
+    result = client.pod.python(code, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert eval(result.stdout) == {"reviews-v1": 90, "reviews-v2": 10}
+
+
+def test_raw_tcp_echo_through_capture_keeps_half_close(mesh):
+    client = mesh.workloads["client"]
+    code = ("import socket\n"
+            "s=socket.create_connection(('echo',7000),timeout=5)\n"
+            "data=bytes(range(256))*400\n"
+            "s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+            "got=b''\n"
+            "while True:\n"
+            "    chunk=s.recv(65536)\n"
+            "    if not chunk: break\n"
+            "    got+=chunk\n"
+            "print(got==data, len(got))\n")
+    result = client.pod.python(code)
+    assert result.stdout.split() == ["True", str(256 * 400)], result.stderr
+    metrics = client.metrics()
+    assert series(metrics, "istio_tcp_connections_opened_total", destination_service="echo.default.svc.cluster.local") >= 1
+    assert series(metrics, "istio_tcp_sent_bytes_total", destination_service="echo.default.svc.cluster.local") >= 256 * 400
+
+
+def test_dns_answers_mesh_names_forwards_the_rest_and_refuses_malformed_queries(mesh):
+    client = mesh.workloads["client"]
+    code = r"""
+import socket, sys, dns.message, dns.query, dns.rcode
+def ask(name, rdtype="A"):
+    return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=15053, timeout=5)
+out = {}
+for name in ("reviews", "reviews.default", "reviews.default.svc.cluster.local"):
+    r = ask(name)
+    out[name] = [a.to_text() for rr in r.answer for a in rr]
+r = ask("reviews.default.svc.cluster.local", "AAAA")
+out["aaaa"] = [dns.rcode.to_text(r.rcode()), len(r.answer)]
+r = ask("outside.example")
+out["forwarded"] = [a.to_text() for rr in r.answer for a in rr]
+r = ask("nowhere.example")
+out["nx"] = dns.rcode.to_text(r.rcode())
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff\xff", ("127.0.0.1", 15053))
+reply = s.recv(512)
+out["malformed"] = [reply[:2].hex(), reply[3] & 0xF]
+out["getent"] = socket.gethostbyname("outside.example")
+out["getent_mesh"] = socket.gethostbyname("reviews")
+print(__import__("json").dumps(out))
+"""
+    result = client.pod.python(code)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    vip = out["reviews"][0]
+    assert vip.startswith("240.240.")
+    assert out["reviews.default"] == [vip] and out["reviews.default.svc.cluster.local"] == [vip]
+    assert out["aaaa"] == ["NOERROR", 0]
+    assert out["forwarded"] == [mesh.outside.address]
+    assert out["nx"] == "NXDOMAIN"
+    assert out["malformed"] == ["1234", 1]                      # FORMERR, same id
+    assert out["getent"] == mesh.outside.address                # the app's resolver, port 53 captured
+    assert out["getent_mesh"] == vip
+
+
+def test_sidecar_connections_are_never_captured_again(mesh):
+    client = mesh.workloads["client"]
+    before = series(client.metrics(), "meshproxy_downstream_cx_total", listener="virtualOutbound")
+    for _ in range(3):
+        assert curl(client, "http://reviews:9080/").stdout.startswith("reviews-")
+    after = series(client.metrics(), "meshproxy_downstream_cx_total", listener="virtualOutbound")
+    assert after - before == 3          # each request entered the outbound listener once: no loop
+    # a connection straight to the capture port has no original destination: reset, never proxied to itself
+    code = ("import socket\n"
+            "try:\n"
+            "    s=socket.create_connection(('127.0.0.1',15001),timeout=5)\n"
+            "    s.sendall(b'GET / HTTP/1.1\\r\\nHost: reviews:9080\\r\\n\\r\\n')\n"
+            "    print(repr(s.recv(100)))\n"
+            "except ConnectionResetError:\n"
+            "    print('reset')\n")
+    assert client.pod.python(code).stdout.strip() in ("reset", "b''")
+
+
+def test_allow_any_passes_unknown_destinations_through_and_registry_only_refuses_them(mesh):
+    client, outside = mesh.workloads["client"], mesh.outside
+    assert curl(client, f"http://{outside.address}:8080/").stdout == "outside-http"
+    assert curl(client, f"http://{outside.address}:9080/").stdout == "outside-9080"     # sniffed as HTTP
+    line = client.pod.python("import socket;print(socket.create_connection((__import__('sys').argv[1],5000),"
+                             "timeout=5).makefile().readline().strip())", outside.address).stdout.strip()
+    assert line == "outside 5000 -"
+    metrics = client.metrics()
+    assert series(metrics, "istio_tcp_connections_opened_total", destination_service="PassthroughCluster") >= 2
+    assert series(metrics, "istio_requests_total", destination_service="PassthroughCluster", response_code="200") >= 1
+    mesh.apply("""
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: default}
+spec:
+  egress: [{hosts: ["*/*"]}]
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+""")
+    try:
+        wait_for_config(mesh, lambda: "REGISTRY_ONLY" in client.admin("/config_dump"), "Sidecar at the client")
+        refused = curl(client, "-o", "/dev/null", "-w", "%{http_code}", f"http://{outside.address}:9080/")
+        assert refused.stdout == "502"
+        closed = curl(client, f"http://{outside.address}:8080/")
+        assert closed.returncode != 0 and closed.stdout == ""
+        assert curl(client, "http://reviews:9080/").stdout.startswith("reviews-")   # the mesh still works
+        metrics = client.metrics()
+        assert series(metrics, "istio_tcp_connections_opened_total", destination_service="BlackHoleCluster") >= 1
+    finally:
+        mesh.meshctl("delete", "sidecar", "default", "-n", "default")
+        wait_for_config(mesh, lambda: "REGISTRY_ONLY" not in client.admin("/config_dump"), "Sidecar removed")
