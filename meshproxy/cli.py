@@ -85,7 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--app-probers", default="", metavar="JSON",
                      help='application probes behind /app-health/..., Istio\'s ISTIO_KUBE_APP_PROBERS format')
     run.add_argument("--app-exit-timeout", type=float, default=30.0,
-                     help="on SIGTERM with -- CMD: seconds outbound keeps serving the exiting application")
+                     help="with -- CMD: on SIGTERM, seconds outbound keeps serving the exiting application")
+    run.add_argument("--startup-timeout", type=float, default=60.0,
+                     help="with -- CMD: seconds to wait for the proxy to be ready before giving up")
+    run.add_argument("--proxy-uid", type=int, default=1337,
+                     help="with --capture -- CMD started as root: the uid the proxy runs as (pod-init's --proxy-uid)")
     run.add_argument("--protocol-detection-timeout", type=float, default=5.0,
                      help="with --capture: seconds to wait for a client's first bytes on a port with no declared "
                           "protocol before treating it as TCP")
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
-    args.app_command = command
+    if command:
+        return _supervise(args, argv, command)
     if args.command == "run":
         return _run(args)
     if args.command == "validate":
@@ -199,6 +204,22 @@ def _pod_init(args) -> int:
     return 0
 
 
+def _supervise(args, argv: list[str], command: list[str]) -> int:
+    from .capture.lifecycle import Supervisor
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.health_port:
+        print("meshproxy run -- CMD: needs the health port (--health-port) to know when the proxy is ready",
+              file=sys.stderr)
+        return 2
+    proxy_uid = args.proxy_uid if args.capture and os.getuid() == 0 else None
+    supervisor = Supervisor([sys.executable, "-m", "meshproxy", *argv], command, health_port=args.health_port,
+                            proxy_uid=proxy_uid, startup_timeout=args.startup_timeout,
+                            app_exit_timeout=args.app_exit_timeout, proxy_stop_timeout=args.drain_timeout + 5)
+    return supervisor.run()
+
+
 def _run(args) -> int:
     from .bootstrap import WorkerOptions
     from .config.compile import ProxyIdentity
@@ -234,7 +255,7 @@ def _run(args) -> int:
                         "address": address, "ports": dict(args.app_port),
                         "proxy_port": args.inbound_port if args.capture else args.listen[1]}
     pod = None
-    if args.capture or args.app_command:
+    if args.capture or os.environ.get("MESHPROXY_SUPERVISED") == "1":
         from .capture.pod import PodOptions, parse_app_probers
         try:
             probers = parse_app_probers(args.app_probers)
@@ -243,8 +264,7 @@ def _run(args) -> int:
             return 2
         pod = PodOptions(health_listen=("0.0.0.0", args.health_port) if args.health_port else None,
                          dns_listen=args.dns_listen if args.capture and not args.no_dns else None,
-                         dns_upstreams=list(args.dns_upstream), app_probers=probers,
-                         app_command=args.app_command, app_exit_timeout=args.app_exit_timeout)
+                         dns_upstreams=list(args.dns_upstream), app_probers=probers)
     options = RunOptions(
         config_paths=args.config, listen=args.listen, admin=args.admin, workers=args.workers,
         identity=identity, settings=settings,

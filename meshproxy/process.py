@@ -59,7 +59,7 @@ class RunOptions:
     registration: dict | None = None
     initial_config_timeout: float = 60.0
     telemetry: dict = field(default_factory=dict)
-    pod: object = None              # capture.pod.PodOptions: health port, DNS, the application (-- CMD)
+    pod: object = None              # capture.pod.PodOptions: health port, DNS (capture mode, or supervised)
 
 
 # ==================================================================== config sources
@@ -248,17 +248,14 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
             os._exit(1)
         stop.set()
 
-    if pod is None or not pod.install_signals(loop, stop):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    if pod is not None:
+        pod.install_signals(loop)      # SIGUSR2: inbound stops accepting, outbound keeps serving
     log.info("meshproxy ready: listeners %s; hot path %s", ", ".join(
         f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners, **worker.capture_listeners}.items()),
         HOT_PATH)
-    if pod is not None:
-        await pod.start_app(stop)      # holdApplicationUntilProxyStarts: the proxy is ready now
     await stop.wait()
-    if pod is not None:
-        await pod.before_drain()       # inbound closes; outbound serves the app until it exits
     if remote is not None:
         await remote.deregister()
     clean = await worker.drain()
@@ -273,8 +270,7 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
         await pod.close()
     if not clean:
         log.warning("drain deadline passed with connections still open: they were closed")
-    code = 0 if clean else EXIT_UNCLEAN_DRAIN
-    return pod.exit_code(code) if pod is not None else code
+    return 0 if clean else EXIT_UNCLEAN_DRAIN
 
 
 def run(options: RunOptions) -> int:

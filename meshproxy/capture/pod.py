@@ -1,4 +1,4 @@
-"""What a sidecar does for its pod besides proxying: health port, DNS, and the application's life.
+"""What a sidecar does for its pod besides proxying: health port, DNS, inbound-only drain.
 
 * **Health** (default 0.0.0.0:15021, never captured by ``pod-init``): ``/healthz/ready`` is 200
   once the proxy is ready (config loaded, listeners bound) and 503 while draining;
@@ -8,21 +8,16 @@
   or ``{"tcpSocket": {"port": 8080}}``) against 127.0.0.1, so a prober outside the pod keeps working
   when inbound traffic needs mTLS; ``/stats/prometheus`` serves the proxy's metrics.
 * **DNS** (:mod:`.dns`) when ``dns_listen`` is set.
-* **The application** (``meshproxy run ... -- CMD ARGS``, Istio's ``holdApplicationUntilProxyStarts``):
-  CMD starts only once the proxy is ready; SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 sent to the
-  sidecar are forwarded to it; when it exits on its own the sidecar drains and exits with its exit
-  code.  On SIGTERM the sidecar stops accepting inbound connections at once but keeps serving the
-  application's outbound calls until the application has exited (or ``app_exit_timeout``), then
-  drains: an application that makes calls during its own shutdown sees none fail.
+* **SIGUSR2**: stop accepting inbound connections (the capture listener ``virtualInbound``), keep
+  serving outbound: what the supervisor (:mod:`.lifecycle`, ``meshproxy run ... -- CMD``) sends
+  while the application shuts down, so none of its outbound calls fails.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -32,8 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy.pod")
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
 
 @dataclass
 class PodOptions:
@@ -41,8 +34,6 @@ class PodOptions:
     dns_listen: tuple[str, int] | None = None
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     app_probers: dict = field(default_factory=dict)
-    app_command: list[str] = field(default_factory=list)
-    app_exit_timeout: float = 30.0       # on SIGTERM: how long outbound keeps serving the exiting app
 
 
 def parse_app_probers(text: str) -> dict:
@@ -151,48 +142,8 @@ class HealthServer:
         return 404, "text/plain", b"not found\n"
 
 
-class Application:
-    """The pod's application process (``-- CMD ARGS``), started once the sidecar is ready."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = argv
-        self.proc: asyncio.subprocess.Process | None = None
-        self.exited = asyncio.Event()
-        self.returncode: int | None = None
-        self._waiter: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, stdin=subprocess.DEVNULL)
-        self._waiter = asyncio.get_running_loop().create_task(self._wait())
-        log.info("application started (pid %d): %s", self.proc.pid, " ".join(self.argv))
-
-    async def _wait(self) -> None:
-        code = await self.proc.wait()
-        # a process killed by a signal reports -N: exit as a shell would (128 + N)
-        self.returncode = code if code >= 0 else 128 - code
-        self.exited.set()
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.returncode is None:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-
-    async def stop(self, timeout: float) -> None:
-        """SIGTERM was forwarded already; wait for the exit, SIGKILL at the deadline."""
-        if self.proc is None:
-            return
-        try:
-            await asyncio.wait_for(self.exited.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("application did not exit within %.1fs: SIGKILL", timeout)
-            self.signal(signal.SIGKILL)
-            await self.exited.wait()
-
-
 class PodServices:
-    """Health port, DNS and the application, around one worker (``process.serve_worker``)."""
+    """Health port and DNS around one worker (``process.serve_worker``), and SIGUSR2."""
 
     def __init__(self, options: PodOptions, worker: "Worker", admin_source, names):
         self.options = options
@@ -201,8 +152,6 @@ class PodServices:
         self.names = names
         self.health: HealthServer | None = None
         self.dns = None
-        self.app: Application | None = Application(options.app_command) if options.app_command else None
-        self._exit_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         opts = self.options
@@ -215,49 +164,16 @@ class PodServices:
             self.dns = DnsServer(DnsResolver(self.names, upstreams), *opts.dns_listen)
             await self.dns.start()
 
-    def install_signals(self, loop, stop: asyncio.Event) -> bool:
-        """With an application: the signals go to it (SIGTERM/SIGINT also start our shutdown).
-        False when there is no application (the caller keeps its own handlers)."""
-        if self.app is None:
-            return False
-        app = self.app
+    def install_signals(self, loop) -> None:
+        loop.add_signal_handler(signal.SIGUSR2, self.drain_inbound)
 
-        def forward(sig: int) -> None:
-            app.signal(sig)
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                stop.set()
-
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, forward, sig)
-        return True
-
-    async def start_app(self, stop: asyncio.Event) -> None:
-        """Called once the proxy is ready: start the application; its exit stops the sidecar."""
-        if self.app is None:
-            return
-        await self.app.start()
-        self._exit_watch = asyncio.get_running_loop().create_task(self._stop_when_app_exits(stop))
-
-    async def _stop_when_app_exits(self, stop: asyncio.Event) -> None:
-        await self.app.exited.wait()
-        log.info("application exited with %s: draining", self.app.returncode)
-        stop.set()
-
-    async def before_drain(self) -> None:
-        """Shutdown, first step: inbound stops accepting, outbound serves the exiting application."""
-        if self.app is None:
-            return
+    def drain_inbound(self) -> None:
+        log.info("SIGUSR2: inbound stops accepting; outbound keeps serving")
         for capture in self.worker.capture_listeners.values():
             if not capture.outbound:
                 capture.drain()
-        await self.app.stop(self.options.app_exit_timeout)
-
-    def exit_code(self, proxy_code: int) -> int:
-        return self.app.returncode if self.app is not None and self.app.returncode is not None else proxy_code
 
     async def close(self) -> None:
-        if self._exit_watch is not None:
-            self._exit_watch.cancel()
         if self.health is not None:
             await self.health.close()
         if self.dns is not None:

@@ -116,9 +116,9 @@ def _passthrough_cluster() -> Cluster:
                    protocol="TCP", namespace="unknown")
 
 
-def add_capture_listeners(c: "_Compiler", capture: CaptureConfig, base_table: str) -> None:
-    """Add the two capture listeners, their route tables and clusters to the compiler's output."""
-    from .compile import cluster_name
+def add_capture_listeners(c: "_Compiler", capture: CaptureConfig, base_table: str, cluster_name) -> None:
+    """Add the two capture listeners, their route tables and clusters to the compiler's output
+    (``cluster_name``: the compiler's naming function)."""
 
     sidecar = c.sidecar.spec if c.sidecar is not None else None
     mode = getattr(sidecar, "outbound_mode", "ALLOW_ANY") or "ALLOW_ANY"

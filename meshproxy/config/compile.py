@@ -669,7 +669,7 @@ class _Compiler:
             if self.identity.capture is not None:
                 from .capture import add_capture_listeners
                 self.listeners = [l for l in self.listeners if l.name != DEFAULT_LISTENER]
-                add_capture_listeners(self, self.identity.capture, DEFAULT_LISTENER)
+                add_capture_listeners(self, self.identity.capture, DEFAULT_LISTENER, cluster_name)
         infos = tuple(ResourceInfo(r.kind, r.namespace, r.name, r.source, r.content_hash) for r in resources)
         if version is None:
             blob = json.dumps([sorted((i.kind, i.namespace, i.name, i.version) for i in infos), workloads_key,

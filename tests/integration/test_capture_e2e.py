@@ -10,11 +10,11 @@ the pods' resolv.conf would use for names the mesh does not know.
 from __future__ import annotations
 
 import json
-import re
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import pytest
 
@@ -38,7 +38,7 @@ def mesh(tmp_path_factory):
         otlp = start_ready(mesh.cp_pod, [sys.executable, PROBE, "otlp", mesh.cp_pod.address, str(tmp / "spans.json")])
         endpoint = otlp.stdout.readline().strip()
         mesh.spans_file = tmp / "spans.json"
-        common = ["--tracing-endpoint", endpoint, "--dns-upstream", f"{outside.address}:53"]
+        common = mesh.common_args = ["--tracing-endpoint", endpoint, "--dns-upstream", f"{outside.address}:53"]
         for version in ("v1", "v2"):
             mesh.add_workload(f"reviews-{version}", "reviews", {"app": "reviews", "version": version},
                               app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"], sidecar=common)
@@ -233,3 +233,51 @@ spec:
     finally:
         mesh.meshctl("delete", "sidecar", "default", "-n", "default")
         wait_for_config(mesh, lambda: "REGISTRY_ONLY" not in client.admin("/config_dump"), "Sidecar removed")
+
+
+APP = r"""
+import json, signal, sys, time, urllib.request
+out = sys.argv[1]
+results = {"first": None, "shutdown": []}
+def call():
+    try:
+        return urllib.request.urlopen("http://reviews:9080/", timeout=5).status
+    except Exception as err:
+        return repr(err)
+results["first"] = call()                      # at once: the proxy must already be there
+json.dump(results, open(out, "w"))
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+while not stopping:
+    time.sleep(0.02)
+end = time.monotonic() + 1.5                   # calls made during the application's own shutdown
+while time.monotonic() < end:
+    results["shutdown"].append(call())
+json.dump(results, open(out, "w"))
+sys.exit(7)
+"""
+
+
+def test_app_starts_after_its_sidecar_survives_a_sidecar_restart_and_shuts_down_without_failed_calls(mesh):
+    pod = mesh.add_workload("lifecycle", "lifecycle", {"app": "lifecycle"}, pod_init=["--capture-dns"],
+                            start_sidecar=False).pod
+    app = mesh.tmp / "app.py"
+    app.write_text(APP)
+    out = mesh.tmp / "app-results.json"
+    argv = mesh.sidecar_argv("lifecycle", {"app": "lifecycle", "version": "v1"}, (), mesh.common_args)
+    log = open(mesh.tmp / "lifecycle.log", "ab")
+    supervisor = pod.popen(argv + ["--", sys.executable, str(app), str(out)], stdout=log, stderr=subprocess.STDOUT,
+                           env=mesh.net.env())
+    wait_until(lambda: out.exists() and out.read_text(), 30, 0.1, "application started")
+    assert json.loads(out.read_text())["first"] == 200
+    # the proxy (uid 1337, child of the supervisor) dies under the pod: it is restarted, the app goes on
+    children = open(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read().split()
+    proxy = next(int(pid) for pid in children if os.stat(f"/proc/{pid}").st_uid == 1337)
+    os.kill(proxy, signal.SIGKILL)
+    time.sleep(0.3)
+    mesh.wait_ready(mesh.workloads["lifecycle"])
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(30) == 7                               # the application's exit code
+    results = json.loads(out.read_text())
+    assert len(results["shutdown"]) >= 3
+    assert set(results["shutdown"]) == {200}, results["shutdown"]
