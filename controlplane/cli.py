@@ -418,13 +418,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service")
     p.add_argument("-n", "--namespace")
     canary_cli.add_parser(sub)
+    p = sub.add_parser("inject", help="add the meshproxy sidecar to Kubernetes workloads (like istioctl kube-inject)")
+    p.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--image", default="meshproxy:0.1.0", help="the meshproxy image (Dockerfile)")
+    p.add_argument("--control-plane", default="http://meshctl.meshproxy-system.svc:15010",
+                   help="control plane URL the sidecars connect to")
+    p.add_argument("--no-capture-dns", action="store_true", help="leave the pods' DNS alone")
     return parser
+
+
+def cmd_inject(args) -> int:
+    import yaml
+    from .inject import InjectError, InjectOptions, inject_documents
+    try:
+        text = sys.stdin.read() if args.filename == "-" else open(args.filename).read()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        out = inject_documents(docs, InjectOptions(image=args.image, control_plane=args.control_plane,
+                                                   capture_dns=not args.no_capture_dns))
+    except (OSError, yaml.YAMLError, InjectError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rendered = yaml.safe_dump_all(out, sort_keys=False)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(rendered)
+    else:
+        sys.stdout.write(rendered)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "inject":
+        return cmd_inject(args)
     client = Client(args.server)
     commands = {"apply": cmd_apply, "get": cmd_get, "delete": cmd_delete, "history": cmd_history,
                 "rollback": cmd_rollback, "proxies": cmd_proxies, "endpoints": cmd_endpoints,
