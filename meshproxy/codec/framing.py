@@ -586,6 +586,21 @@ def check_field_line(line: bytes, status: int = 400) -> None:
         raise ProtocolError(status, "invalid Content-Length")
 
 
+def check_partial_field_line(part: bytes, status: int = 400) -> None:
+    """Early check of the start of a field line whose end has not arrived: what no ending
+    can make valid (a leading SP/HTAB, a name that is not a token, a Content-Length value
+    that is not digits or has too many)."""
+    if part[:1] in (b" ", b"\t"):
+        raise ProtocolError(status, "obs-fold or whitespace-led field line")
+    name, sep, value = part.partition(b":")
+    if name.translate(None, TCHAR):
+        raise ProtocolError(status, "invalid field name")
+    if sep and name.lower() == b"content-length":
+        value = value.strip(b" \t")
+        if value.translate(None, DIGITS) or len(value.lstrip(b"0")) > _MAX_CL_DIGITS:
+            raise ProtocolError(status, "invalid Content-Length")
+
+
 def split_head(head: bytes, status: int = 400) -> tuple[bytes, Headers]:
     """Split a complete, scanned head (ending CRLF CRLF) into its start line and fields.
 

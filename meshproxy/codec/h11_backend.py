@@ -32,12 +32,13 @@ _READ_BODY, _SKIP, _SWITCH = 0, 1, 2
 class _HeadCutter:
     """Collects the bytes of one head; checks raw bytes and limits as they arrive."""
 
-    __slots__ = ("buf", "scanned", "checked", "limits", "status", "request")
+    __slots__ = ("buf", "scanned", "checked", "limits", "status", "request", "framing_seen")
 
     def __init__(self, limits: CodecLimits, status: int, request: bool):
         self.buf = bytearray()
         self.scanned = 0
         self.checked = 0  # complete lines before this offset passed the early line checks
+        self.framing_seen = 0  # content-length / transfer-encoding lines among the checked ones
         self.limits = limits
         self.status = status
         self.request = request
@@ -75,6 +76,7 @@ class _HeadCutter:
         del buf[:end + 4]
         self.scanned = 0
         self.checked = 0
+        self.framing_seen = 0
         if len(head) > self.limits.max_header_bytes:
             if self.request:
                 self._check_target(head)
@@ -100,8 +102,32 @@ class _HeadCutter:
                     framing.parse_status_line(line)
             else:
                 framing.check_field_line(line, self.status)
+                if self.request:
+                    self._check_framing_field(line)
             pos = eol + 2
         self.checked = pos
+        if pos and limit > pos and buf.find(b"\r\n", pos, limit) < 0:
+            # the start of the next field line: refused as soon as its bytes say it must be,
+            # as llhttp does (whitespace first, an overflowing or non-digit Content-Length,
+            # a second framing field)
+            partial = bytes(buf[pos:limit]).rstrip(b"\r")
+            if partial:
+                framing.check_partial_field_line(partial, self.status)
+                if b":" in partial and self.request:
+                    self._check_framing_field(partial, complete=False)
+
+    def _check_framing_field(self, line: bytes, complete: bool = True) -> None:
+        """In a request, a second Content-Length, or Content-Length with Transfer-Encoding,
+        is refused when its name is seen (the framing layer refuses the complete head anyway)."""
+        name = line.partition(b":")[0].lower()
+        bit = 1 if name == b"content-length" else 2 if name == b"transfer-encoding" else 0
+        if not bit:
+            return
+        seen = self.framing_seen
+        if seen and (bit == 1 or seen & 1):
+            raise ProtocolError(self.status, "duplicate Content-Length or Content-Length with Transfer-Encoding")
+        if complete:
+            self.framing_seen = seen | bit
 
     def _check_target(self, buf) -> None:
         """414 before 431: a long target is reported as such, as llhttp's on_url does."""
