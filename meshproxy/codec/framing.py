@@ -454,6 +454,10 @@ def _request_tail(method: bytes, target: bytes, version: bytes, headers: Headers
         upgrade = upgrade.split(b",", 1)[0].strip(b" \t").lower() if b"upgrade" in tokens else b""
     if method == b"CONNECT":
         upgrade = b"connect"
+    if upgrade and body_kind != BODY_NONE:
+        # After the head the connection becomes a tunnel, so a body would be taken for tunnel
+        # bytes and held until a 101 that the upstream sends only once it has the body.
+        raise ProtocolError(400, "Upgrade or CONNECT request with a body")
 
     return _new_request_head(method, target, version, headers, host, path, body_kind,
                              content_length, keep_alive, upgrade, expect_continue, names)

@@ -694,8 +694,9 @@ class _Base:
         self._line_carry = 0
 
     def _head_too_big(self, first_line: int) -> bool:
-        """Exact-enough size of a completed head, computed only when the feed was big."""
-        size = first_line + 2
+        """Size of a completed head (start line, ``name: value`` lines, blank line; exact unless
+        values had more whitespace around them), computed only when the feed was big."""
+        size = first_line + 4
         for name, value in self._raw:
             size += len(name) + len(value) + 4
         return size > self._max_head_bytes

@@ -51,10 +51,52 @@ def test_smuggling_request_gets_the_stated_verdict_whatever_the_read_sizes(row, 
         assert (out.complete, out.status) == (1, 400)
 
 
-@pytest.mark.parametrize("row", REQUEST_ROWS, ids=lambda r: r["id"])
-def test_both_backends_give_the_same_verdict(row):
-    data = (SMUGGLING / row["file"]).read_bytes()
-    assert replay("httptools", data).verdict == replay("h11", data).verdict
+def _every_input():
+    """(corpus, file, response?) for every input the corpora hold."""
+    out = []
+    for name, is_response in (("smuggling", lambda r: r["file"].startswith("responses/")),
+                              ("llhttp", lambda r: r["kind"] == "response"),
+                              ("http11probe", lambda r: False)):
+        tsv = CORPORA / name / "cases.tsv"
+        for r in read_tsv(tsv):
+            if r.get("file") and (tsv.parent / r["file"]).is_file():
+                out.append((name, r["file"], is_response(r)))
+    return out
+
+
+# Inputs on which the httptools backend is still more lenient than the h11 one: llhttp reads
+# the start line itself and its callbacks do not show the raw bytes the h11 backend checks
+# (the protocol name, runs of SP, a missing version), nor where a response ends in a read
+# that also holds the start of the next one.  Listed so that the list can only shrink: a
+# new disagreement fails, and so does a listed one that is gone.
+HTTPTOOLS_MORE_LENIENT = {
+    "llhttp/request__content-length__empty-content-length.http",        # waits; h11 refuses the line at once
+    "llhttp/request__method__source-request-with-ice.http",            # ICE/1.0 taken as HTTP/1.0
+    "llhttp/request__method__options-request-with-rtsp.http",          # RTSP/1.0 taken as HTTP/1.0
+    "llhttp/request__method__announce-request-with-rtsp.http",         # RTSP/1.0 taken as HTTP/1.0
+    "llhttp/request__method__pri-request-http2.http",                  # waits for the preface's end
+    "llhttp/request__sample__no-http-version.http",                    # HTTP/0.9 line: waits
+    "http11probe/rfc9112-2-3-http09-request.http",                      # HTTP/0.9 line: waits
+    "http11probe/rfc9112-3-multi-sp-request-line.http",                 # "GET  / HTTP/1.1" accepted
+    "llhttp/response__connection__http-1-0-with-keep-alive-and-204-status.http",  # EOF in a 2nd head
+    "llhttp/response__connection__http-1-1-with-204-status.http",                 # EOF in a 2nd head
+    "llhttp/response__connection__http-304-with-content-length.http",  # empty line before a status line
+    "llhttp/response__connection__http-100-first-then-400.http",       # empty line before a status line
+    "llhttp/response__pipelining__should-parse-multiple-events.http",  # empty line before a status line
+}
+EVERY_INPUT = _every_input()
+
+
+@pytest.mark.parametrize("corpus,file,response", EVERY_INPUT, ids=[f"{c}/{f}" for c, f, _ in EVERY_INPUT])
+def test_both_backends_give_the_same_verdict_on_every_corpus_input(corpus, file, response):
+    data = (CORPORA / corpus / file).read_bytes()
+    verdicts = {b: [replay(b, data, mode, seed, response=response).verdict for mode, seed in MODES[:3]]
+                for b in BACKENDS}
+    if f"{corpus}/{file}" in HTTPTOOLS_MORE_LENIENT:
+        assert verdicts["httptools"] != verdicts["h11"], "now agreed: take it off HTTPTOOLS_MORE_LENIENT"
+        assert all(v.startswith("reject") for v in verdicts["h11"])
+    else:
+        assert verdicts["httptools"] == verdicts["h11"]
 
 
 # Cases refused on their own bytes; an incomplete message (a head cut short) is left out,
