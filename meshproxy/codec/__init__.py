@@ -39,6 +39,12 @@ def make_request_parser(backend: str, handler: RequestHandler, limits: CodecLimi
 
 
 def make_response_parser(backend: str, handler: ResponseHandler, limits: CodecLimits) -> ResponseParser:
+    """The body cap (``--max-body-bytes``) is for what clients send; a response streams
+    through whatever its length (its head limits still hold)."""
+    if limits.max_body_bytes:
+        limits = CodecLimits(max_header_bytes=limits.max_header_bytes, max_header_count=limits.max_header_count,
+                             max_target_bytes=limits.max_target_bytes, max_body_bytes=0,
+                             max_chunk_ext_bytes=limits.max_chunk_ext_bytes)
     return _backend(backend)[1](handler, limits)
 
 
