@@ -1,5 +1,6 @@
 """Process-level behaviour: graceful drain, config reload, bounded memory while
-streaming, several workers on one port."""
+streaming, several workers on one port.  (Drain and reload under concurrent load:
+test_drain_reload.py; slow peers: test_attack_edges.py.)"""
 from __future__ import annotations
 
 import asyncio
@@ -93,36 +94,6 @@ spec:
     assert (await http_get(proxy.port, "svc.local"))[0] == 200
 
 
-async def test_valid_config_change_is_swapped_in_without_failed_requests(proxy_factory, upstream):
-    other = await Upstream(respond(200, b"other")).start()
-    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]))
-    stop = asyncio.Event()
-    results = []
-
-    async def load():
-        while not stop.is_set():
-            status, _, _ = await http_get(proxy.port, "svc.local")
-            results.append(status)
-
-    loader = asyncio.create_task(load())
-    for i in range(6):
-        extra = service_entry_yaml(f"new{i}.local", 80, [("127.0.0.1", other.port, {})], name=f"new{i}")
-        (proxy.config_dir / f"new{i}.yaml").write_text(extra)
-        await asyncio.sleep(0.4)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        status, _, body = await http_get(proxy.port, "new5.local")
-        if status == 200:
-            break
-        await asyncio.sleep(0.2)
-    assert body == b"other"
-    stop.set()
-    await loader
-    assert len(results) > 20
-    assert set(results) == {200}
-    await other.close()
-
-
 def _peak_rss_kb(pid: int) -> int:
     status = open(f"/proc/{pid}/status").read()
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
@@ -184,7 +155,7 @@ async def _big_server(size: int):
     return server, server.sockets[0].getsockname()[1]
 
 
-@pytest.mark.parametrize("size_mb", [256])
+@pytest.mark.parametrize("size_mb", [48])
 async def test_streaming_large_bodies_both_ways_keeps_proxy_memory_bounded(proxy_factory, codec, size_mb):
     size = size_mb * 1024 * 1024
     server, port = await _big_server(size)
@@ -193,8 +164,9 @@ async def test_streaming_large_bodies_both_ways_keeps_proxy_memory_bounded(proxy
     sent, got = await _stream_through(proxy.port, size)
     peak = _peak_rss_kb(proxy.proc.pid)
     assert sent == size and got == size
-    # bounded: the proxy's peak RSS grows by far less than what went through it
-    assert peak - before < 48 * 1024, f"peak RSS grew {peak - before} kB streaming {size_mb} MiB each way"
+    # bounded: the proxy's peak RSS grows by far less than what went through it (the first large
+    # transfer of a process raises it once by up to about 15 MiB; buffering a body adds 48 MiB)
+    assert peak - before < 24 * 1024, f"peak RSS grew {peak - before} kB streaming {size_mb} MiB each way"
     server.close()
 
 
