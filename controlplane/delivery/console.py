@@ -32,6 +32,9 @@ UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 MIN_SPAN = 1.0
+# the page's own files only (no inline script, no other origin); never framed (its buttons act)
+CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+       "frame-ancestors 'none'")
 
 
 def parse_all(text: str, reporter: str = "source") -> dict[tuple[str, str], VersionSample]:
@@ -167,4 +170,5 @@ def asset(name: str) -> Response | None:
     if name not in ASSETS:
         return None
     return Response(200, (UI_DIR / name).read_bytes(), ASSETS[name],
-                    headers=[("cache-control", "no-cache"), ("x-content-type-options", "nosniff")])
+                    headers=[("cache-control", "no-cache"), ("x-content-type-options", "nosniff"),
+                             ("content-security-policy", CSP), ("x-frame-options", "DENY")])

@@ -283,16 +283,16 @@ class CanaryRun:
 
     # ------------------------------------------------------------ the check
 
-    async def tick(self) -> float:
+    async def tick(self) -> None:
         ctl = self.ctl
         obj = ctl.store.resources().get((KIND, *self.key))
         if obj is None:
-            return 1.0
+            return
         decoded = decode_canary(obj)
         if decoded.spec is None:
             self.status["message"] = "invalid: " + "; ".join(decoded.errors)
             self.next_check = ctl.clock() + 5.0
-            return 5.0
+            return
         spec = self.spec = decoded.spec
         interval = spec.analysis.interval
         run = {"stable": spec.stable, "canary": spec.canary}
@@ -310,15 +310,15 @@ class CanaryRun:
         await self.take_actions(spec)
         if status["phase"] in TERMINAL:
             self.next_check = ctl.clock() + interval
-            return interval
+            return
         if status["paused"]:
             self.next_check = ctl.clock() + interval
-            return interval
+            return
         problems = check_references(spec, ctl.store.resources())
         if problems:
             self.pause("; ".join(problems))
             self.next_check = ctl.clock() + interval
-            return interval
+            return
         vs = ctl.store.resources()[("VirtualService", spec.namespace, spec.virtual_service)]
         if self.adopting:
             self.adopting = False
@@ -328,9 +328,9 @@ class CanaryRun:
                        f"(resourceVersion {vs['metadata']['resourceVersion']}); traffic is left as edited; "
                        f"`meshctl canary resume {spec.name}` re-applies weight {status['canaryWeight']}")
             self.next_check = ctl.clock() + interval
-            return interval
+            return
         if ctl.clock() < self.next_check:
-            return interval
+            return
         self.next_check = ctl.clock() + interval
         phase = status["phase"]
         if phase == INITIALIZING:
@@ -339,7 +339,6 @@ class CanaryRun:
             await self.check(spec)
         elif phase == PROMOTING:
             await self.finish(spec)
-        return interval
 
     def adopt_route(self, spec: CanarySpec, vs: dict) -> None:
         """A controller that died between writing a step and saving its status leaves the route one
