@@ -29,7 +29,7 @@ from .clock import monotonic
 from .cluster.state import ClusterManager
 from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
-from .config.model import Endpoint, Listener, Snapshot
+from .config.model import Endpoint, Listener, Snapshot, endpoint_tls
 from .config.store import SnapshotStore
 from .downstream.splice import Splice
 from .downstream.tcp_proxy import TcpProxyListener
@@ -39,6 +39,7 @@ from .security.authz import authorize_connection
 from .proxy.observe import Telemetry
 from .telemetry.tracing import IdSource, random_uuid
 from .upstream.pool import UpstreamPools
+from .upstream.tls import UpstreamTlsContexts
 
 log = logging.getLogger("meshproxy")
 
@@ -87,6 +88,7 @@ class Worker:
         self.batch = SendBatch(loop)
         self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock,
                                    batch=self.batch)
+        self.pools.tls = UpstreamTlsContexts(lambda: self.certificates)
         self._sweeper: asyncio.TimerHandle | None = None
         self.listen_errors: list[str] = []
         # the workload certificate manager (meshproxy.security.CertificateManager), set by the
@@ -222,7 +224,10 @@ class Worker:
                 return None
             cluster = self.clusters.get(dest.cluster)
             endpoint = cluster.pick() if cluster is not None else None
-            return (endpoint.address, endpoint.port) if endpoint is not None else None
+            if endpoint is None:
+                return None
+            tls = endpoint_tls(cluster.cluster.policy, endpoint)
+            return (endpoint.address, endpoint.port) if tls is None else (endpoint.address, endpoint.port, tls)
 
         def admit(transport) -> bool:
             listener = self.tcp_listeners_by_name.get(model.name)
@@ -238,7 +243,7 @@ class Worker:
             idle_timeout=settings.tcp_idle_timeout, on_open=self.telemetry.tcp_opened(model),
             on_close=self.telemetry.tcp_closed(model), model=model,
             max_connections=settings.max_connections_per_listener,
-            on_overflow=lambda: self.telemetry.downstream_overflow(model.name))
+            on_overflow=lambda: self.telemetry.downstream_overflow(model.name), upstream_tls=self.pools.tls)
 
     @property
     def tcp_listeners_by_name(self) -> dict[str, TcpProxyListener]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from ..config.model import Cluster, Endpoint, Snapshot
+from ..config.model import Cluster, Endpoint, Snapshot, endpoint_tls
 from .balancer import Host, balancer_name, make_balancer
 from .outlier import EJECTED, OutlierDetector
 
@@ -61,7 +61,9 @@ class ClusterState:
         now = clock()
         hosts: list[Host] = []
         for i, ep in enumerate(cluster.endpoints):
-            old = old_hosts.get((ep.address, ep.port))
+            tls = endpoint_tls(policy, ep)
+            key = (ep.address, ep.port) if tls is None else (ep.address, ep.port, tls)
+            old = old_hosts.get(key)
             if old is not None:
                 host = old
                 host.endpoint = ep
@@ -71,6 +73,8 @@ class ClusterState:
                 # endpoints present when a cluster first appears are not "new" (Envoy:
                 # slow start is ineffective when all endpoints are new)
                 host = Host(ep, float("-inf") if initial else now, i)
+                if tls is not None:
+                    host.key = key         # TLS origination: never shares a pool with plaintext
             hosts.append(host)
         self.hosts = hosts
         self.balancer = make_balancer(cluster, hosts, rng)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from .compile_security import workload_security
+from .compile_security import auto_mtls, spiffe_id, upstream_tls, workload_security
 from .decode import DEFAULT_RETRY_POLICY
 from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matches, resolve_host
 from .model import (
@@ -98,6 +98,9 @@ class _Service:
     endpoints: list[tuple[str, Mapping[str, int], Mapping[str, str], int, str]] = field(default_factory=list)
     origin: str = ""                               # "ServiceEntry ns/name" or "workloads"
     addresses: list[str] = field(default_factory=list)   # VIPs: ServiceEntry addresses, allocated VIPs
+    # identities the service runs as (ServiceEntry subjectAltNames, its endpoints' serviceAccount):
+    # what auto mTLS and ISTIO_MUTUAL check the server's SPIFFE id against
+    identities: list[str] = field(default_factory=list)
 
     def port(self, number: int | None) -> ServicePort | None:
         if number is None:
@@ -166,9 +169,12 @@ class _Compiler:
                               f"{self.services[host].origin} (older); ignored")
                     continue
                 svc = _Service(host, r.namespace, list(se.ports), se.resolution, origin=r.ref,
-                               addresses=[a for a in map(_single_ip, se.addresses) if a])
+                               addresses=[a for a in map(_single_ip, se.addresses) if a],
+                               identities=list(se.subject_alt_names))
                 for ep in se.endpoints:
                     svc.endpoints.append((ep.address, ep.ports, ep.labels, ep.weight, ep.locality))
+                    if ep.service_account:
+                        svc.identities.append(spiffe_id(r.namespace, ep.service_account))
                 self.services[host] = svc
         for w in workloads:
             host = resolve_host(w.service, w.namespace)
@@ -226,7 +232,8 @@ class _Compiler:
 
     # -- 4. clusters
 
-    def _policy(self, top: TrafficPolicySpec | None, subset: Subset | None, port: int) -> TrafficPolicy:
+    def _policy(self, top: TrafficPolicySpec | None, subset: Subset | None, port: int, svc: _Service | None = None,
+                protocol: str = "HTTP") -> TrafficPolicy:
         parts = _with_port_level(top.parts, top, port) if top is not None else PolicyParts()
         sub = subset.traffic_policy if subset is not None else None
         if sub is not None:
@@ -238,7 +245,11 @@ class _Compiler:
             load_balancer=parts.load_balancer or LoadBalancerPolicy(),
             connection_pool=parts.connection_pool
             or ConnectionPoolPolicy(connect_timeout=self.settings.upstream_connect_timeout),
-            outlier=parts.outlier)
+            outlier=parts.outlier,
+            tls=upstream_tls(parts.tls, svc.host if svc else "", port, subset.name if subset else None, protocol,
+                             svc.identities if svc else ()),
+            auto_mtls=auto_mtls(svc.host, port, subset.name if subset else None, protocol, svc.identities)
+            if svc is not None and parts.tls is None else None)
 
     def _build_clusters(self) -> None:
         for host, svc in self.services.items():
@@ -272,7 +283,8 @@ class _Compiler:
         name = cluster_name(port.number, subset.name if subset else None, svc.host)
         self.clusters[name] = Cluster(
             name=name, service=svc.host, port=port.number, subset=subset.name if subset else None,
-            endpoints=tuple(endpoints), policy=self._policy(top, subset, port.number),
+            endpoints=tuple(endpoints), policy=self._policy(top, subset, port.number, svc,
+                                                            _cluster_protocol(port.protocol)),
             protocol=_cluster_protocol(port.protocol), resolution=resolution, dns_hosts=tuple(dns_hosts),
             namespace=svc.namespace, labels=labels)
 

@@ -1300,19 +1300,22 @@ def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:
     if m is None:
         return None
     mode = r.string(m, "mode", path, choices=CLIENT_TLS_MODES) or "DISABLE"
-    r.str_list(m, "subjectAltNames", path)
-    r.string(m, "credentialName", path)
-    r.string(m, "caCrl", path)
+    sans = r.str_list(m, "subjectAltNames", path)
+    for k, why in (("credentialName", "client credentials from secrets are not supported; use clientCertificate, "
+                                      "privateKey and caCertificates files"),
+                   ("caCrl", "certificate revocation lists are not checked by this proxy")):
+        if r.string(m, k, path):
+            r.error(f"{path}.{k}", f"{why}; refused")
     if mode == "ISTIO_MUTUAL":
         for k in ("clientCertificate", "privateKey", "caCertificates", "credentialName"):
             if m.get(k):
                 r.error(f"{path}.{k}", "must be empty when mode is ISTIO_MUTUAL")
     if mode == "MUTUAL" and not m.get("credentialName") and not (m.get("clientCertificate") and m.get("privateKey")):
-        r.error(path, "MUTUAL needs clientCertificate and privateKey (or credentialName)")
+        r.error(path, "MUTUAL needs clientCertificate and privateKey")
     return ClientTLS(mode=mode, client_certificate=r.string(m, "clientCertificate", path) or "",
                      private_key=r.string(m, "privateKey", path) or "",
                      ca_certificates=r.string(m, "caCertificates", path) or "", sni=r.string(m, "sni", path) or "",
-                     insecure_skip_verify=bool(r.boolean(m, "insecureSkipVerify", path)))
+                     insecure_skip_verify=bool(r.boolean(m, "insecureSkipVerify", path)), subject_alt_names=sans)
 
 
 # ---------------------------------------------------------------- ServiceEntry

@@ -262,13 +262,43 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """DestinationRule ``trafficPolicy.tls`` as applied (mode DISABLE = no UpstreamTls at all).
+    Files are paths; ``alpn`` what the client offers (ISTIO_MUTUAL: Istio's tokens)."""
+
+    mode: str                                   # SIMPLE | MUTUAL | ISTIO_MUTUAL
+    sni: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    ca_certificates: str = ""
+    client_certificate: str = ""
+    private_key: str = ""
+    insecure_skip_verify: bool = False
+    alpn: tuple[str, ...] = ()
+    auto: bool = False                          # auto mTLS: plaintext when this proxy has no certificate
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     load_balancer: LoadBalancerPolicy = LoadBalancerPolicy()
     connection_pool: ConnectionPoolPolicy = ConnectionPoolPolicy()
     outlier: OutlierPolicy | None = None
+    tls: UpstreamTls | None = None              # None = plaintext
+    # no DestinationRule tls: auto mTLS to the endpoints labelled security.istio.io/tlsMode=istio
+    auto_mtls: UpstreamTls | None = None
 
 
 DEFAULT_TRAFFIC_POLICY = TrafficPolicy()
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+
+
+def endpoint_tls(policy: TrafficPolicy, endpoint: "Endpoint") -> UpstreamTls | None:
+    """The TLS a connection to ``endpoint`` originates: the DestinationRule's, else auto mTLS
+    when the endpoint has a sidecar (label ``security.istio.io/tlsMode: istio``), else none."""
+    if policy.tls is not None:
+        return policy.tls
+    if policy.auto_mtls is not None and endpoint.labels.get(TLS_MODE_LABEL) == "istio":
+        return policy.auto_mtls
+    return None
 
 
 @dataclass(frozen=True, slots=True)

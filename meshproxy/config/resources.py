@@ -117,6 +117,7 @@ class ClientTLS:
     ca_certificates: str = ""
     sni: str = ""
     insecure_skip_verify: bool = False
+    subject_alt_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

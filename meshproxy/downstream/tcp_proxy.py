@@ -25,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 from typing import Any, Callable
+
+from ..upstream.tls import UpstreamTlsContexts, UpstreamTlsError
 
 from .splice import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, Splice, reset_transport
 
@@ -155,17 +158,29 @@ class TcpProxyProtocol(asyncio.Protocol):
             return
         self._start_splice(up)
 
-    async def _try(self, target: tuple[str, int]) -> _PendingUpstream | None:
+    async def _try(self, target: tuple) -> _PendingUpstream | None:
         listener = self.listener
-        host, port = target
+        host, port = target[0], target[1]
+        tls = target[2] if len(target) > 2 else None     # DestinationRule tls: originate TLS
         pending = self.pending = _PendingUpstream()
         try:
             async with asyncio.timeout(listener.connect_timeout):
-                await listener.loop.create_connection(lambda: pending, host, port)
+                contexts = listener.upstream_tls
+                context = contexts.context(tls) if tls is not None else None
+                if context is None:
+                    await listener.loop.create_connection(lambda: pending, host, port)
+                else:
+                    await listener.loop.create_connection(lambda: pending, host, port, ssl=context,
+                                                          server_hostname=contexts.server_hostname(tls, host))
+                    contexts.check_peer(tls, pending.transport.get_extra_info("ssl_object"))
         except TimeoutError:
             reason = CONNECT_TIMEOUT
         except ConnectionRefusedError:
             reason = CONNECT_REFUSED
+        except UpstreamTlsError as err:
+            reason = f"tls: {err}"
+        except ssl.SSLError as err:
+            reason = f"tls handshake: {err.reason or err}"
         except OSError as err:
             reason = errno.errorcode.get(err.errno, type(err).__name__) if err.errno else type(err).__name__
         else:
@@ -230,7 +245,8 @@ class TcpProxyListener:
                  model: Any = None, high_water: int = DEFAULT_HIGH_WATER,
                  low_water: int = DEFAULT_LOW_WATER, max_connections: int = 2**31 - 1,
                  on_overflow: Callable[[], None] | None = None,
-                 admit: Callable[[asyncio.Transport], bool] | None = None):
+                 admit: Callable[[asyncio.Transport], bool] | None = None,
+                 upstream_tls: UpstreamTlsContexts | None = None):
         self.loop = loop
         self.pick_upstream = pick_upstream
         self.connect_timeout = connect_timeout
@@ -245,6 +261,7 @@ class TcpProxyListener:
         self.max_connections = max_connections      # open at once; more are reset on accept
         self.on_overflow = on_overflow
         self.admit = admit                          # None, or: may this accepted connection proceed?
+        self.upstream_tls = upstream_tls or UpstreamTlsContexts()
         self.rejected_connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.connect_failures = 0

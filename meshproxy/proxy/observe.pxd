@@ -12,7 +12,7 @@ cdef class Telemetry:
     cdef public ProxyMetrics metrics
     cdef public object access_log, source, _unrouted, _inbound
     cdef public str reporter
-    cdef public dict _handles, _tcp_handles
+    cdef public dict _handles, _tcp_handles, _inbound_mtls
 
     @cython.locals(head=RequestHead)
     cpdef request_routed(self, Exchange exchange)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..codec.api import field_names
@@ -41,6 +42,8 @@ class Telemetry:
         # inbound (a sidecar's ingress listener): Istio's reporter="destination", this workload as destination
         self._inbound = self.metrics.http_handle("destination", UNKNOWN_PEER, self._own_service_peer(source))
         self._tcp_handles: dict[str, int] = {}
+        # inbound requests over mTLS: connection_security_policy="mutual_tls", per caller principal
+        self._inbound_mtls: dict[str, int] = {}
 
     # ---------------------------------------------------------------- config
 
@@ -88,7 +91,7 @@ class Telemetry:
     def exchange_done(self, exchange, now: float) -> None:
         cluster = exchange.cluster
         if exchange.down.inbound:
-            handle = self._inbound
+            handle = self._inbound_handle(exchange.down)
         else:
             handle = self._handles.get(cluster.name) if cluster is not None else self._unrouted
             if handle is None:
@@ -127,6 +130,23 @@ class Telemetry:
 
     def rejected(self, reason: str, status: int) -> None:
         self.metrics.rejected(reason)
+
+    def _inbound_handle(self, down) -> int:
+        """Istio's labels for a request this workload served: ``mutual_tls`` and the caller's
+        ``source_principal`` when it came over mTLS, ``none`` otherwise."""
+        listener = down.listener
+        if getattr(listener, "acceptor", None) is None:
+            return self._inbound
+        peer = listener.peer(down)
+        if not peer.mutual_tls:
+            return self._inbound
+        handle = self._inbound_mtls.get(peer.principal)
+        if handle is None:
+            own = self._own_service_peer(self.source)
+            handle = self._inbound_mtls[peer.principal] = self.metrics.http_handle(
+                "destination", replace(UNKNOWN_PEER, principal=peer.spiffe_id or "unknown"), own,
+                security_policy="mutual_tls")
+        return handle
 
     def authz_decision(self, listener: str, decision, protocol: str = "http") -> None:
         """An AuthorizationPolicy decision (``meshproxy.security.authz.Decision``)."""

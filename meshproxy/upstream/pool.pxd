@@ -14,7 +14,7 @@ cdef class EndpointPool:
     cdef public bint _offer_scheduled
 
 cdef class UpstreamPools:
-    cdef public object _loop, dns, _make_parser, _clock, _opened_cb, _closed_cb
+    cdef public object _loop, dns, _make_parser, _clock, _opened_cb, _closed_cb, tls
     cdef public dict _pools
     cdef public set _tasks
     cdef public bint _system_clock

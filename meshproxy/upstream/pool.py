@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Awaitable, Callable, Protocol
@@ -33,6 +34,7 @@ from ..batch import SendBatch
 from ..clock import monotonic
 from ..lists import pop_last, push
 from .connection import UpstreamConnection
+from .tls import UpstreamTlsContexts, UpstreamTlsError
 
 
 class Waiter(Protocol):
@@ -144,6 +146,7 @@ class UpstreamPools:
         self._tasks: set[asyncio.Task] = set()
         self._opened_cb = on_connection_opened
         self._closed_cb = on_connection_closed
+        self.tls = UpstreamTlsContexts()              # the worker sets where the workload certificate comes from
 
     def pool(self, key: tuple[str, int]) -> EndpointPool:
         pool = self._pools.get(key)
@@ -248,13 +251,29 @@ class UpstreamPools:
 
     async def _connect(self, pool: EndpointPool, timeout: float) -> tuple[UpstreamConnection | None, str]:
         key = pool.key
+        tls = key[2] if len(key) > 2 else None       # DestinationRule tls (upstream/tls.py)
         try:
             async with asyncio.timeout(timeout):
                 address = await self.dns.address(key[0], key[1])
-                _, conn = await self._loop.create_connection(
-                    lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1])
+                context = self.tls.context(tls) if tls is not None else None
+                if context is None:
+                    _, conn = await self._loop.create_connection(
+                        lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1])
+                else:
+                    _, conn = await self._loop.create_connection(
+                        lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1],
+                        ssl=context, server_hostname=self.tls.server_hostname(tls, key[0]))
+                    try:
+                        self.tls.check_peer(tls, conn.transport.get_extra_info("ssl_object"))
+                    except UpstreamTlsError:
+                        conn.transport.abort()
+                        raise
         except asyncio.TimeoutError:
             return None, "timeout"
+        except UpstreamTlsError as err:
+            return None, f"tls: {err}"
+        except ssl.SSLError as err:
+            return None, f"tls handshake: {err.reason or err}"
         except OSError as err:
             return None, err.strerror or type(err).__name__
         sock = conn.transport.get_extra_info("socket")

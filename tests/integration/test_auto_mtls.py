@@ -1,0 +1,129 @@
+"""Auto mTLS between two real workers (a client sidecar and a server sidecar) over real
+sockets: the client originates ISTIO_MUTUAL to endpoints that have a sidecar and checks
+the server's SPIFFE id against the service's identities; the server's STRICT inbound
+terminates it and authorizes the caller by principal; endpoints without a sidecar, and a
+client without a certificate, get plaintext."""
+from __future__ import annotations
+
+import asyncio
+import random
+import textwrap
+from types import MappingProxyType
+
+import pytest
+import yaml
+
+from helpers import Upstream, free_port, respond
+from meshproxy.bootstrap import Worker, WorkerOptions
+from meshproxy.config.compile import ProxyIdentity, compile_snapshot
+from meshproxy.config.decode import decode_documents
+from meshproxy.config.model import (
+    Cluster, Endpoint, HttpRoute, Listener, ProxySettings, RouteTable, Snapshot, VirtualHost, WeightedDestination,
+)
+from meshproxy.config.resources import Document
+from meshproxy.config.store import SnapshotStore
+from meshproxy.proxy.observe import Telemetry
+from meshproxy.telemetry.exposition import render_prometheus
+from meshproxy.telemetry.metrics import merge_dumps
+from meshproxy.security.authz import ALLOW, AppliedPolicy, Condition, PolicySet, Rule, SOURCE_PRINCIPAL, value_match
+from mtls import MeshCA, StaticCertificates
+
+pytestmark = pytest.mark.asyncio
+
+ONLY_SLEEP = PolicySet(allow=(AppliedPolicy("foo/only-sleep", ALLOW, (
+    Rule(sources=((Condition(SOURCE_PRINCIPAL, (value_match("cluster.local/ns/foo/sa/sleep"),)),),)),)),))
+
+
+async def _server(app_port: int, inbound_port: int, certificates, mode: str = "STRICT") -> Worker:
+    app = Cluster("inbound|9080||", "", 9080, None, (Endpoint("127.0.0.1", app_port),))
+    vh = VirtualHost("inbound", ("*",), (HttpRoute("", "test", destinations=(
+        WeightedDestination("", None, 9080, 100, app.name),)),))
+    snap = Snapshot("s1", listeners=(Listener("inbound_9080", "127.0.0.1", inbound_port, "HTTP",
+                                              route_table="in", mtls=mode, authz=ONLY_SLEEP),),
+                    route_tables=MappingProxyType({"in": RouteTable("in", default=vh)}),
+                    clusters=MappingProxyType({app.name: app}), settings=ProxySettings())
+    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(1))
+    worker.certificates = certificates
+    await worker.start()
+    return worker
+
+
+async def _client(listen: int, endpoint_port: int, certificates, sidecar: bool = True,
+                  service_account: str = "httpbin") -> Worker:
+    labels = "{security.istio.io/tlsMode: istio}" if sidecar else "{}"
+    text = textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: httpbin, namespace: foo}}
+        spec:
+          hosts: [httpbin.foo.svc.cluster.local]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{{number: 8000, name: http, protocol: HTTP}}]
+          endpoints:
+          - {{address: 127.0.0.1, ports: {{http: {endpoint_port}}}, labels: {labels},
+              serviceAccount: {service_account}}}
+        """)
+    decoded = decode_documents([Document("t.yaml", 0, yaml.safe_load(text))])
+    assert not decoded.errors, decoded.errors
+    snap = compile_snapshot(decoded.resources, ProxyIdentity(namespace="foo", http_listen=("127.0.0.1", listen))).snapshot
+    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(2))
+    worker.certificates = certificates
+    await worker.start()
+    return worker
+
+
+async def _get(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /status HTTP/1.1\r\nHost: httpbin.foo\r\nConnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+async def test_auto_mtls_between_sidecars_carries_the_callers_identity(tmp_path):
+    ca = MeshCA()
+    app = await Upstream(respond(200, b"from httpbin")).start()
+    server_certs = StaticCertificates(ca.issue("spiffe://cluster.local/ns/foo/sa/httpbin"), tmp_path)
+    inbound = free_port()
+    server = await _server(app.port, inbound, server_certs)
+    workers = [server]
+    try:
+        sleep_port = free_port()
+        workers.append(await _client(sleep_port, inbound,
+                                     StaticCertificates(ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path)))
+        answer = await _get(sleep_port)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"from httpbin"), answer
+        # another identity gets through mTLS but not past the AuthorizationPolicy
+        other_port = free_port()
+        workers.append(await _client(other_port, inbound,
+                                     StaticCertificates(ca.issue("spiffe://cluster.local/ns/foo/sa/other"), tmp_path)))
+        denied = await _get(other_port)
+        assert denied.startswith(b"HTTP/1.1 403") and denied.endswith(b"RBAC: access denied")
+        # the server is not who the service runs as: the client refuses it (503), sends nothing
+        wrong_port = free_port()
+        workers.append(await _client(wrong_port, inbound, StaticCertificates(
+            ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path), service_account="reviews"))
+        assert (await _get(wrong_port)).startswith(b"HTTP/1.1 503")
+        # a client without a certificate sends plaintext, which STRICT refuses
+        plain_port = free_port()
+        workers.append(await _client(plain_port, inbound, None))
+        assert (await _get(plain_port)).startswith(b"HTTP/1.1 503")
+        # an endpoint without a sidecar gets plaintext from a client that has a certificate
+        direct_port = free_port()
+        workers.append(await _client(direct_port, app.port, StaticCertificates(
+            ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path), sidecar=False))
+        assert (await _get(direct_port)).endswith(b"from httpbin")
+        assert len(app.requests) == 2
+        # Istio's labels at the server: the caller's principal over mutual_tls
+        text = render_prometheus(merge_dumps([server.telemetry.metrics.dump()])).decode()
+        served = [line for line in text.splitlines() if line.startswith("istio_requests_total{")]
+        assert any('connection_security_policy="mutual_tls"' in line and
+                   'source_principal="spiffe://cluster.local/ns/foo/sa/sleep"' in line and 'response_code="200"' in line
+                   for line in served), served
+        assert any('source_principal="spiffe://cluster.local/ns/foo/sa/other"' in line and 'response_code="403"' in line
+                   for line in served), served
+    finally:
+        for w in workers:
+            await w.drain(0.1)
+        await app.close()
