@@ -98,7 +98,8 @@ def spawn_sidecar(mesh: Mesh, control_plane: str, version: str, app_port: int, l
     mesh.spawn(f"sidecar-{version}", [
         sys.executable, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-{version}",
         "--service", "demo", "--namespace", "default", "--labels", f"app=demo,version={version}",
-        "--app-port", str(app_port), "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"])
+        "--app-port", str(app_port), "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+        "--inbound-port", str(free_ports(1)[0])])      # peers reach the app through this sidecar
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -197,7 +197,9 @@ class PushEngine:
         resources = sorted((proxy_view(o) for o in self.store.resources().values() if is_proxy_kind(o["kind"])),
                            key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]))
         workloads = sorted(({"service": w["service"], "namespace": w["namespace"], "address": w["address"],
-                             "ports": w["ports"], "labels": w.get("labels") or {}}
+                             "ports": w["ports"], "labels": w.get("labels") or {},
+                             # explicit sidecars: peers connect to the sidecar's inbound listener
+                             **({"proxy_port": w["proxy_port"]} if w.get("proxy_port") else {})}
                             for w in self.store.workloads().values()),
                            key=lambda w: (w["namespace"], w["service"], w["address"], sorted(w["ports"].items()),
                                           sorted(w["labels"].items())))

@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--capture", action="store_true",
                      help="transparent sidecar: take the connections `meshproxy pod-init` redirects")
     run.add_argument("--outbound-port", type=int, default=15001, help="with --capture: outbound capture port")
-    run.add_argument("--inbound-port", type=int, default=15006, help="with --capture: inbound capture port")
+    run.add_argument("--inbound-port", type=int, default=15006,
+                     help="inbound port: with --capture the capture port; in explicit mode with --service and "
+                          "--app-port, the listener (on --address) peers reach this workload through; 0: none")
     run.add_argument("--health-port", type=int, default=15021,
                      help="with --capture or -- CMD: /healthz/ready, /app-health/..., /stats/prometheus (0: off)")
     run.add_argument("--dns-listen", type=_addr, default=("127.0.0.1", 15053),
@@ -244,16 +246,28 @@ def _run(args) -> int:
                                 protocol_detection_timeout=args.protocol_detection_timeout)
         if address == "127.0.0.1":
             address = _pod_address()
+    inbound = ()
+    if not args.capture and args.service and args.app_port and args.inbound_port and args.mode == "sidecar":
+        if len(args.app_port) > 1:
+            print("meshproxy run: explicit mode fronts one --app-port (its inbound listener is --inbound-port); "
+                  "use --capture for several", file=sys.stderr)
+            return 2
+        name, app_port = args.app_port[0]
+        inbound = ((address, args.inbound_port, app_port, name),)
     identity = ProxyIdentity(namespace=args.namespace, labels=args.labels, mode=args.mode,
-                             http_listen=args.listen, gateway_bind=args.gateway_bind, capture=capture)
+                             http_listen=args.listen, gateway_bind=args.gateway_bind, capture=capture,
+                             inbound=inbound)
     limits = CodecLimits(max_header_bytes=args.max_header_bytes, max_header_count=args.max_headers,
                          max_target_bytes=args.max_target_bytes, max_body_bytes=args.max_body_bytes)
     node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}"
     registration = None
     if args.service:
+        # the endpoint peers reach: in capture mode the application's ports on the pod address (the
+        # destination's rules send them to its sidecar); in explicit mode the inbound listener
         registration = {"service": args.service, "namespace": args.namespace, "labels": args.labels,
-                        "address": address, "ports": dict(args.app_port),
-                        "proxy_port": args.inbound_port if args.capture else args.listen[1]}
+                        "address": address, "ports": dict(args.app_port)}
+        if inbound:
+            registration["proxy_port"] = args.inbound_port
     pod = None
     if args.capture or os.environ.get("MESHPROXY_SUPERVISED") == "1":
         from .capture.pod import PodOptions, parse_app_probers

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..config.capture import CaptureTarget, InboundCapture, OutboundCapture
@@ -176,8 +177,12 @@ class CaptureListener:
         self.server = await self.worker.loop.create_server(lambda: _Deciding(self), sock=self.sock, backlog=1024)
 
     def update(self, model: Listener) -> None:
-        """A new snapshot: targets are looked up anew for each connection; views keep theirs."""
+        """A new snapshot: targets are looked up anew for each connection; views keep their route
+        tables (looked up by name per request) and take the new AuthorizationPolicies."""
         self.model = model
+        if not self.outbound:
+            for view in self.http_views.values():
+                view.update(replace(view.model, authz=model.capture.authz))
 
     # ------------------------------------------------------------ where a connection goes
 
@@ -207,7 +212,8 @@ class CaptureListener:
             key = ("http", target.route_table, None)
             view = self.http_views.get(key)
             if view is None:
-                model = Listener(f"inbound_{dst[1]}", dst[0], dst[1], "HTTP", route_table=target.route_table)
+                model = Listener(f"inbound_{dst[1]}", dst[0], dst[1], "HTTP", route_table=target.route_table,
+                                 authz=self.table.authz)
                 view = self.http_views[key] = _HttpView(self, key, model, "", None)
         return DownstreamConnection(self.worker, view)
 

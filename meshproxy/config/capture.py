@@ -108,6 +108,7 @@ class InboundCapture:
     targets: Mapping[int, CaptureTarget]             # application port -> target
     passthrough: Listener                            # undeclared ports: TCP to 127.0.0.1:<port>
     detection_timeout: float = 5.0
+    authz: object = None                             # the workload's AuthorizationPolicies (HTTP views)
 
 
 def _passthrough_cluster() -> Cluster:
@@ -182,7 +183,8 @@ def add_capture_listeners(c: "_Compiler", capture: CaptureConfig, base_table: st
                                                        destinations=(dest,),
                                                        timeout=c.settings.default_route_timeout),))
             c.route_tables[table] = RouteTable(table, default=vh)
-        tcp = Listener(name, capture.bind, number, "TCP", tcp_routes=(TcpRoute((dest,), f"--app-port {number}"),))
+        tcp = Listener(name, capture.bind, number, "TCP", tcp_routes=(TcpRoute((dest,), f"--app-port {number}"),),
+                       authz=c.security.authz)
         inbound[number] = CaptureTarget(protocol, "", table, tcp)
     c.clusters[INBOUND_PASSTHROUGH] = Cluster(
         INBOUND_PASSTHROUGH, service=INBOUND_PASSTHROUGH, port=0, subset=None, endpoints=(),
@@ -193,7 +195,36 @@ def add_capture_listeners(c: "_Compiler", capture: CaptureConfig, base_table: st
                                                                      INBOUND_PASSTHROUGH),), "undeclared port"),))
     c.listeners.append(Listener("virtualInbound", capture.bind, capture.inbound_port, "CAPTURE_INBOUND",
                                 capture=InboundCapture(MappingProxyType(inbound), passthrough,
-                                                       capture.protocol_detection_timeout)))
+                                                       capture.protocol_detection_timeout, c.security.authz)))
+
+
+def add_explicit_inbound(c: "_Compiler", inbound: tuple, cluster_name) -> None:
+    """Explicit mode: one inbound listener per (bind, port, app port, name), forwarding to the
+    application on 127.0.0.1 (HTTP with ``reporter="destination"`` metrics and server spans, or TCP
+    by the port name).  The control plane hands this listener out as the workload's endpoint."""
+    used = {(l.address, l.port) for l in c.listeners}
+    for bind, port, app_port, pname in inbound:
+        if (bind, port) in used:
+            c.warn(f"--inbound-port: {bind}:{port} is already used by another listener; no inbound listener")
+            continue
+        cname = cluster_name(app_port, None, "", "inbound")
+        c.clusters[cname] = Cluster(cname, service="", port=app_port, subset=None,
+                                    endpoints=(Endpoint("127.0.0.1", app_port),), protocol="TCP",
+                                    namespace=c.identity.namespace)
+        dest = WeightedDestination("", None, app_port, 100, cname)
+        name = f"inbound_{port}"
+        # the workload's AuthorizationPolicies and PeerAuthentication apply as on Sidecar ingress listeners
+        security = {"authz": c.security.authz, "mtls": c.security.mtls.for_port(app_port)}
+        if port_protocol(pname, "", app_port) == "TCP":
+            c.listeners.append(Listener(name, bind, port, "TCP",
+                                        tcp_routes=(TcpRoute((dest,), f"--app-port {pname}:{app_port}"),),
+                                        **security))
+            continue
+        vh = VirtualHost(f"inbound|{port}", ("*",), (HttpRoute(name="", source=f"--app-port {pname}:{app_port}",
+                                                               destinations=(dest,),
+                                                               timeout=c.settings.default_route_timeout),))
+        c.route_tables[name] = RouteTable(name, default=vh)
+        c.listeners.append(Listener(name, bind, port, "HTTP", route_table=name, **security))
 
 
 def _catch_all_hosts(sidecar) -> tuple[str, ...] | None:

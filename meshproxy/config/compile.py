@@ -55,6 +55,9 @@ class ProxyIdentity:
     http_listen: tuple[str, int] = ("127.0.0.1", 15001)
     gateway_bind: str = "0.0.0.0"
     capture: object = None         # config.capture.CaptureConfig: transparent listeners instead of http_listen
+    # explicit mode: (bind address, inbound port, application port, port name): the listener peers
+    # reach this workload through (its registered endpoint), forwarding to the application on loopback
+    inbound: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class WorkloadEndpoint:
     weight: int = 1
     locality: str = ""
     vip: str = ""                  # the service's virtual IP, allocated by the control plane
+    proxy_port: int = 0            # explicit sidecars: the endpoint is the sidecar's inbound listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +191,8 @@ class _Compiler:
                 for name, number in named.items():
                     if svc.port(number) is None:
                         svc.ports.append(ServicePort(number, name, _protocol_from_name(name)))
-            svc.endpoints.append((w.address, MappingProxyType(named), w.labels, w.weight, w.locality))
+            reach = {name: w.proxy_port for name in named} if w.proxy_port else named
+            svc.endpoints.append((w.address, MappingProxyType(reach), w.labels, w.weight, w.locality))
             if w.vip and w.vip not in svc.addresses:
                 svc.addresses.append(w.vip)
 
@@ -678,6 +683,9 @@ class _Compiler:
             self.gateway_listeners()
         else:
             self.sidecar_listeners()
+            if self.identity.inbound and self.identity.capture is None:
+                from .capture import add_explicit_inbound
+                add_explicit_inbound(self, self.identity.inbound, cluster_name)
             if self.identity.capture is not None:
                 from .capture import add_capture_listeners
                 self.listeners = [l for l in self.listeners if l.name != DEFAULT_LISTENER]
@@ -760,7 +768,7 @@ def compile_snapshot(resources: Iterable[Resource], identity: ProxyIdentity,
     workloads = list(workloads)
     compiler = _Compiler(resources, identity, settings, workloads)
     workloads_key = repr(sorted((w.service, w.namespace, w.address, repr(dict(w.ports) if isinstance(w.ports, Mapping)
-                                 else tuple(w.ports)), repr(sorted(dict(w.labels).items())), w.weight, w.vip)
+                                 else tuple(w.ports)), repr(sorted(dict(w.labels).items())), w.weight, w.vip, w.proxy_port)
                                 for w in workloads))
     snapshot = compiler.snapshot(version, resources, workloads_key)
     return CompileResult(snapshot, list(compiler.warnings))

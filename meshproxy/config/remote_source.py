@@ -47,7 +47,8 @@ class RemoteSource:
             return list(decoded.errors)
         endpoints = [WorkloadEndpoint(service=w["service"], namespace=w.get("namespace", "default"),
                                       address=w["address"], ports=w.get("ports") or {},
-                                      labels=w.get("labels") or {}, vip=w.get("vip") or "")
+                                      labels=w.get("labels") or {}, vip=w.get("vip") or "",
+                                      proxy_port=w.get("proxy_port") or 0)
                      for w in workloads]
         try:
             result = compile_snapshot(decoded.resources, self.options.identity, self.options.settings,
