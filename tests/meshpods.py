@@ -113,7 +113,10 @@ class Mesh:
     def add_workload(self, name: str, service: str, labels: dict[str, str], *, app: list[str] | None = None,
                      app_ports: list[str] = (), pod_init: list[str] = (), sidecar: list[str] = (),
                      resolv_conf: str | None = None, start_sidecar: bool = True,
-                     namespace: str = "default") -> Workload:
+                     namespace: str = "default", wait: bool = True) -> Workload:
+        """A pod with the application (``app``: pod_probe.py arguments), pod-init rules and, unless
+        ``start_sidecar`` is False, its sidecar (``wait=False``: do not wait until it is ready;
+        :meth:`wait_ready` later, so several sidecars start at once)."""
         pod = self.net.add_pod(name)
         pod.set_resolv_conf(resolv_conf or f"nameserver {self.cp_pod.address}\n"
                                            f"search {namespace}.svc.cluster.local svc.cluster.local cluster.local\n"
@@ -127,7 +130,7 @@ class Mesh:
         workload = Workload(self, pod, None, log)
         self.workloads[name] = workload
         if start_sidecar:
-            self.start_sidecar(workload, service, labels, app_ports, sidecar, namespace)
+            self.start_sidecar(workload, service, labels, app_ports, sidecar, namespace, wait=wait)
         return workload
 
     def sidecar_argv(self, service: str, labels: dict[str, str], app_ports, extra, namespace="default") -> list[str]:

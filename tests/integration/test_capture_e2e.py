@@ -39,13 +39,19 @@ def mesh(tmp_path_factory):
         endpoint = otlp.stdout.readline().strip()
         mesh.spans_file = tmp / "spans.json"
         common = mesh.common_args = ["--tracing-endpoint", endpoint, "--dns-upstream", f"{outside.address}:53"]
+        probers = json.dumps({"/app-health/reviews/readyz": {"httpGet": {"path": "/health", "port": 9080}},
+                              "/app-health/reviews/livez": {"httpGet": {"path": "/fail-health", "port": 9080}},
+                              "/app-health/reviews/startupz": {"tcpSocket": {"port": 9999}}})
         for version in ("v1", "v2"):
             mesh.add_workload(f"reviews-{version}", "reviews", {"app": "reviews", "version": version},
-                              app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"], sidecar=common)
+                              app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"],
+                              sidecar=common + ["--app-probers", probers], wait=False)
         mesh.add_workload("echo", "echo", {"app": "echo", "version": "v1"}, app=["echo", "7000"],
-                          app_ports=["tcp-echo:7000"], sidecar=common)
+                          app_ports=["tcp-echo:7000"], sidecar=common, wait=False)
         mesh.add_workload("client", "client", {"app": "client", "version": "v1"}, pod_init=["--capture-dns"],
-                          sidecar=common)
+                          sidecar=common, wait=False)
+        for workload in mesh.workloads.values():        # the four sidecars start at once
+            mesh.wait_ready(workload)
         mesh.outside = outside
         mesh.wait_endpoints("reviews", 2)
         mesh.wait_endpoints("echo", 1)
@@ -119,10 +125,11 @@ spec:
 """)
     client = mesh.workloads["client"]
     wait_for_config(mesh, lambda: "default/reviews" in client.admin("/config_dump"), "VirtualService at the client")
-    code = ("import urllib.request,collections\n"
-            "c=collections.Counter(urllib.request.urlopen('http://reviews:9080/',timeout=5).read().decode()"
-            " for _ in range(100))\n"
-            "print(dict(c))\n")
+    code = ("import http.client,collections\n"
+            "conn=http.client.HTTPConnection('reviews',9080,timeout=5)\n"     # one keep-alive connection
+            "def get():\n"
+            "    conn.request('GET','/'); return conn.getresponse().read().decode()\n"
+            "print(dict(collections.Counter(get() for _ in range(100))))\n")
     result = client.pod.python(code, timeout=60)
     assert result.returncode == 0, result.stderr
     assert eval(result.stdout) == {"reviews-v1": 90, "reviews-v2": 10}
@@ -281,3 +288,17 @@ def test_app_starts_after_its_sidecar_survives_a_sidecar_restart_and_shuts_down_
     results = json.loads(out.read_text())
     assert len(results["shutdown"]) >= 3
     assert set(results["shutdown"]) == {200}, results["shutdown"]
+
+
+def test_a_prober_outside_the_pod_reaches_health_and_the_apps_probes_through_the_sidecar(mesh):
+    outside, reviews = mesh.outside, mesh.net.pods["reviews-v1"]
+
+    def status(path: str) -> str:
+        return outside.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                            f"http://{reviews.address}:15021{path}"]).stdout
+    assert status("/healthz/ready") == "200"
+    assert status("/app-health/reviews/readyz") == "200"          # the app's /health, run by the sidecar
+    assert status("/app-health/reviews/livez") == "503"           # the app answered 500
+    assert status("/app-health/reviews/startupz") == "503"        # nothing listens on 9999
+    assert status("/app-health/nobody/readyz") == "404"
+    assert "istio_requests_total" in outside.run(["curl", "-s", f"http://{reviews.address}:15021/stats/prometheus"]).stdout

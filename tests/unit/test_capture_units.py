@@ -258,3 +258,22 @@ def test_app_probers_are_parsed_in_istios_format_and_bad_ones_named():
         parse_app_probers('{"/app-health/web/nope": {"tcpSocket": {"port": 1}}}')
     with pytest.raises(ValueError, match="httpGet.port"):
         parse_app_probers('{"/app-health/web/readyz": {"httpGet": {"port": "http"}}}')
+
+
+def test_an_app_probe_that_never_answers_is_a_bounded_503():
+    import socket
+    import time
+    from meshproxy.capture.pod import run_probe
+
+    async def probe():
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)                      # accepts (backlog) but never answers
+        try:
+            started = time.monotonic()
+            result = await run_probe("http", silent.getsockname()[1], "/ready", 0.3)
+            return result, time.monotonic() - started
+        finally:
+            silent.close()
+    (status, body), took = asyncio.run(probe())
+    assert status == 503 and b"probe failed" in body and took < 2.0
