@@ -47,6 +47,7 @@ import yaml
 from . import kube
 from .http import Request, Response, StreamResponse
 from .push import PushEngine
+from .security.service import ROUTES as SECURITY_ROUTES, Denied
 from .resources import BY_KIND, BY_PLURAL, Kind, describe, kind_for, proxy_view
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
 from .validation import apply_warnings, validate_object
@@ -131,9 +132,15 @@ def _int_param(query: dict, name: str) -> int | None:
 
 class Api:
     def __init__(self, store: ConfigStore, push: PushEngine, *, default_ttl: float = DEFAULT_TTL,
-                 metrics=None, metrics_registry=None):
+                 metrics=None, metrics_registry=None, security=None):
         self.store = store
         self.push = push
+        self.security = security                  # controlplane.security.service.Security (None: open API)
+        self._security_handlers = None
+        self._stream_owners: dict[str, str] = {}  # node id -> principal that opened its stream
+        if security is not None:
+            from .security.handlers import SecurityHandlers
+            self._security_handlers = SecurityHandlers(security)
         self.default_ttl = default_ttl
         self.metrics = metrics                    # ControlPlaneMetrics or None
         self.metrics_registry = metrics_registry  # the CollectorRegistry /metrics renders
@@ -151,21 +158,50 @@ class Api:
 
     async def _route(self, request: Request):
         allowed = []
-        for method, pattern, name in ROUTES:
+        routes = ROUTES
+        if self.security is not None:
+            routes = ROUTES + SECURITY_ROUTES
+        for method, pattern, name in routes:
             match = pattern.match(request.path)
             if match:
                 if method == request.method:
                     try:
-                        return await getattr(self, "_" + name)(request, **match.groupdict())
+                        if self.security is not None:
+                            request.principal = await self.security.authenticate(request)
+                            self.security.authorize(request.principal, name, request.method, request.path)
+                        handler = getattr(self, "_" + name, None) or getattr(self._security_handlers, name)
+                        return await handler(request, **match.groupdict())
                     except kube.ApplyConflict as exc:
                         return status(409, "Conflict", str(exc), details={"causes": exc.causes})
-                    except StoreError as exc:
+                    except (StoreError, Denied) as exc:
                         return status(exc.code, exc.reason, str(exc))
                 allowed.append(method)
         if allowed:
             return status(405, "MethodNotAllowed", f"{request.method} is not allowed on {request.path} "
                                                    f"(allowed: {', '.join(allowed)})")
         return status(404, "NotFound", f"the server could not find the requested resource ({request.path})")
+
+    def _who(self, request: Request) -> str:
+        """The author recorded in the history: the authenticated principal, or (open API) the
+        x-meshctl-user header."""
+        principal = request.principal
+        if principal is not None:
+            return principal.name
+        return request.headers.get("x-meshctl-user", "api")
+
+    def _check_own(self, request: Request, namespace: str, what: str) -> None:
+        if self.security is not None and request.principal is not None:
+            self.security.check_own(request.principal, namespace, what)
+
+    def _owned_workload(self, request: Request, wid: str) -> None:
+        """A sidecar may heartbeat/deregister only workloads registered under its own identity."""
+        principal = request.principal
+        if self.security is None or principal is None or principal.identity is None or principal.scope:
+            return
+        workload = self.store.workloads().get(wid)
+        if workload is not None and workload.get("identity") != principal.identity.uri:
+            raise Denied(403, "Forbidden", f"{principal.name} may not change workload {wid} "
+                                           f"(registered by {workload.get('identity') or 'another client'})")
 
     # ------------------------------------------------------------ discovery
 
@@ -347,7 +383,7 @@ class Api:
                                                                   if k in ("resourceVersion", "generation", "creationTimestamp")}))
             return Response(200 if existing else 201, Response.json(200, preview).body, headers=headers)
         stored = await self.store.put(obj, expect_version=str(expect) if expect else None,
-                                      create_only=create_only, origin=request.headers.get("x-meshctl-user", "api"))
+                                      create_only=create_only, origin=self._who(request))
         return Response(200 if existing else 201, Response.json(200, stored).body, headers=headers)
 
     async def _warnings(self, obj: dict) -> list[str]:
@@ -371,8 +407,7 @@ class Api:
                 request.query["dryRun"] = "All"
         if request.query.get("dryRun") == "All":
             return Response.json(200, self._existing(kind, ns, name))
-        gone = await self.store.delete((kind.kind, ns, name), expect_version=expect,
-                                       origin=request.headers.get("x-meshctl-user", "api"))
+        gone = await self.store.delete((kind.kind, ns, name), expect_version=expect, origin=self._who(request))
         return Response.json(200, gone)
 
     # ------------------------------------------------------------ watch
@@ -496,7 +531,9 @@ class Api:
         return Response.json(200, {"items": [e.to_dict() for e in entries]})
 
     async def _rollback(self, request, revision):
-        new_revision = await self.store.rollback(int(revision), origin=f"rollback to {revision}")
+        who = self._who(request)
+        by = f" by {who}" if self.security is not None else ""
+        new_revision = await self.store.rollback(int(revision), origin=f"rollback to {revision}{by}")
         return Response.json(200, {"revision": new_revision, "rolled_back_to": int(revision)})
 
     # ------------------------------------------------------------ registry
@@ -520,8 +557,11 @@ class Api:
         proxy_port = body.get("proxy_port")
         if proxy_port is not None and (not isinstance(proxy_port, int) or not 0 < proxy_port < 65536):
             errors.append(f"workload: proxy_port: must be 1..65535, got {proxy_port!r}")
+        service_account = body.get("service_account", "default")
+        if not isinstance(service_account, str) or not service_account:
+            errors.append(f"workload: service_account: must be a non-empty string, got {service_account!r}")
         unknown = set(body) - {"id", "service", "namespace", "address", "ports", "labels", "ttl", "node_id",
-                               "proxy_port"}
+                               "proxy_port", "service_account"}
         errors += [f"workload: {k}: unknown field" for k in sorted(unknown)]
         if errors:
             return status(422, "Invalid", "; ".join(errors),
@@ -531,6 +571,24 @@ class Api:
                     "ports": ports, "labels": labels, "node_id": body.get("node_id", "")}
         if proxy_port is not None:
             workload["proxy_port"] = proxy_port
+        if self.security is not None:
+            self._check_own(request, workload["namespace"], "register workloads")
+            principal = request.principal
+            if principal.identity is not None and not principal.scope:
+                if service_account != principal.identity.service_account and "service_account" in body:
+                    raise Denied(403, "Forbidden", f"{principal.name} may not register a workload of service "
+                                                   f"account {service_account}")
+                service_account = principal.identity.service_account
+            self._owned_workload(request, workload["id"])
+            from meshproxy.security.spiffe import SpiffeId
+            try:
+                identity = SpiffeId(self.security.trust_domain, workload["namespace"], service_account).uri
+            except ValueError as exc:
+                raise BadRequest(f"workload: {exc}") from None
+            workload["service_account"] = service_account
+            workload["identity"] = identity
+        elif "service_account" in body:
+            workload["service_account"] = service_account
         await self.store.register(workload, float(ttl))
         return Response.json(201, dict(workload, ttl=ttl))
 
@@ -538,11 +596,13 @@ class Api:
         return Response.json(200, {"items": sorted(self.store.workloads().values(), key=lambda w: w["id"])})
 
     async def _heartbeat(self, request, wid):
+        self._owned_workload(request, wid)
         if not await self.store.heartbeat(wid):
             raise NotFound(f"workload {wid} is not registered (expired?); register again")
         return Response.json(200, {"id": wid})
 
     async def _deregister(self, request, wid):
+        self._owned_workload(request, wid)
         if not await self.store.deregister(wid):
             raise NotFound(f"workload {wid} is not registered")
         return Response.json(200, {"id": wid})
@@ -559,13 +619,32 @@ class Api:
         node_id = body.get("node_id")
         if not isinstance(node_id, str) or not node_id:
             raise BadRequest("node_id: required")
-        proxy = self.push.connect(node_id, body.get("identity") or {},
+        info = body.get("identity") or {}
+        if not isinstance(info, dict):
+            raise BadRequest("identity: must be a mapping")
+        principal = request.principal
+        if self.security is not None and principal is not None:
+            self._check_own(request, str(info.get("namespace") or "default"), "read the config")
+            owner = self._stream_owners.get(node_id)
+            if owner is not None and owner != principal.name and not principal.has("admin") \
+                    and node_id in self.push.proxies:
+                raise Denied(403, "Forbidden", f"node {node_id} is streaming as {owner}; {principal.name} may not "
+                                               f"take it over")
+            self._stream_owners[node_id] = principal.name
+            info = dict(info, principal=principal.name, cert_not_after=request.peer_not_after)
+        proxy = self.push.connect(node_id, info,
                                   resources_version=body.get("resources_version") or "",
                                   endpoints_version=body.get("endpoints_version") or "")
         return StreamResponse(self.push.stream(proxy), on_close=lambda: self.push.disconnect(proxy))
 
     async def _ack(self, request):
         body = parse_body(request)
+        principal = request.principal
+        if self.security is not None and principal is not None and not principal.has("edit"):
+            owner = self._stream_owners.get(str(body.get("node_id")))
+            if owner is not None and owner != principal.name:
+                raise Denied(403, "Forbidden", f"{principal.name} may not acknowledge the stream of "
+                                               f"{body.get('node_id')} (opened by {owner})")
         result = self.push.acknowledge(str(body.get("node_id")), str(body.get("nonce")),
                                        str(body.get("version")), list(body.get("errors") or []))
         return Response.json(200 if result != "unknown" else 404, {"result": result})

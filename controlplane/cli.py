@@ -8,8 +8,15 @@
   meshctl proxies [-o json]         meshctl endpoints SERVICE [-n NS]
   meshctl canary status [NAME] [-n NS] [-o json]
   meshctl canary promote|abort|pause|resume NAME [-n NS]
+  meshctl token create --namespace NS --service-account SA [--ttl D]    (a sidecar's bootstrap token)
+  meshctl token create --scope view|edit|admin --name WHO [--ttl D]     (an API token)
+  meshctl token list | revoke ID
+  meshctl ca root | status | rotate prepare|activate|finish [--force]
 
-The server comes from --server, else $MESHCTL_SERVER, else http://127.0.0.1:15010.
+The server comes from --server, else $MESHCTL_SERVER, else the credentials file's, else
+http://127.0.0.1:15010.  The credentials file (--credentials, else $MESHCTL_CREDENTIALS, else
+~/.config/meshctl/credentials.json, written by `meshctl serve`) gives the CA to verify an
+https server with and the bearer token to send.
 Every problem is printed as one line on stderr; the exit code is 1 if there was any.
 """
 from __future__ import annotations
@@ -45,17 +52,27 @@ class CliError(Exception):
 
 
 class Client:
-    def __init__(self, server: str):
+    def __init__(self, server: str, *, token: str = "", ca_pem: str = ""):
         self.server = server.rstrip("/")
+        self.token = token
+        self.credentials_path = ""
         self.warnings: list[str] = []      # Warning headers of the last response
+        self._context = None
+        if self.server.startswith("https://"):
+            import ssl
+            if not ca_pem:
+                raise CliError(f"{self.server}: no CA certificate to verify it with (give --credentials, "
+                               f"$MESHCTL_CREDENTIALS, or the file `meshctl serve` wrote)")
+            self._context = ssl.create_default_context(cadata=ca_pem)
 
     def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.server + path, data=data, method=method,
-                                     headers={"content-type": "application/json",
-                                              "x-meshctl-user": os.environ.get("USER", "meshctl")})
+        headers = {"content-type": "application/json", "x-meshctl-user": os.environ.get("USER", "meshctl")}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.server + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            with urllib.request.urlopen(req, timeout=TIMEOUT, context=self._context) as resp:
                 self.warnings = [parse_warning(v) for v in resp.headers.get_all("warning") or []]
                 return resp.status, json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as exc:
@@ -329,14 +346,16 @@ def cmd_proxies(client: Client, args) -> int:
     if args.output == "json":
         print(json.dumps(body, indent=2))
         return 0
-    rows = [["NODE", "SERVICE", "NAMESPACE", "LABELS", "STATE", "ACKED", "LAST NACK", "CONNECTED", "REPLICA"]]
+    rows = [["NODE", "SERVICE", "NAMESPACE", "LABELS", "STATE", "ACKED", "LAST NACK", "CONNECTED", "REPLICA",
+             "IDENTITY", "CERT EXPIRES"]]
     for p in body["items"]:
         nack = p.get("last_nack")
         nack_text = f"{nack['version']}: {' | '.join(nack['errors'])}" if nack else "-"
         rows.append([p["node_id"], p["service"] or f"({p['mode']})", p["namespace"],
                      ",".join(f"{k}={v}" for k, v in sorted(p["labels"].items())) or "-", p["state"],
                      p["acked_version"] or "-", nack_text,
-                     time.strftime("%H:%M:%S", time.localtime(p["connected_since"])), p.get("replica", "local")])
+                     time.strftime("%H:%M:%S", time.localtime(p["connected_since"])), p.get("replica", "local"),
+                     p.get("principal") or "-", p.get("cert_not_after") or "-"])
     print_table(rows)
     return 0
 
@@ -368,15 +387,152 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         print(f"meshctl serve: --vip-range: {exc}", file=sys.stderr)
         return 2
+    security = {"tls": not args.insecure_loopback, "trust_domain": args.trust_domain,
+                "workload_ttl": args.workload_cert_ttl, "max_workload_ttl": max(args.max_workload_cert_ttl,
+                                                                                 args.workload_cert_ttl)}
+    if bool(args.ca_cert) != bool(args.ca_key):
+        raise CliError("--ca-cert and --ca-key go together")
+    if args.ca_cert:
+        from .security.ca import load_supplied
+        try:
+            security["supplied"] = load_supplied(args.ca_cert, args.ca_key)
+        except (OSError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+    if args.san:
+        host = args.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        security["hosts"] = (host, *args.san)
     runner(serve(args.store, args.listen, debounce=args.debounce, ttl=args.ttl, ready_file=args.ready_file,
-                 vip_range=args.vip_range))
+                 security=security, credentials=args.credentials, vip_range=args.vip_range))
     return 0
+
+
+def parse_duration(value: str) -> float:
+    """``90``, ``90s``, ``15m``, ``24h``, ``7d`` -> seconds."""
+    import argparse as _argparse
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = value.strip().lower()
+    try:
+        seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise _argparse.ArgumentTypeError(f"expected a duration like 30s, 15m, 24h, 7d; got {value!r}") from None
+    if seconds <= 0:
+        raise _argparse.ArgumentTypeError(f"a duration must be > 0, got {value!r}")
+    return seconds
+
+
+# ---------------------------------------------------------------- tokens and the CA
+
+
+def cmd_token(client: Client, args) -> int:
+    if args.token_command == "create":
+        if args.scope:
+            if args.namespace or args.service_account:
+                raise CliError("give either --scope (an API token) or --namespace/--service-account (a bootstrap token)")
+            body = {"scope": args.scope, "name": args.name or f"{args.scope}-token"}
+            if args.ttl:
+                body["ttl"] = args.ttl
+            code, result = client.call("POST", "/security/v1/api-tokens", body)
+        else:
+            body = {"namespace": args.namespace or "default", "service_account": args.service_account or "default",
+                    "ttl": args.ttl or 3600.0}
+            code, result = client.call("POST", "/security/v1/bootstrap-tokens", body)
+        if code != 201:
+            raise CliError(*status_lines(result))
+        print(result["token"])
+        if "identity" in result:
+            print(f"bootstrap token {result['id']} for {result['identity']}, single use, expires "
+                  f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(result['expires_at']))}", file=sys.stderr)
+        else:
+            print(f"API token {result['id']} '{result['name']}' with scope {result['scope']}", file=sys.stderr)
+        return 0
+    if args.token_command == "list":
+        rows = [["ID", "KIND", "SCOPE/IDENTITY", "NAME", "EXPIRES", "CREATED BY"]]
+        for kind, path in (("api", "/security/v1/api-tokens"), ("bootstrap", "/security/v1/bootstrap-tokens")):
+            code, result = client.call("GET", path)
+            if code != 200:
+                raise CliError(*status_lines(result))
+            for t in result["items"]:
+                what = t.get("scope") or f"{t['namespace']}/{t['service_account']}"
+                expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t["expires_at"])) if t.get("expires_at") else "never"
+                rows.append([t["id"], kind, what, t.get("name", "-"), expires, t.get("created_by") or "-"])
+        print_table(rows)
+        return 0
+    code, result = client.call("DELETE", f"/security/v1/api-tokens/{args.id}")
+    if code != 200:
+        raise CliError(*status_lines(result))
+    print(f"API token {args.id} revoked")
+    return 0
+
+
+def cmd_ca(client: Client, args) -> int:
+    if args.ca_command == "root":
+        code, result = client.call("GET", "/security/v1/ca/roots")
+        if code != 200:
+            raise CliError(*status_lines(result))
+        print("".join(result["roots"]), end="")
+        return 0
+    if args.ca_command == "status":
+        code, result = client.call("GET", "/security/v1/ca")
+        if code != 200:
+            raise CliError(*status_lines(result))
+        if args.output == "json":
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"trust domain {result['trust_domain']}, phase {result['phase']}, next step {result['next_step']}, "
+              f"{result['live_certificates']} live workload certificate(s)")
+        for r in result["roots"]:
+            mark = "*" if r["fingerprint"] == result["signing"] else " "
+            print(f" {mark} {r['fingerprint'][:16]}  {r['subject']}  until {r['not_after']}")
+        if result["waiting_for"]:
+            print(f"{result['next_step']} waits for: {', '.join(result['waiting_for'])}")
+        return 0
+    path = f"/security/v1/ca/rotate/{args.step}" + ("?force=true" if args.force else "")
+    code, result = client.call("POST", path)
+    if code != 200:
+        raise CliError(*status_lines(result))
+    print(f"CA rotation: {args.step} done; phase {result['phase']}, {len(result['roots'])} root(s) in the bundle; "
+          f"next step {result['next_step']}")
+    if client.credentials_path:
+        code, roots = client.call("GET", "/security/v1/ca/roots")
+        if code == 200:
+            update_credentials_ca(client.credentials_path, "".join(roots["roots"]))
+            print(f"updated the CA bundle in {client.credentials_path}")
+    return 0
+
+
+def update_credentials_ca(path: str, ca_pem: str) -> None:
+    from .security.service import write_private
+    with open(path) as f:
+        data = json.load(f)
+    data["ca"] = ca_pem
+    write_private(path, json.dumps(data, indent=2) + "\n")
+
+
+def load_credentials(path: str | None) -> dict | None:
+    """The credentials file: --credentials, else $MESHCTL_CREDENTIALS, else the default path if it exists."""
+    from .server import default_credentials_path
+    explicit = path or os.environ.get("MESHCTL_CREDENTIALS")
+    path = explicit or default_credentials_path()
+    if not os.path.exists(path):
+        if explicit:
+            raise CliError(f"credentials file {path} does not exist")
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        data["_path"] = path
+        return data
+    except (OSError, ValueError) as exc:
+        raise CliError(f"credentials file {path}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="meshproxy control plane and its client")
-    parser.add_argument("--server", default=os.environ.get("MESHCTL_SERVER", DEFAULT_SERVER),
-                        help="control-plane URL (default: $MESHCTL_SERVER or %(default)s)")
+    parser.add_argument("--server", default=os.environ.get("MESHCTL_SERVER"),
+                        help="control-plane URL (default: $MESHCTL_SERVER, else the credentials file's, else "
+                             f"{DEFAULT_SERVER})")
+    parser.add_argument("--credentials", help="credentials file written by `meshctl serve` (server URL, CA, token); "
+                                              "default $MESHCTL_CREDENTIALS or ~/.config/meshctl/credentials.json")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the control plane")
@@ -387,6 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", help="write the bound port to this file once listening")
     p.add_argument("--vip-range", default="240.240.0.0/16",
                    help="CIDR that service virtual IPs are allocated from (default 240.240.0.0/16)")
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="plaintext HTTP with no authentication, allowed only on a loopback address (local demo)")
+    p.add_argument("--credentials", dest="credentials",
+                   help="where to write the admin credentials file (default ~/.config/meshctl/credentials.json)")
+    p.add_argument("--ca-cert", help="use this CA certificate (PEM) as the mesh root instead of generating one")
+    p.add_argument("--ca-key", help="the key of --ca-cert (PEM)")
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)")
+    p.add_argument("--workload-cert-ttl", type=parse_duration, default=24 * 3600.0,
+                   help="lifetime of workload certificates (default 24h; e.g. 10s for tests)")
+    p.add_argument("--max-workload-cert-ttl", type=parse_duration, default=90 * 86400.0,
+                   help="longest lifetime a sidecar may ask for (default 90d)")
+    p.add_argument("--san", action="append", default=[],
+                   help="extra DNS name or address for the control plane's serving certificate (repeatable)")
 
     for name in ("apply", "diff"):
         p = sub.add_parser(name, help="create or update resources" if name == "apply" else "show what apply would change")
@@ -425,6 +594,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-plane", default="http://meshctl.meshproxy-system.svc:15010",
                    help="control plane URL the sidecars connect to")
     p.add_argument("--no-capture-dns", action="store_true", help="leave the pods' DNS alone")
+
+    p = sub.add_parser("token", help="bootstrap tokens for sidecars, API tokens for meshctl")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    t = tsub.add_parser("create", help="--namespace/--service-account: a bootstrap token; --scope: an API token")
+    t.add_argument("-n", "--namespace")
+    t.add_argument("--service-account")
+    t.add_argument("--scope", choices=("view", "edit", "admin"))
+    t.add_argument("--name", help="API token: the name recorded as author of changes")
+    t.add_argument("--ttl", type=parse_duration, help="lifetime (bootstrap default 1h; API default: no expiry)")
+    tsub.add_parser("list")
+    t = tsub.add_parser("revoke", help="revoke an API token")
+    t.add_argument("id")
+
+    p = sub.add_parser("ca", help="the mesh certificate authority")
+    csub = p.add_subparsers(dest="ca_command", required=True)
+    csub.add_parser("root", help="print the trust bundle (PEM), for sidecars' --ca-file")
+    c = csub.add_parser("status", help="phase, roots, and what the next rotation step waits for")
+    c.add_argument("-o", "--output", choices=("json",))
+    c = csub.add_parser("rotate", help="root rotation: prepare, then activate, then finish")
+    c.add_argument("step", choices=("prepare", "activate", "finish"))
+    c.add_argument("--force", action="store_true", help="do not wait for every workload to renew (may fail requests)")
     return parser
 
 
@@ -448,16 +638,35 @@ def cmd_inject(args) -> int:
     return 0
 
 
+def make_client(args) -> Client:
+    creds = load_credentials(args.credentials)
+    server = args.server or (creds or {}).get("server") or DEFAULT_SERVER
+    client = Client(server, token=(creds or {}).get("token", ""), ca_pem=(creds or {}).get("ca", ""))
+    client.credentials_path = (creds or {}).get("_path", "")
+    return client
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return cmd_serve(args)
+        try:
+            return cmd_serve(args)
+        except CliError as exc:
+            for line in exc.lines:
+                print(f"error: {line}", file=sys.stderr)
+            return 1
     if args.command == "inject":
         return cmd_inject(args)
-    client = Client(args.server)
+    try:
+        client = make_client(args)
+    except CliError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
     commands = {"apply": cmd_apply, "get": cmd_get, "delete": cmd_delete, "history": cmd_history,
                 "rollback": cmd_rollback, "proxies": cmd_proxies, "endpoints": cmd_endpoints,
                 "canary": lambda c, a: canary_cli.run(c, a, CliError),
+                "token": cmd_token, "ca": cmd_ca,
                 "diff": lambda c, a: cmd_apply(c, a, diff_only=True)}
     if args.command == "diff":
         args.dry_run = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -29,6 +30,9 @@ class Request:
     headers: dict[str, str]
     body: bytes
     peer: str = ""
+    peer_uris: tuple[str, ...] = ()     # URI SANs of a verified TLS client certificate
+    peer_not_after: str = ""            # its notAfter, as OpenSSL prints it
+    principal: object = None            # set by the API once it knows who is asking
 
     def json(self):
         return json.loads(self.body or b"null")
@@ -57,6 +61,15 @@ class StreamResponse:
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
+def peer_certificate(ssl_object) -> tuple[tuple[str, ...], str]:
+    """(URI SANs, notAfter) of a verified TLS client certificate; ((), "") without one."""
+    if ssl_object is None:
+        return (), ""
+    from meshproxy.security.tls import peer_uris
+    cert = ssl_object.getpeercert() or {}
+    return peer_uris(ssl_object), cert.get("notAfter", "")
+
+
 class HttpServer:
     def __init__(self, handler: Handler):
         self._handler = handler
@@ -64,8 +77,9 @@ class HttpServer:
         self._connections: set[asyncio.Task] = set()
         self.port = 0
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, backlog=2048)
+    async def start(self, host: str, port: int, ssl_context=None) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, backlog=2048, ssl=ssl_context,
+                                                  ssl_handshake_timeout=10.0 if ssl_context else None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -82,7 +96,7 @@ class HttpServer:
         self._connections.add(task)
         try:
             await self._connection(reader, writer)
-        except (ConnectionError, asyncio.TimeoutError, h11.ProtocolError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.TimeoutError, h11.ProtocolError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             self._connections.discard(task)
@@ -92,10 +106,12 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         peer = writer.get_extra_info("peername")
         peer_str = f"{peer[0]}:{peer[1]}" if peer else ""
+        peer_uris, peer_not_after = peer_certificate(writer.get_extra_info("ssl_object"))
         while True:
             request = await self._read_request(conn, reader, peer_str)
             if request is None:
                 return
+            request.peer_uris, request.peer_not_after = peer_uris, peer_not_after
             try:
                 result = await self._handler(request)
             except Exception as exc:  # the API turns known errors into Status; this is a bug

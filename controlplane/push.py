@@ -117,7 +117,8 @@ class ProxyConnection:
                 "labels": dict(self.identity.labels), "admin": self.info.get("admin", ""), "state": self.state,
                 "sent_version": self.sent_version, "acked_version": self.acked_version,
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
-                "last_nack": self.last_nack, "connected_since": self.connected_since}
+                "last_nack": self.last_nack, "connected_since": self.connected_since,
+                "principal": self.info.get("principal", ""), "cert_not_after": self.info.get("cert_not_after", "")}
 
 
 # ---------------------------------------------------------------- the engine

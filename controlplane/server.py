@@ -25,7 +25,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 class ControlPlane:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
-                 default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0, vip_range: str = ""):
+                 default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0, vip_range: str = "",
+                 security_options: dict | None = None):
         from .vips import DEFAULT_RANGE, VipAllocator
         from prometheus_client import CollectorRegistry
         from .metrics import ControlPlaneMetrics
@@ -34,15 +35,36 @@ class ControlPlane:
         self.metrics = ControlPlaneMetrics(self.registry)
         self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval,
                                metrics=self.metrics, vips=VipAllocator(vip_range or DEFAULT_RANGE))
-        self.api = Api(store, self.push, default_ttl=default_ttl, metrics=self.metrics, metrics_registry=self.registry)
+        self.security = None
+        if security_options is not None:        # the CA always; TLS + authentication unless tls=False
+            from .security.service import Security
+            self.security = Security(store, registry=self.registry, **security_options)
+        self.api = Api(store, self.push, default_ttl=default_ttl, metrics=self.metrics, metrics_registry=self.registry,
+                       security=self.security)
         self.delivery = DeliveryController(store, self.push)
         self.delivery_api = DeliveryApi(store, self.delivery, security=getattr(self.api, "security", None))
         self.http = HttpServer(self._handle)
         self._publisher: asyncio.Task | None = None
 
     async def _handle(self, request):
+        if self.security is not None and self._is_delivery(request.path):
+            # the delivery API is behind the same authentication (GET needs view, changes edit);
+            # the author it records is the authenticated principal, not a header the client chose
+            from .api import status
+            from .security.service import Denied
+            try:
+                request.principal = await self.security.authenticate(request)
+                self.security.authorize(request.principal, "delivery", request.method, request.path)
+            except Denied as exc:
+                return status(exc.code, exc.reason, str(exc))
+            request.headers["x-meshctl-user"] = request.principal.name
         response = await self.delivery_api.handle(request)
         return response if response is not None else await self.api.handle(request)
+
+    @staticmethod
+    def _is_delivery(path: str) -> bool:
+        from .delivery.spec import GROUP as DELIVERY_GROUP
+        return path.startswith(f"/apis/{DELIVERY_GROUP}/")
 
     @property
     def port(self) -> int:
@@ -50,9 +72,11 @@ class ControlPlane:
 
     async def start(self, host: str = "127.0.0.1", port: int = 15010) -> None:
         await self.store.start()
+        if self.security is not None:
+            await self.security.start()
         await self.push.start()
         await self.delivery.start()
-        await self.http.start(host, port)
+        await self.http.start(host, port, self.security.server_ssl if self.security else None)
         if hasattr(self.store, "publish_proxies"):
             self._publisher = asyncio.create_task(self._publish_proxies(), name="publish-proxies")
 
@@ -75,15 +99,42 @@ class ControlPlane:
         await self.http.close()
         await self.delivery.close()
         await self.push.close()
+        if self.security is not None:
+            await self.security.close()
         await self.store.close()
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, ready_file: str | None = None,
-                vip_range: str = "") -> None:
+                security: dict | None = None, credentials: str | None = None, vip_range: str = "") -> None:
+    """Run until SIGTERM/SIGINT.  ``security``: options of :class:`controlplane.security.service.Security`
+    (``tls=False`` is --insecure-loopback, refused on a non-loopback address)."""
     host, port = parse_listen(listen)
-    cp = ControlPlane(open_store(store_spec), debounce=debounce, default_ttl=ttl, vip_range=vip_range)
+    security = dict(security or {})
+    tls = security.get("tls", True)
+    if not tls and not is_loopback(host):
+        raise SystemExit(f"meshctl serve: --insecure-loopback serves plaintext without authentication and only on a "
+                         f"loopback address; {host} is not one")
+    security.setdefault("hosts", (host,))
+    cp = ControlPlane(open_store(store_spec), debounce=debounce, default_ttl=ttl, vip_range=vip_range,
+                      security_options=security)
     await cp.start(host, port)
-    print(f"meshctl serve: listening on http://{host}:{cp.port} (store {store_spec})", flush=True)
+    scheme = "https" if tls else "http"
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{url_host}:{cp.port}"
+    print(f"meshctl serve: listening on {url} (store {store_spec}"
+          f"{'' if tls else '; plaintext, no authentication: --insecure-loopback'})", flush=True)
+    if tls:
+        await _credentials(cp, url, credentials)
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(str(cp.port))
@@ -95,3 +146,34 @@ async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, re
         await stop.wait()
     finally:
         await cp.close()
+
+
+async def _credentials(cp: ControlPlane, url: str, path: str | None) -> None:
+    """Write an admin credentials file (server URL, CA bundle, admin token) unless one that
+    still works is there; then only its server URL and CA bundle are brought up to date."""
+    import json
+    import os
+    from .security.service import write_private
+    from .security.tokens import TokenRefused
+    path = path or default_credentials_path()
+    existing = None
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                existing = json.load(f)
+            await cp.security.tokens.authenticate(existing["token"])
+        except (OSError, ValueError, KeyError, TypeError, TokenRefused):
+            existing = None
+    if existing is None:
+        token = (await cp.security.tokens.create_api("admin", "admin", None, "meshctl serve"))["token"]
+        print(f"meshctl serve: wrote admin credentials to {path} (a new admin token)", flush=True)
+    else:
+        token = existing["token"]
+        print(f"meshctl serve: admin credentials in {path}", flush=True)
+    cp.security.write_credentials(path, url, token)
+
+
+def default_credentials_path() -> str:
+    import os
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "meshctl", "credentials.json")

@@ -5,6 +5,7 @@ Keys (values are JSON)::
     /meshproxy/resources/{kind}/{namespace}/{name}   the object (resourceVersion = its mod_revision)
     /meshproxy/history/{uuid}                        one history entry, written in the same txn
     /meshproxy/workloads/{id}                        a registration, attached to its own lease
+    /meshproxy/security/{name}                       CA state and token records (not cached, not watched)
 
 Every write is one transaction guarded by the key's ``mod_revision``, so two replicas never
 overwrite each other blindly: a stale ``resourceVersion`` (the caller's or the replica's own
@@ -37,6 +38,7 @@ PREFIX = "/meshproxy/"
 RESOURCES = PREFIX + "resources/"
 HISTORY = PREFIX + "history/"
 WORKLOADS = PREFIX + "workloads/"
+SECURITY = PREFIX + "security/"
 PROXIES = PREFIX + "proxies/"          # one key per replica: the proxies connected to it (under its lease)
 REPLICA_TTL = 10
 REQUEST_TIMEOUT = 3.0
@@ -474,3 +476,30 @@ class EtcdStore(StoreViews):
         what = self._apply_delete(WORKLOADS + workload_id, int(result["header"]["revision"]))
         self._notify(*((what,) if what else ()))
         return True
+
+    # ------------------------------------------------------------ security records
+
+    async def get_secret(self, name: str) -> str | None:
+        result = await self.client.call("/v3/kv/range", {"key": b64(SECURITY + name)})
+        kvs = result.get("kvs") or []
+        return unb64(kvs[0]["value"]) if kvs else None
+
+    async def create_secret(self, name: str, value: str) -> bool:
+        key = b64(SECURITY + name)
+        result = await self.client.call("/v3/kv/txn", {
+            "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+            "success": [{"request_put": {"key": key, "value": b64(value)}}]})
+        return bool(result.get("succeeded"))
+
+    async def put_secret(self, name: str, value: str) -> None:
+        await self.client.call("/v3/kv/put", {"key": b64(SECURITY + name), "value": b64(value)})
+
+    async def take_secret(self, name: str) -> str | None:
+        result = await self.client.call("/v3/kv/deleterange", {"key": b64(SECURITY + name), "prev_kv": True})
+        prev = result.get("prev_kvs") or []
+        return unb64(prev[0]["value"]) if int(result.get("deleted", 0)) == 1 and prev else None
+
+    async def list_secrets(self, prefix: str) -> dict[str, str]:
+        start = SECURITY + prefix
+        result = await self.client.call("/v3/kv/range", {"key": b64(start), "range_end": b64(prefix_end(start))})
+        return {unb64(kv["key"])[len(SECURITY):]: unb64(kv["value"]) for kv in result.get("kvs") or []}

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS history (
     kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
     before TEXT, after TEXT, origin TEXT NOT NULL, PRIMARY KEY (revision, seq));
 CREATE TABLE IF NOT EXISTS workloads (id TEXT PRIMARY KEY, body TEXT NOT NULL, ttl REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -215,3 +216,24 @@ class SqliteStore(StoreViews):
         while True:
             await asyncio.sleep(self._sweep_interval)
             self.expire()
+
+    # ------------------------------------------------------------ security records
+
+    async def get_secret(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    async def create_secret(self, name: str, value: str) -> bool:
+        cur = self._db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, value))
+        return cur.rowcount == 1
+
+    async def put_secret(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO secrets VALUES (?, ?)", (name, value))
+
+    async def take_secret(self, name: str) -> str | None:
+        row = self._db.execute("DELETE FROM secrets WHERE name=? RETURNING value", (name,)).fetchone()
+        return row[0] if row else None
+
+    async def list_secrets(self, prefix: str) -> dict[str, str]:
+        rows = self._db.execute("SELECT name, value FROM secrets WHERE substr(name, 1, ?) = ?", (len(prefix), prefix))
+        return dict(rows.fetchall())

@@ -19,8 +19,14 @@ from pathlib import Path
 
 class ControlPlaneProcess:
     def __init__(self, store: str, *, port: int = 0, debounce: float = 0.1, ttl: float = 10.0,
-                 extra_env: dict | None = None, log_path: str | None = None):
+                 extra_env: dict | None = None, log_path: str | None = None, tls: bool = False,
+                 extra_args: list[str] | None = None):
+        """``tls=False`` runs it with --insecure-loopback (plaintext, no authentication);
+        ``tls=True`` serves TLS and writes ``credentials`` (a file path) with an admin token."""
         self.store = store
+        self.tls = tls
+        self.extra_args = list(extra_args or [])
+        self.credentials = ""
         self.port = port
         self.debounce = debounce
         self.ttl = ttl
@@ -30,15 +36,25 @@ class ControlPlaneProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def credentials_data(self) -> dict:
+        import json
+        with open(self.credentials) as f:
+            return json.load(f)
 
     def start(self, timeout: float = 10.0) -> "ControlPlaneProcess":
-        ready = Path(tempfile.mkdtemp(prefix="meshctl-")) / "port"
+        workdir = Path(tempfile.mkdtemp(prefix="meshctl-"))
+        ready = workdir / "port"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        security = ["--insecure-loopback"]
+        if self.tls:
+            self.credentials = self.credentials or str(workdir / "credentials.json")
+            security = ["--credentials", self.credentials]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controlplane.cli", "serve", "--store", self.store,
              "--listen", f"127.0.0.1:{self.port}", "--debounce", str(self.debounce), "--ttl", str(self.ttl),
-             "--ready-file", str(ready)],
+             "--ready-file", str(ready), *security, *self.extra_args],
             stdout=log, stderr=log, env={**os.environ, **self.extra_env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol-detection-timeout", type=float, default=5.0,
                      help="with --capture: seconds to wait for a client's first bytes on a port with no declared "
                           "protocol before treating it as TCP")
+    run.add_argument("--service-account", default="default",
+                     help="service account this workload runs as: its identity is "
+                          "spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT (default %(default)s)")
+    run.add_argument("--token-file", default="", help="bootstrap token (from `meshctl token create`) to get the "
+                                                      "workload certificate with; needs --control-plane")
+    run.add_argument("--ca-file", default="", help="the mesh root certificate(s), PEM (`meshctl ca root`): verifies "
+                                                   "an https control plane")
+    run.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default %(default)s)")
     run.add_argument("--address", default="127.0.0.1", help="address this workload is registered under (e.g. the pod IP)")
     run.add_argument("--initial-config-timeout", type=float, default=60.0,
                      help="with --control-plane: give up (exit 1) if no config arrives within this many seconds")
@@ -260,12 +268,38 @@ def _run(args) -> int:
     limits = CodecLimits(max_header_bytes=args.max_header_bytes, max_header_count=args.max_headers,
                          max_target_bytes=args.max_target_bytes, max_body_bytes=args.max_body_bytes)
     node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}"
+    security = None
+    urls = [u for u in args.control_plane.split(",") if u]
+    if any(u.startswith("https://") for u in urls) and not (args.token_file and args.ca_file):
+        print("meshproxy run: an https control plane needs --ca-file (its root, `meshctl ca root`) and --token-file "
+              "(a bootstrap token, `meshctl token create`)", file=sys.stderr)
+        return 2
+    if args.token_file:
+        if not urls:
+            print("meshproxy run: --token-file needs --control-plane", file=sys.stderr)
+            return 2
+        from .security.spiffe import identity_errors
+        problems = identity_errors(args.namespace, args.service_account, args.trust_domain)
+        if problems:
+            print(f"meshproxy run: {'; '.join(problems)}", file=sys.stderr)
+            return 2
+        ca_pem = None
+        if args.ca_file:
+            try:
+                with open(args.ca_file, "rb") as f:
+                    ca_pem = f.read()
+            except OSError as exc:
+                print(f"meshproxy run: --ca-file {args.ca_file}: {exc.strerror}", file=sys.stderr)
+                return 2
+        security = {"token_file": args.token_file, "ca_pem": ca_pem, "service_account": args.service_account,
+                    "trust_domain": args.trust_domain}
     registration = None
     if args.service:
         # the endpoint peers reach: in capture mode the application's ports on the pod address (the
         # destination's rules send them to its sidecar); in explicit mode the inbound listener
         registration = {"service": args.service, "namespace": args.namespace, "labels": args.labels,
-                        "address": address, "ports": dict(args.app_port)}
+                        "address": address, "ports": dict(args.app_port),
+                        "service_account": args.service_account}
         if inbound:
             registration["proxy_port"] = args.inbound_port
     pod = None
@@ -284,7 +318,7 @@ def _run(args) -> int:
         identity=identity, settings=settings,
         worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout, node_id=node_id),
         control_plane=[u for u in args.control_plane.split(",") if u], registration=registration,
-        initial_config_timeout=args.initial_config_timeout, pod=pod,
+        initial_config_timeout=args.initial_config_timeout, pod=pod, security=security,
         telemetry={"tracing_endpoint": args.tracing_endpoint, "sample_rate": args.trace_sample_rate,
                    "propagate": not args.no_trace_propagation, "access_log": args.access_log,
                    "access_log_sample": args.access_log_sample, "service_name": args.service,

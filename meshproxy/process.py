@@ -60,6 +60,37 @@ class RunOptions:
     initial_config_timeout: float = 60.0
     telemetry: dict = field(default_factory=dict)
     pod: object = None              # capture.pod.PodOptions: health port, DNS (capture mode, or supervised)
+    # workload identity: {token_file, ca_pem, service_account, trust_domain[, initial]} (None: no certificate)
+    security: dict | None = None
+
+
+def build_certificates(options: RunOptions):
+    """The workload certificate manager (not started), or None without --token-file."""
+    sec = options.security
+    if not sec:
+        return None
+    from .security.issuer import ControlPlaneIssuer
+    from .security.manager import CertificateManager
+    from .security.spiffe import SpiffeId
+    identity = SpiffeId(sec["trust_domain"], options.identity.namespace, sec["service_account"])
+    issuer = ControlPlaneIssuer(options.control_plane, sec["token_file"], sec.get("ca_pem"))
+    return CertificateManager(identity, issuer, initial=sec.get("initial"))
+
+
+async def start_certificates(options: RunOptions):
+    """Build and start the manager: the first certificate (or the master's, for a worker)."""
+    from .security.manager import IssuerError
+    certificates = build_certificates(options)
+    if certificates is None:
+        return None
+    try:
+        await certificates.start(options.initial_config_timeout)
+    except IssuerError as exc:
+        raise SystemExit(f"meshproxy: no workload certificate for {certificates.identity}: {exc}") from None
+    except asyncio.TimeoutError:
+        raise SystemExit(f"meshproxy: no workload certificate for {certificates.identity} within "
+                         f"{options.initial_config_timeout:g}s (is the control plane reachable?)") from None
+    return certificates
 
 
 # ==================================================================== config sources
@@ -107,14 +138,15 @@ class FileConfigSource:
 
 
 class WorkerAdmin:
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Worker, certificates=None):
         self.worker = worker
+        self.certificates = certificates
 
     def ready(self) -> bool:
         return self.worker.ready
 
     async def config_dump(self) -> dict:
-        return worker_config_dump(self.worker)
+        return worker_config_dump(self.worker, self.certificates)
 
     async def metrics(self, accept: str) -> tuple[bytes, str]:
         return render_metrics(worker_metrics_dump(self.worker), accept)
@@ -126,7 +158,7 @@ class WorkerAdmin:
         return render_stats(worker_metrics_dump(self.worker))
 
 
-def worker_config_dump(worker: Worker) -> dict:
+def worker_config_dump(worker: Worker, certificates=None) -> dict:
     store = worker.store
     dump = snapshot_to_dict(store.current) if store.current is not None else {}
     rejection = store.last_rejection
@@ -137,6 +169,8 @@ def worker_config_dump(worker: Worker) -> dict:
             "version": rejection.version, "errors": list(rejection.errors), "at": rejection.at},
         "snapshot": dump,
         "listen_errors": worker.listen_errors,
+        # the workload certificate: identity, expiry, state (valid | renewal-failing | expired)
+        "certificates": certificates.status() if certificates is not None else None,
     }
 
 
@@ -209,9 +243,18 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
                 print(error, file=sys.stderr)
             print("meshproxy: no valid config to start with", file=sys.stderr)
             return 1
+    try:
+        certificates = await start_certificates(options)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    renewals = None
+    if certificates is not None:
+        telemetry.metrics.attach(certificates)
+        renewals = loop.create_task(certificates.run(), name="workload-certificate-renewal")
     if options.control_plane:
         from .config.remote_source import RemoteSource
-        remote = RemoteSource(options, store, telemetry)
+        remote = RemoteSource(options, store, telemetry, certificates=certificates)
         try:
             await remote.wait_first_config(options.initial_config_timeout)
         except asyncio.TimeoutError:
@@ -227,12 +270,14 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
         tasks.append(loop.create_task(source.run()))
     if remote is not None:
         tasks.append(loop.create_task(remote.run()))
+    if renewals is not None:
+        tasks.append(renewals)
     admin = None
     if with_admin:
-        admin = AdminServer(WorkerAdmin(worker), *options.admin)
+        admin = AdminServer(WorkerAdmin(worker, certificates), *options.admin)
         await admin.start()
     if pipe is not None:
-        _serve_pipe(loop, pipe, worker)
+        _serve_pipe(loop, pipe, worker, certificates)
     pod = None
     if options.pod is not None and with_admin:
         from .capture.pod import PodServices, mesh_names
@@ -283,7 +328,7 @@ def run(options: RunOptions) -> int:
 # ==================================================================== master and workers
 
 
-def _serve_pipe(loop, pipe, worker: Worker) -> None:
+def _serve_pipe(loop, pipe, worker: Worker, certificates=None) -> None:
     """Answer the master's questions (one JSON line each way)."""
 
     def on_readable() -> None:
@@ -298,7 +343,7 @@ def _serve_pipe(loop, pipe, worker: Worker) -> None:
         elif request == "metrics":
             pipe.send(worker_metrics_dump(worker))
         elif request == "config_dump":
-            pipe.send(worker_config_dump(worker))
+            pipe.send(worker_config_dump(worker, certificates))
         elif request == "clusters":
             pipe.send(worker_clusters(worker))
 
@@ -437,6 +482,15 @@ class Master:
 
 
 def run_master(options: RunOptions) -> int:
+    if options.security:
+        # one bootstrap token, one first certificate: the master gets it before forking and
+        # every worker starts from it (each then renews on its own, with its own key)
+        try:
+            first = asyncio.run(start_certificates(options))
+        except SystemExit as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        options.security = dict(options.security, initial=first.current)
     master = Master(options)
     for i in range(options.workers):          # fork before any event loop exists
         master.spawn(i)

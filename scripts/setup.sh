@@ -30,7 +30,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
   $PY -m venv .venv
 fi
-if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, cython, pytest_asyncio, pytest_timeout, playwright, opentelemetry.exporter.otlp.proto.http, kubernetes, dns.message' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import meshproxy, uvloop, httptools, h11, yaml, cython, cryptography, pytest_asyncio, pytest_timeout, playwright, opentelemetry.exporter.otlp.proto.http, kubernetes, dns.message' >/dev/null 2>&1; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]'
 fi

@@ -61,15 +61,30 @@ class RemoteStatus:
 
 def _address(url: str) -> tuple[str, int]:
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"--control-plane: expected http://HOST:PORT, got {url!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--control-plane: expected http(s)://HOST:PORT, got {url!r}")
     return parts.hostname, parts.port or 15010
 
 
-async def json_request(host: str, port: int, method: str, path: str, body: dict | None) -> tuple[int, bytes]:
+def is_tls(url: str) -> bool:
+    return url.startswith("https://")
+
+
+SslFactory = Callable[[], "ssl.SSLContext | None"]
+
+
+async def open_connection(host: str, port: int, ssl_context=None):
+    """asyncio.open_connection, over TLS (host name checked as the context says) when given a context."""
+    if ssl_context is None:
+        return await asyncio.open_connection(host, port)
+    return await asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=host)
+
+
+async def json_request(host: str, port: int, method: str, path: str, body: dict | None,
+                       ssl_context=None) -> tuple[int, bytes]:
     """One JSON request on its own connection (``connection: close``); returns (status, body).
     Unbounded: callers put a deadline around it.  Also used by the control plane's etcd store."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await open_connection(host, port, ssl_context)
     try:
         conn = h11.Connection(h11.CLIENT)
         data = json.dumps(body).encode() if body is not None else b""
@@ -94,12 +109,13 @@ async def json_request(host: str, port: int, method: str, path: str, body: dict 
         writer.close()
 
 
-async def http_call(url: str, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, bytes]:
+async def http_call(url: str, method: str, path: str, body: dict | None, timeout: float,
+                    ssl_context=None) -> tuple[int, bytes]:
     """One request to the control plane on its own connection, bounded by ``timeout`` as a whole."""
     host, port = _address(url)
 
     async def call():
-        return await json_request(host, port, method, path, body)
+        return await json_request(host, port, method, path, body, ssl_context if is_tls(url) else None)
 
     async with asyncio.timeout(timeout):      # not wait_for: on 3.11 it can swallow a cancellation
         return await call()
@@ -108,8 +124,9 @@ async def http_call(url: str, method: str, path: str, body: dict | None, timeout
 class KeepAliveChannel:
     """One kept-alive connection for the small POSTs of a stream (ACKs): no connect per ACK."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, ssl_context: SslFactory | None = None):
         self.host, self.port = _address(url)
+        self._ssl = ssl_context if is_tls(url) and ssl_context else (lambda: None)
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection] | None = None
 
     async def post(self, path: str, body: dict, timeout: float) -> int:
@@ -125,7 +142,7 @@ class KeepAliveChannel:
 
     async def _post(self, path: str, body: dict) -> int:
         if self._conn is None:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            reader, writer = await open_connection(self.host, self.port, self._ssl())
             self._conn = (reader, writer, h11.Connection(h11.CLIENT))
         reader, writer, conn = self._conn
         data = json.dumps(body).encode()
@@ -164,12 +181,15 @@ class RemoteConfigClient:
     def __init__(self, urls: list[str], node_id: str, identity_info: dict, on_config: OnConfig,
                  registration: dict | None = None, *, ttl: float = 10.0, read_timeout: float = 35.0,
                  connect_timeout: float = 3.0, backoff_base: float = 0.1, backoff_max: float = 5.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, ssl_context: SslFactory | None = None):
         if not urls:
             raise ValueError("RemoteConfigClient needs at least one control-plane URL")
         for url in urls:
             _address(url)
         self.urls = list(urls)
+        if any(is_tls(u) for u in urls) and ssl_context is None:
+            raise ValueError("an https control plane needs a TLS context (--ca-file and a workload certificate)")
+        self._ssl = ssl_context or (lambda: None)     # asked per connection: the certificate renews
         self.node_id = node_id
         self.identity_info = dict(identity_info)
         self.on_config = on_config
@@ -202,7 +222,7 @@ class RemoteConfigClient:
         while True:
             url = self.urls[self._url_index % len(self.urls)]
             heartbeat: asyncio.Task | None = None
-            self._acks = KeepAliveChannel(url)
+            self._acks = KeepAliveChannel(url, self._ssl)
             try:
                 if self.registration is not None and not self._draining:
                     await self._register(url)
@@ -237,7 +257,7 @@ class RemoteConfigClient:
         for i in range(len(self.urls)):
             url = self.urls[(start + i) % len(self.urls)]
             try:
-                status, _ = await http_call(url, "DELETE", path, None, self.connect_timeout)
+                status, _ = await http_call(url, "DELETE", path, None, self.connect_timeout, self._ssl())
                 if status in (200, 404):
                     return
             except (OSError, asyncio.TimeoutError, h11.ProtocolError):
@@ -246,7 +266,8 @@ class RemoteConfigClient:
     # ------------------------------------------------------------ registration
 
     async def _register(self, url: str) -> None:
-        status, body = await http_call(url, "POST", "/registry/v1/workloads", self.registration, self.connect_timeout)
+        status, body = await http_call(url, "POST", "/registry/v1/workloads", self.registration, self.connect_timeout,
+                                       self._ssl())
         if status != 201:
             raise StreamBroken(f"registration refused ({status}): {body[:300].decode(errors='replace')}")
 
@@ -256,7 +277,7 @@ class RemoteConfigClient:
         while not self._draining:
             await asyncio.sleep(interval)
             try:
-                status, _ = await http_call(url, "POST", path, None, self.connect_timeout)
+                status, _ = await http_call(url, "POST", path, None, self.connect_timeout, self._ssl())
                 if status == 404 and not self._draining:          # expired meanwhile: register again
                     await self._register(url)
             except (OSError, asyncio.TimeoutError, h11.ProtocolError, StreamBroken) as exc:
@@ -267,7 +288,7 @@ class RemoteConfigClient:
     async def _stream(self, url: str):
         host, port = _address(url)
         async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await open_connection(host, port, self._ssl() if is_tls(url) else None)
         try:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
             body = json.dumps({"node_id": self.node_id, "identity": self.identity_info,

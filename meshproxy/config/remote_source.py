@@ -23,7 +23,7 @@ log = logging.getLogger("meshproxy.config")
 
 
 class RemoteSource:
-    def __init__(self, options: "RunOptions", store: SnapshotStore, telemetry=None):
+    def __init__(self, options: "RunOptions", store: SnapshotStore, telemetry=None, certificates=None):
         self.options = options
         self.store = store
         self.telemetry = telemetry
@@ -31,8 +31,11 @@ class RemoteSource:
         info = {"namespace": identity.namespace, "mode": identity.mode, "labels": dict(identity.labels)}
         if options.admin[1]:        # where the control plane reads this proxy's metrics (canary analysis)
             info["admin"] = f"{options.admin[0]}:{options.admin[1]}"
+        # over https the stream presents the workload certificate (the control plane's proof
+        # of who this proxy is) and verifies the control plane against the current trust bundle
+        ssl_context = (lambda: certificates.client_context(check_hostname=True)) if certificates is not None else None
         self.client = RemoteConfigClient(options.control_plane, options.worker.node_id, info, self._on_config,
-                                         options.registration)
+                                         options.registration, ssl_context=ssl_context)
         self._task: asyncio.Task | None = None
 
     def _on_config(self, resources: list[dict], workloads: list[dict], version: str) -> list[str]:

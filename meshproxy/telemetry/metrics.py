@@ -143,6 +143,16 @@ FAMILIES: dict[str, Family] = _catalog(
     Family("meshproxy_config_last_reload_timestamp_seconds", "gauge",
            "Unix time of the most recent config reload/push attempt.", merge="max"),
     Family("meshproxy_draining", "gauge", "1 while any worker is draining.", merge="max"),
+    Family("meshproxy_workload_cert_renewals_total", "counter",
+           "Workload certificate requests to the CA, by result (success, failure).", ("result",)),
+    Family("meshproxy_workload_cert_expiry_timestamp_seconds", "gauge",
+           "Unix time the current workload certificate expires.", ("identity",), merge="min"),
+    Family("meshproxy_workload_cert_valid", "gauge",
+           "1 while the workload certificate is within its validity period, 0 once expired.", ("identity",),
+           merge="min"),
+    Family("meshproxy_workload_cert_renewal_failing", "gauge",
+           "1 while renewals fail (CA unreachable or refusing); the current certificate serves until it expires.",
+           ("identity",), merge="max"),
     Family("meshproxy_tracing_spans_exported_total", "counter", "Spans accepted by the trace collector."),
     Family("meshproxy_tracing_spans_dropped_total", "counter",
            "Sampled spans dropped (queue full or export failed).", ("reason",)),
@@ -210,7 +220,8 @@ def workload_peer(labels, namespace: str, *, fallback_name: str = "unknown", ser
 
 
 class CounterSource(Protocol):
-    """Something whose own counters are read at dump time (tracer export stats, access log)."""
+    """Something whose own counters are read at dump time (tracer export stats, access log);
+    it may also have ``gauges()`` in the same shape (the workload certificate manager)."""
     def counters(self) -> Iterable[tuple[str, tuple[str, ...], int]]: ...
 
 
@@ -482,6 +493,11 @@ class ProxyMetrics:
                 counters.setdefault(family, []).append([list(labels), value])
         for (family, labels), value in self._gauges.items():
             gauges.setdefault(family, []).append([list(labels), value])
+        for source in self._sources:
+            read_gauges = getattr(source, "gauges", None)
+            if read_gauges is not None:
+                for family, labels, value in read_gauges():
+                    gauges.setdefault(family, []).append([list(labels), value])
         gauges["meshproxy_workers"] = [[[], 1]]
         for fam in FAMILIES.values():           # unlabelled counters exist from the start, at 0
             if fam.type == "counter" and not fam.labels and fam.name not in counters:

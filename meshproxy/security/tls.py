@@ -1,0 +1,133 @@
+"""TLS contexts from in-memory PEM, peer identities, and a server context whose certificate
+can change under it.
+
+``ssl.SSLContext.load_cert_chain`` only reads files; the workload key is handed to it through
+an anonymous memory file (``memfd``) so it never touches a disk.  A context captures its
+certificate when a connection starts: connections keep the certificate they were opened
+with, new ones get the current one.  :class:`RotatingServerContext` is one stable context a
+listener is created with; its SNI callback moves every new connection onto the context of
+the current certificate (OpenSSL's ``SSL_set_SSL_CTX``: certificate, key and trust store all
+come from the new context), so a renewal or a root rotation reaches new connections without
+rebinding the listener, and open connections are not touched.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Callable, Iterable
+
+from .spiffe import InvalidSpiffeId, SpiffeId
+
+MIN_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+def load_key_pair(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """Load a certificate chain (leaf first) and its key into ``ctx`` without a file on disk."""
+    fd = os.memfd_create("meshproxy-tls", os.MFD_CLOEXEC)
+    try:
+        data = chain_pem.rstrip(b"\n") + b"\n" + key_pem
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = MIN_VERSION
+    ctx.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
+def server_context(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes | None, *,
+                   client_cert: str = "required", alpn: Iterable[str] | None = None) -> ssl.SSLContext:
+    """A server context; ``client_cert`` is "required" (mTLS), "optional" or "none"."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    load_key_pair(ctx, chain_pem, key_pem)
+    if bundle_pem:
+        ctx.load_verify_locations(cadata=bundle_pem.decode())
+    ctx.verify_mode = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}[client_cert]
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def client_context(bundle_pem: bytes, chain_pem: bytes | None = None, key_pem: bytes | None = None, *,
+                   check_hostname: bool = False, alpn: Iterable[str] | None = None) -> ssl.SSLContext:
+    """A client context that verifies the server against ``bundle_pem``.  Mesh peers are
+    checked by SPIFFE id (:func:`check_peer`), not host name, so ``check_hostname`` is off
+    unless asked (the control plane's certificate names its DNS names and addresses)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.check_hostname = check_hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    if chain_pem and key_pem:
+        load_key_pair(ctx, chain_pem, key_pem)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+class RotatingServerContext:
+    """One stable server ``SSLContext`` (``.context``) that serves whatever ``current()``
+    returns at each new connection.  ``current()`` must return contexts built with the same
+    ``client_cert`` mode and ALPN list as this one (the connection keeps the front's verify
+    mode; ALPN is chosen by the context it was moved to)."""
+
+    def __init__(self, current: Callable[[], ssl.SSLContext], *, client_cert: str = "required",
+                 alpn: Iterable[str] | None = None):
+        self._current = current
+        front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _harden(front)
+        front.verify_mode = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+                             "none": ssl.CERT_NONE}[client_cert]
+        if alpn:
+            front.set_alpn_protocols(list(alpn))
+        front.sni_callback = self._switch
+        self._front = front
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._front
+
+    def _switch(self, ssl_object, server_name, _front) -> None:
+        ssl_object.context = self._current()
+        return None
+
+
+def peer_uris(ssl_object) -> tuple[str, ...]:
+    """URI SANs of the verified peer certificate (empty if there is none)."""
+    if ssl_object is None:
+        return ()
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return ()
+    return tuple(value for kind, value in cert.get("subjectAltName", ()) if kind == "URI")
+
+
+def peer_identity(ssl_object) -> SpiffeId | None:
+    """The peer's SPIFFE id, from the one URI SAN of its verified certificate; None if it
+    has no certificate, no URI SAN, or more than one."""
+    uris = peer_uris(ssl_object)
+    if len(uris) != 1:
+        return None
+    try:
+        return SpiffeId.parse(uris[0])
+    except InvalidSpiffeId:
+        return None
+
+
+class PeerIdentityMismatch(ssl.SSLError):
+    pass
+
+
+def check_peer(ssl_object, allowed: Iterable[str | SpiffeId]) -> SpiffeId:
+    """Raise :class:`PeerIdentityMismatch` unless the peer's SPIFFE id is one of ``allowed``."""
+    peer = peer_identity(ssl_object)
+    wanted = {str(a) for a in allowed}
+    if peer is None or peer.uri not in wanted:
+        got = peer.uri if peer else (",".join(peer_uris(ssl_object)) or "no SPIFFE id")
+        raise PeerIdentityMismatch(f"peer identity {got} is not one of {sorted(wanted)}")
+    return peer
