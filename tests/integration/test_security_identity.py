@@ -343,3 +343,133 @@ def test_insecure_loopback_is_refused_on_a_non_loopback_address(tmp_path):
                           "--listen", "0.0.0.0:0", "--insecure-loopback"], capture_output=True, text=True, timeout=30,
                          cwd=REPO)
     assert out.returncode != 0 and "only on a loopback address" in out.stderr
+
+
+# ---------------------------------------------------------------- root rotation
+
+
+async def test_root_rotation_under_constant_load_fails_no_request(tmp_path):
+    """The documented sequence (README): prepare, wait, activate, wait, finish; new mTLS
+    connections every few ms and one long-lived connection throughout, zero failures."""
+    ttl = 3.0
+    cp = ControlPlaneProcess(f"sqlite:{tmp_path / 'cp.db'}", tls=True, log_path=str(tmp_path / "cp.log"),
+                             extra_args=["--workload-cert-ttl", f"{ttl}s"]).start(timeout=30)
+    tasks = []
+    try:
+        server = manager_for(cp, tmp_path, SpiffeId("cluster.local", "shop", "cart"))
+        client = manager_for(cp, tmp_path, SpiffeId("cluster.local", "shop", "web"))
+        await server.start(timeout=10)
+        await client.start(timeout=10)
+        old_root = server.current.roots[0]
+        tasks += [asyncio.create_task(server.run()), asyncio.create_task(client.run())]
+
+        async def echo(reader, writer):
+            while data := await reader.read(100):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        srv = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server.server_context())
+        port = srv.sockets[0].getsockname()[1]
+        results = {"ok": 0, "failed": []}
+        stop = asyncio.Event()
+
+        async def one_request():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client.client_context())
+            try:
+                check_peer(writer.get_extra_info("ssl_object"), [server.identity])
+                writer.write(b"hi")
+                assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+            finally:
+                writer.close()
+
+        async def load():
+            while not stop.is_set():
+                try:
+                    await one_request()
+                    results["ok"] += 1
+                except Exception as exc:       # every failure is a finding
+                    results["failed"].append(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.02)
+
+        long_reader, long_writer = await asyncio.open_connection("127.0.0.1", port, ssl=client.client_context())
+        tasks.append(asyncio.create_task(load()))
+
+        async def step(name: str) -> None:
+            out = await asyncio.to_thread(meshctl, cp, "ca", "rotate", name)
+            assert out.returncode == 0, out.stderr
+            long_writer.write(b"ok")
+            assert await asyncio.wait_for(long_reader.readexactly(2), 5) == b"ok"
+
+        async def wait_until_ready_for_next_step() -> None:
+            deadline = time.monotonic() + ttl * 4
+            while time.monotonic() < deadline:
+                code, status = await asyncio.to_thread(call, cp, "GET", "/security/v1/ca",
+                                                       token=cp.credentials_data()["token"])
+                assert code == 200, status
+                if not status["waiting_for"]:
+                    return
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"rotation still waiting for {status['waiting_for']}")
+
+        await step("prepare")
+        await wait_until_ready_for_next_step()
+        assert len(server.current.roots) == 2 and len(client.current.roots) == 2
+        await step("activate")
+        await wait_until_ready_for_next_step()
+        await step("finish")
+        deadline = time.monotonic() + ttl * 3
+        while time.monotonic() < deadline and (server.current.roots == client.current.roots == (old_root,)
+                                               or len(server.current.roots) != 1 or len(client.current.roots) != 1):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await tasks.pop()
+        new_root = server.current.roots[0]
+        assert new_root != old_root and client.current.roots == (new_root,)
+        assert results["failed"] == [] and results["ok"] > 20, results
+        long_writer.write(b"ok")
+        assert await asyncio.wait_for(long_reader.readexactly(2), 5) == b"ok"
+        long_writer.close()
+        srv.close()
+        (tmp_path / "leaf.pem").write_bytes(server.current.leaf_pem)
+        (tmp_path / "new.pem").write_bytes(server.current.bundle_pem)
+        ok = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "new.pem"), str(tmp_path / "leaf.pem")],
+                            capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        (tmp_path / "old.pem").write_bytes(root_pem(cp))      # what the operator held before the rotation
+        stale = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "old.pem"), str(tmp_path / "leaf.pem")],
+                               capture_output=True, text=True)
+        assert stale.returncode != 0
+    finally:
+        for task in tasks:
+            task.cancel()
+        cp.stop()
+
+
+# ---------------------------------------------------------------- replicas on etcd
+
+
+@pytest.mark.needs_etcd
+def test_replicas_on_etcd_share_one_root_single_use_tokens_and_rotation_steps(tmp_path):
+    from controlplane.testing import EtcdCluster
+    etcd = EtcdCluster(str(tmp_path), members=1).start()
+    a = b = None
+    try:
+        a = ControlPlaneProcess(etcd.store_spec(), tls=True, log_path=str(tmp_path / "a.log")).start(timeout=30)
+        b = ControlPlaneProcess(etcd.store_spec(), tls=True, log_path=str(tmp_path / "b.log")).start(timeout=30)
+        assert root_pem(a) == root_pem(b) and root_pem(a).count(b"BEGIN CERTIFICATE") == 1
+        token = bootstrap_token(a)
+        code, body = call(b, "POST", "/security/v1/certificates", csr_body(CART.uri, token=token))
+        assert code == 200, body
+        code, body = call(a, "POST", "/security/v1/certificates", csr_body(CART.uri, token=token))
+        assert code == 401 and "already used" in body["message"]
+        out = meshctl(a, "ca", "rotate", "prepare")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: len(call(b, "GET", "/security/v1/ca/roots", token=b.credentials_data()["token"])[1]["roots"])
+                 == 2, 10, "replica b to see the prepared rotation")
+    finally:
+        for cp in (a, b):
+            if cp is not None:
+                cp.stop()
+        etcd.stop()

@@ -191,3 +191,20 @@ def test_manager_csr_names_its_identity_and_the_key_stays_with_it():
     assert csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://cluster.local/ns/a/sa/b"]
     assert b"PRIVATE KEY" not in csr.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_rotation_step_waits_for_every_live_certificate_of_the_previous_step():
+    ca = authority()
+    old = ca.state
+    ca.set_state(ca.prepared())
+    prepared = ca.state
+    both = [r.fingerprint for r in prepared.roots]
+    issued_before = {"identity": "spiffe://cluster.local/ns/a/sa/old", "signer": old.signing,
+                     "bundle": [old.signing]}
+    issued_after = {"identity": "spiffe://cluster.local/ns/a/sa/new", "signer": old.signing, "bundle": both}
+    assert Security._outstanding(prepared, [issued_before, issued_after]) == ["spiffe://cluster.local/ns/a/sa/old"]
+    assert Security._outstanding(prepared, [issued_after]) == []
+    ca.set_state(ca.activated())
+    activated = ca.state
+    assert Security._outstanding(activated, [issued_after]) == ["spiffe://cluster.local/ns/a/sa/new"]
+    assert Security._outstanding(activated, [dict(issued_after, signer=activated.signing)]) == []
