@@ -63,8 +63,9 @@ class ControlPlane:
 
     @staticmethod
     def _is_delivery(path: str) -> bool:
+        """Delivery's API and data paths (the console's static files under /ui are public)."""
         from .delivery.spec import GROUP as DELIVERY_GROUP
-        return path.startswith(f"/apis/{DELIVERY_GROUP}/")
+        return path.startswith((f"/apis/{DELIVERY_GROUP}/", "/delivery/"))
 
     @property
     def port(self) -> int:

@@ -473,3 +473,16 @@ def test_replicas_on_etcd_share_one_root_single_use_tokens_and_rotation_steps(tm
             if cp is not None:
                 cp.stop()
         etcd.stop()
+
+
+def test_delivery_api_and_live_traffic_need_a_token_too(cp):
+    code, body = call(cp, "GET", "/delivery/v1/traffic")
+    assert code == 401
+    code, body = call(cp, "POST", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/x/pause")
+    assert code == 401
+    view = call(cp, "POST", "/security/v1/api-tokens", {"scope": "view", "name": "viewer"},
+                token=cp.credentials_data()["token"])[1]["token"]
+    code, _ = call(cp, "GET", "/delivery/v1/traffic", token=view)
+    assert code == 200
+    code, body = call(cp, "POST", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/x/pause", token=view)
+    assert code == 403 and "needs scope edit" in body["message"]
