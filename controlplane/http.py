@@ -20,6 +20,7 @@ MAX_BODY = 8 * 1024 * 1024
 READ_TIMEOUT = 30.0          # a request head and body must arrive within this
 IDLE_TIMEOUT = 120.0         # keep-alive idle
 WRITE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0     # a TLS handshake (a client trickling its hello gets this long in all)
 
 
 @dataclass
@@ -71,6 +72,10 @@ def peer_certificate(ssl_object) -> tuple[tuple[str, ...], str]:
 
 
 class HttpServer:
+    """``ssl_context`` (``start``): TLS on every connection; a handshake must finish within
+    HANDSHAKE_TIMEOUT.  Failed handshakes are refused by asyncio's TLS layer, which does not
+    report them to us (so they are not counted here)."""
+
     def __init__(self, handler: Handler):
         self._handler = handler
         self._server: asyncio.base_events.Server | None = None
@@ -79,7 +84,7 @@ class HttpServer:
 
     async def start(self, host: str, port: int, ssl_context=None) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, backlog=2048, ssl=ssl_context,
-                                                  ssl_handshake_timeout=10.0 if ssl_context else None)
+                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ssl_context else None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

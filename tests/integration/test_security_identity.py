@@ -486,3 +486,82 @@ def test_delivery_api_and_live_traffic_need_a_token_too(cp):
     assert code == 200
     code, body = call(cp, "POST", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/x/pause", token=view)
     assert code == 403 and "needs scope edit" in body["message"]
+
+
+# ---------------------------------------------------------------- attacks on the TLS port
+
+
+def _closed_without_answer(sock) -> bool:
+    try:
+        data = sock.recv(65536)
+    except (ConnectionResetError, TimeoutError):
+        return True
+    # OpenSSL may send one alert record (type 0x15) before closing; never an HTTP answer
+    return data == b"" or data[:1] == b"\x15"
+
+
+def test_garbage_huge_and_trickled_client_hellos_and_renegotiation_leave_the_api_serving(cp, tmp_path):
+    import socket
+    garbage = socket.create_connection(("127.0.0.1", cp.port), timeout=10)
+    garbage.sendall(b"\x16\x03\x01\x00\x20" + os.urandom(32))
+    assert _closed_without_answer(garbage)
+    huge = socket.create_connection(("127.0.0.1", cp.port), timeout=10)
+    huge.sendall(b"\x16\x03\x01\xff\xff" + b"\x01" * 65535)
+    assert _closed_without_answer(huge)
+    plain = socket.create_connection(("127.0.0.1", cp.port), timeout=10)
+    plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _closed_without_answer(plain)
+
+    # a real ClientHello sent one byte at a time still gets a full handshake and an answer
+    ctx = ssl.create_default_context(cadata=cp.credentials_data()["ca"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    trickle = socket.create_connection(("127.0.0.1", cp.port), timeout=10)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    for byte in outgoing.read():
+        trickle.sendall(bytes([byte]))
+        time.sleep(0.0005)
+    while True:
+        incoming.write(trickle.recv(65536))
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            trickle.sendall(outgoing.read())
+    trickle.sendall(outgoing.read())
+    tls.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    trickle.sendall(outgoing.read())
+    answer = b""
+    while b"ok\n" not in answer:
+        chunk = trickle.recv(65536)
+        assert chunk, answer
+        incoming.write(chunk)
+        try:
+            answer += tls.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 200")
+
+    # renegotiation (TLS 1.2) is refused; the connection ends, the server does not
+    (tmp_path / "root.pem").write_bytes(root_pem(cp))
+    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{cp.port}", "-tls1_2",
+                             "-CAfile", str(tmp_path / "root.pem")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines = []
+    try:
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+            if "Verify return code" in lines[-1] and "---" not in lines[-1]:
+                break
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest.decode(errors="replace")
+    assert "RENEGOTIATING" in output and "no renegotiation" in output, output[-2000:]
+    assert proc.returncode != 0
+    code, body = call(cp, "GET", "/healthz")
+    assert code == 200
