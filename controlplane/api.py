@@ -631,7 +631,11 @@ class Api:
                 raise Denied(403, "Forbidden", f"node {node_id} is streaming as {owner}; {principal.name} may not "
                                                f"take it over")
             self._stream_owners[node_id] = principal.name
-            info = dict(info, principal=principal.name, cert_not_after=request.peer_not_after)
+            # the identity shown for the proxy: its verified certificate's over TLS; over
+            # --insecure-loopback only what it claims (nothing can be verified there)
+            shown = principal.identity.uri if principal.identity else (
+                str(info.get("spiffe") or principal.name) if not self.security.tls else principal.name)
+            info = dict(info, principal=shown, cert_not_after=request.peer_not_after)
         proxy = self.push.connect(node_id, info,
                                   resources_version=body.get("resources_version") or "",
                                   endpoints_version=body.get("endpoints_version") or "")

@@ -34,6 +34,8 @@ class RemoteSource:
         # over https the stream presents the workload certificate (the control plane's proof
         # of who this proxy is) and verifies the control plane against the current trust bundle
         ssl_context = (lambda: certificates.client_context(check_hostname=True)) if certificates is not None else None
+        if certificates is not None:
+            info["spiffe"] = certificates.identity.uri    # verified by the control plane over https
         self.client = RemoteConfigClient(options.control_plane, options.worker.node_id, info, self._on_config,
                                          options.registration, ssl_context=ssl_context)
         self._task: asyncio.Task | None = None
