@@ -580,7 +580,7 @@ class Api:
                                                    f"account {service_account}")
                 service_account = principal.identity.service_account
             self._owned_workload(request, workload["id"])
-            from meshproxy.security.spiffe import SpiffeId
+            from meshproxy.config.identity import SpiffeId
             try:
                 identity = SpiffeId(self.security.trust_domain, workload["namespace"], service_account).uri
             except ValueError as exc:

@@ -32,8 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshproxy.security.manager import IssuedCertificate, IssuerError, WorkloadCertificate
-from meshproxy.security.spiffe import InvalidSpiffeId, SpiffeId
+from meshproxy.config.identity import InvalidSpiffeId, SpiffeId
 
 DEFAULT_WORKLOAD_TTL = 24 * 3600.0
 MAX_WORKLOAD_TTL = 90 * 24 * 3600.0
@@ -326,14 +325,21 @@ class CertificateAuthority:
         return replace(s, roots=tuple(r for r in s.roots if r.fingerprint == s.signing), phase=STABLE)
 
 
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """What a ``meshproxy.security.manager.CertificateIssuer`` returns (same fields as its
+    IssuedCertificate; the control plane does not import the proxy's runtime)."""
+    chain_pem: bytes
+    bundle_pem: bytes
+
+
 class LocalIssuer:
+    """Signs in-process (tests, tools).  A refused CSR raises :class:`CsrRejected`."""
+
     def __init__(self, ca: CertificateAuthority, ttl: float | None):
         self.ca = ca
         self.ttl = ttl
 
-    async def issue(self, csr_pem: bytes, renewing: WorkloadCertificate | None) -> IssuedCertificate:
-        try:
-            csr, identity = self.ca.check_csr(csr_pem)
-            return IssuedCertificate(self.ca.sign(csr, identity, self.ttl), self.ca.bundle_pem)
-        except CsrRejected as exc:
-            raise IssuerError(str(exc), retryable=False) from None
+    async def issue(self, csr_pem: bytes, renewing) -> Issued:
+        csr, identity = self.ca.check_csr(csr_pem)
+        return Issued(self.ca.sign(csr, identity, self.ttl), self.ca.bundle_pem)

@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from meshproxy.security.spiffe import SpiffeId
+from meshproxy.config.identity import SpiffeId
 from meshproxy.security.tls import RotatingServerContext, server_context
 
 from .ca import (ACTIVATED, PREPARED, STABLE, CaState, CertificateAuthority, CsrRejected, generate_root)

@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from meshproxy.security.spiffe import SpiffeId, identity_errors
+from meshproxy.config.identity import SpiffeId, identity_errors
 
 BOOTSTRAP = "bootstrap-tokens/"
 BOOTSTRAP_USED = "bootstrap-tokens-used/"
