@@ -262,6 +262,7 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
                   f"{options.initial_config_timeout:g}s", file=sys.stderr)
             return 1
     worker = Worker(loop, store, options.worker, telemetry)
+    worker.certificates = certificates     # auto mTLS, ISTIO_MUTUAL, inbound termination
     await worker.start()
     for error in worker.listen_errors:
         print(f"meshproxy: {error}", file=sys.stderr)
