@@ -331,3 +331,28 @@ def test_phase_table_names_illegal_transitions():
     assert next_phase("Succeeded", "restart") == "Initializing"
     with pytest.raises(IllegalPhase, match="'done' is illegal in phase 'Progressing'"):
         next_phase("Progressing", "done")
+
+
+def test_blue_green_mirrors_the_canary_while_stable_serves_then_switches_whole():
+    spec = decode_canary(canary({**MINIMAL, "analysis": {"iterations": 2, "mirror": True, "mirrorWeight": 30}})).spec
+    vs = resources()[("VirtualService", "default", "reviews")]
+    mirrored = rewrite_virtual_service(vs, spec, 0, mirror_weight=30)
+    route = mirrored["spec"]["http"][0]
+    assert observed_weights(mirrored["spec"], spec) == {"v1": 100, "v2": 0}
+    assert route["mirror"] == {"host": "reviews", "subset": "v2", "port": {"number": 80}}
+    assert route["mirrorPercentage"] == {"value": 30.0}
+    from controlplane.validation import validate_object
+    body = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": "default"}, "spec": mirrored["spec"]}
+    assert validate_object(body, "VirtualService", "default", "reviews") == []     # proxies accept it
+    done = rewrite_virtual_service(mirrored, spec, 0, final="promoted")["spec"]["http"][0]
+    assert "mirror" not in done and "mirrorPercentage" not in done
+    assert observed_weights({"http": [done]}, spec) == {"v2": 100}
+
+
+def test_a_users_own_mirror_to_another_service_is_kept():
+    spec = decode_canary(canary(MINIMAL)).spec
+    vs = resources()[("VirtualService", "default", "reviews")]
+    vs["spec"]["http"][0]["mirror"] = {"host": "audit", "subset": "v1"}
+    step = rewrite_virtual_service(vs, spec, 20)
+    assert step["spec"]["http"][0]["mirror"] == {"host": "audit", "subset": "v1"}
