@@ -144,3 +144,53 @@ async def test_deleting_a_canary_mid_run_returns_the_route_to_stable():
         assert ("default", "web") not in ctl.runs and await ctl.state.load(("default", "web")) is None
     finally:
         await store.close()
+
+
+async def test_a_restarted_control_plane_continues_each_canary_from_its_stored_step(tmp_path):
+    """Two control-plane lives on one SQLite file: the second picks the run up at its weight."""
+    path = str(tmp_path / "cp.db")
+    store = SqliteStore(path)
+    await store.start()
+    for obj in (DR, VS, CANARY):
+        await store.put(json.loads(json.dumps(obj)))
+    state = SqliteState(path)
+    ctl = DeliveryController(store, NoProxies(), state=state, leadership=AlwaysLeader())
+    await state.start()
+    run = CanaryRun(ctl, ("default", "web"), None)
+    await run.tick()                                    # Initializing -> Progressing at 10%
+    await run._save()
+    await state.close()
+    await store.close()                                 # the first life ends here
+
+    store = SqliteStore(path)
+    await store.start()
+    state = SqliteState(path)
+    ctl = DeliveryController(store, NoProxies(), state=state, leadership=AlwaysLeader())
+    try:
+        await state.start()
+        await ctl._reconcile()
+        run = ctl.runs[("default", "web")]
+        await run.stop()
+        assert run.status["phase"] == "Progressing" and run.status["canaryWeight"] == 10
+        await run.tick()
+        assert run.status["paused"] is None                  # the route is what it wrote: no drift
+        assert any("continues at phase Progressing, weight 10" in e["message"] for e in run.status["events"])
+        vs = store.resources()[("VirtualService", "default", "web")]
+        assert [d["weight"] for d in vs["spec"]["http"][0]["route"]] == [90, 10]
+    finally:
+        await state.close()
+        await store.close()
+
+
+async def test_canaries_are_never_pushed_to_proxies():
+    from controlplane.push import PushEngine
+    from controlplane.scope import Identity
+    store, ctl, spec = await setup()
+    try:
+        push = PushEngine(store)
+        await push.start()
+        body = push.target_for(Identity("default", "sidecar", ())).resources.body
+        assert b'"VirtualService"' in body and b'"Canary"' not in body
+        await push.close()
+    finally:
+        await store.close()
