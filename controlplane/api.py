@@ -572,21 +572,26 @@ class Api:
         if proxy_port is not None:
             workload["proxy_port"] = proxy_port
         if self.security is not None:
+            # "identity" = this workload has a sidecar with a workload certificate (auto mTLS goes
+            # to it, and the service runs as it): the verified certificate's, or (a token, or
+            # --insecure-loopback) the service account the registration names
             self._check_own(request, workload["namespace"], "register workloads")
             principal = request.principal
+            has_identity = "service_account" in body
             if principal.identity is not None and not principal.scope:
                 if service_account != principal.identity.service_account and "service_account" in body:
                     raise Denied(403, "Forbidden", f"{principal.name} may not register a workload of service "
                                                    f"account {service_account}")
-                service_account = principal.identity.service_account
+                service_account, has_identity = principal.identity.service_account, True
             self._owned_workload(request, workload["id"])
-            from meshproxy.config.identity import SpiffeId
-            try:
-                identity = SpiffeId(self.security.trust_domain, workload["namespace"], service_account).uri
-            except ValueError as exc:
-                raise BadRequest(f"workload: {exc}") from None
-            workload["service_account"] = service_account
-            workload["identity"] = identity
+            if has_identity:
+                from meshproxy.config.identity import SpiffeId
+                try:
+                    identity = SpiffeId(self.security.trust_domain, workload["namespace"], service_account).uri
+                except ValueError as exc:
+                    raise BadRequest(f"workload: {exc}") from None
+                workload["service_account"] = service_account
+                workload["identity"] = identity
         elif "service_account" in body:
             workload["service_account"] = service_account
         await self.store.register(workload, float(ttl))

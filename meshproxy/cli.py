@@ -298,8 +298,9 @@ def _run(args) -> int:
         # the endpoint peers reach: in capture mode the application's ports on the pod address (the
         # destination's rules send them to its sidecar); in explicit mode the inbound listener
         registration = {"service": args.service, "namespace": args.namespace, "labels": args.labels,
-                        "address": address, "ports": dict(args.app_port),
-                        "service_account": args.service_account}
+                        "address": address, "ports": dict(args.app_port)}
+        if args.token_file:      # has a workload certificate: the registry records its identity
+            registration["service_account"] = args.service_account
         if inbound:
             registration["proxy_port"] = args.inbound_port
     pod = None

@@ -336,6 +336,15 @@ async def test_a_sidecar_certificate_reads_only_its_own_namespace_and_registers_
     assert code == 403 and "registered by spiffe://cluster.local/ns/shop/sa/cart" in body["message"]
     code, _ = call(cp, "POST", "/push/v1/ack", {"node_id": "x", "nonce": "1", "version": "v"}, context=ctx)
     assert code in (200, 404)      # allowed for a workload; "unknown" stream
+    # a registration without a workload certificate or a service account has no identity (no
+    # sidecar to originate mTLS to); one made with a token may name its service account
+    admin = cp.credentials_data()["token"]
+    code, body = call(cp, "POST", "/registry/v1/workloads", {"service": "legacy", "namespace": "shop",
+                                                             "address": "10.0.0.9", "ports": {}}, token=admin)
+    assert code == 201 and "identity" not in body
+    code, body = call(cp, "POST", "/registry/v1/workloads", {"service": "vm", "namespace": "shop", "address": "10.0.0.8",
+                                                             "ports": {}, "service_account": "vm"}, token=admin)
+    assert code == 201 and body["identity"] == "spiffe://cluster.local/ns/shop/sa/vm"
 
 
 def test_insecure_loopback_is_refused_on_a_non_loopback_address(tmp_path):
@@ -566,3 +575,35 @@ def test_garbage_huge_and_trickled_client_hellos_and_renegotiation_leave_the_api
     assert proc.returncode != 0
     code, body = call(cp, "GET", "/healthz")
     assert code == 200
+
+
+async def test_a_root_supplied_with_ca_cert_and_ca_key_signs_and_cannot_be_rotated_in_place(tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.crt"), "-days", "30",
+                    "-subj", "/O=cluster.local/CN=corp mesh root", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "leafish.key"), "-out", str(tmp_path / "leafish.crt"), "-days", "30",
+                    "-subj", "/CN=not a ca", "-addext", "basicConstraints=critical,CA:FALSE"],
+                   check=True, capture_output=True)
+    refused = subprocess.run([sys.executable, "-m", "controlplane.cli", "serve", "--store", f"sqlite:{tmp_path / 'x.db'}",
+                              "--listen", "127.0.0.1:0", "--ca-cert", str(tmp_path / "leafish.crt"),
+                              "--ca-key", str(tmp_path / "leafish.key")], capture_output=True, text=True, timeout=60,
+                             cwd=REPO)
+    assert refused.returncode == 1 and "not a CA certificate" in refused.stderr
+    cp = ControlPlaneProcess(f"sqlite:{tmp_path / 'cp.db'}", tls=True, log_path=str(tmp_path / "cp.log"),
+                             extra_args=["--ca-cert", str(tmp_path / "ca.crt"), "--ca-key", str(tmp_path / "ca.key")]
+                             ).start(timeout=30)
+    try:
+        supplied = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+        assert x509.load_pem_x509_certificate(root_pem(cp)) == supplied
+        manager = manager_for(cp, tmp_path)
+        cert = await manager.start(timeout=10)
+        (tmp_path / "leaf.pem").write_bytes(cert.leaf_pem)
+        ok = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "leaf.pem")],
+                            capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        out = meshctl(cp, "ca", "rotate", "prepare")
+        assert out.returncode == 1 and "restarting with new files" in out.stderr
+    finally:
+        cp.stop()
