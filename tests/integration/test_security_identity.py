@@ -25,7 +25,7 @@ from meshproxy.security.issuer import ControlPlaneIssuer
 from meshproxy.security.manager import make_csr, new_key
 
 REPO = Path(__file__).resolve().parents[2]
-TTL = 4.0
+TTL = 3.0
 CART = SpiffeId("cluster.local", "shop", "cart")
 
 
