@@ -129,6 +129,18 @@ def test_sticky_canary_keeps_each_user_on_the_canary_once_reached(mesh):
     mesh.wait_phase("sticky", "Progressing", 10)
     dr = mesh.get("destinationrules", "sticky")
     assert dr["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpCookie"]["name"] == "canary-user"
+
+    def cookie_set():           # the gateway runs the sticky config (the store has it before the proxies)
+        conn = http.client.HTTPConnection("127.0.0.1", mesh.gw_port, timeout=2)
+        try:
+            conn.request("GET", "/", headers={"host": "sticky.example.com"})
+            resp = conn.getresponse()
+            resp.read()
+            return (resp.getheader("set-cookie") or "").startswith("canary-user=")
+        finally:
+            conn.close()
+
+    wait_for(cookie_set, 10, "the gateway setting the affinity cookie")
     users = Users(mesh.gw_port, "sticky.example.com", users=8, pause=0.005, cookies=True).start()
     try:
         status = mesh.wait_phase("sticky", ("Succeeded", "Failed"), 30)
