@@ -16,7 +16,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("MESHPROXY_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium")
@@ -91,3 +91,78 @@ def test_console_shows_live_traffic_advances_the_chart_and_its_buttons_change_ro
         users.stop()
         page.close()
     assert problems == []
+
+
+def _call(cp, method: str, path: str, body=None, token: str | None = None) -> tuple[int, dict]:
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(cp.url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10,
+                                    context=ssl.create_default_context(cadata=cp.credentials_data()["ca"])) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_console_behind_authentication_asks_for_a_token_shows_with_view_and_acts_only_with_edit(browser, tmp_path):
+    from controlplane.testing import ControlPlaneProcess
+    cp = ControlPlaneProcess(f"sqlite:{tmp_path / 'cp.db'}", tls=True, log_path=str(tmp_path / "cp.log")).start(30)
+    try:
+        admin = cp.credentials_data()["token"]
+        fqdn = "locked.default.svc.cluster.local"
+        base = "/apis/networking.istio.io/v1/namespaces/default"
+        md = {"name": "locked", "namespace": "default"}
+        for plural, kind, spec in (
+                ("destinationrules", "DestinationRule", {"host": fqdn, "subsets": [
+                    {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}),
+                ("virtualservices", "VirtualService", {"hosts": [fqdn], "http": [
+                    {"name": "main", "route": [{"destination": {"host": fqdn, "subset": "v1"}}]}]})):
+            assert _call(cp, "PUT", f"{base}/{plural}/locked", {"apiVersion": "networking.istio.io/v1", "kind": kind,
+                                                                "metadata": md, "spec": spec}, admin)[0] in (200, 201)
+        code, body = _call(cp, "PUT", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/locked", {
+            "apiVersion": "delivery.meshproxy.io/v1", "kind": "Canary", "metadata": md,
+            "spec": {"host": "locked", "stable": "v1", "canary": "v2",
+                     "analysis": {"interval": "300ms", "stepWeight": 10, "minRequests": 1000}}}, admin)
+        assert code == 201, body
+        tokens = {scope: _call(cp, "POST", "/security/v1/api-tokens", {"scope": scope, "name": f"console-{scope}"},
+                               admin)[1]["token"] for scope in ("view", "edit")}
+        context = browser.new_context(ignore_https_errors=True)      # the mesh CA is not the browser's
+        page = context.new_page()
+        page.on("dialog", lambda d: d.accept())
+        try:
+            page.goto(f"{cp.url}/ui")
+            page.wait_for_selector("#login:not([hidden])", timeout=10000)       # a 401: the page asks
+            assert page.locator(".card").count() == 0
+            page.fill("#token", tokens["view"])
+            page.click("#login button")
+            card = '[data-canary="default/locked"]'
+            page.wait_for_selector(card, timeout=10000)                          # view: it shows
+            page.click(f"{card} button.pause")
+            page.wait_for_selector("#toast:not([hidden])", timeout=5000)
+            assert "needs scope edit" in page.text_content("#toast")           # view: it may not act
+            code, canary = _call(cp, "GET", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/locked",
+                                 token=admin)
+            assert canary["status"]["paused"] is None
+            page.evaluate("sessionStorage.clear()")
+            page.reload()
+            page.wait_for_selector("#login:not([hidden])", timeout=10000)
+            page.fill("#token", tokens["edit"])
+            page.click("#login button")
+            page.wait_for_selector(f"{card} button.pause", timeout=10000)
+            page.click(f"{card} button.pause")
+            wait_for(lambda: _call(cp, "GET", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/locked",
+                                   token=admin)[1]["status"]["paused"], 10, "paused by the edit token")
+            events = _call(cp, "GET", "/apis/delivery.meshproxy.io/v1/namespaces/default/canaries/locked/events",
+                           token=admin)[1]["items"]
+            assert any(e["message"] == "paused: paused by token:console-edit" for e in events), events
+            ARTIFACTS.joinpath("console").mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "console" / "auth-paused.png"), full_page=True)
+        finally:
+            context.close()
+    finally:
+        cp.stop()
