@@ -641,6 +641,8 @@ class Api:
             shown = principal.identity.uri if principal.identity else (
                 str(info.get("spiffe") or principal.name) if not self.security.tls else principal.name)
             info = dict(info, principal=shown, cert_not_after=request.peer_not_after)
+        # where the stream comes from: a proxy's admin address on loopback is only reachable from its own host
+        info = dict(info, peer=request.peer.rpartition(":")[0].strip("[]"))
         proxy = self.push.connect(node_id, info,
                                   resources_version=body.get("resources_version") or "",
                                   endpoints_version=body.get("endpoints_version") or "")

@@ -114,7 +114,8 @@ class ProxyConnection:
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "service": self.info.get("service", ""),
                 "namespace": self.identity.namespace, "mode": self.identity.mode,
-                "labels": dict(self.identity.labels), "admin": self.info.get("admin", ""), "state": self.state,
+                "labels": dict(self.identity.labels), "admin": self.info.get("admin", ""), "peer": self.info.get("peer", ""),
+                "state": self.state,
                 "sent_version": self.sent_version, "acked_version": self.acked_version,
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
                 "last_nack": self.last_nack, "connected_since": self.connected_since,

@@ -66,6 +66,27 @@ class RefusedWrite(Exception):
     pass
 
 
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
+
+
+def admin_address(admin: str, peer: str) -> str:
+    """Where the control plane reads a proxy's counters, from the admin address the proxy named
+    and the address its stream came from; "" when it cannot be reached from here.  A wildcard
+    bind is reached at the peer's address; a loopback admin of a proxy on another host (a pod's
+    sidecar) is that host's own loopback, never this one's: it is skipped rather than read from
+    whatever listens on the control plane's loopback."""
+    host, sep, port = admin.rpartition(":")
+    if not sep or not port.isdigit():
+        return ""
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = peer or "127.0.0.1"
+    elif _loopback(host) and peer and not _loopback(peer):
+        return ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class DeliveryController:
     def __init__(self, store, push, *, state=None, leadership=None, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, reconcile_interval: float = 0.5, read_timeout: float = 2.0):
@@ -151,25 +172,31 @@ class DeliveryController:
     # ------------------------------------------------------------ proxies' metrics
 
     def proxy_admins(self) -> dict[str, str]:
-        """admin address -> node id, for every proxy connected to any replica."""
+        """admin address -> node id, for every proxy connected to any replica whose admin
+        listener this control plane can reach (see :func:`admin_address`)."""
+        return self._proxies()[0]
+
+    def _proxies(self) -> tuple[dict[str, str], list[str]]:
+        """(admin address -> node id, "node (why)" for the proxies whose counters are out of reach)."""
         out: dict[str, str] = {}
+        unreachable: list[str] = []
         items = [p.to_dict() for p in self.push.proxies.values()]
         remote = getattr(self.store, "remote_proxies", None)
         if remote is not None:
             items += remote()
         for p in items:
-            admin = p.get("admin") or ""
+            named = p.get("admin") or ""
+            admin = admin_address(named, p.get("peer") or "")
             if admin:
-                host, _, port = admin.rpartition(":")
-                if host in ("0.0.0.0", "::", "[::]", ""):
-                    admin = f"127.0.0.1:{port}"
                 out.setdefault(admin, p.get("node_id", admin))
-        return out
+            elif named:
+                unreachable.append(f"{p.get('node_id')} (admin {named} is local to its host {p.get('peer')})")
+        return out, unreachable
 
     async def read_proxies(self, selector: Selector, timeout: float | None = None) -> tuple[dict, tuple[str, ...]]:
         """Every proxy's cumulative reading for ``selector``, and the proxies that did not answer
         within ``timeout`` (default ``read_timeout``; a check passes its interval, at least 0.5 s)."""
-        admins = self.proxy_admins()
+        admins, unreachable = self._proxies()
         timeout = self.read_timeout if timeout is None else timeout
 
         async def one(address: str):
@@ -188,6 +215,8 @@ class DeliveryController:
         results = await asyncio.gather(*(one(a) for a in sorted(admins)))
         readings = {addr: versions for addr, versions, _ in results if versions is not None}
         missing = tuple(f"{admins[addr]} ({err})" for addr, versions, err in results if versions is None)
+        if not readings and unreachable:      # nothing to judge on: say why (else judged on what is read)
+            missing += tuple(unreachable)
         return readings, missing
 
 

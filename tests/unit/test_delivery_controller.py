@@ -194,3 +194,14 @@ async def test_canaries_are_never_pushed_to_proxies():
         await push.close()
     finally:
         await store.close()
+
+
+def test_admin_address_is_read_where_the_control_plane_can_reach_it():
+    from controlplane.delivery.controller import admin_address
+    assert admin_address("127.0.0.1:15000", "127.0.0.1") == "127.0.0.1:15000"      # same host
+    assert admin_address("127.0.0.1:15000", "") == "127.0.0.1:15000"               # peer unknown
+    assert admin_address("0.0.0.0:15000", "10.1.2.3") == "10.1.2.3:15000"           # wildcard: the peer
+    assert admin_address("10.1.2.3:15000", "10.1.2.3") == "10.1.2.3:15000"
+    assert admin_address("127.0.0.1:15000", "10.1.2.3") == ""                       # a pod's own loopback
+    assert admin_address("[::]:15000", "fd00::5") == "[fd00::5]:15000"
+    assert admin_address("", "10.1.2.3") == "" and admin_address("nonsense", "") == ""
