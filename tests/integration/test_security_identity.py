@@ -152,9 +152,13 @@ async def test_bootstrap_token_replayed_expired_or_for_another_identity_is_refus
     assert code == 200
 
 
+OVERSIZED_CSR = (REPO / "tests/fixtures/security/csr-rsa8192-shop-cart.pem").read_text()   # openssl req, rsa:8192
+
+
 async def test_malformed_csr_requests_get_400_with_the_reason(cp):
     token = bootstrap_token(cp)
     for body, needle in [({"csr": "garbage"}, "not a PEM certificate request"),
+                         ({"csr": OVERSIZED_CSR, "token": token}, "RSA key of 8192 bits"),
                          ({"token": token}, "'csr'"),
                          ({"csr": "x" * 20000, "token": token}, "at most"),
                          (dict(csr_body(CART.uri, token=token), extra=1), "unknown field")]:
