@@ -102,7 +102,7 @@ class SecurityMetrics:
 
     def __init__(self, registry):
         from prometheus_client import Counter, Gauge
-        kw = {"registry": registry} if registry is not None else {"registry": None}
+        kw = {"registry": registry}          # None: not registered anywhere (unit tests)
         self.csr = Counter("citadel_server_csr_count", "CSRs received.", **kw)
         self.issued = Counter("citadel_server_success_cert_issuance_count", "Certificates issued.", **kw)
         self.auth_failures = Counter("citadel_server_authentication_failure_count",

@@ -321,6 +321,19 @@ def test_plaintext_to_the_tls_port_is_refused_and_curl_verifies_with_the_root(cp
     assert out.returncode != 0 and "certificate" in out.stderr.lower()
 
 
+async def test_a_client_certificate_from_another_ca_is_refused_at_the_handshake(cp):
+    from controlplane.security.ca import CaState, CertificateAuthority, generate_root
+    rogue_root = generate_root("cluster.local")
+    rogue = CertificateManager(CART, CertificateAuthority(CaState((rogue_root,), rogue_root.fingerprint)).issuer())
+    await rogue.start()
+    from meshproxy.security.tls import client_context
+    ctx = client_context(root_pem(cp), rogue.current.chain_pem, rogue.current.key_pem, check_hostname=True)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        call(cp, "GET", "/apis/networking.istio.io/v1/virtualservices", context=ctx)
+    code, _ = call(cp, "GET", "/healthz")
+    assert code == 200
+
+
 async def test_a_sidecar_certificate_reads_only_its_own_namespace_and_registers_only_itself(cp, tmp_path):
     manager = manager_for(cp, tmp_path)
     await manager.start(timeout=10)
