@@ -88,11 +88,14 @@ def manager_for(cp, tmp_path, identity=CART, token: str | None = None) -> Certif
                               retry_base=0.05, retry_max=0.5)
 
 
-def metric(cp, name: str) -> float:
-    code, _ = 0, None
+def metrics_text(cp) -> str:
     req = urllib.request.Request(cp.url + "/metrics", headers={"authorization": f"Bearer {cp.credentials_data()['token']}"})
     with urllib.request.urlopen(req, timeout=5, context=ssl.create_default_context(cadata=cp.credentials_data()["ca"])) as r:
-        text = r.read().decode()
+        return r.read().decode()
+
+
+def metric(cp, name: str) -> float:
+    text = metrics_text(cp)
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -330,6 +333,7 @@ async def test_a_client_certificate_from_another_ca_is_refused_at_the_handshake(
     ctx = client_context(root_pem(cp), rogue.current.chain_pem, rogue.current.key_pem, check_hostname=True)
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         call(cp, "GET", "/apis/networking.istio.io/v1/virtualservices", context=ctx)
+
     code, _ = call(cp, "GET", "/healthz")
     assert code == 200
 
