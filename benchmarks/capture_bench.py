@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         explicit_pod = net.add_pod("client-explicit")
         explicit_log = open(tmp / "client-explicit.log", "ab")
         explicit_pod.popen([sys.executable, "-m", "meshproxy", "run", "--control-plane", mesh.url,
-                            "--listen", "127.0.0.1:15101", "--admin", "127.0.0.1:15100", "--namespace", "default"],
+                            "--ca-file", str(mesh.root), "--token-file", str(mesh.token_file("default", "client")),
+                            "--service-account", "client", "--listen", "127.0.0.1:15101", "--admin", "127.0.0.1:15100", "--namespace", "default"],
                            stdout=explicit_log, stderr=subprocess.STDOUT, env=net.env())
         mesh.wait_endpoints("reviews", 1)
         vip = captured.pod.run(["getent", "hosts", "reviews"]).stdout.split()[0]

@@ -434,13 +434,14 @@ def cmd_token(client: Client, args) -> int:
             code, result = client.call("POST", "/security/v1/api-tokens", body)
         else:
             body = {"namespace": args.namespace or "default", "service_account": args.service_account or "default",
-                    "ttl": args.ttl or 3600.0}
+                    "ttl": args.ttl or 3600.0, "reusable": args.reusable}
             code, result = client.call("POST", "/security/v1/bootstrap-tokens", body)
         if code != 201:
             raise CliError(*status_lines(result))
         print(result["token"])
         if "identity" in result:
-            print(f"bootstrap token {result['id']} for {result['identity']}, single use, expires "
+            use = "reusable until it" if result.get("reusable") else "single use,"
+            print(f"bootstrap token {result['id']} for {result['identity']}, {use} expires "
                   f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(result['expires_at']))}", file=sys.stderr)
         else:
             print(f"API token {result['id']} '{result['name']}' with scope {result['scope']}", file=sys.stderr)
@@ -603,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scope", choices=("view", "edit", "admin"))
     t.add_argument("--name", help="API token: the name recorded as author of changes")
     t.add_argument("--ttl", type=parse_duration, help="lifetime (bootstrap default 1h; API default: no expiry)")
+    t.add_argument("--reusable", action="store_true",
+                   help="bootstrap token valid for its identity until it expires (a restarting sidecar presents it "
+                        "again), instead of single use")
     tsub.add_parser("list")
     t = tsub.add_parser("revoke", help="revoke an API token")
     t.add_argument("id")

@@ -12,9 +12,13 @@ pods with ``pod-init`` rules and a ``meshproxy run --capture`` sidecar (as uid 1
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from netns import Pod, PodNetwork
@@ -86,24 +90,47 @@ class Mesh:
         self.net = net
         self.tmp = tmp
         self.cp_pod = net.add_pod("istiod")
-        self.url = f"http://{self.cp_pod.address}:{CP_PORT}"
+        # the control plane serves TLS (it is not on loopback): meshctl uses its credentials
+        # file, sidecars (uid 1337) get a bootstrap token and the root from a directory they can read
+        self.secrets = Path(tempfile.mkdtemp(prefix=f"meshpods-{os.getpid()}-"))
+        self.secrets.chmod(0o755)
+        weakref.finalize(self, shutil.rmtree, str(self.secrets), True)
+        self.credentials = self.secrets / "credentials.json"
+        self.url = f"https://{self.cp_pod.address}:{CP_PORT}"
         self.workloads: dict[str, Workload] = {}
         ready = tmp / "cp-port"
         self.cp = self.cp_pod.popen(
             [sys.executable, "-m", "controlplane.cli", "serve", "--store", f"sqlite:{tmp / 'cp.db'}",
              "--listen", f"{self.cp_pod.address}:{CP_PORT}", "--debounce", str(debounce), "--ttl", "10",
-             "--ready-file", str(ready)],
+             "--ready-file", str(ready), "--credentials", str(self.credentials)],
             stdout=open(tmp / "cp.log", "ab"), stderr=subprocess.STDOUT, env=net.env())
         deadline = time.monotonic() + 20
         while not (ready.exists() and ready.read_text()):
             if self.cp.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"control plane did not start: {(tmp / 'cp.log').read_text()[-2000:]}")
             time.sleep(0.05)
+        self.root = self.secrets / "root.pem"
+        self.root.write_text(json.loads(self.credentials.read_text())["ca"])
+        self.root.chmod(0o644)
+        self._tokens = 0
 
     def meshctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-        result = self.cp_pod.run([sys.executable, "-m", "controlplane.cli", "--server", self.url, *args],
-                                 input=input, env=self.net.env())
+        result = self.cp_pod.run([sys.executable, "-m", "controlplane.cli", "--credentials", str(self.credentials),
+                                  *args], input=input, env=self.net.env())
         return result
+
+    def token_file(self, namespace: str, service_account: str) -> Path:
+        """A reusable bootstrap token (a restarted sidecar presents it again) in a file the
+        sidecar's uid can read."""
+        result = self.meshctl("token", "create", "--namespace", namespace, "--service-account", service_account,
+                              "--reusable", "--ttl", "2h")
+        if result.returncode != 0:
+            raise RuntimeError(f"meshctl token create failed: {result.stderr}")
+        self._tokens += 1
+        path = self.secrets / f"{service_account}-{self._tokens}.token"
+        path.write_text(result.stdout.strip())
+        path.chmod(0o644)
+        return path
 
     def apply(self, yaml_text: str) -> None:
         result = self.meshctl("apply", "-f", "-", input=yaml_text)
@@ -135,7 +162,8 @@ class Mesh:
 
     def sidecar_argv(self, service: str, labels: dict[str, str], app_ports, extra, namespace="default") -> list[str]:
         argv = [sys.executable, "-m", "meshproxy", "run", "--capture", "--control-plane", self.url,
-                "--service", service, "--namespace", namespace,
+                "--ca-file", str(self.root), "--token-file", str(self.token_file(namespace, service)),
+                "--service-account", service, "--service", service, "--namespace", namespace,
                 "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
                 "--drain-timeout", "2", "--trace-sample-rate", "1"]
         for port in app_ports:

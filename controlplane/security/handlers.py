@@ -56,15 +56,17 @@ class SecurityHandlers:
         if error:
             return error
         ttl = body.get("ttl", 3600)
-        unknown = set(body) - {"namespace", "service_account", "ttl"}
+        unknown = set(body) - {"namespace", "service_account", "ttl", "reusable"}
         if unknown:
             return _status(400, "BadRequest", f"unknown field(s): {', '.join(sorted(unknown))}")
         if not isinstance(ttl, (int, float)) or isinstance(ttl, bool):
             return _status(400, "BadRequest", f"ttl must be seconds, got {ttl!r}")
+        if not isinstance(body.get("reusable", False), bool):
+            return _status(400, "BadRequest", "reusable must be true or false")
         try:
             result = await self.security.tokens.create_bootstrap(
                 body.get("namespace") or "default", body.get("service_account") or "default", float(ttl),
-                request.principal.name, self.security.trust_domain)
+                request.principal.name, self.security.trust_domain, reusable=body.get("reusable", False))
         except ValueError as exc:
             return _status(422, "Invalid", str(exc))
         return Response.json(201, result)

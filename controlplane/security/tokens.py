@@ -7,6 +7,8 @@ Bootstrap token (``mpb.``): bound to one identity (namespace + service account),
 after its TTL, and is single use: the first valid CSR consumes it (an atomic delete in the
 store, so two replicas cannot both accept it).  Presented again it is refused as replayed
 (a tombstone remembers it until it would have expired); for another identity, refused.
+A ``reusable`` token is instead valid for its identity until it expires, like a projected
+Kubernetes service-account token (a sidecar that restarts presents it again).
 
 API token (``mpa.``): a scope (``view`` < ``edit`` < ``admin``), a name recorded as the
 author of every change made with it, an optional expiry; revocable.
@@ -73,7 +75,7 @@ class Tokens:
     # ------------------------------------------------------------ bootstrap tokens
 
     async def create_bootstrap(self, namespace: str, service_account: str, ttl: float, created_by: str,
-                               trust_domain: str) -> dict:
+                               trust_domain: str, reusable: bool = False) -> dict:
         problems = identity_errors(namespace, service_account, trust_domain)
         if problems:
             raise ValueError("; ".join(problems))
@@ -82,10 +84,10 @@ class Tokens:
         token, tid, secret = _new("mpb")
         now = self._clock()
         record = {"sha256": _digest(secret), "namespace": namespace, "service_account": service_account,
-                  "created_at": now, "expires_at": now + ttl, "created_by": created_by}
+                  "created_at": now, "expires_at": now + ttl, "created_by": created_by, "reusable": reusable}
         await self.store.put_secret(BOOTSTRAP + tid, json.dumps(record))
         return {"token": token, "id": tid, "identity": SpiffeId(trust_domain, namespace, service_account).uri,
-                "expires_at": record["expires_at"]}
+                "expires_at": record["expires_at"], "reusable": reusable}
 
     async def consume_bootstrap(self, token: str, identity: SpiffeId) -> dict:
         """Check ``token`` for ``identity`` and use it up; raises TokenRefused."""
@@ -107,6 +109,8 @@ class Tokens:
         if (record["namespace"], record["service_account"]) != (identity.namespace, identity.service_account):
             raise TokenRefused("wrong_identity", f"bootstrap token {tid} is for namespace {record['namespace']} service "
                                                  f"account {record['service_account']}, not for {identity.uri}")
+        if record.get("reusable"):
+            return record
         if await self.store.take_secret(BOOTSTRAP + tid) is None:     # another request took it first
             raise TokenRefused("replayed", f"bootstrap token {tid} was already used; tokens are single use")
         await self.store.put_secret(BOOTSTRAP_USED + tid, json.dumps(
@@ -120,7 +124,7 @@ class Tokens:
             record = json.loads(raw)
             out.append({"id": name[len(BOOTSTRAP):], "namespace": record["namespace"],
                         "service_account": record["service_account"], "expires_at": record["expires_at"],
-                        "created_by": record.get("created_by", "")})
+                        "created_by": record.get("created_by", ""), "reusable": record.get("reusable", False)})
         return out
 
     async def prune(self) -> None:

@@ -208,3 +208,19 @@ def test_a_rotation_step_waits_for_every_live_certificate_of_the_previous_step()
     activated = ca.state
     assert Security._outstanding(activated, [issued_after]) == ["spiffe://cluster.local/ns/a/sa/new"]
     assert Security._outstanding(activated, [dict(issued_after, signer=activated.signing)]) == []
+
+
+async def test_a_reusable_bootstrap_token_serves_its_identity_until_it_expires(store):
+    now = [1000.0]
+    tokens = Tokens(store, clock=lambda: now[0])
+    cart = SpiffeId("cluster.local", "shop", "cart")
+    t = await tokens.create_bootstrap("shop", "cart", 60, "test", "cluster.local", reusable=True)
+    await tokens.consume_bootstrap(t["token"], cart)
+    await tokens.consume_bootstrap(t["token"], cart)          # a restarted sidecar
+    with pytest.raises(TokenRefused) as err:
+        await tokens.consume_bootstrap(t["token"], SpiffeId("cluster.local", "shop", "payments"))
+    assert err.value.reason == "wrong_identity"
+    now[0] += 61
+    with pytest.raises(TokenRefused) as err:
+        await tokens.consume_bootstrap(t["token"], cart)
+    assert err.value.reason == "expired"
