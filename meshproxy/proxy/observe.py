@@ -209,6 +209,11 @@ class Telemetry:
 
     def _tcp_handle(self, listener: Listener) -> int:
         handle = self._tcp_handles.get(listener.name)
+        if handle is None and listener.name.startswith("inbound"):
+            # a sidecar's inbound (Sidecar ingress, capture's virtualInbound, explicit --inbound-port):
+            # Istio's reporter="destination", this workload as the destination
+            handle = self._tcp_handles[listener.name] = self.metrics.tcp_handle(
+                "destination", UNKNOWN_PEER, self._own_service_peer(self.source))
         if handle is None:
             dest = UNKNOWN_PEER
             if listener.tcp_routes and listener.tcp_routes[0].destinations:

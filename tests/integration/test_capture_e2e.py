@@ -152,6 +152,9 @@ def test_raw_tcp_echo_through_capture_keeps_half_close(mesh):
     metrics = client.metrics()
     assert series(metrics, "istio_tcp_connections_opened_total", destination_service="echo.default.svc.cluster.local") >= 1
     assert series(metrics, "istio_tcp_sent_bytes_total", destination_service="echo.default.svc.cluster.local") >= 256 * 400
+    echo = mesh.workloads["echo"].metrics()              # the destination sidecar reports it too
+    assert series(echo, "istio_tcp_connections_opened_total", reporter="destination",
+                  destination_service="echo.default.svc.cluster.local") >= 1
 
 
 def test_dns_answers_mesh_names_forwards_the_rest_and_refuses_malformed_queries(mesh):
