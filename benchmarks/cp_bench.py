@@ -12,9 +12,11 @@ measures, per proxy, the time from `apply` returning to that proxy's ACK being a
 control plane's CPU time and RSS.
 
 scale: N services x M registered endpoints in one control plane (in process, SQLite on
-tmpfs): RSS of the control plane, time to compute one push, and for one sidecar proxy the
-size of its message and the time to build its snapshot (decode + compile, what the proxy
-does on receipt).
+tmpfs) and one proxy (the real push client, builder and worker runtime, no sockets): for the
+first full push, one endpoint change and one resource change, the message size, the control
+plane's CPU for the push, the proxy's CPU on its event loop and in its build thread, and
+what the previous path (whole payload parsed, decoded and compiled on the loop) costs on the
+same data.  CPU times, so the numbers hold on a busy machine.
 """
 from __future__ import annotations
 
@@ -168,13 +170,46 @@ def propagation(proxies: int, rounds: int) -> dict:
 # ---------------------------------------------------------------- scale (in process)
 
 
+def _canary(s: int, weight: int = 90) -> list[dict]:
+    return [{"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+             "metadata": {"name": f"svc{s}", "namespace": "default"},
+             "spec": {"host": f"svc{s}", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                                      {"name": "v2", "labels": {"version": "v2"}}]}},
+            {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+             "metadata": {"name": f"svc{s}", "namespace": "default"},
+             "spec": {"hosts": [f"svc{s}"], "http": [{"route": [
+                 {"destination": {"host": f"svc{s}", "subset": "v1"}, "weight": weight},
+                 {"destination": {"host": f"svc{s}", "subset": "v2"}, "weight": 100 - weight}]}]}}]
+
+
+def _workload(s: int, e: int, generation: int = 0) -> dict:
+    return {"id": f"svc{s}-{e}" + (f"-g{generation}" if generation else ""), "service": f"svc{s}",
+            "namespace": "default", "address": f"10.{s // 250 % 256}.{s % 250}.{e + 1 + 10 * generation}",
+            "ports": {"http": 8080}, "labels": {"app": f"svc{s}", "version": "v1" if e else "v2"}}
+
+
+class _Acks:
+    async def post(self, path, body, timeout):
+        return 200
+
+
 async def scale(services: int, endpoints: int, sidecar_hosts: int = 0) -> dict:
+    """Control plane and one proxy, in process, for one full push, one endpoint change and one
+    resource change.  Times are CPU seconds of the thread that does the work (load-independent
+    up to cache effects); "before" is what the proxy's event loop did per push before the
+    incremental path (parse + decode + compile of the whole payload), measured in the same run."""
     from controlplane.push import PushEngine
     from controlplane.store_sqlite import SqliteStore
-    from meshproxy.config.compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
+    from meshproxy.bootstrap import Worker, WorkerOptions
+    from meshproxy.config.compile import ProxyIdentity, compile_snapshot
     from meshproxy.config.decode import decode_documents
+    from meshproxy.config.incremental import ConfigBuilder
     from meshproxy.config.model import ProxySettings
+    from meshproxy.config.remote import LARGE_MESSAGE, RemoteConfigClient
+    from meshproxy.config.remote_source import PushedConfig, workload_endpoint
     from meshproxy.config.resources import Document
+    from meshproxy.config.store import SnapshotStore
+    from meshproxy.process import RunOptions, build_telemetry
 
     rss_start = proc_cpu_rss(os.getpid())[1]
     tmp = tempfile.mkdtemp(prefix="cp-scale-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -185,49 +220,104 @@ async def scale(services: int, endpoints: int, sidecar_hosts: int = 0) -> dict:
     t0 = time.perf_counter()
     for s in range(services):
         for e in range(endpoints):
-            await store.register({"id": f"svc{s}-{e}", "service": f"svc{s}", "namespace": "default",
-                                  "address": f"10.{s // 250 % 256}.{s % 250}.{e + 1}", "ports": {"http": 8080},
-                                  "labels": {"app": f"svc{s}", "version": "v1" if e else "v2"}}, 3600)
-    # a canary VirtualService + DestinationRule for one service in every hundred
-    for s in range(0, services, 100):
-        await store.put({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-                         "metadata": {"name": f"svc{s}", "namespace": "default"},
-                         "spec": {"host": f"svc{s}", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
-                                                                   {"name": "v2", "labels": {"version": "v2"}}]}})
-        await store.put({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-                         "metadata": {"name": f"svc{s}", "namespace": "default"},
-                         "spec": {"hosts": [f"svc{s}"], "http": [{"route": [
-                             {"destination": {"host": f"svc{s}", "subset": "v1"}, "weight": 90},
-                             {"destination": {"host": f"svc{s}", "subset": "v2"}, "weight": 10}]}]}})
-    if sidecar_hosts:     # the proxy's namespace declares what it talks to (Istio's answer to pain point 9)
+            await store.register(_workload(s, e), 3600)
+    for s in range(0, services, 100):            # a canary VirtualService + DestinationRule for one service in 100
+        for obj in _canary(s):
+            await store.put(obj)
+    if sidecar_hosts:     # the proxy's namespace declares what it talks to
         await store.put({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
                          "metadata": {"name": "default", "namespace": "default"},
                          "spec": {"egress": [{"hosts": [f"./svc{s}" for s in range(0, 100 * sidecar_hosts, 100)]}]}})
     fill = time.perf_counter() - t0
     proxy = engine.connect("one", {"namespace": "default", "labels": {"app": "svc1"}})
-    t1 = time.perf_counter()
+    cpu = time.process_time()
     engine._recompute(time.monotonic())
-    push_compute = time.perf_counter() - t1
-    message = engine._message_for(proxy)
+    push_compute = time.process_time() - cpu
+    full_message = engine._message_for(proxy)
     rss_cp = proc_cpu_rss(os.getpid())[1]
 
-    payload = json.loads(message)
-    t2 = time.perf_counter()
-    decoded = decode_documents([Document("controlplane", i, b) for i, b in enumerate(payload["resources"])])
-    workloads = [WorkloadEndpoint(w["service"], w["namespace"], w["address"], w["ports"], w["labels"])
-                 for w in payload["workloads"]]
-    result = compile_snapshot(decoded.resources, ProxyIdentity(namespace="default", labels={"app": "svc1"}),
-                              ProxySettings(), workloads=workloads, version=payload["version"])
-    build = time.perf_counter() - t2
+    # the proxy: a real client, the real builder and a real worker runtime (no listeners)
+    loop = asyncio.get_running_loop()
+    identity = ProxyIdentity(namespace="default", labels={"app": "svc1"})
+    snapshots = SnapshotStore()
+    pushed = PushedConfig(ConfigBuilder(identity), snapshots)
+    build_cpu: list[float] = []
+    inner = pushed._build
+
+    def timed_build(*args):
+        started = time.thread_time()
+        try:
+            return inner(*args)
+        finally:
+            build_cpu.append(time.thread_time() - started)
+
+    pushed._build = timed_build
+    client = RemoteConfigClient(["http://127.0.0.1:1"], "one", {}, pushed.apply)
+    client._acks = _Acks()
+    worker = None
+
+    async def receive(message: bytes) -> dict:
+        """What the proxy's loop does for one message: its CPU time on the loop thread."""
+        started = time.thread_time()
+        parsed = json.loads(message) if len(message) < LARGE_MESSAGE else await asyncio.to_thread(json.loads, message)
+        await client._handle("bench", parsed)
+        loop_cpu = time.thread_time() - started
+        engine.acknowledge("one", parsed["nonce"], parsed["version"], [])
+        return {"loop_ms": 1000 * loop_cpu, "build_ms": 1000 * build_cpu[-1], "path": pushed.last.path,
+                "changed_clusters": pushed.last.changed_clusters, "message_bytes": len(message)}
+
+    rss_before_proxy = proc_cpu_rss(os.getpid())[1]
+    first = await receive(full_message)
+    rss_after_proxy = proc_cpu_rss(os.getpid())[1]
+    worker = Worker(loop, snapshots, WorkerOptions(), build_telemetry(RunOptions(), loop))
+    worker._build_runtime(snapshots.current)      # what start() does, without binding listeners
+
+    def before(message: bytes) -> float:
+        """The previous proxy path, whole payload on the loop: parse, decode, compile (CPU ms)."""
+        started = time.thread_time()
+        payload = json.loads(message)
+        items = [u["item"] for u in payload["resources"]["updated"]] if payload.get("resources") else []
+        decoded = decode_documents([Document("controlplane", i, b) for i, b in enumerate(items)])
+        workloads = [workload_endpoint(u["item"]) for u in payload["workloads"]["updated"]]
+        compile_snapshot(decoded.resources, identity, ProxySettings(), workloads=workloads, version=payload["version"])
+        return 1000 * (time.thread_time() - started)
+
+    before_full_ms = before(full_message)
+
+    # one endpoint change: a pod of svc1 replaced (one deregistration, one registration)
+    await store.deregister("svc1-1")
+    await store.register(_workload(1, 1, generation=1), 3600)
+    cpu = time.process_time()
+    engine._recompute(time.monotonic())
+    endpoint_push_cpu = time.process_time() - cpu
+    endpoint = await receive(engine._message_for(proxy))
+    endpoint["cp_push_cpu_ms"] = 1000 * endpoint_push_cpu
+    endpoint["before_message_bytes"] = len(proxy.target.workloads.full())   # the old protocol resent the list
+
+    # one resource change: a VirtualService's weights
+    await store.put(_canary(0, weight=50)[1])
+    cpu = time.process_time()
+    engine._recompute(time.monotonic())
+    resource_push_cpu = time.process_time() - cpu
+    resource = await receive(engine._message_for(proxy))
+    resource["cp_push_cpu_ms"] = 1000 * resource_push_cpu
+    resource["before_message_bytes"] = len(proxy.target.resources.full())
+
     await engine.close()
     await store.close()
     return {"services": services, "endpoints_per_service": endpoints, "sidecar_egress_hosts": sidecar_hosts,
             "virtualservices": len(range(0, services, 100)), "fill_seconds": fill,
             "cp_rss_mb": rss_cp / 2**20, "cp_rss_growth_mb": (rss_cp - rss_start) / 2**20,
-            "push_compute_ms": 1000 * push_compute,
-            "snapshot_message_bytes": len(message), "proxy_build_ms": 1000 * build,
-            "proxy_clusters": len(result.snapshot.clusters), "decode_errors": len(decoded.errors),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "cp_full_push_cpu_ms": 1000 * push_compute,
+            "full": {**first, "before_loop_ms": before_full_ms},
+            "proxy_rss_growth_mb": (rss_after_proxy - rss_before_proxy) / 2**20,
+            "endpoint_change": endpoint, "resource_change": resource,
+            "proxy_clusters": len(snapshots.current.clusters),
+            "peak_rss_mb": resource_module().getrusage(resource_module().RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def resource_module():
+    return resource
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ objects are always stored as given; conventions in :mod:`.kube`):
   GET    /registry/v1/namespaces/{ns}/services/{svc}/endpoints
 
   POST   /push/v1/stream   {node_id, identity, resources_version?, endpoints_version?} -> NDJSON stream
-  POST   /push/v1/ack      {node_id, nonce, version, errors}
+  POST   /push/v1/ack      {node_id, nonce, version, errors, rejected?, applied?} | {node_id, nonce, resync: true}
   GET    /push/v1/proxies  (?local=true: only this replica's)
   GET    /metrics          Prometheus text (pilot_xds, pilot_proxy_convergence_time, pilot_total_xds_rejects...)
 
@@ -656,8 +656,13 @@ class Api:
             if owner is not None and owner != principal.name:
                 raise Denied(403, "Forbidden", f"{principal.name} may not acknowledge the stream of "
                                                f"{body.get('node_id')} (opened by {owner})")
+        if body.get("resync") is True:
+            result = self.push.resync(str(body.get("node_id")), str(body.get("nonce")))
+            return Response.json(200 if result != "unknown" else 404, {"result": result})
+        rejected = body.get("rejected") if isinstance(body.get("rejected"), dict) else None
         result = self.push.acknowledge(str(body.get("node_id")), str(body.get("nonce")),
-                                       str(body.get("version")), list(body.get("errors") or []))
+                                       str(body.get("version")), list(body.get("errors") or []),
+                                       rejected, body.get("applied") if isinstance(body.get("applied"), bool) else None)
         return Response.json(200 if result != "unknown" else 404, {"result": result})
 
     async def _proxies(self, request):

@@ -350,7 +350,11 @@ def cmd_proxies(client: Client, args) -> int:
              "IDENTITY", "CERT EXPIRES"]]
     for p in body["items"]:
         nack = p.get("last_nack")
-        nack_text = f"{nack['version']}: {' | '.join(nack['errors'])}" if nack else "-"
+        nack_text = "-"
+        if nack:
+            refused = ", ".join(sorted(nack.get("resources") or {}))
+            kept = f"refused {refused} (last good kept, rest applied): " if refused and nack.get("applied") else ""
+            nack_text = f"{nack['version']}: {kept}{' | '.join(nack['errors'])}"
         rows.append([p["node_id"], p["service"] or f"({p['mode']})", p["namespace"],
                      ",".join(f"{k}={v}" for k, v in sorted(p["labels"].items())) or "-", p["state"],
                      p["acked_version"] or "-", nack_text,

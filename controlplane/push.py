@@ -1,22 +1,30 @@
-"""Push: one long-lived stream per proxy, versioned config, ACK/NACK, debounce.
+"""Push: one long-lived stream per proxy, per-resource versions, deltas, ACK/NACK, debounce.
 
 The flow, in order:
 
 1. The store tells the engine that resources or workloads changed (:meth:`PushEngine.changed`).
-2. Debounce: the engine waits for ``debounce`` seconds of quiet (at most ``debounce_max``
-   after the first change), so a burst of applies becomes one push (istiod: 100 ms / 10 s).
-3. It takes one consistent view of the store and, per distinct proxy identity, selects what
-   that proxy needs (:mod:`controlplane.scope`).  Each distinct list of resources and each
-   distinct list of workloads is serialised once; its SHA-256 is its version.  The config
-   version a proxy runs is ``<resources version>.<endpoints version>``: a content hash, so
-   a restarted control plane computes the same versions and sends nothing new.
-4. Each proxy's stream writer sends a message naming both part versions, carrying only the
-   parts that proxy has not received yet: an endpoint-only change resends no routes.
-   Resources and workloads arrive in one message and become one snapshot on the proxy,
-   so a route never reaches a proxy before the subset and endpoints it needs
-   (make-before-break with no ordering protocol to get wrong).
-5. The proxy answers with an ACK or a NACK (its errors) for that nonce.  A NACK is recorded
-   and the proxy stays on its last good config; stale nonces are ignored (as in xDS).
+2. Debounce: the first change after ``debounce`` seconds of quiet is pushed at once (leading
+   edge); changes that follow within ``debounce`` of a push wait for ``debounce`` seconds of
+   quiet (at most ``debounce_max`` after the first), so a burst of applies becomes one more
+   push (istiod: 100 ms / 10 s, trailing edge only).
+3. It takes one consistent view of the store.  Every resource and every workload gets a
+   content version (the hash of its canonical JSON, computed once per stored object).  Per
+   distinct proxy identity it selects what that proxy needs (:mod:`controlplane.scope`):
+   a *part* (the resources, or the workloads, one proxy gets) maps each item's key to its
+   version and view; the part's version is the hash of its sorted ``key=version`` lines.
+   The config version a proxy runs is ``<resources version>.<endpoints version>``: content
+   hashes, so a restarted control plane computes the same versions and sends nothing new.
+4. Each proxy's stream writer sends, for each part the proxy does not hold yet, a *delta*
+   from the part version it holds: the items added or updated (each with its version) and
+   the keys removed; or the whole part (``base: ""``) when the engine no longer knows the
+   proxy's version.  A delta between two part versions is computed and serialised once and
+   shared by every proxy that makes the same step; an endpoint change is a few hundred
+   bytes.  Resources and workloads arrive in one message and become one snapshot on the
+   proxy, so a route never reaches a proxy before the subset and endpoints it needs.
+5. The proxy answers with an ACK or a NACK for that nonce.  A NACK names the refused
+   resources; the proxy applied the rest (refusal is per resource) and keeps the refused
+   ones at their last good version.  A proxy whose held version is not a delta's base asks
+   for a resync and gets whole parts.  Stale nonces are ignored (as in xDS).
 
 Per-proxy state is a table of (state, event) -> state, see :data:`TRANSITIONS`.
 """
@@ -29,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from .resources import canonical_json, is_proxy_kind, proxy_view
+from .resources import canonical_json, content_hash, is_proxy_kind, proxy_view
 from .scope import Identity, select_resources, select_workloads
 from .store import ConfigStore
 from .vips import VipAllocator
@@ -39,7 +47,7 @@ PING_INTERVAL = 10.0      # a stream writes at least this often, so both ends no
 # ---------------------------------------------------------------- proxy state machine
 
 CONNECTED, SENT, ACKED, NACKED, DISCONNECTED = "connected", "sent", "acked", "nacked", "disconnected"
-SEND, IN_SYNC, ACK, NACK, DISCONNECT = "send", "in_sync", "ack", "nack", "disconnect"
+SEND, IN_SYNC, ACK, NACK, RESYNC, DISCONNECT = "send", "in_sync", "ack", "nack", "resync", "disconnect"
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     (CONNECTED, SEND): SENT,
@@ -47,6 +55,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (SENT, SEND): SENT,                 # a newer version superseded one not yet answered
     (SENT, ACK): ACKED,
     (SENT, NACK): NACKED,
+    (SENT, RESYNC): CONNECTED,          # the proxy could not apply a delta: whole parts follow
     (ACKED, SEND): SENT,
     (NACKED, SEND): SENT,
     **{(state, DISCONNECT): DISCONNECTED for state in (CONNECTED, SENT, ACKED, NACKED)},
@@ -67,11 +76,36 @@ def next_state(state: str, event: str) -> str:
 # ---------------------------------------------------------------- payload parts
 
 
-@dataclass(frozen=True, slots=True)
 class Part:
-    """One serialised list (resources or workloads) and its content version."""
-    version: str
-    body: bytes
+    """One part (the resources or the workloads a proxy gets): key -> (item version, view),
+    and its content version.  The whole part is serialised only when someone needs it."""
+
+    __slots__ = ("version", "items", "_full")
+
+    def __init__(self, version: str, items: dict[str, tuple[str, dict]]):
+        self.version = version
+        self.items = items
+        self._full: bytes | None = None
+
+    def full(self) -> bytes:
+        if self._full is None:
+            self._full = _delta_body("", [(k, v, view) for k, (v, view) in sorted(self.items.items())], [])
+        return self._full
+
+
+def _delta_body(base: str, updated: list[tuple[str, str, dict]], removed: list[str]) -> bytes:
+    return canonical_json({"base": base, "updated": [{"key": k, "version": v, "item": view} for k, v, view in updated],
+                           "removed": removed})
+
+
+def part_version(items: dict[str, tuple[str, dict]]) -> str:
+    lines = "\n".join(f"{k}={v}" for k, (v, _) in sorted(items.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def resource_key(view: dict) -> str:
+    md = view["metadata"]
+    return f"{view['kind']}/{md.get('namespace') or 'default'}/{md['name']}"
 
 
 @dataclass(slots=True)
@@ -83,6 +117,27 @@ class Target:
     @property
     def version(self) -> str:
         return f"{self.resources.version}.{self.workloads.version}"
+
+
+def workload_view(w: dict) -> dict:
+    view = {"service": w["service"], "namespace": w["namespace"], "address": w["address"],
+            "ports": w["ports"], "labels": w.get("labels") or {}}
+    if w.get("proxy_port"):          # explicit sidecars: peers connect to the sidecar's inbound listener
+        view["proxy_port"] = w["proxy_port"]
+    return view
+
+
+def _versioned(stored, cache: dict, view_of, key_of) -> dict:
+    """store key -> (stored object, view, item key, item version); the view and its version
+    are computed once per stored object (the stores replace objects, never mutate them)."""
+    out = {}
+    for skey, obj in stored.items():
+        hit = cache.get(skey)
+        if hit is None or hit[0] is not obj:
+            view = view_of(obj)
+            hit = (obj, view, key_of(view, skey), content_hash(view))
+        out[skey] = hit
+    return out
 
 
 # ---------------------------------------------------------------- one proxy
@@ -102,6 +157,7 @@ class ProxyConnection:
     sent_version: str = ""
     nonce: str = ""
     acked_version: str = ""
+    applied_version: str = ""           # what the proxy runs: the ACKed version, or a NACKed one it applied in part
     acked_at: float = 0.0
     convergence: float | None = None    # seconds from change to this proxy's ACK
     last_nack: dict | None = None
@@ -117,6 +173,7 @@ class ProxyConnection:
                 "labels": dict(self.identity.labels), "admin": self.info.get("admin", ""), "peer": self.info.get("peer", ""),
                 "state": self.state,
                 "sent_version": self.sent_version, "acked_version": self.acked_version,
+                "applied_version": self.applied_version,
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
                 "last_nack": self.last_nack, "connected_since": self.connected_since,
                 "principal": self.info.get("principal", ""), "cert_not_after": self.info.get("cert_not_after", "")}
@@ -129,7 +186,9 @@ class ProxyConnection:
 class PushStats:
     pushes: int = 0                 # debounced recomputations that changed something
     messages: int = 0               # config messages written to streams
-    serialisations: int = 0         # distinct parts serialised
+    serialisations: int = 0         # distinct parts built
+    deltas: int = 0                 # distinct part-to-part deltas serialised
+    resyncs: int = 0
     acks: int = 0
     nacks: int = 0
     stale_acks: int = 0
@@ -152,14 +211,20 @@ class PushEngine:
         self._next_conn = 0
         self._first_change: float | None = None
         self._last_change = 0.0
+        self._last_push = float("-inf")
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         # computed once per push, shared by every proxy with the same identity
         self._resource_views: list[dict] = []
         self._workload_views: list[dict] = []
+        self._item_meta: dict[int, tuple[str, str]] = {}       # id(view) -> (key, item version)
+        self._annotated: dict = {}                              # (key, VIP annotation) -> (raw view, version)
+        self._resource_items: dict = {}                         # store key -> (stored object, view, key, version)
+        self._workload_items: dict = {}
         self._changed_at = clock()
         self._by_identity: dict[Identity, Target] = {}
         self._parts: dict[str, Part] = {}
+        self._deltas: dict[tuple[str, str], bytes] = {}
         self._label_scoped: set[str] = set()
 
     async def start(self) -> None:
@@ -184,7 +249,10 @@ class PushEngine:
     async def _debounce_loop(self) -> None:
         while True:
             await self._wake.wait()
-            while True:
+            # leading edge: the first change after a quiet period goes out at once; changes
+            # that follow within ``debounce`` of a push are gathered (trailing edge)
+            quiet = self._first_change is not None and self._first_change - self._last_push >= self.debounce
+            while not quiet:
                 fire_at = min(self._last_change + self.debounce, self._first_change + self.debounce_max)
                 delay = fire_at - self._clock()
                 if delay <= 0:
@@ -193,22 +261,28 @@ class PushEngine:
             self._wake.clear()
             changed_at, self._first_change = self._first_change, None
             self._recompute(changed_at)
+            self._last_push = self._clock()
 
     def _recompute(self, changed_at: float) -> None:
         """One consistent view of the store -> a target per proxy; wake the streams that changed."""
-        resources = sorted((proxy_view(o) for o in self.store.resources().values() if is_proxy_kind(o["kind"])),
-                           key=lambda o: (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]))
-        workloads = sorted(({"service": w["service"], "namespace": w["namespace"], "address": w["address"],
-                             "ports": w["ports"], "labels": w.get("labels") or {},
-                             # explicit sidecars: peers connect to the sidecar's inbound listener
-                             **({"proxy_port": w["proxy_port"]} if w.get("proxy_port") else {})}
-                            for w in self.store.workloads().values()),
-                           key=lambda w: (w["namespace"], w["service"], w["address"], sorted(w["ports"].items()),
-                                          sorted(w["labels"].items())))
-        resources, workloads = self.vips.annotate(resources, workloads)
+        stored = {k: o for k, o in self.store.resources().items() if is_proxy_kind(o["kind"])}
+        self._resource_items = _versioned(stored, self._resource_items, proxy_view,
+                                          lambda view, skey: resource_key(view))
+        self._workload_items = _versioned(self.store.workloads(), self._workload_items, workload_view,
+                                          lambda view, wid: wid)
+        ordered_resources = sorted(self._resource_items.values(), key=lambda e: e[2])
+        ordered_workloads = sorted(self._workload_items.values(), key=lambda e: e[2])
+        # service VIPs (controlplane.vips): the proxies' copies carry the allocated addresses
+        resources, workloads = self.vips.annotate([e[1] for e in ordered_resources], [e[1] for e in ordered_workloads])
+        annotated: dict = {}
+        self._item_meta = {}
+        for entries, views in ((ordered_resources, resources), (ordered_workloads, workloads)):
+            for entry, view in zip(entries, views):
+                self._item_meta[id(view)] = self._annotated_meta(entry, view, annotated)
+        self._annotated = annotated
         self._resource_views, self._workload_views = resources, workloads
         # labels only change what a proxy gets where a Sidecar selects workloads by label
-        self._label_scoped = {o["metadata"]["namespace"] for o in resources if o["kind"] == "Sidecar"
+        self._label_scoped = {o["metadata"].get("namespace") or "default" for o in resources if o["kind"] == "Sidecar"
                               and (o["spec"].get("workloadSelector") or {}).get("labels")}
         self._changed_at = changed_at
         self._by_identity = {}
@@ -218,12 +292,34 @@ class PushEngine:
                 woken += 1
         if woken:
             self.stats.pushes += 1
-        live = {p.target.resources.version for p in self.proxies.values() if p.target} | {
-            p.target.workloads.version for p in self.proxies.values() if p.target}
-        self._parts = {v: part for v, part in self._parts.items() if v in live}
+        self._prune_parts()
         if self.metrics:
             services = {(w["namespace"], w["service"]) for w in workloads}
             self.metrics.registry_size(len(services), len(workloads))
+
+    def _annotated_meta(self, entry: tuple, view: dict, fresh: dict) -> tuple[str, str]:
+        """(key, version) of a view as sent: the stored item's own when the VIP annotation left it
+        as it was, else the annotated copy's, hashed once per (item, annotation)."""
+        _, raw, key, version = entry
+        if view is raw:
+            return key, version
+        extra = view.get("vip") if "vip" in view else repr((view.get("spec") or {}).get("addresses"))
+        cache_key = (key, extra)
+        hit = self._annotated.get(cache_key)
+        if hit is None or hit[0] is not raw:
+            hit = (raw, content_hash(view))
+        fresh[cache_key] = hit
+        return key, hit[1]
+
+    def _prune_parts(self) -> None:
+        """Keep the parts some proxy is sent or holds (the bases of the next deltas)."""
+        live = set()
+        for p in self.proxies.values():
+            live.update((p.has_resources, p.has_workloads))
+            if p.target is not None:
+                live.update((p.target.resources.version, p.target.workloads.version))
+        self._parts = {v: part for v, part in self._parts.items() if v in live}
+        self._deltas = {k: d for k, d in self._deltas.items() if k[0] in live and k[1] in live}
 
     def target_for(self, identity: Identity) -> Target:
         if identity.labels and identity.namespace not in self._label_scoped:
@@ -232,20 +328,39 @@ class PushEngine:
         if target is None:
             selected = select_resources(self._resource_views, identity)
             workloads = select_workloads(self._workload_views, self._resource_views, identity)
-            # parts are shared across identities when equal: serialise each distinct list once
+            # parts are shared across identities when equal
             target = Target(self._part(selected), self._part(workloads), self._changed_at)
             self._by_identity[identity] = target
         return target
 
-    def _part(self, items: list[dict]) -> Part:
-        """Serialise a list once per distinct content; equal lists share one Part."""
-        body = canonical_json(items)
-        version = hashlib.sha256(body).hexdigest()[:16]
+    def _part(self, views: list[dict]) -> Part:
+        """The part holding ``views`` (in key order); equal contents share one Part."""
+        meta = self._item_meta
+        items = {}
+        for view in views:
+            key, version = meta[id(view)]
+            items[key] = (version, view)
+        version = part_version(items)
         part = self._parts.get(version)
         if part is None:
             self.stats.serialisations += 1
-            part = self._parts[version] = Part(version, body)
+            part = self._parts[version] = Part(version, items)
         return part
+
+    def _part_body(self, held: str, part: Part) -> bytes:
+        """What takes a proxy holding part version ``held`` to ``part``: a delta when this engine
+        still knows ``held``, else the whole part.  Each step is serialised once."""
+        base = self._parts.get(held) if held else None
+        if base is None:
+            return part.full()
+        body = self._deltas.get((held, part.version))
+        if body is None:
+            old = base.items
+            updated = [(k, v, view) for k, (v, view) in part.items.items() if (old.get(k) or ("",))[0] != v]
+            removed = [k for k in old if k not in part.items]
+            body = self._deltas[(held, part.version)] = _delta_body(held, updated, removed)
+            self.stats.deltas += 1
+        return body
 
     def _retarget(self, proxy: ProxyConnection) -> bool:
         target = self.target_for(proxy.identity)
@@ -317,8 +432,10 @@ class PushEngine:
         head = {"type": "config", "version": target.version, "nonce": proxy.nonce,
                 "resources_version": target.resources.version,
                 "endpoints_version": target.workloads.version}
-        resources = target.resources.body if target.resources.version != proxy.has_resources else b"null"
-        workloads = target.workloads.body if target.workloads.version != proxy.has_workloads else b"null"
+        resources = self._part_body(proxy.has_resources, target.resources) \
+            if target.resources.version != proxy.has_resources else b"null"
+        workloads = self._part_body(proxy.has_workloads, target.workloads) \
+            if target.workloads.version != proxy.has_workloads else b"null"
         proxy.has_resources, proxy.has_workloads = target.resources.version, target.workloads.version
         self.stats.messages += 1
         if self.metrics:
@@ -328,8 +445,28 @@ class PushEngine:
 
     # ------------------------------------------------------------ ACK / NACK
 
-    def acknowledge(self, node_id: str, nonce: str, version: str, errors: list[str]) -> str:
-        """Record an ACK ([] errors) or NACK; returns "ack" | "nack" | "stale" | "unknown"."""
+    def resync(self, node_id: str, nonce: str) -> str:
+        """The proxy could not apply the message ``nonce`` (a delta whose base it does not
+        hold): forget what it holds and send whole parts.  Returns "resync" | "stale" | "unknown"."""
+        proxy = self.proxies.get(node_id)
+        if proxy is None:
+            return "unknown"
+        if nonce != proxy.nonce or proxy.state != SENT:
+            self.stats.stale_acks += 1
+            return "stale"
+        proxy.fire(RESYNC)
+        proxy.has_resources = proxy.has_workloads = proxy.sent_version = ""
+        self.stats.resyncs += 1
+        proxy.wake.set()
+        return "resync"
+
+    def acknowledge(self, node_id: str, nonce: str, version: str, errors: list[str],
+                    rejected: dict[str, list[str]] | None = None, applied: bool | None = None) -> str:
+        """Record an ACK ([] errors) or NACK; returns "ack" | "nack" | "stale" | "unknown".
+
+        A NACK names the refused resources (``rejected``: "Kind ns/name" -> errors); with
+        ``applied`` the proxy runs the version with those resources at their last good
+        version (refusal is per resource), without it the proxy stays on its last good config."""
         proxy = self.proxies.get(node_id)
         if proxy is None:
             return "unknown"
@@ -338,13 +475,18 @@ class PushEngine:
             return "stale"
         if errors:
             proxy.fire(NACK)
-            proxy.last_nack = {"version": version, "errors": list(errors), "at": self._wall()}
+            applied = bool(applied) if applied is not None else False
+            proxy.last_nack = {"version": version, "errors": list(errors), "at": self._wall(),
+                               "resources": {str(k): list(v) for k, v in (rejected or {}).items()},
+                               "applied": applied}
+            if applied:
+                proxy.applied_version = version
             self.stats.nacks += 1
             if self.metrics:
                 self.metrics.nack()
             return "nack"
         proxy.fire(ACK)
-        proxy.acked_version = version
+        proxy.acked_version = proxy.applied_version = version
         proxy.acked_at = self._wall()
         proxy.convergence = self._clock() - proxy.sent_at_change
         self.stats.acks += 1

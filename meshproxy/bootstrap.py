@@ -104,7 +104,12 @@ class Worker:
     def _build_runtime(self, snapshot: Snapshot) -> None:
         self.settings = snapshot.settings
         self.clusters.update(with_dns_endpoints(snapshot))
-        self.splitter = Splitter(snapshot, rng=self.rng, previous=self.splitter)
+        old = self.splitter
+        if old is not None and old.snapshot.route_tables is snapshot.route_tables \
+                and old.snapshot.listeners is snapshot.listeners:
+            old.snapshot = snapshot      # endpoints patched (config/incremental.py): same routes, same split state
+        else:
+            self.splitter = Splitter(snapshot, rng=self.rng, previous=old)
         self.telemetry.on_snapshot(snapshot)
         self.snapshot = snapshot
 

@@ -31,7 +31,8 @@ from .admin import AdminServer
 from .bootstrap import Worker, WorkerOptions
 from .config.compile import ProxyIdentity
 from .config.dump import snapshot_to_dict
-from .config.load import build_from_paths
+from .config.incremental import BuildOutcome, BuildRunner, ConfigBuilder
+from .config.load import LoadResult, load as load_files
 from .config.model import ProxySettings
 from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
@@ -97,41 +98,87 @@ async def start_certificates(options: RunOptions):
 
 
 class FileConfigSource:
-    """Loads the config paths, swaps good snapshots in, records rejections."""
+    """Loads the config paths, swaps good snapshots in, records rejections.
+
+    The same :class:`ConfigBuilder` path as pushed config: per resource, a refused new
+    version keeps the last good one; decode is cached per content.  The first load runs
+    before the worker serves; reloads run off the request loop (:class:`BuildRunner`) and
+    only the swap happens on it.  Reloads are serialised and coalesced: a change seen while
+    one is building makes one more build after it.
+    """
 
     def __init__(self, options: RunOptions, store: SnapshotStore, telemetry: Telemetry | None = None):
         self.options = options
         self.store = store
         self.telemetry = telemetry
-        self.resource_set = None
+        self.builder = ConfigBuilder(options.identity, options.settings)
+        self.runner = BuildRunner()
+        self._pending = False
+        self._reload: asyncio.Task | None = None
+
+    @property
+    def resource_set(self):
+        return self.builder.resource_set
+
+    def _build(self) -> tuple[LoadResult, BuildOutcome | None]:
+        paths = self.options.config_paths
+        loaded = load_files(paths)
+        all_missing = paths and not loaded.documents and len(loaded.errors) >= len(paths) and \
+            all(": no such file or directory" in e for e in loaded.errors)
+        if all_missing and not self.builder.resource_set:
+            return loaded, None
+        return loaded, self.builder.build(loaded.documents, keep_sources=loaded.failed_sources)
 
     def load(self) -> list[str]:
-        result = build_from_paths(self.options.config_paths, self.options.identity, self.options.settings,
-                                  self.resource_set)
-        for warning in result.warnings:
-            log.warning("%s", warning)
-        if result.snapshot is not None:
-            self.resource_set = result.resource_set
-            if self.store.current is None or self.store.current.version != result.snapshot.version:
-                self.store.swap(result.snapshot)
-        if result.errors:
-            version = result.snapshot.version if result.snapshot is not None else "rejected"
-            self.store.reject(version, result.errors)
+        """Build and swap on the calling thread (start-up, before anything is served)."""
+        return self._apply(*self._build())
+
+    def _apply(self, loaded: LoadResult, outcome: BuildOutcome | None) -> list[str]:
+        errors = list(loaded.errors) + (list(outcome.errors) if outcome is not None else [])
+        if outcome is not None:
+            for warning in outcome.warnings:
+                log.warning("%s", warning)
+            for note in outcome.notes:
+                log.warning("%s", note)
+            snapshot = outcome.snapshot
+            if self.store.current is None or self.store.current.version != snapshot.version:
+                self.store.swap(snapshot)
+        for path in sorted(loaded.failed_sources):
+            log.warning("%s: unreadable, its last good resources keep serving", path)
+        if errors:
+            version = outcome.snapshot.version if outcome is not None else "rejected"
+            self.store.reject(version, errors)
             if self.telemetry is not None:
                 self.telemetry.config_rejected(version)
-            for error in result.errors:
+            for error in errors:
                 log.error("config rejected: %s", error)
-        return list(result.errors)
+        return errors
 
     async def run(self) -> None:
         watcher = ConfigWatcher(self.options.config_paths, self._changed)
-        await watcher.run()
+        try:
+            await watcher.run()
+        finally:
+            if self._reload is not None:
+                self._reload.cancel()
+                await asyncio.gather(self._reload, return_exceptions=True)
 
     def _changed(self) -> None:
-        try:
-            self.load()
-        except Exception:           # a broken reload must never take the proxy down
-            log.exception("config reload failed; keeping the last good config")
+        self._pending = True
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.get_running_loop().create_task(self._reload_loop(), name="config-reload")
+
+    async def _reload_loop(self) -> None:
+        while self._pending:
+            self._pending = False
+            try:
+                self._apply(*await self.runner.run(self._build))
+            except Exception:           # a broken reload must never take the proxy down
+                log.exception("config reload failed; keeping the last good config")
+
+    async def reload(self) -> list[str]:
+        """One reload now, off the loop (tests, SIGHUP-style triggers)."""
+        return self._apply(*await self.runner.run(self._build))
 
 
 # ==================================================================== admin views of one worker

@@ -84,6 +84,9 @@ class WorkloadEndpoint:
 class CompileResult:
     snapshot: Snapshot
     warnings: list[str]
+    # the service registry, rules and clusters (steps 2-4): lets :mod:`meshproxy.config.incremental`
+    # patch one service's endpoints, or redo only routes and listeners, without a whole rebuild
+    registry: RegistryState | None = None
 
 
 def cluster_name(port: int, subset: str | None, host: str, direction: str = "outbound") -> str:
@@ -112,14 +115,38 @@ class _Service:
         return next((p for p in self.ports if p.number == number), None)
 
 
+def workload_ports(w: WorkloadEndpoint) -> dict[str, int]:
+    """A registered workload's ports by name (a plain list of numbers gets ``port-N`` names)."""
+    return dict(w.ports) if not isinstance(w.ports, (tuple, list)) else {f"port-{p}": p for p in w.ports}
+
+
+def workload_entry(w: WorkloadEndpoint, named: Mapping[str, int]) -> tuple:
+    """The registry's endpoint entry for a workload (also what an endpoint patch rebuilds)."""
+    reach = {name: w.proxy_port for name in named} if w.proxy_port else named
+    return (w.address, MappingProxyType(dict(reach)), w.labels, w.weight, w.locality)
+
+
 def _protocol_from_name(name: str) -> str:
     head = name.split("-")[0].upper()
     return head if head in HTTP_PROTOCOLS or head in ("HTTPS", "TCP", "TLS") else "HTTP"
 
 
+@dataclass(slots=True)
+class RegistryState:
+    """Steps 2-4 of a compile (registry, DestinationRules, clusters) and their warnings: a
+    later compile whose ServiceEntries, DestinationRules and workloads are unchanged reuses
+    it and redoes only routes and listeners (:mod:`meshproxy.config.incremental`).
+    ``implicit`` caches each service's implicit virtual hosts (host -> (service, entries))."""
+    services: dict[str, "_Service"]
+    rules: dict
+    clusters: dict[str, Cluster]
+    warnings: list[str]
+    implicit: dict = field(default_factory=dict)
+
+
 class _Compiler:
     def __init__(self, resources: list[Resource], identity: ProxyIdentity, settings: ProxySettings,
-                 workloads: Iterable[WorkloadEndpoint]):
+                 workloads: Iterable[WorkloadEndpoint], registry: RegistryState | None = None):
         self.identity = identity
         self.settings = settings
         self.warnings: list[str] = []
@@ -128,13 +155,23 @@ class _Compiler:
         self.by_kind: dict[str, list[Resource]] = {}
         for r in self.resources:
             self.by_kind.setdefault(r.kind, []).append(r)
-        self.services: dict[str, _Service] = {}
-        self._build_registry(list(workloads))
-        self.known = frozenset(self.services)
-        self.rules: dict[str, tuple[TrafficPolicySpec | None, dict[str, Subset]]] = {}
-        self._merge_destination_rules()
-        self.clusters: dict[str, Cluster] = {}
-        self._build_clusters()
+        self._wild_rules: list[str] | None = None
+        if registry is not None:           # same ServiceEntries, DestinationRules and workloads as before
+            self.services, self.rules = registry.services, registry.rules
+            self.known = frozenset(self.services)
+            self.clusters = dict(registry.clusters)
+            self.warnings.extend(registry.warnings)
+            self.registry = RegistryState(self.services, self.rules, registry.clusters, registry.warnings,
+                                          registry.implicit)
+        else:
+            self.services: dict[str, _Service] = {}
+            self._build_registry(list(workloads))
+            self.known = frozenset(self.services)
+            self.rules: dict[str, tuple[TrafficPolicySpec | None, dict[str, Subset]]] = {}
+            self._merge_destination_rules()
+            self.clusters: dict[str, Cluster] = {}
+            self._build_clusters()
+            self.registry = RegistryState(self.services, self.rules, dict(self.clusters), list(self.warnings))
         self.route_tables: dict[str, RouteTable] = {}
         self.listeners: list[Listener] = []
         self.sidecar = self._select_sidecar()
@@ -182,7 +219,7 @@ class _Compiler:
                 self.services[host] = svc
         for w in workloads:
             host = resolve_host(w.service, w.namespace)
-            named = dict(w.ports) if isinstance(w.ports, Mapping) else {f"port-{p}": p for p in w.ports}
+            named = workload_ports(w)
             svc = self.services.get(host)
             if svc is None:
                 ports = [ServicePort(number, name, _protocol_from_name(name)) for name, number in named.items()]
@@ -191,8 +228,7 @@ class _Compiler:
                 for name, number in named.items():
                     if svc.port(number) is None:
                         svc.ports.append(ServicePort(number, name, _protocol_from_name(name)))
-            reach = {name: w.proxy_port for name in named} if w.proxy_port else named
-            svc.endpoints.append((w.address, MappingProxyType(reach), w.labels, w.weight, w.locality))
+            svc.endpoints.append(workload_entry(w, named))
             if w.vip and w.vip not in svc.addresses:
                 svc.addresses.append(w.vip)
 
@@ -229,10 +265,9 @@ class _Compiler:
     def _rule_for(self, host: str) -> tuple[TrafficPolicySpec | None, dict[str, Subset]]:
         if host in self.rules:
             return self.rules[host]
-        best = None
-        for pattern in self.rules:
-            if pattern.startswith("*") and host_covers(pattern, host) and (best is None or len(pattern) > len(best)):
-                best = pattern
+        if self._wild_rules is None:           # only wildcard hosts need a scan (longest first)
+            self._wild_rules = sorted((p for p in self.rules if p.startswith("*")), key=len, reverse=True)
+        best = next((p for p in self._wild_rules if host_covers(p, host)), None)
         return self.rules[best] if best else (None, {})
 
     # -- 4. clusters
@@ -267,17 +302,8 @@ class _Compiler:
     def _add_cluster(self, svc: _Service, port: ServicePort, subset: Subset | None,
                      top: TrafficPolicySpec | None) -> None:
         labels = subset.labels if subset is not None else EMPTY_MAP
-        endpoints = []
-        dns_hosts = []
+        endpoints, dns_hosts = cluster_endpoints(svc, port, labels)
         target = port.target_port or port.number
-        for address, ports, ep_labels, weight, locality in svc.endpoints:
-            if any(ep_labels.get(k) != v for k, v in labels.items()):
-                continue
-            ep_port = ports[port.name] if port.name in ports else target
-            if svc.resolution in ("DNS", "DNS_ROUND_ROBIN") and not _is_ip(address):
-                dns_hosts.append((address, ep_port))
-            else:
-                endpoints.append(Endpoint(address, ep_port, ep_labels, weight, locality))
         resolution = "STATIC"
         if svc.resolution in ("DNS", "DNS_ROUND_ROBIN", "NONE") and not svc.host.startswith("*"):
             if svc.resolution == "NONE" or (svc.resolution.startswith("DNS") and not svc.endpoints):
@@ -427,13 +453,25 @@ class _Compiler:
                 vh = VirtualHost(f"{r.namespace}/{r.name}", tuple(vh_domains), routes)
                 for d in vh.domains:
                     exact.setdefault(d, vh)
+        routed = set(vs_patterns)                 # exact names: one set lookup per service
+        wild = [p for p in routed if p.startswith("*")]
         for host, svc in self.services.items():
-            if not in_scope(svc.namespace, host) or any(host_covers(p, host) for p in vs_patterns):
+            if host in routed or any(host_covers(p, host) for p in wild) or not in_scope(svc.namespace, host):
                 continue
             self._implicit_vhosts(svc, exact, wildcards)
         return RouteTable(name, MappingProxyType(exact), _sorted_wildcards(wildcards), default)
 
     def _implicit_vhosts(self, svc: _Service, exact: dict, wildcards: dict) -> None:
+        cached = self.registry.implicit.get(svc.host)
+        if cached is None or cached[0] is not svc:
+            entries: list[tuple[bool, str, VirtualHost]] = []
+            self._implicit_entries(svc, entries)
+            cached = self.registry.implicit[svc.host] = (svc, entries)
+        for wildcard, domain, vh in cached[1]:
+            (wildcards if wildcard else exact).setdefault(domain, vh)
+
+    def _implicit_entries(self, svc: _Service, entries: list) -> None:
+        """(wildcard?, domain, vhost) of each implicit virtual host of ``svc``, in order."""
         for i, port in enumerate(svc.ports):
             if _cluster_protocol(port.protocol) == "TCP":
                 continue
@@ -445,14 +483,13 @@ class _Compiler:
             vh_name = f"service:{svc.host}{suffix}"
             if svc.host.startswith("*."):
                 if i == 0:
-                    wildcards.setdefault(svc.host[1:], VirtualHost(vh_name, (svc.host,), (route,)))
+                    entries.append((True, svc.host[1:], VirtualHost(vh_name, (svc.host,), (route,))))
                 continue
             all_domains = domains(svc.host, self.identity.namespace, [port.number])
             if i > 0:
                 all_domains = tuple(d for d in all_domains if d.endswith(f":{port.number}"))
             vh = VirtualHost(vh_name, all_domains, (route,))
-            for d in all_domains:
-                exact.setdefault(d, vh)
+            entries.extend((False, d, vh) for d in all_domains)
 
     # -- 6. listeners: sidecar
 
@@ -693,12 +730,37 @@ class _Compiler:
         infos = tuple(ResourceInfo(r.kind, r.namespace, r.name, r.source, r.content_hash) for r in resources)
         if version is None:
             blob = json.dumps([sorted((i.kind, i.namespace, i.name, i.version) for i in infos), workloads_key,
-                               repr(self.identity), repr(self.settings)], default=str).encode()
+                               repr(self.identity), _settings_key(self.settings)], default=str).encode()
             version = hashlib.sha256(blob).hexdigest()[:12]
         return Snapshot(version=version, listeners=tuple(self.listeners),
                         route_tables=MappingProxyType(dict(self.route_tables)),
                         clusters=MappingProxyType(dict(self.clusters)), resources=infos,
                         warnings=tuple(self.warnings), settings=self.settings)
+
+
+def _settings_key(settings: ProxySettings) -> str:
+    # not repr(): compiled, the extension type's repr fails outside the main thread, and
+    # snapshots are built in a thread (meshproxy.config.incremental)
+    return repr([(name, getattr(settings, name)) for name in sorted(settings.__dataclass_fields__)])
+
+
+def cluster_endpoints(svc: _Service, port: ServicePort, labels: Mapping[str, str]
+                      ) -> tuple[list[Endpoint], list[tuple[str, int]]]:
+    """The endpoints of ``svc`` that a cluster for ``port`` with subset ``labels`` holds, and
+    (for DNS resolution) the names to resolve."""
+    endpoints = []
+    dns_hosts = []
+    target = port.target_port or port.number
+    dns = svc.resolution in ("DNS", "DNS_ROUND_ROBIN")
+    for address, ports, ep_labels, weight, locality in svc.endpoints:
+        if labels and any(ep_labels.get(k) != v for k, v in labels.items()):
+            continue
+        ep_port = ports[port.name] if port.name in ports else target
+        if dns and not _is_ip(address):
+            dns_hosts.append((address, ep_port))
+        else:
+            endpoints.append(Endpoint(address, ep_port, ep_labels, weight, locality))
+    return endpoints, dns_hosts
 
 
 def _with_port_level(parts: PolicyParts, spec: TrafficPolicySpec, port: int) -> PolicyParts:
@@ -761,14 +823,17 @@ def _catch_alls_last(routes: list[HttpRoute]) -> tuple[HttpRoute, ...]:
 
 def compile_snapshot(resources: Iterable[Resource], identity: ProxyIdentity,
                      settings: ProxySettings = ProxySettings(), workloads: Iterable[WorkloadEndpoint] = (),
-                     version: str | None = None) -> CompileResult:
+                     version: str | None = None, registry: RegistryState | None = None) -> CompileResult:
     """Build the snapshot this proxy runs on.  Never raises for config content: whatever
-    cannot be served is reported in ``warnings`` (also in ``Snapshot.warnings``)."""
+    cannot be served is reported in ``warnings`` (also in ``Snapshot.warnings``).
+    ``registry``: steps 2-4 of an earlier compile for the same identity and settings whose
+    ServiceEntries, DestinationRules and ``workloads`` were the same (then only routes and
+    listeners are compiled)."""
     resources = list(resources)
     workloads = list(workloads)
-    compiler = _Compiler(resources, identity, settings, workloads)
-    workloads_key = repr(sorted((w.service, w.namespace, w.address, repr(dict(w.ports) if isinstance(w.ports, Mapping)
-                                 else tuple(w.ports)), repr(sorted(dict(w.labels).items())), w.weight, w.vip, w.proxy_port)
-                                for w in workloads))
+    compiler = _Compiler(resources, identity, settings, workloads, registry)
+    workloads_key = repr(sorted((w.service, w.namespace, w.address, repr(
+        tuple(w.ports) if isinstance(w.ports, (tuple, list)) else dict(w.ports)),
+        repr(sorted(dict(w.labels).items())), w.weight, w.vip, w.proxy_port) for w in workloads)) if version is None else ""
     snapshot = compiler.snapshot(version, resources, workloads_key)
-    return CompileResult(snapshot, list(compiler.warnings))
+    return CompileResult(snapshot, list(compiler.warnings), compiler.registry)

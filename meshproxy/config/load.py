@@ -15,8 +15,9 @@ from typing import Iterable
 
 import yaml
 
-from .compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
-from .decode import GROUPS, ResourceSet, decode_documents, merge_last_good
+from .compile import ProxyIdentity, WorkloadEndpoint
+from .decode import GROUPS, ResourceSet
+from .incremental import ConfigBuilder
 from .model import ProxySettings, Snapshot
 from .resources import Document
 
@@ -114,16 +115,19 @@ def build_from_paths(paths: list[str], identity: ProxyIdentity, settings: ProxyS
     removed.  ``errors`` lists what was refused, ``warnings`` what was accepted with notes.
     """
     loaded = load(paths)
-    decoded = decode_documents(loaded.documents)
-    resource_set, kept = merge_last_good(previous, decoded, keep_sources=loaded.failed_sources)
-    errors = list(loaded.errors) + list(decoded.errors)
-    notes = list(loaded.notes) + kept
+    errors = list(loaded.errors)
+    notes = list(loaded.notes)
+    all_paths_missing = paths and not loaded.documents and len(loaded.errors) >= len(paths) and \
+        all(": no such file or directory" in e for e in loaded.errors)
+    if all_paths_missing and not previous:
+        return BuildResult(None, previous or ResourceSet(), errors, [], notes)
+    # the one build path of both config sources (files and pushes): per-resource last good
+    builder = ConfigBuilder(identity, settings)
+    builder.resource_set = previous
+    outcome = builder.build(loaded.documents, workloads, keep_sources=loaded.failed_sources)
+    notes.extend(outcome.notes)
     if previous is not None:
         notes.extend(f"{path}: unreadable, its last good resources keep serving"
                      for path in sorted(loaded.failed_sources) if any(r.source == path for r in previous.values()))
-    all_paths_missing = paths and not loaded.documents and len(loaded.errors) >= len(paths) and \
-        all(": no such file or directory" in e for e in loaded.errors)
-    if all_paths_missing and not resource_set:
-        return BuildResult(None, resource_set, errors, list(decoded.warnings), notes)
-    compiled = compile_snapshot(resource_set.resources(), identity, settings, workloads)
-    return BuildResult(compiled.snapshot, resource_set, errors, list(decoded.warnings) + compiled.warnings, notes)
+    return BuildResult(outcome.snapshot, builder.resource_set, errors + list(outcome.errors),
+                       list(outcome.warnings), notes)

@@ -8,22 +8,30 @@ Wiring (the composition root does this; nothing here touches the snapshot store)
     await client.deregister()                       # on a clean drain, before closing listeners
     task.cancel()
 
-``on_config(resources, workloads, version) -> errors`` receives the full resource list (Istio
+``on_config(resources, workloads, version)`` receives the full resource list (Istio
 objects as dicts) and the full workload list (``{service, namespace, address, ports,
-labels}``) of one config version, builds one snapshot from both and swaps it; it returns
-``[]`` to ACK, or the errors to NACK (then it must keep serving the last good snapshot).
-It may be a plain function or a coroutine function.
+labels}``) of one config version, builds one snapshot from both and swaps it.  It returns an
+:class:`ApplyResult` (or a plain list of errors: ``[]`` to ACK, errors to NACK the whole
+version).  Refusal is per resource: a version with refused resources is applied with those
+resources at their last good version, and the NACK names them (``rejected``).  It may be a
+plain function or a coroutine function; a large payload is parsed off the loop.
 
 Protocol (served by ``controlplane.api``): ``POST /push/v1/stream`` answers with a chunked
 stream of JSON lines, ``{"type": "config", "version", "nonce", "resources_version",
-"endpoints_version", "resources": [...] | null, "workloads": [...] | null}`` (null = the part
+"endpoints_version", "resources": DELTA | null, "workloads": DELTA | null}`` (null = the part
 you already hold with that version), ``{"type": "in_sync", "version"}`` when the proxy
 already runs the current version, and ``{"type": "ping"}`` at least every ping interval.
-The answer to each config message is ``POST /push/v1/ack {node_id, nonce, version, errors}``.
+A DELTA is ``{"base", "updated": [{"key", "version", "item"}], "removed": [key]}``: applied
+to the part version ``base`` it gives the message's part version; ``base: ""`` replaces the
+whole part.  A delta whose base is not the version held here is not applied: the client
+answers ``POST /push/v1/ack {node_id, nonce, resync: true}`` and the control plane sends
+whole parts.  The answer to every other config message is ``POST /push/v1/ack {node_id,
+nonce, version, errors, rejected, applied}``.
 
 When the control plane is unreachable the last good config keeps serving; the client
 retries with exponential backoff and jitter, moving to the next URL each time, and on
-reconnect says which part versions it holds, so an unchanged control plane sends nothing.
+reconnect says which part versions it holds, so an unchanged control plane sends nothing
+and a changed one sends deltas from them.
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import inspect
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -44,8 +52,22 @@ log = logging.getLogger("meshproxy.config.remote")
 OnConfig = Callable[[list[dict], list[dict], str], "list[str] | Awaitable[list[str]]"]
 
 
+@dataclass
+class ApplyResult:
+    errors: list[str]                          # [] = ACK
+    rejected: dict[str, list[str]]             # "Kind ns/name" -> its errors (kept at its last good version)
+    applied: bool = True                       # the version runs (minus ``rejected``); False: the last one does
+
+
+LARGE_MESSAGE = 256 * 1024     # bytes: a stream line this long is parsed in a thread, not on the loop
+
+
 class StreamBroken(Exception):
     """The stream ended or said something this client cannot use; reconnect."""
+
+
+class NeedResync(Exception):
+    """A message builds on a part version this client does not hold."""
 
 
 @dataclass
@@ -57,6 +79,7 @@ class RemoteStatus:
     reconnects: int = 0
     configs_applied: int = 0
     configs_rejected: int = 0
+    rejected: dict = field(default_factory=dict)   # resources of the running version kept at their last good
 
 
 def _address(url: str) -> tuple[str, int]:
@@ -208,9 +231,9 @@ class RemoteConfigClient:
         self.status = RemoteStatus()
         self.synced = asyncio.Event()         # set once a config was applied or confirmed in sync
         self._url_index = 0
-        self._parts: dict[tuple[str, str], list[dict]] = {}   # (part, version) -> items
-        self._good = ("", "")                 # (resources_version, endpoints_version) of the running config
-        self._received = ("", "")
+        # part ("resources" | "workloads") -> (version, key -> item): what the running config was built from
+        self._held: dict[str, tuple[str, dict[str, dict]]] = {}
+        self.resyncs = 0
         self._draining = False
         self._acks: KeepAliveChannel | None = None    # per stream: ACKs on one kept-alive connection
 
@@ -228,8 +251,10 @@ class RemoteConfigClient:
                     await self._register(url)
                     heartbeat = asyncio.create_task(self._heartbeat_loop(url), name="remote-config-heartbeat")
                 async with contextlib.aclosing(self._stream(url)) as messages:
-                    async for message in messages:
+                    async for line in messages:
                         failures = 0
+                        message = json.loads(line) if len(line) < LARGE_MESSAGE else \
+                            await asyncio.to_thread(json.loads, line)
                         await self._handle(url, message)
                 raise StreamBroken("the control plane ended the stream")
             except (OSError, asyncio.TimeoutError, StreamBroken, h11.ProtocolError, ValueError) as exc:
@@ -292,7 +317,8 @@ class RemoteConfigClient:
         try:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
             body = json.dumps({"node_id": self.node_id, "identity": self.identity_info,
-                               "resources_version": self._good[0], "endpoints_version": self._good[1]}).encode()
+                               "resources_version": self.held_version("resources"),
+                               "endpoints_version": self.held_version("workloads")}).encode()
             writer.write(conn.send(h11.Request(method="POST", target="/push/v1/stream", headers=[
                 ("host", f"{host}:{port}"), ("content-type", "application/json"),
                 ("content-length", str(len(body)))])))
@@ -319,7 +345,7 @@ class RemoteConfigClient:
                         line = bytes(buffer[:end])
                         del buffer[: end + 1]
                         if line.strip():
-                            yield json.loads(line)
+                            yield line
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     return
         finally:
@@ -337,43 +363,67 @@ class RemoteConfigClient:
         if kind != "config":
             raise StreamBroken(f"unknown message type {kind!r}")
         res_version, ep_version = message["resources_version"], message["endpoints_version"]
-        resources = self._part("resources", res_version, message.get("resources"))
-        workloads = self._part("workloads", ep_version, message.get("workloads"))
-        self._received = (res_version, ep_version)
-        self._prune()
+        try:
+            resources = self._apply_part("resources", res_version, message.get("resources"))
+            workloads = self._apply_part("workloads", ep_version, message.get("workloads"))
+        except NeedResync as exc:
+            self._held.clear()             # whole parts follow
+            self.resyncs += 1
+            log.warning("asking for a resync: %s", exc)
+            status = await self._acks.post("/push/v1/ack", {"node_id": self.node_id, "nonce": message["nonce"],
+                                                            "resync": True}, self.connect_timeout)
+            if status == 404:
+                raise StreamBroken("the control plane no longer knows this stream")
+            return
+        resources = [resources[k] for k in sorted(resources)]
+        workloads = list(workloads.values())
         version = message["version"]
         try:
             result = self.on_config(resources, workloads, version)
-            errors = list(await result) if inspect.isawaitable(result) else list(result)
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, ApplyResult):
+                errors = list(result)
+                result = ApplyResult(errors, {}, applied=not errors)
         except Exception as exc:          # a crash in the builder is a NACK, never a dead client
-            errors = [f"config callback failed: {type(exc).__name__}: {exc}"]
+            result = ApplyResult([f"config callback failed: {type(exc).__name__}: {exc}"], {}, applied=False)
+        errors = result.errors
         if errors:
             self.status.configs_rejected += 1
             self.status.last_error = f"NACK {version}: " + "; ".join(errors)
-        else:
-            self.status.configs_applied += 1
+        if result.applied:
+            if not errors:
+                self.status.configs_applied += 1
             self.status.version = version
-            self._good = (res_version, ep_version)
-            self._prune()
+            self.status.rejected = dict(result.rejected)
             self.synced.set()
-        ack = {"node_id": self.node_id, "nonce": message["nonce"], "version": version, "errors": errors}
+        else:
+            self._held.clear()             # the running config is not what this client holds now
+        ack = {"node_id": self.node_id, "nonce": message["nonce"], "version": version, "errors": errors,
+               "rejected": result.rejected, "applied": result.applied}
         status = await self._acks.post("/push/v1/ack", ack, self.connect_timeout)
         if status == 404:
             raise StreamBroken("the control plane no longer knows this stream")
 
-    def _part(self, part: str, version: str, items: list[dict] | None) -> list[dict]:
-        if items is not None:
-            self._parts[(part, version)] = items
-            return items
-        try:
-            return self._parts[(part, version)]
-        except KeyError:
-            self._good = ("", "")        # resync from scratch on the next connection
-            raise StreamBroken(f"{part} version {version} was not sent and is not held here") from None
+    def held_version(self, part: str) -> str:
+        return self._held.get(part, ("", {}))[0]
 
-    def _prune(self) -> None:
-        keep = {("resources", self._good[0]), ("workloads", self._good[1]),
-                ("resources", self._received[0]), ("workloads", self._received[1])}
-        for key in list(self._parts):
-            if key not in keep:
-                del self._parts[key]
+    def _apply_part(self, part: str, version: str, delta: dict | None) -> dict[str, dict]:
+        """The items of ``part`` at ``version``: held already (``delta`` None) or the held
+        items with ``delta`` applied (in place: the lists handed to ``on_config`` are copies)."""
+        held_version, items = self._held.get(part, ("", {}))
+        if delta is None:
+            if held_version != version:
+                raise NeedResync(f"{part} version {version} was not sent and is not held here")
+            return items
+        base = delta.get("base") or ""
+        if base and base != held_version:
+            raise NeedResync(f"{part} delta builds on {base}, {held_version or 'nothing'} is held here")
+        if not base:
+            items = {}
+        for entry in delta.get("updated") or ():
+            items[entry["key"]] = entry["item"]
+        for key in delta.get("removed") or ():
+            items.pop(key, None)
+        self._held[part] = (version, items)
+        return items

@@ -12,7 +12,7 @@ cdef class _RouteSplit:
 
 cdef class Splitter:
     cdef public object snapshot, rng
-    cdef public dict _by_id, _by_key
+    cdef public dict _by_id, _by_key, _old_by_key
     cdef object _last_route
     cdef _RouteSplit _last_split
 

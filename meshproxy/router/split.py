@@ -37,7 +37,9 @@ key goes to the destination whose interval holds ``u``.  Guarantees:
 
 State survives a snapshot swap: a route's state is found again by a stable key
 ``(route.source, route.name, route.destinations)``, so a route whose destinations and
-weights are unchanged keeps its SWRR position.
+weights are unchanged keeps its SWRR position.  A route's state is made on its first pick
+(from the previous splitter's state for that key, if it had one), so a swap costs nothing
+per route; a route not picked during a whole snapshot's life starts afresh after the next.
 """
 from __future__ import annotations
 
@@ -168,18 +170,10 @@ class Splitter:
         # the route asked for last and its state: most requests of a worker take the route
         # the previous one took, found without id()'s int and a dict lookup
         self._last_route = self._last_split = None
-        clusters = snapshot.clusters
-        old_by_key = previous._by_key if previous is not None else {}
-        for table in snapshot.route_tables.values():
-            vhosts = list(table.exact.values()) + [vh for _, vh in table.wildcards]
-            if table.default is not None:
-                vhosts.append(table.default)
-            for vhost in vhosts:
-                for route in vhost.routes:
-                    self._add(route, clusters, old_by_key)
-        for listener in snapshot.listeners:
-            for tcp in listener.tcp_routes:
-                self._add(tcp, clusters, old_by_key)
+        # a route gets its state on first use (a snapshot of 10,000 services has 10,000
+        # routes; building them all would put that work on the loop at every swap): state of
+        # the previous splitter's routes is adopted by stable key, for one generation
+        self._old_by_key = previous._by_key if previous is not None else {}
 
     def _add(self, route, clusters, old_by_key) -> _RouteSplit:
         entry = self._by_id.get(id(route))
@@ -210,7 +204,7 @@ class Splitter:
             return self._last_split
         entry = self._by_id.get(id(route))
         if entry is None or entry[0] is not route:
-            state = self._add(route, self.snapshot.clusters, {})
+            state = self._add(route, self.snapshot.clusters, self._old_by_key)
         else:
             state = entry[1]
         self._last_route = route

@@ -193,8 +193,9 @@ async def test_clean_drain_deregisters_at_once(cp):
         await stop(watch_task)
 
 
-async def test_a_burst_of_applies_becomes_one_push(tmp_path):
-    # a 0.5 s quiet window: the burst below fits in it even on a loaded machine
+async def test_a_burst_of_applies_goes_out_at_once_then_as_one_more_push(tmp_path):
+    # leading edge: the first apply after quiet is pushed at once; the rest of the burst
+    # falls in a 0.5 s quiet window (wide enough on a loaded machine) and makes one push
     with ControlPlaneProcess(f"sqlite:{tmp_path / 'cp.db'}", debounce=0.5) as cp:
         api = Client(cp.url)
         recorder = Recorder()
@@ -206,7 +207,10 @@ async def test_a_burst_of_applies_becomes_one_push(tmp_path):
                 await call(api, "PUT", f"{VS_PATH}/demo", vs((weight, 100 - weight)))
             await eventually(lambda: recorder.running[0] and recorder.weights() == [100, 0])
             await asyncio.sleep(0.7)
-            assert len(recorder.calls) - before == 1        # one push, carrying the last state
+            pushed = recorder.calls[before:]
+            assert len(pushed) == 2                         # the first change, then the last state
+            first = next(r for r in pushed[0][0] if r["kind"] == "VirtualService")
+            assert [d["weight"] for d in first["spec"]["http"][0]["route"]] != [100, 0]
             assert len(api.call("GET", "/history")[1]["items"]) == 11
         finally:
             await stop(task)
@@ -232,7 +236,9 @@ async def test_endpoint_only_change_does_not_resend_resources(cp):
         await eventually(lambda: recorder.running[1])
         last = [m for m in raw if m["type"] == "config"][-1]
         assert last["resources"] is None                 # routes not resent ...
-        assert last["workloads"][0]["address"] == "127.0.0.5"
+        assert last["workloads"]["base"] != ""            # ... and the endpoints as a delta
+        assert [u["item"]["address"] for u in last["workloads"]["updated"]] == ["127.0.0.5"]
+        assert last["workloads"]["updated"][0]["key"] == "w1" and last["workloads"]["updated"][0]["version"]
         assert recorder.weights() == [90, 10]             # ... yet the callback got the full resource list
     finally:
         await stop(task)

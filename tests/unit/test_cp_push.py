@@ -112,3 +112,127 @@ async def test_proxies_differing_only_in_labels_share_one_target_unless_a_sideca
     finally:
         await engine.close()
         await store.close()
+
+
+async def test_the_first_change_after_quiet_is_pushed_at_once_and_later_ones_are_debounced(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store, debounce=2.0, debounce_max=10.0)
+    await engine.start()
+    try:
+        proxy = engine.connect("n1", {})
+        engine._message_for(proxy)
+        await store.put(obj("VirtualService", "demo", hosts=["demo"]))
+        await asyncio.sleep(0.5)                       # far less than the 2 s quiet window
+        assert engine.stats.pushes == 1                # leading edge: out at once
+        first = proxy.target.version
+        await store.put(obj("VirtualService", "demo", hosts=["demo", "other"]))
+        await asyncio.sleep(0.5)
+        assert proxy.target.version == first           # within the window: waits for quiet
+    finally:
+        await engine.close()
+        await store.close()
+
+
+async def test_a_nack_names_the_refused_resources_and_says_the_rest_was_applied(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    try:
+        proxy = engine.connect("n1", {})
+        message = json.loads(engine._message_for(proxy))
+        refused = {"VirtualService default/demo": ["VirtualService default/demo: spec.http[0]: bad"]}
+        assert engine.acknowledge("n1", message["nonce"], message["version"], refused["VirtualService default/demo"],
+                                  refused, True) == "nack"
+        shown = proxy.to_dict()
+        assert shown["state"] == "nacked" and shown["acked_version"] == ""
+        assert shown["applied_version"] == message["version"]
+        assert shown["last_nack"]["resources"] == refused and shown["last_nack"]["applied"] is True
+    finally:
+        await engine.close()
+        await store.close()
+
+
+def workload(wid, service, address, **labels):
+    return {"id": wid, "service": service, "namespace": "default", "address": address, "ports": {"http": 8080},
+            "labels": labels}
+
+
+async def test_an_endpoint_change_is_a_delta_of_a_few_hundred_bytes_shared_by_proxies(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    try:
+        for s in range(200):
+            for e in range(3):
+                await store.register(workload(f"svc{s}-{e}", f"svc{s}", f"10.0.{s}.{e}", app=f"svc{s}"), 3600)
+        await store.put(obj("VirtualService", "demo", hosts=["svc1"]))
+        engine._recompute(0.0)
+        proxies = [engine.connect(f"n{i}", {"namespace": "default"}) for i in range(3)]
+        full = [json.loads(engine._message_for(p)) for p in proxies]
+        assert full[0]["workloads"]["base"] == "" and len(full[0]["workloads"]["updated"]) == 600
+        await store.deregister("svc7-1")
+        await store.register(workload("svc7-9", "svc7", "10.0.7.99", app="svc7"), 3600)
+        engine._recompute(0.0)
+        deltas = [engine._message_for(p) for p in proxies]
+        assert len(deltas[0]) < 600, deltas[0]
+        message = json.loads(deltas[0])
+        assert message["resources"] is None
+        assert message["workloads"]["base"] == full[0]["endpoints_version"]
+        assert message["workloads"]["removed"] == ["svc7-1"]
+        assert [u["key"] for u in message["workloads"]["updated"]] == ["svc7-9"]
+        assert engine.stats.deltas == 1                       # serialised once for the three proxies
+        assert message["endpoints_version"] != full[0]["endpoints_version"]
+    finally:
+        await engine.close()
+        await store.close()
+
+
+async def test_a_resync_sends_whole_parts(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    try:
+        await store.put(obj("VirtualService", "a", hosts=["a"]))
+        engine._recompute(0.0)
+        proxy = engine.connect("n1", {})
+        first = json.loads(engine._message_for(proxy))
+        engine.acknowledge("n1", first["nonce"], first["version"], [])
+        await store.put(obj("VirtualService", "b", hosts=["b"]))
+        engine._recompute(0.0)
+        delta = json.loads(engine._message_for(proxy))
+        assert delta["resources"]["base"] == first["resources_version"]
+        assert [u["key"] for u in delta["resources"]["updated"]] == ["VirtualService/default/b"]
+        assert engine.resync("n1", delta["nonce"]) == "resync"
+        whole = json.loads(engine._message_for(proxy))
+        assert whole["version"] == delta["version"] and whole["resources"]["base"] == ""
+        assert sorted(u["key"] for u in whole["resources"]["updated"]) == ["VirtualService/default/a",
+                                                                          "VirtualService/default/b"]
+        assert engine.acknowledge("n1", whole["nonce"], whole["version"], []) == "ack"
+    finally:
+        await engine.close()
+        await store.close()
+
+
+async def test_a_restarted_engine_computes_the_same_versions_and_sends_deltas_from_them(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    first = PushEngine(store)
+    await first.start()
+    await store.put(obj("VirtualService", "a", hosts=["a"]))
+    await store.register(workload("w1", "a", "10.0.0.1"), 3600)
+    first._recompute(0.0)
+    version = first.connect("n1", {}).target.version
+    await first.close()
+    second = PushEngine(store)
+    await second.start()
+    try:
+        res, ep = version.split(".")
+        proxy = second.connect("n1", {}, resources_version=res, endpoints_version=ep)
+        assert json.loads(second._message_for(proxy)) == {"type": "in_sync", "version": version}
+    finally:
+        await second.close()
+        await store.close()
