@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/cp_bench.py propagation [--proxies 1000] [--rounds 5]
   .venv/bin/python benchmarks/cp_bench.py scale [--services 10000] [--endpoints 3] [--sidecar-hosts 20]
+  .venv/bin/python benchmarks/cp_bench.py latency [--services 10000] [--source controlplane|file]
 
 propagation: a real `meshctl serve` process (SQLite) and, in a separate process, N
 simulated proxies, each a real RemoteConfigClient holding its own HTTP stream and ACKing
@@ -17,6 +18,12 @@ first full push, one endpoint change and one resource change, the message size, 
 plane's CPU for the push, the proxy's CPU on its event loop and in its build thread, and
 what the previous path (whole payload parsed, decoded and compiled on the loop) costs on the
 same data.  CPU times, so the numbers hold on a busy machine.
+
+latency: a real proxy process with N services (from a file, or from a real control plane
+with N x 3 registered endpoints), one keep-alive client sending requests one after another
+to the one real service, and alternating resource and endpoint changes during the run;
+reports time to ready, RSS, and the largest latency within 3 s of each change against the
+run's p99 outside those windows.  Wall-clock numbers: run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -320,6 +327,176 @@ def resource_module():
     return resource
 
 
+# ---------------------------------------------------------------- latency under config change (real processes)
+
+UPSTREAM = """
+import asyncio, sys
+class P(asyncio.Protocol):
+    def connection_made(self, t): self.t = t
+    def data_received(self, d):
+        for _ in range(d.count(b"\\r\\n\\r\\n")):
+            self.t.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok")
+async def main():
+    server = await asyncio.get_running_loop().create_server(P, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(10**9)
+asyncio.run(main())
+"""
+
+CLIENT = """
+import json, socket, sys, time
+port, seconds, host = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+request = ("GET / HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % host).encode()
+sock = socket.create_connection(("127.0.0.1", port))
+out, failed, end = [], 0, time.monotonic() + seconds
+buffer = b""
+while time.monotonic() < end:
+    start = time.monotonic()
+    sock.sendall(request)
+    while b"\\r\\n\\r\\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("connection closed by the proxy")
+        buffer += chunk
+    head, _, buffer = buffer.partition(b"\\r\\n\\r\\n")
+    length = next((int(l.split(b":")[1]) for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length:")), 0)
+    while len(buffer) < length:
+        buffer += sock.recv(65536)
+    buffer = buffer[length:]
+    out.append((start, time.monotonic() - start))
+    failed += not head.startswith(b"HTTP/1.1 200")
+    time.sleep(0.001)
+print(json.dumps({"samples": out, "failed": failed}))
+"""
+
+
+def _wait_ready(admin_port: int, timeout: float) -> float:
+    import urllib.request
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"proxy not ready within {timeout:.0f} s")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _service_entries(services: int, target_port: int, generation: int = 0) -> str:
+    import yaml
+    docs = []
+    for s in range(services):
+        address, port = (("127.0.0.1", target_port) if s == 0 else (f"10.{s // 250 % 256}.{s % 250}.1", 8080))
+        docs.append({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                     "metadata": {"name": f"svc{s}", "namespace": "default"},
+                     "spec": {"hosts": [f"svc{s}.default.svc.cluster.local"], "location": "MESH_INTERNAL",
+                              "resolution": "STATIC", "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                              "endpoints": [{"address": address, "ports": {"http": port}}]}})
+    for s in range(0, services, 100):
+        docs.append({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                     "metadata": {"name": f"svc{s}", "namespace": "default"},
+                     "spec": {"hosts": [f"svc{s}.default.svc.cluster.local"], "http": [
+                         {"timeout": f"{5 + generation}s",
+                          "route": [{"destination": {"host": f"svc{s}.default.svc.cluster.local"}}]}]}})
+    return yaml.safe_dump_all(docs)
+
+
+def latency(services: int, source: str, seconds: float, changes: int) -> dict:
+    """A real proxy with N services (from a file or the control plane), one keep-alive client
+    sending requests one after another (1 ms apart) to the one real service, and config
+    changes during the run: the largest latency within 3 s after each change against the
+    p99 and max of the same run outside those windows.  Wall-clock: run on a quiet machine."""
+    import asyncio as _asyncio
+    tmp = tempfile.mkdtemp(prefix="cp-latency-")
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM], stdout=subprocess.PIPE, text=True)
+    target_port = int(upstream.stdout.readline())
+    listen, admin = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "meshproxy", "run", "--listen", f"127.0.0.1:{listen}",
+           "--admin", f"127.0.0.1:{admin}", "--log-level", "ERROR"]
+    cp = None
+    config = Path(tmp) / "config.yaml"
+    if source == "file":
+        config.write_text(_service_entries(services, target_port))
+        cmd += ["--config", str(config)]
+    else:
+        async def fill():
+            from controlplane.store_sqlite import SqliteStore
+            store = SqliteStore(f"{tmp}/cp.db")
+            await store.start()
+            for version in ("v1", "v2"):       # svc0's canary routes to both subsets
+                await store.register({"id": f"target-{version}", "service": "svc0", "namespace": "default",
+                                      "address": "127.0.0.1", "ports": {"http": target_port},
+                                      "labels": {"app": "svc0", "version": version}}, 36000)
+            for s in range(1, services):
+                for e in range(3):
+                    await store.register(_workload(s, e), 36000)
+            for s in range(0, services, 100):
+                for obj in _canary(s):
+                    await store.put(obj)
+            await store.close()
+        _asyncio.run(fill())
+        cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db", ttl=36000).start()
+        cmd += ["--control-plane", cp.url, "--node-id", "bench"]
+    proxy = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]))
+    result: dict = {"services": services, "source": source}
+    try:
+        result["startup_to_ready_s"] = _wait_ready(admin, 300)
+        result["proxy_rss_mb"] = proc_cpu_rss(proxy.pid)[1] / 2**20
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(listen), str(seconds), "svc0"],
+                                  stdout=subprocess.PIPE, text=True)
+        api = Client(cp.url) if cp else None
+        marks = []
+        time.sleep(2.0)
+        for i in range(changes):
+            kind = "resource" if i % 2 == 0 else "endpoint"
+            marks.append((kind, time.monotonic()))
+            if source == "file":
+                if kind == "resource":
+                    config.write_text(_service_entries(services, target_port, generation=i + 1))
+                else:          # a file has no registry: an endpoint change is a ServiceEntry endpoint edit
+                    text = config.read_text().replace("address: 10.0.5.1", f"address: 10.0.5.{i + 2}", 1)
+                    config.write_text(text)
+            elif kind == "resource":
+                api.call("PUT", f"{VS_PATH}/svc100", {**_canary(100, weight=80 - i)[1],
+                                                      "metadata": {"name": "svc100", "namespace": "default"}})
+            else:
+                api.call("POST", "/registry/v1/workloads", {**_workload(5, 0, generation=i), "ttl": 36000})
+            time.sleep(max(3.5, (seconds - 4) / max(changes, 1)))
+        report = json.loads(client.communicate(timeout=seconds + 60)[0])
+        samples, result["failed_requests"] = report["samples"], report["failed"]
+        if api is not None:       # did the proxy follow every change? (ACKed the latest version)
+            time.sleep(1.0)
+            node = next(p for p in api.call("GET", "/push/v1/proxies")[1]["items"] if p["node_id"] == "bench")
+            result["proxy_in_sync"] = node["state"] == "acked" and node["acked_version"] == node["sent_version"]
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+        upstream.kill()
+        if cp:
+            cp.stop()
+    windows = [(k, t, t + 3.0) for k, t in marks]     # the file watcher polls every second
+    inside = {k: [] for k, _ in marks}
+    outside = []
+    for at, lat in samples:
+        hit = next((k for k, a, b in windows if a <= at < b), None)
+        (inside[hit] if hit else outside).append(lat)
+    base_p99 = pct(outside, 99) if outside else 0.0
+    result.update({"requests": len(samples), "baseline_p50_ms": 1000 * pct(outside, 50),
+                   "baseline_p99_ms": 1000 * base_p99, "baseline_max_ms": 1000 * max(outside),
+                   **{f"{k}_change_max_ms": 1000 * max(v) for k, v in inside.items() if v},
+                   **{f"{k}_change_added_ms": 1000 * (max(v) - base_p99) for k, v in inside.items() if v}})
+    return result
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_simulate":
         try:
@@ -338,9 +515,16 @@ def main() -> int:
     p.add_argument("--endpoints", type=int, default=3)
     p.add_argument("--sidecar-hosts", type=int, default=0,
                    help="add a Sidecar limiting the proxy's namespace to this many services")
+    p = sub.add_parser("latency", help="request latency through a real proxy while config changes")
+    p.add_argument("--services", type=int, default=10_000)
+    p.add_argument("--source", choices=("controlplane", "file"), default="controlplane")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--changes", type=int, default=4, help="alternately a resource and an endpoint change")
     args = parser.parse_args()
     if args.what == "propagation":
         result = propagation(args.proxies, args.rounds)
+    elif args.what == "latency":
+        result = latency(args.services, args.source, args.seconds, args.changes)
     else:
         result = asyncio.run(scale(args.services, args.endpoints, args.sidecar_hosts))
     print(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """meshctl: serve the control plane, or talk to one.
 
   meshctl serve [--store sqlite:PATH | --store etcd://HOST:PORT[,...]] [--listen ADDR:PORT]
+                [--discovery-namespaces NS,...]
   meshctl apply -f FILE|DIR|- [--dry-run]     meshctl diff -f FILE|DIR|-
   meshctl get KIND [NAME] [-n NS | -A] [-o yaml|json|wide]
   meshctl delete KIND NAME [-n NS]  |  meshctl delete -f FILE|DIR|-
@@ -405,8 +406,10 @@ def cmd_serve(args) -> int:
     if args.san:
         host = args.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
         security["hosts"] = (host, *args.san)
+    selectors = tuple(n for n in args.discovery_namespaces.split(",") if n) if args.discovery_namespaces else None
     runner(serve(args.store, args.listen, debounce=args.debounce, ttl=args.ttl, ready_file=args.ready_file,
-                 security=security, credentials=args.credentials, vip_range=args.vip_range))
+                 security=security, credentials=args.credentials, vip_range=args.vip_range,
+                 discovery_namespaces=selectors))
     return 0
 
 
@@ -544,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="sqlite:meshctl.db", help="sqlite:PATH or etcd://HOST:PORT[,HOST:PORT...]")
     p.add_argument("--listen", default="127.0.0.1:15010")
     p.add_argument("--debounce", type=float, default=0.1, help="seconds of quiet before a push (default 0.1)")
+    p.add_argument("--discovery-namespaces", default="", metavar="NS[,NS...]",
+                   help="discover only these namespaces (glob patterns; istio-system always): Istio's "
+                        "discoverySelectors; resources and workloads elsewhere reach no proxy")
     p.add_argument("--ttl", type=float, default=10.0, help="default registration TTL in seconds (default 10)")
     p.add_argument("--ready-file", help="write the bound port to this file once listening")
     p.add_argument("--vip-range", default="240.240.0.0/16",

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from .resources import canonical_json, content_hash, is_proxy_kind, proxy_view
-from .scope import Identity, select_resources, select_workloads
+from .scope import ROOT_NAMESPACE, Identity, MeshScope, scope_for, select_resources, select_workloads
 from .store import ConfigStore
 from .vips import VipAllocator
 
@@ -197,11 +197,13 @@ class PushStats:
 class PushEngine:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 ping_interval: float = PING_INTERVAL, metrics=None, vips: VipAllocator | None = None):
+                 ping_interval: float = PING_INTERVAL, metrics=None, vips: VipAllocator | None = None,
+                 mesh: MeshScope = MeshScope()):
         self.store = store
         self.vips = vips if vips is not None else VipAllocator()   # service VIPs (controlplane.vips)
         self.metrics = metrics          # controlplane.metrics.ControlPlaneMetrics, or None
         self.debounce = debounce
+        self.mesh = mesh
         self.debounce_max = debounce_max
         self.ping_interval = ping_interval
         self._clock = clock
@@ -226,6 +228,8 @@ class PushEngine:
         self._parts: dict[str, Part] = {}
         self._deltas: dict[tuple[str, str], bytes] = {}
         self._label_scoped: set[str] = set()
+        self._sidecar_namespaces: set[str] = set()
+        self._root_sidecar = False
 
     async def start(self) -> None:
         self.store.subscribe(self.changed)
@@ -270,8 +274,11 @@ class PushEngine:
                                           lambda view, skey: resource_key(view))
         self._workload_items = _versioned(self.store.workloads(), self._workload_items, workload_view,
                                           lambda view, wid: wid)
-        ordered_resources = sorted(self._resource_items.values(), key=lambda e: e[2])
-        ordered_workloads = sorted(self._workload_items.values(), key=lambda e: e[2])
+        discovers = self.mesh.discovers
+        ordered_resources = sorted((e for e in self._resource_items.values()
+                                    if discovers(e[1]["metadata"].get("namespace") or "default")), key=lambda e: e[2])
+        ordered_workloads = sorted((e for e in self._workload_items.values() if discovers(e[1]["namespace"])),
+                                   key=lambda e: e[2])
         # service VIPs (controlplane.vips): the proxies' copies carry the allocated addresses
         resources, workloads = self.vips.annotate([e[1] for e in ordered_resources], [e[1] for e in ordered_workloads])
         annotated: dict = {}
@@ -284,6 +291,10 @@ class PushEngine:
         # labels only change what a proxy gets where a Sidecar selects workloads by label
         self._label_scoped = {o["metadata"].get("namespace") or "default" for o in resources if o["kind"] == "Sidecar"
                               and (o["spec"].get("workloadSelector") or {}).get("labels")}
+        self._sidecar_namespaces = {o["metadata"].get("namespace") or "default" for o in resources
+                                    if o["kind"] == "Sidecar"}
+        self._root_sidecar = any(o["kind"] == "Sidecar" and o["metadata"].get("namespace") == ROOT_NAMESPACE
+                                 and not (o["spec"].get("workloadSelector") or {}).get("labels") for o in resources)
         self._changed_at = changed_at
         self._by_identity = {}
         woken = 0
@@ -322,12 +333,16 @@ class PushEngine:
         self._deltas = {k: d for k, d in self._deltas.items() if k[0] in live and k[1] in live}
 
     def target_for(self, identity: Identity) -> Target:
-        if identity.labels and identity.namespace not in self._label_scoped:
-            identity = Identity(identity.namespace, identity.mode, ())     # same payload as its namespace peers
+        # labels and the own service change the payload only where a Sidecar selects by label
+        # or narrows the scope: elsewhere proxies of a namespace share one target
+        labels = identity.labels if identity.namespace in self._label_scoped else ()
+        narrowed = identity.mode == "sidecar" and (self._root_sidecar or identity.namespace in self._sidecar_namespaces)
+        identity = Identity(identity.namespace, identity.mode, labels, identity.service if narrowed else "")
         target = self._by_identity.get(identity)
         if target is None:
-            selected = select_resources(self._resource_views, identity)
-            workloads = select_workloads(self._workload_views, self._resource_views, identity)
+            scope = scope_for(self._resource_views, identity)
+            selected = select_resources(self._resource_views, identity, scope)
+            workloads = select_workloads(self._workload_views, self._resource_views, identity, scope)
             # parts are shared across identities when equal
             target = Target(self._part(selected), self._part(workloads), self._changed_at)
             self._by_identity[identity] = target

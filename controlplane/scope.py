@@ -1,23 +1,37 @@
 """What one proxy needs: a pure function from (all resources, all workloads, identity).
 
 Istio sends every proxy everything unless a ``Sidecar`` narrows it (pain point: sidecar
-memory grows with mesh size).  Here the narrowing is the default shape of a push:
+memory and push size grow with mesh size).  Here the narrowing is the default shape of a push:
 
 * a sidecar gets the VirtualServices bound to the mesh (no ``gateways`` or ``mesh`` in
   them), a gateway proxy gets the Gateways and the VirtualServices bound to a gateway;
 * AuthorizationPolicy and PeerAuthentication go to the proxies of their namespace, and
   from the root namespace (``istio-system``) to every proxy (the proxy decides which select it);
 * ``exportTo`` is honoured (``*`` everywhere, ``.`` only the object's own namespace);
-* a ``Sidecar`` in the proxy's namespace whose ``workloadSelector`` matches the proxy's labels
-  (or that has none) limits VirtualServices, DestinationRules, ServiceEntries and workloads
-  to its ``egress[].hosts`` (``ns/host``, ``./host``, ``*/host``, ``host`` may be ``*`` or
-  ``*.suffix``).
+* the ``Sidecar`` that applies to the proxy (one in its namespace whose ``workloadSelector``
+  matches its labels, else the one without a selector in its namespace, else the mesh-wide
+  default: the one without a selector in the root namespace ``istio-system``) limits
+  VirtualServices, DestinationRules, ServiceEntries and workloads to its ``egress[].hosts``
+  (``ns/host``, ``./host``, ``*/host``, ``host`` may be ``*`` or ``*.suffix``), plus what
+  those VirtualServices route and mirror to, plus the proxy's own service (a route in scope
+  never points at a destination the proxy was not told about);
+* discovery selectors (``MeshScope.discovery_namespaces``, the control plane's
+  ``--discovery-namespaces``): namespaces outside them are not discovered at all, for any
+  proxy (Istio's ``discoverySelectors``).
+
+The trade-off: a narrower scope means smaller pushes, less proxy memory and fewer proxies
+woken per change, but a proxy cannot route to a service outside its scope (it answers 503 NR,
+or passes the request through as its ``outboundTrafficPolicy`` says) until the Sidecar or
+the selectors are changed.  A mesh-wide default Sidecar (``egress: [{hosts: ["./*",
+"istio-system/*"]}]`` in ``istio-system``) is the usual large-mesh setting: each namespace
+sees itself plus what it declares.
 
 Resources arrive as proxy views (``resources.proxy_view``), sorted, so equal inputs give
 equal outputs and therefore equal content hashes.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -26,16 +40,28 @@ SECURITY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 
 
 @dataclass(frozen=True, slots=True)
+class MeshScope:
+    """Mesh-wide discovery limits (None = every namespace is discovered)."""
+    discovery_namespaces: tuple[str, ...] | None = None     # fnmatch patterns; the root namespace always counts
+
+    def discovers(self, namespace: str) -> bool:
+        if self.discovery_namespaces is None or namespace == ROOT_NAMESPACE:
+            return True
+        return any(fnmatch.fnmatchcase(namespace, p) for p in self.discovery_namespaces)
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
     namespace: str = "default"
     mode: str = "sidecar"                            # "sidecar" | "gateway"
     labels: tuple[tuple[str, str], ...] = ()
+    service: str = ""                                # the proxy's own (registered) service, short or FQDN
 
     @classmethod
     def from_info(cls, info: Mapping) -> "Identity":
         labels = info.get("labels") or {}
         return cls(str(info.get("namespace") or "default"), str(info.get("mode") or "sidecar"),
-                   tuple(sorted((str(k), str(v)) for k, v in labels.items())))
+                   tuple(sorted((str(k), str(v)) for k, v in labels.items())), str(info.get("service") or ""))
 
 
 def _ns(obj: dict) -> str:
@@ -104,15 +130,27 @@ class EgressFilter:
         return any(ns in namespaces and _host_matches(host, h) for ns, host in self._wild for h in spellings)
 
 
-def egress_filter(resources: list[dict], identity: Identity) -> EgressFilter:
+def applicable_sidecar(resources: list[dict], identity: Identity) -> dict | None:
+    """The Sidecar that applies to a sidecar proxy: a selecting one in its namespace, else its
+    namespace's default, else the mesh-wide default in the root namespace (Istio's rule)."""
+    if identity.mode != "sidecar":
+        return None
     labels = dict(identity.labels)
     candidates = [r for r in resources if r["kind"] == "Sidecar" and _ns(r) == identity.namespace
                   and _selects(r, labels)]
-    # a Sidecar with a selector wins over the namespace default (Istio's rule)
+    if not candidates:
+        candidates = [r for r in resources if r["kind"] == "Sidecar" and _ns(r) == ROOT_NAMESPACE
+                      and not (r["spec"].get("workloadSelector") or {}).get("labels")]
     candidates.sort(key=lambda r: (not (r["spec"].get("workloadSelector") or {}).get("labels"),
-                                   r["metadata"]["name"]))
-    if identity.mode != "sidecar" or not candidates:
+                                   r["metadata"].get("creationTimestamp") or "\uffff", r["metadata"]["name"]))
+    return candidates[0] if candidates else None
+
+
+def egress_filter(resources: list[dict], identity: Identity) -> EgressFilter:
+    sidecar = applicable_sidecar(resources, identity)
+    if sidecar is None:
         return EgressFilter(None, identity.namespace)
+    candidates = [sidecar]
     patterns = []
     for egress in candidates[0]["spec"].get("egress") or []:
         for entry in egress.get("hosts") or []:
@@ -128,15 +166,70 @@ def _hosts_of(obj: dict) -> list[str]:
     return list(spec.get("hosts") or [])
 
 
-def select_resources(resources: list[dict], identity: Identity) -> list[dict]:
-    """The resources one proxy needs, in the input's (sorted) order."""
+def fqdn(host: str, namespace: str) -> str:
+    if "." not in host and host != "*":
+        return f"{host}.{namespace}.svc.cluster.local"
+    parts = host.split(".")
+    if len(parts) == 2 or (len(parts) == 3 and parts[2] == "svc"):       # name.ns, name.ns.svc
+        return f"{parts[0]}.{parts[1]}.svc.cluster.local"
+    return host
+
+
+def _destinations(vs: dict) -> set[str]:
+    """Every host a VirtualService routes or mirrors to, as FQDNs."""
+    ns = _ns(vs)
+    out = set()
+    spec = vs["spec"]
+    for kind in ("http", "tcp", "tls"):
+        for route in spec.get(kind) or []:
+            for dest in route.get("route") or []:
+                host = (dest.get("destination") or {}).get("host")
+                if host:
+                    out.add(fqdn(host, ns))
+            mirrors = list(route.get("mirrors") or [])
+            if route.get("mirror"):
+                mirrors.append({"destination": route["mirror"]})
+            for mirror in mirrors:
+                host = (mirror.get("destination") or {}).get("host")
+                if host:
+                    out.add(fqdn(host, ns))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a proxy may see: the egress filter, plus the hosts its routes reach."""
+    egress: EgressFilter
+    reached: frozenset[str]                    # FQDNs: destinations of in-scope VirtualServices, own service
+
+    def allows(self, namespace: str, hosts: Iterable[str]) -> bool:
+        hosts = list(hosts)
+        return self.egress.allows(namespace, hosts) or any(fqdn(h, namespace) in self.reached for h in hosts)
+
+
+def scope_for(resources: list[dict], identity: Identity) -> Scope:
     egress = egress_filter(resources, identity)
-    labels = dict(identity.labels)
+    if egress.patterns is None:
+        return Scope(egress, frozenset())
+    reached = set()
+    if identity.service:
+        reached.add(fqdn(identity.service, identity.namespace))
+    for obj in resources:
+        if obj["kind"] == "VirtualService" and _exported_to(obj, identity.namespace) and _bound_to_mesh(obj) \
+                and egress.allows(_ns(obj), _hosts_of(obj)):
+            reached |= _destinations(obj)
+    return Scope(egress, frozenset(reached))
+
+
+def select_resources(resources: list[dict], identity: Identity, scope: Scope | None = None) -> list[dict]:
+    """The resources one proxy needs, in the input's (sorted) order."""
+    scope = scope or scope_for(resources, identity)
+    sidecar = applicable_sidecar(resources, identity)
     out = []
     for obj in resources:
         kind = obj["kind"]
         if kind == "Sidecar":
-            if identity.mode == "sidecar" and _ns(obj) == identity.namespace and _selects(obj, labels):
+            if obj is sidecar:
                 out.append(obj)
             continue
         if kind == "Gateway":
@@ -152,17 +245,18 @@ def select_resources(resources: list[dict], identity: Identity) -> list[dict]:
             continue
         if kind == "VirtualService":
             bound = _bound_to_gateway(obj) if identity.mode == "gateway" else _bound_to_mesh(obj)
-            if not bound:
-                continue
-        if not egress.allows(_ns(obj), _hosts_of(obj)):
+            if not bound or not scope.egress.allows(_ns(obj), _hosts_of(obj)):
+                continue                     # a route is in scope by the Sidecar's hosts only
+        elif not scope.allows(_ns(obj), _hosts_of(obj)):
             continue
         out.append(obj)
     return out
 
 
-def select_workloads(workloads: list[dict], resources: list[dict], identity: Identity) -> list[dict]:
-    egress = egress_filter(resources, identity)
-    if egress.patterns is None:
+def select_workloads(workloads: list[dict], resources: list[dict], identity: Identity,
+                     scope: Scope | None = None) -> list[dict]:
+    scope = scope or scope_for(resources, identity)
+    if scope.egress.patterns is None:
         return workloads
     allowed: dict[tuple[str, str], bool] = {}
     out = []
@@ -170,7 +264,7 @@ def select_workloads(workloads: list[dict], resources: list[dict], identity: Ide
         key = (w["namespace"], w["service"])
         ok = allowed.get(key)
         if ok is None:
-            ok = allowed[key] = egress.allows(key[0], [key[1]])
+            ok = allowed[key] = scope.allows(key[0], [key[1]])
         if ok:
             out.append(w)
     return out

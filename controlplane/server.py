@@ -13,6 +13,7 @@ from .delivery.api import DeliveryApi
 from .delivery.controller import DeliveryController
 from .http import HttpServer
 from .push import PushEngine
+from .scope import MeshScope
 from .store import ConfigStore, StoreError, open_store
 
 
@@ -26,7 +27,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class ControlPlane:
     def __init__(self, store: ConfigStore, *, debounce: float = 0.1, debounce_max: float = 1.0,
                  default_ttl: float = DEFAULT_TTL, ping_interval: float = 10.0, vip_range: str = "",
-                 security_options: dict | None = None):
+                 security_options: dict | None = None, discovery_namespaces: tuple[str, ...] | None = None):
         from .vips import DEFAULT_RANGE, VipAllocator
         from prometheus_client import CollectorRegistry
         from .metrics import ControlPlaneMetrics
@@ -34,7 +35,8 @@ class ControlPlane:
         self.registry = CollectorRegistry()
         self.metrics = ControlPlaneMetrics(self.registry)
         self.push = PushEngine(store, debounce=debounce, debounce_max=debounce_max, ping_interval=ping_interval,
-                               metrics=self.metrics, vips=VipAllocator(vip_range or DEFAULT_RANGE))
+                               metrics=self.metrics, vips=VipAllocator(vip_range or DEFAULT_RANGE),
+                               mesh=MeshScope(discovery_namespaces))
         self.security = None
         if security_options is not None:        # the CA always; TLS + authentication unless tls=False
             from .security.service import Security
@@ -101,7 +103,8 @@ def is_loopback(host: str) -> bool:
 
 
 async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, ready_file: str | None = None,
-                security: dict | None = None, credentials: str | None = None, vip_range: str = "") -> None:
+                security: dict | None = None, credentials: str | None = None, vip_range: str = "",
+                discovery_namespaces: tuple[str, ...] | None = None) -> None:
     """Run until SIGTERM/SIGINT.  ``security``: options of :class:`controlplane.security.service.Security`
     (``tls=False`` is --insecure-loopback, refused on a non-loopback address)."""
     host, port = parse_listen(listen)
@@ -112,7 +115,7 @@ async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, re
                          f"loopback address; {host} is not one")
     security.setdefault("hosts", (host,))
     cp = ControlPlane(open_store(store_spec), debounce=debounce, default_ttl=ttl, vip_range=vip_range,
-                      security_options=security)
+                      security_options=security, discovery_namespaces=discovery_namespaces)
     await cp.start(host, port)
     scheme = "https" if tls else "http"
     url_host = f"[{host}]" if ":" in host else host

@@ -4,8 +4,10 @@ With ``--workers 1`` (the default) everything runs in one process and one event 
 the worker, the admin listener and the config source.
 
 With ``--workers N`` the master forks N children before it creates any event loop.
-Each child binds the same addresses with SO_REUSEPORT, loads and watches the config
-itself and serves traffic.  The master runs the admin listener and answers from its
+Each child binds the same addresses with SO_REUSEPORT and serves traffic.  The config is
+the process group's, not each child's: the master holds the one control-plane stream (one
+node, one line in ``meshctl proxies``) or file watch, builds each snapshot once, and sends
+each child what changed over its pipe (:mod:`meshproxy.config.shared`).  The master runs the admin listener and answers from its
 children over one pipe each (readiness is the AND of theirs, metrics are their sum,
 with the last dump of a child that died kept so counters never go backwards).  It
 forwards SIGTERM to the children, restarts a child that dies unexpectedly, and exits
@@ -24,7 +26,8 @@ import multiprocessing
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from . import HOT_PATH
 from .admin import AdminServer
@@ -32,8 +35,9 @@ from .bootstrap import Worker, WorkerOptions
 from .config.compile import ProxyIdentity
 from .config.dump import snapshot_to_dict
 from .config.incremental import BuildOutcome, BuildRunner, ConfigBuilder
+from .config.shared import apply_update, encode_update
 from .config.load import LoadResult, load as load_files
-from .config.model import ProxySettings
+from .config.model import ProxySettings, Snapshot
 from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
 from .proxy.observe import Telemetry
@@ -63,6 +67,7 @@ class RunOptions:
     pod: object = None              # capture.pod.PodOptions: health port, DNS (capture mode, or supervised)
     # workload identity: {token_file, ca_pem, service_account, trust_domain[, initial]} (None: no certificate)
     security: dict | None = None
+    shared_config: bool = False     # a worker of a process group: config comes from the master's pipe
 
 
 def build_certificates(options: RunOptions):
@@ -181,6 +186,128 @@ class FileConfigSource:
         return self._apply(*await self.runner.run(self._build))
 
 
+class ConfigSources:
+    """The config sources of one process (files, a control plane, or both): first load,
+    the tasks that keep them fresh, deregistration on drain."""
+
+    def __init__(self, options: RunOptions, store: SnapshotStore, telemetry: Telemetry | None = None):
+        self.options = options
+        self.store = store
+        self.telemetry = telemetry
+        self.files = FileConfigSource(options, store, telemetry) if options.config_paths else None
+        self.remote = None          # made by start_remote
+
+    def load_files(self) -> bool:
+        """Load the files (if any); False (after saying why on stderr) when none is valid."""
+        if self.files is not None:
+            errors = self.files.load()
+            if self.store.current is None:
+                for error in errors:
+                    print(error, file=sys.stderr)
+                print("meshproxy: no valid config to start with", file=sys.stderr)
+                return False
+        return True
+
+    async def start_remote(self, certificates=None) -> bool:
+        """Open the control-plane stream (if any) and wait for its first config; False (after
+        saying why on stderr) when none came in time.  ``certificates``: the workload
+        certificate manager the stream presents over https."""
+        if not self.options.control_plane:
+            return True
+        from .config.remote_source import RemoteSource
+        self.remote = RemoteSource(self.options, self.store, self.telemetry, certificates=certificates)
+        try:
+            await self.remote.wait_first_config(self.options.initial_config_timeout)
+        except asyncio.TimeoutError:
+            print(f"meshproxy: no config from {','.join(self.options.control_plane)} within "
+                  f"{self.options.initial_config_timeout:g}s", file=sys.stderr)
+            return False
+        return True
+
+    def run_tasks(self, loop) -> list[asyncio.Task]:
+        tasks = []
+        if self.files is not None:
+            tasks.append(loop.create_task(self.files.run(), name="config-files"))
+        if self.remote is not None:
+            tasks.append(loop.create_task(self.remote.run(), name="config-remote"))
+        return tasks
+
+    async def deregister(self) -> None:
+        if self.remote is not None:
+            await self.remote.deregister()
+
+
+class SharedConfigClient:
+    """A worker's side of the process group's config: updates from the master's pipe are
+    applied in the build thread, in order, and swapped in on the loop."""
+
+    def __init__(self, store: SnapshotStore):
+        self.store = store
+        self.runner = BuildRunner()
+        self.first = asyncio.Event()
+        self._queue: list[bytes] = []
+        self._task: asyncio.Task | None = None
+
+    def receive(self, data: bytes) -> None:
+        self._queue.append(data)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._apply_all(), name="shared-config")
+
+    async def _apply_all(self) -> None:
+        while self._queue:
+            data = self._queue.pop(0)
+            try:
+                snapshot = await self.runner.run(apply_update, self.store.current, data)
+            except Exception:             # a bad update must not take the worker down
+                log.exception("config update from the master could not be applied; keeping the current one")
+                continue
+            self.store.swap(snapshot)
+            self.first.set()
+
+    async def wait_first(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.first.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class SharedConfigHost:
+    """The master's side: the process group's one config source and builder; every new
+    snapshot goes to each worker as an update from the one it runs (encoded once per step)."""
+
+    def __init__(self, options: RunOptions, send: Callable[[int, bytes], None], workers: int):
+        self.store = SnapshotStore()
+        self.sources = ConfigSources(options, self.store)
+        self.send = send
+        self.running: list[Snapshot | None] = [None] * workers
+        self._encoded: dict[tuple[str, str], bytes] = {}
+        self.store.subscribe(lambda new, old: self.broadcast())
+
+    async def start(self, certificates=None) -> bool:
+        return self.sources.load_files() and await self.sources.start_remote(certificates)
+
+    def broadcast(self) -> None:
+        for index in range(len(self.running)):
+            self.send_to(index)
+        self._encoded.clear()
+
+    def send_to(self, index: int, whole: bool = False) -> None:
+        new = self.store.current
+        old = None if whole else self.running[index]
+        if new is None or new is old:
+            return
+        key = (old.version if old is not None else "", new.version)
+        data = self._encoded.get(key)
+        if data is None:
+            data = self._encoded[key] = encode_update(new, old)
+        try:
+            self.send(index, data)
+            self.running[index] = new
+        except (OSError, BrokenPipeError):
+            self.running[index] = None         # that worker is gone; a new one gets the whole snapshot
+
+
 # ==================================================================== admin views of one worker
 
 
@@ -281,15 +408,14 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
     loop = asyncio.get_running_loop()
     store = SnapshotStore()
     telemetry = build_telemetry(options, loop)
-    source = FileConfigSource(options, store, telemetry) if options.config_paths else None
-    remote = None
-    if source is not None:
-        errors = source.load()
-        if store.current is None:
-            for error in errors:
-                print(error, file=sys.stderr)
-            print("meshproxy: no valid config to start with", file=sys.stderr)
-            return 1
+    holder: list = []          # (worker, certificates) once built
+    shared = SharedConfigClient(store) if options.shared_config and pipe is not None else None
+    # a worker of a process group has no config source of its own: the master's updates are its config
+    config = ConfigSources(options, store, telemetry) if shared is None else None
+    if pipe is not None:
+        _serve_pipe(loop, pipe, holder, shared)
+    if config is not None and not config.load_files():
+        return 1
     try:
         certificates = await start_certificates(options)
     except SystemExit as exc:
@@ -299,33 +425,25 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
     if certificates is not None:
         telemetry.metrics.attach(certificates)
         renewals = loop.create_task(certificates.run(), name="workload-certificate-renewal")
-    if options.control_plane:
-        from .config.remote_source import RemoteSource
-        remote = RemoteSource(options, store, telemetry, certificates=certificates)
-        try:
-            await remote.wait_first_config(options.initial_config_timeout)
-        except asyncio.TimeoutError:
-            print(f"meshproxy: no config from {','.join(options.control_plane)} within "
-                  f"{options.initial_config_timeout:g}s", file=sys.stderr)
+    if shared is not None:
+        if not await shared.wait_first(options.initial_config_timeout):
+            print("meshproxy: no config from the master process", file=sys.stderr)
             return 1
+    elif not await config.start_remote(certificates):
+        return 1
     worker = Worker(loop, store, options.worker, telemetry)
     worker.certificates = certificates     # auto mTLS, ISTIO_MUTUAL, inbound termination
     await worker.start()
     for error in worker.listen_errors:
         print(f"meshproxy: {error}", file=sys.stderr)
-    tasks = []
-    if source is not None:
-        tasks.append(loop.create_task(source.run()))
-    if remote is not None:
-        tasks.append(loop.create_task(remote.run()))
+    holder.append((worker, certificates))
+    tasks = config.run_tasks(loop) if config is not None else []
     if renewals is not None:
         tasks.append(renewals)
     admin = None
     if with_admin:
         admin = AdminServer(WorkerAdmin(worker, certificates), *options.admin)
         await admin.start()
-    if pipe is not None:
-        _serve_pipe(loop, pipe, worker, certificates)
     pod = None
     if options.pod is not None and with_admin:
         from .capture.pod import PodServices, mesh_names
@@ -349,8 +467,8 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
         f"{l.model.name}={a}:{p}" for (a, p), l in {**worker.http_listeners, **worker.tcp_listeners, **worker.capture_listeners}.items()),
         HOT_PATH)
     await stop.wait()
-    if remote is not None:
-        await remote.deregister()
+    if config is not None:
+        await config.deregister()
     clean = await worker.drain()
     if pipe is not None:
         _final_dump(pipe, worker)
@@ -376,8 +494,9 @@ def run(options: RunOptions) -> int:
 # ==================================================================== master and workers
 
 
-def _serve_pipe(loop, pipe, worker: Worker, certificates=None) -> None:
-    """Answer the master's questions (one JSON line each way)."""
+def _serve_pipe(loop, pipe, holder: list, shared: "SharedConfigClient | None") -> None:
+    """Answer the master's questions (one message each way) and take its config updates.
+    ``holder`` gets (worker, certificates) once the worker is built; before that it is not ready."""
 
     def on_readable() -> None:
         try:
@@ -386,8 +505,15 @@ def _serve_pipe(loop, pipe, worker: Worker, certificates=None) -> None:
             loop.remove_reader(pipe.fileno())
             os.kill(os.getpid(), signal.SIGTERM)     # master gone: drain and exit
             return
+        if isinstance(request, tuple) and request[:1] == ("config",):
+            if shared is not None:
+                shared.receive(request[1])
+            return
+        worker, certificates = holder[0] if holder else (None, None)
         if request == "ready":
-            pipe.send(worker.ready)
+            pipe.send(worker is not None and worker.ready)
+        elif worker is None:
+            pipe.send(None)
         elif request == "metrics":
             pipe.send(worker_metrics_dump(worker))
         elif request == "config_dump":
@@ -423,10 +549,14 @@ class Master:
         self.aggregator = MetricsAggregator()   # keeps exited workers' counters so totals never go back
         self.stopping = False
         self._lock = None
+        # one config stream (or file watch) and one build for the process group, in the master
+        self.shares = bool(options.config_paths or options.control_plane)
+        self.child_options = replace(options, shared_config=self.shares)
+        self.config: SharedConfigHost | None = None
 
     def spawn(self, index: int) -> None:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_child_main, args=(self.options, index, child), daemon=False)
+        proc = self.ctx.Process(target=_child_main, args=(self.child_options, index, child), daemon=False)
         proc.start()
         child.close()
         self.children[index] = proc
@@ -459,7 +589,18 @@ class Master:
         self._ready_cache = all(a is True for a in answers)
 
     async def config_dump(self) -> dict:
-        return await self.ask(0, "config_dump") or {}
+        dump = await self.ask(0, "config_dump") or {}
+        rejection = self.config.store.last_rejection if self.config is not None else None
+        if rejection is not None:       # the master built the config: refusals are recorded here
+            dump["last_rejection"] = {"version": rejection.version, "errors": list(rejection.errors),
+                                      "at": rejection.at}
+        return dump
+
+    def _send_config(self, index: int, data: bytes) -> None:
+        pipe = self.pipes[index]
+        if pipe is None:
+            raise BrokenPipeError(f"worker {index} has no pipe")
+        pipe.send(("config", data))
 
     async def _merged(self) -> dict:
         for i in range(len(self.children)):
@@ -481,6 +622,20 @@ class Master:
         self._lock = asyncio.Lock()
         self._ready_cache = False
         loop = asyncio.get_running_loop()
+        config_tasks: list[asyncio.Task] = []
+        if self.shares:
+            self.config = SharedConfigHost(self.options, self._send_config, len(self.children))
+            certificates = None
+            if self.options.security:         # the stream presents a workload certificate over https
+                certificates = build_certificates(self.options)
+                await certificates.start(self.options.initial_config_timeout)
+                config_tasks.append(loop.create_task(certificates.run(), name="master-certificate-renewal"))
+            if not await self.config.start(certificates):
+                for proc in self.children:
+                    proc.terminate()
+                return 1
+            self.config.broadcast()
+            config_tasks += self.config.sources.run_tasks(loop)
         admin = AdminServer(self, *self.options.admin)
         await admin.start()
         stop = asyncio.Event()
@@ -493,11 +648,15 @@ class Master:
                     log.warning("worker %d exited with %s; restarting", i, proc.exitcode)
                     self.aggregator.worker_exited(i)
                     self.spawn(i)
+                    if self.config is not None:
+                        self.config.send_to(i, whole=True)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
         self.stopping = True
+        if self.config is not None:
+            await self.config.sources.deregister()       # before the workers drain, as one proxy does
         for proc in self.children:
             if proc is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
@@ -514,6 +673,9 @@ class Master:
                 code = EXIT_UNCLEAN_DRAIN
             elif proc.exitcode != 0:
                 code = EXIT_UNCLEAN_DRAIN
+        for task in config_tasks:
+            task.cancel()
+        await asyncio.gather(*config_tasks, return_exceptions=True)
         await admin.close()
         return code
 

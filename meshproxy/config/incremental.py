@@ -83,6 +83,11 @@ class _LastCompile:
     clusters_by_host: dict[str, tuple[str, ...]]
 
 
+def mapping_proxy(items: dict) -> Mapping:
+    """Unpickling a read-only mapping (see :mod:`meshproxy.config.shared`)."""
+    return MappingProxyType(items)
+
+
 def body_hash(body) -> str:
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()

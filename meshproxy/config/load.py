@@ -24,6 +24,9 @@ from .resources import Document
 __all__ = ["Document", "LoadResult", "BuildResult", "load", "load_documents", "build_from_paths", "config_files"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# libyaml's safe loader when PyYAML was built with it (about 8x faster on large files), else
+# the pure-Python one: the same documents and the same error marks
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,7 @@ def load(paths: Iterable[str]) -> LoadResult:
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
-            bodies = [json.loads(text)] if path.endswith(".json") else list(yaml.safe_load_all(text))
+            bodies = [json.loads(text)] if path.endswith(".json") else list(yaml.load_all(text, Loader=YAML_LOADER))
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(f"{path}: cannot read: {exc}")
             failed.add(path)

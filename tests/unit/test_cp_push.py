@@ -236,3 +236,52 @@ async def test_a_restarted_engine_computes_the_same_versions_and_sends_deltas_fr
     finally:
         await second.close()
         await store.close()
+
+
+def test_a_mesh_wide_default_sidecar_narrows_every_namespace_without_its_own():
+    resources = [obj("Sidecar", "default", "istio-system", egress=[{"hosts": ["./*", "istio-system/*"]}]),
+                 obj("Sidecar", "default", "open", egress=[{"hosts": ["*/*"]}]),
+                 obj("VirtualService", "cart", "shop", hosts=["cart"]),
+                 obj("VirtualService", "ads", "ads", hosts=["ads.ads.svc.cluster.local"])]
+    names = lambda rs: [r["metadata"]["name"] for r in rs]
+    assert names(select_resources(resources, Identity("shop"))) == ["default", "cart"]   # the root default applies
+    assert names(select_resources(resources, Identity("open"))) == ["default", "cart", "ads"]
+    assert select_resources(resources, Identity("open"))[0]["metadata"]["namespace"] == "open"
+
+
+def test_scope_follows_what_in_scope_routes_reach_and_the_proxys_own_service():
+    resources = [obj("Sidecar", "default", "shop", egress=[{"hosts": ["./cart"]}]),
+                 obj("VirtualService", "cart", "shop", hosts=["cart"],
+                     http=[{"route": [{"destination": {"host": "cart-v2.backend.svc.cluster.local"}}],
+                            "mirror": {"host": "audit.backend"}}]),
+                 obj("DestinationRule", "cart-v2", "backend", host="cart-v2"),
+                 obj("DestinationRule", "other", "backend", host="other")]
+    workloads = [{"service": s, "namespace": ns} for s, ns in
+                 [("cart", "shop"), ("cart-v2", "backend"), ("audit", "backend"), ("other", "backend"),
+                  ("front", "shop"), ("web", "shop")]]
+    identity = Identity("shop", service="web")
+    assert [r["metadata"]["name"] for r in select_resources(resources, identity)] == ["default", "cart", "cart-v2"]
+    assert [w["service"] for w in select_workloads(workloads, resources, identity)] == ["cart", "cart-v2", "audit",
+                                                                                       "web"]
+
+
+async def test_discovery_namespaces_hide_everything_else_from_every_proxy(tmp_path):
+    from controlplane.scope import MeshScope
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store, mesh=MeshScope(("team-*",)))
+    await engine.start()
+    try:
+        await store.put(obj("VirtualService", "a", "team-a", hosts=["a"]))
+        await store.put(obj("VirtualService", "b", "legacy", hosts=["b"]))
+        await store.register({"id": "w1", "service": "a", "namespace": "team-a", "address": "10.0.0.1",
+                              "ports": {"http": 80}}, 3600)
+        await store.register({"id": "w2", "service": "b", "namespace": "legacy", "address": "10.0.0.2",
+                              "ports": {"http": 80}}, 3600)
+        engine._recompute(0.0)
+        message = json.loads(engine._message_for(engine.connect("n1", {"namespace": "team-a"})))
+        assert [u["key"] for u in message["resources"]["updated"]] == ["VirtualService/team-a/a"]
+        assert [u["key"] for u in message["workloads"]["updated"]] == ["w1"]
+    finally:
+        await engine.close()
+        await store.close()
