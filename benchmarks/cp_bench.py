@@ -1,6 +1,7 @@
 """Control-plane benchmarks.
 
   .venv/bin/python benchmarks/cp_bench.py propagation [--proxies 1000] [--rounds 5]
+        [--services 10000 --sidecar-hosts 20] [--change resource|endpoint]
   .venv/bin/python benchmarks/cp_bench.py scale [--services 10000] [--endpoints 3] [--sidecar-hosts 20]
   .venv/bin/python benchmarks/cp_bench.py latency [--services 10000] [--source controlplane|file]
 
@@ -125,9 +126,34 @@ class Simulator:
             self.proc.kill()
 
 
-def propagation(proxies: int, rounds: int) -> dict:
+def _prefill(db: str, services: int, sidecar_hosts: int) -> None:
+    """N services x 3 endpoints (and one canary in 100) in the store before the control plane starts."""
+    async def fill():
+        from controlplane.store_sqlite import SqliteStore
+        store = SqliteStore(db)
+        await store.start()
+        for s in range(services):
+            for e in range(3):
+                await store.register(_workload(s, e), 36000)
+        for s in range(0, services, 100):
+            for obj in _canary(s):
+                await store.put(obj)
+        if sidecar_hosts:
+            await store.put({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+                             "metadata": {"name": "default", "namespace": "default"},
+                             "spec": {"egress": [{"hosts": ["./demo"] + [f"./svc{s}" for s in range(sidecar_hosts)]}]}})
+        await store.close()
+    asyncio.run(fill())
+
+
+def propagation(proxies: int, rounds: int, services: int = 0, sidecar_hosts: int = 0,
+                change: str = "resource") -> dict:
+    """``change``: "resource" (the demo VirtualService's weights) or "endpoint" (a pod of svc0,
+    or of demo without --services, replaced)."""
     tmp = tempfile.mkdtemp(prefix="cp-bench-")
-    cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db").start()
+    if services:
+        _prefill(f"{tmp}/cp.db", services, sidecar_hosts)
+    cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db", ttl=36000).start()
     api = Client(cp.url)
     api.call("PUT", f"{VS_PATH}/demo", vs(100))
     sim = Simulator(cp.url, proxies)
@@ -143,9 +169,14 @@ def propagation(proxies: int, rounds: int) -> dict:
         cpu0, rss0 = proc_cpu_rss(cp.proc.pid)
         for r in range(rounds):
             weight = 90 - 10 * r
-            code, _ = api.call("PUT", f"{VS_PATH}/demo", vs(weight))
+            if change == "resource":
+                code, _ = api.call("PUT", f"{VS_PATH}/demo", vs(weight))
+            else:
+                code, _ = api.call("POST", "/registry/v1/workloads",
+                                   {**_workload(0, r, generation=1), "service": "svc0" if services else "demo",
+                                    "ttl": 36000})
             applied = time.monotonic()
-            assert code == 200, code
+            assert code in (200, 201), code
             target = None
             while True:
                 time.sleep(0.05)
@@ -159,7 +190,7 @@ def propagation(proxies: int, rounds: int) -> dict:
                     raise TimeoutError(f"round {r}: only {len(latest)} of {proxies} ACKed within 60 s")
             lat = [t - applied for _, t in rep["acked"].values()]
             results.append(lat)
-            print(f"round {r}: weight {weight}/{100 - weight} version {target}: p50 {1000 * pct(lat, 50):.0f} ms  "
+            print(f"round {r}: {change} change, version {target}: p50 {1000 * pct(lat, 50):.0f} ms  "
                   f"p99 {1000 * pct(lat, 99):.0f} ms  last {1000 * max(lat):.0f} ms", flush=True)
             time.sleep(0.3)
         cpu1, rss1 = proc_cpu_rss(cp.proc.pid)
@@ -168,10 +199,11 @@ def propagation(proxies: int, rounds: int) -> dict:
         cp.stop()
     every = [x for lat in results for x in lat]
     lasts = [max(lat) for lat in results]
-    return {"proxies": proxies, "rounds": rounds, "p50_ms": 1000 * pct(every, 50), "p99_ms": 1000 * pct(every, 99),
+    return {"proxies": proxies, "rounds": rounds, "services": services, "sidecar_egress_hosts": sidecar_hosts,
+            "change": change, "p50_ms": 1000 * pct(every, 50), "p99_ms": 1000 * pct(every, 99),
             "last_ack_ms_median_over_rounds": 1000 * statistics.median(lasts),
             "cp_cpu_seconds_per_round": (cpu1 - cpu0) / rounds, "cp_rss_mb": rss1 / 2**20,
-            "debounce_ms": 100}
+            "debounce_ms": 100, "leading_edge": True}
 
 
 # ---------------------------------------------------------------- scale (in process)
@@ -510,6 +542,10 @@ def main() -> int:
     p = sub.add_parser("propagation")
     p.add_argument("--proxies", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--services", type=int, default=0, help="services x 3 endpoints in the store beforehand")
+    p.add_argument("--sidecar-hosts", type=int, default=0,
+                   help="a Sidecar in the proxies' namespace limiting them to this many services")
+    p.add_argument("--change", choices=("resource", "endpoint"), default="resource")
     p = sub.add_parser("scale")
     p.add_argument("--services", type=int, default=10_000)
     p.add_argument("--endpoints", type=int, default=3)
@@ -522,7 +558,7 @@ def main() -> int:
     p.add_argument("--changes", type=int, default=4, help="alternately a resource and an endpoint change")
     args = parser.parse_args()
     if args.what == "propagation":
-        result = propagation(args.proxies, args.rounds)
+        result = propagation(args.proxies, args.rounds, args.services, args.sidecar_hosts, args.change)
     elif args.what == "latency":
         result = latency(args.services, args.source, args.seconds, args.changes)
     else:

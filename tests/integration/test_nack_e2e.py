@@ -1,6 +1,7 @@
 """The real proxy's NACK path end to end: a `meshproxy run --control-plane` process refuses a
-pushed version, says why, is listed as nacked by `meshctl proxies`, and keeps serving its last
-good config.
+resource of a pushed version, says why, is listed as nacked by `meshctl proxies`, applies the
+rest of the version and keeps serving the refused resource's last good version (refusal is
+per resource, as for files).
 
 The control plane validates every object with the proxy's own decoder, so through its API it
 never stores a resource a proxy of the same version refuses.  A control plane's store written
@@ -99,11 +100,18 @@ async def test_real_proxy_nacks_a_version_it_refuses_and_keeps_serving_the_last_
         shown = subprocess.run([sys.executable, "-m", "controlplane.cli", "proxies"], capture_output=True,
                                text=True, timeout=30, env={**os.environ, "MESHCTL_SERVER": cp.url})
         row = next(line for line in shown.stdout.splitlines() if line.startswith("nack-node"))
-        assert "nacked" in row.split() and "wieght" in row
-        # the proxy says so itself, and keeps routing on the last good version
+        assert "nacked" in row.split() and "wieght" in row and "VirtualService default/svc" in row
+        # refusal is per resource (as for files): the version is applied with the refused
+        # VirtualService at its last good version, and the NACK says so
+        assert list(entry["last_nack"]["resources"]) == ["VirtualService default/svc"]
+        assert entry["last_nack"]["applied"] and entry["applied_version"] == entry["last_nack"]["version"]
+        assert "last good kept" in row
+        # the proxy says so itself, and keeps routing with the last good VirtualService
         dump = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump", timeout=5).read())
         assert dump["last_rejection"]["version"] == entry["last_nack"]["version"]
-        assert dump["version"] == good
+        assert dump["version"] == entry["last_nack"]["version"]
+        kept = [r for r in dump["snapshot"]["resources"] if r["kind"] == "VirtualService"]
+        assert len(kept) == 1 and kept[0]["name"] == "svc"
         before = len(up.requests)
         assert await _ok(port) and len(up.requests) == before + 1
     finally:
