@@ -99,7 +99,9 @@ def _delta_body(base: str, updated: list[tuple[str, str, dict]], removed: list[s
 
 
 def part_version(items: dict[str, tuple[str, dict]]) -> str:
-    lines = "\n".join(f"{k}={v}" for k, (v, _) in sorted(items.items()))
+    """The hash of the part's ``key=version`` lines; ``items`` are in key order (built from the
+    sorted views), so no sort is needed here."""
+    lines = "\n".join(f"{k}={v}" for k, (v, _) in items.items())
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
