@@ -153,7 +153,7 @@ def propagation(proxies: int, rounds: int, services: int = 0, sidecar_hosts: int
     tmp = tempfile.mkdtemp(prefix="cp-bench-")
     if services:
         _prefill(f"{tmp}/cp.db", services, sidecar_hosts)
-    cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db", ttl=36000).start()
+    cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db", ttl=36000).start(timeout=120)
     api = Client(cp.url)
     api.call("PUT", f"{VS_PATH}/demo", vs(100))
     sim = Simulator(cp.url, proxies)
@@ -475,7 +475,7 @@ def latency(services: int, source: str, seconds: float, changes: int) -> dict:
                     await store.put(obj)
             await store.close()
         _asyncio.run(fill())
-        cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db", ttl=36000).start()
+        cp = ControlPlaneProcess(f"sqlite:{tmp}/cp.db", ttl=36000).start(timeout=120)
         cmd += ["--control-plane", cp.url, "--node-id", "bench"]
     proxy = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]))
     result: dict = {"services": services, "source": source}

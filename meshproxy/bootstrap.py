@@ -103,7 +103,11 @@ class Worker:
 
     def _build_runtime(self, snapshot: Snapshot) -> None:
         self.settings = snapshot.settings
-        self.clusters.update(with_dns_endpoints(snapshot))
+        changed = self.store.changed_clusters if self.store.current is snapshot else None
+        if changed is not None:          # an endpoint patch: only these clusters differ (no DNS ones)
+            self.clusters.update_only(snapshot, changed)
+        else:
+            self.clusters.update(with_dns_endpoints(snapshot))
         old = self.splitter
         if old is not None and old.snapshot.route_tables is snapshot.route_tables \
                 and old.snapshot.listeners is snapshot.listeners:

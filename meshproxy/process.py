@@ -257,11 +257,11 @@ class SharedConfigClient:
         while self._queue:
             data = self._queue.pop(0)
             try:
-                snapshot = await self.runner.run(apply_update, self.store.current, data)
+                snapshot, changed = await self.runner.run(apply_update, self.store.current, data)
             except Exception:             # a bad update must not take the worker down
                 log.exception("config update from the master could not be applied; keeping the current one")
                 continue
-            self.store.swap(snapshot)
+            self.store.swap(snapshot, changed)
             self.first.set()
 
     async def wait_first(self, timeout: float) -> bool:

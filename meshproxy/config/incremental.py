@@ -63,6 +63,7 @@ class BuildOutcome:
     notes: tuple[str, ...] = ()
     path: str = "full"                              # "full" | "routes" | "endpoints" | "unchanged"
     changed_clusters: int = 0                       # clusters rebuilt or patched by this build
+    patched: frozenset[str] | None = None           # path "endpoints": the names of the patched clusters
 
 
 @dataclass(slots=True)
@@ -104,6 +105,7 @@ class ConfigBuilder:
         self._decoded: dict[tuple[str, str], _Decoded] = {}
         self._hosts: dict[tuple[str, str], str] = {}
         self._last: _LastCompile | None = None
+        self._patched: frozenset[str] = frozenset()
         self.decodes = 0                             # documents actually decoded (cache misses)
 
     # ------------------------------------------------------------ decode, per resource
@@ -160,8 +162,9 @@ class ConfigBuilder:
         resource_set, kept = merge_last_good(self.resource_set, decoded, keep_sources=keep_sources)
         snapshot, path, changed, warnings = self._compile(resource_set, list(workloads), version)
         self.resource_set = resource_set
+        patched = self._patched if path == "endpoints" else None
         return BuildOutcome(snapshot, tuple(decoded.errors), MappingProxyType(rejected),
-                            tuple(decoded.warnings) + tuple(warnings), tuple(kept), path, changed)
+                            tuple(decoded.warnings) + tuple(warnings), tuple(kept), path, changed, patched)
 
     def _host(self, service: str, namespace: str) -> str:
         key = (service, namespace)
@@ -212,6 +215,7 @@ class ConfigBuilder:
         base_clusters = dict(state.clusters)
         new_registry = dict(registry)
         patched = 0
+        names: list[str] = []
         for host in changed_hosts:
             svc = registry.get(host)
             mine = grouped.get(host)
@@ -235,6 +239,7 @@ class ConfigBuilder:
                 port = new_svc.port(cluster.port)
                 eps, _ = cluster_endpoints(new_svc, port, cluster.labels)
                 clusters[name] = base_clusters[name] = dataclasses.replace(cluster, endpoints=tuple(eps))
+                names.append(name)
                 patched += 1
         snapshot = dataclasses.replace(last.result.snapshot, clusters=MappingProxyType(clusters),
                                        version=version if version is not None else _patched_version(
@@ -243,6 +248,7 @@ class ConfigBuilder:
                                RegistryState(new_registry, state.rules, base_clusters, state.warnings, state.implicit))
         self._last = _LastCompile(last.resources_key, last.registry_key, version, result, grouped,
                                   last.clusters_by_host)
+        self._patched = frozenset(names)
         return snapshot, "endpoints", patched, ()
 
 

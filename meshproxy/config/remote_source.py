@@ -69,7 +69,7 @@ class PushedConfig:
         for warning in outcome.warnings:
             log.warning("%s", warning)
         if outcome.snapshot is not None and outcome.snapshot is not self.store.current:
-            self.store.swap(outcome.snapshot)
+            self.store.swap(outcome.snapshot, outcome.patched)
         if outcome.errors:
             self.store.reject(version, outcome.errors)
             if self.telemetry is not None:

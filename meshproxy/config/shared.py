@@ -91,11 +91,12 @@ class UpdateMismatch(Exception):
     """The update builds on a version the worker does not run."""
 
 
-def apply_update(current: Snapshot | None, data: bytes) -> Snapshot:
-    """The worker's next snapshot: ``current`` with the update applied (in its build thread)."""
+def apply_update(current: Snapshot | None, data: bytes) -> tuple[Snapshot, frozenset[str] | None]:
+    """The worker's next snapshot: ``current`` with the update applied (in its build thread),
+    and the names of the changed clusters when nothing else changed (else None)."""
     update: SnapshotUpdate = pickle.loads(data)
     if not update.base:
-        return update.snapshot
+        return update.snapshot, None
     if current is None or current.version != update.base:
         raise UpdateMismatch(f"update for {update.base}, running {current.version if current else 'nothing'}")
     clusters = dict(current.clusters)
@@ -115,5 +116,10 @@ def apply_update(current: Snapshot | None, data: bytes) -> Snapshot:
         for domain in t.removed:
             exact.pop(domain, None)
         tables[t.name] = RouteTable(t.name, MappingProxyType(exact), t.wildcards, t.default)
-    return dataclasses.replace(update.snapshot, clusters=MappingProxyType(clusters),
-                               route_tables=MappingProxyType(tables))
+    snapshot = dataclasses.replace(update.snapshot, clusters=MappingProxyType(clusters),
+                                   route_tables=MappingProxyType(tables))
+    if update.tables or update.removed_tables or update.snapshot.listeners != current.listeners:
+        return snapshot, None
+    # routes and listeners as they were: keep the worker's own objects, name the changed clusters
+    snapshot = dataclasses.replace(snapshot, route_tables=current.route_tables, listeners=current.listeners)
+    return snapshot, frozenset(update.clusters) | frozenset(update.removed_clusters)
