@@ -189,7 +189,7 @@ async def test_canaries_are_never_pushed_to_proxies():
     try:
         push = PushEngine(store)
         await push.start()
-        body = push.target_for(Identity("default", "sidecar", ())).resources.body
+        body = push.target_for(Identity("default", "sidecar", ())).resources.full()
         assert b'"VirtualService"' in body and b'"Canary"' not in body
         await push.close()
     finally:
