@@ -126,6 +126,8 @@ def workload_view(w: dict) -> dict:
             "ports": w["ports"], "labels": w.get("labels") or {}}
     if w.get("proxy_port"):          # explicit sidecars: peers connect to the sidecar's inbound listener
         view["proxy_port"] = w["proxy_port"]
+    if w.get("identity"):            # registered with a workload certificate: peers originate mTLS to it
+        view["identity"] = w["identity"]   # (auto mTLS) and check this SPIFFE id
     return view
 
 

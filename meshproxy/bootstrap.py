@@ -29,7 +29,7 @@ from .clock import monotonic
 from .cluster.state import ClusterManager
 from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
-from .config.model import Endpoint, Listener, Snapshot, endpoint_tls
+from .config.model import Endpoint, Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
 from .downstream.splice import Splice
 from .downstream.tcp_proxy import TcpProxyListener
@@ -223,12 +223,19 @@ class Worker:
     def _tcp_listener(self, model: Listener) -> TcpProxyListener:
         settings = self.settings
 
-        def pick_upstream():
+        def current_model() -> Listener:
             listener = self.tcp_listeners_by_name.get(model.name)
-            current = listener.model if listener else model
-            if not current.tcp_routes:
+            return listener.model if listener else model
+
+        def pick_upstream(sni: str | None = None):
+            current = current_model()
+            if sni is None:
+                route = current.tcp_routes[0] if current.tcp_routes else None
+            else:     # Gateway PASSTHROUGH: the first route whose sniHosts take the SNI
+                route = next((r for r in current.tcp_routes if sni_matches(r.sni_hosts, sni)), None)
+            if route is None:
                 return None
-            dest = self.splitter.pick_tcp(current.tcp_routes[0])
+            dest = self.splitter.pick_tcp(route)
             if dest is None or not dest.cluster:
                 return None
             cluster = self.clusters.get(dest.cluster)
@@ -252,7 +259,8 @@ class Worker:
             idle_timeout=settings.tcp_idle_timeout, on_open=self.telemetry.tcp_opened(model),
             on_close=self.telemetry.tcp_closed(model), model=model,
             max_connections=settings.max_connections_per_listener,
-            on_overflow=lambda: self.telemetry.downstream_overflow(model.name), upstream_tls=self.pools.tls)
+            on_overflow=lambda: self.telemetry.downstream_overflow(model.name), upstream_tls=self.pools.tls,
+            sni_routing=lambda: any(r.sni_hosts for r in current_model().tcp_routes))
 
     @property
     def tcp_listeners_by_name(self) -> dict[str, TcpProxyListener]:

@@ -32,7 +32,7 @@ from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matche
 from .model import (
     EMPTY_MAP, Cluster, ConnectionPoolPolicy, Endpoint, HttpRoute, LoadBalancerPolicy, Listener,
     MirrorPolicy, ProxySettings, Redirect, ResourceInfo, RetryPolicy, RouteTable, Snapshot, TcpRoute,
-    TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
+    TLS_MODE_LABEL, TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
 )
 from .resources import (
     DestinationRule, Gateway, HTTPRoute, L4Route, PolicyParts, Resource, RouteDestination, Server,
@@ -78,6 +78,9 @@ class WorkloadEndpoint:
     locality: str = ""
     vip: str = ""                  # the service's virtual IP, allocated by the control plane
     proxy_port: int = 0            # explicit sidecars: the endpoint is the sidecar's inbound listener
+    # the workload's SPIFFE id when its sidecar registered with a workload certificate: it has a
+    # sidecar that terminates mTLS (auto mTLS goes to it) and the service runs as this identity
+    identity: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +123,18 @@ def workload_ports(w: WorkloadEndpoint) -> dict[str, int]:
     return dict(w.ports) if not isinstance(w.ports, (tuple, list)) else {f"port-{p}": p for p in w.ports}
 
 
+def meshed_identity(w: WorkloadEndpoint) -> str:
+    """The SPIFFE id peers originate auto mTLS to, or "": a workload registered with an identity
+    behind an explicit sidecar (its inbound listener has peer authentication).  The capture
+    listener (15006) does not terminate mTLS yet, so captured workloads get plaintext."""
+    return w.identity if w.identity and w.proxy_port else ""
+
+
 def workload_entry(w: WorkloadEndpoint, named: Mapping[str, int]) -> tuple:
     """The registry's endpoint entry for a workload (also what an endpoint patch rebuilds)."""
     reach = {name: w.proxy_port for name in named} if w.proxy_port else named
-    return (w.address, MappingProxyType(dict(reach)), w.labels, w.weight, w.locality)
+    labels = MappingProxyType({**w.labels, TLS_MODE_LABEL: "istio"}) if meshed_identity(w) else w.labels
+    return (w.address, MappingProxyType(dict(reach)), labels, w.weight, w.locality)
 
 
 def _protocol_from_name(name: str) -> str:
@@ -229,6 +240,8 @@ class _Compiler:
                     if svc.port(number) is None:
                         svc.ports.append(ServicePort(number, name, _protocol_from_name(name)))
             svc.endpoints.append(workload_entry(w, named))
+            if meshed_identity(w) and w.identity not in svc.identities:
+                svc.identities.append(w.identity)
             if w.vip and w.vip not in svc.addresses:
                 svc.addresses.append(w.vip)
 
@@ -612,6 +625,35 @@ class _Compiler:
             out.append(TcpRoute(dests, where))
         return tuple(out)
 
+    def _sni_routes(self, servers: list[tuple[Resource, Server]], port: int) -> tuple[TcpRoute, ...]:
+        """Gateway PASSTHROUGH: VirtualService ``tls`` routes bound to one of ``servers``, each
+        match's ``sniHosts`` narrowed to the server's hosts; first match wins (Istio's order)."""
+        out = []
+        for r in self.by_kind.get("VirtualService", []):
+            vs: VirtualService = r.spec
+            if not vs.tls:
+                continue
+            top = self._gateways_of(r, vs.gateways) or ("mesh",)
+            for gr, s in servers:
+                context = f"{gr.namespace}/{gr.name}"
+                server_hosts = tuple(h.rpartition("/")[2] for h in s.hosts)
+                for t in vs.tls:
+                    where = f"{r.ref}: spec.tls[{t.index}]"
+                    snis = []
+                    for m in t.match:
+                        gws = self._gateways_of(r, m.gateways) or top
+                        if context in gws and m.port in (None, port):
+                            snis += [h for h in m.sni_hosts if any(intersect_hosts(sh.lower(), h.lower()) is not None
+                                                                   for sh in server_hosts)]
+                    if not snis:
+                        continue
+                    single = len(t.route) == 1
+                    dests = tuple(self.destination(f"{where}.route[{j}].destination", d.destination,
+                                                   100 if single else (d.weight or 0), r.namespace, port)
+                                  for j, d in enumerate(t.route))
+                    out.append(TcpRoute(dests, where, tuple(snis)))
+        return tuple(out)
+
     # -- 6. listeners: gateway
 
     def gateway_listeners(self) -> None:
@@ -633,11 +675,12 @@ class _Compiler:
                     self.warn(f"{where}.port: port {port} is already served as {first.port.protocol} by "
                               f"{first_r.ref}; this server is ignored")
                     continue
-                if s.tls is not None and s.tls.mode in ("PASSTHROUGH", "AUTO_PASSTHROUGH", "MUTUAL",
-                                                        "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"):
+                if s.tls is not None and s.tls.mode in ("AUTO_PASSTHROUGH", "MUTUAL", "ISTIO_MUTUAL",
+                                                        "OPTIONAL_MUTUAL"):
                     self.warn(f"{where}.tls.mode: {s.tls.mode} is not supported by this proxy; server ignored")
                     continue
-                if s.tls is not None and not s.tls.https_redirect and not s.tls.server_certificate:
+                if s.tls is not None and s.tls.mode != "PASSTHROUGH" and not s.tls.https_redirect \
+                        and not s.tls.server_certificate:
                     self.warn(f"{where}.tls: credentialName is not supported (no secret store); use "
                               "serverCertificate/privateKey files; server ignored")
                     continue
@@ -646,6 +689,14 @@ class _Compiler:
                 continue
             address = first.bind or self.identity.gateway_bind
             name = f"gateway_{port}"
+            if first.tls is not None and first.tls.mode == "PASSTHROUGH":
+                routes = self._sni_routes(same, port)
+                if not routes:
+                    self.warn(f"{first_r.ref}: spec.servers[{first.index}]: no VirtualService tls route is bound "
+                              f"to this gateway for port {port}; connections are closed")
+                self.listeners.append(Listener(name, address, port, "TCP", tcp_routes=routes,
+                                               authz=self.security.authz))
+                continue
             if protocol == "TCP" or protocol == "TLS":
                 routes: tuple[TcpRoute, ...] = ()
                 for r, s in same:
@@ -834,6 +885,7 @@ def compile_snapshot(resources: Iterable[Resource], identity: ProxyIdentity,
     compiler = _Compiler(resources, identity, settings, workloads, registry)
     workloads_key = repr(sorted((w.service, w.namespace, w.address, repr(
         tuple(w.ports) if isinstance(w.ports, (tuple, list)) else dict(w.ports)),
-        repr(sorted(dict(w.labels).items())), w.weight, w.vip, w.proxy_port) for w in workloads)) if version is None else ""
+        repr(sorted(dict(w.labels).items())), w.weight, w.vip, w.proxy_port, w.identity)
+        for w in workloads)) if version is None else ""
     snapshot = compiler.snapshot(version, resources, workloads_key)
     return CompileResult(snapshot, list(compiler.warnings), compiler.registry)

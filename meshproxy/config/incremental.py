@@ -42,7 +42,7 @@ from typing import Iterable, Mapping
 
 from .compile import (
     CompileResult, ProxyIdentity, RegistryState, WorkloadEndpoint, cluster_endpoints, compile_snapshot,
-    workload_entry, workload_ports,
+    meshed_identity, workload_entry, workload_ports,
 )
 from .decode import DecodeResult, ResourceSet, decode_document, merge_last_good
 from .hosts import resolve_host
@@ -224,6 +224,8 @@ class ConfigBuilder:
             vips = list(dict.fromkeys(w.vip for w in mine if w.vip))
             if vips != svc.addresses:
                 return None                       # the service's addresses change: its listeners may too
+            if any(meshed_identity(w) and w.identity not in svc.identities for w in mine):
+                return None                       # a new identity: auto mTLS checks the service's identities
             endpoints = []
             for w in mine:
                 named = workload_ports(w)

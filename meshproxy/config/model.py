@@ -334,6 +334,19 @@ class TlsSettings:
 class TcpRoute:
     destinations: tuple[WeightedDestination, ...]
     source: str = ""
+    # Gateway PASSTHROUGH (VirtualService tls routes): the SNI names this route takes ("*.x" wildcards);
+    # a listener whose routes carry them reads the ClientHello and routes on its SNI, without terminating
+    sni_hosts: tuple[str, ...] = ()
+
+
+def sni_matches(patterns: tuple[str, ...], sni: str) -> bool:
+    """An SNI against sniHosts: exact (case-insensitive), ``*.suffix`` for one or more labels, or ``*``."""
+    sni = sni.lower()
+    for p in patterns:
+        p = p.lower()
+        if p == "*" or p == sni or (p.startswith("*.") and sni.endswith(p[1:]) and len(sni) > len(p) - 1):
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ log = logging.getLogger("meshproxy.config")
 def workload_endpoint(w: dict) -> WorkloadEndpoint:
     return WorkloadEndpoint(service=w["service"], namespace=w.get("namespace", "default"), address=w["address"],
                             ports=w.get("ports") or {}, labels=w.get("labels") or {}, vip=w.get("vip") or "",
-                            proxy_port=w.get("proxy_port") or 0)
+                            proxy_port=w.get("proxy_port") or 0, identity=w.get("identity") or "")
 
 
 class PushedConfig:

@@ -285,7 +285,10 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             transport = self.transport
             if transport.can_write_eof():
                 transport.write_eof()
-            self.worker.loop.call_later(1.0, transport.close)
+                self.worker.loop.call_later(1.0, transport.close)
+            else:
+                # TLS: no half-close; close() sends what is buffered, then close_notify
+                transport.close()
 
     def close(self) -> None:
         if not self.closed:

@@ -28,6 +28,7 @@ import socket
 import ssl
 from typing import Any, Callable
 
+from ..security.client_hello import NEED_MORE, ClientHello, parse_client_hello
 from ..upstream.tls import UpstreamTlsContexts, UpstreamTlsError
 
 from .splice import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, Splice, reset_transport
@@ -73,7 +74,7 @@ class TcpProxyProtocol(asyncio.Protocol):
     """One accepted downstream connection, until it is spliced."""
 
     __slots__ = ("listener", "transport", "chunks", "eof", "lost", "task", "splice",
-                 "pending", "_done")
+                 "pending", "_done", "sni", "_hello")
 
     def __init__(self, listener: "TcpProxyListener"):
         self.listener = listener
@@ -85,6 +86,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.splice: Splice | None = None
         self.pending: _PendingUpstream | None = None   # upstream being connected
         self._done = False
+        self.sni: str | None = None        # SNI routing: the ClientHello's server name ("" = none)
+        self._hello: asyncio.Future | None = None   # SNI routing: set when the first record is read
 
     # ------------------------------------------------------------ before the splice
 
@@ -109,12 +112,23 @@ class TcpProxyProtocol(asyncio.Protocol):
         listener.connections.add(self)
         if listener.on_open is not None:
             listener.on_open()
+        if listener.sni_routing is not None and listener.sni_routing():
+            # Gateway PASSTHROUGH: read the ClientHello (bounded), route on its SNI, forward it untouched
+            self._hello = listener.loop.create_future()
+            transport.resume_reading()
         self.task = listener.loop.create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
         # reading is paused from the start; a chunk already on its way is kept, and
-        # reading stays paused, so this holds at most a read or two.
+        # reading stays paused, so this holds at most a read or two (SNI routing: until
+        # the first TLS record is complete, at most MAX_RECORD bytes)
         self.chunks.append(data)
+        hello = self._hello
+        if hello is not None and not hello.done():
+            result = parse_client_hello(b"".join(self.chunks))
+            if result == NEED_MORE:
+                return
+            hello.set_result(result.sni if isinstance(result, ClientHello) else "")
         self.transport.pause_reading()
 
     def eof_received(self) -> bool:
@@ -139,15 +153,26 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ connect
 
+    def _pick(self):
+        listener = self.listener
+        return listener.pick_upstream() if self.sni is None else listener.pick_upstream(self.sni)
+
     async def _connect(self) -> None:
         listener = self.listener
-        target = listener.pick_upstream()
+        if self._hello is not None:
+            try:
+                async with asyncio.timeout(listener.connect_timeout):
+                    self.sni = await self._hello
+            except TimeoutError:
+                self.sni = ""
+            self.transport.pause_reading()
+        target = self._pick()
         if target is None:
             self._fail(None, NO_UPSTREAM)
             return
         up = await self._try(target)
         if up is None and not self.lost:
-            second = listener.pick_upstream()
+            second = self._pick()
             if second is not None and tuple(second) != tuple(target):
                 up = await self._try(second)
         if self.lost:
@@ -246,7 +271,8 @@ class TcpProxyListener:
                  low_water: int = DEFAULT_LOW_WATER, max_connections: int = 2**31 - 1,
                  on_overflow: Callable[[], None] | None = None,
                  admit: Callable[[asyncio.Transport], bool] | None = None,
-                 upstream_tls: UpstreamTlsContexts | None = None):
+                 upstream_tls: UpstreamTlsContexts | None = None,
+                 sni_routing: Callable[[], bool] | None = None):
         self.loop = loop
         self.pick_upstream = pick_upstream
         self.connect_timeout = connect_timeout
@@ -262,6 +288,8 @@ class TcpProxyListener:
         self.on_overflow = on_overflow
         self.admit = admit                          # None, or: may this accepted connection proceed?
         self.upstream_tls = upstream_tls or UpstreamTlsContexts()
+        # None, or: does this listener route on the ClientHello's SNI (pick_upstream(sni))?
+        self.sni_routing = sni_routing
         self.rejected_connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.connect_failures = 0

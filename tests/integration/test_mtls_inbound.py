@@ -193,8 +193,16 @@ async def test_garbage_and_a_client_hello_one_byte_at_a_time(inbound):
     except ConnectionResetError:
         pass                                     # closed with our bytes unread: a reset
     writer.close()
+    # a "hello" longer than any TLS record can be
+    reader, writer = await asyncio.open_connection("127.0.0.1", http)
+    writer.write(b"\x16\x03\x01\xff\xff" + b"\x01" * 70000)
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        pass
+    writer.close()
     await asyncio.sleep(0.05)
-    assert _refusals(worker)[("inbound_http", "plaintext_refused")] == 1
+    assert _refusals(worker)[("inbound_http", "plaintext_refused")] == 2
     # a real handshake trickled one byte at a time still completes
     ctx = mesh.client()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()

@@ -83,3 +83,24 @@ def test_client_credential_name_and_crl_are_refused_not_dropped():
     assert any("spec.trafficPolicy.tls.credentialName: client credentials from secrets are not supported" in e
                for e in decoded.errors), decoded.errors
     assert any("spec.trafficPolicy.tls.caCrl: certificate revocation lists are not checked" in e for e in decoded.errors)
+
+
+def test_a_workload_registered_with_an_identity_gets_auto_mtls_checked_against_it():
+    from meshproxy.config.compile import WorkloadEndpoint
+    snap = compile_snapshot([], ProxyIdentity(), workloads=[
+        WorkloadEndpoint("ratings", "default", "10.0.0.7", {"http": 9080}, proxy_port=15006,
+                         identity="spiffe://cluster.local/ns/default/sa/ratings"),
+        WorkloadEndpoint("ratings", "default", "10.0.0.8", {"http": 9080})]).snapshot
+    cluster = snap.clusters["outbound|9080||ratings.default.svc.cluster.local"]
+    meshed, plain = cluster.endpoints
+    assert endpoint_tls(cluster.policy, meshed).subject_alt_names == ("spiffe://cluster.local/ns/default/sa/ratings",)
+    assert endpoint_tls(cluster.policy, plain) is None
+
+
+def test_a_captured_workload_with_an_identity_gets_plaintext_until_capture_terminates_mtls():
+    from meshproxy.config.compile import WorkloadEndpoint
+    snap = compile_snapshot([], ProxyIdentity(), workloads=[
+        WorkloadEndpoint("ratings", "default", "10.0.0.7", {"http": 9080},
+                         identity="spiffe://cluster.local/ns/default/sa/ratings")]).snapshot
+    cluster = snap.clusters["outbound|9080||ratings.default.svc.cluster.local"]
+    assert endpoint_tls(cluster.policy, cluster.endpoints[0]) is None
