@@ -1,20 +1,33 @@
 # The meshproxy image: the sidecar and pod-init (meshproxy), the control plane (meshctl).
-# `meshctl inject` points its init container and native sidecar at this image.  Not built or run
-# on a real cluster in CI (see README: what is tested on a real cluster: nothing yet).
-FROM python:3.11-slim-bookworm
+# `meshctl inject` points its init container and native sidecar at this image (and sets their
+# users: root with NET_ADMIN for pod-init, 1337 for the sidecar).  Not built or run on a real
+# cluster in CI; its RUN steps are scripts in the repository that CI runs without an image
+# daemon (tests/integration/test_packaging.py).
+#   docker build -t meshproxy:0.1.0 .
+#
+# Stage 1 builds the wheels, meshproxy's with its hot path compiled by Cython (setup.py).
+FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
-WORKDIR /opt/meshproxy
-COPY pyproject.toml README.md ./
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY scripts/build_ext.py scripts/build_wheels.sh scripts/install_wheels.sh scripts/
 COPY meshproxy meshproxy
 COPY controlplane controlplane
-COPY scripts/build_ext.py scripts/build_ext.py
-# the compiled hot path is built in place beside the .py files (an editable install keeps them there)
-RUN pip install --no-cache-dir -e . \
- && python scripts/build_ext.py \
- && python -m compileall -q meshproxy controlplane \
- && apt-get purge -y gcc libc6-dev && apt-get autoremove -y
+RUN scripts/build_wheels.sh /wheels
+
+# Stage 2: a slim runtime without a compiler; nftables for pod-init.
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /wheels /wheels
+COPY --from=build /src/scripts/install_wheels.sh /usr/local/bin/
+RUN install_wheels.sh /wheels "$(command -v python3)" \
+ && rm -rf /wheels /usr/local/bin/install_wheels.sh \
+ && groupadd -g 1337 meshproxy && useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin meshproxy
 # the proxy's uid/gid: pod-init never captures its traffic
-RUN groupadd -g 1337 meshproxy && useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin meshproxy
+USER 1337:1337
+EXPOSE 15000 15001 15006 15010 15053
 ENTRYPOINT ["meshproxy"]

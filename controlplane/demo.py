@@ -88,7 +88,7 @@ def spawn_proxies(mesh: Mesh, control_plane: str, ports: list[int], gw_admin: in
         spawn_sidecar(mesh, control_plane, version, app_port, listen, admin, prefix)
     mesh.spawn("ingress", [
         python, "-m", "meshproxy", "run", "--control-plane", control_plane, "--node-id", f"{prefix}-ingress",
-        "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind", "127.0.0.1",
+        "--mode", "gateway", "--labels", "istio=ingressgateway,app=istio-ingressgateway", "--gateway-bind", "127.0.0.1",
         "--listen", f"127.0.0.1:{ports[6]}", "--admin", f"127.0.0.1:{gw_admin}"])
 
 

@@ -7,6 +7,8 @@ runs is decided here, once, before any of them is imported:
 * compiled, when the compiled modules are present and none is older than its .py or .pxd;
 * pure Python, when there are none, when ``MESHPROXY_PURE=1``, or when one is stale (a
   source edited since the last build: running old compiled code would be worse than slow).
+  Staleness is a question for a build tree only (where Cython's generated ``.c`` lies beside
+  the module): an installed wheel carries no ``.c`` and its file times are those of unpacking.
 
 ``HOT_PATH`` says which (the ready log line, the pytest header, benchmark reports).
 """
@@ -28,7 +30,9 @@ def _choose_hot_path(root: str) -> str:
                 base = os.path.join(folder, name[:-len(suffix)])
                 built = os.stat(base + suffix).st_mtime
                 compiled = True
-                if any(os.path.exists(src) and os.stat(src).st_mtime > built for src in (base + ".py", base + ".pxd")):
+                sources = (base + ".py", base + ".pxd")
+                if os.path.exists(base + ".c") and any(
+                        os.path.exists(src) and os.stat(src).st_mtime > built for src in sources):
                     stale.append(os.path.relpath(base, root))
     if not compiled:
         return "python"

@@ -69,22 +69,32 @@ def _declarations_changed() -> bool:
     return max(map(os.path.getmtime, pxds)) > min(map(os.path.getmtime, built))
 
 
+# annotation_typing off: types come from the .pxd files only; warn.unreachable off: the Python
+# reference after an ``if cython.compiled:`` branch is unreachable in C by design
+DIRECTIVES = {"annotation_typing": False, "nonecheck": True, "warn.unreachable": False}
+
+
+def extensions(optional: bool = False) -> list:
+    """The hot path as cythonized extensions (also what ``setup.py`` builds into a wheel;
+    ``optional``: a module that fails to compile is left out, and runs as pure Python)."""
+    from Cython.Build import cythonize
+    from setuptools import Extension
+    exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"], optional=optional) for m in HOT]
+    return cythonize(exts, language_level=3, nthreads=2, quiet=True, force=_declarations_changed(),
+                     compiler_directives=DIRECTIVES)
+
+
 def build() -> int:
     try:
-        from Cython.Build import cythonize
-        from setuptools import Extension, setup
+        from setuptools import setup
+        import Cython  # noqa: F401
     except ImportError as err:
         print(f"build_ext: {err}; meshproxy runs as pure Python", file=sys.stderr)
         return 0
     warnings.simplefilter("ignore")   # setuptools' notes about pyproject.toml, not about this build
     started = time.time()
-    exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"]) for m in HOT]
     try:
-        modules = cythonize(exts, language_level=3, nthreads=2, quiet=True, force=_declarations_changed(),
-                            # warn.unreachable: the Python reference after an ``if cython.compiled:``
-                            # branch is unreachable in C by design
-                            compiler_directives={"annotation_typing": False, "nonecheck": True,
-                                                 "warn.unreachable": False})
+        modules = extensions()
         setup(name="meshproxy-hot-path", ext_modules=modules,
               script_args=["-q", "build_ext", "--inplace", "-j", "2"])
     except (Exception, SystemExit) as err:   # no compiler, no Python.h: stay pure Python

@@ -206,3 +206,22 @@ def test_python_client_patches_selects_pages_and_watches(client):
     changes = [(e["type"], e["object"]["metadata"].get("name")) for e in resumed if e["type"] != "BOOKMARK"]
     assert changes == [("DELETED", "pc-c"), ("MODIFIED", "pc-a")]
     assert all(e["object"]["metadata"].get("resourceVersion") for e in resumed)
+
+
+def test_kubectl_over_the_tls_api_with_a_bearer_token(kubectl, tmp_path):
+    """The secured control plane (TLS from the mesh CA, bearer tokens): kubectl with the CA
+    bundle and the admin token from meshctl's credentials file; without a token it is refused."""
+    with ControlPlaneProcess(f"sqlite:{tmp_path / 'tls.db'}", tls=True) as cp:
+        creds = cp.credentials_data()
+        ca = tmp_path / "ca.pem"
+        ca.write_text(creds["ca"])
+        base = [kubectl.binary, "--server", cp.url, "--certificate-authority", str(ca)]
+        manifest = tmp_path / "vs.yaml"
+        manifest.write_text(vs_yaml())
+        run = lambda *args: subprocess.run([*base, *args], capture_output=True, text=True, env=kubectl.env, timeout=30)
+        applied = run("--token", creds["token"], "apply", "-f", str(manifest))
+        assert applied.returncode == 0 and applied.stdout.strip() == f"virtualservice.{G}/reviews created", applied.stderr
+        listed = run("--token", creds["token"], "get", "vs", "-o", "name")
+        assert listed.stdout.strip() == f"virtualservice.{G}/reviews"
+        anonymous = run("get", "vs")                  # kubectl answers a 401 by asking for a user name
+        assert anonymous.returncode != 0 and "Please enter Username" in anonymous.stdout, anonymous
