@@ -283,13 +283,31 @@ class PushEngine:
                                     if discovers(e[1]["metadata"].get("namespace") or "default")), key=lambda e: e[2])
         ordered_workloads = sorted((e for e in self._workload_items.values() if discovers(e[1]["namespace"])),
                                    key=lambda e: e[2])
-        # service VIPs (controlplane.vips): the proxies' copies carry the allocated addresses
-        resources, workloads = self.vips.annotate([e[1] for e in ordered_resources], [e[1] for e in ordered_workloads])
+        # service VIPs (controlplane.vips): the proxies' copies carry the allocated addresses.  A
+        # VIP is per service, so the allocator sees one workload per service, and each workload's
+        # annotated copy (and its version) is made once per (workload, VIP) and then reused
+        per_service: dict[tuple[str, str], dict] = {}
+        for entry in ordered_workloads:
+            per_service.setdefault((entry[1]["service"], entry[1]["namespace"]), entry[1])
+        resources, samples = self.vips.annotate([e[1] for e in ordered_resources], list(per_service.values()))
+        vip_of = {(v["service"], v["namespace"]): v.get("vip") or "" for v in samples}
         annotated: dict = {}
-        self._item_meta = {}
-        for entries, views in ((ordered_resources, resources), (ordered_workloads, workloads)):
-            for entry, view in zip(entries, views):
-                self._item_meta[id(view)] = self._annotated_meta(entry, view, annotated)
+        self._item_meta = meta = {}
+        for entry, view in zip(ordered_resources, resources):
+            meta[id(view)] = self._annotated_meta(entry, view, annotated)
+        workloads = []
+        previous = self._annotated
+        for _, raw, key, version in ordered_workloads:
+            vip = vip_of.get((raw["service"], raw["namespace"]), "")
+            if vip:
+                hit = previous.get((key, vip))
+                if hit is None or hit[0] is not raw:
+                    view = dict(raw, vip=vip)
+                    hit = (raw, content_hash(view), view)
+                annotated[(key, vip)] = hit
+                raw, version = hit[2], hit[1]
+            workloads.append(raw)
+            meta[id(raw)] = (key, version)
         self._annotated = annotated
         self._resource_views, self._workload_views = resources, workloads
         # labels only change what a proxy gets where a Sidecar selects workloads by label
@@ -318,11 +336,10 @@ class PushEngine:
         _, raw, key, version = entry
         if view is raw:
             return key, version
-        extra = view.get("vip") if "vip" in view else repr((view.get("spec") or {}).get("addresses"))
-        cache_key = (key, extra)
+        cache_key = (key, repr((view.get("spec") or {}).get("addresses")))
         hit = self._annotated.get(cache_key)
         if hit is None or hit[0] is not raw:
-            hit = (raw, content_hash(view))
+            hit = (raw, content_hash(view), view)
         fresh[cache_key] = hit
         return key, hit[1]
 
