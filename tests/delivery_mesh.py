@@ -72,8 +72,12 @@ class Users:
     with its own keep-alive connection and cookie; every outcome recorded with its time."""
 
     def __init__(self, port: int, host: str, *, users: int = 2, pause: float = 0.0, cookies: bool = False,
-                 headers: dict | None = None):
+                 headers: dict | None = None, new_session_until: str = "", new_session_after: int = 5):
+        """``new_session_until``: a client whose session (cookie) has not reached that version
+        after ``new_session_after`` requests drops its cookie and starts a new one, as new
+        visitors arrive on a site; once it reaches that version it keeps its session."""
         self.port, self.host, self.pause, self.cookies = port, host, pause, cookies
+        self.new_session_until, self.new_session_after = new_session_until, new_session_after
         self.headers = headers or {}
         self.outcomes: list[tuple[float, int, int, str]] = []      # (time, user, status, version)
         self._stop = threading.Event()
@@ -82,6 +86,7 @@ class Users:
     def _run(self, user: int):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         cookie = ""
+        in_session, settled = 0, False
         while not self._stop.is_set():
             headers = {"host": self.host, **self.headers}
             if cookie:
@@ -94,6 +99,11 @@ class Users:
                 set_cookie = resp.getheader("set-cookie")
                 if self.cookies and set_cookie and not cookie:
                     cookie = set_cookie.split(";", 1)[0]
+                if self.new_session_until and not settled:
+                    settled = version == self.new_session_until
+                    in_session += 1
+                    if not settled and in_session >= self.new_session_after:
+                        cookie, in_session = "", 0
             except (OSError, http.client.HTTPException):
                 status, version = 0, "-"
                 conn.close()
