@@ -34,6 +34,8 @@ from ..config.model import Listener
 from ..downstream.splice import reset_transport
 from ..downstream.tcp_proxy import TcpProxyListener
 from ..listener import HttpListener
+from ..security.authz import authorize_connection
+from ..security.inbound import PeerAuthAcceptor
 from .original_dst import NoOriginalDestination, original_destination
 from .sniff import MAX_SNIFF_BYTES, classify
 
@@ -174,7 +176,28 @@ class CaptureListener:
         return self.table.detection_timeout
 
     async def start(self) -> None:
+        if not self.outbound and self.table.mtls is not None:
+            # inbound: the port's PeerAuthentication decides per connection (mTLS or plaintext) before
+            # the original destination and the protocol are looked at (on the decrypted bytes)
+            worker = self.worker
+            self.server = PeerAuthAcceptor(
+                worker.loop, self.sock, lambda: _Deciding(self), lambda: "PERMISSIVE",
+                lambda client_cert: worker.inbound_tls_context((), client_cert),
+                lambda reason: worker.telemetry.handshake_failed(self.name, reason),
+                detect_timeout=self.detection_timeout, handshake_timeout=worker.settings.header_read_timeout,
+                mode_for=self._mtls_mode)
+            self.server.start()
+            return
         self.server = await self.worker.loop.create_server(lambda: _Deciding(self), sock=self.sock, backlog=1024)
+
+    def _mtls_mode(self, sock: socket.socket) -> str:
+        """PeerAuthentication's mode for the port the connection was sent to (portLevelMtls keys
+        are the workload's ports); not redirected: DISABLE (the connection is reset after)."""
+        try:
+            _, port = original_destination(sock)
+        except NoOriginalDestination:
+            return "DISABLE"
+        return self.table.mtls.for_port(port)
 
     def update(self, model: Listener) -> None:
         """A new snapshot: targets are looked up anew for each connection; views keep their route
@@ -258,11 +281,19 @@ class CaptureListener:
             if original is not None and not view.connections:
                 self.tcp_views.pop(key, None)
 
+        def admit(transport) -> bool:
+            policies = view.model.authz if view.model is not None else None
+            if self.outbound or policies is None:
+                return True
+            decision = authorize_connection(policies, transport.get_extra_info)
+            telemetry.authz_decision(view.model.name, decision, "tcp")
+            return decision.allowed
+
         view = TcpProxyListener(
             worker.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.tcp_idle_timeout, on_open=telemetry.tcp_opened(model), on_close=on_close,
             model=model, max_connections=settings.max_connections_per_listener,
-            on_overflow=lambda: telemetry.downstream_overflow(model.name))
+            on_overflow=lambda: telemetry.downstream_overflow(model.name), admit=admit)
         return view
 
     # ------------------------------------------------------------ lifecycle

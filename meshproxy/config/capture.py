@@ -109,6 +109,7 @@ class InboundCapture:
     passthrough: Listener                            # undeclared ports: TCP to 127.0.0.1:<port>
     detection_timeout: float = 5.0
     authz: object = None                             # the workload's AuthorizationPolicies (HTTP views)
+    mtls: object = None                              # its PeerAuthentication (security.peer_authn.MtlsPolicy)
 
 
 def _passthrough_cluster() -> Cluster:
@@ -195,7 +196,8 @@ def add_capture_listeners(c: "_Compiler", capture: CaptureConfig, base_table: st
                                                                      INBOUND_PASSTHROUGH),), "undeclared port"),))
     c.listeners.append(Listener("virtualInbound", capture.bind, capture.inbound_port, "CAPTURE_INBOUND",
                                 capture=InboundCapture(MappingProxyType(inbound), passthrough,
-                                                       capture.protocol_detection_timeout, c.security.authz)))
+                                                       capture.protocol_detection_timeout, c.security.authz,
+                                                       c.security.mtls)))
 
 
 def add_explicit_inbound(c: "_Compiler", inbound: tuple, cluster_name) -> None:

@@ -125,9 +125,9 @@ def workload_ports(w: WorkloadEndpoint) -> dict[str, int]:
 
 def meshed_identity(w: WorkloadEndpoint) -> str:
     """The SPIFFE id peers originate auto mTLS to, or "": a workload registered with an identity
-    behind an explicit sidecar (its inbound listener has peer authentication).  The capture
-    listener (15006) does not terminate mTLS yet, so captured workloads get plaintext."""
-    return w.identity if w.identity and w.proxy_port else ""
+    has a sidecar whose inbound listener (explicit ``--inbound-port`` or the capture listener)
+    terminates mTLS as its PeerAuthentication says."""
+    return w.identity
 
 
 def workload_entry(w: WorkloadEndpoint, named: Mapping[str, int]) -> tuple:

@@ -134,10 +134,7 @@ class Telemetry:
     def _inbound_handle(self, down) -> int:
         """Istio's labels for a request this workload served: ``mutual_tls`` and the caller's
         ``source_principal`` when it came over mTLS, ``none`` otherwise."""
-        listener = down.listener
-        if getattr(listener, "acceptor", None) is None:
-            return self._inbound
-        peer = listener.peer(down)
+        peer = down.listener.peer(down)
         if not peer.mutual_tls:
             return self._inbound
         handle = self._inbound_mtls.get(peer.principal)

@@ -58,11 +58,12 @@ class PeerAuthAcceptor:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol_factory: Callable,
                  mode: Callable[[], str], server_context: Callable[[str], ssl.SSLContext | None],
                  on_refused: Callable[[str], None], detect_timeout: float = 10.0,
-                 handshake_timeout: float = 10.0):
+                 handshake_timeout: float = 10.0, mode_for: Callable[[socket.socket], str] | None = None):
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory
         self.mode = mode
+        self.mode_for = mode_for            # per connection (the capture listener: by original destination)
         self.server_context = server_context
         self.on_refused = on_refused
         self.detect_timeout = detect_timeout
@@ -116,7 +117,7 @@ class PeerAuthAcceptor:
     async def _decide(self, conn: socket.socket) -> None:
         handed_over = False
         try:
-            mode = self.mode()
+            mode = self.mode_for(conn) if self.mode_for is not None else self.mode()
             context = self.server_context("required") if mode in (STRICT, PERMISSIVE) else None
             if mode == DISABLE or (mode == PERMISSIVE and context is None):
                 await self._plaintext(conn)

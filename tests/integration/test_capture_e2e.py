@@ -91,6 +91,11 @@ def test_unmodified_clients_reach_reviews_by_name_through_both_sidecars(mesh):
                              reporter="destination", destination_service=REVIEWS, response_code="200")
                       for v in ("v1", "v2"))
     assert destination >= 2
+    # the pods have workload certificates: the client's sidecar originated mTLS (auto mTLS) and the
+    # reviews sidecars' capture listener terminated it, so they know who called
+    mutual = sum(series(mesh.workloads[f"reviews-{v}"].metrics(), "istio_requests_total", reporter="destination",
+                        connection_security_policy="mutual_tls", response_code="200") for v in ("v1", "v2"))
+    assert mutual >= 2
 
     def spans():
         try:

@@ -96,11 +96,3 @@ def test_a_workload_registered_with_an_identity_gets_auto_mtls_checked_against_i
     assert endpoint_tls(cluster.policy, meshed).subject_alt_names == ("spiffe://cluster.local/ns/default/sa/ratings",)
     assert endpoint_tls(cluster.policy, plain) is None
 
-
-def test_a_captured_workload_with_an_identity_gets_plaintext_until_capture_terminates_mtls():
-    from meshproxy.config.compile import WorkloadEndpoint
-    snap = compile_snapshot([], ProxyIdentity(), workloads=[
-        WorkloadEndpoint("ratings", "default", "10.0.0.7", {"http": 9080},
-                         identity="spiffe://cluster.local/ns/default/sa/ratings")]).snapshot
-    cluster = snap.clusters["outbound|9080||ratings.default.svc.cluster.local"]
-    assert endpoint_tls(cluster.policy, cluster.endpoints[0]) is None
