@@ -35,10 +35,6 @@ Route (:func:`select_route`), inside one virtual host:
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import cython
-
 from ..config.model import HeaderMatch, HttpRoute, RouteMatch, RouteTable, StringMatch, VirtualHost
 from .request import RequestView
 
@@ -163,127 +159,14 @@ def block_matches(m: RouteMatch, req: RequestView) -> bool:
 
 def select_route(vhost: VirtualHost, req: RequestView) -> tuple[HttpRoute, RouteMatch | None] | None:
     """First route of ``vhost`` that matches ``req`` and the match block that matched
-    (``None`` for a route without match blocks); ``None`` if no route matches.
-
-    Runs the virtual host's compiled selector (:func:`compile_selector`): every route's
-    blocks as one generated function.  Same semantics as :func:`block_matches` in route
-    order, which stays the readable reference (tests check they agree).
-
-    Compiled (``match.pxd``), the blocks are checked by :func:`block_matches` itself: typed,
-    it is cheaper than the generated Python function (run.py's realistic config, nine blocks
-    missed: 885 -> 566 ns per selection; ``instructions_per_request.sh --trace --realistic``:
-    92.1k -> 87.2k per request)."""
-    if cython.compiled:
-        for route in vhost.routes:
-            if not route.matches:
-                return (route, None)
-            for m in route.matches:
-                if block_matches(m, req):
-                    return (route, m)
-        return None
-    entry = _COMPILED.get(id(vhost))
-    if entry is None or entry[0] is not vhost:
-        entry = _compile_vhost(vhost)
-    return entry[1](req)
-
-
-# vhost identity -> (vhost, selector).  A memo of derived data; the vhost is held so its id
-# cannot be reused while the entry lives.
-_COMPILED: dict[int, tuple] = {}
-_COMPILED_LIMIT = 65536
-
-
-def _compile_vhost(vhost: VirtualHost) -> tuple:
-    if len(_COMPILED) >= _COMPILED_LIMIT:
-        _COMPILED.clear()
-    entry = (vhost, compile_selector(vhost.routes))
-    _COMPILED[id(vhost)] = entry
-    return entry
-
-
-def _sm_expr(sm: StringMatch, var: str, ns: dict) -> str:
-    name = f"V{len(ns)}"
-    if sm.kind == "exact":
-        ns[name] = sm.value
-        return f"{var}.lower() == {name}" if sm.ignore_case else f"{var} == {name}"
-    if sm.kind == "prefix":
-        ns[name] = sm.value
-        return f"{var}.lower().startswith({name})" if sm.ignore_case else f"{var}.startswith({name})"
-    if sm.kind == "regex":
-        ns[name] = sm.regex.fullmatch
-        return f"{name}({var}) is not None"
-    raise ValueError(f"StringMatch kind {sm.kind!r} is not exact/prefix/regex")
-
-
-def _const(value, ns: dict) -> str:
-    name = f"V{len(ns)}"
-    ns[name] = value
-    return name
-
-
-def _block_expr(m: RouteMatch, ns: dict) -> str:
-    """One HTTPMatchRequest as one boolean expression over the locals ``req``, ``path``,
-    ``method`` and ``h`` (the header dict): only the conditions that are set, in the order
-    :func:`block_matches` checks them, values bound as constants in ``ns`` (never pasted
-    into the source)."""
-    terms: list[str] = []
-    if m.uri is not None:
-        terms.append(_sm_expr(m.uri, "path", ns))
-    if m.method is not None:
-        terms.append(_sm_expr(m.method, "method", ns))
-    if m.port is not None:
-        terms.append(f"req.port == {_const(m.port, ns)}")
-    for hm in m.headers:
-        name = _const(hm.name, ns)
-        if hm.match is None:
-            terms.append(f"{name} in h")
-        elif hm.match.kind == "exact" and not hm.match.ignore_case:
-            terms.append(f"h.get({name}) == {_const(hm.match.value, ns)}")
-        else:
-            terms.append(f"((v := h.get({name})) is not None and {_sm_expr(hm.match, 'v', ns)})")
-    for hm in m.without_headers:
-        name = _const(hm.name, ns)
-        if hm.match is None:
-            terms.append(f"{name} not in h")
-        else:
-            terms.append(f"not ((v := h.get({name})) is not None and {_sm_expr(hm.match, 'v', ns)})")
-    for qname, sm in m.query_params:
-        terms.append(f"((v := req.query_params.get({_const(qname, ns)})) is not None and {_sm_expr(sm, 'v', ns)})")
-    if m.authority is not None:
-        terms.append(_sm_expr(m.authority, "req.authority", ns))
-    if m.scheme is not None:
-        terms.append(_sm_expr(m.scheme, "req.scheme", ns))
-    return " and ".join(f"({t})" for t in terms) if terms else "True"
-
-
-_PROLOGUE = "    path = req.path\n    method = req.method\n    h = req.headers\n"
-
-
-def compile_block(m: RouteMatch):
-    """One HTTPMatchRequest as a generated function ``req -> bool`` (see :func:`_block_expr`)."""
-    ns: dict = {}
-    source = f"def block(req):\n{_PROLOGUE}    return True if {_block_expr(m, ns)} else False\n"
-    exec(compile(source, f"<route match {m.name or 'block'}>", "exec"), ns)
-    return ns["block"]
-
-
-def compile_selector(routes) -> "Callable[[RequestView], tuple | None]":
-    """A virtual host's routes as one generated function ``req -> (route, block) | None``:
-    the blocks of every route in order, the first that holds returns; a route without
-    blocks returns ``(route, None)`` and ends the function.  One call per request instead
-    of one per block."""
-    ns: dict = {}
-    lines = ["def select(req):", _PROLOGUE.rstrip("\n")]
-    for route in routes:
+    (``None`` for a route without match blocks); ``None`` if no route matches."""
+    for route in vhost.routes:
         if not route.matches:
-            lines.append(f"    return {_const((route, None), ns)}")
-            break
+            return (route, None)
         for m in route.matches:
-            lines.append(f"    if {_block_expr(m, ns)}: return {_const((route, m), ns)}")
-    else:
-        lines.append("    return None")
-    exec(compile("\n".join(lines) + "\n", "<route selector>", "exec"), ns)
-    return ns["select"]
+            if block_matches(m, req):
+                return (route, m)
+    return None
 
 
 # ---------------------------------------------------------------- reasons (for explain)
