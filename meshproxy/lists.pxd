@@ -10,6 +10,11 @@ cdef extern from "Python.h":
     Py_ssize_t Py_SIZE(object)
     void Py_SET_SIZE(object, Py_ssize_t)
 
+cdef bint _direct
+
+@cython.locals(empty=Py_ssize_t, slot=Py_ssize_t, allocated=Py_ssize_t, n=Py_ssize_t, probe=list)
+cpdef bint layout_matches() except -1
+cpdef bint use_struct(bint enabled) except -1
 @cython.locals(items=list)
 cpdef list with_room(Py_ssize_t n)
 @cython.locals(n=Py_ssize_t)

@@ -1,4 +1,5 @@
-"""meshproxy.lists: list operations that keep capacity must behave as the list methods."""
+"""meshproxy.lists: list operations that keep capacity must behave as the list methods, on the
+list struct (compiled, when the layout check passed) and on the fallback (the list methods)."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,22 @@ import sys
 import pytest
 
 import meshproxy
-from meshproxy.lists import clear, pop_last, push, with_room
+from meshproxy.lists import clear, layout_matches, pop_last, push, use_struct, with_room
+
+COMPILED = meshproxy.HOT_PATH == "compiled"
+
+
+@pytest.fixture(autouse=True, params=["struct", "list methods"] if COMPILED else ["list methods"])
+def struct_path(request):
+    """Every test runs on both paths (pure Python has only the second)."""
+    wanted = request.param == "struct"
+    previous = use_struct(wanted)
+    yield wanted
+    use_struct(previous)
+
+
+def test_the_layout_check_passes_on_this_cpython_compiled_only():
+    assert layout_matches() is COMPILED
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -47,20 +63,20 @@ def test_items_taken_off_are_released():
     assert sys.getrefcount(item) == before - 1
 
 
-def test_compiled_the_item_array_outlives_an_empty_list():
+def test_on_the_struct_the_item_array_outlives_an_empty_list(struct_path):
     items = with_room(4)
     size = sys.getsizeof(items)          # counts the allocated slots
     for _ in range(3):
         push(items, 1)
         pop_last(items)
-    if meshproxy.HOT_PATH == "compiled":
+    if struct_path:
         assert sys.getsizeof(items) == size > sys.getsizeof([])
     else:
-        assert items == []
+        assert items == [] and sys.getsizeof(items) == sys.getsizeof([])
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 17])
-def test_clear_empties_releases_and_compiled_keeps_the_room(n):
+def test_clear_empties_releases_and_on_the_struct_keeps_the_room(n, struct_path):
     class Item:
         pass
     items = with_room(4)
@@ -72,13 +88,13 @@ def test_clear_empties_releases_and_compiled_keeps_the_room(n):
     clear(items)
     assert items == []
     assert [sys.getrefcount(item) for item in kept] == [c - 1 for c in counts]
-    if meshproxy.HOT_PATH == "compiled":
+    if struct_path:
         assert sys.getsizeof(items) == size
     push(items, "again")
     assert items == ["again"]
 
 
-def test_clear_while_a_released_item_touches_the_list():
+def test_clear_while_a_released_item_touches_the_list(struct_path):
     items = with_room(2)
     seen = []
 
@@ -91,5 +107,5 @@ def test_clear_while_a_released_item_touches_the_list():
     clear(items)
     # compiled, the released item has left and the one before it is still there; list.clear
     # empties the whole list before releasing anything
-    assert seen == ([["a"]] if meshproxy.HOT_PATH == "compiled" else [[]])
+    assert seen == ([["a"]] if struct_path else [[]])
     assert items == []
