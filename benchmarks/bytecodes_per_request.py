@@ -42,7 +42,7 @@ async def count(requests: int, trace: bool, request: bytes) -> tuple[collections
     await worker.start()
     worker.batch.call_soon = callable     # one() ends each pass itself (see pipeline_bench.py)
     listener = next(iter(worker.http_listeners.values()))
-    down = bench.DownstreamConnection(worker, listener)
+    down = bench.DownstreamConnection(worker.runtime, listener)
     down.connection_made(bench.FakeTransport())
     pool = worker.pools.pool(("127.0.0.1", 9))
     up = bench.UpstreamConnection(pool, lambda h: make_response_parser("httptools", h, worker.options.limits),

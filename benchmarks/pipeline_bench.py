@@ -59,6 +59,9 @@ class FakeTransport:
     def write(self, data):
         self.written.append(data)
 
+    def writelines(self, pieces):
+        self.written.append(pieces)      # (the list is the connection's, reused: contents not kept)
+
     def get_extra_info(self, name, default=None):
         return {"peername": self.peer, "socket": None}.get(name, default)
 
@@ -119,7 +122,7 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
     # one loop handle a real pass spends on its batch, shared by every connection it served.
     worker.batch.call_soon = callable
     listener = next(iter(worker.http_listeners.values()))
-    down = DownstreamConnection(worker, listener)
+    down = DownstreamConnection(worker.runtime, listener)
     down.connection_made(FakeTransport())
     # one pooled upstream connection per endpoint, already connected (the realistic config's
     # v2 subset is 127.0.0.2)
@@ -142,7 +145,7 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
         down.data_received(request)
         end_pass()
         for up in ups:
-            if up.exchange is not None:
+            if up.handler is not None:
                 up.data_received(response)
         end_pass()
 

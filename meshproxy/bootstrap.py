@@ -17,26 +17,23 @@ import logging
 import random
 import ssl
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
-from types import MappingProxyType
 from typing import Callable
 
-import cython
-
+from . import HOT_PATH
 from .batch import SendBatch
-from .clock import monotonic
 from .cluster.state import ClusterManager
 from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
-from .config.model import Endpoint, Listener, Snapshot, endpoint_tls, sni_matches
+from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
-from .downstream.splice import Splice
+from .downstream.http_conn import DownstreamConnection
 from .downstream.tcp_proxy import TcpProxyListener
 from .listener import HttpListener, bind_socket, inbound_acceptor
-from .router.split import Splitter
-from .security.authz import authorize_connection
 from .proxy.observe import Telemetry
+from .runtime import Runtime
+from .security.authz import authorize_connection
 from .telemetry.tracing import IdSource, random_uuid
 from .upstream.pool import UpstreamPools
 from .upstream.tls import UpstreamTlsContexts
@@ -54,81 +51,112 @@ class WorkerOptions:
 
 
 class Worker:
+    """One worker: the composition root.  Builds the :class:`~meshproxy.runtime.Runtime` the
+    request path reads, owns the listeners, the periodic sweep and the config swap."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, store: SnapshotStore, options: WorkerOptions,
                  telemetry: Telemetry, rng: random.Random | None = None,
                  clock: Callable[[], float] | None = None):
         self.loop = loop
         self.store = store
         self.options = options
-        self.rng = rng or random.Random()
+        rng = rng or random.Random()
         # an x-request-id (UUIDv4) when tracing does not make one: compiled, from an IdSource
         # seeded by the worker's rng (an injected rng makes them repeat); pure Python, the rng
-        ids = IdSource(self.rng.randbytes(32)) if cython.compiled else self.rng
-        self.new_request_id = partial(random_uuid, ids)
-        # the worker's clock, injectable; ``now()`` reads it (the default at C level when compiled)
-        self.clock = clock or time.monotonic
-        self.system_clock = clock is None
-        self.telemetry = telemetry
-        self.settings = store.current.settings if store.current else None
-        # the snapshot requests route on: store.current, set after the runtime built from it
-        # (a C attribute read per request instead of a Python one)
-        self.snapshot = store.current
-        self.draining = False
-        self.downstream_active = 0
+        ids = IdSource(rng.randbytes(32)) if HOT_PATH == "compiled" else rng
+        codec, limits = options.codec, options.limits
+        batch = SendBatch(loop)
+        self.runtime = Runtime(
+            loop, telemetry=telemetry, clusters=ClusterManager(clock=clock or time.monotonic, rng=rng),
+            pools=UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock,
+                                batch=batch),
+            batch=batch, make_request_parser=lambda handler: make_request_parser(codec, handler, limits),
+            rng=rng, clock=clock or time.monotonic, system_clock=clock is None,
+            new_request_id=partial(random_uuid, ids))
         self.http_listeners: dict[tuple[str, int], HttpListener] = {}
         self.tcp_listeners: dict[tuple[str, int], TcpProxyListener] = {}
         self.capture_listeners: dict[tuple[str, int], "CaptureListener"] = {}   # capture mode (meshproxy.capture)
-        self.tunnels: set[Splice] = set()
-        self.mirror_tasks: set[asyncio.Task] = set()
-        self.clusters = ClusterManager(clock=self.clock, rng=self.rng)
-        self.splitter: Splitter | None = None
-        codec, limits = options.codec, options.limits
-        self._request_parser = lambda handler: make_request_parser(codec, handler, limits)
-        # where the connections' writes go: at once, or after a busy loop pass at the end of the next (batch.py)
-        self.batch = SendBatch(loop)
-        self.pools = UpstreamPools(loop, lambda handler: make_response_parser(codec, handler, limits), clock,
-                                   batch=self.batch)
-        self.pools.tls = UpstreamTlsContexts(lambda: self.certificates)
+        self.runtime.pools.tls = UpstreamTlsContexts(lambda: self.certificates)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._reconcile: asyncio.Task | None = None      # the running listener reconcile (one at a time)
+        self._reconcile_again = False
         self.listen_errors: list[str] = []
         # the workload certificate manager (meshproxy.security.CertificateManager), set by the
         # composition root when the proxy has an identity; None = no workload certificate
         self.certificates = None
         store.subscribe(self._on_swap)
 
+    # the parts tests and the admin read
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.runtime.telemetry
+
+    @property
+    def clusters(self) -> ClusterManager:
+        return self.runtime.clusters
+
+    @property
+    def pools(self) -> UpstreamPools:
+        return self.runtime.pools
+
+    @property
+    def batch(self) -> SendBatch:
+        return self.runtime.batch
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.runtime.clock
+
+    @property
+    def draining(self) -> bool:
+        return self.runtime.draining
+
+    @property
+    def settings(self):
+        return self.runtime.settings
+
+    @property
+    def splitter(self):
+        return self.runtime.splitter
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.runtime.snapshot
+
     # ---------------------------------------------------------------- snapshot lifecycle
 
-    def make_request_parser(self, handler):
-        return self._request_parser(handler)
-
-    def _build_runtime(self, snapshot: Snapshot) -> None:
-        self.settings = snapshot.settings
-        changed = self.store.changed_clusters if self.store.current is snapshot else None
-        if changed is not None:          # an endpoint patch: only these clusters differ (no DNS ones)
-            self.clusters.update_only(snapshot, changed)
-        else:
-            self.clusters.update(with_dns_endpoints(snapshot))
-        old = self.splitter
-        if old is not None and old.snapshot.route_tables is snapshot.route_tables \
-                and old.snapshot.listeners is snapshot.listeners:
-            old.snapshot = snapshot      # endpoints patched (config/incremental.py): same routes, same split state
-        else:
-            self.splitter = Splitter(snapshot, rng=self.rng, previous=old)
-        self.telemetry.on_snapshot(snapshot)
-        self.snapshot = snapshot
+    def _changed_clusters(self, snapshot: Snapshot):
+        """The clusters an endpoint patch changed (config/incremental.py), or None: rebuild all."""
+        return self.store.changed_clusters if self.store.current is snapshot else None
 
     def _on_swap(self, new: Snapshot, old: Snapshot | None) -> None:
         # runs synchronously inside SnapshotStore.swap: requests that already read the
         # old snapshot keep it; the next request reads the new one.
-        self._build_runtime(new)
-        if self._sweeper is not None:      # started: bring listeners in line
-            self.loop.create_task(self.reconcile_listeners())
+        self.runtime.install(new, self._changed_clusters(new))
+        if self._sweeper is not None and not self.runtime.draining:    # started: bring listeners in line
+            if self._reconcile is None:
+                self._reconcile = self.loop.create_task(self._reconcile_until_current())
+            else:
+                self._reconcile_again = True      # the running one goes round once more
+
+    async def _reconcile_until_current(self) -> None:
+        try:
+            while True:
+                self._reconcile_again = False
+                await self.reconcile_listeners()
+                if not self._reconcile_again:
+                    return
+        except Exception:
+            log.exception("reconciling listeners failed")
+        finally:
+            if self._reconcile is asyncio.current_task():
+                self._reconcile = None
 
     async def start(self) -> None:
         snapshot = self.store.current
         if snapshot is None:
             raise RuntimeError("no config loaded")
-        self._build_runtime(snapshot)
+        self.runtime.install(snapshot, self._changed_clusters(snapshot))
         await self.reconcile_listeners()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
@@ -168,7 +196,8 @@ class Worker:
                 continue
             if model.protocol in ("HTTP", "HTTPS"):
                 ctx = self._tls_context(model) if model.protocol == "HTTPS" else None
-                listener = HttpListener(self, model, sock, ctx)
+                listener = HttpListener(self.runtime, model, sock, DownstreamConnection, ctx,
+                                        acceptor=partial(inbound_acceptor, self))
                 await listener.start()
                 self.http_listeners[key] = listener
             elif model.protocol == "TCP":
@@ -221,7 +250,8 @@ class Worker:
         return certificates.server_context(alpn=alpn, client_cert=client_cert)
 
     def _tcp_listener(self, model: Listener) -> TcpProxyListener:
-        settings = self.settings
+        runtime = self.runtime
+        settings = runtime.settings
 
         def current_model() -> Listener:
             listener = self.tcp_listeners_by_name.get(model.name)
@@ -235,10 +265,10 @@ class Worker:
                 route = next((r for r in current.tcp_routes if sni_matches(r.sni_hosts, sni)), None)
             if route is None:
                 return None
-            dest = self.splitter.pick_tcp(route)
+            dest = runtime.splitter.pick_tcp(route)
             if dest is None or not dest.cluster:
                 return None
-            cluster = self.clusters.get(dest.cluster)
+            cluster = runtime.clusters.get(dest.cluster)
             endpoint = cluster.pick() if cluster is not None else None
             if endpoint is None:
                 return None
@@ -287,12 +317,12 @@ class Worker:
             listener.sweep(now)
         self.pools.sweep(60.0)
         self.telemetry.flush()
-        if not self.draining:
+        if not self.runtime.draining:
             self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     @property
     def ready(self) -> bool:
-        return (not self.draining and self.store.current is not None and self._sweeper is not None
+        return (not self.runtime.draining and self.store.current is not None and self._sweeper is not None
                 and not self.listen_errors)
 
     # ---------------------------------------------------------------- drain
@@ -300,8 +330,11 @@ class Worker:
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting, close idle connections, let responses in flight finish.
         Returns True when every connection finished within the deadline."""
-        self.draining = True
+        self.runtime.draining = True
         self.telemetry.set_draining(True)
+        task, self._reconcile = self._reconcile, None
+        if task is not None:
+            task.cancel()
         deadline = self.clock() + (timeout if timeout is not None else self.options.drain_timeout)
         for listener in self.http_listeners.values():
             listener.drain()
@@ -327,68 +360,9 @@ class Worker:
         remaining = max(0.0, deadline - self.clock())
         for tcp in self.all_tcp_listeners():
             await tcp.close(remaining)
-        for tunnel in list(self.tunnels):
+        for tunnel in list(self.runtime.tunnels):
             tunnel.abort()
+        for task in list(self.runtime.mirror_tasks):
+            task.cancel()
         self.pools.close()
         return clean
-
-    # ---------------------------------------------------------------- hooks the pipeline calls
-
-    def now(self) -> float:
-        """``clock()``: compiled with the default clock, CLOCK_MONOTONIC read at C level."""
-        if cython.compiled and self.system_clock:
-            return monotonic()
-        return self.clock()
-
-    def metrics_rejected(self, reason: str, status: int) -> None:
-        self.telemetry.rejected(reason, status)
-
-    def on_exchange_done(self, exchange) -> None:
-        self.telemetry.exchange_done(exchange, self.now())
-
-    def on_overflow(self, cluster) -> None:
-        self.telemetry.overflow(cluster.name)
-
-    def on_connection_overflow(self, cluster) -> None:
-        self.telemetry.connection_overflow(cluster.name)
-
-    def on_retry_overflow(self, cluster) -> None:
-        self.telemetry.retry_overflow(cluster.name)
-
-    def on_retry(self, cluster) -> None:
-        self.telemetry.retry(cluster.name)
-
-    def clusters_record(self, cluster, host, outcome) -> None:
-        if cluster is not None and host is not None:
-            cluster.record_host(host, outcome)
-
-    def start_tunnel(self, down, conn, to_upstream: bytes, to_downstream: bytes) -> None:
-        """A 101 Switching Protocols: from here on the two connections are spliced as bytes."""
-        down.listener.connection_closed(down)
-
-        def finished(sent: int, received: int) -> None:
-            self.tunnels.discard(splice)
-
-        splice = Splice(self.loop, down.transport, conn.transport,
-                        idle_timeout=self.settings.tcp_idle_timeout,
-                        initial_to_upstream=to_upstream, initial_to_downstream=to_downstream,
-                        on_close=finished)
-        self.tunnels.add(splice)
-        splice.start()
-
-
-def wall_clock() -> float:
-    return time.time()
-
-
-def with_dns_endpoints(snapshot: Snapshot) -> Snapshot:
-    """ServiceEntry ``resolution: DNS`` clusters carry names, not addresses: give the
-    cluster runtime one endpoint per name; the upstream pools resolve each name when
-    they connect (cached, last good answer kept on failure)."""
-    dns = {name: c for name, c in snapshot.clusters.items() if c.resolution == "DNS" and not c.endpoints}
-    if not dns:
-        return snapshot
-    clusters = dict(snapshot.clusters)
-    for name, c in dns.items():
-        clusters[name] = replace(c, endpoints=tuple(Endpoint(host, port) for host, port in c.dns_hosts))
-    return replace(snapshot, clusters=MappingProxyType(clusters))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .config.model import Listener
 from .security.authz import AuthzRequest, Decision, PeerInfo, evaluate, peer_from_transport
@@ -17,7 +17,7 @@ from .security.inbound import PeerAuthAcceptor
 
 if TYPE_CHECKING:
     from .bootstrap import Worker
-    from .downstream.http_conn import DownstreamConnection
+    from .runtime import Runtime
 
 
 def bind_socket(address: str, port: int, backlog: int = 1024, reuse_port: bool = True) -> socket.socket:
@@ -49,15 +49,23 @@ def inbound_acceptor(worker: "Worker", name: str, sock: socket.socket, factory, 
 
 
 class HttpListener:
-    """An HTTP (or TLS-terminated HTTPS) listener and the connections it accepted."""
+    """An HTTP (or TLS-terminated HTTPS) listener and the connections it accepted.
+
+    ``protocol(runtime, listener)`` makes the driver of an accepted connection (the composition
+    root passes :class:`~meshproxy.downstream.http_conn.DownstreamConnection`); ``acceptor``
+    makes the PeerAuthentication acceptor of an inbound listener (see :func:`inbound_acceptor`,
+    bound to the worker)."""
 
     # capture mode (meshproxy.capture): a Host that names no service falls back to this table's
     # default virtual host; PASSTHROUGH clusters connect to the connection's original destination
     fallback_table = ""
     original_dst: tuple[str, int] | None = None
 
-    def __init__(self, worker: "Worker", model: Listener, sock: socket.socket | None, ssl_context=None):
-        self.worker = worker
+    def __init__(self, runtime: "Runtime", model: Listener, sock: socket.socket | None, protocol: Callable,
+                 ssl_context=None, acceptor: Callable | None = None):
+        self.runtime = runtime
+        self.protocol = protocol
+        self.make_acceptor = acceptor
         self.model = model
         self.name = model.name
         self.route_table = model.route_table
@@ -66,27 +74,24 @@ class HttpListener:
         self.scheme = "https" if ssl_context is not None else "http"
         self.sock = sock
         self.ssl_context = ssl_context
-        self.connections: set["DownstreamConnection"] = set()
+        self.connections: set = set()
         self.server: asyncio.AbstractServer | None = None
-        self.max_connections = worker.settings.max_connections_per_listener
+        self.max_connections = runtime.settings.max_connections_per_listener
         self.rejected_connections = 0
         self.authz = model.authz         # the workload's AuthorizationPolicies (PolicySet) or None
-        self.peers: dict["DownstreamConnection", PeerInfo] = {}   # read once per connection, when asked
+        self.peers: dict = {}                   # connection -> PeerInfo   # read once per connection, when asked
         self.acceptor: PeerAuthAcceptor | None = None
 
     async def start(self) -> None:
-        from .downstream.http_conn import DownstreamConnection
-
-        worker = self.worker
+        runtime, protocol = self.runtime, self.protocol
         if self.model.mtls:
             # an inbound listener: its PeerAuthentication decides per connection (mTLS or plaintext)
-            self.acceptor = inbound_acceptor(worker, self.name, self.sock, lambda: DownstreamConnection(worker, self),
-                                             lambda: self.model.mtls, ("http/1.1",))
+            self.acceptor = self.make_acceptor(self.name, self.sock, lambda: protocol(runtime, self),
+                                               lambda: self.model.mtls, ("http/1.1",))
             self.server = self.acceptor
             return
-        self.server = await worker.loop.create_server(
-            lambda: DownstreamConnection(worker, self), sock=self.sock, ssl=self.ssl_context,
-            backlog=1024)
+        self.server = await runtime.loop.create_server(
+            lambda: protocol(runtime, self), sock=self.sock, ssl=self.ssl_context, backlog=1024)
 
     def update(self, model: Listener) -> None:
         """Same address, new config: only the route table name can change in place."""
@@ -94,25 +99,25 @@ class HttpListener:
         self.route_table = model.route_table
         self.authz = model.authz
 
-    def connection_opened(self, conn: "DownstreamConnection") -> None:
+    def connection_opened(self, conn) -> bool:
+        """False: the listener is full and the connection was refused (aborted)."""
         if len(self.connections) >= self.max_connections:
             self.rejected_connections += 1
-            self.worker.telemetry.downstream_overflow(self.name)
+            self.runtime.telemetry.downstream_overflow(self.name)
             conn.closed = True
             conn.transport.abort()
-            return
+            return False
         self.connections.add(conn)
-        self.worker.downstream_active += 1
-        self.worker.telemetry.downstream_opened(self.name)
+        self.runtime.telemetry.downstream_opened(self.name)
+        return True
 
-    def connection_closed(self, conn: "DownstreamConnection") -> None:
+    def connection_closed(self, conn) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            self.worker.downstream_active -= 1
-            self.worker.telemetry.downstream_closed(self.name)
+            self.runtime.telemetry.downstream_closed(self.name)
         self.peers.pop(conn, None)
 
-    def peer(self, conn: "DownstreamConnection") -> PeerInfo:
+    def peer(self, conn) -> PeerInfo:
         """Who is on the other end of ``conn`` (address, verified SPIFFE id), read once."""
         info = self.peers.get(conn)
         if info is None:
@@ -122,14 +127,14 @@ class HttpListener:
             self.peers[conn] = info
         return info
 
-    def authorize(self, conn: "DownstreamConnection", view) -> Decision:
+    def authorize(self, conn, view) -> Decision:
         """The AuthorizationPolicy decision for one request (``view``: a RequestView)."""
         peer = self.peer(conn)
         decision = evaluate(self.authz, AuthzRequest(
             source_ip=peer.source_ip, destination_port=self.port, principal=peer.principal,
             destination_ip=peer.destination_ip, sni=peer.sni, http=True, host=view.authority,
             method=view.method, path=view.path, headers=view.headers))
-        self.worker.telemetry.authz_decision(self.name, decision)
+        self.runtime.telemetry.authz_decision(self.name, decision)
         return decision
 
     def sweep(self, now: float) -> None:

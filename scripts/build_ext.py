@@ -30,7 +30,8 @@ HOT = [
     "meshproxy/clock.py",
     "meshproxy/lists.py",
     "meshproxy/batch.py",
-    "meshproxy/bootstrap.py",
+    "meshproxy/runtime.py",
+    "meshproxy/driver.py",
     "meshproxy/downstream/http_conn.py",
     "meshproxy/codec/api.py",
     "meshproxy/codec/httptools_backend.py",
@@ -56,6 +57,19 @@ def clean() -> None:
     for pattern in ("meshproxy/**/*.so", "meshproxy/**/*.c"):
         for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
             os.remove(path)
+
+
+def _drop_unlisted() -> None:
+    """Compiled modules of modules no longer in HOT (left by an older checkout) are removed:
+    beside a newer .py they would make meshproxy refuse every compiled module as stale."""
+    listed = {os.path.join(ROOT, m[:-3]) for m in HOT}
+    for path in glob.glob(os.path.join(ROOT, "meshproxy/**/*.so"), recursive=True):
+        base = path[: path.index(".", len(os.path.dirname(path)) + 1)]
+        if base not in listed:
+            os.remove(path)
+            c_file = base + ".c"
+            if os.path.exists(c_file):
+                os.remove(c_file)
 
 
 def _declarations_changed() -> bool:
@@ -91,6 +105,7 @@ def build() -> int:
     except ImportError as err:
         print(f"build_ext: {err}; meshproxy runs as pure Python", file=sys.stderr)
         return 0
+    _drop_unlisted()
     warnings.simplefilter("ignore")   # setuptools' notes about pyproject.toml, not about this build
     started = time.time()
     try:

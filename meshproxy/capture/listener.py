@@ -138,7 +138,7 @@ class _HttpView(HttpListener):
 
     def __init__(self, capture: "CaptureListener", key, model: Listener, fallback_table: str,
                  original_dst: tuple[str, int] | None):
-        super().__init__(capture.worker, model, None)
+        super().__init__(capture.worker.runtime, model, None, protocol=None)   # a view: accepts nothing itself
         self.capture = capture
         self.key = key
         self.fallback_table = fallback_table
@@ -238,7 +238,7 @@ class CaptureListener:
                 model = Listener(f"inbound_{dst[1]}", dst[0], dst[1], "HTTP", route_table=target.route_table,
                                  authz=self.table.authz)
                 view = self.http_views[key] = _HttpView(self, key, model, "", None)
-        return DownstreamConnection(self.worker, view)
+        return DownstreamConnection(self.worker.runtime, view)
 
     def tcp_protocol(self, dst: tuple[str, int], target: CaptureTarget):
         model = target.tcp

@@ -15,17 +15,14 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-import cython
-
-from ..codec.api import MessageHandler, ProtocolError, RequestHead
-from ..codec.httptools_backend import _Base as LlhttpParser
-from ..lists import clear, push, with_room
+from ..codec.api import ProtocolError, RequestHead
+from ..driver import ConnectionDriver
 from ..proxy.errors import error_response
-from ..proxy.pipeline import Exchange
+from ..proxy.pipeline import Downstream, Exchange
 
 if TYPE_CHECKING:
-    from ..bootstrap import Worker
     from ..listener import HttpListener
+    from ..runtime import Runtime
 
 # connection states
 IDLE = 0          # keep-alive, waiting for the first byte of a request
@@ -34,43 +31,33 @@ ACTIVE = 2        # an exchange is running
 CLOSING = 3
 
 _HEAD, _BODY, _END = 0, 1, 2
+_READ_PAUSE_QUEUED = 2             # pipelined requests wait for the exchange in front of them
+_READ_PAUSE_UPGRADE = 4            # bytes after an upgrade request's head wait for the tunnel
 
 
-class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
-    __slots__ = (
-        "worker", "listener", "transport", "parser", "client_ip", "state", "exchange",
-        "queue", "since", "out", "read_paused_by", "keep_alive", "requests", "tunnel",
-        "closed", "upgrade_buffer", "replaying", "feeding", "out_start",
-        "vhost_snapshot", "vhost_authority", "vhost", "scheme", "inbound", "send", "client_fields",
-        "queued", "sender",
-    )
+class DownstreamConnection(Downstream):
+    __slots__ = ("state", "exchange", "queue", "requests", "upgrade_buffer", "replaying", "out_start",
+                 "answer_sent")
 
-    def __init__(self, worker: "Worker", listener: "HttpListener"):
-        self.worker = worker
+    def __init__(self, runtime: "Runtime", listener: "HttpListener"):
+        ConnectionDriver.__init__(self, runtime.batch)
+        self.runtime = runtime
         self.listener = listener
-        self.transport: asyncio.Transport | None = None
-        self.parser = None
-        self.send = None                     # transport.write, from connection_made
-        self.queued = False                  # ``sender`` is in the worker's batch for this pass
-        self.sender = self.send_now          # one bound method, queued once per pass (dropped when the connection goes)
         self.client_ip = ""
+        self.scheme = listener.scheme        # the listener's, read per request
+        self.inbound = listener.inbound
+        self.client_fields = None            # X-Forwarded-For/-Proto for this client (made once)
         self.state = IDLE
         self.exchange: Exchange | None = None
         self.queue: deque | None = None      # events of pipelined requests not yet started
         self.since = 0.0                     # when the current state began
-        self.out: list[bytes] = with_room(4)   # bytes queued for the client (see write)
-        self.read_paused_by = 0              # bit set of reasons reading is paused
         self.keep_alive = True
         self.requests = 0
-        self.tunnel = None
-        self.closed = False
         self.upgrade_buffer: list[bytes] | None = None
         self.replaying = False
         self.feeding = False                 # inside parser.feed (upstream writes are held)
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
-        self.scheme = listener.scheme        # the listener's, read per request
-        self.client_fields = None            # X-Forwarded-For/-Proto for this client (the pipeline's, made once)
-        self.inbound = listener.inbound
+        self.answer_sent = False             # bytes of the current exchange's response reached the socket
         # the virtual host the last request on this connection was routed to, for the snapshot
         # and Host it was chosen with (keep-alive clients repeat both)
         self.vhost_snapshot = None
@@ -80,30 +67,24 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
     # ---------------------------------------------------------------- transport events
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.send = transport.write          # one bound method for every response
+        self.attach(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
-        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
-        self.parser = self.worker.make_request_parser(self)
-        self.since = self.worker.now()
+        self.parser = self.runtime.make_request_parser(self)
+        self.since = self.runtime.now()
         self.listener.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self.upgrade_buffer is not None:
             self.upgrade_buffer.append(data)
-            self.pause_reading(4)
+            self.pause_reading(_READ_PAUSE_UPGRADE)
             return
         if self.state == IDLE:
             self.state = READING
-            self.since = self.worker.now()
+            self.since = self.runtime.now()
         self.feeding = True
-        parser = self.parser
         try:
-            if cython.compiled and isinstance(parser, LlhttpParser):
-                cython.cast(LlhttpParser, parser).feed(data)     # a C call
-            else:
-                parser.feed(data)
+            self.feed(data)
         except ProtocolError as err:
             self.feeding = False
             self.reject(err.status, err.reason)
@@ -126,9 +107,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.out.clear()
-        self.sender = None
+        self.lost()
         self.listener.connection_closed(self)
         if self.exchange is not None:
             self.exchange.downstream_lost()
@@ -173,14 +152,15 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             # bytes after an upgrade request's head belong to the tunnel
             self.upgrade_buffer = []
         self.out_start = len(self.out)
-        self.exchange = Exchange(self, head)
-        self.exchange.start()
+        self.answer_sent = False
+        exchange = self.exchange = Exchange(self, head)
+        exchange.start()
 
     def _enqueue(self, event) -> None:
         if self.queue is None:
             self.queue = deque()
         self.queue.append(event)
-        self.pause_reading(2)
+        self.pause_reading(_READ_PAUSE_QUEUED)
 
     def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
         """Called by the exchange once its response has been written completely."""
@@ -189,12 +169,12 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
         self.exchange = None
         if not keep_alive:
             self.keep_alive = False
-        if not self.keep_alive or self.worker.draining:
+        if not self.keep_alive or self.runtime.draining:
             self.queue = None
             self.close_after_flush()
             return
         self.state = IDLE
-        self.since = self.worker.now()
+        self.since = self.runtime.now()
         if self.queue and not self.replaying:
             self._replay()
         if self.out:
@@ -225,48 +205,31 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             self.replaying = False
         if not queue:
             self.queue = None
-            self.resume_reading(2)
+            self.resume_reading(_READ_PAUSE_QUEUED)
         if self.exchange is not None:
             self.exchange.upstream_flush()
 
     # ---------------------------------------------------------------- output
 
-    def write(self, data: bytes) -> None:
-        """Queue bytes for the client; :meth:`flush` hands them to the worker's send batch."""
-        push(self.out, data)
-
-    def flush(self) -> None:
-        """The output so far goes to the socket: at once, or after a busy loop pass at the
-        end of this one with the other connections' (batch.py)."""
-        if not self.queued and self.out:
-            self.queued = True
-            self.worker.batch.add(self.sender)
-
     def send_now(self) -> None:
-        """The output so far goes to the transport now (the batch calls this; so does
-        anything that must follow it: ``write_eof``, ``close``, a tunnel)."""
-        self.queued = False
-        out = self.out
-        if out:
-            if not self.closed:
-                if len(out) == 1:
-                    self.send(out[0])
-                else:
-                    self.send(b"".join(out))
-            clear(out)                       # keeps the list's room for the next answer
+        """The output so far goes to the transport now (see ConnectionDriver.send_now)."""
+        if self.out:
+            ConnectionDriver.send_now(self)
             self.out_start = 0
             exchange = self.exchange
-            if exchange is not None and exchange.response_started:
-                exchange.response_flushed = True
+            if exchange is not None and exchange.response_started():
+                self.answer_sent = True
+        else:
+            self.queued = False
 
     def reject(self, status: int, reason: str) -> None:
         """A request the codec refused: answer and close; parse nothing more."""
-        self.worker.metrics_rejected(reason, status)
+        self.runtime.telemetry.rejected(reason, status)
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
             exchange.abandon()
-            if exchange.response_flushed:
+            if self.answer_sent:
                 # part of its response already left: an error status cannot follow it
                 self.abort()
                 return
@@ -285,7 +248,7 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             transport = self.transport
             if transport.can_write_eof():
                 transport.write_eof()
-                self.worker.loop.call_later(1.0, transport.close)
+                self.runtime.loop.call_later(1.0, transport.close)
             else:
                 # TLS: no half-close; close() sends what is buffered, then close_notify
                 transport.close()
@@ -296,31 +259,10 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             self.closed = True
             self.transport.close()
 
-    def abort(self) -> None:
-        """The response cannot be completed: drop the connection so the client never
-        sees a truncated response as complete."""
-        self.out.clear()
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    # ---------------------------------------------------------------- flow control
-
-    def pause_reading(self, reason: int) -> None:
-        if not self.read_paused_by and not self.closed:
-            self.transport.pause_reading()
-        self.read_paused_by |= reason
-
-    def resume_reading(self, reason: int) -> None:
-        was = self.read_paused_by
-        self.read_paused_by &= ~reason
-        if was and not self.read_paused_by and not self.closed:
-            self.transport.resume_reading()
-
     # ---------------------------------------------------------------- timers and drain
 
     def check_timeouts(self, now: float) -> None:
-        settings = self.worker.settings
+        settings = self.runtime.settings
         if self.state == READING and now - self.since > settings.header_read_timeout:
             self.reject(408, "request header timeout")
         elif self.state == IDLE and now - self.since > settings.idle_timeout:
@@ -334,7 +276,9 @@ class DownstreamConnection(MessageHandler):  # an asyncio protocol (not derived 
             self.close()
 
     def take_tunnel_bytes(self) -> bytes:
-        """Bytes the client sent after an upgrade request's head."""
+        """The exchange became a tunnel: let go of it; the bytes the client sent after the
+        upgrade request's head."""
+        self.exchange = None
         pending = self.parser.unconsumed() + b"".join(self.upgrade_buffer or ())
         self.upgrade_buffer = None
         return pending

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..codec.writer import encode_request_head
 
 if TYPE_CHECKING:
-    from ..bootstrap import Worker
+    from ..runtime import Runtime
     from ..config.model import MirrorPolicy
 
 MAX_BODY = 64 * 1024
@@ -30,10 +30,10 @@ def shadow_host(authority: bytes) -> bytes:
 class MirrorCopy:
     """Collects the request body while it streams, then sends the copy."""
 
-    __slots__ = ("worker", "cluster", "head", "body", "size", "dropped")
+    __slots__ = ("runtime", "cluster", "head", "body", "size", "dropped")
 
-    def __init__(self, worker: "Worker", cluster, head: bytes):
-        self.worker = worker
+    def __init__(self, runtime: "Runtime", cluster, head: bytes):
+        self.runtime = runtime
         self.cluster = cluster
         self.head = head
         self.body: list[bytes] = []
@@ -53,13 +53,13 @@ class MirrorCopy:
     def complete(self) -> None:
         if self.dropped:
             return
-        worker = self.worker
-        if len(worker.mirror_tasks) >= MAX_IN_FLIGHT:
-            worker.telemetry.mirror_dropped()
+        runtime = self.runtime
+        if len(runtime.mirror_tasks) >= MAX_IN_FLIGHT:
+            runtime.telemetry.mirror_dropped()
             return
-        task = worker.loop.create_task(self._send())
-        worker.mirror_tasks.add(task)
-        task.add_done_callback(worker.mirror_tasks.discard)
+        task = runtime.loop.create_task(self._send())
+        runtime.mirror_tasks.add(task)
+        task.add_done_callback(runtime.mirror_tasks.discard)
 
     async def _send(self) -> None:
         endpoint = self.cluster.pick()
@@ -80,13 +80,13 @@ class MirrorCopy:
                 writer.close()
 
 
-def start_mirror(worker: "Worker", exchange, policy: "MirrorPolicy") -> MirrorCopy | None:
+def start_mirror(runtime: "Runtime", exchange, policy: "MirrorPolicy") -> MirrorCopy | None:
     """Decide (by percentage) whether to mirror this request; returns the copy to feed."""
-    if policy.percentage < 100.0 and worker.rng.random() * 100.0 >= policy.percentage:
+    if policy.percentage < 100.0 and runtime.rng.random() * 100.0 >= policy.percentage:
         return None
-    cluster = worker.clusters.get(policy.cluster) if policy.cluster else None
+    cluster = runtime.clusters.get(policy.cluster) if policy.cluster else None
     if cluster is None:
         return None
     headers = [(n, shadow_host(v) if n == b"host" else v) for n, v in exchange.forward_headers]
     headers = [h for h in headers if h[0] != b"connection"] + [(b"connection", b"close")]
-    return MirrorCopy(worker, cluster, encode_request_head(exchange.head.method, exchange.forward_path, headers))
+    return MirrorCopy(runtime, cluster, encode_request_head(exchange.head.method, exchange.forward_path, headers))

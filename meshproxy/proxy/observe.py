@@ -28,6 +28,15 @@ def _service_peer(cluster: Cluster) -> PeerInfo:
     return workload_peer(cluster.labels, namespace, fallback_name=name, service=cluster.service)
 
 
+class RequestInfo:
+    """What telemetry reads about one request (Envoy's StreamInfo); the pipeline's Exchange is
+    one, and fills these in as the request goes.  ``connection``: the downstream connection (its
+    listener knows the peer's identity)."""
+    __slots__ = ("head", "connection", "client_ip", "scheme", "inbound", "status", "flags", "route_name", "destination",
+                 "cluster", "endpoint", "attempts", "start_time", "upstream_start", "request_bytes",
+                 "response_bytes", "trace")
+
+
 class Telemetry:
     def __init__(self, metrics: ProxyMetrics | None = None, tracer: ProxyTracer | None = None,
                  access_log: AccessLog | None = None, source: PeerInfo = UNKNOWN_PEER,
@@ -79,19 +88,20 @@ class Telemetry:
 
     # ---------------------------------------------------------------- requests
 
-    def request_routed(self, exchange) -> None:
+    def request_routed(self, exchange: "RequestInfo"):
+        """The trace context of a routed request (None without a tracer)."""
         tracer = self.tracer
-        if tracer is not None:
-            head = exchange.head
-            kind = "server" if exchange.down.inbound else "client"
-            exchange.trace = tracer.start(head.headers, kind, method=head.method, path=head.path,
-                                          authority=head.host, scheme=exchange.down.scheme,
-                                          peer_address=exchange.down.client_ip, names=field_names(head))
+        if tracer is None:
+            return None
+        head = exchange.head
+        kind = "server" if exchange.inbound else "client"
+        return tracer.start(head.headers, kind, method=head.method, path=head.path, authority=head.host,
+                            scheme=exchange.scheme, peer_address=exchange.client_ip, names=field_names(head))
 
-    def exchange_done(self, exchange, now: float) -> None:
+    def exchange_done(self, exchange: "RequestInfo", now: float) -> None:
         cluster = exchange.cluster
-        if exchange.down.inbound:
-            handle = self._inbound_handle(exchange.down)
+        if exchange.inbound:
+            handle = self._inbound_handle(exchange.connection)
         else:
             handle = self._handles.get(cluster.name) if cluster is not None else self._unrouted
             if handle is None:
@@ -126,7 +136,7 @@ class Telemetry:
                     f"{endpoint.address}:{endpoint.port}" if endpoint is not None else "",
                     (now - exchange.upstream_start) * 1000.0 if exchange.upstream_start else None,
                     request_id, trace.trace_id if trace is not None else b"", exchange.route_name, user_agent,
-                    exchange.down.client_ip, head.host, cluster.name if cluster is not None else "")
+                    exchange.client_ip, head.host, cluster.name if cluster is not None else "")
 
     def rejected(self, reason: str, status: int) -> None:
         self.metrics.rejected(reason)

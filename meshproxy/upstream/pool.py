@@ -192,7 +192,7 @@ class UpstreamPools:
 
     def release(self, conn: UpstreamConnection, reusable: bool, max_idle: int,
                 max_requests: int = 0) -> None:
-        conn.exchange = None
+        conn.handler = None
         conn.requests += 1
         pool = conn.pool
         if (not reusable or conn.closed or len(pool.idle) >= max_idle

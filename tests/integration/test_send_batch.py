@@ -35,6 +35,9 @@ class RecordingTransport:
     def write(self, data):
         self.calls.append(("write", bytes(data)))
 
+    def writelines(self, pieces):
+        self.calls.append(("write", b"".join(pieces)))      # one vectored write
+
     def get_extra_info(self, name, default=None):
         return ("127.0.0.1", 40000) if name == "peername" else default
 
@@ -69,7 +72,7 @@ async def _direct_worker(codec="httptools"):
 
 
 def _connection(worker) -> tuple[DownstreamConnection, RecordingTransport]:
-    conn = DownstreamConnection(worker, next(iter(worker.http_listeners.values())))
+    conn = DownstreamConnection(worker.runtime, next(iter(worker.http_listeners.values())))
     transport = RecordingTransport()
     conn.connection_made(transport)
     return conn, transport

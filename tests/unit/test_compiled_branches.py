@@ -483,7 +483,7 @@ def test_monotonic_reads_the_clock_time_monotonic_reads():
     assert len(set(readings)) > 100        # sub-millisecond resolution, not the loop's cached tick
 
 
-def test_worker_now_is_the_injected_clock_or_the_system_clock():
+def test_runtime_now_is_the_injected_clock_or_the_system_clock():
     import asyncio
     import time
     from inproc import snapshot
@@ -492,9 +492,9 @@ def test_worker_now_is_the_injected_clock_or_the_system_clock():
     from meshproxy.proxy.observe import Telemetry
     loop = asyncio.new_event_loop()
     try:
-        fake = Worker(loop, SnapshotStore(snapshot([], [])), WorkerOptions(), Telemetry(), clock=lambda: 42.5)
+        fake = Worker(loop, SnapshotStore(snapshot([], [])), WorkerOptions(), Telemetry(), clock=lambda: 42.5).runtime
         assert fake.now() == 42.5 and fake.clock() == 42.5 and not fake.system_clock
-        real = Worker(loop, SnapshotStore(snapshot([], [])), WorkerOptions(), Telemetry())
+        real = Worker(loop, SnapshotStore(snapshot([], [])), WorkerOptions(), Telemetry()).runtime
         assert real.clock is time.monotonic
         before = time.monotonic()
         assert real.system_clock and before - 1e-6 <= real.now() <= time.monotonic() + 1e-6

@@ -60,11 +60,24 @@ def py_attributes(cls: ast.ClassDef) -> tuple[list[str], bool]:
     return names, False
 
 
+def _all_classes():
+    """Every cdef class of every .pxd and every class of their .py files, by name (a cdef class
+    may derive from one declared in another module: the drivers, the request record)."""
+    pxd_all: dict[str, tuple[list[str], str | None]] = {}
+    py_all: dict[str, ast.ClassDef] = {}
+    for path in PXDS:
+        pxd_all.update(pxd_classes(path))
+        tree = ast.parse(path.with_suffix(".py").read_text())
+        py_all.update({c.name: c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)})
+    return pxd_all, py_all
+
+
 @pytest.mark.parametrize("pxd", PXDS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_each_cdef_class_declares_exactly_the_attributes_its_python_class_uses(pxd):
     tree = ast.parse(pxd.with_suffix(".py").read_text())
     py = {c.name: c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)}
     classes = pxd_classes(pxd)
+    pxd_all, py_all = _all_classes()
     for name, (own, base) in classes.items():
         assert name in py, f"{pxd.name}: cdef class {name} has no class in the .py"
         used, is_dataclass = py_attributes(py[name])
@@ -72,14 +85,20 @@ def test_each_cdef_class_declares_exactly_the_attributes_its_python_class_uses(p
             assert own == used, f"{name}: field order differs between .pxd and .py"
             continue
         declared = list(own)
-        while base in classes:                      # what the base classes declare is there too
-            declared += classes[base][0]
-            base = classes[base][1]
+        while base in pxd_all:                      # what the base classes declare is there too
+            declared += pxd_all[base][0]
+            base = pxd_all[base][1]
         assert set(used) <= set(declared), f"{name}: not declared in {pxd.name}: {sorted(set(used) - set(declared))}"
-        # what a class declares itself is set by it or by one of its subclasses
-        for sub in py.values():
-            if any(isinstance(b, ast.Name) and b.id == name for b in sub.bases):
-                used += py_attributes(sub)[0]
+        # what a class declares itself is set by it or by one of its subclasses (in any module)
+        subclasses, grown = {name}, True
+        while grown:
+            grown = False
+            for sub in py_all.values():
+                if sub.name not in subclasses and any(
+                        isinstance(b, ast.Name) and b.id in subclasses for b in sub.bases):
+                    subclasses.add(sub.name)
+                    used += py_attributes(sub)[0]
+                    grown = True
         assert set(own) <= set(used), f"{name}: declared but never set: {sorted(set(own) - set(used))}"
 
 

@@ -1,7 +1,8 @@
 """The import structure the style guide asks for, checked on the source (not by importing).
 
 * no import cycles inside ``meshproxy/`` (a module imported at run time, at module level or
-  inside a function; ``if TYPE_CHECKING:`` imports are annotations only and do not count);
+  inside a function, or cimported by a .pxd: a compiled module imports what its declarations
+  cimport when it loads; ``if TYPE_CHECKING:`` imports are annotations only and do not count);
 * the control plane imports from ``meshproxy`` only the proxy's config contract
   (``meshproxy.config``: the model, decoding, compiling); not the proxy's side of config
   delivery (its store, file watch and control-plane client), nor the data plane's runtime,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -81,10 +83,36 @@ def imports_of(path: str, known: set[str]) -> set[str]:
     return found
 
 
+_CIMPORT = re.compile(r"^\s*from\s+([\w.]+)\s+cimport\s+(.+)$|^\s*cimport\s+([\w.]+)")
+
+
+def cimports_of(pxd: str, known: set[str]) -> set[str]:
+    """The modules of ``known`` that a .pxd cimports (``from a.b cimport c`` names a.b.c when
+    that is a module)."""
+    found = set()
+    for line in open(pxd, encoding="utf-8"):
+        m = _CIMPORT.match(line)
+        if not m:
+            continue
+        if m.group(3):
+            targets = [m.group(3)]
+        else:
+            names = [n.split(" as ")[0].strip() for n in m.group(2).split("#")[0].split(",")]
+            targets = [f"{m.group(1)}.{n}" if f"{m.group(1)}.{n}" in known else m.group(1) for n in names]
+        found.update(t for t in targets if t in known)
+    return found
+
+
 def import_graph(package: str, known: set[str] | None = None) -> dict[str, set[str]]:
     files = list(_python_files(package))
     names = {_module_name(f) for f in files} | (known or set())
-    return {_module_name(f): imports_of(f, names) for f in files}
+    graph = {_module_name(f): imports_of(f, names) for f in files}
+    for path in files:
+        pxd = path[:-3] + ".pxd"
+        if os.path.exists(pxd):
+            module = _module_name(path)
+            graph[module] |= cimports_of(pxd, names) - {module}
+    return graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -130,7 +158,7 @@ def test_the_cycle_finder_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_the_import_reader_ignores_type_checking_imports(tmp_path, monkeypatch):
+def test_the_import_reader_ignores_type_checking_imports_and_reads_cimports(tmp_path, monkeypatch):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -138,10 +166,12 @@ def test_the_import_reader_ignores_type_checking_imports(tmp_path, monkeypatch):
                               "if TYPE_CHECKING:\n    from .c import C\n")
     (pkg / "b.py").write_text("def f():\n    from .a import x\n")
     (pkg / "c.py").write_text("")
+    (pkg / "c.pxd").write_text("from pkg cimport a\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
     graph = import_graph("pkg")
     assert graph["pkg.a"] == {"pkg.b"}
     assert graph["pkg.b"] == {"pkg.a"}
+    assert graph["pkg.c"] == {"pkg.a"}          # the .pxd's cimport
     assert cycles(graph) == [["pkg.a", "pkg.b"]]
 
 

@@ -1,0 +1,106 @@
+"""What the downstream and upstream connection drivers share: an asyncio protocol that feeds
+a sans-IO parser, queues its output and sends it in one go, and pauses reading for reasons.
+
+* ``feed(data)``: bytes to the parser (a C call when both are compiled); a ProtocolError
+  from the codec propagates to the driver, which decides what it means on its side.
+* ``write(data)`` queues bytes; ``flush()`` has them sent at the end of this event-loop pass
+  with the other connections' (the worker's :class:`~meshproxy.batch.SendBatch`), or at once
+  without a batch; ``send_now()`` sends them now.  Several queued pieces (a head and a body)
+  leave as one vectored write (``transport.writelines``: uvloop writes them with one writev,
+  no join into a new bytes object).
+* ``pause_reading(reason)`` / ``resume_reading(reason)``: reading stops while any reason
+  (a bit) is set and resumes when the last one clears.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import cython
+
+from .batch import SendBatch
+from .codec.api import MessageHandler
+from .codec.httptools_backend import _Base as LlhttpParser
+from .lists import clear, push, with_room
+
+
+class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
+    __slots__ = ("transport", "parser", "out", "queued", "sender", "batch", "closed", "read_paused_by",
+                 "send", "send_many")
+
+    def __init__(self, batch: SendBatch | None):
+        self.transport: asyncio.Transport | None = None
+        self.parser = None
+        self.out: list[bytes] = with_room(4)      # bytes queued for the peer (see write)
+        self.queued = False                       # ``sender`` is in the batch for this pass
+        self.sender = self.send_now               # one bound method, queued once per pass
+        self.batch = batch
+        self.closed = False
+        self.read_paused_by = 0                   # bit set of reasons reading is paused
+        self.send = None                          # transport.write and .writelines, bound once
+        self.send_many = None
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """From ``connection_made``: the transport, its write buffer limits, its bound writes."""
+        self.transport = transport
+        self.send = transport.write
+        self.send_many = transport.writelines
+        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the peer to the parser; the codec's ProtocolError propagates."""
+        parser = self.parser
+        if cython.compiled and isinstance(parser, LlhttpParser):
+            cython.cast(LlhttpParser, parser).feed(data)     # a C call
+        else:
+            parser.feed(data)
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer (sent by ``flush`` or ``send_now``)."""
+        push(self.out, data)
+
+    def flush(self) -> None:
+        """What is queued goes to the socket at the end of this loop pass (batch.py), or at
+        once without a batch."""
+        if not self.queued and self.out:
+            if self.batch is None:
+                self.send_now()
+            else:
+                self.queued = True
+                self.batch.add(self.sender)
+
+    def send_now(self) -> None:
+        """What is queued goes to the transport now (the batch calls this; so does anything
+        that must follow it: ``write_eof``, ``close``, a tunnel)."""
+        self.queued = False
+        out = self.out
+        if out:
+            if not self.closed:
+                if len(out) == 1:
+                    self.send(out[0])
+                else:
+                    self.send_many(out)               # vectored: no join
+            clear(out)                           # keeps the list's room for the next message
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.read_paused_by and not self.closed:
+            self.transport.pause_reading()
+        self.read_paused_by |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        was = self.read_paused_by
+        self.read_paused_by &= ~reason
+        if was and not self.read_paused_by and not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection now, queued bytes with it."""
+        self.out.clear()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def lost(self) -> None:
+        """From ``connection_lost``: nothing more is sent."""
+        self.closed = True
+        self.out.clear()
+        self.sender = None
