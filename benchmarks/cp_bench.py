@@ -312,7 +312,7 @@ async def scale(services: int, endpoints: int, sidecar_hosts: int = 0) -> dict:
     first = await receive(full_message)
     rss_after_proxy = proc_cpu_rss(os.getpid())[1]
     worker = Worker(loop, snapshots, WorkerOptions(), build_telemetry(RunOptions(), loop))
-    worker._build_runtime(snapshots.current)      # what start() does, without binding listeners
+    worker.runtime.install(snapshots.current)      # what start() does, without binding listeners
 
     def before(message: bytes) -> float:
         """The previous proxy path, whole payload on the loop: parse, decode, compile (CPU ms)."""
