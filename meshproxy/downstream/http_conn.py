@@ -153,7 +153,8 @@ class DownstreamConnection(Downstream):
             self.upgrade_buffer = []
         self.out_start = len(self.out)
         self.answer_sent = False
-        exchange = self.exchange = Exchange(self, head)
+        exchange = self.exchange = Exchange.__new__(Exchange)
+        exchange.begin(self, head)
         exchange.start()
 
     def _enqueue(self, event) -> None:

@@ -46,6 +46,7 @@ cdef class Attempt(UpstreamHandler):
     cdef public object try_timer, waiting, connect_task
     cdef public ResponseHead response_head
 
+    cdef begin(self, Exchange exchange, Host host)
     cpdef bint connection_available(self, conn) except -1
     cpdef connected(self, conn, str reason)
     cpdef try_timed_out(self)
@@ -85,6 +86,7 @@ cdef class Exchange(RequestInfo):
     cdef public object set_cookie
 
     # entry points called by the connection drivers (and Python code)
+    cpdef begin(self, Downstream down, RequestHead head)
     cpdef bint response_started(self) except -1
     @cython.locals(runtime=Runtime, snapshot=Snapshot, vhost=VirtualHost, routes=tuple, first=HttpRoute,
                    route=HttpRoute)

@@ -132,6 +132,11 @@ class Attempt(UpstreamHandler):
                  "connect_task", "response_head", "discarding", "switching")
 
     def __init__(self, exchange: "Exchange", host):
+        self.begin(exchange, host)
+
+    def begin(self, exchange: "Exchange", host) -> None:
+        """(``__init__``'s body: the pipeline makes attempts with ``Attempt.__new__`` and this,
+        a C call when compiled instead of a Python-level constructor call.)"""
         self.exchange = exchange
         self.host = host                          # the cluster's Host of the endpoint (load, health)
         self.conn: UpstreamConnection | None = None
@@ -215,6 +220,11 @@ class Exchange(RequestInfo):
     )
 
     def __init__(self, down: Downstream, head: RequestHead):
+        self.begin(down, head)
+
+    def begin(self, down: Downstream, head: RequestHead) -> None:
+        """(``__init__``'s body: the downstream connection makes exchanges with
+        ``Exchange.__new__`` and this, a C call when compiled.)"""
         self.down = down
         self.runtime = down.runtime               # (through the typed attributes: C reads when compiled)
         self.phase = ROUTING
@@ -474,7 +484,8 @@ class Exchange(RequestInfo):
         previous = self.attempt
         if previous is not None:
             self._end_attempt(previous, False)
-        attempt = self.attempt = Attempt(self, host)
+        attempt = self.attempt = Attempt.__new__(Attempt)
+        attempt.begin(self, host)
         self.host = host
         self.endpoint = host.endpoint
         self.attempts += 1
