@@ -50,7 +50,7 @@ from .push import PushEngine
 from .security.service import ROUTES as SECURITY_ROUTES, Denied
 from .resources import BY_KIND, BY_PLURAL, Kind, describe, kind_for, proxy_view
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
-from .validation import apply_warnings, validate_object
+from .validation import apply_warnings, decode_warnings, load_yaml, validate_object
 
 DEFAULT_TTL = 10.0
 WARNINGS_MAX_OBJECTS = 3000     # above this many resources + workloads, writes skip the warning compile
@@ -115,7 +115,7 @@ def parse_body(request: Request):
     if not text:
         raise BadRequest("request body is empty")
     try:
-        return json.loads(text) if text[:1] in "{[" else yaml.safe_load(text)
+        return json.loads(text) if text[:1] in "{[" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise BadRequest(f"request body is neither valid JSON nor YAML: {exc}") from None
 
@@ -391,10 +391,12 @@ class Api:
         A compile of the mesh: done off the event loop, and skipped for large meshes."""
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         resources, workloads = self.store.resources(), self.store.workloads()
+        own = decode_warnings(proxy_view(obj))      # fields accepted but not applied: always reported
         if len(resources) + len(workloads) > WARNINGS_MAX_OBJECTS:
-            return []
+            return own
         others = [proxy_view(o) for k, o in sorted(resources.items()) if k != key and k[0] in BY_KIND]
-        return await asyncio.to_thread(apply_warnings, proxy_view(obj), others, list(workloads.values()))
+        compiled = await asyncio.to_thread(apply_warnings, proxy_view(obj), others, list(workloads.values()))
+        return own + [w for w in compiled if w not in own]
 
     async def _delete(self, request, group, version, ns, plural, name):
         kind = self._kind(group, version, plural)

@@ -36,6 +36,7 @@ import yaml
 
 from .delivery import cli as canary_cli
 from .resources import DEFAULT_API_VERSION, GROUP, lookup_kind
+from .validation import load_yaml_all
 
 DEFAULT_SERVER = "http://127.0.0.1:15010"
 TIMEOUT = 10.0
@@ -132,7 +133,7 @@ def read_documents(paths: list[str], default_ns: str) -> tuple[list[tuple[str, d
     docs: list[tuple[str, dict]] = []
     for where, text in files:
         try:
-            loaded = list(yaml.safe_load_all(text))
+            loaded = list(load_yaml_all(text))
         except yaml.YAMLError as exc:
             errors.append(f"{where}: not valid YAML: {str(exc).splitlines()[0]}")
             continue

@@ -19,6 +19,7 @@ from meshproxy.config.compile import compile_snapshot as _compile_snapshot
 from meshproxy.config.decode import decode_documents as _decode_documents
 from meshproxy.config.model import ProxySettings as _ProxySettings
 from meshproxy.config.resources import Document as _Document
+from meshproxy.config.yaml12 import load as load_yaml, load_all as load_yaml_all  # noqa: F401 (YAML as Kubernetes reads it)
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -73,6 +74,11 @@ def decode_errors(objects: list[dict], source: str = "controlplane") -> list[str
     """Run the proxy's decoder over proxy views; returns its errors (path-qualified)."""
     docs = [_Document(source, i, obj) for i, obj in enumerate(objects)]
     return list(_decode_documents(docs).errors)
+
+
+def decode_warnings(obj: dict) -> list[str]:
+    """The decoder's warnings for one proxy view: fields accepted but not applied, with paths."""
+    return list(_decode_documents([_Document("controlplane", 0, obj)]).warnings)
 
 
 def apply_warnings(obj: dict, others: list[dict], workloads: list[dict]) -> list[str]:

@@ -30,6 +30,7 @@ from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
 from .downstream.http_conn import DownstreamConnection
 from .downstream.tcp_proxy import TcpProxyListener
+from .downstream.tls import server_context
 from .listener import HttpListener, bind_socket, inbound_acceptor
 from .proxy.observe import Telemetry
 from .runtime import Runtime
@@ -219,28 +220,7 @@ class Worker:
             log.error("%s", error)
 
     def _tls_context(self, model: Listener) -> ssl.SSLContext:
-        certs = model.tls.certificates
-        default = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        default.load_cert_chain(certs[0][1], certs[0][2])
-        by_sni = {}
-        for sni, cert, key in certs:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(cert, key)
-            by_sni[sni.lower()] = ctx
-
-        def pick(sock, server_name, _ctx):
-            if server_name:
-                name = server_name.lower()
-                chosen = by_sni.get(name)
-                if chosen is None:
-                    _, _, parent = name.partition(".")
-                    chosen = by_sni.get("*." + parent)
-                if chosen is not None:
-                    sock.context = chosen
-            return None
-
-        default.sni_callback = pick
-        return default
+        return server_context(model.tls)
 
     def inbound_tls_context(self, alpn: tuple[str, ...], client_cert: str) -> ssl.SSLContext | None:
         """The workload's mTLS server context for inbound listeners (None: no certificate)."""

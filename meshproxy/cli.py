@@ -333,20 +333,19 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    from .config.compile import ProxyIdentity
-    from .config.load import build_from_paths
-    from .config.model import ProxySettings
+    from .config.load import validate_paths
 
-    result = build_from_paths(args.paths, ProxyIdentity(namespace=args.namespace), ProxySettings(), None)
+    result = validate_paths(args.paths, args.namespace)
     for error in result.errors:
         print(error)
     for warning in result.warnings:
         print(f"warning: {warning}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     if result.errors:
         print(f"{len(result.errors)} error(s)", file=sys.stderr)
         return 1
-    count = len(result.snapshot.resources) if result.snapshot is not None else 0
-    print(f"ok: {count} resource(s) valid", file=sys.stderr)
+    print(f"ok: {result.resources} resource(s) valid, {len(result.warnings)} warning(s)", file=sys.stderr)
     return 0
 
 

@@ -31,8 +31,8 @@ from .decode import DEFAULT_RETRY_POLICY
 from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matches, resolve_host
 from .model import (
     EMPTY_MAP, Cluster, ConnectionPoolPolicy, Endpoint, HttpRoute, LoadBalancerPolicy, Listener,
-    MirrorPolicy, ProxySettings, Redirect, ResourceInfo, RetryPolicy, RouteTable, Snapshot, TcpRoute,
-    TLS_MODE_LABEL, TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
+    MirrorPolicy, ProxySettings, Redirect, ResourceInfo, RetryPolicy, RouteTable, ServerCertificate, Snapshot,
+    TcpRoute, TLS_MODE_LABEL, TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
 )
 from .resources import (
     DestinationRule, Gateway, HTTPRoute, L4Route, PolicyParts, Resource, RouteDestination, Server,
@@ -163,6 +163,8 @@ class _Compiler:
         self.warnings: list[str] = []
         ordered = sorted(enumerate(resources), key=lambda p: (p[1].creation_timestamp or "\uffff", p[0]))
         self.resources = [r for _, r in ordered if self._visible(r)]
+        for r in self.resources:            # what the decoder accepted but this proxy does not apply
+            self.warnings.extend(r.warnings)
         self.by_kind: dict[str, list[Resource]] = {}
         for r in self.resources:
             self.by_kind.setdefault(r.kind, []).append(r)
@@ -211,9 +213,6 @@ class _Compiler:
     def _build_registry(self, workloads: list[WorkloadEndpoint]) -> None:
         for r in self.by_kind.get("ServiceEntry", []):
             se: ServiceEntry = r.spec
-            if se.workload_selector is not None:
-                self.warn(f"{r.ref}: spec.workloadSelector: selecting workloads is not supported; "
-                          "register endpoints through the control plane")
             for i, raw_host in enumerate(se.hosts):
                 host = resolve_host(raw_host, r.namespace)
                 if host in self.services:
@@ -389,8 +388,7 @@ class _Compiler:
                 continue
             if not route.match and context not in top:
                 continue
-            if route.delegate is not None:
-                self.warn(f"{where}.delegate: delegation is not supported; route ignored")
+            if route.delegate is not None:       # the decoder warned (schema: HTTPRoute.delegate)
                 continue
             out.append(self._http_route(r, route, where, tuple(matches), allow_non_idempotent))
         return tuple(out)
@@ -410,8 +408,6 @@ class _Compiler:
         retries = route.retries if route.retries is not None else DEFAULT_RETRY_POLICY
         if allow_non_idempotent:
             retries = replace(retries, allow_non_idempotent=True)
-        if route.grpc_abort is not None:
-            self.warn(f"{where}.fault.abort.grpcStatus: gRPC aborts are not supported by this proxy; ignored")
         timeout = route.timeout if route.timeout is not None else self.settings.default_route_timeout
         return HttpRoute(
             name=route.name, source=where, matches=matches, destinations=dests, redirect=route.redirect,
@@ -457,7 +453,7 @@ class _Compiler:
                 vs_patterns.append(host)
                 if host == "*":
                     default = VirtualHost(f"{r.namespace}/{r.name}", ("*",), routes)
-                elif host.startswith("*."):
+                elif host.startswith("*"):
                     wildcards[host[1:]] = VirtualHost(f"{r.namespace}/{r.name}", (host,), routes)
                 else:
                     svc = self.services.get(host)
@@ -494,7 +490,7 @@ class _Compiler:
                               retries=DEFAULT_RETRY_POLICY, timeout=self.settings.default_route_timeout)
             suffix = "" if i == 0 else f":{port.number}"
             vh_name = f"service:{svc.host}{suffix}"
-            if svc.host.startswith("*."):
+            if svc.host.startswith("*"):
                 if i == 0:
                     entries.append((True, svc.host[1:], VirtualHost(vh_name, (svc.host,), (route,))))
                 continue
@@ -675,14 +671,17 @@ class _Compiler:
                     self.warn(f"{where}.port: port {port} is already served as {first.port.protocol} by "
                               f"{first_r.ref}; this server is ignored")
                     continue
-                if s.tls is not None and s.tls.mode in ("AUTO_PASSTHROUGH", "MUTUAL", "ISTIO_MUTUAL",
-                                                        "OPTIONAL_MUTUAL"):
-                    self.warn(f"{where}.tls.mode: {s.tls.mode} is not supported by this proxy; server ignored")
-                    continue
+                if s.tls is not None and s.tls.mode not in ("SIMPLE", "PASSTHROUGH") and not s.tls.https_redirect:
+                    continue                     # the decoder warned (fields: ServerTLSSettings.mode)
                 if s.tls is not None and s.tls.mode != "PASSTHROUGH" and not s.tls.https_redirect \
                         and not s.tls.server_certificate:
-                    self.warn(f"{where}.tls: credentialName is not supported (no secret store); use "
-                              "serverCertificate/privateKey files; server ignored")
+                    continue                     # credentialName: the decoder warned
+                tls_servers = [o for _, o in same if o.tls is not None and o.tls.server_certificate]
+                if s.tls is not None and s.tls.server_certificate and tls_servers and \
+                        _tls_options(s.tls) != _tls_options(tls_servers[0].tls):
+                    self.warn(f"{where}.tls: its TLS versions and cipher suites differ from the first TLS server "
+                              f"on port {port} (a port negotiates them once, before SNI picks the server); "
+                              "this server is not served")
                     continue
                 same.append((r, s))
             if not same:
@@ -710,7 +709,8 @@ class _Compiler:
                                                authz=self.security.authz))
                 continue
             tls = None
-            certificates = [(h.rpartition("/")[2], s.tls.server_certificate, s.tls.private_key)
+            certificates = [ServerCertificate(h.rpartition("/")[2], s.tls.server_certificate, s.tls.private_key,
+                                              *_tls_options(s.tls))
                             for _, s in same if s.tls is not None and s.tls.server_certificate for h in s.hosts]
             if certificates:
                 tls = TlsSettings("SIMPLE", tuple(certificates))
@@ -756,7 +756,7 @@ class _Compiler:
             vh = VirtualHost("+".join(names[host]), (host,), _catch_alls_last(routes))
             if host == "*":
                 default = vh
-            elif host.startswith("*."):
+            elif host.startswith("*"):
                 wildcards[host[1:]] = vh
             else:
                 vh = replace(vh, domains=domains(host, self.identity.namespace, [port]))
@@ -820,6 +820,14 @@ def _with_port_level(parts: PolicyParts, spec: TrafficPolicySpec, port: int) -> 
         if number == port:
             return level
     return parts
+
+
+def _tls_options(tls) -> tuple[str, str, tuple[str, ...]]:
+    """(min version, max version, cipher suites) of a Gateway server, TLS_AUTO resolved as
+    Envoy resolves it for servers (1.2 .. 1.3)."""
+    low = tls.min_protocol_version if tls.min_protocol_version not in ("", "TLS_AUTO") else "TLSV1_2"
+    high = tls.max_protocol_version if tls.max_protocol_version not in ("", "TLS_AUTO") else "TLSV1_3"
+    return low, high, tuple(tls.cipher_suites)
 
 
 def _cluster_protocol(protocol: str) -> str:

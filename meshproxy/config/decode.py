@@ -25,6 +25,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import ssl
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
@@ -34,6 +35,7 @@ from .model import (
     HeaderOps, HeaderPolicy, LoadBalancerPolicy, NO_HEADER_POLICY, OutlierPolicy, Redirect,
     RetryPolicy, Rewrite, RouteMatch, StringMatch,
 )
+from .schema import NODES, Refused, Warned, is_zero
 from .resources import (
     ClientTLS, Delegate, Destination, DestinationRule, Document, EgressListener, Gateway, HTTPMatch,
     HTTPRoute, IngressListener, L4Match, L4Route, Mirror, PolicyParts, PortSpec, Resource,
@@ -70,16 +72,6 @@ SERVER_TLS_MODES = frozenset({"PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROU
 RESOLUTIONS = frozenset({"NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"})
 LOCATIONS = frozenset({"MESH_EXTERNAL", "MESH_INTERNAL"})
 CAPTURE_MODES = frozenset({"DEFAULT", "IPTABLES", "NONE"})
-
-# Kubernetes metadata a document may carry; only name/namespace/labels/annotations and
-# creationTimestamp mean anything to the proxy, the rest is accepted so that
-# ``kubectl get -o yaml`` output decodes unchanged.
-METADATA_FIELDS = frozenset({
-    "name", "namespace", "creationTimestamp", "resourceVersion", "labels", "annotations", "generation",
-    "uid", "managedFields", "finalizers", "ownerReferences", "generateName", "selfLink",
-    "deletionTimestamp", "deletionGracePeriodSeconds",
-})
-DOCUMENT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DNS_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?$")
@@ -185,25 +177,42 @@ class _Reader:
         self.ref = ref
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self._warned: list[str] = []
 
     def error(self, path: str, problem: str) -> None:
         self.errors.append(f"{self.ref}: {path}: {problem}")
 
     def warn(self, path: str, problem: str) -> None:
+        """One warning per path; nothing below a path already warned about (a warned field's
+        sub-fields are not acted on either)."""
+        if any(path == w or path.startswith(w + ".") or path.startswith(w + "[") for w in self._warned):
+            return
+        self._warned.append(path)
         self.warnings.append(f"{self.ref}: {path}: {problem}")
 
     # -- structure
 
-    def obj(self, value: Any, path: str, fields: Iterable[str], required: Iterable[str] = ()) -> dict | None:
-        """A mapping with only ``fields``; None (after an error) if it is not a mapping."""
+    def obj(self, value: Any, path: str, node: str, required: Iterable[str] = ()) -> dict | None:
+        """A mapping read through the registry node ``node`` (:mod:`meshproxy.config.schema`):
+        unknown keys are errors; a present field whose status is Warned or Refused gets its
+        warning or error here, with its path.  None (after an error) if not a mapping."""
+        spec = NODES[node]
         if not isinstance(value, dict):
             self.error(path, f"must be a mapping, got {_type_name(value)}")
             return None
-        allowed = fields if isinstance(fields, (set, frozenset)) else frozenset(fields)
-        for key in value:
-            if key not in allowed:
-                hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+        for key, item in value.items():
+            f = spec.fields.get(key) if isinstance(key, str) else None
+            if f is None:
+                hint = difflib.get_close_matches(str(key), sorted(spec.fields), n=1)
                 self.error(f"{path}.{key}", "unknown field" + (f' (did you mean "{hint[0]}"?)' if hint else ""))
+                continue
+            status = f.status
+            if isinstance(status, (Warned, Refused)) and item is not None and not _is_ok(item, status.ok) and (
+                    status.ok or not is_zero(item)):     # with ok values a zero value is a choice too
+                if isinstance(status, Refused):
+                    self.error(f"{path}.{key}", status.message)
+                else:
+                    self.warn(f"{path}.{key}", status.message)
         for key in required:
             if value.get(key) is None:
                 self.error(f"{path}.{key}", "required")
@@ -323,7 +332,7 @@ class _Reader:
         raw = m.get(key)
         if raw is None:
             return None
-        sub = self.obj(raw, f"{path}.{key}", ("value",))
+        sub = self.obj(raw, f"{path}.{key}", "Percent")
         if sub is None:
             return None
         value = sub.get("value", 0.0)
@@ -335,6 +344,10 @@ class _Reader:
             self.error(f"{path}.{key}.value", f"must be 0 or in [0.0001, 100], got {value:g}")
             return None
         return value
+
+
+def _is_ok(value: Any, ok: tuple) -> bool:
+    return any(type(value) is type(o) and value == o for o in ok)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -389,9 +402,9 @@ def decode_document(doc: Document) -> tuple[Resource | None, tuple[str, str, str
         r.error("apiVersion", f"must be one of {', '.join(sorted(versions))}, got {api_version!r}")
     if kind not in KINDS:
         r.error("kind", f"unsupported kind {kind!r} (supported: {', '.join(KINDS)})")
-    r.obj(body, "document", DOCUMENT_FIELDS)
+    r.obj(body, "document", "Document")
     r.errors = [e.replace(": document.", ": ", 1) for e in r.errors]   # top-level paths read bare
-    meta = r.obj(body.get("metadata"), "metadata", METADATA_FIELDS)
+    meta = r.obj(body.get("metadata"), "metadata", "ObjectMeta")
     labels = annotations = None
     created = ""
     if meta is not None:
@@ -416,7 +429,7 @@ def decode_document(doc: Document) -> tuple[Resource | None, tuple[str, str, str
         kind=kind, namespace=namespace, name=name, spec=spec, source=doc.source, index=doc.index,
         api_version=api_version, creation_timestamp=created,
         labels=labels or MappingProxyType({}), annotations=annotations or MappingProxyType({}),
-        content_hash=_content_hash(body))
+        content_hash=_content_hash(body), warnings=tuple(r.warnings))
     return resource, key, [], r.warnings
 
 
@@ -447,29 +460,47 @@ def _content_hash(body: dict) -> str:
 
 
 def _check_host(r: _Reader, host: str, path: str, allow_star: bool = True) -> None:
+    """A host as Istio's ValidateWildcardDomain takes it: ``*``, a DNS name or IP, or a DNS
+    name whose first label starts with ``*`` (``*.example.com``, ``*x.example.com``,
+    ``*-api.example.com``, ``*x``): the ``*`` stands for any prefix."""
     if host == "*":
         if not allow_star:
             r.error(path, '"*" is not allowed here')
         return
-    name = host[2:] if host.startswith("*.") else host
+    name = host
+    if host.startswith("*"):
+        first, dot, rest = host[1:].partition(".")
+        if first and not DNS_LABEL.match(first.removeprefix("-")):
+            r.error(path, f"must be a DNS name, optionally with a wildcard first label (\"*.example.com\", "
+                          f"\"*x.example.com\"), got {host!r}")
+            return
+        name = rest if (dot or first) else ""
+        if not name:
+            if not first:
+                r.error(path, f"must be a DNS name, optionally with a wildcard first label, got {host!r}")
+            return
     if "*" in name:
-        r.error(path, f"wildcard is only allowed as a prefix (\"*.example.com\"), got {host!r}")
+        r.error(path, f"wildcard is only allowed at the start of the first label (\"*.example.com\"), got {host!r}")
         return
     try:
         ipaddress.ip_address(name)
-        return
+        if name is host:
+            return
     except ValueError:
         pass
     labels = name.rstrip(".").split(".")
-    if len(name) > 253 or not all(DNS_LABEL.match(label) for label in labels):
+    if len(host) > 255 or not all(DNS_LABEL.match(label) for label in labels):
         r.error(path, f"must be a DNS name (optionally with a \"*.\" prefix) or an IP, got {host!r}")
 
 
 def _host_covers(wild: str, host: str) -> bool:
+    """Does host pattern ``wild`` include ``host`` (Istio: a leading ``*`` is any prefix)?"""
     if wild == "*":
         return True
-    if wild.startswith("*."):
-        return host == wild or host.endswith(wild[1:]) or (host.startswith("*.") and host[1:].endswith(wild[1:]))
+    if wild.startswith("*"):
+        suffix = wild[1:]
+        return host == wild or host.endswith(suffix) and len(host) > len(suffix) or \
+            (host.startswith("*") and host[1:].endswith(suffix))
     return wild == host
 
 
@@ -478,7 +509,7 @@ def _host_covers(wild: str, host: str) -> bool:
 
 def _string_match(r: _Reader, raw: Any, path: str, ignore_case: bool = False,
                   allow_empty: bool = False) -> StringMatch | None:
-    m = r.obj(raw, path, ("exact", "prefix", "regex"))
+    m = r.obj(raw, path, "StringMatch")
     if m is None:
         return None
     set_keys = [k for k in ("exact", "prefix", "regex") if k in m]
@@ -530,7 +561,7 @@ def _header_matches(r: _Reader, m: dict, key: str, path: str) -> tuple[HeaderMat
 
 
 def _header_policy(r: _Reader, raw: Any, path: str) -> HeaderPolicy:
-    m = r.obj(raw, path, ("request", "response"))
+    m = r.obj(raw, path, "Headers")
     if m is None:
         return NO_HEADER_POLICY
 
@@ -538,7 +569,7 @@ def _header_policy(r: _Reader, raw: Any, path: str) -> HeaderPolicy:
         sub = m.get(key)
         if sub is None:
             return HeaderOps()
-        o = r.obj(sub, f"{path}.{key}", ("set", "add", "remove"))
+        o = r.obj(sub, f"{path}.{key}", "HeaderOperations")
         if o is None:
             return HeaderOps()
         out = {}
@@ -560,18 +591,8 @@ def _header_policy(r: _Reader, raw: Any, path: str) -> HeaderPolicy:
 # ---------------------------------------------------------------- VirtualService
 
 
-_HTTP_ROUTE_FIELDS = frozenset({
-    "name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries",
-    "fault", "mirror", "mirrors", "mirrorPercent", "mirrorPercentage", "corsPolicy", "headers",
-})
-_MATCH_FIELDS = frozenset({
-    "name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels", "gateways",
-    "queryParams", "ignoreUriCase", "withoutHeaders", "sourceNamespace", "statPrefix",
-})
-
-
 def _decode_virtual_service(r: _Reader, raw: Any, namespace: str) -> VirtualService | None:
-    m = r.obj(raw, "spec", ("hosts", "gateways", "http", "tls", "tcp", "exportTo"))
+    m = r.obj(raw, "spec", "VirtualService")
     if m is None:
         return None
     hosts = r.str_list(m, "hosts", "spec")
@@ -621,7 +642,7 @@ def _check_gateway_ref(r: _Reader, ref: str, path: str) -> None:
 
 
 def _decode_destination(r: _Reader, raw: Any, path: str) -> Destination | None:
-    m = r.obj(raw, path, ("host", "subset", "port"))
+    m = r.obj(raw, path, "Destination")
     if m is None:
         return None
     host = r.string(m, "host", path, required=True)
@@ -630,7 +651,7 @@ def _decode_destination(r: _Reader, raw: Any, path: str) -> Destination | None:
     subset = r.string(m, "subset", path)
     port = None
     if m.get("port") is not None:
-        pm = r.obj(m["port"], f"{path}.port", ("number",))
+        pm = r.obj(m["port"], f"{path}.port", "PortSelector")
         if pm is not None:
             port = r.port(pm, "number", f"{path}.port", required=True)
     if host is None:
@@ -639,7 +660,7 @@ def _decode_destination(r: _Reader, raw: Any, path: str) -> Destination | None:
 
 
 def _decode_route_destinations(r: _Reader, m: dict, path: str, http: bool) -> tuple[RouteDestination, ...]:
-    fields = ("destination", "weight", "headers") if http else ("destination", "weight")
+    fields = "HTTPRouteDestination" if http else "RouteDestination"
     out = []
     total = 0
     for i, item, dpath in r.items(m, "route", path):
@@ -659,7 +680,7 @@ def _decode_route_destinations(r: _Reader, m: dict, path: str, http: bool) -> tu
 
 
 def _decode_http_match(r: _Reader, raw: Any, path: str) -> HTTPMatch | None:
-    m = r.obj(raw, path, _MATCH_FIELDS)
+    m = r.obj(raw, path, "HTTPMatchRequest")
     if m is None:
         return None
     ignore_case = bool(r.boolean(m, "ignoreUriCase", path))
@@ -694,7 +715,7 @@ def _decode_http_match(r: _Reader, raw: Any, path: str) -> HTTPMatch | None:
 
 
 def _decode_http_route(r: _Reader, raw: Any, path: str, index: int) -> HTTPRoute | None:
-    m = r.obj(raw, path, _HTTP_ROUTE_FIELDS)
+    m = r.obj(raw, path, "HTTPRoute")
     if m is None:
         return None
     n_errors = len(r.errors)
@@ -705,7 +726,7 @@ def _decode_http_route(r: _Reader, raw: Any, path: str, index: int) -> HTTPRoute
         if m.get("directResponse") is not None else None
     delegate = None
     if m.get("delegate") is not None:
-        dm = r.obj(m["delegate"], f"{path}.delegate", ("name", "namespace"))
+        dm = r.obj(m["delegate"], f"{path}.delegate", "Delegate")
         if dm is not None:
             dname = r.string(dm, "name", f"{path}.delegate", required=True)
             delegate = Delegate(dname or "", r.string(dm, "namespace", f"{path}.delegate"))
@@ -748,7 +769,7 @@ def _decode_http_route(r: _Reader, raw: Any, path: str, index: int) -> HTTPRoute
 
 
 def _decode_redirect(r: _Reader, raw: Any, path: str, matches: tuple[HTTPMatch, ...]) -> Redirect | None:
-    m = r.obj(raw, path, ("uri", "authority", "port", "derivePort", "scheme", "redirectCode", "prefixRewrite"))
+    m = r.obj(raw, path, "HTTPRedirect")
     if m is None:
         return None
     uri = r.string(m, "uri", path)
@@ -770,13 +791,13 @@ def _decode_redirect(r: _Reader, raw: Any, path: str, matches: tuple[HTTPMatch, 
 
 
 def _decode_direct_response(r: _Reader, raw: Any, path: str) -> DirectResponse | None:
-    m = r.obj(raw, path, ("status", "body"), required=("status",))
+    m = r.obj(raw, path, "HTTPDirectResponse", required=("status",))
     if m is None:
         return None
     status = r.integer(m, "status", path, lo=200, hi=599)
     body = b""
     if m.get("body") is not None:
-        bm = r.obj(m["body"], f"{path}.body", ("string", "bytes"))
+        bm = r.obj(m["body"], f"{path}.body", "HTTPBody")
         if bm is not None:
             if "string" in bm and "bytes" in bm:
                 r.error(f"{path}.body", "only one of string, bytes is allowed")
@@ -792,14 +813,14 @@ def _decode_direct_response(r: _Reader, raw: Any, path: str) -> DirectResponse |
 
 
 def _decode_rewrite(r: _Reader, raw: Any, path: str) -> Rewrite | None:
-    m = r.obj(raw, path, ("uri", "authority", "uriRegexRewrite"))
+    m = r.obj(raw, path, "HTTPRewrite")
     if m is None:
         return None
     uri = r.string(m, "uri", path)
     pattern = replacement = None
     if m.get("uriRegexRewrite") is not None:
         rp = f"{path}.uriRegexRewrite"
-        rm = r.obj(m["uriRegexRewrite"], rp, ("match", "rewrite"), required=("match", "rewrite"))
+        rm = r.obj(m["uriRegexRewrite"], rp, "RegexRewrite", required=("match", "rewrite"))
         if rm is not None:
             text = r.string(rm, "match", rp)
             replacement = r.string(rm, "rewrite", rp)
@@ -817,8 +838,7 @@ def _decode_rewrite(r: _Reader, raw: Any, path: str) -> Rewrite | None:
 
 
 def _decode_retries(r: _Reader, raw: Any, path: str) -> RetryPolicy | None:
-    m = r.obj(raw, path, ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities",
-                          "retryIgnorePreviousHosts", "backoff"))
+    m = r.obj(raw, path, "HTTPRetry")
     if m is None:
         return None
     attempts = r.integer(m, "attempts", path, lo=0, hi=2**31 - 1)
@@ -864,7 +884,7 @@ DEFAULT_RETRY_POLICY = RetryPolicy(attempts=DEFAULT_RETRY_ATTEMPTS, per_try_time
 
 
 def _decode_fault(r: _Reader, raw: Any, path: str) -> tuple[FaultPolicy | None, str | None]:
-    m = r.obj(raw, path, ("delay", "abort"))
+    m = r.obj(raw, path, "HTTPFaultInjection")
     if m is None:
         return None, None
     if m.get("delay") is None and m.get("abort") is None:
@@ -876,7 +896,7 @@ def _decode_fault(r: _Reader, raw: Any, path: str) -> tuple[FaultPolicy | None, 
     grpc = None
     if m.get("delay") is not None:
         dp = f"{path}.delay"
-        dm = r.obj(m["delay"], dp, ("fixedDelay", "exponentialDelay", "percentage", "percent"))
+        dm = r.obj(m["delay"], dp, "Delay")
         if dm is not None:
             if dm.get("exponentialDelay") is not None:
                 r.error(f"{dp}.exponentialDelay", "not supported")
@@ -886,7 +906,7 @@ def _decode_fault(r: _Reader, raw: Any, path: str) -> tuple[FaultPolicy | None, 
             delay_pct = _fault_percentage(r, dm, dp)
     if m.get("abort") is not None:
         ap = f"{path}.abort"
-        am = r.obj(m["abort"], ap, ("httpStatus", "grpcStatus", "http2Error", "percentage"))
+        am = r.obj(m["abort"], ap, "Abort")
         if am is not None:
             if am.get("http2Error") is not None:
                 r.error(f"{ap}.http2Error", "not supported")
@@ -931,7 +951,7 @@ def _decode_mirrors(r: _Reader, m: dict, path: str) -> tuple[Mirror, ...]:
     elif m.get("mirrorPercentage") is not None or m.get("mirrorPercent") is not None:
         r.error(path, "mirrorPercentage needs mirror")
     for i, item, mp in r.items(m, "mirrors", path):
-        mm = r.obj(item, mp, ("destination", "percentage"), required=("destination",))
+        mm = r.obj(item, mp, "HTTPMirrorPolicy", required=("destination",))
         if mm is None or mm.get("destination") is None:
             continue
         dest = _decode_destination(r, mm["destination"], f"{mp}.destination")
@@ -942,31 +962,29 @@ def _decode_mirrors(r: _Reader, m: dict, path: str) -> tuple[Mirror, ...]:
 
 
 def _decode_cors(r: _Reader, raw: Any, path: str) -> CorsPolicy | None:
-    m = r.obj(raw, path, ("allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeHeaders",
-                          "maxAge", "allowCredentials", "unmatchedPreflights"))
+    m = r.obj(raw, path, "CorsPolicy")
     if m is None:
         return None
     origins = [sm for _, item, op in r.items(m, "allowOrigins", path)
                if (sm := _string_match(r, item, op)) is not None]
     for origin in r.str_list(m, "allowOrigin", path):
         origins.append(StringMatch("exact", origin))
-    r.string(m, "unmatchedPreflights", path, choices=("UNSPECIFIED", "FORWARD", "IGNORE"))
+    unmatched = r.string(m, "unmatchedPreflights", path, choices=("UNSPECIFIED", "FORWARD", "IGNORE"))
     return CorsPolicy(allow_origins=tuple(origins), allow_methods=r.str_list(m, "allowMethods", path),
                       allow_headers=r.str_list(m, "allowHeaders", path),
                       expose_headers=r.str_list(m, "exposeHeaders", path),
                       max_age=r.duration(m, "maxAge", path, minimum=0.0),
-                      allow_credentials=r.boolean(m, "allowCredentials", path))
+                      allow_credentials=r.boolean(m, "allowCredentials", path),
+                      forward_unmatched_preflights=unmatched != "IGNORE")
 
 
 def _decode_l4_route(r: _Reader, raw: Any, path: str, index: int, tls: bool) -> L4Route | None:
-    m = r.obj(raw, path, ("match", "route"))
+    m = r.obj(raw, path, "TLSRoute" if tls else "TCPRoute")
     if m is None:
         return None
-    fields = {"destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace"}
-    fields |= {"sniHosts"} if tls else {"sourceSubnet"}
     matches = []
     for _, item, mp in r.items(m, "match", path):
-        mm = r.obj(item, mp, fields)
+        mm = r.obj(item, mp, "TLSMatchAttributes" if tls else "L4MatchAttributes")
         if mm is None:
             continue
         sni = r.str_list(mm, "sniHosts", mp, required=tls)
@@ -998,7 +1016,7 @@ def _decode_l4_route(r: _Reader, raw: Any, path: str, index: int, tls: bool) -> 
 
 
 def _decode_destination_rule(r: _Reader, raw: Any, namespace: str) -> DestinationRule | None:
-    m = r.obj(raw, "spec", ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"))
+    m = r.obj(raw, "spec", "DestinationRule")
     if m is None:
         return None
     host = r.string(m, "host", "spec", required=True)
@@ -1009,7 +1027,7 @@ def _decode_destination_rule(r: _Reader, raw: Any, namespace: str) -> Destinatio
     subsets = []
     names: dict[str, int] = {}
     for i, item, sp in r.items(m, "subsets", "spec"):
-        sm = r.obj(item, sp, ("name", "labels", "trafficPolicy"))
+        sm = r.obj(item, sp, "Subset")
         if sm is None:
             continue
         name = r.string(sm, "name", sp, required=True)
@@ -1024,7 +1042,7 @@ def _decode_destination_rule(r: _Reader, raw: Any, namespace: str) -> Destinatio
             subsets.append(Subset(name, labels, sub_policy))
     selector = None
     if m.get("workloadSelector") is not None:
-        wm = r.obj(m["workloadSelector"], "spec.workloadSelector", ("matchLabels",))
+        wm = r.obj(m["workloadSelector"], "spec.workloadSelector", "DRWorkloadSelector")
         if wm is not None:
             selector = r.str_map(wm, "matchLabels", "spec.workloadSelector") or MappingProxyType({})
     export_to = r.str_list(m, "exportTo", "spec")
@@ -1040,27 +1058,24 @@ _POLICY_PARTS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
 
 
 def _decode_traffic_policy(r: _Reader, raw: Any, path: str, port_level: bool) -> TrafficPolicySpec | None:
-    fields = set(_POLICY_PARTS) | {"portLevelSettings", "tunnel", "proxyProtocol", "retryBudget"}
-    m = r.obj(raw, path, fields)
+    m = r.obj(raw, path, "TrafficPolicy")
     if m is None:
         return None
-    if not any(m.get(k) is not None for k in fields):
+    if not any(v is not None for v in m.values()):
         r.error(path, "must set at least one field")
     for extra in ("tunnel", "proxyProtocol", "retryBudget"):
         if m.get(extra) is not None and not isinstance(m[extra], dict):
             r.error(f"{path}.{extra}", f"must be a mapping, got {_type_name(m[extra])}")
-        elif m.get(extra) is not None:
-            r.warn(f"{path}.{extra}", "not supported by this proxy, ignored")
     if m.get("tunnel") is not None and m.get("proxyProtocol") is not None:
         r.error(path, "tunnel and proxyProtocol cannot be used together")
     parts = _decode_policy_parts(r, m, path)
     levels = []
     seen_ports: set[int] = set()
     for i, item, pp in r.items(m, "portLevelSettings", path):
-        pm = r.obj(item, pp, ("port",) + _POLICY_PARTS, required=("port",))
+        pm = r.obj(item, pp, "PortTrafficPolicy", required=("port",))
         if pm is None or pm.get("port") is None:
             continue
-        port_m = r.obj(pm["port"], f"{pp}.port", ("number",))
+        port_m = r.obj(pm["port"], f"{pp}.port", "PortSelector")
         number = r.port(port_m, "number", f"{pp}.port", required=True) if port_m is not None else None
         if not any(pm.get(k) is not None for k in _POLICY_PARTS):
             r.error(pp, "must set at least one of " + ", ".join(_POLICY_PARTS))
@@ -1084,7 +1099,7 @@ def _decode_policy_parts(r: _Reader, m: dict, path: str) -> PolicyParts:
 
 
 def _decode_load_balancer(r: _Reader, raw: Any, path: str) -> LoadBalancerPolicy | None:
-    m = r.obj(raw, path, ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"))
+    m = r.obj(raw, path, "LoadBalancerSettings")
     if m is None:
         return None
     if m.get("simple") is not None and m.get("consistentHash") is not None:
@@ -1103,7 +1118,7 @@ def _decode_load_balancer(r: _Reader, raw: Any, path: str) -> LoadBalancerPolicy
     if m.get("warmup") is not None:
         if m.get("warmupDurationSecs") is not None:
             r.error(path, "only one of warmupDurationSecs, warmup is allowed")
-        wm = r.obj(m["warmup"], f"{path}.warmup", ("duration", "minimumPercent", "aggression"))
+        wm = r.obj(m["warmup"], f"{path}.warmup", "WarmupConfiguration")
         if wm is not None:
             warmup = r.duration(wm, "duration", f"{path}.warmup", required=True)
             pct = wm.get("minimumPercent")
@@ -1120,12 +1135,12 @@ def _decode_load_balancer(r: _Reader, raw: Any, path: str) -> LoadBalancerPolicy
 
 
 def _check_locality(r: _Reader, m: dict, path: str) -> None:
-    r.obj(m, path, ("distribute", "failover", "failoverPriority", "enabled"))
+    r.obj(m, path, "LocalityLoadBalancerSetting")
     present = [k for k in ("distribute", "failover", "failoverPriority") if m.get(k)]
     if len(present) > 1 and present != ["failover", "failoverPriority"]:
         r.error(path, f"only one of distribute, failover, failoverPriority is allowed, got {', '.join(present)}")
     for i, item, dp in r.items(m, "distribute", path):
-        dm = r.obj(item, dp, ("from", "to"))
+        dm = r.obj(item, dp, "LocalityDistribute")
         if dm is None:
             continue
         to = dm.get("to") or {}
@@ -1141,14 +1156,14 @@ def _check_locality(r: _Reader, m: dict, path: str) -> None:
         if total != 100:
             r.error(f"{dp}.to", f"weights must total 100, got {total}")
     for i, item, fp in r.items(m, "failover", path):
-        fm = r.obj(item, fp, ("from", "to"))
+        fm = r.obj(item, fp, "LocalityFailover")
         if fm is not None and fm.get("from") == fm.get("to"):
             r.error(fp, "from and to must differ")
 
 
 def _decode_consistent_hash(r: _Reader, raw: Any, path: str) -> ConsistentHash | None:
     keys = ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
-    m = r.obj(raw, path, keys + ("ringHash", "maglev", "minimumRingSize"))
+    m = r.obj(raw, path, "ConsistentHashLB")
     if m is None:
         return None
     present = [k for k in keys if m.get(k) is not None and m.get(k) is not False]
@@ -1162,12 +1177,12 @@ def _decode_consistent_hash(r: _Reader, raw: Any, path: str) -> ConsistentHash |
     if m.get("minimumRingSize") is not None:
         ring = r.integer(m, "minimumRingSize", path, lo=1) or ring
     if m.get("ringHash") is not None:
-        rm = r.obj(m["ringHash"], f"{path}.ringHash", ("minimumRingSize",))
+        rm = r.obj(m["ringHash"], f"{path}.ringHash", "RingHash")
         if rm is not None and rm.get("minimumRingSize") is not None:
             ring = r.integer(rm, "minimumRingSize", f"{path}.ringHash", lo=1) or ring
     if m.get("maglev") is not None:
         algorithm = "maglev"
-        mm = r.obj(m["maglev"], f"{path}.maglev", ("tableSize",), required=("tableSize",))
+        mm = r.obj(m["maglev"], f"{path}.maglev", "MagLev", required=("tableSize",))
         if mm is not None:
             size = r.integer(mm, "tableSize", f"{path}.maglev", lo=1, hi=5_000_010)
             if size is not None and not _is_prime(size):
@@ -1184,13 +1199,13 @@ def _decode_consistent_hash(r: _Reader, raw: Any, path: str) -> ConsistentHash |
         r.boolean(m, key, path)
         return ConsistentHash("source_ip", algorithm=algorithm, minimum_ring_size=ring)
     cp = f"{path}.httpCookie"
-    cm = r.obj(m["httpCookie"], cp, ("name", "path", "ttl", "attributes"))
+    cm = r.obj(m["httpCookie"], cp, "HTTPCookie")
     if cm is None:
         return None
     name = r.string(cm, "name", cp, required=True) or ""
     seen = set()
     for i, item, ap in r.items(cm, "attributes", cp):
-        am = r.obj(item, ap, ("name", "value"))
+        am = r.obj(item, ap, "CookieAttribute")
         if am is not None:
             aname = r.string(am, "name", ap, required=True)
             if aname in seen:
@@ -1218,7 +1233,7 @@ def _limit(value: int | None) -> int | None:
 
 
 def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPolicy | None:
-    m = r.obj(raw, path, ("tcp", "http"))
+    m = r.obj(raw, path, "ConnectionPoolSettings")
     if m is None:
         return None
     if m.get("tcp") is None and m.get("http") is None:
@@ -1226,8 +1241,7 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
     values: dict[str, Any] = {}
     if m.get("tcp") is not None:
         tp = f"{path}.tcp"
-        tm = r.obj(m["tcp"], tp, ("maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration",
-                                  "idleTimeout"))
+        tm = r.obj(m["tcp"], tp, "TCPSettings")
         if tm is not None:
             values["max_connections"] = _limit(r.integer(tm, "maxConnections", tp, lo=0))
             values["connect_timeout"] = r.duration(tm, "connectTimeout", tp)
@@ -1235,16 +1249,14 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
             r.duration(tm, "idleTimeout", tp)
             if tm.get("tcpKeepalive") is not None:
                 kp = f"{tp}.tcpKeepalive"
-                km = r.obj(tm["tcpKeepalive"], kp, ("probes", "time", "interval"))
+                km = r.obj(tm["tcpKeepalive"], kp, "TcpKeepalive")
                 if km is not None:
                     r.integer(km, "probes", kp, lo=0)
                     r.duration(km, "time", kp)
                     r.duration(km, "interval", kp)
     if m.get("http") is not None:
         hp = f"{path}.http"
-        hm = r.obj(m["http"], hp, ("http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection",
-                                   "maxRetries", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
-                                   "maxConcurrentStreams", "http2KeepAlive"))
+        hm = r.obj(m["http"], hp, "HTTPSettings")
         if hm is not None:
             values["max_pending_requests"] = _limit(r.integer(hm, "http1MaxPendingRequests", hp, lo=0))
             values["max_requests"] = _limit(r.integer(hm, "http2MaxRequests", hp, lo=0))
@@ -1256,7 +1268,7 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
             if r.boolean(hm, "useClientProtocol", hp) and upgrade == "UPGRADE":
                 r.error(hp, "useClientProtocol and h2UpgradePolicy UPGRADE cannot be used together")
             if hm.get("http2KeepAlive") is not None:
-                km = r.obj(hm["http2KeepAlive"], f"{hp}.http2KeepAlive", ("interval", "timeout"))
+                km = r.obj(hm["http2KeepAlive"], f"{hp}.http2KeepAlive", "HTTP2KeepAlive")
                 if km is not None:
                     r.duration(km, "interval", f"{hp}.http2KeepAlive")
                     r.duration(km, "timeout", f"{hp}.http2KeepAlive")
@@ -1264,10 +1276,7 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
 
 
 def _decode_outlier(r: _Reader, raw: Any, path: str) -> OutlierPolicy | None:
-    m = r.obj(raw, path, ("consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors",
-                          "consecutiveLocalOriginFailures", "splitExternalLocalOriginErrors", "interval",
-                          "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
-                          "outlierDetectionHttpErrorCodes"))
+    m = r.obj(raw, path, "OutlierDetection")
     if m is None:
         return None
     legacy = r.integer(m, "consecutiveErrors", path, lo=0)
@@ -1295,8 +1304,7 @@ def _decode_outlier(r: _Reader, raw: Any, path: str) -> OutlierPolicy | None:
 
 
 def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:
-    m = r.obj(raw, path, ("mode", "clientCertificate", "privateKey", "caCertificates", "credentialName",
-                          "subjectAltNames", "sni", "insecureSkipVerify", "caCrl"))
+    m = r.obj(raw, path, "ClientTLSSettings")
     if m is None:
         return None
     mode = r.string(m, "mode", path, choices=CLIENT_TLS_MODES) or "DISABLE"
@@ -1322,8 +1330,8 @@ def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:
 
 
 def _decode_port(r: _Reader, raw: Any, path: str, require_protocol: bool = False,
-                 require_name: bool = False) -> PortSpec | None:
-    m = r.obj(raw, path, ("number", "protocol", "name", "targetPort"))
+                 require_name: bool = False, node: str = "Port") -> PortSpec | None:
+    m = r.obj(raw, path, node)
     if m is None:
         return None
     number = r.port(m, "number", path, required=True)
@@ -1338,8 +1346,7 @@ def _decode_port(r: _Reader, raw: Any, path: str, require_protocol: bool = False
 
 
 def _decode_service_entry(r: _Reader, raw: Any, namespace: str) -> ServiceEntry | None:
-    m = r.obj(raw, "spec", ("hosts", "addresses", "ports", "location", "resolution", "endpoints",
-                            "workloadSelector", "exportTo", "subjectAltNames"))
+    m = r.obj(raw, "spec", "ServiceEntry")
     if m is None:
         return None
     hosts = r.str_list(m, "hosts", "spec", required=True)
@@ -1360,7 +1367,7 @@ def _decode_service_entry(r: _Reader, raw: Any, namespace: str) -> ServiceEntry 
     names: dict[str, int] = {}
     numbers: dict[int, int] = {}
     for i, item, pp in r.items(m, "ports", "spec"):
-        spec = _decode_port(r, item, pp, require_name=True)
+        spec = _decode_port(r, item, pp, require_name=True, node="ServicePort")
         if spec is None:
             continue
         if spec.name in names:
@@ -1372,7 +1379,7 @@ def _decode_service_entry(r: _Reader, raw: Any, namespace: str) -> ServiceEntry 
         ports.append(ServicePort(spec.number, spec.name, spec.protocol or "TCP", spec.target_port))
     endpoints = []
     for i, item, ep in r.items(m, "endpoints", "spec"):
-        em = r.obj(item, ep, ("address", "ports", "labels", "network", "locality", "weight", "serviceAccount"))
+        em = r.obj(item, ep, "WorkloadEntry")
         if em is None:
             continue
         address = r.string(em, "address", ep) or ""
@@ -1406,7 +1413,7 @@ def _decode_service_entry(r: _Reader, raw: Any, namespace: str) -> ServiceEntry 
             service_account=r.string(em, "serviceAccount", ep) or ""))
     selector = None
     if m.get("workloadSelector") is not None:
-        wm = r.obj(m["workloadSelector"], "spec.workloadSelector", ("labels",))
+        wm = r.obj(m["workloadSelector"], "spec.workloadSelector", "WorkloadSelector")
         if wm is not None:
             selector = r.str_map(wm, "labels", "spec.workloadSelector") or MappingProxyType({})
         if m.get("endpoints"):
@@ -1432,7 +1439,7 @@ def _decode_service_entry(r: _Reader, raw: Any, namespace: str) -> ServiceEntry 
 
 
 def _decode_gateway(r: _Reader, raw: Any, namespace: str) -> Gateway | None:
-    m = r.obj(raw, "spec", ("selector", "servers"))
+    m = r.obj(raw, "spec", "Gateway")
     if m is None:
         return None
     servers = []
@@ -1440,7 +1447,7 @@ def _decode_gateway(r: _Reader, raw: Any, namespace: str) -> Gateway | None:
     if not m.get("servers"):
         r.error("spec.servers", "required, must not be empty")
     for i, item, sp in r.items(m, "servers", "spec"):
-        sm = r.obj(item, sp, ("port", "bind", "hosts", "tls", "defaultEndpoint", "name"), required=("port",))
+        sm = r.obj(item, sp, "Server", required=("port",))
         if sm is None:
             continue
         port = _decode_port(r, sm["port"], f"{sp}.port", require_protocol=True) if sm.get("port") else None
@@ -1469,10 +1476,7 @@ def _decode_gateway(r: _Reader, raw: Any, namespace: str) -> Gateway | None:
 
 
 def _decode_server_tls(r: _Reader, raw: Any, path: str) -> ServerTLS | None:
-    m = r.obj(raw, path, ("httpsRedirect", "mode", "serverCertificate", "privateKey", "caCertificates", "caCrl",
-                          "credentialName", "credentialNames", "subjectAltNames", "verifyCertificateSpki",
-                          "verifyCertificateHash", "minProtocolVersion", "maxProtocolVersion", "cipherSuites",
-                          "tlsCertificates"))
+    m = r.obj(raw, path, "ServerTLSSettings")
     if m is None:
         return None
     redirect = bool(r.boolean(m, "httpsRedirect", path))
@@ -1491,6 +1495,15 @@ def _decode_server_tls(r: _Reader, raw: Any, path: str) -> ServerTLS | None:
     r.str_list(m, "verifyCertificateSpki", path)
     r.str_list(m, "verifyCertificateHash", path)
     r.string(m, "caCrl", path)
+    order = {v: k for k, v in enumerate(versions)}
+    if tls.min_protocol_version not in ("", "TLS_AUTO") and tls.max_protocol_version not in ("", "TLS_AUTO") \
+            and order[tls.min_protocol_version] > order[tls.max_protocol_version]:
+        r.error(f"{path}.minProtocolVersion", f"{tls.min_protocol_version} is above maxProtocolVersion "
+                                              f"{tls.max_protocol_version}")
+    for k, suite in enumerate(tls.cipher_suites):
+        if not _known_cipher(suite):
+            r.error(f"{path}.cipherSuites[{k}]", f"unknown cipher suite {suite!r} (OpenSSL names, e.g. "
+                                                 "ECDHE-RSA-AES128-GCM-SHA256)")
     has_creds = bool(tls.credential_name or tls.credential_names)
     if tls.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL") and not has_creds and m.get("tlsCertificates") is None:
         for k in ("serverCertificate", "privateKey"):
@@ -1505,25 +1518,35 @@ def _decode_server_tls(r: _Reader, raw: Any, path: str) -> ServerTLS | None:
     return tls
 
 
+def _known_cipher(name: str) -> bool:
+    """A TLS 1.2-or-older cipher suite OpenSSL knows by this name (what ``set_ciphers`` takes)."""
+    if not name or any(c in name for c in ":!+@ ") or name.isupper() and "-" not in name:
+        return False
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(name)
+    except ssl.SSLError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- Sidecar
 
 _ENDPOINT = re.compile(r"^(127\.0\.0\.1|0\.0\.0\.0|\[::1\]|\[::\]):(\d{1,5})$")
 
 
 def _decode_sidecar(r: _Reader, raw: Any, namespace: str) -> Sidecar | None:
-    m = r.obj(raw, "spec", ("workloadSelector", "ingress", "egress", "inboundConnectionPool",
-                            "outboundTrafficPolicy"))
+    m = r.obj(raw, "spec", "Sidecar")
     if m is None:
         return None
     selector = None
     if m.get("workloadSelector") is not None:
-        wm = r.obj(m["workloadSelector"], "spec.workloadSelector", ("labels",))
+        wm = r.obj(m["workloadSelector"], "spec.workloadSelector", "WorkloadSelector")
         if wm is not None:
             selector = r.str_map(wm, "labels", "spec.workloadSelector") or MappingProxyType({})
     ingress = []
     ports_seen: dict[int, int] = {}
     for i, item, ip in r.items(m, "ingress", "spec"):
-        im = r.obj(item, ip, ("port", "bind", "captureMode", "defaultEndpoint", "tls", "connectionPool"),
+        im = r.obj(item, ip, "IstioIngressListener",
                    required=("port",))
         if im is None or im.get("port") is None:
             continue
@@ -1548,7 +1571,7 @@ def _decode_sidecar(r: _Reader, raw: Any, namespace: str) -> Sidecar | None:
     egress = []
     raw_egress = m.get("egress") if isinstance(m.get("egress"), list) else []
     for i, item, ep in r.items(m, "egress", "spec"):
-        em = r.obj(item, ep, ("port", "bind", "captureMode", "hosts"))
+        em = r.obj(item, ep, "IstioEgressListener")
         if em is None:
             continue
         port = _decode_port(r, em["port"], f"{ep}.port") if em.get("port") is not None else None
@@ -1570,7 +1593,7 @@ def _decode_sidecar(r: _Reader, raw: Any, namespace: str) -> Sidecar | None:
         _decode_connection_pool(r, m["inboundConnectionPool"], "spec.inboundConnectionPool")
     mode = "ALLOW_ANY"
     if m.get("outboundTrafficPolicy") is not None:
-        om = r.obj(m["outboundTrafficPolicy"], "spec.outboundTrafficPolicy", ("mode", "egressProxy"))
+        om = r.obj(m["outboundTrafficPolicy"], "spec.outboundTrafficPolicy", "OutboundTrafficPolicy")
         if om is not None:
             mode = r.string(om, "mode", "spec.outboundTrafficPolicy", choices=("REGISTRY_ONLY", "ALLOW_ANY")) \
                 or "ALLOW_ANY"

@@ -62,11 +62,11 @@ def domains(fqdn: str, proxy_namespace: str, ports: Iterable[int] = ()) -> tuple
 
 
 def host_covers(pattern: str, host: str) -> bool:
-    """Does ``pattern`` (exact name, ``*.suffix`` or ``*``) include ``host``?  A wildcard
+    """Does ``pattern`` (exact name, ``*suffix`` or ``*``) include ``host``?  A wildcard
     host is included when its own suffix lies inside the pattern's."""
     if pattern == "*":
         return True
-    if pattern.startswith("*."):
+    if pattern.startswith("*"):                  # "*.example.com", or Istio's "*x.example.com"
         suffix = pattern[1:]
         return host == pattern or host.endswith(suffix) and len(host) > len(suffix)
     return pattern == host

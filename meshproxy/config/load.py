@@ -15,18 +15,18 @@ from typing import Iterable
 
 import yaml
 
-from .compile import ProxyIdentity, WorkloadEndpoint
+from .compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
 from .decode import GROUPS, ResourceSet
 from .incremental import ConfigBuilder
 from .model import ProxySettings, Snapshot
 from .resources import Document
+from .yaml12 import load_all
 
-__all__ = ["Document", "LoadResult", "BuildResult", "load", "load_documents", "build_from_paths", "config_files"]
+__all__ = ["Document", "LoadResult", "BuildResult", "ValidateResult", "load", "load_documents", "build_from_paths",
+           "config_files", "validate_paths"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-# libyaml's safe loader when PyYAML was built with it (about 8x faster on large files), else
-# the pure-Python one: the same documents and the same error marks
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# YAML is read with the YAML 1.2 core schema (yaml12.py), through libyaml when PyYAML has it
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ def load(paths: Iterable[str]) -> LoadResult:
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
-            bodies = [json.loads(text)] if path.endswith(".json") else list(yaml.load_all(text, Loader=YAML_LOADER))
+            bodies = [json.loads(text)] if path.endswith(".json") else list(load_all(text))
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(f"{path}: cannot read: {exc}")
             failed.add(path)
@@ -132,5 +132,36 @@ def build_from_paths(paths: list[str], identity: ProxyIdentity, settings: ProxyS
     if previous is not None:
         notes.extend(f"{path}: unreadable, its last good resources keep serving"
                      for path in sorted(loaded.failed_sources) if any(r.source == path for r in previous.values()))
+    # decoder warnings travel with their resources into the compiler's: one copy of each
     return BuildResult(outcome.snapshot, builder.resource_set, errors + list(outcome.errors),
-                       list(outcome.warnings), notes)
+                       list(dict.fromkeys(outcome.warnings)), notes)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidateResult:
+    errors: list[str]
+    warnings: list[str]
+    notes: list[str]
+    resources: int
+
+
+def validate_paths(paths: list[str], namespace: str = "default") -> ValidateResult:
+    """What ``meshproxy validate`` reports: every decode error, and every warning the whole
+    compiler gives for the proxies these files configure: a sidecar in each namespace the
+    resources live in (and ``namespace``), and each Gateway's own proxy (gateway mode, its
+    selector as labels), so that a warning only a gateway sees (an unsupported TLS mode, a
+    server without routes) shows here as it would in ``meshctl apply``."""
+    built = build_from_paths(paths, ProxyIdentity(namespace=namespace))
+    warnings = list(built.warnings)
+    resources = built.resource_set.resources()
+    identities = [ProxyIdentity(namespace=ns) for ns in sorted({r.namespace for r in resources} - {namespace})]
+    identities += [ProxyIdentity(namespace=r.namespace, labels=r.spec.selector, mode="gateway",
+                                 http_listen=("127.0.0.1", 0), gateway_bind="127.0.0.1")
+                   for r in resources if r.kind == "Gateway"]
+    seen = set(warnings)
+    for identity in identities:
+        for w in compile_snapshot(resources, identity, ProxySettings(), version="validate").warnings:
+            if w not in seen:
+                seen.add(w)
+                warnings.append(w)
+    return ValidateResult(list(built.errors), warnings, list(built.notes), len(resources))

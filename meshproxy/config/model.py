@@ -164,6 +164,7 @@ class CorsPolicy:
     expose_headers: tuple[str, ...] = ()
     max_age: float | None = None
     allow_credentials: bool | None = None
+    forward_unmatched_preflights: bool = True    # unmatchedPreflights: FORWARD (Istio's default) | IGNORE
 
 
 @cython.dataclasses.dataclass(frozen=True)
@@ -325,9 +326,21 @@ class Cluster:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerCertificate:
+    """One Gateway server's certificate and TLS options, chosen by SNI."""
+
+    sni: str                                         # host pattern ("shop.example.com", "*.example.com", "*")
+    certificate: str                                 # PEM file
+    private_key: str                                 # PEM file
+    min_version: str = "TLSV1_2"                     # TLSV1_0 .. TLSV1_3 (TLS_AUTO = TLSV1_2, Envoy's server default)
+    max_version: str = "TLSV1_3"
+    cipher_suites: tuple[str, ...] = ()              # OpenSSL names, TLS 1.2 and below; () = library default
+
+
+@dataclass(frozen=True, slots=True)
 class TlsSettings:
     mode: str                                        # "SIMPLE"
-    certificates: tuple[tuple[str, str, str], ...]   # (sni pattern, cert file, key file); first is default
+    certificates: tuple[ServerCertificate, ...]      # first is the default (no or unknown SNI)
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,6 +277,7 @@ class Resource:
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     content_hash: str = ""         # hash of the document body; equal body -> equal hash
+    warnings: tuple[str, ...] = ()  # decoder warnings (accepted, not applied), each with its path
 
     @property
     def key(self) -> tuple[str, str, str]:

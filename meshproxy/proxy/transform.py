@@ -199,7 +199,11 @@ def local_reply_for(route: HttpRoute, match: RouteMatch | None, head: RequestHea
     if cors is not None and head.method == b"OPTIONS":
         origin = view.headers.get("origin")
         if origin and "access-control-request-method" in view.headers:
-            return "reply", (200, cors_preflight_headers(cors, origin), b"", "-")
+            if cors_origin_allowed(cors, origin):
+                return "reply", (200, cors_preflight_headers(cors, origin), b"", "-")
+            if not cors.forward_unmatched_preflights:     # IGNORE: answered here, with no CORS fields
+                return "reply", (200, [], b"", "-")
+            # FORWARD (the default): the upstream answers a preflight the policy does not match
     fault = route.fault
     if fault is not None:
         if not after_delay and fault.delay is not None and _percent_hit(fault.delay_percentage, rng):

@@ -7,12 +7,14 @@ Virtual host (:func:`select_virtual_host`), from the request's authority (lower-
 
 1. exact domain *with* the port as sent (``reviews:9080``);
 2. exact domain *without* the port (``reviews``);
-3. wildcard suffixes (``*.example.com`` stored as ``.example.com``), the longest suffix
-   first; a wildcard never matches the bare suffix itself (``example.com``);
+3. wildcard suffixes (``*.example.com`` stored as ``.example.com``; Istio's partial
+   ``*x.example.com`` as ``x.example.com``), the longest suffix first; a wildcard never
+   matches the bare suffix itself (``example.com``);
 4. the table's ``default`` virtual host (``*``), else ``None`` (the caller answers 404 NR).
 
 Steps 1-2 are dict lookups and step 3 walks the labels of the request's host, so the cost
-does not grow with the number of domains in the table.
+does not grow with the number of domains in the table (a table holding a partial wildcard
+is scanned instead, longest suffix first).
 
 Route (:func:`select_route`), inside one virtual host:
 
@@ -58,12 +60,17 @@ _WILDCARD_INDEX: dict[int, tuple[RouteTable, dict[str, VirtualHost]]] = {}
 _SCAN_LIMIT = 8
 
 
-def _wildcard_index(table: RouteTable) -> dict[str, VirtualHost]:
+def _wildcard_index(table: RouteTable) -> dict[str, VirtualHost] | None:
+    """Suffix -> virtual host for lookups label by label; None when a wildcard is partial
+    (``*x.example.com`` stored as ``x.example.com``), which only a scan finds."""
     entry = _WILDCARD_INDEX.get(id(table))
     if entry is not None and entry[0] is table:
         return entry[1]
-    index: dict[str, VirtualHost] = {}
+    index: dict[str, VirtualHost] | None = {}
     for suffix, vhost in table.wildcards:
+        if not suffix.startswith("."):
+            index = None
+            break
         index.setdefault(suffix, vhost)
     if len(_WILDCARD_INDEX) >= 64:
         _WILDCARD_INDEX.clear()
@@ -86,6 +93,10 @@ def select_virtual_host(table: RouteTable, authority: str) -> VirtualHost | None
     if wildcards:
         if len(wildcards) <= _SCAN_LIMIT:
             for suffix, vhost in wildcards:          # stored longest first
+                if host.endswith(suffix) and len(host) > len(suffix):
+                    return vhost
+        elif _wildcard_index(table) is None:         # partial wildcards ("*x.example.com"): scan
+            for suffix, vhost in wildcards:
                 if host.endswith(suffix) and len(host) > len(suffix):
                     return vhost
         else:

@@ -213,3 +213,32 @@ def test_route_to_an_undefined_subset_is_accepted_with_a_warning_naming_the_503(
 def yaml_text(obj: dict) -> str:
     import yaml
     return yaml.safe_dump(obj)
+
+
+def test_fields_not_applied_come_back_as_warning_headers_and_unapplied_tls_is_refused(cp):
+    import urllib.error
+    import urllib.request
+    path = "/apis/networking.istio.io/v1/namespaces/default/destinationrules/reviews"
+    dr = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews"},
+          "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN",
+                                                                         "localityLbSetting": {"enabled": True}}}}}
+
+    def put(body):
+        req = urllib.request.Request(cp.url + path, data=json.dumps(body).encode(), method="PUT",
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.headers.get_all("warning") or [], json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get_all("warning") or [], json.loads(err.read())
+
+    code, warnings, _ = put(dr)
+    assert code == 201
+    assert warnings == ['299 - "DestinationRule default/reviews: spec.trafficPolicy.loadBalancer.localityLbSetting: '
+                        'locality-weighted load balancing is not supported; endpoints are picked regardless of '
+                        'locality"']
+    dr["spec"]["trafficPolicy"]["tls"] = {"mode": "SIMPLE"}
+    code, _, status = put(dr)
+    assert code == 422
+    assert [c["field"] for c in status["details"]["causes"]] == ["spec.trafficPolicy.tls.mode"]
+    assert "not supported yet" in status["details"]["causes"][0]["message"]

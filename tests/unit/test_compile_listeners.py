@@ -110,7 +110,10 @@ spec:
     by_port = {lst.port: lst for lst in snap.listeners}
     https = by_port[443]
     assert https.protocol == "HTTPS" and https.address == "127.0.0.1"
-    assert https.tls.certificates[0] == ("uk.bookinfo.com", "/etc/certs/servercert.pem", "/etc/certs/privatekey.pem")
+    cert = https.tls.certificates[0]
+    assert (cert.sni, cert.certificate, cert.private_key) == ("uk.bookinfo.com", "/etc/certs/servercert.pem",
+                                                             "/etc/certs/privatekey.pem")
+    assert (cert.min_version, cert.max_version, cert.cipher_suites) == ("TLSV1_2", "TLSV1_3", ())
     vh = snap.route_tables[https.route_table].exact["uk.bookinfo.com"]
     assert vh.routes[0].destinations[0].cluster == "outbound|9080||reviews.prod.svc.cluster.local"
     plain = snap.route_tables[by_port[80].route_table].exact["uk.bookinfo.com"]

@@ -371,3 +371,23 @@ spec:
     v1 = clusters[f"outbound|9080|v1|{REVIEWS}"].policy.connection_pool
     # the subset's connectionPool replaces the top level's whole; its zeros are unset (defaults)
     assert (v1.max_connections, v1.max_pending_requests, v1.max_requests) == (2, 2**31 - 1, 2**31 - 1)
+
+
+def test_destination_rule_workload_selector_applies_to_matching_proxies_only():
+    selected = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: for-canary-clients}
+spec:
+  host: reviews
+  workloadSelector: {matchLabels: {app: productpage, track: canary}}
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"""
+    cluster = f"outbound|9080||{REVIEWS}"
+    canary = compile_(REVIEWS_SE, selected, identity=ProxyIdentity(labels={"app": "productpage", "track": "canary"}))
+    stable = compile_(REVIEWS_SE, selected, identity=ProxyIdentity(labels={"app": "productpage", "track": "stable"}))
+    other_ns = compile_(REVIEWS_SE, selected, identity=ProxyIdentity(
+        namespace="prod", labels={"app": "productpage", "track": "canary"}))
+    assert canary.snapshot.clusters[cluster].policy.load_balancer.simple == "RANDOM"
+    assert stable.snapshot.clusters[cluster].policy.load_balancer.simple == "LEAST_REQUEST"
+    assert other_ns.snapshot.clusters[cluster].policy.load_balancer.simple == "LEAST_REQUEST"

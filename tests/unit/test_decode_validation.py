@@ -293,3 +293,83 @@ def test_bad_resource_is_excluded_and_good_ones_kept():
     assert [r.name for r in result.resources] == ["good"]
     assert result.errors == ["VirtualService default/bad: spec.http[0].route[0].weight: must be >= 0, got -5"]
     assert result.rejected == {("VirtualService", "default", "bad")}
+
+
+TLS_LATER = "TLS origination is not supported yet; refused so that nothing goes out in plaintext"
+
+
+def test_destination_rule_tls_other_than_disable_is_refused_at_every_level():
+    simple = {"mode": "SIMPLE"}
+    spec = {"host": "api.example.com",
+            "trafficPolicy": {"tls": simple, "portLevelSettings": [{"port": {"number": 443}, "tls": {"mode": "MUTUAL",
+                              "clientCertificate": "/c.pem", "privateKey": "/k.pem"}}]},
+            "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}, "portLevelSettings": [
+                {"port": {"number": 8443}, "tls": {"mode": "DISABLE", "sni": "x.example.com"}}]}}]}
+    result = decode("DestinationRule", spec)
+    assert result.resources == []
+    assert result.errors == [
+        f"DestinationRule default/r: spec.trafficPolicy.tls.mode: {TLS_LATER}",
+        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.mode: {TLS_LATER}",
+        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.clientCertificate: {TLS_LATER}",
+        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.privateKey: {TLS_LATER}",
+        f"DestinationRule default/r: spec.subsets[0].trafficPolicy.tls.mode: {TLS_LATER}",
+        f"DestinationRule default/r: spec.subsets[0].trafficPolicy.portLevelSettings[0].tls.sni: {TLS_LATER}",
+    ]
+
+
+def test_destination_rule_tls_disable_is_plaintext_as_written_and_accepted():
+    result = decode("DestinationRule", {"host": "a", "trafficPolicy": {"tls": {"mode": "DISABLE"}}})
+    assert result.errors == [] and len(result.resources) == 1
+    assert decode("DestinationRule", {"host": "a", "trafficPolicy": {"tls": {}}}).errors == []
+
+
+def test_gateway_client_certificate_checks_are_refused_not_ignored():
+    server = {"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["a.com"],
+              "tls": {"mode": "SIMPLE", "serverCertificate": "/c.pem", "privateKey": "/k.pem",
+                      "subjectAltNames": ["spiffe://x"], "verifyCertificateHash": ["ab"], "caCrl": "/crl.pem"}}
+    errors = decode("Gateway", {"servers": [server]}).errors
+    refused = "verifying client certificates is not supported yet; refused rather than ignored"
+    assert errors == [f"{G}.servers[0].tls.{key}: {refused}"
+                      for key in ("subjectAltNames", "verifyCertificateHash", "caCrl")]
+
+
+def test_accepted_fields_that_are_not_applied_are_warned_once_each_with_their_path():
+    spec = {"host": "a", "trafficPolicy": {
+        "loadBalancer": {"simple": "ROUND_ROBIN", "localityLbSetting": {"enabled": True, "failover": [
+            {"from": "us-east", "to": "us-west"}]}},
+        "connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}},
+        "tunnel": {"protocol": "CONNECT", "targetHost": "x", "targetPort": 80}}}
+    result = decode("DestinationRule", spec)
+    assert result.errors == []
+    assert result.warnings == [
+        "DestinationRule default/r: spec.trafficPolicy.tunnel: HTTP CONNECT tunnelling is not supported by this "
+        "proxy; ignored",
+        "DestinationRule default/r: spec.trafficPolicy.loadBalancer.localityLbSetting: locality-weighted load "
+        "balancing is not supported; endpoints are picked regardless of locality",
+        "DestinationRule default/r: spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: this proxy speaks "
+        "HTTP/1.1 to upstreams; HTTP/2 settings do not apply",
+    ]
+    assert result.resources[0].warnings == tuple(result.warnings)
+    # values that are the proxy's behaviour already, and proto3 zero values, are not warned about
+    quiet = decode("DestinationRule", {"host": "a", "trafficPolicy": {"connectionPool": {"http": {
+        "h2UpgradePolicy": "DO_NOT_UPGRADE", "useClientProtocol": False}}}})
+    assert quiet.errors == [] and quiet.warnings == []
+
+
+@pytest.mark.parametrize("host", ["*x", "*x.example.com", "*-api.example.com", "*.example.com", "*"])
+def test_partial_wildcard_hosts_are_accepted_where_istio_accepts_them(host):
+    spec = {"hosts": [host], "gateways": ["gw"], "http": [ROUTE]}
+    assert decode("VirtualService", spec).errors == []
+
+
+@pytest.mark.parametrize("host", ["x*.example.com", "a.*.example.com", "**.example.com", "*_x.example.com", "*."])
+def test_wildcards_anywhere_but_the_start_of_the_first_label_are_refused(host):
+    errors = decode("VirtualService", {"hosts": [host], "gateways": ["gw"], "http": [ROUTE]}).errors
+    assert errors and errors[0].startswith("VirtualService default/r: spec.hosts[0]: "), errors
+
+
+def test_partial_wildcard_overlaps_are_found_like_istio():
+    errors = decode("VirtualService", {"hosts": ["*x.example.com", "ax.example.com"], "gateways": ["gw"],
+                                       "http": [ROUTE]}).errors
+    assert errors == ["VirtualService default/r: spec.hosts[1]: 'ax.example.com' duplicates or overlaps "
+                      "spec.hosts[0] '*x.example.com'"]

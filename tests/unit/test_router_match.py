@@ -289,3 +289,15 @@ def test_compiled_selector_agrees_with_the_reference_on_random_routes_and_reques
             got = select_route(host, request)
             want = _reference_select(host.routes, request)
             assert got == want, (trial, request, got, want)
+def test_partial_wildcard_matches_any_prefix_longest_suffix_first_in_scans_and_in_large_tables():
+    from meshproxy.config.model import RouteTable, VirtualHost
+    partial, dotted, other = (VirtualHost(n, (), ()) for n in ("partial", "dotted", "other"))
+    for extra in (0, 20):                        # 20 more wildcards: the table is past the scan limit
+        fillers = [(f".filler{i}.net", other) for i in range(extra)]
+        table = RouteTable("t", wildcards=tuple(sorted([("x.example.com", partial), (".example.com", dotted)]
+                                                       + fillers, key=lambda kv: (-len(kv[0]), kv[0]))))
+        assert select_virtual_host(table, "ax.example.com") is partial
+        assert select_virtual_host(table, "a.b-x.example.com:8080") is partial
+        assert select_virtual_host(table, "y.example.com") is dotted
+        assert select_virtual_host(table, "x.example.com") is dotted      # "*x" needs at least one character
+        assert select_virtual_host(table, "example.com") is None

@@ -106,3 +106,40 @@ def test_delay_fault_comes_before_abort_and_abort_is_checked_after_the_delay():
     assert local_reply_for(route, None, head(), View(), random.Random(1)) == ("delay", 0.2)
     kind, (status, *_rest) = local_reply_for(route, None, head(), View(), random.Random(1), after_delay=True)
     assert status == 500
+
+
+def _cors_route(**cors):
+    from meshproxy.config.model import CorsPolicy
+    policy = CorsPolicy(allow_origins=(StringMatch("exact", "https://app.example.com"),), allow_methods=("GET", "PUT"),
+                        allow_headers=("x-token",), expose_headers=("x-trace",), max_age=600.0, allow_credentials=True,
+                        **cors)
+    return HttpRoute(name="r", source="s", cors=policy)
+
+
+PREFLIGHT = head(method=b"OPTIONS")
+
+
+def test_a_matching_preflight_is_answered_with_the_policy_and_responses_get_cors_fields():
+    from meshproxy.proxy.transform import cors_response_headers
+    route = _cors_route()
+    view = View({"origin": "https://app.example.com", "access-control-request-method": "PUT"})
+    kind, (status, headers, body, _) = local_reply_for(route, None, PREFLIGHT, view, random.Random(1))
+    assert (kind, status, body) == ("reply", 200, b"")
+    assert headers == [(b"access-control-allow-origin", b"https://app.example.com"),
+                       (b"access-control-allow-methods", b"GET,PUT"), (b"access-control-allow-headers", b"x-token"),
+                       (b"access-control-max-age", b"600"), (b"access-control-allow-credentials", b"true")]
+    assert cors_response_headers(route.cors, "https://app.example.com") == [
+        (b"access-control-allow-origin", b"https://app.example.com"), (b"access-control-expose-headers", b"x-trace"),
+        (b"access-control-allow-credentials", b"true")]
+    assert cors_response_headers(route.cors, "https://evil.example.com") == []
+    # an OPTIONS without Access-Control-Request-Method is no preflight: it goes to the upstream
+    assert local_reply_for(route, None, PREFLIGHT, View({"origin": "https://app.example.com"}),
+                           random.Random(1)) is None
+
+
+def test_a_preflight_the_policy_does_not_match_is_forwarded_unless_ignored():
+    view = View({"origin": "https://evil.example.com", "access-control-request-method": "PUT"})
+    assert local_reply_for(_cors_route(), None, PREFLIGHT, view, random.Random(1)) is None     # FORWARD (default)
+    kind, (status, headers, _, _) = local_reply_for(_cors_route(forward_unmatched_preflights=False), None, PREFLIGHT,
+                                                    view, random.Random(1))
+    assert (kind, status, headers) == ("reply", 200, [])
