@@ -388,7 +388,7 @@ class _Compiler:
                 continue
             if not route.match and context not in top:
                 continue
-            if route.delegate is not None:       # the decoder warned (schema: HTTPRoute.delegate)
+            if route.delegate is not None:       # the decoder warned (fields: HTTPRoute.delegate)
                 continue
             out.append(self._http_route(r, route, where, tuple(matches), allow_non_idempotent))
         return tuple(out)

@@ -35,7 +35,7 @@ from .model import (
     HeaderOps, HeaderPolicy, LoadBalancerPolicy, NO_HEADER_POLICY, OutlierPolicy, Redirect,
     RetryPolicy, Rewrite, RouteMatch, StringMatch,
 )
-from .schema import NODES, Refused, Warned, is_zero
+from .fields import NODES, Refused, Warned, is_zero
 from .resources import (
     ClientTLS, Delegate, Destination, DestinationRule, Document, EgressListener, Gateway, HTTPMatch,
     HTTPRoute, IngressListener, L4Match, L4Route, Mirror, PolicyParts, PortSpec, Resource,
@@ -193,7 +193,7 @@ class _Reader:
     # -- structure
 
     def obj(self, value: Any, path: str, node: str, required: Iterable[str] = ()) -> dict | None:
-        """A mapping read through the registry node ``node`` (:mod:`meshproxy.config.schema`):
+        """A mapping read through the registry node ``node`` (:mod:`meshproxy.config.fields`):
         unknown keys are errors; a present field whose status is Warned or Refused gets its
         warning or error here, with its path.  None (after an error) if not a mapping."""
         spec = NODES[node]

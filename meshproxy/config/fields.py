@@ -563,11 +563,58 @@ node("OutboundTrafficPolicy",
                    ok=("ALLOW_ANY",)), ("REGISTRY_ONLY", "ALLOW_ANY")),
      egressProxy=obj(Warned("egress proxies are not supported; ignored"), "Destination"))
 
+# -- security.istio.io (decoded in decode_security.py)
+
+T_SEC = "tests/unit/test_security_policy.py::"
+_T_MATRIX = T_SEC + "test_istio_task_http_traffic_matrix"
+_T_DENY = T_SEC + "test_istio_task_deny_matrix_with_not_values_and_ip_blocks"
+_T_STRINGS = T_SEC + "test_strings_paths_hosts_headers_and_ports"
+_T_SCOPE = T_SEC + "test_scope_root_namespace_selector_and_gateway_target_refs"
+_T_SA = T_SEC + "test_service_accounts_and_namespaces_read_the_principal"
+_JWT = Refused("JWT authentication (RequestAuthentication) is not supported by this mesh; refused")
+node("AuthorizationPolicy",
+     selector=obj(A(_T_SCOPE), "SecurityWorkloadSelector"),
+     targetRef=obj(A(_T_SCOPE), "PolicyTargetReference"),
+     targetRefs=arr(A(_T_SCOPE), "PolicyTargetReference"),
+     rules=arr(A(_T_MATRIX), "Rule"),
+     action=s(A(T_SEC + "test_deny_wins_over_allow_and_audit_never_decides"), ("ALLOW", "DENY", "AUDIT", "CUSTOM")),
+     provider=anything(A(T_SEC + "test_custom_action_is_refused_with_a_clear_error",
+                         "CUSTOM and its provider are refused by the decoder")))
+node("SecurityWorkloadSelector", matchLabels=mapping(A(_T_SCOPE)))
+node("PolicyTargetReference", group=s(A(_T_SCOPE)), kind=s(A(_T_SCOPE)), name=s(A(_T_SCOPE)),
+     namespace=s(A(_T_SCOPE)))
+node("Rule", **{"from": arr(A(_T_MATRIX), "RuleFrom"), "to": arr(A(_T_MATRIX), "RuleTo"),
+                "when": arr(A(_T_DENY), "Condition")})
+node("RuleFrom", source=obj(A(_T_MATRIX), "Source"))
+node("RuleTo", operation=obj(A(_T_MATRIX), "Operation"))
+node("Source",
+     principals=arr(A(_T_SA), "string"), notPrincipals=arr(A(_T_SA), "string"),
+     namespaces=arr(A(_T_SA), "string"), notNamespaces=arr(A(_T_SA), "string"),
+     ipBlocks=arr(A(_T_DENY), "string"), notIpBlocks=arr(A(_T_DENY), "string"),
+     remoteIpBlocks=arr(A(_T_DENY), "string"), notRemoteIpBlocks=arr(A(_T_DENY), "string"),
+     serviceAccounts=arr(A(_T_SA), "string"), notServiceAccounts=arr(A(_T_SA), "string"),
+     requestPrincipals=arr(_JWT, "string"), notRequestPrincipals=arr(_JWT, "string"))
+node("Operation",
+     hosts=arr(A(_T_STRINGS), "string"), notHosts=arr(A(_T_STRINGS), "string"),
+     ports=arr(A(_T_STRINGS), "string"), notPorts=arr(A(_T_STRINGS), "string"),
+     methods=arr(A(_T_MATRIX), "string"), notMethods=arr(A(_T_DENY), "string"),
+     paths=arr(A(_T_STRINGS), "string"), notPaths=arr(A(_T_STRINGS), "string"))
+node("Condition", key=s(A(_T_DENY)), values=arr(A(_T_DENY), "string"), notValues=arr(A(_T_DENY), "string"))
+_T_PEER = T_SEC + "test_peer_authentication_permissive_reaches_the_inbound_listener"
+node("PeerAuthentication",
+     selector=obj(A(T_SEC + "test_peer_authentication_precedence_workload_over_namespace_over_mesh"),
+                  "SecurityWorkloadSelector"),
+     mtls=obj(A(_T_PEER), "PeerAuthenticationMTLS"),
+     portLevelMtls=mapping(A(T_SEC + "test_peer_authentication_precedence_workload_over_namespace_over_mesh"),
+                           "PeerAuthenticationMTLS"))
+node("PeerAuthenticationMTLS", mode=s(A(_T_PEER), ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")))
+
 
 NODES: Mapping[str, Node] = MappingProxyType(_NODES)
 KIND_NODES: Mapping[str, str] = MappingProxyType({
     "VirtualService": "VirtualService", "DestinationRule": "DestinationRule", "ServiceEntry": "ServiceEntry",
-    "Gateway": "Gateway", "Sidecar": "Sidecar"})
+    "Gateway": "Gateway", "Sidecar": "Sidecar", "AuthorizationPolicy": "AuthorizationPolicy",
+    "PeerAuthentication": "PeerAuthentication"})
 
 
 def walk(root: str, prefix: str = ""):
@@ -631,3 +678,8 @@ def openapi_v3(root: str) -> dict:
         return {"type": "object", "properties": {k: of(f, depth) for k, f in NODES[name].fields.items()}}
 
     return schema(root, 0)
+
+
+def openapi_spec_schema(kind: str) -> dict | None:
+    """The ``spec`` schema of ``kind`` (None for a kind the registry does not describe)."""
+    return openapi_v3(KIND_NODES[kind]) if kind in KIND_NODES else None
