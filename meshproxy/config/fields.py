@@ -240,7 +240,9 @@ node("HTTPRoute",
      mirrorPercentage=obj(A(T_INPROC + "test_mirror_percentage_is_followed"), "Percent"),
      corsPolicy=obj(A(T_XFORM + "test_a_matching_preflight_is_answered_with_the_policy_and_responses_get_cors_fields"),
                     "CorsPolicy"),
-     headers=obj(A(T_INPROC + "test_header_operations_on_request_and_response"), "Headers"))
+     headers=obj(A(T_INPROC + "test_header_operations_on_request_and_response"), "Headers"),
+     websocketUpgrade=b(Warned("removed from Istio's API: WebSocket upgrades are always proxied, so false is not "
+                               "applied", ok=(True,))))
 node("HTTPMatchRequest",
      name=s(A(T_MATCH + "test_match_blocks_are_ored_and_the_matching_block_is_returned")),
      uri=obj(A(T_MATCH + "test_uri_match_kinds"), "StringMatch"),

@@ -27,6 +27,12 @@ __all__ = ["Document", "LoadResult", "BuildResult", "ValidateResult", "load", "l
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # YAML is read with the YAML 1.2 core schema (yaml12.py), through libyaml when PyYAML has it
+# Groups of mesh configuration a user may expect to act, which this proxy does not read:
+# a warning each (other groups, such as a Deployment in the same file, are a note).
+UNSUPPORTED_CONFIG_GROUPS = {
+    "gateway.networking.k8s.io": "the Kubernetes Gateway API is not supported yet (use networking.istio.io "
+                                 "Gateway and VirtualService)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,7 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed_sources: frozenset[str] = frozenset()   # files that could not be read or parsed
+    warnings: list[str] = field(default_factory=list)   # mesh config this proxy does not read (Gateway API)
 
 
 def config_files(paths: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -58,6 +65,7 @@ def load(paths: Iterable[str]) -> LoadResult:
     files, errors = config_files(paths)
     documents: list[Document] = []
     notes: list[str] = []
+    warnings: list[str] = []
     failed: set[str] = set()
     for path in files:
         try:
@@ -85,12 +93,17 @@ def load(paths: Iterable[str]) -> LoadResult:
             if body is None:                                # empty document ("---" at the end)
                 continue
             api_version = body.get("apiVersion") if isinstance(body, dict) else None
-            if isinstance(api_version, str) and api_version.split("/")[0] not in GROUPS:
+            group = api_version.split("/")[0] if isinstance(api_version, str) else ""
+            if group in UNSUPPORTED_CONFIG_GROUPS:
+                warnings.append(f"{path} document {index}: {body.get('kind', '?')} ({api_version}): "
+                                f"{UNSUPPORTED_CONFIG_GROUPS[group]}; ignored")
+                continue
+            if isinstance(api_version, str) and group not in GROUPS:
                 notes.append(f"{path} document {index}: {body.get('kind', '?')} ({api_version}) is not "
                              f"{' or '.join(GROUPS)}, ignored")
                 continue
             documents.append(Document(path, index, body))
-    return LoadResult(documents, errors, notes, frozenset(failed))
+    return LoadResult(documents, errors, notes, frozenset(failed), warnings)
 
 
 def load_documents(paths: list[str]) -> tuple[list[Document], list[str]]:
@@ -123,7 +136,7 @@ def build_from_paths(paths: list[str], identity: ProxyIdentity, settings: ProxyS
     all_paths_missing = paths and not loaded.documents and len(loaded.errors) >= len(paths) and \
         all(": no such file or directory" in e for e in loaded.errors)
     if all_paths_missing and not previous:
-        return BuildResult(None, previous or ResourceSet(), errors, [], notes)
+        return BuildResult(None, previous or ResourceSet(), errors, list(loaded.warnings), notes)
     # the one build path of both config sources (files and pushes): per-resource last good
     builder = ConfigBuilder(identity, settings)
     builder.resource_set = previous
@@ -134,7 +147,7 @@ def build_from_paths(paths: list[str], identity: ProxyIdentity, settings: ProxyS
                      for path in sorted(loaded.failed_sources) if any(r.source == path for r in previous.values()))
     # decoder warnings travel with their resources into the compiler's: one copy of each
     return BuildResult(outcome.snapshot, builder.resource_set, errors + list(outcome.errors),
-                       list(dict.fromkeys(outcome.warnings)), notes)
+                       list(dict.fromkeys(list(loaded.warnings) + list(outcome.warnings))), notes)
 
 
 @dataclass(frozen=True, slots=True)
