@@ -29,8 +29,9 @@ from .codec.api import CodecLimits
 from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
 from .downstream.http_conn import DownstreamConnection
-from .downstream.tcp_proxy import TcpProxyListener
+from .downstream.tcp_proxy import TcpProxyListener, connection_addresses
 from .downstream.tls import server_context
+from .router.tcp import select_tcp_route
 from .listener import HttpListener, bind_socket, inbound_acceptor
 from .proxy.observe import Telemetry
 from .runtime import Runtime
@@ -237,12 +238,12 @@ class Worker:
             listener = self.tcp_listeners_by_name.get(model.name)
             return listener.model if listener else model
 
-        def pick_upstream(sni: str | None = None):
-            current = current_model()
-            if sni is None:
-                route = current.tcp_routes[0] if current.tcp_routes else None
-            else:     # Gateway PASSTHROUGH: the first route whose sniHosts take the SNI
-                route = next((r for r in current.tcp_routes if sni_matches(r.sni_hosts, sni)), None)
+        def pick_upstream(transport=None, sni: str | None = None):
+            routes = current_model().tcp_routes
+            if sni is not None:     # Gateway PASSTHROUGH: the routes whose sniHosts take the SNI
+                routes = [r for r in routes if sni_matches(r.sni_hosts, sni)]
+            # the first of them whose destinationSubnets / sourceSubnet take the connection
+            route = select_tcp_route(routes, *connection_addresses(transport))
             if route is None:
                 return None
             dest = runtime.splitter.pick_tcp(route)
@@ -252,8 +253,8 @@ class Worker:
             endpoint = cluster.pick() if cluster is not None else None
             if endpoint is None:
                 return None
-            tls = endpoint_tls(cluster.cluster.policy, endpoint)
-            return (endpoint.address, endpoint.port) if tls is None else (endpoint.address, endpoint.port, tls)
+            return endpoint.address, endpoint.port, endpoint_tls(cluster.cluster.policy, endpoint), \
+                cluster.cluster.policy.connection_pool
 
         def admit(transport) -> bool:
             listener = self.tcp_listeners_by_name.get(model.name)

@@ -21,6 +21,7 @@ Nothing here is guessed silently: a destination that cannot be served gets clust
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -32,7 +33,7 @@ from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matche
 from .model import (
     EMPTY_MAP, Cluster, ConnectionPoolPolicy, Endpoint, HttpRoute, LoadBalancerPolicy, Listener,
     MirrorPolicy, ProxySettings, Redirect, ResourceInfo, RetryPolicy, RouteTable, ServerCertificate, Snapshot,
-    TcpRoute, TLS_MODE_LABEL, TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
+    TcpMatch, TcpRoute, TLS_MODE_LABEL, TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
 )
 from .resources import (
     DestinationRule, Gateway, HTTPRoute, L4Route, PolicyParts, Resource, RouteDestination, Server,
@@ -169,6 +170,7 @@ class _Compiler:
         for r in self.resources:
             self.by_kind.setdefault(r.kind, []).append(r)
         self._wild_rules: list[str] | None = None
+        own = len(self.warnings)           # the resources' own warnings; the registry's start after them
         if registry is not None:           # same ServiceEntries, DestinationRules and workloads as before
             self.services, self.rules = registry.services, registry.rules
             self.known = frozenset(self.services)
@@ -182,9 +184,10 @@ class _Compiler:
             self.known = frozenset(self.services)
             self.rules: dict[str, tuple[TrafficPolicySpec | None, dict[str, Subset]]] = {}
             self._merge_destination_rules()
+            self._warn_tcp_only_pool_fields()
             self.clusters: dict[str, Cluster] = {}
             self._build_clusters()
-            self.registry = RegistryState(self.services, self.rules, dict(self.clusters), list(self.warnings))
+            self.registry = RegistryState(self.services, self.rules, dict(self.clusters), list(self.warnings[own:]))
         self.route_tables: dict[str, RouteTable] = {}
         self.listeners: list[Listener] = []
         self.sidecar = self._select_sidecar()
@@ -273,6 +276,35 @@ class _Compiler:
                 else:
                     subsets[s.name] = s
             self.rules[host] = (policy, subsets)
+
+    def _warn_tcp_only_pool_fields(self) -> None:
+        """connectionPool.tcp tcpKeepalive, maxConnectionDuration and idleTimeout act on TCP
+        proxy connections only: say so where a DestinationRule sets them for HTTP ports."""
+        fields = (("tcp_keepalive", "tcpKeepalive"), ("max_connection_duration", "maxConnectionDuration"),
+                  ("tcp_idle_timeout", "idleTimeout"))
+        for r in self.by_kind.get("DestinationRule", []):
+            dr: DestinationRule = r.spec
+            svc = self.services.get(self.resolve(dr.host, r.namespace))
+            http_ports = {p.number for p in svc.ports if _cluster_protocol(p.protocol) != "TCP"} if svc else set()
+            if not http_ports:
+                continue
+            specs = [("spec.trafficPolicy", dr.traffic_policy)] + [
+                (f"spec.subsets[{i}].trafficPolicy", s.traffic_policy) for i, s in enumerate(dr.subsets)]
+            for path, spec in specs:
+                if spec is None:
+                    continue
+                places = [(path, spec.parts, http_ports)] + [
+                    (f"{path}.portLevelSettings[{i}]", parts, http_ports & {number})
+                    for i, (number, parts) in enumerate(spec.port_level)]
+                for where, parts, ports in places:
+                    pool = parts.connection_pool
+                    if pool is None or not ports:
+                        continue
+                    for attr, name in fields:
+                        if getattr(pool, attr) is not None:
+                            self.warn(f"{r.ref}: {where}.connectionPool.tcp.{name}: applied to TCP connections "
+                                      f"only; not yet to HTTP upstream connections (port "
+                                      f"{', '.join(map(str, sorted(ports)))})")
 
     def _rule_for(self, host: str) -> tuple[TrafficPolicySpec | None, dict[str, Subset]]:
         if host in self.rules:
@@ -542,7 +574,11 @@ class _Compiler:
                 routes = self._tcp_routes_for("mesh", e.port.number, self._egress_scope(e.hosts), where)
                 self.listeners.append(Listener(name, address, e.port.number, "TCP", tcp_routes=routes))
             else:
-                self.route_tables[name] = self.mesh_route_table(name, e.hosts)
+                table = self.mesh_route_table(name, e.hosts)
+                if sidecar.outbound_mode == "ALLOW_ANY" and table.default is None:
+                    table = RouteTable(table.name, table.exact, table.wildcards,
+                                       self._passthrough_vhost(e.port.number, where))
+                self.route_tables[name] = table
                 self.listeners.append(Listener(name, address, e.port.number, "HTTP", route_table=name))
         for ing in sidecar.ingress:
             where = f"{self.sidecar.ref}: spec.ingress[{ing.index}]"
@@ -578,6 +614,22 @@ class _Compiler:
                 self.listeners.append(Listener(name, address, ing.port.number, "HTTP", route_table=name,
                                                **security))
 
+    def _passthrough_vhost(self, port: int, where: str) -> VirtualHost:
+        """outboundTrafficPolicy ALLOW_ANY on an explicit HTTP egress listener: a request for a
+        host outside the registry goes to the host and port it names (Istio's PassthroughCluster;
+        REGISTRY_ONLY leaves such requests without a route: 404 NR)."""
+        name = f"PassthroughCluster|{port}"
+        self.clusters[name] = Cluster(
+            name=name, service="", port=port, subset=None, endpoints=(),
+            policy=TrafficPolicy(load_balancer=LoadBalancerPolicy(simple="PASSTHROUGH"),
+                                 connection_pool=ConnectionPoolPolicy(
+                                     connect_timeout=self.settings.upstream_connect_timeout)),
+            protocol="HTTP", resolution="NONE", namespace=self.identity.namespace)
+        route = HttpRoute(name="allow_any", source=f"{where}: outboundTrafficPolicy ALLOW_ANY",
+                          destinations=(WeightedDestination("", None, port, 100, name),),
+                          retries=DEFAULT_RETRY_POLICY, timeout=self.settings.default_route_timeout)
+        return VirtualHost("PassthroughCluster", ("*",), (route,))
+
     def _tcp_routes_for(self, context: str, port: int, in_scope, where: str) -> tuple[TcpRoute, ...]:
         for r in self.by_kind.get("VirtualService", []):
             vs: VirtualService = r.spec
@@ -606,11 +658,18 @@ class _Compiler:
         out = []
         for t in routes:
             ok = not t.match and context in top
+            runtime: list[TcpMatch] | None = []      # per-connection conditions; None = matches every connection
             for m in t.match:
                 gws = self._gateways_of(r, m.gateways) or top
                 if context in gws and m.port in (None, port) and self._selector_ok(m.source_labels.items(),
                                                                                    m.source_namespace):
                     ok = True
+                    if not m.destination_subnets and not m.source_subnet:
+                        runtime = None
+                    elif runtime is not None:
+                        runtime.append(TcpMatch(
+                            tuple(ipaddress.ip_network(n, strict=False) for n in m.destination_subnets),
+                            ipaddress.ip_network(m.source_subnet, strict=False) if m.source_subnet else None))
             if not ok:
                 continue
             where = f"{r.ref}: spec.tcp[{t.index}]"
@@ -618,7 +677,7 @@ class _Compiler:
             dests = tuple(self.destination(f"{where}.route[{j}].destination", d.destination,
                                            100 if single else (d.weight or 0), r.namespace, port)
                           for j, d in enumerate(t.route))
-            out.append(TcpRoute(dests, where))
+            out.append(TcpRoute(dests, where, matches=tuple(runtime or ())))
         return tuple(out)
 
     def _sni_routes(self, servers: list[tuple[Resource, Server]], port: int) -> tuple[TcpRoute, ...]:

@@ -999,10 +999,17 @@ def _decode_l4_route(r: _Reader, raw: Any, path: str, index: int, tls: bool) -> 
                 ipaddress.ip_network(subnet, strict=False)
             except ValueError:
                 r.error(f"{mp}.destinationSubnets[{k}]", f"must be an IP or CIDR, got {subnet!r}")
+        source_subnet = r.string(mm, "sourceSubnet", mp)
+        if source_subnet is not None:
+            try:
+                ipaddress.ip_network(source_subnet, strict=False)
+            except ValueError:
+                r.error(f"{mp}.sourceSubnet", f"must be an IP or CIDR, got {source_subnet!r}")
+                source_subnet = None
         matches.append(L4Match(port=r.port(mm, "port", mp), gateways=gateways,
                                source_labels=r.str_map(mm, "sourceLabels", mp) or MappingProxyType({}),
                                source_namespace=r.string(mm, "sourceNamespace", mp),
-                               destination_subnets=subnets, source_subnet=r.string(mm, "sourceSubnet", mp),
+                               destination_subnets=subnets, source_subnet=source_subnet,
                                sni_hosts=sni))
     if tls and not matches:
         r.error(f"{path}.match", "a TLS route needs at least one match")
@@ -1167,6 +1174,9 @@ def _decode_consistent_hash(r: _Reader, raw: Any, path: str) -> ConsistentHash |
     if m is None:
         return None
     present = [k for k in keys if m.get(k) is not None and m.get(k) is not False]
+    if not present and m.get("useSourceIp") is False:
+        # Istio sets the hash key to "source IP: false": nothing to hash, so picks are not sticky
+        present = ["none"]
     if len(present) != 1:
         r.error(path, "exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName is required"
                 + (f", got {', '.join(present)}" if present else ""))
@@ -1198,6 +1208,8 @@ def _decode_consistent_hash(r: _Reader, raw: Any, path: str) -> ConsistentHash |
     if key == "useSourceIp":
         r.boolean(m, key, path)
         return ConsistentHash("source_ip", algorithm=algorithm, minimum_ring_size=ring)
+    if key == "none":
+        return ConsistentHash("none", algorithm=algorithm, minimum_ring_size=ring)
     cp = f"{path}.httpCookie"
     cm = r.obj(m["httpCookie"], cp, "HTTPCookie")
     if cm is None:
@@ -1245,15 +1257,15 @@ def _decode_connection_pool(r: _Reader, raw: Any, path: str) -> ConnectionPoolPo
         if tm is not None:
             values["max_connections"] = _limit(r.integer(tm, "maxConnections", tp, lo=0))
             values["connect_timeout"] = r.duration(tm, "connectTimeout", tp)
-            r.duration(tm, "maxConnectionDuration", tp)
-            r.duration(tm, "idleTimeout", tp)
+            values["max_connection_duration"] = r.duration(tm, "maxConnectionDuration", tp)
+            values["tcp_idle_timeout"] = r.duration(tm, "idleTimeout", tp, minimum=0.0)
             if tm.get("tcpKeepalive") is not None:
                 kp = f"{tp}.tcpKeepalive"
                 km = r.obj(tm["tcpKeepalive"], kp, "TcpKeepalive")
                 if km is not None:
-                    r.integer(km, "probes", kp, lo=0)
-                    r.duration(km, "time", kp)
-                    r.duration(km, "interval", kp)
+                    values["tcp_keepalive"] = (r.integer(km, "probes", kp, lo=0) or None,
+                                               r.duration(km, "time", kp, minimum=1.0),
+                                               r.duration(km, "interval", kp, minimum=1.0))
     if m.get("http") is not None:
         hp = f"{path}.http"
         hm = r.obj(m["http"], hp, "HTTPSettings")

@@ -330,12 +330,13 @@ node("TCPRoute",
      route=arr(A(T_TCPL + "test_sidecar_egress_tcp_listener_relays_bytes_and_propagates_half_close"),
                "RouteDestination"))
 node("L4MatchAttributes",
-     destinationSubnets=arr(Warned("not applied yet: the route matches any destination address"), "string"),
+     destinationSubnets=arr(A(T_APPLY + "test_tcp_routes_match_destination_and_source_subnets_per_connection"),
+                            "string"),
      port=i(A(T_LIST + "test_sidecar_tcp_egress_listener_forwards_to_the_single_service_in_scope")),
      sourceLabels=mapping(A(T_SNAP + "test_source_labels_select_matches_for_this_proxy_only")),
      gateways=arr(A(T_SNAP + "test_gateway_merges_virtual_services_for_one_host_with_catch_alls_last"), "string"),
      sourceNamespace=s(A(T_SNAP + "test_source_labels_select_matches_for_this_proxy_only")),
-     sourceSubnet=s(Warned("not applied yet: the route matches any source address")))
+     sourceSubnet=s(A(T_APPLY + "test_tcp_routes_match_destination_and_source_subnets_per_connection")))
 node("TLSRoute",
      match=arr(Warned("TLS routes are not supported"), "TLSMatchAttributes"),
      route=arr(Warned("TLS routes are not supported"), "RouteDestination"))
@@ -405,7 +406,7 @@ _T_HASH = T_SPLIT + "test_hash_policy_comes_from_the_destination_cluster_and_key
 node("ConsistentHashLB",
      httpHeaderName=s(A(_T_HASH)),
      httpCookie=obj(A(T_INPROC + "test_sticky_canary_keeps_each_user_on_one_version"), "HTTPCookie"),
-     useSourceIp=b(A(_T_HASH)),
+     useSourceIp=b(A(T_APPLY + "test_use_source_ip_false_does_not_stick_a_client_to_one_endpoint")),
      httpQueryParameterName=s(A(_T_HASH)),
      ringHash=obj(A(T_BAL + "test_ring_hash_same_key_same_endpoint_and_keys_spread"), "RingHash"),
      maglev=obj(A(T_BAL + "test_maglev_is_sticky_balanced_and_mostly_stable_on_removal"), "MagLev"),
@@ -420,20 +421,18 @@ node("HTTPCookie",
 node("CookieAttribute", name=s(Warned("cookie attributes are not written")),
      value=s(Warned("cookie attributes are not written")))
 _T_CB = T_SNAP + "test_circuit_breaker_thresholds_map_like_istiod_and_zero_means_unset"
+_T_TCPPOOL = T_APPLY + "test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_tcp_connections"
+_TCP_ONLY = "applied to TCP proxy connections; on HTTP clusters the compiler warns that it is not applied yet"
 node("ConnectionPoolSettings",
      tcp=obj(A(_T_CB), "TCPSettings"),
      http=obj(A(_T_CB), "HTTPSettings"))
 node("TCPSettings",
      maxConnections=i(A(T_RES + "test_connections_overflow_at_max_connections")),
      connectTimeout=d(A(T_SNAP + "test_routes_carry_istio_defaults_and_compiled_values")),
-     tcpKeepalive=obj(Warned("not applied yet: upstream sockets use the system's keepalive settings"),
-                      "TcpKeepalive"),
-     maxConnectionDuration=d(Warned("not applied yet: upstream connections are not closed by age")),
-     idleTimeout=d(Warned("not applied yet: TCP connections use the proxy's idle timeout")))
-node("TcpKeepalive",
-     probes=i(Warned("tcpKeepalive is not applied yet")),
-     time=d(Warned("tcpKeepalive is not applied yet")),
-     interval=d(Warned("tcpKeepalive is not applied yet")))
+     tcpKeepalive=obj(A(_T_TCPPOOL, _TCP_ONLY), "TcpKeepalive"),
+     maxConnectionDuration=d(A(_T_TCPPOOL, _TCP_ONLY)),
+     idleTimeout=d(A(_T_TCPPOOL, _TCP_ONLY)))
+node("TcpKeepalive", probes=i(A(_T_TCPPOOL)), time=d(A(_T_TCPPOOL)), interval=d(A(_T_TCPPOOL)))
 _H2 = "this proxy speaks HTTP/1.1 to upstreams; HTTP/2 settings do not apply"
 node("HTTPSettings",
      http1MaxPendingRequests=i(A(T_RES + "test_pending_requests_overflow_at_the_limit_and_free_on_release")),
@@ -561,8 +560,9 @@ node("IstioEgressListener",
                    ("DEFAULT", "IPTABLES", "NONE")),
      hosts=arr(A(T_LIST + "test_sidecar_egress_hosts_scope_the_default_route_table"), "string"))
 node("OutboundTrafficPolicy",
-     mode=s(Warned("not applied yet: hosts outside the registry are not reachable either way",
-                   ok=("ALLOW_ANY",)), ("REGISTRY_ONLY", "ALLOW_ANY")),
+     mode=s(A(T_APPLY + "test_outbound_traffic_policy_on_an_egress_listener_passes_unknown_hosts_only_with_allow_any",
+              "explicit HTTP egress listeners; captured traffic arrives with the sidecar work"),
+            ("REGISTRY_ONLY", "ALLOW_ANY")),
      egressProxy=obj(Warned("egress proxies are not supported; ignored"), "Destination"))
 
 # -- security.istio.io (decoded in decode_security.py)

@@ -225,7 +225,7 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ConsistentHash:
-    key: str                        # "header" | "cookie" | "source_ip" | "query"
+    key: str                        # "header" | "cookie" | "source_ip" | "query" | "none" (useSourceIp: false)
     name: str = ""                  # header / cookie / query parameter name
     cookie_ttl: float | None = None
     cookie_path: str = "/"
@@ -250,6 +250,11 @@ class ConnectionPoolPolicy:
     idle_timeout: float | None = 3600.0
     max_retries: int = 2**31 - 1
     max_idle_per_endpoint: int = 128        # our keep-alive pool cap
+    # tcp.tcpKeepalive (probes, idle time s, interval s; None = the system's), tcp.maxConnectionDuration and
+    # tcp.idleTimeout (None = not set): applied to TCP proxy connections (downstream/tcp_proxy.py)
+    tcp_keepalive: tuple[int | None, float | None, float | None] | None = None
+    max_connection_duration: float | None = None
+    tcp_idle_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,12 +349,23 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpMatch:
+    """One L4MatchAttributes block, the parts decided per connection: the connection's
+    destination address in one of ``destination_subnets`` (when any) and its source address
+    in ``source_subnet`` (when set)."""
+
+    destination_subnets: tuple = ()               # ipaddress networks
+    source_subnet: object = None                  # an ipaddress network, or None
+
+
+@dataclass(frozen=True, slots=True)
 class TcpRoute:
     destinations: tuple[WeightedDestination, ...]
     source: str = ""
     # Gateway PASSTHROUGH (VirtualService tls routes): the SNI names this route takes ("*.x" wildcards);
     # a listener whose routes carry them reads the ClientHello and routes on its SNI, without terminating
     sni_hosts: tuple[str, ...] = ()
+    matches: tuple[TcpMatch, ...] = ()            # destinationSubnets / sourceSubnet, OR-ed; () = every connection
 
 
 def sni_matches(patterns: tuple[str, ...], sni: str) -> bool:

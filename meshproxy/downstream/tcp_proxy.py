@@ -6,7 +6,8 @@ One accepted connection goes through:
    may refuse the connection, which is then closed without data; reading is paused (the client's first bytes wait in the kernel,
    or, if some were already delivered, in a bounded list), ``on_open()`` is called, and
    a connect task owned by the connection starts.
-2. connect: ``pick_upstream()`` -> ``(host, port)``; ``loop.create_connection`` under
+2. connect: ``pick_upstream(transport, sni)`` -> ``(host, port[, tls, pool policy])`` (the
+   transport's addresses and the SNI pick the route); ``loop.create_connection`` under
    ``connect_timeout``. On failure (refused, timeout, other OSError) ``on_connect_failure
    (host, port, reason)`` is called and ``pick_upstream()`` is asked ONCE more; if it
    returns a different endpoint that one is tried, otherwise the client is closed.
@@ -33,7 +34,34 @@ from ..upstream.tls import UpstreamTlsContexts, UpstreamTlsError
 
 from .splice import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, Splice, reset_transport
 
-PickUpstream = Callable[[], "tuple[str, int] | None"]
+PickUpstream = Callable[[asyncio.Transport], "tuple[str, int] | None"]   # given the accepted connection
+
+
+def set_keepalive(sock, keepalive: tuple) -> None:
+    """TCP keepalive on an upstream socket: (probes, idle seconds, interval seconds), each
+    None for the system's value (Istio's connectionPool.tcp.tcpKeepalive)."""
+    if sock is None:
+        return
+    probes, idle, interval = keepalive
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if probes:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(probes))
+        if idle:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+        if interval:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval)))
+    except OSError:
+        pass
+
+
+def connection_addresses(transport: asyncio.Transport | None) -> tuple[str | None, str | None]:
+    """(destination, source) addresses of an accepted connection: what TCP route matches
+    (destinationSubnets, sourceSubnet) look at."""
+    if transport is None:
+        return None, None
+    local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+    return (local[0] if isinstance(local, tuple) else None), (peer[0] if isinstance(peer, tuple) else None)
 
 # failure reasons passed to on_connect_failure
 CONNECT_TIMEOUT = "connect_timeout"
@@ -74,7 +102,7 @@ class TcpProxyProtocol(asyncio.Protocol):
     """One accepted downstream connection, until it is spliced."""
 
     __slots__ = ("listener", "transport", "chunks", "eof", "lost", "task", "splice",
-                 "pending", "_done", "sni", "_hello")
+                 "pending", "_done", "sni", "_hello", "options", "deadline")
 
     def __init__(self, listener: "TcpProxyListener"):
         self.listener = listener
@@ -88,6 +116,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._done = False
         self.sni: str | None = None        # SNI routing: the ClientHello's server name ("" = none)
         self._hello: asyncio.Future | None = None   # SNI routing: set when the first record is read
+        self.options = None                # the cluster's ConnectionPoolPolicy, when the picker gives it
+        self.deadline: asyncio.TimerHandle | None = None   # maxConnectionDuration
 
     # ------------------------------------------------------------ before the splice
 
@@ -155,7 +185,7 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def _pick(self):
         listener = self.listener
-        return listener.pick_upstream() if self.sni is None else listener.pick_upstream(self.sni)
+        return listener.pick_upstream(self.transport, self.sni)
 
     async def _connect(self) -> None:
         listener = self.listener
@@ -184,9 +214,12 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._start_splice(up)
 
     async def _try(self, target: tuple) -> _PendingUpstream | None:
+        """``target``: (host, port), then optionally the DestinationRule tls to originate and
+        the cluster's connection pool policy (keepalive, idle timeout, max duration)."""
         listener = self.listener
         host, port = target[0], target[1]
         tls = target[2] if len(target) > 2 else None     # DestinationRule tls: originate TLS
+        self.options = target[3] if len(target) > 3 else None
         pending = self.pending = _PendingUpstream()
         try:
             async with asyncio.timeout(listener.connect_timeout):
@@ -209,6 +242,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         except OSError as err:
             reason = errno.errorcode.get(err.errno, type(err).__name__) if err.errno else type(err).__name__
         else:
+            if self.options is not None and self.options.tcp_keepalive is not None:
+                set_keepalive(pending.transport.get_extra_info("socket"), self.options.tcp_keepalive)
             return pending
         self._drop_pending_transport()
         self._fail(target, reason)
@@ -226,8 +261,12 @@ class TcpProxyProtocol(asyncio.Protocol):
     def _start_splice(self, up: _PendingUpstream) -> None:
         listener = self.listener
         self.pending = None
+        options = self.options
+        idle = listener.idle_timeout
+        if options is not None and options.tcp_idle_timeout is not None:
+            idle = options.tcp_idle_timeout or None          # 0s disables (Istio)
         self.splice = Splice(
-            listener.loop, self.transport, up.transport, idle_timeout=listener.idle_timeout,
+            listener.loop, self.transport, up.transport, idle_timeout=idle,
             initial_to_upstream=b"".join(self.chunks), initial_to_downstream=b"".join(up.chunks),
             downstream_eof=self.eof, upstream_eof=up.eof, on_close=self._finished,
             high_water=listener.high_water, low_water=listener.low_water)
@@ -236,10 +275,15 @@ class TcpProxyProtocol(asyncio.Protocol):
             # closed between connect and now; the splice sees a closing transport
             up.transport.close()
         self.splice.start()
+        if options is not None and options.max_connection_duration:
+            self.deadline = listener.loop.call_later(options.max_connection_duration, self.splice.close)
 
     # ------------------------------------------------------------ end
 
     def _finished(self, sent: int, received: int) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         if self._done:
             return
         self._done = True

@@ -79,6 +79,8 @@ def hash_key_for(policy: ConsistentHash, req: RequestView, cookie_value: str | N
         value = req.source_ip or None
     elif key == "query":
         value = req.query_params.get(policy.name)
+    elif key == "none":                         # useSourceIp: false
+        return None
     else:
         raise ValueError(f"consistentHash key {key!r} is not header/cookie/source_ip/query")
     if value is None:

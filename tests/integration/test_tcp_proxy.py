@@ -66,7 +66,7 @@ async def start_proxy(targets, *, connect_timeout=1.0, idle_timeout=30.0, rec=No
     it = iter(targets)
     last = [None]
 
-    def pick():
+    def pick(*_):
         last[0] = next(it, last[0])
         return last[0]
 

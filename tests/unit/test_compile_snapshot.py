@@ -391,3 +391,25 @@ spec:
     assert canary.snapshot.clusters[cluster].policy.load_balancer.simple == "RANDOM"
     assert stable.snapshot.clusters[cluster].policy.load_balancer.simple == "LEAST_REQUEST"
     assert other_ns.snapshot.clusters[cluster].policy.load_balancer.simple == "LEAST_REQUEST"
+
+
+def test_tcp_only_pool_fields_on_an_http_service_are_warned_with_their_path():
+    rule = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool: {tcp: {idleTimeout: 5s, maxConnections: 10}}
+    portLevelSettings:
+    - port: {number: 9080}
+      connectionPool: {tcp: {tcpKeepalive: {time: 60s}}}
+"""
+    result = compile_(REVIEWS_SE, rule)
+    tail = "applied to TCP connections only; not yet to HTTP upstream connections (port 9080)"
+    assert [w for w in result.warnings if "connectionPool" in w] == [
+        f"DestinationRule default/pool: spec.trafficPolicy.connectionPool.tcp.idleTimeout: {tail}",
+        f"DestinationRule default/pool: spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.tcpKeepalive: {tail}"]
+    pool = result.snapshot.clusters[f"outbound|9080||{REVIEWS}"].policy.connection_pool
+    assert pool.tcp_keepalive == (None, 60.0, None) and pool.tcp_idle_timeout is None   # port level replaces whole
