@@ -7,5 +7,5 @@ cimport cython
 cdef class Host:
     cdef public object endpoint, key, weight, added_at, state, ejected_until, times_ejected
     cdef public object healthy_since, consecutive_5xx, consecutive_gateway, ejection_reason
-    cdef public object ejections_overflowed, rr_current, index, pool
+    cdef public object ejections_overflowed, rr_current, index, pool, consecutive_local
     cdef public Py_ssize_t active

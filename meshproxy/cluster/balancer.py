@@ -21,7 +21,7 @@ class Host:
 
     __slots__ = ("endpoint", "key", "weight", "active", "added_at", "state", "ejected_until",
                  "times_ejected", "healthy_since", "consecutive_5xx", "consecutive_gateway",
-                 "ejection_reason", "ejections_overflowed", "rr_current", "index", "pool")
+                 "ejection_reason", "ejections_overflowed", "rr_current", "index", "pool", "consecutive_local")
 
     def __init__(self, endpoint: Endpoint, added_at: float, index: int = 0):
         self.endpoint = endpoint
@@ -35,6 +35,7 @@ class Host:
         self.healthy_since: float | None = None
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
+        self.consecutive_local = 0             # local-origin failures, counted apart when the policy splits them
         self.ejection_reason = ""
         self.ejections_overflowed = 0
         self.rr_current = 0.0

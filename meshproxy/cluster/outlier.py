@@ -12,6 +12,11 @@ Counting (``record``):
   503/504).  Any status < 500 resets it.
 * ``consecutive_gateway_errors``: 502/503/504 and the same local-origin failures; another
   5xx (e.g. 500) resets it, as does any status < 500.
+* ``split_local_origin`` (``splitExternalLocalOriginErrors``): local-origin failures count
+  only toward ``consecutive_local_origin`` (default 5, Envoy's), reset by any response;
+  5xx and gateway counters then see responses only.
+* ``http_error_codes`` (``outlierDetectionHttpErrorCodes``): these statuses count as errors
+  too (toward ``consecutive_5xx``; a 4xx listed there is not a gateway error).
 * The check is made **on the spot** when a counter reaches its threshold (as Envoy does for
   consecutive errors); there is no interval timer (policies start no tasks).
 * ``max_ejection_percent``: an endpoint is ejected only if the share already ejected is
@@ -79,10 +84,17 @@ class OutlierDetector:
         if isinstance(outcome, str):
             if outcome not in LOCAL_ORIGIN_FAILURES:
                 return False          # e.g. "refused-stream": nothing was processed, not the host's fault
+            if policy.split_local_origin:
+                host.consecutive_local += 1
+                if policy.consecutive_local_origin and host.consecutive_local >= policy.consecutive_local_origin:
+                    return self._try_eject(host, hosts, "consecutive_local_origin_failures")
+                return False
             five, gateway = True, True
-        elif outcome >= 500:
+        elif outcome >= 500 or outcome in policy.http_error_codes:
+            host.consecutive_local = 0            # a response came back: the connection worked
             five, gateway = True, outcome in _GATEWAY_STATUSES
         else:
+            host.consecutive_local = 0
             host.consecutive_5xx = 0
             host.consecutive_gateway = 0
             return False
@@ -116,6 +128,7 @@ class OutlierDetector:
         host.ejection_reason = reason
         host.consecutive_5xx = 0
         host.consecutive_gateway = 0
+        host.consecutive_local = 0
         self.ejection_count += 1
         return True
 

@@ -1294,17 +1294,20 @@ def _decode_outlier(r: _Reader, raw: Any, path: str) -> OutlierPolicy | None:
     legacy = r.integer(m, "consecutiveErrors", path, lo=0)
     c5xx = r.integer(m, "consecutive5xxErrors", path, lo=0)
     gateway = r.integer(m, "consecutiveGatewayErrors", path, lo=0)
+    split = bool(r.boolean(m, "splitExternalLocalOriginErrors", path))
+    local = None
     if m.get("consecutiveLocalOriginFailures") is not None:
-        r.integer(m, "consecutiveLocalOriginFailures", path, lo=0)
-        if not r.boolean(m, "splitExternalLocalOriginErrors", path):
+        local = r.integer(m, "consecutiveLocalOriginFailures", path, lo=0)
+        if not split:
             r.error(f"{path}.consecutiveLocalOriginFailures", "requires splitExternalLocalOriginErrors: true")
-    else:
-        r.boolean(m, "splitExternalLocalOriginErrors", path)
+    codes = []
     max_eject = r.integer(m, "maxEjectionPercent", path, lo=0, hi=100)
     min_health = r.integer(m, "minHealthPercent", path, lo=0, hi=100)
     for i, item, cp in r.items(m, "outlierDetectionHttpErrorCodes", path):
         if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
             r.error(cp, f"must be an HTTP status code, got {item!r}")
+        else:
+            codes.append(item)
     if c5xx is None:
         c5xx = legacy if legacy is not None else 5      # Envoy's default when outlier detection is on
     return OutlierPolicy(
@@ -1312,7 +1315,9 @@ def _decode_outlier(r: _Reader, raw: Any, path: str) -> OutlierPolicy | None:
         interval=r.duration(m, "interval", path) or 10.0,
         base_ejection_time=r.duration(m, "baseEjectionTime", path) or 30.0,
         max_ejection_percent=10 if max_eject is None else max_eject,
-        min_health_percent=min_health or 0)
+        min_health_percent=min_health or 0, split_local_origin=split,
+        consecutive_local_origin=(5 if local is None else local) if split else None,
+        http_error_codes=frozenset(codes))
 
 
 def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:

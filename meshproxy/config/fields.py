@@ -449,13 +449,14 @@ node("OutlierDetection",
      consecutiveErrors=i(A(T_RES + "test_endpoint_is_ejected_after_n_consecutive_5xx_and_not_before")),
      consecutive5xxErrors=i(A(T_RES + "test_endpoint_is_ejected_after_n_consecutive_5xx_and_not_before")),
      consecutiveGatewayErrors=i(A(T_RES + "test_gateway_errors_eject_on_their_own_threshold_and_500_resets_that_count")),
-     consecutiveLocalOriginFailures=i(Warned("not applied yet: local-origin failures count as 5xx")),
-     splitExternalLocalOriginErrors=b(Warned("not applied yet: local-origin failures count as 5xx")),
+     consecutiveLocalOriginFailures=i(A(T_APPLY + "test_outlier_local_origin_failures_eject_on_their_own_threshold_when_split")),
+     splitExternalLocalOriginErrors=b(A(T_APPLY + "test_outlier_local_origin_failures_eject_on_their_own_threshold_when_split")),
      interval=d(A(T_RES + "test_times_ejected_decays_by_one_per_healthy_interval")),
      baseEjectionTime=d(A(T_RES + "test_endpoint_returns_when_the_ejection_time_passes_and_the_time_grows_with_each_ejection")),
      maxEjectionPercent=i(A(T_RES + "test_max_ejection_percent_caps_how_many_endpoints_are_ejected")),
      minHealthPercent=i(A(T_RES + "test_panic_mode_uses_all_endpoints_when_healthy_share_is_below_min_health")),
-     outlierDetectionHttpErrorCodes=arr(Warned("not applied yet: only 5xx count as errors"), "integer"))
+     outlierDetectionHttpErrorCodes=arr(A(T_APPLY + "test_outlier_http_error_codes_count_listed_statuses_as_errors"),
+                                        "integer"))
 _TLS_LATER = "TLS origination is not supported yet; refused so that nothing goes out in plaintext"
 _TLS_REFUSED = Refused(_TLS_LATER)
 node("ClientTLSSettings",

@@ -265,6 +265,9 @@ class OutlierPolicy:
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 10
     min_health_percent: int = 0
+    split_local_origin: bool = False         # splitExternalLocalOriginErrors
+    consecutive_local_origin: int | None = None   # consecutiveLocalOriginFailures (Envoy's default 5 when split)
+    http_error_codes: frozenset[int] = frozenset()  # outlierDetectionHttpErrorCodes: also count as errors
 
 
 @dataclass(frozen=True, slots=True)

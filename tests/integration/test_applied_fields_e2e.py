@@ -220,3 +220,62 @@ async def test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_t
     writer.close()
     idle_srv.close()
     aged_srv.close()
+
+
+def _endpoints(proxy, cluster: str) -> dict[int, dict]:
+    import json
+    clusters = json.loads(proxy.admin("/clusters")[1])["clusters"]
+    return {e["port"]: e for e in clusters[cluster]["endpoints"]}
+
+
+def _outlier_rule(host: str, outlier: str) -> str:
+    return textwrap.dedent(f"""\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: od, namespace: default}}
+        spec:
+          host: {host}
+          trafficPolicy:
+            loadBalancer: {{simple: ROUND_ROBIN}}
+            outlierDetection: {{{outlier}, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+        """)
+
+
+async def test_outlier_http_error_codes_count_listed_statuses_as_errors(proxy_factory):
+    from helpers import Upstream, http_get, respond, service_entry_yaml
+    limited = await Upstream(respond(429, b"slow down")).start()
+    fine = await Upstream(respond(200, b"fine")).start()
+    se = service_entry_yaml("od.local", 80, [("127.0.0.1", limited.port, {}), ("127.0.0.1", fine.port, {})])
+    for codes, ejected in (("[429]", True), ("[]", False)):
+        proxy = proxy_factory(se + _outlier_rule("od.local", f"consecutive5xxErrors: 2, "
+                                                             f"outlierDetectionHttpErrorCodes: {codes}"))
+        statuses = [(await http_get(proxy.port, "od.local"))[0] for _ in range(12)]
+        health = _endpoints(proxy, "outbound|80||od.local")[limited.port]
+        if ejected:       # two 429s eject it: from then on every request reaches the healthy endpoint
+            assert statuses.count(429) == 2 and statuses[-6:] == [200] * 6, statuses
+            assert health["health"] == "ejected" and health["ejection_reason"] == "consecutive_5xx"
+        else:
+            assert statuses.count(429) == 6 and health["health"] == "healthy", statuses
+        proxy.stop()
+    await limited.close()
+    await fine.close()
+
+
+async def test_outlier_local_origin_failures_eject_on_their_own_threshold_when_split(proxy_factory):
+    from helpers import Upstream, http_get, respond, service_entry_yaml
+    fine = await Upstream(respond(200, b"fine")).start()
+    dead = free_port()                                       # nothing listens: every connect is refused
+    se = service_entry_yaml("lo.local", 80, [("127.0.0.1", dead, {}), ("127.0.0.1", fine.port, {})])
+    for outlier, ejected in (("consecutive5xxErrors: 0, splitExternalLocalOriginErrors: true, "
+                              "consecutiveLocalOriginFailures: 2", True),
+                             ("consecutive5xxErrors: 0", False)):     # unsplit: they count as 5xx, which is off
+        proxy = proxy_factory(se + _outlier_rule("lo.local", outlier))
+        for _ in range(8):
+            assert (await http_get(proxy.port, "lo.local"))[0] == 200      # refused connects are retried
+        health = _endpoints(proxy, "outbound|80||lo.local")[dead]
+        assert (health["health"] == "ejected") is ejected, health
+        if ejected:
+            assert health["ejection_reason"] == "consecutive_local_origin_failures"
+        proxy.stop()
+    await fine.close()
