@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 from ..config.capture import CaptureTarget, InboundCapture, OutboundCapture
 from ..config.model import Listener
 from ..downstream.splice import reset_transport
-from ..downstream.tcp_proxy import TcpProxyListener
+from ..downstream.tcp_proxy import TcpProxyListener, connection_addresses
 from ..listener import HttpListener
+from ..router.tcp import select_tcp_route
 from ..security.authz import authorize_connection
 from ..security.inbound import PeerAuthAcceptor
 from .original_dst import NoOriginalDestination, original_destination
@@ -261,11 +262,16 @@ class CaptureListener:
         telemetry = worker.telemetry
         closed_metric = telemetry.tcp_closed(model)
 
-        def pick_upstream():
+        def pick_upstream(transport=None):
             current = view.model
-            if current is None or not current.tcp_routes:
+            if current is None:
                 return None
-            dest = worker.splitter.pick_tcp(current.tcp_routes[0])
+            # TCP route matches see the original destination and the client's address
+            local, source = connection_addresses(transport)
+            route = select_tcp_route(current.tcp_routes, original[0] if original else local, source)
+            if route is None:
+                return None
+            dest = worker.splitter.pick_tcp(route)
             if dest is None or not dest.cluster:
                 return None                        # BlackHoleCluster: closed
             cluster = worker.clusters.get(dest.cluster)
