@@ -79,8 +79,7 @@ def decode_authorization_policy(r: "_Reader", raw: Any, namespace: str) -> Autho
     if action == "CUSTOM":
         r.error("spec.action", "CUSTOM (an external authorizer) is not supported by this mesh; use ALLOW, "
                 "DENY or AUDIT")
-    if m.get("provider") is not None:
-        r.error("spec.provider", "only valid with action CUSTOM, which is not supported")
+    # spec.provider: refused by the field registry (fields.py, AuthorizationPolicy)
     selector = _selector(r, m, "spec")
     refs = []
     if m.get("targetRef") is not None:

@@ -64,7 +64,10 @@ def policy(spec: str, name: str = "p", namespace: str = "foo", extra_meta: str =
 def test_custom_action_is_refused_with_a_clear_error():
     result = decode(policy("action: CUSTOM\nprovider: {name: ext}\nrules: [{}]\n"))
     assert result.resources == []
-    assert "AuthorizationPolicy foo/p: spec.action: CUSTOM (an external authorizer) is not supported" in result.errors[0]
+    assert any("AuthorizationPolicy foo/p: spec.action: CUSTOM (an external authorizer) is not supported" in e
+               for e in result.errors), result.errors
+    assert "AuthorizationPolicy foo/p: spec.provider: only valid with action CUSTOM, which is not supported" \
+        in result.errors
 
 
 @pytest.mark.parametrize("spec, error", [
