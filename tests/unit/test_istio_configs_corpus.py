@@ -20,8 +20,7 @@ CASES = list(csv.DictReader((CORPUS / "cases.tsv").open(), delimiter="\t"))
 
 TLS = ".tls.mode: TLS origination is not supported yet; refused so that nothing goes out in plaintext"
 TLS_ANY = "TLS origination is not supported yet"
-STRICT = "spec: STRICT and DISABLE are not applied by this proxy yet"
-# Refused until the zero-trust work lands (TLS origination, inbound mTLS): security settings are
+# Refused until the zero-trust work lands (TLS origination): security settings are
 # applied or refused, never warned about.
 REFUSED = {
     "samples__bookinfo__networking__destination-rule-all-mtls-00.yaml": TLS,
@@ -32,7 +31,6 @@ REFUSED = {
     "samples__multicluster__expose-istiod-https-02.yaml": TLS,
     "tests__testdata__config__destination-rule-ssl-00.yaml": TLS,
     "tests__testdata__config__se-example-03.yaml": TLS_ANY,
-    "tests__testdata__config__peer-authn-strict-00.yaml": STRICT,
 }
 
 
