@@ -1326,11 +1326,8 @@ def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:
         return None
     mode = r.string(m, "mode", path, choices=CLIENT_TLS_MODES) or "DISABLE"
     sans = r.str_list(m, "subjectAltNames", path)
-    for k, why in (("credentialName", "client credentials from secrets are not supported; use clientCertificate, "
-                                      "privateKey and caCertificates files"),
-                   ("caCrl", "certificate revocation lists are not checked by this proxy")):
-        if r.string(m, k, path):
-            r.error(f"{path}.{k}", f"{why}; refused")
+    for k in ("credentialName", "caCrl"):     # refused by the field registry (fields.py, ClientTLSSettings)
+        r.string(m, k, path)
     if mode == "ISTIO_MUTUAL":
         for k in ("clientCertificate", "privateKey", "caCertificates", "credentialName"):
             if m.get(k):

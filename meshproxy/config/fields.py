@@ -160,6 +160,7 @@ def anything(status: Status, doc: str = "") -> Field:
 
 K8S = Inert("Kubernetes object bookkeeping: no routing behaviour in Istio either")
 SECURITY_LATER = "not supported yet; refused rather than ignored"
+_T_SIMPLE_TLS = "tests/integration/test_tls_origination.py::test_simple_verifies_the_server_and_sends_the_sni"
 
 # -- documents and metadata
 
@@ -370,8 +371,7 @@ node("TrafficPolicy",
      loadBalancer=obj(A(_T_POLICY), "LoadBalancerSettings"),
      connectionPool=obj(A(_T_POLICY), "ConnectionPoolSettings"),
      outlierDetection=obj(A(T_INPROC + "test_outlier_detection_ejects_a_failing_endpoint"), "OutlierDetection"),
-     tls=obj(A(T_DECODE + "test_destination_rule_tls_other_than_disable_is_refused_at_every_level"),
-             "ClientTLSSettings"),
+     tls=obj(A(_T_SIMPLE_TLS), "ClientTLSSettings"),
      portLevelSettings=arr(A(_T_POLICY), "PortTrafficPolicy"),
      tunnel=anything(Warned("HTTP CONNECT tunnelling is not supported by this proxy; ignored")),
      proxyProtocol=anything(Warned("PROXY protocol to upstreams is not supported by this proxy; ignored")),
@@ -382,8 +382,7 @@ node("PortTrafficPolicy",
      loadBalancer=obj(A(_T_POLICY), "LoadBalancerSettings"),
      connectionPool=obj(A(_T_POLICY), "ConnectionPoolSettings"),
      outlierDetection=obj(A(_T_POLICY), "OutlierDetection"),
-     tls=obj(A(T_DECODE + "test_destination_rule_tls_other_than_disable_is_refused_at_every_level"),
-             "ClientTLSSettings"))
+     tls=obj(A(_T_SIMPLE_TLS), "ClientTLSSettings"))
 node("LoadBalancerSettings",
      simple=s(A(T_BAL + "test_round_robin_visits_every_endpoint_in_turn"),
               ("UNSPECIFIED", "LEAST_CONN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN")),
@@ -457,14 +456,22 @@ node("OutlierDetection",
      minHealthPercent=i(A(T_RES + "test_panic_mode_uses_all_endpoints_when_healthy_share_is_below_min_health")),
      outlierDetectionHttpErrorCodes=arr(A(T_APPLY + "test_outlier_http_error_codes_count_listed_statuses_as_errors"),
                                         "integer"))
-_TLS_LATER = "TLS origination is not supported yet; refused so that nothing goes out in plaintext"
-_TLS_REFUSED = Refused(_TLS_LATER)
+T_ORIG = "tests/integration/test_tls_origination.py::"
+T_UPTLS = "tests/unit/test_upstream_tls_config.py::"
+_T_SIMPLE = T_ORIG + "test_simple_verifies_the_server_and_sends_the_sni"
+_T_REFUSE = T_ORIG + "test_simple_refuses_a_server_it_cannot_verify_never_plaintext"
 node("ClientTLSSettings",
-     mode=s(Refused(_TLS_LATER, ok=("DISABLE",)),
+     mode=s(A(_T_SIMPLE, "SIMPLE, MUTUAL and ISTIO_MUTUAL originate TLS; DISABLE turns auto mTLS off"),
             ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")),
-     clientCertificate=s(_TLS_REFUSED), privateKey=s(_TLS_REFUSED), caCertificates=s(_TLS_REFUSED),
-     credentialName=s(_TLS_REFUSED), subjectAltNames=arr(_TLS_REFUSED, "string"), sni=s(_TLS_REFUSED),
-     insecureSkipVerify=b(_TLS_REFUSED), caCrl=s(_TLS_REFUSED))
+     clientCertificate=s(A(T_ORIG + "test_mutual_presents_the_client_certificate_files")),
+     privateKey=s(A(T_ORIG + "test_mutual_presents_the_client_certificate_files")),
+     caCertificates=s(A(_T_SIMPLE)),
+     credentialName=s(Refused("client credentials from secrets are not supported; use clientCertificate, "
+                              "privateKey and caCertificates files; refused")),
+     subjectAltNames=arr(A(_T_REFUSE), "string"),
+     sni=s(A(_T_REFUSE)),
+     insecureSkipVerify=b(A(_T_REFUSE)),
+     caCrl=s(Refused("certificate revocation lists are not checked by this proxy; refused")))
 
 # -- ServiceEntry
 
@@ -473,8 +480,8 @@ node("ServiceEntry",
      addresses=arr(Warned("VIP addresses are not captured by this proxy yet; traffic is routed by host name"),
                    "string"),
      ports=arr(A(T_HTTP + "test_request_reaches_the_service_entry_endpoint_by_host"), "ServicePort"),
-     location=s(Inert("in Istio it decides whether sidecars use mTLS to reach the service; this proxy "
-                      "originates no TLS at all yet (DestinationRule tls is refused), so both reach it alike"),
+     location=s(Inert("no routing effect; auto mTLS follows each endpoint's security.istio.io/tlsMode label "
+                      "(as Istio's does), not the location"),
                 ("MESH_EXTERNAL", "MESH_INTERNAL")),
      resolution=s(A(T_HTTP + "test_dns_service_entry_endpoints_are_resolved_by_the_proxy"),
                   ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")),
@@ -482,7 +489,8 @@ node("ServiceEntry",
      workloadSelector=obj(Warned("selecting workloads is not supported; register endpoints through the "
                                  "control plane"), "WorkloadSelector"),
      exportTo=arr(A(T_PUSH + "test_export_to_dot_hides_a_resource_from_other_namespaces"), "string"),
-     subjectAltNames=arr(Refused("verifying upstream identities is " + SECURITY_LATER), "string"))
+     subjectAltNames=arr(A(T_UPTLS + "test_auto_mtls_only_for_endpoints_with_a_sidecar_and_checks_the_services_identities"),
+                         "string"))
 node("ServicePort",
      number=i(A(T_HTTP + "test_request_reaches_the_service_entry_endpoint_by_host")),
      protocol=s(A(T_LIST + "test_sidecar_tcp_egress_listener_forwards_to_the_single_service_in_scope")),
@@ -495,7 +503,7 @@ node("WorkloadEntry",
      network=s(Warned("multi-network meshes are not supported; the endpoint is reached directly")),
      locality=s(Inert("only used by locality load balancing, which is warned about where it is set")),
      weight=i(A(T_BAL + "test_round_robin_with_weights_follows_the_weights_exactly")),
-     serviceAccount=s(Refused("workload identities are " + SECURITY_LATER)))
+     serviceAccount=s(A(T_UPTLS + "test_auto_mtls_only_for_endpoints_with_a_sidecar_and_checks_the_services_identities")))
 
 # -- Gateway
 

@@ -11,9 +11,6 @@ from meshproxy.config.resources import DestinationRule, Gateway, ServiceEntry, S
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "istio"
 SAMPLES = sorted(FIXTURES.glob("*.yaml"))
-# Samples that ask for TLS origination (DestinationRule tls other than DISABLE): refused until the
-# proxy originates TLS (tests/unit/test_decode_validation.py names the exact errors).
-REFUSED_UNTIL_TLS = {"destination-rule-all-mtls.yaml"}
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
@@ -21,9 +18,6 @@ def test_istio_sample_decodes_without_errors(path):
     docs, errors = load_documents([str(path)])
     assert errors == []
     result = decode_documents(docs)
-    if path.name in REFUSED_UNTIL_TLS:
-        assert result.errors and all(".tls.mode: TLS origination is not supported yet" in e for e in result.errors)
-        return
     assert result.errors == []
     assert len(result.resources) == len(docs) > 0
 

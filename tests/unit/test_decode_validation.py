@@ -295,32 +295,28 @@ def test_bad_resource_is_excluded_and_good_ones_kept():
     assert result.rejected == {("VirtualService", "default", "bad")}
 
 
-TLS_LATER = "TLS origination is not supported yet; refused so that nothing goes out in plaintext"
-
-
-def test_destination_rule_tls_other_than_disable_is_refused_at_every_level():
-    simple = {"mode": "SIMPLE"}
+def test_destination_rule_tls_settings_not_applied_are_refused_at_every_level():
     spec = {"host": "api.example.com",
-            "trafficPolicy": {"tls": simple, "portLevelSettings": [{"port": {"number": 443}, "tls": {"mode": "MUTUAL",
-                              "clientCertificate": "/c.pem", "privateKey": "/k.pem"}}]},
-            "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}, "portLevelSettings": [
-                {"port": {"number": 8443}, "tls": {"mode": "DISABLE", "sni": "x.example.com"}}]}}]}
+            "trafficPolicy": {"tls": {"mode": "SIMPLE", "caCrl": "/crl.pem"},
+                              "portLevelSettings": [{"port": {"number": 443}, "tls": {
+                                  "mode": "MUTUAL", "credentialName": "client-secret"}}]},
+            "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"mode": "SIMPLE", "caCrl": "/crl.pem"}}}]}
     result = decode("DestinationRule", spec)
+    crl = "certificate revocation lists are not checked by this proxy; refused"
+    secret = ("client credentials from secrets are not supported; use clientCertificate, privateKey and "
+              "caCertificates files; refused")
     assert result.resources == []
     assert result.errors == [
-        f"DestinationRule default/r: spec.trafficPolicy.tls.mode: {TLS_LATER}",
-        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.mode: {TLS_LATER}",
-        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.clientCertificate: {TLS_LATER}",
-        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.privateKey: {TLS_LATER}",
-        f"DestinationRule default/r: spec.subsets[0].trafficPolicy.tls.mode: {TLS_LATER}",
-        f"DestinationRule default/r: spec.subsets[0].trafficPolicy.portLevelSettings[0].tls.sni: {TLS_LATER}",
+        f"DestinationRule default/r: spec.trafficPolicy.tls.caCrl: {crl}",
+        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.credentialName: {secret}",
+        f"DestinationRule default/r: spec.subsets[0].trafficPolicy.tls.caCrl: {crl}",
     ]
 
 
-def test_destination_rule_tls_disable_is_plaintext_as_written_and_accepted():
-    result = decode("DestinationRule", {"host": "a", "trafficPolicy": {"tls": {"mode": "DISABLE"}}})
-    assert result.errors == [] and len(result.resources) == 1
-    assert decode("DestinationRule", {"host": "a", "trafficPolicy": {"tls": {}}}).errors == []
+def test_destination_rule_tls_modes_are_accepted_at_every_level():
+    for tls in ({"mode": "DISABLE"}, {}, {"mode": "SIMPLE", "sni": "x"}, {"mode": "ISTIO_MUTUAL"}):
+        result = decode("DestinationRule", {"host": "a", "trafficPolicy": {"tls": tls}})
+        assert result.errors == [] and len(result.resources) == 1, (tls, result.errors)
 
 
 def test_gateway_client_certificate_checks_are_refused_not_ignored():

@@ -200,7 +200,7 @@ def test_the_registry_gives_an_openapi_v3_schema_with_each_fields_status():
     schema = openapi_v3("DestinationRule")
     tls = schema["properties"]["trafficPolicy"]["properties"]["tls"]["properties"]
     assert tls["mode"]["enum"] == ["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
-    assert tls["mode"]["description"].startswith("refused: TLS origination is not supported yet")
+    assert tls["caCrl"]["description"].startswith("refused: certificate revocation lists are not checked")
     subsets = schema["properties"]["subsets"]
     assert subsets["type"] == "array" and subsets["items"]["properties"]["labels"]["additionalProperties"] == {
         "type": "string"}

@@ -1,8 +1,6 @@
 """Istio's own sample and test configs (tests/corpus/data/istio-configs, all valid Istio):
 each document is accepted by ``meshproxy validate`` (the whole compiler, as a sidecar and as
-each Gateway's proxy), with a warning for each part this proxy does not apply; the only
-documents refused are those asking for security this proxy does not provide yet, each with
-the path and reason."""
+each Gateway's proxy), with a warning for each part this proxy does not apply."""
 from __future__ import annotations
 
 import csv
@@ -18,20 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "corpus" / "data" / "istio-configs"
 CASES = list(csv.DictReader((CORPUS / "cases.tsv").open(), delimiter="\t"))
 
-TLS = ".tls.mode: TLS origination is not supported yet; refused so that nothing goes out in plaintext"
-TLS_ANY = "TLS origination is not supported yet"
-# Refused until the zero-trust work lands (TLS origination): security settings are
-# applied or refused, never warned about.
-REFUSED = {
-    "samples__bookinfo__networking__destination-rule-all-mtls-00.yaml": TLS,
-    "samples__bookinfo__networking__destination-rule-all-mtls-01.yaml": TLS,
-    "samples__bookinfo__networking__destination-rule-all-mtls-02.yaml": TLS,
-    "samples__bookinfo__networking__destination-rule-all-mtls-03.yaml": TLS,
-    "samples__bookinfo__networking__egress-rule-google-apis-02.yaml": TLS,
-    "samples__multicluster__expose-istiod-https-02.yaml": TLS,
-    "tests__testdata__config__destination-rule-ssl-00.yaml": TLS,
-    "tests__testdata__config__se-example-03.yaml": TLS_ANY,
-}
+# Documents refused because they ask for security this proxy does not provide yet (security
+# settings are applied or refused, never warned about): none left since TLS origination and
+# inbound mTLS landed.  A file listed here must fail with this text in every error.
+REFUSED: dict[str, str] = {}
 
 
 def test_the_corpus_is_all_here():
