@@ -215,7 +215,7 @@ def yaml_text(obj: dict) -> str:
     return yaml.safe_dump(obj)
 
 
-def test_fields_not_applied_come_back_as_warning_headers_and_unapplied_tls_is_refused(cp):
+def test_fields_not_applied_come_back_as_warning_headers_and_unapplied_security_is_refused(cp):
     import urllib.error
     import urllib.request
     path = "/apis/networking.istio.io/v1/namespaces/default/destinationrules/reviews"
@@ -237,8 +237,8 @@ def test_fields_not_applied_come_back_as_warning_headers_and_unapplied_tls_is_re
     assert warnings == ['299 - "DestinationRule default/reviews: spec.trafficPolicy.loadBalancer.localityLbSetting: '
                         'locality-weighted load balancing is not supported; endpoints are picked regardless of '
                         'locality"']
-    dr["spec"]["trafficPolicy"]["tls"] = {"mode": "SIMPLE"}
+    dr["spec"]["trafficPolicy"]["tls"] = {"mode": "SIMPLE", "caCrl": "/etc/crl.pem"}
     code, _, status = put(dr)
     assert code == 422
-    assert [c["field"] for c in status["details"]["causes"]] == ["spec.trafficPolicy.tls.mode"]
-    assert "not supported yet" in status["details"]["causes"][0]["message"]
+    assert [c["field"] for c in status["details"]["causes"]] == ["spec.trafficPolicy.tls.caCrl"]
+    assert "certificate revocation lists are not checked" in status["details"]["causes"][0]["message"]
