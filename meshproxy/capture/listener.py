@@ -262,7 +262,7 @@ class CaptureListener:
         telemetry = worker.telemetry
         closed_metric = telemetry.tcp_closed(model)
 
-        def pick_upstream(transport=None):
+        def pick_upstream(transport=None, sni=None):
             current = view.model
             if current is None:
                 return None

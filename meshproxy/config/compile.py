@@ -549,6 +549,10 @@ class _Compiler:
         return None
 
     def sidecar_listeners(self) -> None:
+        for r in self.by_kind.get("VirtualService", []):
+            if r.spec.tls and self._applies(r, "mesh"):
+                self.warn(f"{r.ref}: spec.tls: TLS routes are applied on Gateway PASSTHROUGH servers only; "
+                          "sidecars do not route by SNI yet")
         scope = None
         sidecar: Sidecar | None = self.sidecar.spec if self.sidecar else None
         if sidecar is not None:

@@ -100,6 +100,7 @@ T_GW = "tests/integration/test_gateway_e2e.py::"
 T_TCPL = "tests/integration/test_tcp_listener_e2e.py::"
 T_APPLY = "tests/integration/test_applied_fields_e2e.py::"
 T_GWTLS = "tests/integration/test_gateway_tls_options.py::"
+_T_PASS = "tests/integration/test_gateway_passthrough.py::test_passthrough_routes_on_sni_without_terminating"
 
 
 def A(test: str, note: str = "") -> Applied:
@@ -215,7 +216,8 @@ node("VirtualService",
      hosts=arr(A(T_SNAP + "test_all_kubernetes_host_aliases_reach_the_same_virtual_host"), "string"),
      gateways=arr(A(T_SNAP + "test_gateway_merges_virtual_services_for_one_host_with_catch_alls_last"), "string"),
      http=arr(A(T_INPROC + "test_inprocess_worker_forwards_a_request"), "HTTPRoute"),
-     tls=arr(Warned("TLS routes (SNI passthrough) are not supported by this proxy; ignored"), "TLSRoute"),
+     tls=arr(A(_T_PASS, "Gateway PASSTHROUGH servers; on sidecars the compiler warns that they are not applied"),
+             "TLSRoute"),
      tcp=arr(A(T_TCPL + "test_sidecar_egress_tcp_listener_relays_bytes_and_propagates_half_close"), "TCPRoute"),
      exportTo=arr(A(T_PUSH + "test_export_to_dot_hides_a_resource_from_other_namespaces"), "string"))
 node("HTTPRoute",
@@ -339,15 +341,16 @@ node("L4MatchAttributes",
      sourceNamespace=s(A(T_SNAP + "test_source_labels_select_matches_for_this_proxy_only")),
      sourceSubnet=s(A(T_APPLY + "test_tcp_routes_match_destination_and_source_subnets_per_connection")))
 node("TLSRoute",
-     match=arr(Warned("TLS routes are not supported"), "TLSMatchAttributes"),
-     route=arr(Warned("TLS routes are not supported"), "RouteDestination"))
+     match=arr(A(_T_PASS), "TLSMatchAttributes"),
+     route=arr(A(_T_PASS), "RouteDestination"))
+_TLS_MATCH_LATER = Warned("not applied to TLS routes yet: the route takes connections whatever this says")
 node("TLSMatchAttributes",
-     sniHosts=arr(Warned("TLS routes are not supported"), "string"),
-     destinationSubnets=arr(Warned("TLS routes are not supported"), "string"),
-     port=i(Warned("TLS routes are not supported")),
-     sourceLabels=mapping(Warned("TLS routes are not supported")),
-     gateways=arr(Warned("TLS routes are not supported"), "string"),
-     sourceNamespace=s(Warned("TLS routes are not supported")))
+     sniHosts=arr(A(_T_PASS), "string"),
+     destinationSubnets=arr(_TLS_MATCH_LATER, "string"),
+     port=i(A(_T_PASS)),
+     sourceLabels=mapping(_TLS_MATCH_LATER),
+     gateways=arr(A(_T_PASS), "string"),
+     sourceNamespace=s(_TLS_MATCH_LATER))
 
 # -- DestinationRule
 
@@ -521,7 +524,8 @@ _T_GWTLS = T_GW + "test_https_gateway_picks_the_certificate_by_sni_and_routes_by
 _CLIENT_CERTS = Refused("verifying client certificates is " + SECURITY_LATER)
 node("ServerTLSSettings",
      httpsRedirect=b(A(T_LIST + "test_https_gateway_server_gets_tls_settings_and_http_server_redirects")),
-     mode=s(Warned("this TLS mode is not supported by the gateway; the server is not served", ok=("SIMPLE",)),
+     mode=s(Warned("this TLS mode is not supported by the gateway; the server is not served",
+                   ok=("SIMPLE", "PASSTHROUGH")),
             ("PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL")),
      serverCertificate=s(A(_T_GWTLS)),
      privateKey=s(A(_T_GWTLS)),

@@ -46,11 +46,12 @@ def test_each_istio_document_is_accepted_with_warnings_or_refused_for_missing_se
 
 
 def test_validate_prints_each_warning_with_its_path_and_exits_0():
-    gateway = CORPUS / "samples__multicluster__expose-istiod-00.yaml"       # PASSTHROUGH servers
+    gateway = CORPUS / "samples__multicluster__expose-istiod-https-00.yaml"       # credentialName servers
     proc = subprocess.run([sys.executable, "-m", "meshproxy", "validate", str(gateway)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == [
-        f"warning: Gateway default/istiod-gateway: spec.servers[{i}].tls.mode: this TLS mode is not supported by "
-        "the gateway; the server is not served" for i in (0, 1)]
+        f"warning: Gateway default/istiod-gateway: spec.servers[{i}].tls.credentialName: credentialName is not "
+        "supported (no secret store): use serverCertificate and privateKey files; the server is not served"
+        for i in (0, 1)]
     assert proc.stderr.strip().endswith("ok: 1 resource(s) valid, 2 warning(s)")

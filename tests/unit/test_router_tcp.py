@@ -8,7 +8,7 @@ from meshproxy.router.tcp import select_tcp_route
 
 
 def route(name: str, *matches: TcpMatch) -> TcpRoute:
-    return TcpRoute((), name, matches)
+    return TcpRoute((), name, matches=matches)
 
 
 def nets(*texts: str) -> tuple:
