@@ -289,6 +289,8 @@ def test_compiled_selector_agrees_with_the_reference_on_random_routes_and_reques
             got = select_route(host, request)
             want = _reference_select(host.routes, request)
             assert got == want, (trial, request, got, want)
+
+
 def test_partial_wildcard_matches_any_prefix_longest_suffix_first_in_scans_and_in_large_tables():
     from meshproxy.config.model import RouteTable, VirtualHost
     partial, dotted, other = (VirtualHost(n, (), ()) for n in ("partial", "dotted", "other"))
