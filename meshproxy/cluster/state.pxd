@@ -39,7 +39,7 @@ cdef class ClusterState:
     @cython.locals(c=_Counters)
     cpdef Py_ssize_t retry_budget(self) except -1
     @cython.locals(c=_Counters)
-    cpdef bint admit_retry(self) except -1
+    cpdef bint admit_retry(self, bint budget=*) except -1
     @cython.locals(c=_Counters)
     cpdef release_retry(self)
     @cython.locals(c=_Counters)

@@ -158,6 +158,16 @@ class ClusterState:
             return None
         return self.balancer.pick(candidates, hash_key, self._slow_start_weight if self._warming else None)
 
+    def has_endpoint_besides(self, exclude) -> bool:
+        """Whether an endpoint other than those in ``exclude`` (``(address, port)`` pairs)
+        could take an attempt now."""
+        if self.passthrough:
+            return False
+        if self._next_change != _NEVER and self.clock() >= self._next_change:
+            self._refresh(self.clock())
+        keys = {_key(x) for x in exclude}
+        return any(h.key not in keys for h in self._candidates)
+
     # A Host outlives config changes that keep its address and port (``__init__`` carries it
     # over), so the one an attempt picked is the one its end must release.
 
@@ -228,14 +238,15 @@ class ClusterState:
         in_flight = c.requests if c.requests > c.active else c.active
         return max(RETRY_BUDGET_MIN_CONCURRENCY, int(in_flight * RETRY_BUDGET_PERCENT / 100.0))
 
-    def admit_retry(self) -> bool:
-        """One more concurrent retry: within ``maxRetries`` and within the retry budget.
-        Pair every True with ``release_retry`` (when the retry is sent or abandoned)."""
+    def admit_retry(self, budget: bool = True) -> bool:
+        """One more concurrent retry: within ``maxRetries`` and, unless ``budget`` is False,
+        within the retry budget.  Pair every True with ``release_retry`` (when the retry is
+        sent or abandoned)."""
         c = self.counters
         if c.retries >= self.max_retries:
             c.overflow["retries"] += 1
             return False
-        if c.retries >= self.retry_budget():
+        if budget and c.retries >= self.retry_budget():
             c.overflow["retry_budget"] += 1
             return False
         c.retries += 1
@@ -336,20 +347,6 @@ class ClusterManager:
                                          initial=initial or old is None)
         self._clusters = new
         self._seen_update = True
-
-    def update_only(self, snapshot: Snapshot, names) -> None:
-        """Like :meth:`update` when only the clusters ``names`` differ from the last update
-        (an endpoint patch): the cost is theirs, not the whole snapshot's."""
-        clusters = self._clusters
-        for name in names:
-            cluster = snapshot.clusters.get(name)
-            old = clusters.get(name)
-            if cluster is None:
-                clusters.pop(name, None)
-            elif old is not None and (old.cluster is cluster or old.cluster == cluster):
-                old.cluster = cluster
-            else:
-                clusters[name] = ClusterState(cluster, self.clock, self.rng, previous=old, initial=old is None)
 
     def __iter__(self):
         return iter(self._clusters.values())

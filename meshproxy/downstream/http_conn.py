@@ -81,7 +81,8 @@ class DownstreamConnection(Downstream):
             return
         if self.state == IDLE:
             self.state = READING
-            self.since = self.runtime.now()
+            if self.requests:                # the first head's time counts from the accept
+                self.since = self.runtime.now()
         self.feeding = True
         try:
             self.feed(data)
@@ -264,9 +265,13 @@ class DownstreamConnection(Downstream):
 
     def check_timeouts(self, now: float) -> None:
         settings = self.runtime.settings
-        if self.state == READING and now - self.since > settings.header_read_timeout:
-            self.reject(408, "request header timeout")
-        elif self.state == IDLE and now - self.since > settings.idle_timeout:
+        state = self.state
+        if state == READING or (state == IDLE and not self.requests):
+            # a head must arrive within the header timeout, on a new connection counted from
+            # the accept (a connection that sends nothing gets 408 then, not at the idle timeout)
+            if now - self.since > settings.header_read_timeout:
+                self.reject(408, "request header timeout")
+        elif state == IDLE and now - self.since > settings.idle_timeout:
             self.close()
 
     def drain(self) -> None:

@@ -136,7 +136,7 @@ cdef class Exchange(RequestInfo):
     cdef _up_write(self, data)
     @cython.locals(status=int, kind=int, keep_alive=bint)
     cdef _response_head(self, Attempt attempt, ResponseHead head)
-    cdef bint _retry_allowed(self) except -1
+    cdef bint _retry_allowed(self, bint before_send=*) except -1
     cdef _response_body(self, data)
     cdef _response_complete(self, Attempt attempt)
     @cython.locals(conn=UpstreamConnection, cluster=ClusterState)

@@ -730,10 +730,14 @@ class Exchange(RequestInfo):
         self.phase = RESPONDING
         self.down.write(data)
 
-    def _retry_allowed(self) -> bool:
+    def _retry_allowed(self, before_send: bool = False) -> bool:
         if self.retained_body is None:
             return False
-        if not self.cluster.admit_retry():
+        # A failed connect sent nothing: retrying it on another endpoint adds no load to the
+        # upstreams, so it does not spend the retry budget (which is there against retry
+        # storms) while another endpoint is there to take it.
+        spare = before_send and self.cluster.has_endpoint_besides(self.tried)
+        if not self.cluster.admit_retry(not spare):
             self.runtime.telemetry.retry_overflow(self.cluster.name)
             return False
         self.retry_admitted = True
@@ -871,7 +875,8 @@ class Exchange(RequestInfo):
         self.cluster.record_host(attempt.host, failure.condition)
         retry = self.retry
         if retry is not None:
-            if retry.should_retry(self.attempts, failure.condition) and self._retry_allowed():
+            if retry.should_retry(self.attempts, failure.condition) and \
+                    self._retry_allowed(failure.retryable_before_send):
                 return self._schedule_retry()
             if self.attempts > 1:
                 return self._answer_failure(failure.status, "URX")

@@ -77,6 +77,41 @@ async def test_an_upgrade_request_with_a_body_gets_400_and_is_not_forwarded(rout
     assert upstream.requests == []
 
 
+async def test_a_connection_that_sends_nothing_gets_408_at_the_header_timeout(proxy_factory, upstream):
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]),
+                          extra_args=["--header-timeout", "1", "--idle-timeout", "30"])
+    t0 = time.monotonic()
+    data, closed = await raw_exchange(proxy.port, b"", timeout=4)
+    assert closed and time.monotonic() - t0 < 2.5, "held past the header timeout"
+    assert _status(data) == 408
+    # a keep-alive connection between requests is governed by the idle timeout, not this one
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(re.search(rb"content-length: (\d+)", head.lower()).group(1)))
+    await asyncio.sleep(1.6)
+    writer.write(b"GET / HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 3)).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_connect_failures_to_a_dead_endpoint_are_retried_beyond_the_retry_budget(proxy_factory):
+    from helpers import free_port
+    up = await Upstream(respond(200, b"alive")).start()
+    dead = free_port()                       # nothing listens there: every connect is refused
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", dead, {}), ("127.0.0.1", up.port, {})]))
+    request = b"GET / HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n"
+    for _ in range(3):
+        # a burst: about half the requests pick the dead endpoint at once, and their retries wait
+        # out the back-off together, more of them than the budget's 20 % of requests in flight
+        results = await asyncio.gather(*(raw_exchange(proxy.port, request, timeout=5) for _ in range(40)))
+        statuses = [_status(data) for data, _ in results]
+        assert statuses == [200] * 40, {s: statuses.count(s) for s in set(statuses)}
+    metrics = proxy.admin("/metrics")[1].decode()
+    assert 'response_code="503"' not in metrics
+    await up.close()
+
+
 # ------------------------------------------------------------------ memory with slow peers
 
 def _rss_kb(pid: int) -> int:
