@@ -28,7 +28,7 @@ from .codec import make_request_parser, make_response_parser
 from .codec.api import CodecLimits
 from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
-from .downstream.http_conn import DownstreamConnection
+from .downstream.http_conn import IDLE, DownstreamConnection
 from .downstream.tcp_proxy import TcpProxyListener, connection_addresses
 from .downstream.tls import server_context
 from .router.tcp import select_tcp_route
@@ -48,6 +48,7 @@ class WorkerOptions:
     codec: str = "httptools"
     limits: CodecLimits = field(default_factory=CodecLimits)
     drain_timeout: float = 10.0
+    drain_grace: float = 5.0        # after SIGTERM: still accepting, every answer says close
     worker_index: int = 0
     node_id: str = ""
 
@@ -308,15 +309,32 @@ class Worker:
 
     # ---------------------------------------------------------------- drain
 
-    async def drain(self, timeout: float | None = None) -> bool:
-        """Stop accepting, close idle connections, let responses in flight finish.
-        Returns True when every connection finished within the deadline."""
+    def _open_connections(self) -> int:
+        return (sum(l.active for l in self.all_http_listeners())
+                + sum(t.active for t in self.all_tcp_listeners()))
+
+    async def drain(self, timeout: float | None = None, grace: float | None = None) -> bool:
+        """Graceful shutdown within ``timeout`` (default ``drain_timeout``).
+
+        First a grace period (default ``drain_grace``, Istio's terminationDrainDuration):
+        readiness fails, listeners keep accepting and serving, and every response carries
+        ``Connection: close``, so clients move to other endpoints without a request lost on
+        a connection closed under them.  It ends early once no connection is open.  Then
+        listeners stop accepting, idle connections close, and the responses in flight
+        finish.  Returns True when every connection finished within the deadline."""
         self.runtime.draining = True
         self.telemetry.set_draining(True)
         task, self._reconcile = self._reconcile, None
         if task is not None:
             task.cancel()
-        deadline = self.clock() + (timeout if timeout is not None else self.options.drain_timeout)
+        now = self.clock()
+        deadline = now + (timeout if timeout is not None else self.options.drain_timeout)
+        grace_end = min(deadline, now + (grace if grace is not None else self.options.drain_grace))
+        while self.clock() < grace_end and self._open_connections():
+            # our own idle upstream connections close (peers draining at the same time then
+            # see theirs go and end their grace early); those in use stay pooled
+            self.pools.sweep(0.5)
+            await asyncio.sleep(0.05)
         for listener in self.http_listeners.values():
             listener.drain()
         for tcp in self.tcp_listeners.values():
@@ -324,15 +342,13 @@ class Worker:
         for capture in self.capture_listeners.values():
             capture.drain()
         while self.clock() < deadline:
-            busy = sum(l.active for l in self.all_http_listeners())
-            busy += sum(t.active for t in self.all_tcp_listeners())
-            if busy == 0:
+            if not self._open_connections():
                 break
             for listener in self.all_http_listeners():
                 for conn in list(listener.connections):
                     conn.check_timeouts(self.clock())
-                    if conn.exchange is None:
-                        conn.close()
+                    if conn.exchange is None and conn.state == IDLE:
+                        conn.close()         # a head already arriving is let finish
             await asyncio.sleep(0.05)
         clean = sum(l.active for l in self.all_http_listeners()) == 0
         for listener in self.all_http_listeners():

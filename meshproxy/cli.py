@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--initial-config-timeout", type=float, default=60.0,
                      help="with --control-plane: give up (exit 1) if no config arrives within this many seconds")
     run.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    run.add_argument("--drain-grace", type=float, default=5.0,
+                     help="seconds after SIGTERM that new connections are still served, each answer with "
+                          "Connection: close (within the drain timeout; ends once no connection is open)")
     run.add_argument("--header-timeout", type=float, default=10.0, help="request head must arrive within (408)")
     run.add_argument("--idle-timeout", type=float, default=60.0, help="keep-alive idle timeout")
     run.add_argument("--connect-timeout", type=float, default=10.0, help="upstream connect timeout")
@@ -322,7 +325,8 @@ def _run(args) -> int:
     options = RunOptions(
         config_paths=args.config, listen=args.listen, admin=args.admin, workers=args.workers,
         identity=identity, settings=settings,
-        worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout, node_id=node_id),
+        worker=WorkerOptions(codec=args.codec, limits=limits, drain_timeout=args.drain_timeout,
+                             drain_grace=args.drain_grace, node_id=node_id),
         control_plane=[u for u in args.control_plane.split(",") if u], registration=registration,
         initial_config_timeout=args.initial_config_timeout, pod=pod, security=security,
         telemetry={"tracing_endpoint": args.tracing_endpoint, "sample_rate": args.trace_sample_rate,

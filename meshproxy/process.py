@@ -452,15 +452,18 @@ async def serve_worker(options: RunOptions, pipe=None, with_admin: bool = True) 
     stop = asyncio.Event()
     hits = [0]
 
-    def on_signal() -> None:
+    def on_signal(sig: int) -> None:
         hits[0] += 1
         if hits[0] > 1:
-            log.warning("second signal: exiting now")
-            os._exit(1)
+            if sig == signal.SIGINT:         # Ctrl-C twice: the operator wants out now
+                log.warning("second interrupt: exiting now")
+                os._exit(1)
+            log.warning("already draining: a second SIGTERM changes nothing")
+            return
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     if pod is not None:
         pod.install_signals(loop)      # SIGUSR2: inbound stops accepting, outbound keeps serving
     log.info("meshproxy ready: listeners %s; hot path %s", ", ".join(

@@ -106,6 +106,38 @@ def _answer_after(delay: float):
     return behaviour
 
 
+async def test_sigterm_under_keepalive_load_with_two_workers_fails_no_request_in_flight(proxy_factory):
+    up = await Upstream(_answer_after(0.02)).start()
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), workers=2,
+                          extra_args=["--drain-grace", "1.0", "--drain-timeout", "6"])
+    idle = [await _idle_connection(proxy.port, "svc.local") for _ in range(6)]
+    idle_closed = [asyncio.create_task(_closed_at(r)) for r, _ in idle]
+    load = KeepAliveLoad(proxy.port, "svc.local", clients=30).start()
+    await asyncio.sleep(0.8)
+    assert load.ok > 30 and not load.failures, (load.ok, load.failures[:3])
+    sigterm = time.monotonic()
+    proxy.signal()
+    await asyncio.sleep(0.3)
+    proxy.signal()                      # a second SIGTERM changes nothing: the drain goes on
+    await asyncio.sleep(0.2)
+    assert proxy.admin("/ready")[0] == 503, "readiness fails at once"
+    code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 15)
+    await load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert set(load.statuses) == {200}
+    assert code == 0
+    # during the grace period new connections were still taken and served
+    assert sum(1 for t in load.connections_opened if sigterm + 0.1 < t < sigterm + 0.9) > 0
+    # idle keep-alive connections were closed, but only once the grace period was over
+    closed = [await asyncio.wait_for(t, 1) for t in idle_closed]
+    assert all(t >= sigterm + 0.9 for t in closed), [round(t - sigterm, 2) for t in closed]
+    # connections were refused only after the grace period
+    assert all(t >= sigterm + 0.9 for t in load.refused), [round(t - sigterm, 2) for t in load.refused][:5]
+    for _, w in idle:
+        w.close()
+    await up.close()
+
+
 async def test_config_changes_under_concurrent_keepalive_load_fail_no_request(proxy_factory, tmp_path):
     up = await Upstream(_answer_after(0.005)).start()
     other = await Upstream().start()

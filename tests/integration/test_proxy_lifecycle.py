@@ -28,7 +28,7 @@ def _slow(delay: float, body: bytes = b"slow-done"):
 async def test_sigterm_drains_in_flight_requests_then_exits_zero(proxy_factory, codec):
     up = await Upstream(_slow(1.0)).start()
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), codec=codec,
-                          extra_args=["--drain-timeout", "5"])
+                          extra_args=["--drain-timeout", "5", "--drain-grace", "0"])
     in_flight = [asyncio.create_task(raw_exchange(
         proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=4)) for _ in range(3)]
     await asyncio.sleep(0.3)
