@@ -32,6 +32,7 @@ from .downstream.http_conn import IDLE, DownstreamConnection
 from .downstream.tcp_proxy import TcpProxyListener, connection_addresses
 from .downstream.tls import server_context
 from .router.tcp import select_tcp_route
+from .memory import Trimmer
 from .listener import HttpListener, bind_socket, inbound_acceptor
 from .proxy.observe import Telemetry
 from .runtime import Runtime
@@ -81,6 +82,7 @@ class Worker:
         self.capture_listeners: dict[tuple[str, int], "CaptureListener"] = {}   # capture mode (meshproxy.capture)
         self.runtime.pools.tls = UpstreamTlsContexts(lambda: self.certificates)
         self._sweeper: asyncio.TimerHandle | None = None
+        self.trimmer = Trimmer()             # freed buffers go back to the system after a burst
         self._reconcile: asyncio.Task | None = None      # the running listener reconcile (one at a time)
         self._reconcile_again = False
         self.listen_errors: list[str] = []
@@ -299,6 +301,7 @@ class Worker:
             listener.sweep(now)
         self.pools.sweep(60.0)
         self.telemetry.flush()
+        self.trimmer.observe(sum(l.active for l in self.all_http_listeners()))
         if not self.runtime.draining:
             self._sweeper = self.loop.call_later(1.0, self._sweep)
 

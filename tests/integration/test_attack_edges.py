@@ -172,6 +172,31 @@ async def test_slow_readers_of_a_large_response_hold_a_bounded_amount_each_and_m
     server.close()
 
 
+async def test_memory_held_for_pipelining_slow_readers_goes_back_to_the_system_when_they_leave(proxy_factory):
+    server, port = await _big_response_server(1 << 20)
+    proxy = proxy_factory(service_entry_yaml("big.local", 80, [("127.0.0.1", port, {})]))
+    pid = proxy.proc.pid
+    data, _ = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: big.local\r\nConnection: close\r\n\r\n",
+                                 timeout=5)
+    base = _rss_kb(pid)
+    readers = []
+    for _ in range(100):        # slowhttptest -X -k 3: three pipelined requests, nothing read
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", proxy.port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: big.local\r\n\r\n" * 3)
+        readers.append(s)
+    await asyncio.sleep(1.5)
+    held = _rss_kb(pid) - base
+    for s in readers:
+        s.close()
+    await asyncio.sleep(2.2)    # the worker's once-a-second sweep sees the burst end and trims
+    after = _rss_kb(pid) - base
+    assert held > 8 * 1024, "the burst held memory (else this test measures nothing)"
+    assert after < 8 * 1024, f"RSS stayed {after} kB above the baseline after they left (held {held} kB)"
+    server.close()
+
+
 async def _slow_sink_server():
     """Reads request bodies 64 KiB at a time with a pause between reads (at most 30 MiB/s)."""
     async def serve(reader, writer):
