@@ -144,10 +144,15 @@ def test_kubectl_get_watch_prints_each_change(kubectl, tmp_path):
         ["EVENT", "NAME"], ["ADDED", "reviews"], ["MODIFIED", "reviews"], ["DELETED", "reviews"]], seen
 
 
-def test_kubectl_explain_reads_the_served_openapi(kubectl):
+def test_kubectl_explain_reads_the_schema_the_decoder_enforces(kubectl):
     explained = kubectl("explain", "virtualservice.spec").stdout
     assert "GROUP:      networking.istio.io" in explained and "KIND:       VirtualService" in explained
     assert "FIELD: spec <Object>" in explained
+    fields = {line.split()[0] for line in explained.split("FIELDS:", 1)[1].splitlines() if line.strip()
+              and not line.startswith("    ")}
+    assert {"hosts", "gateways", "http", "tcp", "tls", "exportTo"} <= fields, explained
+    retries = kubectl("explain", "virtualservice.spec.http.retries").stdout
+    assert "attempts" in retries and "perTryTimeout" in retries, retries
 
 
 def _body(name: str, labels: dict | None = None) -> dict:
