@@ -348,6 +348,20 @@ class ClusterManager:
         self._clusters = new
         self._seen_update = True
 
+    def update_only(self, snapshot: Snapshot, names) -> None:
+        """Like :meth:`update` when only the clusters ``names`` differ from the last update
+        (an endpoint patch): the cost is theirs, not the whole snapshot's."""
+        clusters = self._clusters
+        for name in names:
+            cluster = snapshot.clusters.get(name)
+            old = clusters.get(name)
+            if cluster is None:
+                clusters.pop(name, None)
+            elif old is not None and (old.cluster is cluster or old.cluster == cluster):
+                old.cluster = cluster
+            else:
+                clusters[name] = ClusterState(cluster, self.clock, self.rng, previous=old, initial=old is None)
+
     def __iter__(self):
         return iter(self._clusters.values())
 
