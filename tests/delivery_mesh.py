@@ -163,7 +163,8 @@ class DeliveryMesh:
             [sys.executable, "-m", "meshproxy", "run", "--control-plane", ",".join((self.cp.url, *self.more_control_planes)),
              "--node-id",
              f"gw-{os.getpid()}", "--mode", "gateway", "--labels", "istio=ingressgateway", "--gateway-bind",
-             "127.0.0.1", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{self.gw_admin}"],
+             "127.0.0.1", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{self.gw_admin}",
+             "--drain-grace", "0"],
             stdout=log, stderr=log, cwd=ROOT))
         wait_for(lambda: any(p["state"] == "acked" for p in self.api.call("GET", "/push/v1/proxies")[1]["items"]),
                  20, "the gateway connected and ACKed")

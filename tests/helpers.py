@@ -185,7 +185,9 @@ class ProxyProcess:
     def start(self, wait: bool = True) -> "ProxyProcess":
         cmd = [PYTHON, "-m", "meshproxy", "run", "--config", str(self.config_dir),
                "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
-               "--codec", self.codec, "--workers", str(self.workers), *self.extra_args]
+               "--codec", self.codec, "--workers", str(self.workers),
+               # no drain grace at teardown (tests of the grace pass their own, which wins)
+               "--drain-grace", "0", *self.extra_args]
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
