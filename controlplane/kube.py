@@ -24,34 +24,11 @@ import time
 from dataclasses import dataclass
 
 from .resources import GROUPS, Kind
-from .store import BadRequest, Conflict, StoreError
+from .store import ApplyConflict, BadRequest, Gone, Invalid, UnsupportedMediaType
 
 SERVER_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-meshproxy", "gitCommit": "",
                   "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z", "goVersion": "python3",
                   "compiler": "cpython", "platform": "linux/amd64"}
-
-
-class Gone(StoreError):
-    code = 410
-    reason = "Expired"
-
-
-class UnsupportedMediaType(StoreError):
-    code = 415
-    reason = "UnsupportedMediaType"
-
-
-class Invalid(StoreError):
-    code = 422
-    reason = "Invalid"
-
-
-class ApplyConflict(Conflict):
-    """A server-side apply conflict; ``causes`` are Kubernetes' FieldManagerConflict causes."""
-
-    def __init__(self, message: str, causes: list[dict]):
-        super().__init__(message)
-        self.causes = causes
 
 
 # ---------------------------------------------------------------- discovery

@@ -46,6 +46,29 @@ class BadRequest(StoreError):
     reason = "BadRequest"
 
 
+class Gone(StoreError):
+    code = 410
+    reason = "Expired"
+
+
+class UnsupportedMediaType(StoreError):
+    code = 415
+    reason = "UnsupportedMediaType"
+
+
+class Invalid(StoreError):
+    code = 422
+    reason = "Invalid"
+
+
+class ApplyConflict(Conflict):
+    """A server-side apply conflict; ``causes`` are Kubernetes' FieldManagerConflict causes."""
+
+    def __init__(self, message: str, causes: list[dict]):
+        super().__init__(message)
+        self.causes = causes
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
     revision: int

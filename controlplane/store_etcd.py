@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 
 import h11
 
+from .httpclient import exchange
 from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, StoreViews, BadRequest, Conflict, HistoryEntry, NotFound,
                     ResourceKey, StoreError, check_precondition, rollback_plan, same_content, stamp)
 
@@ -47,34 +48,6 @@ REQUEST_TIMEOUT = 3.0
 class EtcdUnavailable(StoreError):
     code = 503
     reason = "ServiceUnavailable"
-
-
-async def post_json(host: str, port: int, path: str, body: dict) -> tuple[int, bytes]:
-    """One POST of a JSON body to etcd's gateway on its own connection (``connection: close``);
-    returns (status, body).  Unbounded: callers put a deadline around it."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 24)
-        data = json.dumps(body).encode()
-        writer.write(conn.send(h11.Request(method="POST", target=path, headers=[
-            ("host", f"{host}:{port}"), ("content-type", "application/json"),
-            ("content-length", str(len(data))), ("connection", "close")])))
-        writer.write(conn.send(h11.Data(data=data)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
-        status, payload = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                payload += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return status, bytes(payload)
-    finally:
-        writer.close()
 
 
 def b64(text: str | bytes) -> str:
@@ -120,7 +93,9 @@ class EtcdClient:
 
     async def _post(self, endpoint: str, path: str, body: dict) -> tuple[int, bytes]:
         host, _, port = endpoint.rpartition(":")
-        return await post_json(host, int(port), path, body)
+        # a range over every resource at 10,000 services is far beyond the admin-stats cap
+        return await exchange(host, int(port), "POST", path, json.dumps(body).encode(),
+                              [("content-type", "application/json")], max_response=None)
 
     async def watch(self, key: str, range_end: str, start_revision: int, idle_timeout: float):
         """Yield watch results from one endpoint (the caller reconnects on failure)."""

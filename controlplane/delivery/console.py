@@ -23,7 +23,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..http import Response
-from .httpclient import HttpFailure, request
+from ..httpclient import HttpFailure, request
 from .policy import VersionSample
 from .samples import DURATION, REQUESTS
 from .spec import service_fqdn

@@ -34,7 +34,7 @@ from typing import Callable
 from ..store import StoreError
 from ..validation import validate_object
 from . import hooks
-from .httpclient import HttpFailure, request
+from ..httpclient import HttpFailure, request
 from .policy import (CONFIRMED, DONE, FAIL, INITIALIZING, NO_DATA, PROGRESSING, PROMOTE, PROMOTING,
                      RESTART, ROLLBACK, START, TERMINAL, WAIT, WAITING_PROMOTION, CustomCheck, Decision,
                      MetricResult, StepPlan, Window, builtin_checks, judge, next_phase)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from .httpclient import HttpFailure, post_json, request
+from ..httpclient import HttpFailure, post_json, request
 from .policy import QueryResult
 from .spec import CanarySpec, MetricSpec, WebhookSpec
 

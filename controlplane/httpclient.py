@@ -1,7 +1,9 @@
-"""One bounded HTTP/1.1 exchange (h11 framing): proxies' admin stats, webhooks, Prometheus.
+"""One bounded HTTP/1.1 exchange on its own connection (h11 framing), for everything the control
+plane calls over plain HTTP: etcd's JSON gateway, proxies' admin stats, webhooks, Prometheus.
 
-Every call has one deadline for the whole exchange and a cap on the response body; a
-failure is an :class:`HttpFailure` with a message fit for a canary's status.
+:func:`exchange` is the exchange itself (no deadline: callers that retry across endpoints put
+their own around it); :func:`request` adds one deadline for the whole exchange and turns every
+failure into an :class:`HttpFailure` with a message fit for a canary's status.
 """
 from __future__ import annotations
 
@@ -27,18 +29,23 @@ async def request(method: str, url: str, *, body: bytes = b"", headers: list[tup
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         async with asyncio.timeout(timeout):
-            return await _exchange(host, port, method, target, body, list(headers))
+            return await exchange(host, port, method, target, body, headers)
     except TimeoutError:
         raise HttpFailure(f"{method} {url}: no answer within {timeout:g}s") from None
     except (OSError, h11.ProtocolError) as exc:
         raise HttpFailure(f"{method} {url}: {type(exc).__name__}: {exc}") from None
 
 
-async def _exchange(host, port, method, target, body, headers) -> tuple[int, bytes]:
+async def exchange(host: str, port: int, method: str, target: str, body: bytes = b"",
+                   headers=(), max_response: int | None = MAX_RESPONSE) -> tuple[int, bytes]:
+    """Send one request with ``connection: close`` and read the whole response: (status, body).
+    Raises OSError, or h11.ProtocolError for a malformed response or one over ``max_response``
+    bytes (None: no cap)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        conn = h11.Connection(h11.CLIENT)
-        head = [("host", f"{host}:{port}"), ("connection", "close"), ("content-length", str(len(body))), *headers]
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 24)
+        head = [("host", f"{host}:{port}"), ("connection", "close"), ("content-length", str(len(body))),
+                *headers]
         writer.write(conn.send(h11.Request(method=method, target=target, headers=head)))
         if body:
             writer.write(conn.send(h11.Data(data=body)))
@@ -53,8 +60,8 @@ async def _exchange(host, port, method, target, body, headers) -> tuple[int, byt
                 status = event.status_code
             elif isinstance(event, h11.Data):
                 payload += event.data
-                if len(payload) > MAX_RESPONSE:
-                    raise h11.ProtocolError("response larger than 16 MiB")
+                if max_response is not None and len(payload) > max_response:
+                    raise h11.ProtocolError(f"response larger than {max_response} bytes")
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 return status, bytes(payload)
     finally:
