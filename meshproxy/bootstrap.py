@@ -30,7 +30,7 @@ from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
 from .downstream.http_conn import IDLE, DownstreamConnection
 from .downstream.tcp_proxy import TcpProxyListener, connection_addresses
-from .downstream.tls import server_context
+from .downstream.tls import GatewayTls
 from .router.tcp import select_tcp_route
 from .memory import Trimmer
 from .listener import HttpListener, bind_socket, inbound_acceptor
@@ -171,7 +171,7 @@ class Worker:
         wanted: dict[tuple[str, int], Listener] = {(l.address, l.port): l for l in snapshot.listeners}
         for key, listener in list(self.http_listeners.items()):
             model = wanted.get(key)
-            if model is None or model.protocol not in ("HTTP", "HTTPS"):
+            if model is None or model.protocol not in ("HTTP", "HTTPS") or (model.tls is None) != (listener.tls is None):
                 listener.drain()
                 del self.http_listeners[key]
             else:
@@ -200,9 +200,9 @@ class Worker:
                 errors.append(f"listener {model.name} {model.address}:{model.port}: {err.strerror or err}")
                 continue
             if model.protocol in ("HTTP", "HTTPS"):
-                ctx = self._tls_context(model) if model.protocol == "HTTPS" else None
-                listener = HttpListener(self.runtime, model, sock, DownstreamConnection, ctx,
-                                        acceptor=partial(inbound_acceptor, self))
+                tls = self._gateway_tls(model) if model.protocol == "HTTPS" and model.tls is not None else None
+                listener = HttpListener(self.runtime, model, sock, DownstreamConnection,
+                                        acceptor=partial(inbound_acceptor, self), tls=tls)
                 await listener.start()
                 self.http_listeners[key] = listener
             elif model.protocol == "TCP":
@@ -223,8 +223,10 @@ class Worker:
         for error in errors:
             log.error("%s", error)
 
-    def _tls_context(self, model: Listener) -> ssl.SSLContext:
-        return server_context(model.tls)
+    def _gateway_tls(self, model: Listener) -> GatewayTls:
+        """A gateway listener's TLS: its servers' certificates (files, Secrets, or the workload
+        certificate for ISTIO_MUTUAL), swapped in place by later snapshots."""
+        return GatewayTls(model.tls, lambda: self.certificates)
 
     def inbound_tls_context(self, alpn: tuple[str, ...], client_cert: str) -> ssl.SSLContext | None:
         """The workload's mTLS server context for inbound listeners (None: no certificate)."""

@@ -272,7 +272,7 @@ def _run(args) -> int:
         inbound = ((address, args.inbound_port, app_port, name),)
     identity = ProxyIdentity(namespace=args.namespace, labels=args.labels, mode=args.mode,
                              http_listen=args.listen, gateway_bind=args.gateway_bind, capture=capture,
-                             inbound=inbound)
+                             inbound=inbound, workload_certificate=bool(args.token_file))
     limits = CodecLimits(max_header_bytes=args.max_header_bytes, max_header_count=args.max_headers,
                          max_target_bytes=args.max_target_bytes, max_body_bytes=args.max_body_bytes)
     node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from .config.model import Listener
+from .downstream.tls import ClientCertificateGate, GatewayTls
 from .security.authz import AuthzRequest, Decision, PeerInfo, evaluate, peer_from_transport
 from .security.inbound import PeerAuthAcceptor
 
@@ -62,7 +63,7 @@ class HttpListener:
     original_dst: tuple[str, int] | None = None
 
     def __init__(self, runtime: "Runtime", model: Listener, sock: socket.socket | None, protocol: Callable,
-                 ssl_context=None, acceptor: Callable | None = None):
+                 ssl_context=None, acceptor: Callable | None = None, tls: GatewayTls | None = None):
         self.runtime = runtime
         self.protocol = protocol
         self.make_acceptor = acceptor
@@ -71,6 +72,9 @@ class HttpListener:
         self.route_table = model.route_table
         self.inbound = model.name.startswith("inbound")   # a sidecar's ingress: reports as the destination
         self.port = sock.getsockname()[1] if sock is not None else model.port   # None: a capture view
+        self.tls = tls                   # a gateway's TLS servers (their certificates follow update())
+        if tls is not None:
+            ssl_context = tls.front
         self.scheme = "https" if ssl_context is not None else "http"
         self.sock = sock
         self.ssl_context = ssl_context
@@ -90,13 +94,20 @@ class HttpListener:
                                                lambda: self.model.mtls, ("http/1.1",))
             self.server = self.acceptor
             return
-        self.server = await runtime.loop.create_server(
-            lambda: protocol(runtime, self), sock=self.sock, ssl=self.ssl_context, backlog=1024)
+        factory = lambda: protocol(runtime, self)
+        if self.tls is not None:
+            # client certificates are checked before the HTTP connection exists
+            refused = lambda reason: runtime.telemetry.handshake_failed(self.name, reason)
+            factory = lambda: ClientCertificateGate(lambda: protocol(runtime, self), refused)
+        self.server = await runtime.loop.create_server(factory, sock=self.sock, ssl=self.ssl_context, backlog=1024)
 
     def update(self, model: Listener) -> None:
-        """Same address, new config: only the route table name can change in place."""
+        """Same address, new config: the route table name and (a gateway's) TLS servers change in
+        place; open connections keep the certificate they started with."""
         self.model = model
         self.route_table = model.route_table
+        if self.tls is not None and model.tls is not None:
+            self.tls.update(model.tls)
         self.authz = model.authz
 
     def connection_opened(self, conn) -> bool:

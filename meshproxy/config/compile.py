@@ -59,6 +59,9 @@ class ProxyIdentity:
     # explicit mode: (bind address, inbound port, application port, port name): the listener peers
     # reach this workload through (its registered endpoint), forwarding to the application on loopback
     inbound: tuple = ()
+    # the proxy has a workload certificate from the mesh CA (it joined with a bootstrap token):
+    # what Gateway ISTIO_MUTUAL servers terminate with
+    workload_certificate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,6 +726,7 @@ class _Compiler:
                 continue
             for s in gw.servers:
                 servers_by_port.setdefault(s.port.number, []).append((r, s))
+        certificates_of: dict[int, list[ServerCertificate]] = {}
         for port, servers in sorted(servers_by_port.items()):
             first_r, first = servers[0]
             protocol = _cluster_protocol(first.port.protocol)
@@ -734,18 +738,24 @@ class _Compiler:
                     self.warn(f"{where}.port: port {port} is already served as {first.port.protocol} by "
                               f"{first_r.ref}; this server is ignored")
                     continue
-                if s.tls is not None and s.tls.mode not in ("SIMPLE", "PASSTHROUGH") and not s.tls.https_redirect:
+                if s.tls is not None and s.tls.mode not in SERVED_TLS_MODES and not s.tls.https_redirect:
                     continue                     # the decoder warned (fields: ServerTLSSettings.mode)
-                if s.tls is not None and s.tls.mode != "PASSTHROUGH" and not s.tls.https_redirect \
-                        and not s.tls.server_certificate:
-                    continue                     # credentialName: the decoder warned
-                tls_servers = [o for _, o in same if o.tls is not None and o.tls.server_certificate]
-                if s.tls is not None and s.tls.server_certificate and tls_servers and \
-                        _tls_options(s.tls) != _tls_options(tls_servers[0].tls):
-                    self.warn(f"{where}.tls: its TLS versions and cipher suites differ from the first TLS server "
-                              f"on port {port} (a port negotiates them once, before SNI picks the server); "
-                              "this server is not served")
+                if _terminates(s) and protocol == "TLS":
+                    self.warn(f"{where}.tls.mode: {s.tls.mode} on a TLS (TCP) server would terminate TLS in front of "
+                              "TCP routes, which this proxy does not do (PASSTHROUGH does, or serve HTTPS); this "
+                              "server is not served")
                     continue
+                if _terminates(s):
+                    certs = self._server_certificates(r, s, where)
+                    if certs is None:
+                        continue                 # said why
+                    served = [o for _, o in same if _terminates(o)]
+                    if served and _tls_options(s.tls) != _tls_options(served[0].tls):
+                        self.warn(f"{where}.tls: its TLS versions and cipher suites differ from the first TLS server "
+                                  f"on port {port} (a port negotiates them once, before SNI picks the server); "
+                                  "this server is not served")
+                        continue
+                    certificates_of[id(s)] = certs
                 same.append((r, s))
             if not same:
                 continue
@@ -772,15 +782,67 @@ class _Compiler:
                                                authz=self.security.authz))
                 continue
             tls = None
-            certificates = [ServerCertificate(h.rpartition("/")[2], s.tls.server_certificate, s.tls.private_key,
-                                              *_tls_options(s.tls))
-                            for _, s in same if s.tls is not None and s.tls.server_certificate for h in s.hosts]
+            certificates = [c for _, s in same for c in certificates_of.get(id(s), ())]
             if certificates:
                 tls = TlsSettings("SIMPLE", tuple(certificates))
             table = f"http.{port}"
             self.route_tables[table] = self._gateway_route_table(table, same, port)
             self.listeners.append(Listener(name, address, port, "HTTPS" if tls else "HTTP", route_table=table, tls=tls,
                                            authz=self.security.authz))
+
+    def _server_certificates(self, r: Resource, s: Server, where: str) -> list[ServerCertificate] | None:
+        """A terminating server's certificates, one per host (SNI), with its client-certificate
+        policy; None (with a warning naming the path) when this proxy cannot serve it: no
+        workload certificate for ISTIO_MUTUAL, a credentialName without its Secret."""
+        tls = s.tls
+        pem = {}
+        if tls.mode == "ISTIO_MUTUAL" and not self.identity.workload_certificate:
+            self.warn(f"{where}.tls.mode: ISTIO_MUTUAL terminates with the proxy's workload certificate, and this "
+                      "proxy has none (run it with --control-plane https://... --token-file); this server is "
+                      "not served")
+            return None
+        if tls.credential_name:
+            pem = self._credential(tls, where)
+            if pem is None:
+                return None
+        low, high, suites = _tls_options(tls)
+        return [ServerCertificate(
+            h.rpartition("/")[2], tls.server_certificate, tls.private_key, low, high, suites, mode=tls.mode,
+            ca_certificates=tls.ca_certificates if not pem.get("ca") else "",
+            subject_alt_names=tuple(tls.subject_alt_names), spki_sha256=tuple(tls.verify_spki),
+            cert_sha256=tuple(tls.verify_hash), credential=pem.get("name", ""),
+            certificate_pem=pem.get("cert", b""), key_pem=pem.get("key", b""), ca_pem=pem.get("ca", b""))
+            for h in s.hosts]
+
+    def _credential(self, tls, where: str) -> dict | None:
+        """``credentialName`` -> the Secret of that name in the gateway proxy's namespace (Istio
+        reads the gateway workload's namespace): its certificate and key, and for the MUTUAL
+        modes its ``ca.crt`` or else the ``<name>-cacert`` Secret's.  None, with a warning
+        naming the path, when something is missing."""
+        ns = self.identity.namespace
+        secrets = {r.name: r.spec for r in self.by_kind.get("Secret", []) if r.namespace == ns}
+        secret = secrets.get(tls.credential_name)
+        path = f"{where}.tls.credentialName"
+        if secret is None:
+            self.warn(f"{path}: no Secret {ns}/{tls.credential_name} (the credential is looked up in the gateway "
+                      f"proxy's namespace, {ns}); this server is not served")
+            return None
+        if not secret.certificate:
+            self.warn(f"{path}: Secret {ns}/{tls.credential_name} has no tls.crt/tls.key (type {secret.type}); "
+                      "this server is not served")
+            return None
+        ca = b""
+        if tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and not tls.ca_certificates:
+            ca = secret.ca
+            if not ca:
+                other = secrets.get(tls.credential_name + "-cacert")
+                ca = other.ca if other is not None else b""
+            if not ca:
+                self.warn(f"{path}: mode {tls.mode} needs the CA that client certificates must chain to: no ca.crt "
+                          f"in Secret {ns}/{tls.credential_name} and no Secret {ns}/{tls.credential_name}-cacert; "
+                          "this server is not served")
+                return None
+        return {"name": f"{ns}/{tls.credential_name}", "cert": secret.certificate, "key": secret.key, "ca": ca}
 
     def _gateway_route_table(self, table: str, servers: list[tuple[Resource, Server]], port: int) -> RouteTable:
         per_host: dict[str, list[HttpRoute]] = {}
@@ -883,6 +945,15 @@ def _with_port_level(parts: PolicyParts, spec: TrafficPolicySpec, port: int) -> 
         if number == port:
             return level
     return parts
+
+
+SERVED_TLS_MODES = frozenset({"SIMPLE", "PASSTHROUGH", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL"})
+
+
+def _terminates(s: Server) -> bool:
+    """A Gateway server whose TLS this proxy terminates (not PASSTHROUGH, not an HTTP redirect)."""
+    return s.tls is not None and not s.tls.https_redirect and s.tls.mode in SERVED_TLS_MODES \
+        and s.tls.mode != "PASSTHROUGH"
 
 
 def _tls_options(tls) -> tuple[str, str, tuple[str, ...]]:

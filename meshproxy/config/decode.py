@@ -39,7 +39,7 @@ from .fields import NODES, Refused, Warned, is_zero
 from .resources import (
     ClientTLS, Delegate, Destination, DestinationRule, Document, EgressListener, Gateway, HTTPMatch,
     HTTPRoute, IngressListener, L4Match, L4Route, Mirror, PolicyParts, PortSpec, Resource,
-    RouteDestination, Server, ServerTLS, ServiceEntry, ServicePort, Sidecar, Subset,
+    RouteDestination, SecretSpec, Server, ServerTLS, ServiceEntry, ServicePort, Sidecar, Subset,
     TrafficPolicySpec, VirtualService, WorkloadEntry,
 )
 from .decode_security import SECURITY_API_VERSIONS, SECURITY_DECODERS, SECURITY_GROUP, SECURITY_KINDS
@@ -47,7 +47,8 @@ from .decode_security import SECURITY_API_VERSIONS, SECURITY_DECODERS, SECURITY_
 GROUP = "networking.istio.io"
 API_VERSIONS = frozenset(f"{GROUP}/{v}" for v in ("v1", "v1beta1", "v1alpha3"))
 NETWORKING_KINDS = ("VirtualService", "DestinationRule", "ServiceEntry", "Gateway", "Sidecar")
-KINDS = NETWORKING_KINDS + SECURITY_KINDS
+CORE_KINDS = ("Secret",)                  # core v1: TLS credentials for Gateway credentialName
+KINDS = NETWORKING_KINDS + SECURITY_KINDS + CORE_KINDS
 GROUPS = (GROUP, SECURITY_GROUP)          # API groups whose documents this decoder reads
 
 # Envoy x-envoy-retry-on and x-envoy-retry-grpc-on policies Istio accepts in retryOn.
@@ -67,6 +68,7 @@ PROTOCOLS = frozenset({"HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "T
 LB_SIMPLE = {"UNSPECIFIED": "LEAST_REQUEST", "LEAST_CONN": "LEAST_REQUEST", "LEAST_REQUEST": "LEAST_REQUEST",
              "RANDOM": "RANDOM", "PASSTHROUGH": "PASSTHROUGH", "ROUND_ROBIN": "ROUND_ROBIN"}
 CLIENT_TLS_MODES = frozenset({"DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"})
+CLIENT_VERIFYING_MODES = frozenset({"MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL"})   # Gateway servers
 SERVER_TLS_MODES = frozenset({"PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL",
                               "OPTIONAL_MUTUAL"})
 RESOLUTIONS = frozenset({"NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"})
@@ -397,12 +399,13 @@ def decode_document(doc: Document) -> tuple[Resource | None, tuple[str, str, str
     ref = f"{kind if isinstance(kind, str) and kind else where} {namespace}/{name or '?'}"
     r = _Reader(ref)
     api_version = body.get("apiVersion")
-    versions = SECURITY_API_VERSIONS if kind in SECURITY_KINDS else API_VERSIONS
+    versions = SECURITY_API_VERSIONS if kind in SECURITY_KINDS else (
+        frozenset({"v1"}) if kind in CORE_KINDS else API_VERSIONS)
     if api_version not in versions:
         r.error("apiVersion", f"must be one of {', '.join(sorted(versions))}, got {api_version!r}")
     if kind not in KINDS:
         r.error("kind", f"unsupported kind {kind!r} (supported: {', '.join(KINDS)})")
-    r.obj(body, "document", "Document")
+    r.obj(body, "document", "SecretDocument" if kind in CORE_KINDS else "Document")
     r.errors = [e.replace(": document.", ": ", 1) for e in r.errors]   # top-level paths read bare
     meta = r.obj(body.get("metadata"), "metadata", "ObjectMeta")
     labels = annotations = None
@@ -417,7 +420,9 @@ def decode_document(doc: Document) -> tuple[Resource | None, tuple[str, str, str
         created = _timestamp(r, meta.get("creationTimestamp"))
     key = (kind, namespace, name) if kind in KINDS and name else None
     spec = None
-    if kind in KINDS:
+    if kind in CORE_KINDS:
+        spec = _decode_secret(r, body, namespace)
+    elif kind in KINDS:
         raw_spec = body.get("spec")
         if raw_spec is None:
             r.error("spec", "required")
@@ -1505,10 +1510,17 @@ def _decode_server_tls(r: _Reader, raw: Any, path: str) -> ServerTLS | None:
         subject_alt_names=r.str_list(m, "subjectAltNames", path),
         min_protocol_version=r.string(m, "minProtocolVersion", path, choices=versions) or "",
         max_protocol_version=r.string(m, "maxProtocolVersion", path, choices=versions) or "",
-        cipher_suites=r.str_list(m, "cipherSuites", path))
-    r.str_list(m, "verifyCertificateSpki", path)
-    r.str_list(m, "verifyCertificateHash", path)
+        cipher_suites=r.str_list(m, "cipherSuites", path),
+        verify_spki=_spki_pins(r, m, path), verify_hash=_hash_pins(r, m, path))
     r.string(m, "caCrl", path)
+    if tls.mode not in CLIENT_VERIFYING_MODES:
+        for key in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash"):
+            if m.get(key):
+                r.error(f"{path}.{key}", f"checks client certificates, which mode {tls.mode or 'unset'} does not ask "
+                                         "for: use MUTUAL, OPTIONAL_MUTUAL or ISTIO_MUTUAL")
+        if tls.ca_certificates and tls.mode in ("SIMPLE", "PASSTHROUGH"):
+            r.warn(f"{path}.caCertificates", f"only verifies client certificates (MUTUAL modes); mode {tls.mode} "
+                                             "asks for none, so it is not used")
     order = {v: k for k, v in enumerate(versions)}
     if tls.min_protocol_version not in ("", "TLS_AUTO") and tls.max_protocol_version not in ("", "TLS_AUTO") \
             and order[tls.min_protocol_version] > order[tls.max_protocol_version]:
@@ -1519,6 +1531,10 @@ def _decode_server_tls(r: _Reader, raw: Any, path: str) -> ServerTLS | None:
             r.error(f"{path}.cipherSuites[{k}]", f"unknown cipher suite {suite!r} (OpenSSL names, e.g. "
                                                  "ECDHE-RSA-AES128-GCM-SHA256)")
     has_creds = bool(tls.credential_name or tls.credential_names)
+    if tls.credential_name:
+        for k in ("serverCertificate", "privateKey"):
+            if m.get(k):
+                r.error(f"{path}.{k}", "give either credentialName or serverCertificate and privateKey, not both")
     if tls.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL") and not has_creds and m.get("tlsCertificates") is None:
         for k in ("serverCertificate", "privateKey"):
             if not m.get(k):
@@ -1532,6 +1548,34 @@ def _decode_server_tls(r: _Reader, raw: Any, path: str) -> ServerTLS | None:
     return tls
 
 
+def _spki_pins(r: _Reader, m: dict, path: str) -> tuple[str, ...]:
+    """verifyCertificateSpki: base64 SHA-256 digests of SubjectPublicKeyInfo (Envoy's format)."""
+    pins = r.str_list(m, "verifyCertificateSpki", path)
+    for k, pin in enumerate(pins):
+        try:
+            ok = len(base64.b64decode(pin, validate=True)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            r.error(f"{path}.verifyCertificateSpki[{k}]", "must be the base64 SHA-256 digest of a public key "
+                                                        "(44 characters, e.g. `openssl x509 -pubkey | openssl pkey "
+                                                        "-pubin -outform DER | openssl dgst -sha256 -binary | base64`)")
+    return pins
+
+
+def _hash_pins(r: _Reader, m: dict, path: str) -> tuple[str, ...]:
+    """verifyCertificateHash: hex SHA-256 of the DER certificate, colons allowed (normalised away)."""
+    pins = r.str_list(m, "verifyCertificateHash", path)
+    out = []
+    for k, pin in enumerate(pins):
+        digits = pin.replace(":", "").lower()
+        if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+            r.error(f"{path}.verifyCertificateHash[{k}]", "must be a hex SHA-256 digest of the certificate (64 hex "
+                                                        "digits, colons allowed), got " + repr(pin))
+        out.append(digits)
+    return tuple(out)
+
+
 def _known_cipher(name: str) -> bool:
     """A TLS 1.2-or-older cipher suite OpenSSL knows by this name (what ``set_ciphers`` takes)."""
     if not name or any(c in name for c in ":!+@ ") or name.isupper() and "-" not in name:
@@ -1541,6 +1585,92 @@ def _known_cipher(name: str) -> bool:
     except ssl.SSLError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- Secret (core v1)
+
+SECRET_TYPES = ("kubernetes.io/tls", "Opaque")
+# Istio's two spellings of a TLS Secret's keys: kubernetes.io/tls ones, and the generic ones
+_SECRET_KEYS = {"tls.crt": "certificate", "cert": "certificate", "tls.key": "key", "key": "key",
+                "ca.crt": "ca", "cacert": "ca"}
+
+
+def _decode_secret(r: _Reader, body: dict, namespace: str) -> SecretSpec | None:
+    """A TLS Secret: ``data`` (base64) and ``stringData`` (plain, wins, as the API server merges
+    them) holding a PEM certificate chain and its key, and/or a CA bundle (``ca.crt``, the whole
+    content of a ``<name>-cacert`` Secret).  Errors name the key, never the content."""
+    kind = r.string(body, "type", "type") or "Opaque"
+    if kind not in SECRET_TYPES:
+        r.error("type", f"must be one of {', '.join(SECRET_TYPES)} (TLS credentials for Gateway credentialName), "
+                        f"got {kind!r}")
+    values: dict[str, bytes] = {}
+    for key, item, where in (("data", body.get("data"), "data"), ("stringData", body.get("stringData"), "stringData")):
+        if item is None:
+            continue
+        if not isinstance(item, dict):
+            r.error(where, f"must be a mapping, got {_type_name(item)}")
+            continue
+        for name, value in item.items():
+            path = f"{where}.{name}"
+            if not isinstance(value, str):
+                r.error(path, f"must be a string, got {_type_name(value)}")
+                continue
+            if key == "data":
+                try:
+                    values[name] = base64.b64decode(value, validate=True)
+                except ValueError:
+                    r.error(path, "must be base64 (data holds base64; plain text goes in stringData)")
+                    continue
+            else:
+                values[name] = value.encode()
+    found: dict[str, tuple[str, bytes]] = {}
+    for name, value in values.items():
+        role = _SECRET_KEYS.get(name)
+        if role is None:
+            r.warn(f"data.{name}", "not a TLS key this proxy reads (tls.crt, tls.key, ca.crt; or cert, key, cacert); "
+                                   "ignored")
+            continue
+        if role in found and found[role][0] != name:
+            r.error(f"data.{name}", f"the same as data.{found[role][0]}: give one of them")
+        found[role] = (name, value)
+    cert, key, ca = (found.get(role, ("", b"")) for role in ("certificate", "key", "ca"))
+    if kind == "kubernetes.io/tls":
+        for role, (name, _) in (("tls.crt", cert), ("tls.key", key)):
+            if not name:
+                r.error(f"data.{role}", "required for type kubernetes.io/tls")
+    if bool(cert[0]) != bool(key[0]):
+        r.error(f"data.{cert[0] or 'tls.crt'}" if not cert[0] else f"data.{key[0] or 'tls.key'}",
+                "a certificate and its key come together")
+    if not (cert[0] or ca[0]) and not r.errors:
+        r.error("data", "holds no TLS credential (tls.crt and tls.key, and/or ca.crt)")
+    if cert[0] and key[0]:
+        _check_key_pair(r, cert, key)
+    if ca[0]:
+        _check_pem_certificates(r, ca)
+    return SecretSpec(type=kind, certificate=cert[1], key=key[1], ca=ca[1])
+
+
+def _check_pem_certificates(r: _Reader, item: tuple[str, bytes]):
+    from cryptography import x509
+    try:
+        return x509.load_pem_x509_certificates(item[1])
+    except ValueError:
+        r.error(f"data.{item[0]}", "must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
+        return None
+
+
+def _check_key_pair(r: _Reader, cert: tuple[str, bytes], key: tuple[str, bytes]) -> None:
+    from cryptography.hazmat.primitives import serialization
+    chain = _check_pem_certificates(r, cert)
+    try:
+        private = serialization.load_pem_private_key(key[1], None)
+    except (ValueError, TypeError):
+        r.error(f"data.{key[0]}", "must hold an unencrypted PEM private key")
+        return
+    if chain:
+        spki = lambda k: k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if spki(chain[0].public_key()) != spki(private.public_key()):
+            r.error(f"data.{key[0]}", f"is not the key of the first certificate in data.{cert[0]}")
 
 
 # ---------------------------------------------------------------- Sidecar

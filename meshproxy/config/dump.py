@@ -2,6 +2,8 @@
 
 Generic over the frozen dataclasses of :mod:`meshproxy.config.model`: field names are
 kept, compiled regexes become their pattern, mappings become dicts, bytes become text.
+A field marked ``metadata={"secret": True}`` (a private key from a Secret) is never shown:
+it reads ``"<redacted>"`` when set.
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ from typing import Any, Mapping
 
 from .model import Snapshot
 
+REDACTED = "<redacted>"
+
 
 def to_jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: (REDACTED if f.metadata.get("secret") and getattr(value, f.name) else
+                         to_jsonable(getattr(value, f.name))) for f in dataclasses.fields(value)}
     if isinstance(value, re.Pattern):
         return value.pattern
     if isinstance(value, Mapping):

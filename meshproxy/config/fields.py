@@ -182,6 +182,19 @@ node("ObjectMeta",
      finalizers=anything(K8S), ownerReferences=anything(K8S), generateName=anything(K8S), selfLink=anything(K8S),
      deletionTimestamp=anything(K8S), deletionGracePeriodSeconds=anything(K8S))
 
+# -- core v1 Secret (TLS credentials for Gateway credentialName; decode.py _decode_secret)
+
+T_CRED = "tests/unit/test_gateway_credentials.py::"
+_T_SECRET = T_CRED + "test_a_tls_secret_decodes_to_its_pem_and_bad_ones_are_refused_by_key"
+node("SecretDocument",
+     apiVersion=s(A(_T_SECRET)),
+     kind=s(A(_T_SECRET)),
+     metadata=obj(A(_T_SECRET), "ObjectMeta"),
+     type=s(A(_T_SECRET), ("kubernetes.io/tls", "Opaque")),
+     data=mapping(A(T_CRED + "test_credential_name_resolves_in_the_gateway_proxys_namespace_with_its_cacert")),
+     stringData=mapping(A(_T_SECRET)),
+     immutable=b(Inert("an API-server write guard; no effect on how the credential is served")))
+
 # -- shared pieces
 
 node("StringMatch",
@@ -521,30 +534,38 @@ node("Server",
      defaultEndpoint=s(Warned("gateway servers forward by route, not to a default endpoint; ignored")),
      name=s(Inert("a label for the server in Istio's status and stats")))
 _T_GWTLS = T_GW + "test_https_gateway_picks_the_certificate_by_sni_and_routes_by_host"
-_CLIENT_CERTS = Refused("verifying client certificates is " + SECURITY_LATER)
+T_GWM = "tests/integration/test_gateway_mutual_tls.py::"
+_T_MUTUAL = T_GWM + "test_mutual_requires_a_client_certificate_from_the_ca_certificates"
+_T_PINS = T_GWM + "test_subject_alt_names_and_certificate_pins_refuse_other_clients"
 node("ServerTLSSettings",
      httpsRedirect=b(A(T_LIST + "test_https_gateway_server_gets_tls_settings_and_http_server_redirects")),
-     mode=s(Warned("this TLS mode is not supported by the gateway; the server is not served",
-                   ok=("SIMPLE", "PASSTHROUGH")),
-            ("PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL")),
+     mode=s(Warned("AUTO_PASSTHROUGH (SNI-encoded cluster names of multi-network east-west gateways) is not "
+                   "supported; the server is not served",
+                   ok=("SIMPLE", "PASSTHROUGH", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL")),
+            ("PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"),
+            doc="SIMPLE, MUTUAL, OPTIONAL_MUTUAL, ISTIO_MUTUAL terminate (" + _T_MUTUAL + ", "
+                + T_GWM + "test_istio_mutual_terminates_with_the_workload_certificate_and_wants_a_mesh_client); "
+                "PASSTHROUGH routes on SNI"),
      serverCertificate=s(A(_T_GWTLS)),
      privateKey=s(A(_T_GWTLS)),
-     caCertificates=s(Inert("only used to verify client certificates in the MUTUAL modes, whose servers are "
-                            "not served yet (warned at tls.mode)")),
-     caCrl=s(_CLIENT_CERTS),
-     credentialName=s(Warned("credentialName is not supported (no secret store): use serverCertificate and "
-                             "privateKey files; the server is not served")),
-     credentialNames=arr(Warned("credentialNames is not supported (no secret store); the server is not served"),
+     caCertificates=s(A(_T_MUTUAL, "the MUTUAL modes; with SIMPLE the decoder warns that it is not used")),
+     caCrl=s(Refused("certificate revocation lists are " + SECURITY_LATER)),
+     credentialName=s(A(T_CRED + "test_credential_name_resolves_in_the_gateway_proxys_namespace_with_its_cacert",
+                         "a Secret in the gateway proxy's namespace (pushed by the control plane, or a Secret "
+                         "document in the proxy's config files); missing: the server is not served, with a warning")),
+     credentialNames=arr(Refused("credentialNames (several certificates per server) is not supported; use "
+                                 "credentialName"), "string"),
+     subjectAltNames=arr(A(_T_PINS, "the client certificate must carry one of them (any SAN type, exact)"),
                          "string"),
-     subjectAltNames=arr(_CLIENT_CERTS, "string"),
-     verifyCertificateSpki=arr(_CLIENT_CERTS, "string"),
-     verifyCertificateHash=arr(_CLIENT_CERTS, "string"),
+     verifyCertificateSpki=arr(A(_T_PINS), "string"),
+     verifyCertificateHash=arr(A(_T_PINS), "string"),
      minProtocolVersion=s(A(T_GWTLS + "test_min_protocol_version_refuses_older_clients"),
                           ("TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")),
      maxProtocolVersion=s(A(T_GWTLS + "test_max_protocol_version_caps_the_negotiated_version"),
                           ("TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")),
      cipherSuites=arr(A(T_GWTLS + "test_cipher_suites_limit_what_a_tls12_client_may_use"), "string"),
-     tlsCertificates=anything(Warned("tlsCertificates is not supported: use serverCertificate and privateKey")))
+     tlsCertificates=anything(Refused("tlsCertificates is not supported: use serverCertificate and privateKey, "
+                                      "or credentialName")))
 
 # -- Sidecar
 

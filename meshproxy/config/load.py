@@ -16,7 +16,7 @@ from typing import Iterable
 import yaml
 
 from .compile import ProxyIdentity, WorkloadEndpoint, compile_snapshot
-from .decode import GROUPS, ResourceSet
+from .decode import CORE_KINDS, GROUPS, ResourceSet
 from .incremental import ConfigBuilder
 from .model import ProxySettings, Snapshot
 from .resources import Document
@@ -97,6 +97,9 @@ def load(paths: Iterable[str]) -> LoadResult:
             if group in UNSUPPORTED_CONFIG_GROUPS:
                 warnings.append(f"{path} document {index}: {body.get('kind', '?')} ({api_version}): "
                                 f"{UNSUPPORTED_CONFIG_GROUPS[group]}; ignored")
+                continue
+            if api_version == "v1" and body.get("kind") in CORE_KINDS:
+                documents.append(Document(path, index, body))     # a TLS Secret (Gateway credentialName)
                 continue
             if isinstance(api_version, str) and group not in GROUPS:
                 notes.append(f"{path} document {index}: {body.get('kind', '?')} ({api_version}) is not "

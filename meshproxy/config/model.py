@@ -335,19 +335,36 @@ class Cluster:
 
 @dataclass(frozen=True, slots=True)
 class ServerCertificate:
-    """One Gateway server's certificate and TLS options, chosen by SNI."""
+    """One Gateway server's certificate, TLS options and client-certificate policy, chosen by SNI.
+
+    The certificate comes from files (``certificate``/``private_key``), from a Secret
+    (``credentialName``: the PEM bytes, ``credential`` naming it) or, for ISTIO_MUTUAL, from the
+    proxy's workload certificate.  ``key_pem`` is marked secret: /config_dump never shows it."""
 
     sni: str                                         # host pattern ("shop.example.com", "*.example.com", "*")
-    certificate: str                                 # PEM file
+    certificate: str                                 # PEM file ("" when from a Secret or ISTIO_MUTUAL)
     private_key: str                                 # PEM file
     min_version: str = "TLSV1_2"                     # TLSV1_0 .. TLSV1_3 (TLS_AUTO = TLSV1_2, Envoy's server default)
     max_version: str = "TLSV1_3"
     cipher_suites: tuple[str, ...] = ()              # OpenSSL names, TLS 1.2 and below; () = library default
+    mode: str = "SIMPLE"                             # SIMPLE | MUTUAL | OPTIONAL_MUTUAL | ISTIO_MUTUAL
+    ca_certificates: str = ""                        # PEM file: the CAs client certificates must chain to
+    subject_alt_names: tuple[str, ...] = ()          # a client certificate must carry one of these SANs
+    spki_sha256: tuple[str, ...] = ()                # verifyCertificateSpki: base64 SHA-256 of the key (SPKI)
+    cert_sha256: tuple[str, ...] = ()                # verifyCertificateHash: lower-case hex SHA-256 of the DER
+    credential: str = ""                             # "namespace/name" of the Secret the PEMs came from
+    certificate_pem: bytes = field(default=b"", repr=False)
+    key_pem: bytes = field(default=b"", repr=False, metadata={"secret": True})
+    ca_pem: bytes = field(default=b"", repr=False)
+
+
+# Gateway TLS modes whose servers verify client certificates
+CLIENT_VERIFYING_MODES = frozenset({"MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL"})
 
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
-    mode: str                                        # "SIMPLE"
+    mode: str                                        # "SIMPLE" (per-server modes: ServerCertificate.mode)
     certificates: tuple[ServerCertificate, ...]      # first is the default (no or unknown SNI)
 
 

@@ -211,6 +211,8 @@ class ServerTLS:
     min_protocol_version: str = ""
     max_protocol_version: str = ""
     cipher_suites: tuple[str, ...] = ()
+    verify_spki: tuple[str, ...] = ()      # base64 SHA-256 of a client key's SPKI
+    verify_hash: tuple[str, ...] = ()      # lower-case hex SHA-256 of a client certificate (no colons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +261,17 @@ class Sidecar:
     outbound_mode: str = "ALLOW_ANY"            # outboundTrafficPolicy.mode
 
 
-Spec = Union[VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar]
+@dataclass(frozen=True, slots=True)
+class SecretSpec:
+    """A core ``v1`` Secret as a Gateway's ``credentialName`` uses it: PEM certificate chain,
+    private key (never shown: ``repr=False``, redacted wherever objects are printed) and CA."""
+    type: str = "kubernetes.io/tls"
+    certificate: bytes = field(default=b"", repr=False)     # tls.crt (or cert)
+    key: bytes = field(default=b"", repr=False)             # tls.key (or key)
+    ca: bytes = field(default=b"", repr=False)              # ca.crt (or cacert)
+
+
+Spec = Union[VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, SecretSpec]
 
 
 @dataclass(frozen=True, slots=True)

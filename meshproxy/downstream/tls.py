@@ -1,47 +1,195 @@
-"""TLS termination for Gateway servers: :class:`TlsSettings` -> one ``ssl.SSLContext``.
+"""TLS termination for Gateway servers: one stable ``ssl.SSLContext`` per listener.
 
-The first certificate is the default; a client's SNI picks another certificate (exact
-name, then ``*.parent``).  Protocol versions and TLS 1.2 cipher suites are set on every
-context; the compiler only puts servers with equal versions and suites on one port,
-because OpenSSL negotiates them on the context the connection started with, before the
-SNI callback switches certificates.  (TLS 1.3 suites are OpenSSL's defaults: neither
-Python's ``ssl`` nor Envoy lets a server configure them.)
+A listener is created once with :attr:`GatewayTls.front`, a context without a certificate
+whose SNI callback (OpenSSL calls it for every ClientHello, with or without SNI) moves each
+new connection onto the context of the server it names: exact name, then ``*.parent``,
+else the first server.  :meth:`GatewayTls.update` swaps the servers under it, so a changed
+Gateway or a rotated Secret reaches new connections without rebinding the port, and open
+connections keep the certificate they started with.
+
+What the front decides for every connection, because OpenSSL settles it before or outside
+the SNI switch (``SSL_set_SSL_CTX`` copies the certificate, key and trust store, nothing
+else): protocol versions and TLS 1.2 cipher suites (the compiler only puts servers with
+equal versions and suites on one port) and whether a client certificate is asked for:
+required when every server of the port verifies clients (MUTUAL, ISTIO_MUTUAL), optional
+when only some do or they are OPTIONAL_MUTUAL.  (TLS 1.3 suites are OpenSSL's defaults:
+neither Python's ``ssl`` nor Envoy lets a server configure them.)
+
+A presented client certificate is verified during the handshake against the chosen server's
+trust store (``caCertificates``, the Secret's ``ca.crt``, or the mesh roots for
+ISTIO_MUTUAL).  What OpenSSL cannot check for Python (a certificate is required by this
+server, ``subjectAltNames``, ``verifyCertificateSpki``/``Hash``) is checked by
+:class:`ClientCertificateGate` when the handshake completes, before the HTTP connection
+exists: a refused client never gets a byte of HTTP.
 """
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import ssl
+from typing import Callable
 
-from ..config.model import ServerCertificate, TlsSettings
+from ..config.model import CLIENT_VERIFYING_MODES, ServerCertificate, TlsSettings
+from ..security.tls import load_key_pair
 
 VERSIONS = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TLSv1_1,
             "TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
 
+# refusal reasons (meshproxy_tls_handshake_failures_total{reason})
+NO_CLIENT_CERTIFICATE = "client_certificate_required"
+SAN_MISMATCH = "client_san_mismatch"
+PIN_MISMATCH = "client_certificate_pin_mismatch"
 
-def certificate_context(cert: ServerCertificate) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+_CHOSEN = "_meshproxy_gateway_server"        # attribute the SNI callback leaves on the SSLObject
+
+
+def _options(ctx: ssl.SSLContext, cert: ServerCertificate) -> None:
     ctx.minimum_version = VERSIONS[cert.min_version]
     ctx.maximum_version = VERSIONS[cert.max_version]
     if cert.cipher_suites:
         ctx.set_ciphers(":".join(cert.cipher_suites))
-    ctx.load_cert_chain(cert.certificate, cert.private_key)
+
+
+def certificate_context(cert: ServerCertificate) -> ssl.SSLContext:
+    """The context of one server (files or Secret PEM; not ISTIO_MUTUAL, whose context is the
+    workload certificate's)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _options(ctx, cert)
+    if cert.certificate_pem:
+        load_key_pair(ctx, cert.certificate_pem, cert.key_pem)
+    else:
+        ctx.load_cert_chain(cert.certificate, cert.private_key)
+    if cert.mode in CLIENT_VERIFYING_MODES:
+        if cert.ca_pem:
+            ctx.load_verify_locations(cadata=cert.ca_pem.decode())
+        elif cert.ca_certificates:
+            ctx.load_verify_locations(cafile=cert.ca_certificates)
+        ctx.verify_mode = ssl.CERT_OPTIONAL if cert.mode == "OPTIONAL_MUTUAL" else ssl.CERT_REQUIRED
     return ctx
 
 
-def server_context(tls: TlsSettings) -> ssl.SSLContext:
-    certs = tls.certificates
-    default = certificate_context(certs[0])
-    by_sni = {cert.sni.lower(): certificate_context(cert) for cert in certs}
+def verify_mode(certs) -> ssl.VerifyMode:
+    """What the port asks of clients: a certificate required only if every server requires one."""
+    modes = {c.mode for c in certs}
+    if modes <= {"MUTUAL", "ISTIO_MUTUAL"}:
+        return ssl.CERT_REQUIRED
+    return ssl.CERT_OPTIONAL if modes & CLIENT_VERIFYING_MODES else ssl.CERT_NONE
 
-    def pick(sock, server_name, _ctx):
+
+class GatewayTls:
+    """The TLS side of one gateway listener.  ``workload()`` is the proxy's
+    :class:`~meshproxy.security.CertificateManager` (None without a workload identity): the
+    certificate and trust roots of ISTIO_MUTUAL servers."""
+
+    def __init__(self, tls: TlsSettings, workload: Callable[[], object] = lambda: None):
+        self.workload = workload
+        front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        front.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+        front.sni_callback = self._pick
+        self.front = front
+        self._contexts: dict[ServerCertificate, ssl.SSLContext] = {}
+        self._default: ServerCertificate | None = None
+        self._by_sni: dict[str, ServerCertificate] = {}
+        self.settings: TlsSettings | None = None
+        self.update(tls)
+
+    def update(self, tls: TlsSettings) -> None:
+        """Serve ``tls`` from the next connection on.  Contexts of unchanged servers are kept
+        (a Secret's new content is a new server value, so a rotation builds a new context)."""
+        if tls == self.settings:
+            return
+        certs = tls.certificates
+        contexts = {c: self._contexts.get(c) or certificate_context(c) for c in certs if c.mode != "ISTIO_MUTUAL"}
+        _options(self.front, certs[0])
+        self.front.verify_mode = verify_mode(certs)
+        if self.front.verify_mode != ssl.CERT_NONE:
+            # no resumption tickets where clients are verified: a session resumed under another
+            # server name would skip the chosen server's trust store
+            self.front.options |= ssl.OP_NO_TICKET
+            self.front.num_tickets = 0
+        by_sni: dict[str, ServerCertificate] = {}
+        for c in certs:
+            by_sni.setdefault(c.sni.lower(), c)
+        self._contexts, self._by_sni, self._default, self.settings = contexts, by_sni, certs[0], tls
+
+    def _context_of(self, cert: ServerCertificate) -> ssl.SSLContext | None:
+        if cert.mode == "ISTIO_MUTUAL":
+            manager = self.workload()
+            if manager is None or manager.current is None:
+                return None               # no workload certificate: the handshake fails (no certificate)
+            return manager.current_server_context(client_cert="required")
+        return self._contexts.get(cert)
+
+    def _pick(self, ssl_object, server_name, _front) -> None:
+        cert = None
         if server_name:
             name = server_name.lower()
-            chosen = by_sni.get(name)
-            if chosen is None:
+            cert = self._by_sni.get(name)
+            if cert is None:
                 _, _, parent = name.partition(".")
-                chosen = by_sni.get("*." + parent)
-            if chosen is not None:
-                sock.context = chosen
+                cert = self._by_sni.get("*." + parent)
+        if cert is None:
+            cert = self._default
+        ctx = self._context_of(cert) if cert is not None else None
+        if ctx is not None:
+            ssl_object.context = ctx
+            setattr(ssl_object, _CHOSEN, cert)
         return None
 
-    default.sni_callback = pick
-    return default
+    @staticmethod
+    def refusal(ssl_object) -> str | None:
+        """Why the client of a completed handshake is refused, or None: the chosen server's
+        checks that OpenSSL does not make for us."""
+        cert: ServerCertificate | None = getattr(ssl_object, _CHOSEN, None)
+        if cert is None:
+            return NO_CLIENT_CERTIFICATE if ssl_object is None else None
+        if cert.mode not in CLIENT_VERIFYING_MODES:
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der:
+            return None if cert.mode == "OPTIONAL_MUTUAL" else NO_CLIENT_CERTIFICATE
+        if cert.subject_alt_names:
+            sans = {value for _, value in (ssl_object.getpeercert() or {}).get("subjectAltName", ())}
+            if not sans.intersection(cert.subject_alt_names):
+                return SAN_MISMATCH
+        if cert.spki_sha256 or cert.cert_sha256:
+            if not (hashlib.sha256(der).hexdigest() in cert.cert_sha256
+                    or (cert.spki_sha256 and spki_sha256(der) in cert.spki_sha256)):
+                return PIN_MISMATCH
+        return None
+
+
+def spki_sha256(der: bytes) -> str:
+    """base64 SHA-256 of a certificate's SubjectPublicKeyInfo (Envoy's verify_certificate_spki)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    key = x509.load_der_x509_certificate(der).public_key()
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+class ClientCertificateGate(asyncio.Protocol):
+    """The protocol of a TLS connection until its handshake completes: checks the client
+    (:meth:`GatewayTls.refusal`); refused, the connection is aborted and counted; admitted,
+    the real protocol takes the transport (``set_protocol``) and nothing stays in between."""
+
+    __slots__ = ("make", "on_refused")
+
+    def __init__(self, make: Callable[[], asyncio.BaseProtocol], on_refused: Callable[[str], None]):
+        self.make = make
+        self.on_refused = on_refused
+
+    def connection_made(self, transport) -> None:
+        reason = GatewayTls.refusal(transport.get_extra_info("ssl_object"))
+        if reason is not None:
+            self.on_refused(reason)
+            transport.abort()
+            return
+        protocol = self.make()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        pass
+

@@ -266,6 +266,12 @@ class CertificateManager:
             self._fronts[key] = front
         return front.context
 
+    def current_server_context(self, *, alpn: tuple[str, ...] | None = None,
+                               client_cert: str = "required") -> ssl.SSLContext:
+        """The server context of the current certificate itself (not a stable front): for a
+        listener whose own SNI callback picks a context per connection (Gateway ISTIO_MUTUAL)."""
+        return self._server_ctx((tuple(alpn or ()), client_cert))
+
     def _server_ctx(self, key: tuple) -> ssl.SSLContext:
         cache_key = ("server", *key)
         ctx = self._contexts.get(cache_key)

@@ -115,6 +115,6 @@ def test_a_server_whose_tls_is_not_supported_is_not_served_and_config_dump_says_
     status, dump = proxy.admin("/config_dump")
     snapshot = json.loads(dump)["snapshot"]
     assert ports["secret_store"] not in [l["port"] for l in snapshot["listeners"]]
-    assert "Gateway default/edge: spec.servers[4].tls.credentialName: credentialName is not supported (no secret " \
-           "store): use serverCertificate and privateKey files; the server is not served" in snapshot["warnings"]
+    assert "Gateway default/edge: spec.servers[4].tls.credentialName: no Secret default/tls-secret (the credential " \
+           "is looked up in the gateway proxy's namespace, default); this server is not served" in snapshot["warnings"]
     assert curl(ports["secret_store"], cert)[0] != 0

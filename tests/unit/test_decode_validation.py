@@ -139,7 +139,8 @@ def test_metadata_name_is_required_and_unknown_kind_is_unsupported():
     body = {"apiVersion": "networking.istio.io/v1", "kind": "EnvoyFilter", "metadata": {"name": "f"}, "spec": {}}
     assert decode_documents([Document("f.yaml", 0, body)]).errors == [
         "EnvoyFilter default/f: kind: unsupported kind 'EnvoyFilter' "
-        "(supported: VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, AuthorizationPolicy, PeerAuthentication)"]
+        "(supported: VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, AuthorizationPolicy, "
+        "PeerAuthentication, Secret)"]
     assert decode("DestinationRule", {"host": "a"}, name=None).errors[0] == \
         "DestinationRule default/?: metadata.name: required"
 
@@ -317,16 +318,6 @@ def test_destination_rule_tls_modes_are_accepted_at_every_level():
     for tls in ({"mode": "DISABLE"}, {}, {"mode": "SIMPLE", "sni": "x"}, {"mode": "ISTIO_MUTUAL"}):
         result = decode("DestinationRule", {"host": "a", "trafficPolicy": {"tls": tls}})
         assert result.errors == [] and len(result.resources) == 1, (tls, result.errors)
-
-
-def test_gateway_client_certificate_checks_are_refused_not_ignored():
-    server = {"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["a.com"],
-              "tls": {"mode": "SIMPLE", "serverCertificate": "/c.pem", "privateKey": "/k.pem",
-                      "subjectAltNames": ["spiffe://x"], "verifyCertificateHash": ["ab"], "caCrl": "/crl.pem"}}
-    errors = decode("Gateway", {"servers": [server]}).errors
-    refused = "verifying client certificates is not supported yet; refused rather than ignored"
-    assert errors == [f"{G}.servers[0].tls.{key}: {refused}"
-                      for key in ("subjectAltNames", "verifyCertificateHash", "caCrl")]
 
 
 def test_accepted_fields_that_are_not_applied_are_warned_once_each_with_their_path():

@@ -59,7 +59,7 @@ def test_every_applied_field_names_a_test_that_exists():
 
 
 def test_every_node_is_reachable_from_a_kind():
-    reached = {"Document", "ObjectMeta"}
+    reached = {"Document", "ObjectMeta", "SecretDocument"}     # the top-level nodes (a Secret has no spec)
     for kind in KINDS:
         reached.add(KIND_NODES[kind])
         reached |= {f.node for _, f in walk(KIND_NODES[kind]) if f.node}
@@ -186,6 +186,20 @@ def _owner(root: str, parts: list[str]) -> str:
     if parts[-1] == "*":
         return _owner(root, parts[:-1])
     return node
+
+
+def test_a_secret_is_read_through_its_own_top_level_node(monkeypatch):
+    seen: list[tuple[str, str]] = []
+    _, obj = _recording_obj(seen)
+    monkeypatch.setattr(decode_module._Reader, "obj", obj)
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "type": "Opaque", "immutable": True,
+            "stringData": {"ca.crt": "x"}, "data": {}}
+    assert set(body) == set(NODES["SecretDocument"].fields)
+    errors = decode_documents([Document("t.yaml", 0, body)]).errors
+    assert ("document", "SecretDocument") in seen
+    assert errors == ["Secret default/s: data.ca.crt: must hold PEM certificates (-----BEGIN CERTIFICATE-----)"]
+    body["spec"] = {}
+    assert "Secret default/s: spec: unknown field" in decode_documents([Document("t.yaml", 0, body)]).errors
 
 
 def test_a_key_outside_the_registry_is_an_unknown_field_error_with_its_path():

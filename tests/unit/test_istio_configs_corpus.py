@@ -51,7 +51,7 @@ def test_validate_prints_each_warning_with_its_path_and_exits_0():
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == [
-        f"warning: Gateway default/istiod-gateway: spec.servers[{i}].tls.credentialName: credentialName is not "
-        "supported (no secret store): use serverCertificate and privateKey files; the server is not served"
-        for i in (0, 1)]
+        f"warning: Gateway default/istiod-gateway: spec.servers[{i}].tls.credentialName: no Secret "
+        "default/$CREDENTIAL_NAME (the credential is looked up in the gateway proxy's namespace, default); this "
+        "server is not served" for i in (0, 1)]
     assert proc.stderr.strip().endswith("ok: 1 resource(s) valid, 2 warning(s)")
