@@ -1,4 +1,4 @@
-"""The admin listener: /ready, /config_dump, /metrics, /stats, /clusters, /logging.
+"""The admin listener: /ready, /config_dump, /metrics, /stats, /clusters, /memory, /logging.
 
 Not on the request path, so it is a plain asyncio-streams server that answers one
 request per connection.  What it shows comes from an :class:`AdminSource`, which is
@@ -12,6 +12,8 @@ import logging
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from .listener import bind_socket
+
 
 class AdminSource(Protocol):
     def ready(self) -> bool: ...
@@ -19,6 +21,7 @@ class AdminSource(Protocol):
     async def metrics(self, accept: str) -> tuple[bytes, str]: ...
     async def clusters(self) -> dict: ...
     async def stats(self) -> str: ...
+    async def memory(self) -> dict: ...
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
@@ -32,7 +35,9 @@ class AdminServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+        # bound here, not by start_server(host, port): its name lookup loads the idna codec
+        sock = bind_socket(self.host, self.port, backlog=128, reuse_port=False)
+        self.server = await asyncio.start_server(self._serve, sock=sock)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -81,6 +86,8 @@ class AdminServer:
             return 200, ctype, body
         if path == "/clusters":
             return 200, "application/json", _json(await source.clusters())
+        if path == "/memory":
+            return 200, "application/json", _json(await source.memory())
         if path == "/stats":
             return 200, "text/plain", (await source.stats()).encode()
         if path == "/logging":

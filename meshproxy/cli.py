@@ -50,11 +50,28 @@ def _pod_address() -> str:
     return "127.0.0.1"
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter with the width found without ``shutil`` (which argparse
+    imports for it, with bz2/lzma/zlib: memory every proxy process would keep)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width=None):
+        if width is None:
+            try:
+                width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(sys.stdout.fileno()).columns
+            except (ValueError, OSError):
+                width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane")
+    p = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane", formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the proxy")
+    def subcommand(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_Formatter, **kwargs)
+
+    run = subcommand("run", help="run the proxy")
     run.add_argument("--config", action="append", default=[], metavar="PATH",
                      help="Istio YAML file or directory (repeatable); watched for changes")
     run.add_argument("--listen", type=_addr, default=("127.0.0.1", 15001), help="HTTP listener (default 127.0.0.1:15001)")
@@ -128,11 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--disable-metrics", action="store_true", help="no request metrics (to measure their cost)")
     run.add_argument("--log-level", default="INFO")
 
-    val = sub.add_parser("validate", help="validate config files; prints every error, exits 1 if any")
+    val = subcommand("validate", help="validate config files; prints every error, exits 1 if any")
     val.add_argument("paths", nargs="+")
     val.add_argument("--namespace", default="default")
 
-    exp = sub.add_parser("explain", help="print the routing decision for a request, without sending it")
+    exp = subcommand("explain", help="print the routing decision for a request, without sending it")
     exp.add_argument("--config", action="append", required=True, metavar="PATH")
     exp.add_argument("--host", required=True)
     exp.add_argument("--path", default="/")
@@ -147,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="caller identity for AuthorizationPolicy, e.g. cluster.local/ns/default/sa/sleep "
                           "(empty: a plaintext caller)")
 
-    init = sub.add_parser("pod-init", help="install the pod's traffic capture rules (nftables; run as root in the pod)")
+    init = subcommand("pod-init", help="install the pod's traffic capture rules (nftables; run as root in the pod)")
     init.add_argument("--proxy-uid", type=int, default=1337, help="the sidecar's user id: its traffic is never captured")
     init.add_argument("--proxy-gid", type=int, default=None, help="the sidecar's group id (default: --proxy-uid)")
     init.add_argument("--outbound-port", type=int, default=15001, help="outbound capture port")

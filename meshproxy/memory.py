@@ -4,16 +4,22 @@ A worker that buffered a burst (thousands of slow readers, each holding its shar
 response) frees those buffers when the connections go, but the C allocator keeps the pages
 on its heap: RSS stays at the peak.  glibc's ``malloc_trim`` returns free pages to the
 system; :class:`Trimmer` calls it once a burst is over, judged by the number of open
-downstream connections (no call on other C libraries, where it does not exist)."""
+downstream connections (no call on other C libraries, where it does not exist).
+
+:func:`usage` is what the admin's ``/memory`` shows of a process: its resident set and the
+modules it has imported."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import os
+import sys
 
 
 def _malloc_trim():
+    """glibc's malloc_trim from the symbols the process already has (no ``ldconfig`` run);
+    ``ctypes`` is imported only here, when a burst is first over."""
+    import ctypes
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 
@@ -27,7 +33,7 @@ class Trimmer:
     def __init__(self, min_peak: int = 32, trim=None):
         self.peak = 0
         self.min_peak = min_peak
-        self._trim = trim if trim is not None else _malloc_trim()
+        self._trim = trim           # None: glibc's, looked up at the first trim
         self.trims = 0
 
     def observe(self, open_connections: int) -> bool:
@@ -37,7 +43,21 @@ class Trimmer:
         if self.peak < self.min_peak or open_connections > self.peak // 2:
             return False
         self.peak = open_connections
-        if self._trim is not None:
-            self._trim(0)
+        if self._trim is None:
+            self._trim = _malloc_trim() or (lambda pad: 0)
+        self._trim(0)
         self.trims += 1
         return True
+
+
+def usage(role: str, **extra) -> dict:
+    """What this process holds, for the admin's ``/memory``: its resident set (from
+    ``/proc/self/statm``) and the modules it has imported (what a proxy loads only for
+    the features its config and flags use: certificates, tracing export, DNS capture,
+    the control-plane client, the h11 codec)."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = None
+    return {"role": role, "pid": os.getpid(), "rss_bytes": rss, "modules": sorted(sys.modules), **extra}

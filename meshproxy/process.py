@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -35,11 +34,11 @@ from .bootstrap import Worker, WorkerOptions
 from .config.compile import ProxyIdentity
 from .config.dump import snapshot_to_dict
 from .config.incremental import BuildOutcome, BuildRunner, ConfigBuilder
-from .config.shared import apply_update, encode_update
 from .config.load import LoadResult, load as load_files
 from .config.model import ProxySettings, Snapshot
 from .config.store import SnapshotStore
 from .config.watch import ConfigWatcher
+from .memory import usage as memory_usage
 from .proxy.observe import Telemetry
 from .telemetry import (
     AccessLog, MetricsAggregator, ProxyMetrics, ProxyTracer, render,
@@ -85,10 +84,10 @@ def build_certificates(options: RunOptions):
 
 async def start_certificates(options: RunOptions):
     """Build and start the manager: the first certificate (or the master's, for a worker)."""
-    from .security.manager import IssuerError
     certificates = build_certificates(options)
     if certificates is None:
         return None
+    from .security.manager import IssuerError
     try:
         await certificates.start(options.initial_config_timeout)
     except IssuerError as exc:
@@ -257,6 +256,7 @@ class SharedConfigClient:
         while self._queue:
             data = self._queue.pop(0)
             try:
+                from .config.shared import apply_update
                 snapshot, changed = await self.runner.run(apply_update, self.store.current, data)
             except Exception:             # a bad update must not take the worker down
                 log.exception("config update from the master could not be applied; keeping the current one")
@@ -300,6 +300,7 @@ class SharedConfigHost:
         key = (old.version if old is not None else "", new.version)
         data = self._encoded.get(key)
         if data is None:
+            from .config.shared import encode_update
             data = self._encoded[key] = encode_update(new, old)
         try:
             self.send(index, data)
@@ -331,6 +332,9 @@ class WorkerAdmin:
     async def stats(self) -> str:
         return render_stats(worker_metrics_dump(self.worker))
 
+    async def memory(self) -> dict:
+        return {"processes": [worker_memory(self.worker)]}
+
 
 def worker_config_dump(worker: Worker, certificates=None) -> dict:
     store = worker.store
@@ -350,6 +354,10 @@ def worker_config_dump(worker: Worker, certificates=None) -> dict:
 
 def worker_clusters(worker: Worker) -> dict:
     return {"clusters": worker.clusters.stats(), "pools": worker.pools.stats()}
+
+
+def worker_memory(worker: Worker) -> dict:
+    return memory_usage("worker", index=worker.options.worker_index, trims=worker.trimmer.trims)
 
 
 def worker_metrics_dump(worker: Worker) -> dict:
@@ -523,6 +531,8 @@ def _serve_pipe(loop, pipe, holder: list, shared: "SharedConfigClient | None") -
             pipe.send(worker_config_dump(worker, certificates))
         elif request == "clusters":
             pipe.send(worker_clusters(worker))
+        elif request == "memory":
+            pipe.send(worker_memory(worker))
 
     loop.add_reader(pipe.fileno(), on_readable)
 
@@ -546,6 +556,7 @@ def _child_main(options: RunOptions, index: int, pipe) -> None:
 class Master:
     def __init__(self, options: RunOptions):
         self.options = options
+        import multiprocessing          # only a process group (--workers N) forks
         self.ctx = multiprocessing.get_context("fork")
         self.children: list = [None] * options.workers
         self.pipes: list = [None] * options.workers
@@ -620,6 +631,10 @@ class Master:
 
     async def stats(self) -> str:
         return render_stats(await self._merged())
+
+    async def memory(self) -> dict:
+        workers = [await self.ask(i, "memory") for i in range(len(self.children))]
+        return {"processes": [memory_usage("master")] + [w for w in workers if w is not None]}
 
     async def main(self) -> int:
         self._lock = asyncio.Lock()

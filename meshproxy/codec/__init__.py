@@ -8,6 +8,8 @@ The hot path holds the parser object and never asks which backend it is.
 """
 from __future__ import annotations
 
+import importlib
+
 from .api import (
     CodecLimits,
     ProtocolError,
@@ -16,22 +18,28 @@ from .api import (
     ResponseHandler,
     ResponseParser,
 )
-from .h11_backend import H11RequestParser, H11ResponseParser
 from .httptools_backend import HttptoolsRequestParser, HttptoolsResponseParser
 
-# name -> (request parser class, response parser class)
+# name -> module and its (request parser class, response parser class); the h11 backend is
+# imported only by a proxy that runs it (``--codec h11``)
 BACKENDS = {
-    "httptools": (HttptoolsRequestParser, HttptoolsResponseParser),
-    "h11": (H11RequestParser, H11ResponseParser),
+    "httptools": (".httptools_backend", "HttptoolsRequestParser", "HttptoolsResponseParser"),
+    "h11": (".h11_backend", "H11RequestParser", "H11ResponseParser"),
 }
 DEFAULT_BACKEND = "httptools"
+_loaded: dict = {"httptools": (HttptoolsRequestParser, HttptoolsResponseParser)}
 
 
 def _backend(name: str):
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown codec backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    classes = _loaded.get(name)
+    if classes is None:
+        try:
+            module, request, response = BACKENDS[name]
+        except KeyError:
+            raise ValueError(f"unknown codec backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+        module = importlib.import_module(module, __name__)
+        classes = _loaded[name] = (getattr(module, request), getattr(module, response))
+    return classes
 
 
 def make_request_parser(backend: str, handler: RequestHandler, limits: CodecLimits) -> RequestParser:

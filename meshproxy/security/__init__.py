@@ -33,11 +33,31 @@ Tests that need certificates without a control plane sign in-process::
     manager = CertificateManager(SpiffeId("cluster.local", "default", "sleep"), ca.issuer())
     await manager.start()
 """
-from .manager import (CertificateIssuer, CertificateManager, IssuedCertificate, IssuerError,
-                      WorkloadCertificate)
-from .spiffe import DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
-from .tls import PeerIdentityMismatch, check_peer, peer_identity, peer_uris
+from __future__ import annotations
 
-__all__ = ["CertificateIssuer", "CertificateManager", "IssuedCertificate", "IssuerError", "WorkloadCertificate",
-           "DEFAULT_TRUST_DOMAIN", "InvalidSpiffeId", "SpiffeId", "PeerIdentityMismatch", "check_peer",
-           "peer_identity", "peer_uris"]
+import importlib
+
+# The names above, loaded on first use (PEP 562): authorization and peer authentication
+# (authz.py, peer_authn.py, inbound.py) are on every proxy's path and import this package,
+# while the certificate manager needs ``cryptography``, which a proxy without a workload
+# certificate never loads.
+_EXPORTS = {
+    "CertificateIssuer": "manager", "CertificateManager": "manager", "IssuedCertificate": "manager",
+    "IssuerError": "manager", "WorkloadCertificate": "manager",
+    "DEFAULT_TRUST_DOMAIN": "spiffe", "InvalidSpiffeId": "spiffe", "SpiffeId": "spiffe",
+    "PeerIdentityMismatch": "tls", "check_peer": "tls", "peer_identity": "tls", "peer_uris": "tls",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
