@@ -361,9 +361,21 @@ def cmd_proxies(client: Client, args) -> int:
                      ",".join(f"{k}={v}" for k, v in sorted(p["labels"].items())) or "-", p["state"],
                      p["acked_version"] or "-", nack_text,
                      time.strftime("%H:%M:%S", time.localtime(p["connected_since"])), p.get("replica", "local"),
-                     p.get("principal") or "-", p.get("cert_not_after") or "-"])
+                     p.get("principal") or "-", cert_expiry(p)])
     print_table(rows)
     return 0
+
+
+def cert_expiry(proxy: dict, now: float | None = None) -> str:
+    """``2026-12-08T14:38:02Z (in 23h59m)``; OpenSSL's text if it could not be read; ``-`` without."""
+    at = proxy.get("cert_expires_at")
+    if not at:
+        return proxy.get("cert_not_after") or "-"
+    left = at - (time.time() if now is None else now)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    if left <= 0:
+        return f"{when} (expired)"
+    return f"{when} (in {int(left // 3600)}h{int(left % 3600 // 60):02d}m)"
 
 
 def cmd_endpoints(client: Client, args) -> int:

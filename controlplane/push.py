@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -180,7 +181,16 @@ class ProxyConnection:
                 "applied_version": self.applied_version,
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
                 "last_nack": self.last_nack, "connected_since": self.connected_since,
-                "principal": self.info.get("principal", ""), "cert_not_after": self.info.get("cert_not_after", "")}
+                "principal": self.info.get("principal", ""), "cert_not_after": self.info.get("cert_not_after", ""),
+                "cert_expires_at": _expires_at(self.info.get("cert_not_after", ""))}
+
+
+def _expires_at(not_after: str) -> float | None:
+    """OpenSSL's notAfter text (``Dec  8 14:38:02 2026 GMT``) as seconds since the epoch."""
+    try:
+        return float(ssl.cert_time_to_seconds(not_after)) if not_after else None
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- the engine

@@ -4,7 +4,11 @@ other APIs do not already give, live traffic per service and version.
   GET /ui, /ui/                  the console (index.html); /ui/{app.js,style.css}
   GET /delivery/v1/traffic       per service and version, over the last second or more:
                                  requests/s, success rate, p50/p99 (ms), observed share of the
-                                 service's requests, and the configured split of each route
+                                 service's requests, and the configured split of each route;
+                                 and per edge into each sidecar (``edges``): the caller's SPIFFE id,
+                                 whether it came over mutual TLS, requests/s and the total, with
+                                 the connections each proxy refused (plaintext on a STRICT port, ...)
+                                 and the requests its AuthorizationPolicies denied
 
 Everything else the console shows comes from the APIs meshctl uses: canaries
 (``/apis/delivery.meshproxy.io/v1``), proxies (``/push/v1/proxies``), workloads
@@ -13,6 +17,8 @@ Everything else the console shows comes from the APIs meshctl uses: canaries
 
 Traffic is read from the proxies (``reporter="source"``: the proxies that choose a version)
 at most once a second however many browsers watch; rates are differences of two readings.
+Edges come from the same reading: the sidecars' ``reporter="destination"`` samples carry the
+caller's ``source_principal`` and ``connection_security_policy`` (``mutual_tls`` or ``none``).
 """
 from __future__ import annotations
 
@@ -65,6 +71,33 @@ def parse_all(text: str, reporter: str = "source") -> dict[tuple[str, str], Vers
         cumulative = tuple(int(b[k]) for k in bounds) + (int(b.get(float("inf"), 0)),) if b else ()
         out[key] = VersionSample(total, errors, bounds if b else (), cumulative)
     return out
+
+
+HANDSHAKE_FAILURES = "meshproxy_tls_handshake_failures"
+AUTHZ_DECISIONS = "meshproxy_authz_decisions"
+
+
+def parse_security(text: str) -> dict:
+    """Prometheus text of one proxy -> what reached it and how: ``inbound`` {(caller principal,
+    connection_security_policy): requests served}, ``refused`` {reason: connections refused
+    before any request}, ``denied``: requests or connections its AuthorizationPolicies denied."""
+    inbound: dict[tuple[str, str], int] = {}
+    refused: dict[str, int] = {}
+    denied = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if not sample.name.endswith("_total"):
+                continue
+            if family.name == REQUESTS and labels.get("reporter") == "destination":
+                key = (labels.get("source_principal", "unknown"), labels.get("connection_security_policy", "none"))
+                inbound[key] = inbound.get(key, 0) + int(sample.value)
+            elif family.name == HANDSHAKE_FAILURES:
+                reason = labels.get("reason", "")
+                refused[reason] = refused.get(reason, 0) + int(sample.value)
+            elif family.name == AUTHZ_DECISIONS and labels.get("decision") == "denied":
+                denied += int(sample.value)
+    return {"inbound": inbound, "refused": refused, "denied": denied}
 
 
 def configured_splits(resources) -> dict[str, list[dict]]:
@@ -128,7 +161,10 @@ class TrafficView:
             try:
                 status, body = await request("GET", f"http://{address}/stats/prometheus",
                                              timeout=self.controller.read_timeout)
-                return address, parse_all(body.decode(errors="replace")) if status == 200 else None
+                if status != 200:
+                    return address, None
+                text = body.decode(errors="replace")
+                return address, (parse_all(text), {"node": admins[address], **parse_security(text)})
             except (HttpFailure, ValueError):
                 return address, None
 
@@ -137,8 +173,8 @@ class TrafficView:
     def _rates(self, before: tuple[float, dict], after: tuple[float, dict]) -> dict:
         seconds = max(1e-6, after[0] - before[0])
         totals: dict[tuple[str, str], VersionSample] = {}
-        for proxy, samples in after[1].items():
-            old = before[1].get(proxy)
+        for proxy, (samples, _) in after[1].items():
+            old = before[1].get(proxy, (None,))[0]
             if old is None:
                 continue
             for key, sample in samples.items():
@@ -163,7 +199,25 @@ class TrafficView:
         configured = [{"service": host, **route,
                        "versions": {subset: subset_versions.get((host, subset), subset) for subset in route["weights"]}}
                       for host, routes in sorted(splits.items()) for route in routes]
-        return {"seconds": round(seconds, 3), "items": items, "configured": configured}
+        return {"seconds": round(seconds, 3), "items": items, "configured": configured,
+                "edges": edges(before[1], after[1], seconds)}
+
+
+def edges(before: dict, after: dict, seconds: float) -> list[dict]:
+    """Per proxy that served requests or refused connections: who called it (SPIFFE id, "unknown"
+    for a caller without a certificate), whether over mutual TLS, requests/s now and in total;
+    connections refused by reason and requests denied, in total."""
+    out = []
+    for address, (_, now) in sorted(after.items(), key=lambda item: item[1][1]["node"]):
+        old = before.get(address, (None, {"inbound": {}}))[1]
+        for (principal, policy), total in sorted(now["inbound"].items()):
+            delta = total - old["inbound"].get((principal, policy), 0)
+            out.append({"destination": now["node"], "source": principal, "mutualTls": policy == "mutual_tls",
+                        "requestsPerSecond": round(max(0, delta) / seconds, 2), "requests": total})
+        if now["refused"] or now["denied"]:
+            out.append({"destination": now["node"], "source": None, "refused": dict(now["refused"]),
+                        "denied": now["denied"]})
+    return out
 
 
 def asset(name: str) -> Response | None:

@@ -113,7 +113,7 @@ def follow(api, traffic: Traffic, until: tuple[str, ...], timeout: float) -> dic
 
 
 def release_story(api, mesh, cp_url: str, gw_port: int, apply_obj, spawn_sidecar, free_port) -> bool:
-    print(f"\nstep 3: progressive delivery. Watch it in the console: {cp_url}/ui", flush=True)
+    print(f"\nstep 4: progressive delivery. Watch it in the console: {cp_url}/ui#canaries (token above)", flush=True)
     apply_obj({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
                "metadata": {"name": "demo", "namespace": "default"},
                "spec": {"hosts": ["demo.default.svc.cluster.local", "demo.example.com"],
@@ -131,7 +131,7 @@ def release_story(api, mesh, cp_url: str, gw_port: int, apply_obj, spawn_sidecar
         first = follow(api, traffic, ("Succeeded", "Failed"), 60)
         print(f"  -> {first.get('phase')}: {first.get('message')}")
 
-        print("\nstep 4: v3 with injected errors (1 request in 10 fails): its sidecar registers it, the "
+        print("\nstep 5: v3 with injected errors (1 request in 10 fails): its sidecar registers it, the "
               "DestinationRule gains subset v3, and the Canary is applied again with stable v2, canary v3:")
         app_port, listen, admin = free_port(), free_port(), free_port()
         mesh.spawn("app-v3", [sys.executable, "-c", FAILING_APP, "v3", str(app_port), "10"])

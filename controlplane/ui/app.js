@@ -178,9 +178,25 @@ async function showTraffic() {
 
 // ------------------------------------------------------------------ mesh
 
+function expiry(p) {
+  if (!p.cert_expires_at) return "–";
+  const left = p.cert_expires_at - Date.now() / 1000;
+  const h = Math.floor(Math.max(0, left) / 3600), m = Math.floor((Math.max(0, left) % 3600) / 60);
+  const at = new Date(p.cert_expires_at * 1000), pad = (n) => String(n).padStart(2, "0");
+  const when = `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())} ${pad(at.getHours())}:${pad(at.getMinutes())}`;
+  return `${when} (${left <= 0 ? "expired" : `in ${h}h ${m}m`})`;
+}
+
+function refusals(edge) {
+  const parts = Object.entries(edge.refused).map(([reason, n]) => `${n} connection(s) refused: ${reason.replaceAll("_", " ")}`);
+  if (edge.denied) parts.push(`${edge.denied} denied by AuthorizationPolicy`);
+  return parts.join("; ");
+}
+
 async function showMesh() {
-  const [drs, workloads, proxies] = await Promise.all([
-    api("/apis/networking.istio.io/v1/destinationrules"), api("/registry/v1/workloads"), api("/push/v1/proxies")]);
+  const [drs, workloads, proxies, traffic] = await Promise.all([
+    api("/apis/networking.istio.io/v1/destinationrules"), api("/registry/v1/workloads"), api("/push/v1/proxies"),
+    api("/delivery/v1/traffic")]);
   const services = new Map();
   for (const w of workloads.items) {
     const key = `${w.service}.${w.namespace}`;
@@ -198,10 +214,24 @@ async function showMesh() {
       el("td", { text: s.endpoints.join("; ") || "–" }))));
   fillRows(document.querySelector("#proxies tbody"), proxies.items.map((p) =>
     el("tr", { "data-node": p.node_id },
-      el("td", { text: p.node_id }), el("td", { text: p.mode }), el("td", { text: p.namespace }),
+      el("td", { text: p.node_id }), el("td", { text: p.mode }),
       el("td", { text: Object.entries(p.labels).map(([k, v]) => `${k}=${v}`).join(",") || "–" }),
-      el("td", { class: "state", text: p.state }), el("td", { text: p.acked_version || "–" }),
+      el("td", { class: "identity", text: p.principal || "none (no workload certificate)" }),
+      el("td", { class: "expires", text: expiry(p) }),
+      el("td", { class: "state", text: p.state }),
+      el("td", { class: "version", title: p.acked_version || "", text: p.acked_version ? p.acked_version.slice(0, 8) : "–" }),
       el("td", { text: p.last_nack ? `${p.last_nack.version}: ${p.last_nack.errors.join(" | ")}` : "–" }))));
+  const identities = new Map(proxies.items.map((p) => [p.node_id, p.principal]));
+  fillRows(document.querySelector("#edges tbody"), (traffic.edges || []).map((e) => e.source === null
+    ? el("tr", { class: "refused", "data-edge": `${e.destination}|refused` },
+        el("td", { class: "muted", text: "plaintext or unauthorized callers" }), el("td", { text: "→" }),
+        el("td", { text: e.destination }), el("td", { class: "bad", colspan: "3", text: refusals(e) }))
+    : el("tr", { "data-edge": `${e.destination}|${e.source}` },
+        el("td", { class: "source", text: e.source === "unknown" ? "unknown (no client certificate)" : e.source }),
+        el("td", { text: "→" }),
+        el("td", { text: `${e.destination} (${identities.get(e.destination) || "no identity"})` }),
+        el("td", { class: e.mutualTls ? "mtls ok" : "mtls bad", text: e.mutualTls ? "mutual TLS" : "plaintext" }),
+        el("td", { class: "num", text: fmt(e.requestsPerSecond, 1) }), el("td", { class: "num", text: String(e.requests) }))));
 }
 
 // ------------------------------------------------------------------ history

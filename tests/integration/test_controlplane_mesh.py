@@ -1,5 +1,8 @@
-"""Full mesh: the control plane process, real `meshproxy run --control-plane` sidecars and an
-ingress gateway, two demo app versions, traffic through the gateway under constant load."""
+"""Full mesh, as `./scripts/demo` brings it up (controlplane.demo.bring_up): the control plane
+process with its CA, real `meshproxy run --control-plane https://...` sidecars and an ingress
+gateway joined with bootstrap tokens, two demo app versions, STRICT mTLS in the namespace, an
+AuthorizationPolicy; traffic through the gateway under constant load, and the console's live
+view of identities and mutual TLS in a real browser."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane.cli import Client
-from controlplane.demo import Mesh, apply_file, send, spawn_proxies, wait_for
+from controlplane.demo import apply_file, bring_up, inbound_mtls, send, wait_for, zero_trust_step
 from controlplane.resources import GROUP
-from controlplane.testing import ControlPlaneProcess, GatewayLoad as Load, free_ports
+from controlplane.testing import ControlPlaneProcess, GatewayLoad as Load
+from test_console_browser import ARTIFACTS, browser  # noqa: F401  (the "browser" fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NS = f"/apis/{GROUP}/v1/namespaces/default"
@@ -27,28 +30,15 @@ def only_v1(obj):
         obj["spec"]["http"][0]["route"][0]["weight"] = 100
 
 
-@pytest.fixture
-def mesh(tmp_path):
-    mesh = Mesh(tmp_path, quiet=True)
-    store = f"sqlite:{tmp_path / 'mesh.db'}"
-    mesh.cp = ControlPlaneProcess(store, ttl=5.0, log_path=str(tmp_path / "cp.log")).start()
-    api = Client(mesh.cp.url)
-    gw_port, gw_admin, *ports = free_ports(9)
-    apply_file(api, CONFIGS / "demo-serviceentry.yaml")
-    apply_file(api, CONFIGS / "demo-destinationrule.yaml", only_v1)
-    apply_file(api, CONFIGS / "demo-gateway.yaml", lambda o: o["spec"]["servers"][0]["port"].update(number=gw_port))
-    apply_file(api, CONFIGS / "demo-virtualservice.yaml", only_v1)
-    spawn_proxies(mesh, mesh.cp.url, ports, gw_admin, prefix="sc")
-
-    def ready():
-        proxies = api.call("GET", "/push/v1/proxies")[1]["items"]
-        workloads = api.call("GET", "/registry/v1/namespaces/default/services/demo/endpoints")[1]["items"]
-        return len(workloads) == 2 and len(proxies) == 3 and all(p["state"] == "acked" for p in proxies)
-
-    wait_for(ready, 20, "mesh converged")
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """One demo mesh for the module (each test leaves it routing 100% to v1 through the gateway)."""
+    tmp_path = tmp_path_factory.mktemp("demo-mesh")
+    demo = bring_up(tmp_path, say=lambda *_: None, prefix="sc", patch=only_v1)
+    mesh = demo.mesh
     # the gateway's config must include both registered endpoints before any load starts
-    wait_for(lambda: all(_one(gw_port) == "v1" for _ in range(10)), 10, "gateway serving v1")
-    mesh.api, mesh.gw_port, mesh.store = api, gw_port, store
+    wait_for(lambda: all(_one(demo.gw_port) == "v1" for _ in range(10)), 10, "gateway serving v1")
+    mesh.demo, mesh.gw_port, mesh.store = demo, demo.gw_port, f"sqlite:{tmp_path / 'mesh.db'}"
     yield mesh
     mesh.close()
 
@@ -85,8 +75,11 @@ def test_control_plane_killed_and_restarted_under_traffic_fails_no_request_and_c
         served_while_down = load.total()
         time.sleep(1.5)
         assert load.total() - served_while_down > 20          # proxies keep serving their last config
-        mesh.cp = ControlPlaneProcess(mesh.store, port=port, ttl=5.0).start()
-        wait_for(lambda: len(proxies(mesh.api)) == 3 and all(p["state"] == "acked" for p in proxies(mesh.api).values()),
+        credentials = mesh.cp.credentials
+        mesh.cp = ControlPlaneProcess(mesh.store, port=port, ttl=5.0, tls=True)
+        mesh.cp.credentials = credentials
+        mesh.cp.start(30)
+        wait_for(lambda: len(proxies(mesh.api)) == 4 and all(p["state"] == "acked" for p in proxies(mesh.api).values()),
                  15, "proxies reconnected")
         time.sleep(0.5)
     finally:
@@ -120,14 +113,66 @@ def test_rollback_restores_the_earlier_routing_through_the_gateway(mesh):
     apply_file(mesh.api, CONFIGS / "demo-destinationrule.yaml")
     half = copy.deepcopy(yaml.safe_load((CONFIGS / "steps" / "demo-virtualservice-50-50.yaml").read_text()))
     half["spec"]["http"][0]["route"][0]["weight"], half["spec"]["http"][0]["route"][1]["weight"] = 0, 100
-    mesh.api.call("PUT", f"{NS}/virtualservices/demo", half)          # everything to v2
+    code, changed = mesh.api.call("PUT", f"{NS}/virtualservices/demo", half)          # everything to v2
+    assert code == 200, changed
     wait_for(lambda: all(_one(mesh.gw_port) == "v2" for _ in range(10)), 10, "all traffic on v2")
     history = mesh.api.call("GET", "/history")[1]["items"]
-    only_v1_revision = max(e["revision"] for e in history if e["kind"] == "VirtualService" and e["op"] == "create")
-    code, _ = mesh.api.call("POST", f"/history/{only_v1_revision}/rollback")
+    to_v2 = max(e["revision"] for e in history if e["kind"] == "VirtualService")
+    code, _ = mesh.api.call("POST", f"/history/{to_v2 - 1}/rollback")     # the mesh just before it
     assert code == 200
     wait_for(lambda: all(_one(mesh.gw_port) == "v1" for _ in range(20)), 10, "traffic back on v1 only")
 
 
 def _one(port: int) -> str:
     return send(port, "demo.example.com")
+
+
+def test_demo_runs_strict_mtls_with_identities_and_the_console_shows_them(mesh, browser):
+    demo = mesh.demo
+    # STRICT in the demo's namespace, and the policy that only lets the gateway call demo
+    code, pa = mesh.api.call("GET", "/apis/security.istio.io/v1/namespaces/default/peerauthentications/default")
+    assert code == 200 and pa["spec"]["mtls"]["mode"] == "STRICT", (code, pa.get("message"))
+    # every proxy has its own workload identity, one service account per service
+    expected = {"sc-v1": "demo", "sc-v2": "demo", "sc-ingress": "ingress-gateway", "sc-sleep": "sleep"}
+    shown = proxies(mesh.api)
+    assert {n: p["principal"] for n, p in shown.items()} == {
+        n: f"spiffe://cluster.local/ns/default/sa/{sa}" for n, sa in expected.items()}
+    assert all(p["cert_expires_at"] > time.time() + 3600 for p in shown.values())
+    # plaintext refused by STRICT (and counted); sleep 403 RBAC: access denied, then allowed
+    said: list[str] = []
+    assert zero_trust_step(demo, said.append), "\n".join(said)
+    # the gateway reaches the sidecars over mutual TLS, as itself
+    load = Load(mesh.gw_port).start()
+    try:
+        wait_for(lambda: load.total() > 50, 10, "traffic through the gateway")
+    finally:
+        load.stop()
+    assert load.failures == []
+    served = inbound_mtls(demo.admins["v1"])
+    assert served.get(("spiffe://cluster.local/ns/default/sa/ingress-gateway", "mutual_tls"), 0) >= 50, served
+    assert all(policy == "mutual_tls" for _, policy in served), served
+
+    # the live view: identities, certificate expiry, and mutual TLS per edge
+    context = browser.new_context(ignore_https_errors=True)      # the mesh CA is not the browser's
+    page = context.new_page()
+    try:
+        page.goto(f"{mesh.cp.url}/ui#mesh")
+        page.wait_for_selector("#login:not([hidden])", timeout=10000)
+        page.fill("#token", mesh.api.token)
+        page.click("#login button")
+        page.wait_for_selector('#proxies tr[data-node="sc-ingress"] td.identity', timeout=10000)
+        for node, sa in expected.items():
+            row = f'#proxies tr[data-node="{node}"]'
+            assert page.text_content(f"{row} td.identity") == f"spiffe://cluster.local/ns/default/sa/{sa}"
+            assert "in 23h" in page.text_content(f"{row} td.expires")
+        edge = '#edges tr[data-edge="sc-v1|spiffe://cluster.local/ns/default/sa/ingress-gateway"]'
+        page.wait_for_selector(edge, timeout=10000)
+        assert page.text_content(f"{edge} td.mtls") == "mutual TLS"
+        refused = '#edges tr[data-edge="sc-v1|refused"]'
+        page.wait_for_selector(refused, timeout=10000)
+        assert "refused: plaintext refused" in page.text_content(refused)
+        assert "denied by AuthorizationPolicy" in page.text_content(refused)
+        ARTIFACTS.joinpath("console").mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "console" / "mesh-mtls.png"), full_page=True)
+    finally:
+        context.close()
