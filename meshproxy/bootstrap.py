@@ -89,7 +89,15 @@ class Worker:
         # the workload certificate manager (meshproxy.security.CertificateManager), set by the
         # composition root when the proxy has an identity; None = no workload certificate
         self.certificates = None
+        telemetry.identity = self._own_identity      # source/destination_principal of mTLS connections
         store.subscribe(self._on_swap)
+
+    def _own_identity(self) -> str:
+        """This workload's SPIFFE id, from its current certificate ("" without one)."""
+        certificates = self.certificates
+        current = certificates.current if certificates is not None else None
+        identity = getattr(current, "identity", None)
+        return str(identity) if identity else ""
 
     # the parts tests and the admin read
     @property
@@ -252,14 +260,14 @@ class Worker:
             if route is None:
                 return None
             dest = runtime.splitter.pick_tcp(route)
-            if dest is None or not dest.cluster:
+            if dest is None:
                 return None
-            cluster = runtime.clusters.get(dest.cluster)
+            cluster = runtime.clusters.get(dest.cluster) if dest.cluster else None
             endpoint = cluster.pick() if cluster is not None else None
             if endpoint is None:
-                return None
+                return None, 0, None, None, dest          # the chosen destination, for telemetry
             return endpoint.address, endpoint.port, endpoint_tls(cluster.cluster.policy, endpoint), \
-                cluster.cluster.policy.connection_pool
+                cluster.cluster.policy.connection_pool, dest
 
         def admit(transport) -> bool:
             listener = self.tcp_listeners_by_name.get(model.name)

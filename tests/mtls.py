@@ -28,6 +28,7 @@ class Issued:
     cert_pem: bytes
     key_pem: bytes
     root_pem: bytes
+    identity: str = ""             # the SPIFFE id it names ("" if none)
 
     def files(self, directory) -> tuple[str, str, str]:
         """(cert, key, root) written to ``directory``."""
@@ -69,7 +70,7 @@ class MeshCA:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=bool(spiffe) and not dns)
         cert = builder.sign(self.key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), self.root_pem)
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), self.root_pem, spiffe)
 
 
 class StaticCertificates:

@@ -272,18 +272,20 @@ class CaptureListener:
             if route is None:
                 return None
             dest = worker.splitter.pick_tcp(route)
-            if dest is None or not dest.cluster:
-                return None                        # BlackHoleCluster: closed
-            cluster = worker.clusters.get(dest.cluster)
-            if cluster is None:
+            if dest is None:
                 return None
+            cluster = worker.clusters.get(dest.cluster) if dest.cluster else None
+            if cluster is None:
+                return None, 0, None, None, dest   # BlackHoleCluster: closed
             if cluster.passthrough:
-                return original
+                return original[0], original[1], None, None, dest
             endpoint = cluster.pick()
-            return (endpoint.address, endpoint.port) if endpoint is not None else None
+            if endpoint is None:
+                return None, 0, None, None, dest
+            return endpoint.address, endpoint.port, None, None, dest
 
-        def on_close(sent: int, received: int) -> None:
-            closed_metric(sent, received)
+        def on_close(conn, sent: int, received: int) -> None:
+            closed_metric(conn, sent, received)
             if original is not None and not view.connections:
                 self.tcp_views.pop(key, None)
 

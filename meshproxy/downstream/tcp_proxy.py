@@ -4,10 +4,12 @@ One accepted connection goes through:
 
 1. ``connection_made``: ``admit(transport)`` (when set: the workload's AuthorizationPolicy)
    may refuse the connection, which is then closed without data; reading is paused (the client's first bytes wait in the kernel,
-   or, if some were already delivered, in a bounded list), ``on_open()`` is called, and
-   a connect task owned by the connection starts.
-2. connect: ``pick_upstream(transport, sni)`` -> ``(host, port[, tls, pool policy])`` (the
-   transport's addresses and the SNI pick the route); ``loop.create_connection`` under
+   or, if some were already delivered, in a bounded list), and a connect task owned by the
+   connection starts.
+2. connect: ``pick_upstream(transport, sni)`` -> ``(host, port[, tls, pool policy[, destination]])``
+   (the transport's addresses and the SNI pick the route; ``destination``, what the route chose,
+   is kept for telemetry; host None: the route chose a destination that has no endpoint);
+   ``loop.create_connection`` under
    ``connect_timeout``. On failure (refused, timeout, other OSError) ``on_connect_failure
    (host, port, reason)`` is called and ``pick_upstream()`` is asked ONCE more; if it
    returns a different endpoint that one is tried, otherwise the client is closed.
@@ -15,8 +17,11 @@ One accepted connection goes through:
 3. splice: both transports are handed to :class:`~meshproxy.downstream.splice.Splice`
    with whatever either side delivered early; from there on it is the splice's
    behaviour (backpressure, half-close, reset, idle timeout).
-4. ``on_close(sent, received)`` exactly once per accepted connection, (0, 0) when no
-   upstream was reached.
+4. ``on_open(conn)`` once the upstream is connected (the route is chosen and the upstream's
+   TLS, if any, verified: what telemetry labels the connection by), or when the connection
+   ends before that; then ``on_close(conn, sent, received)`` exactly once per accepted
+   connection, (0, 0) when no upstream was reached.  ``conn.tag`` is the owner's to keep
+   what ``on_open`` computed.
 
 :class:`TcpProxyListener` owns every live connection (and through it the connect
 task), so ``close(timeout)`` can wait for them and abort the rest.
@@ -102,7 +107,8 @@ class TcpProxyProtocol(asyncio.Protocol):
     """One accepted downstream connection, until it is spliced."""
 
     __slots__ = ("listener", "transport", "chunks", "eof", "lost", "task", "splice",
-                 "pending", "_done", "sni", "_hello", "options", "deadline")
+                 "pending", "_done", "sni", "_hello", "options", "deadline", "destination", "upstream",
+                 "opened", "tag")
 
     def __init__(self, listener: "TcpProxyListener"):
         self.listener = listener
@@ -118,6 +124,10 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._hello: asyncio.Future | None = None   # SNI routing: set when the first record is read
         self.options = None                # the cluster's ConnectionPoolPolicy, when the picker gives it
         self.deadline: asyncio.TimerHandle | None = None   # maxConnectionDuration
+        self.destination = None            # what the route chose (the picker's 5th value), for telemetry
+        self.upstream: asyncio.Transport | None = None     # the connected upstream (its TLS peer, if any)
+        self.opened = False                # on_open called
+        self.tag = None                    # the owner's (telemetry: the connection's metric handle)
 
     # ------------------------------------------------------------ before the splice
 
@@ -140,8 +150,6 @@ class TcpProxyProtocol(asyncio.Protocol):
             transport.close()
             return
         listener.connections.add(self)
-        if listener.on_open is not None:
-            listener.on_open()
         if listener.sni_routing is not None and listener.sni_routing():
             # Gateway PASSTHROUGH: read the ClientHello (bounded), route on its SNI, forward it untouched
             self._hello = listener.loop.create_future()
@@ -185,7 +193,19 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def _pick(self):
         listener = self.listener
-        return listener.pick_upstream(self.transport, self.sni)
+        target = listener.pick_upstream(self.transport, self.sni)
+        if target is not None and len(target) > 4:
+            self.destination = target[4]
+            if target[0] is None:
+                return None                # the route's destination has no endpoint (or is a black hole)
+        return target
+
+    def _opened(self) -> None:
+        if not self.opened:
+            self.opened = True
+            on_open = self.listener.on_open
+            if on_open is not None:
+                on_open(self)
 
     async def _connect(self) -> None:
         listener = self.listener
@@ -261,6 +281,8 @@ class TcpProxyProtocol(asyncio.Protocol):
     def _start_splice(self, up: _PendingUpstream) -> None:
         listener = self.listener
         self.pending = None
+        self.upstream = up.transport
+        self._opened()
         options = self.options
         idle = listener.idle_timeout
         if options is not None and options.tcp_idle_timeout is not None:
@@ -287,6 +309,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         if self._done:
             return
         self._done = True
+        self._opened()
         self.listener._connection_done(self, sent, received)
 
     def abort(self) -> None:
@@ -308,8 +331,8 @@ class TcpProxyListener:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pick_upstream: PickUpstream,
                  connect_timeout: float, idle_timeout: float,
-                 on_open: Callable[[], None] | None = None,
-                 on_close: Callable[[int, int], None] | None = None,
+                 on_open: Callable[["TcpProxyProtocol"], None] | None = None,
+                 on_close: Callable[["TcpProxyProtocol", int, int], None] | None = None,
                  on_connect_failure: Callable[[str, int, str], None] | None = None, *,
                  model: Any = None, high_water: int = DEFAULT_HIGH_WATER,
                  low_water: int = DEFAULT_LOW_WATER, max_connections: int = 2**31 - 1,
@@ -382,15 +405,15 @@ class TcpProxyListener:
         self.connections.discard(conn)
         self.total += 1
         if self.on_close is not None:
-            self.on_close(sent, received)
+            self.on_close(conn, sent, received)
         if not self.connections and self._idle_waiter is not None and not self._idle_waiter.done():
             self._idle_waiter.set_result(None)
 
 
 def make_tcp_proxy_factory(loop: asyncio.AbstractEventLoop, pick_upstream: PickUpstream,
                            connect_timeout: float, idle_timeout: float,
-                           on_open: Callable[[], None] | None = None,
-                           on_close: Callable[[int, int], None] | None = None,
+                           on_open: Callable[[TcpProxyProtocol], None] | None = None,
+                           on_close: Callable[[TcpProxyProtocol, int, int], None] | None = None,
                            on_connect_failure: Callable[[str, int, str], None] | None = None,
                            ) -> TcpProxyListener:
     """A :class:`TcpProxyListener`; pass it (it is callable) to ``loop.create_server``."""

@@ -22,8 +22,8 @@ cdef class RequestInfo:
 cdef class Telemetry:
     cdef public ProxyTracer tracer
     cdef public ProxyMetrics metrics
-    cdef public object access_log, source, _unrouted, _inbound
-    cdef public str reporter
+    cdef public object access_log, source, _unrouted, _inbound, identity
+    cdef public str reporter, _policy
     cdef public dict _handles, _tcp_handles, _inbound_mtls
 
     @cython.locals(head=RequestHead)

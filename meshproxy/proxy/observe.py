@@ -18,6 +18,18 @@ from ..config.model import Cluster, Listener, Snapshot
 from ..telemetry import AccessLog, PeerInfo, UNKNOWN_PEER
 from ..telemetry.metrics import ProxyMetrics, workload_peer
 
+
+def peer_uri(transport) -> str:
+    """The SPIFFE id of the verified peer of a TLS ``transport`` ("" if none or plaintext)."""
+    if transport is None:
+        return ""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return ""
+    cert = ssl_object.getpeercert()
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"] if cert else []
+    return uris[0] if len(uris) == 1 and uris[0].startswith("spiffe://") else ""
+
 if TYPE_CHECKING:   # compiled, the attribute's type comes from observe.pxd (a cimport)
     from ..telemetry.tracing import ProxyTracer
 
@@ -47,10 +59,14 @@ class Telemetry:
         self.source = source
         self.reporter = reporter
         self._handles: dict[str, int] = {}
-        self._unrouted = self.metrics.http_handle(reporter, source, UNKNOWN_PEER)
+        # connection_security_policy: Istio reports "unknown" on every reporter="source" series
+        self._policy = "unknown" if reporter == "source" else "none"
+        self._unrouted = self.metrics.http_handle(reporter, source, UNKNOWN_PEER, security_policy=self._policy)
         # inbound (a sidecar's ingress listener): Istio's reporter="destination", this workload as destination
         self._inbound = self.metrics.http_handle("destination", UNKNOWN_PEER, self._own_service_peer(source))
-        self._tcp_handles: dict[str, int] = {}
+        self._tcp_handles: dict[tuple, int] = {}
+        # () -> this workload's SPIFFE id ("" without a certificate); set by the worker
+        self.identity = None
         # inbound requests over mTLS: connection_security_policy="mutual_tls", per caller principal
         self._inbound_mtls: dict[str, int] = {}
 
@@ -80,7 +96,7 @@ class Telemetry:
         handle = self._handles.get(cluster.name)
         if handle is None:
             handle = self._handles[cluster.name] = self.metrics.http_handle(
-                self.reporter, self.source, _service_peer(cluster))
+                self.reporter, self.source, _service_peer(cluster), security_policy=self._policy)
             # a cluster's counters exist at 0 from its first request on (not for every cluster
             # of a large mesh: that would be Envoy's stats bloat)
             self.metrics.declare_per("cluster", (cluster.name,))
@@ -143,13 +159,14 @@ class Telemetry:
 
     def _inbound_handle(self, down) -> int:
         """Istio's labels for a request this workload served: ``mutual_tls`` and the caller's
-        ``source_principal`` when it came over mTLS, ``none`` otherwise."""
+        ``source_principal`` (this workload's as ``destination_principal``) when it came over mTLS,
+        ``none`` otherwise."""
         peer = down.listener.peer(down)
         if not peer.mutual_tls:
             return self._inbound
         handle = self._inbound_mtls.get(peer.principal)
         if handle is None:
-            own = self._own_service_peer(self.source)
+            own = replace(self._own_service_peer(self.source), principal=self.own_principal())
             handle = self._inbound_mtls[peer.principal] = self.metrics.http_handle(
                 "destination", replace(UNKNOWN_PEER, principal=peer.spiffe_id or "unknown"), own,
                 security_policy="mutual_tls")
@@ -205,31 +222,61 @@ class Telemetry:
         self.metrics.upstream_cx_connect_failed(cluster)
 
     def tcp_opened(self, listener: Listener):
-        def opened() -> None:
-            self.metrics.record_tcp_open(self._tcp_handle(listener))
+        def opened(conn) -> None:
+            conn.tag = handle = self._tcp_handle(listener, conn)
+            self.metrics.record_tcp_open(handle)
         return opened
 
     def tcp_closed(self, listener: Listener):
-        def closed(sent: int, received: int) -> None:
-            self.metrics.record_tcp_close(self._tcp_handle(listener), sent, received)
+        def closed(conn, sent: int, received: int) -> None:
+            handle = conn.tag if conn is not None and conn.tag is not None else self._tcp_handle(listener, conn)
+            self.metrics.record_tcp_close(handle, sent, received)
         return closed
 
-    def _tcp_handle(self, listener: Listener) -> int:
-        handle = self._tcp_handles.get(listener.name)
-        if handle is None and listener.name.startswith("inbound"):
-            # a sidecar's inbound (Sidecar ingress, capture's virtualInbound, explicit --inbound-port):
-            # Istio's reporter="destination", this workload as the destination
-            handle = self._tcp_handles[listener.name] = self.metrics.tcp_handle(
-                "destination", UNKNOWN_PEER, self._own_service_peer(self.source))
+    def _tcp_handle(self, listener: Listener, conn) -> int:
+        """Istio's labels for one TCP connection (``conn``: a
+        :class:`~meshproxy.downstream.tcp_proxy.TcpProxyProtocol`, its upstream connected or
+        given up on).  A sidecar's inbound (Sidecar ingress, capture's virtualInbound, explicit
+        ``--inbound-port``) reports as the destination: ``mutual_tls`` with the caller's and this
+        workload's principals when the connection came over mTLS, ``none`` otherwise.  Anything
+        else reports as the source, labelled by the destination its route chose (not the
+        listener's first route: destinationSubnets and SNI pick among several), with this
+        workload's and the server's principals when the upstream connection is mTLS;
+        ``connection_security_policy`` is ``unknown`` on the source side, as in Istio."""
+        transport = conn.transport if conn is not None else None
+        if listener.name.startswith("inbound"):
+            peer = peer_uri(transport)
+            key = ("inbound", listener.name, peer)
+            handle = self._tcp_handles.get(key)
+            if handle is None:
+                own = self._own_service_peer(self.source)
+                if peer:
+                    handle = self.metrics.tcp_handle(
+                        "destination", replace(UNKNOWN_PEER, principal=peer),
+                        replace(own, principal=self.own_principal()), security_policy="mutual_tls")
+                else:
+                    handle = self.metrics.tcp_handle("destination", UNKNOWN_PEER, own)
+                self._tcp_handles[key] = handle
+            return handle
+        dest = conn.destination if conn is not None else None
+        host = dest.host if dest is not None else "unknown"
+        server = peer_uri(conn.upstream) if conn is not None else ""
+        key = (host, server)
+        handle = self._tcp_handles.get(key)
         if handle is None:
-            dest = UNKNOWN_PEER
-            if listener.tcp_routes and listener.tcp_routes[0].destinations:
-                host = listener.tcp_routes[0].destinations[0].host
-                name, _, rest = host.partition(".")
-                dest = PeerInfo(service=host, service_name=name, app=name,
-                                service_namespace=rest.split(".", 1)[0] if rest else "unknown")
-            handle = self._tcp_handles[listener.name] = self.metrics.tcp_handle(self.reporter, self.source, dest)
+            name, _, rest = host.partition(".")
+            destination = PeerInfo(service=host, service_name=name, app=name,
+                                   service_namespace=rest.split(".", 1)[0] if rest else "unknown",
+                                   principal=server or "unknown")
+            source = replace(self.source, principal=self.own_principal()) if server else self.source
+            handle = self._tcp_handles[key] = self.metrics.tcp_handle(self.reporter, source, destination,
+                                                                      security_policy=self._policy)
         return handle
+
+    def own_principal(self) -> str:
+        """This workload's SPIFFE id (its certificate's), or ``unknown``."""
+        identity = self.identity
+        return (identity() if identity is not None else "") or "unknown"
 
     # ---------------------------------------------------------------- housekeeping
 

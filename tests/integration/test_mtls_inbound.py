@@ -253,3 +253,71 @@ async def test_openssl_s_client_and_curl_see_the_workload_certificate(inbound, t
     no_cert = await loop.run_in_executor(None, lambda: subprocess.run(
         ["curl", "-s", "-k", f"https://127.0.0.1:{http}/"], capture_output=True, timeout=15))
     assert no_cert.returncode != 0 and no_cert.stdout == b""
+
+
+HTTPBIN = "spiffe://cluster.local/ns/foo/sa/httpbin"
+
+
+def _tcp_series(worker: Worker, family: str) -> list[dict]:
+    """The label sets (with the value as "value") of one istio_tcp_* family of ``worker``."""
+    from meshproxy.telemetry.metrics import FAMILIES
+    names = FAMILIES[family].labels
+    dump = worker.telemetry.metrics.dump()
+    return [dict(zip(names, labels), value=value) for labels, value in dump["counters"].get(family, [])]
+
+
+async def _tcp_exchange(port: int, ctx=None, local: str | None = None) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="x" if ctx else None,
+                                                   local_addr=(local, 0) if local else None)
+    writer.write(b"ping")
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return data
+
+
+async def test_tcp_metrics_carry_the_security_labels_and_the_chosen_route(inbound, tmp_path):
+    from ipaddress import ip_network
+    from meshproxy.config.model import TcpMatch, TrafficPolicy, UpstreamTls
+    mesh, start, app = inbound
+    server, _, tcp = await start("PERMISSIVE")
+    # a client sidecar's outbound TCP listener: connections from 127.0.0.2 go to "other"
+    # (plaintext, straight to the app's echo), the rest to httpbin over ISTIO_MUTUAL
+    echo_port = server.clusters.get("inbound|echo").cluster.endpoints[0].port
+    httpbin = Cluster("outbound|81||httpbin.foo.svc.cluster.local", "httpbin.foo.svc.cluster.local", 81, None,
+                      (Endpoint("127.0.0.1", tcp),), TrafficPolicy(tls=UpstreamTls(
+                          "ISTIO_MUTUAL", sni="outbound_.81_._.httpbin.foo.svc.cluster.local",
+                          subject_alt_names=(HTTPBIN,), alpn=("istio-peer-exchange", "istio"))), protocol="TCP")
+    other = Cluster("outbound|81||other.foo.svc.cluster.local", "other.foo.svc.cluster.local", 81, None,
+                    (Endpoint("127.0.0.1", echo_port),), protocol="TCP")
+    snap = Snapshot("c1", listeners=(Listener("outbound_tcp", "127.0.0.1", free_port(), "TCP", tcp_routes=(
+        TcpRoute((WeightedDestination(other.service, None, 81, 100, other.name),),
+                 matches=(TcpMatch(source_subnet=ip_network("127.0.0.2/32")),)),
+        TcpRoute((WeightedDestination(httpbin.service, None, 81, 100, httpbin.name),)),)),),
+        route_tables=MappingProxyType({}),
+        clusters=MappingProxyType({httpbin.name: httpbin, other.name: other}),
+        settings=ProxySettings(header_read_timeout=2.0))
+    client = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(),
+                    rng=random.Random(3))
+    client.certificates = StaticCertificates(mesh.ca.issue(SLEEP), tmp_path)
+    await client.start()
+    try:
+        port = snap.listeners[0].port
+        assert await _tcp_exchange(port) == b"echo:ping"                     # over mTLS, via the server
+        assert await _tcp_exchange(port, local="127.0.0.2") == b"echo:ping"  # plaintext, to "other"
+        assert await _tcp_exchange(tcp) == b"echo:ping"                      # plaintext to the server
+        await asyncio.sleep(0.05)
+        opened = {(s["destination_service"], s["source_principal"], s["destination_principal"],
+                   s["connection_security_policy"]): s["value"]
+                  for s in _tcp_series(client, "istio_tcp_connections_opened_total")}
+        # the source side: labelled by the route chosen, with both principals when the upstream is mTLS
+        assert opened == {("httpbin.foo.svc.cluster.local", SLEEP, HTTPBIN, "unknown"): 1,
+                          ("other.foo.svc.cluster.local", "unknown", "unknown", "unknown"): 1}, opened
+        served = {(s["reporter"], s["source_principal"], s["destination_principal"],
+                   s["connection_security_policy"]): s["value"]
+                  for s in _tcp_series(server, "istio_tcp_connections_closed_total")}
+        assert served == {("destination", SLEEP, HTTPBIN, "mutual_tls"): 1,
+                          ("destination", "unknown", "unknown", "none"): 1}, served
+        sent = {s["connection_security_policy"]: s["value"] for s in _tcp_series(server, "istio_tcp_sent_bytes_total")}
+        assert set(sent) == {"mutual_tls", "none"} and sent["mutual_tls"] == sent["none"] > 0, sent
+    finally:
+        await client.drain(0.1)

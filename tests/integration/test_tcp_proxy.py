@@ -46,10 +46,10 @@ class Recorder:
         self.closed: list[tuple[int, int]] = []
         self.failures: list[tuple[str, int, str]] = []
 
-    def on_open(self):
+    def on_open(self, conn):
         self.opened += 1
 
-    def on_close(self, sent, received):
+    def on_close(self, conn, sent, received):
         self.closed.append((sent, received))
 
     def on_connect_failure(self, host, port, reason):
