@@ -48,7 +48,8 @@ from . import kube
 from .http import Request, Response, StreamResponse
 from .push import PushEngine
 from .security.service import ROUTES as SECURITY_ROUTES, Denied
-from .resources import BY_KIND, BY_PLURAL, Kind, describe, kind_for, proxy_view
+from .resources import (BY_KIND, BY_PLURAL, CORE_GROUP, CORE_KINDS, Kind, content_of, describe, is_secret, kind_for,
+                        proxy_view, redacted, scrub_annotations)
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
 from .validation import apply_warnings, decode_warnings, load_yaml, validate_object
 
@@ -57,6 +58,7 @@ WARNINGS_MAX_OBJECTS = 3000     # above this many resources + workloads, writes 
 WATCH_HISTORY = 100_000         # history entries a watch may replay to resume from a resourceVersion
 _GV = r"(?P<group>[a-z0-9.-]+)/(?P<version>v[a-z0-9]+)"
 _NS = r"namespaces/(?P<ns>[^/]+)"
+_CORE = "|".join(k.plural for k in CORE_KINDS)
 ROUTES: list[tuple[str, re.Pattern, str]] = [
     (m, re.compile(p), h) for m, p, h in [
         ("GET", r"^/healthz$", "healthz"),
@@ -66,11 +68,20 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
         ("GET", r"^/api/v1/?$", "core_resources"),
         ("GET", r"^/api/v1/namespaces$", "namespaces"),
         ("GET", r"^/api/v1/namespaces/(?P<name>[^/]+)$", "namespace"),
+        # core v1 Secrets (TLS credentials for Gateway credentialName): writes need scope admin
+        ("GET", rf"^/api/(?P<version>v1)/(?P<plural>{_CORE})$", "core_list_all"),
+        ("GET", rf"^/api/(?P<version>v1)/{_NS}/(?P<plural>{_CORE})$", "core_list"),
+        ("POST", rf"^/api/(?P<version>v1)/{_NS}/(?P<plural>{_CORE})$", "core_create"),
+        ("GET", rf"^/api/(?P<version>v1)/{_NS}/(?P<plural>{_CORE})/(?P<name>[^/]+)$", "core_get"),
+        ("PUT", rf"^/api/(?P<version>v1)/{_NS}/(?P<plural>{_CORE})/(?P<name>[^/]+)$", "core_replace"),
+        ("PATCH", rf"^/api/(?P<version>v1)/{_NS}/(?P<plural>{_CORE})/(?P<name>[^/]+)$", "core_patch"),
+        ("DELETE", rf"^/api/(?P<version>v1)/{_NS}/(?P<plural>{_CORE})/(?P<name>[^/]+)$", "core_delete"),
         ("GET", r"^/apis/?$", "groups"),
         ("GET", r"^/apis/(?P<group>[a-z0-9.-]+)/?$", "group"),
         ("GET", rf"^/apis/{_GV}/?$", "resource_list"),
         ("GET", r"^/openapi/v3/?$", "openapi_paths"),
         ("GET", rf"^/openapi/v3/apis/{_GV}$", "openapi_group_version"),
+        ("GET", r"^/openapi/v3/api/(?P<version>v1)$", "openapi_core"),
         ("GET", rf"^/apis/{_GV}/(?P<plural>[a-z0-9]+)$", "list_all"),
         ("GET", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)$", "list"),
         ("POST", rf"^/apis/{_GV}/{_NS}/(?P<plural>[a-z0-9]+)$", "create"),
@@ -118,6 +129,46 @@ def parse_body(request: Request):
         return json.loads(text) if text[:1] in "{[" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise BadRequest(f"request body is neither valid JSON nor YAML: {exc}") from None
+
+
+def _secret_body(body: dict, existing: dict | None) -> dict:
+    """A Secret as the API server stores it: ``stringData`` folded into ``data`` (base64), kubectl's
+    last-applied copy of the data dropped, and a write that names no data keeping the stored data
+    (what ``kubectl get -o yaml | kubectl replace -f -`` sends, since reads never show it)."""
+    import base64
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    string_data = body.pop("stringData", None)
+    if isinstance(string_data, dict):
+        data = dict(body.get("data") or {}) if isinstance(body.get("data") or {}, dict) else body.get("data")
+        if isinstance(data, dict):
+            for key, value in string_data.items():
+                data[key] = base64.b64encode(value.encode()).decode() if isinstance(value, str) else value
+            body["data"] = data
+    elif string_data is not None:
+        body["stringData"] = string_data          # the decoder reports its type
+    if "data" not in body and "stringData" not in body and existing is not None and existing.get("data"):
+        body["data"] = existing["data"]
+    md = body.get("metadata")
+    if isinstance(md, dict) and isinstance(md.get("annotations"), dict):
+        body["metadata"] = dict(md, annotations=scrub_annotations(md["annotations"]))
+    return body
+
+
+def _without_directives(patch):
+    """A strategic merge patch without kubectl's ``$setElementOrder``/``$retainKeys`` hints;
+    other ``$`` directives are refused (nothing in a Secret needs them)."""
+    if isinstance(patch, dict):
+        out = {}
+        for key, value in patch.items():
+            if isinstance(key, str) and key.startswith("$"):
+                if key.startswith("$setElementOrder/") or key == "$retainKeys":
+                    continue
+                raise BadRequest(f"strategic merge patch directive {key!r} is not supported for Secrets")
+            out[key] = _without_directives(value)
+        return out
+    return patch
 
 
 def _int_param(query: dict, name: str) -> int | None:
@@ -257,12 +308,39 @@ class Api:
         from .openapi import v3_paths
         return Response.json(200, v3_paths())
 
+    async def _openapi_core(self, request, version):
+        from .openapi import v3_core_document
+        return Response.json(200, v3_core_document(version))
+
     async def _openapi_group_version(self, request, group, version):
         from .openapi import v3_document
         body = v3_document(group, version)
         if body is None:
             raise NotFound(f"no OpenAPI document for {group}/{version}")
         return Response.json(200, body)
+
+    # ------------------------------------------------------------ core v1 (Secrets)
+
+    async def _core_list_all(self, request, version, plural):
+        return await self._list(request, CORE_GROUP, version, None, plural)
+
+    async def _core_list(self, request, version, ns, plural):
+        return await self._list(request, CORE_GROUP, version, ns, plural)
+
+    async def _core_create(self, request, version, ns, plural):
+        return await self._create(request, CORE_GROUP, version, ns, plural)
+
+    async def _core_get(self, request, version, ns, plural, name):
+        return await self._get(request, CORE_GROUP, version, ns, plural, name)
+
+    async def _core_replace(self, request, version, ns, plural, name):
+        return await self._replace(request, CORE_GROUP, version, ns, plural, name)
+
+    async def _core_patch(self, request, version, ns, plural, name):
+        return await self._patch(request, CORE_GROUP, version, ns, plural, name)
+
+    async def _core_delete(self, request, version, ns, plural, name):
+        return await self._delete(request, CORE_GROUP, version, ns, plural, name)
 
     # ------------------------------------------------------------ resources
 
@@ -293,17 +371,27 @@ class Api:
         items, meta = kube.page(self._items(kind, ns, request.query), _int_param(request.query, "limit"),
                                 request.query.get("continue"), str(self._revision()))
         if kube.wants_table(request.headers.get("accept", "")):
-            return Response.json(200, kube.table(kind, items, meta, request.query.get("includeObject", "Metadata")))
-        return Response.json(200, {"apiVersion": f"{group}/{version}", "kind": f"{kind.kind}List",
-                                   "metadata": meta, "items": items})
+            return Response.json(200, self._table(kind, items, meta, request.query.get("includeObject", "Metadata")))
+        return Response.json(200, {"apiVersion": kind.group_version(version), "kind": f"{kind.kind}List",
+                                   "metadata": meta, "items": [redacted(o) for o in items]})
+
+    @staticmethod
+    def _table(kind: Kind, items: list[dict], meta: dict, include: str) -> dict:
+        """kubectl's Table: cells from the stored objects (a Secret's DATA counts its keys), the
+        objects in the rows as anyone may read them."""
+        body = kube.table(kind, items, meta, include)
+        for row in body["rows"]:
+            if is_secret(row.get("object")):
+                row["object"] = redacted(row["object"])
+        return body
 
     async def _get(self, request, group, version, ns, plural, name):
         kind = self._kind(group, version, plural)
         obj = self._existing(kind, ns, name)
         if kube.wants_table(request.headers.get("accept", "")):
             meta = {"resourceVersion": obj["metadata"]["resourceVersion"]}
-            return Response.json(200, kube.table(kind, [obj], meta, request.query.get("includeObject", "Metadata")))
-        return Response.json(200, obj)
+            return Response.json(200, self._table(kind, [obj], meta, request.query.get("includeObject", "Metadata")))
+        return Response.json(200, redacted(obj))
 
     def _existing(self, kind: Kind, ns: str, name: str) -> dict:
         obj = self.store.resources().get((kind.kind, ns, name))
@@ -344,6 +432,13 @@ class Api:
                 raise BadRequest("a merge patch must be an object")
             patched = kube.merge_patch(existing, body)
             expect = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body.get("metadata"), dict) else None
+        elif content_type == "application/strategic-merge-patch+json" and kind.group == CORE_GROUP:
+            # kubectl's client-side apply of a built-in kind: a Secret has no list merged by key,
+            # so its strategic merge patch is a merge patch once kubectl's ordering hints are gone
+            if not isinstance(body, dict):
+                raise BadRequest("a strategic merge patch must be an object")
+            patched = kube.merge_patch(existing, _without_directives(body))
+            expect = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body.get("metadata"), dict) else None
         elif content_type == "application/json-patch+json":
             patched = kube.json_patch(existing, body)
             moved = (patched.get("metadata") or {}).get("resourceVersion")
@@ -368,23 +463,28 @@ class Api:
                       expect, *, create_only: bool = False, managed: bool = False):
         """Validate, then store (or with dryRun=All only answer) one object; the writer's field
         ownership is recorded in metadata.managedFields."""
+        if kind.kind == "Secret":
+            body = _secret_body(body, existing)
         errors = validate_object(body, kind.kind, ns, name)
         md = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        if not errors and kind.kind == "Secret" and existing is not None and existing.get("immutable") and \
+                content_of(existing) != content_of(body):
+            errors = [f"Secret {ns}/{md.get('name') or name}: data: field is immutable when `immutable` is set"]
         if errors:
             return invalid(kind.kind, ns, name or md.get("name") or "?", errors, kind.group)
         obj = {"apiVersion": body.get("apiVersion") or kind.api_version, "kind": kind.kind,
                "metadata": {k: md[k] for k in ("name", "labels", "annotations") if k in md} | {"namespace": ns},
-               "spec": body["spec"]}
+               **content_of(body)}
         obj["metadata"]["managedFields"] = (md.get("managedFields") if managed else
                                             kube.record_update(existing, obj, kube.manager_from(request.query, request.headers)))
         headers = [("warning", f'299 - "{w}"'.encode("ascii", "replace").decode()) for w in await self._warnings(obj)]
         if request.query.get("dryRun") == "All":
             preview = dict(obj, metadata=dict(obj["metadata"], **{k: v for k, v in (existing or {}).get("metadata", {}).items()
                                                                   if k in ("resourceVersion", "generation", "creationTimestamp")}))
-            return Response(200 if existing else 201, Response.json(200, preview).body, headers=headers)
+            return Response(200 if existing else 201, Response.json(200, redacted(preview)).body, headers=headers)
         stored = await self.store.put(obj, expect_version=str(expect) if expect else None,
                                       create_only=create_only, origin=self._who(request))
-        return Response(200 if existing else 201, Response.json(200, stored).body, headers=headers)
+        return Response(200 if existing else 201, Response.json(200, redacted(stored)).body, headers=headers)
 
     async def _warnings(self, obj: dict) -> list[str]:
         """Kubernetes-style Warning headers: what proxies would report about this object.
@@ -408,9 +508,9 @@ class Api:
             if options.get("dryRun") == ["All"]:
                 request.query["dryRun"] = "All"
         if request.query.get("dryRun") == "All":
-            return Response.json(200, self._existing(kind, ns, name))
+            return Response.json(200, redacted(self._existing(kind, ns, name)))
         gone = await self.store.delete((kind.kind, ns, name), expect_version=expect, origin=self._who(request))
-        return Response.json(200, gone)
+        return Response.json(200, redacted(gone))
 
     # ------------------------------------------------------------ watch
 
@@ -435,7 +535,9 @@ class Api:
 
         def event(type_: str, obj: dict) -> bytes:
             if as_table and type_ != "BOOKMARK":
-                obj = kube.table(kind, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, include)
+                obj = self._table(kind, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]}, include)
+            else:
+                obj = redacted(obj)
             return (json.dumps({"type": type_, "object": obj}, separators=(",", ":")) + "\n").encode()
 
         self.store.subscribe(on_change)

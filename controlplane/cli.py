@@ -105,7 +105,7 @@ def status_lines(body: dict) -> list[str]:
 def resource_path(kind: str, namespace: str | None, name: str | None = None) -> str:
     k = lookup_kind(kind)
     plural = k.plural
-    base = f"/apis/{k.group}/v1"
+    base = k.base_path("v1")
     if namespace is None:
         return f"{base}/{plural}"
     return f"{base}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
@@ -151,7 +151,8 @@ def read_documents(paths: list[str], default_ns: str) -> tuple[list[tuple[str, d
                 kind = lookup_kind(str(item.get("kind", "")))
                 if kind is None or kind.kind != item.get("kind"):
                     errors.append(f"{label}: kind {item.get('kind')!r} is not served by meshctl "
-                                  f"(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, Canary)")
+                                  f"(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, "
+                                  f"AuthorizationPolicy, PeerAuthentication, Secret, Canary)")
                     continue
                 md = item.setdefault("metadata", {}) if isinstance(item.get("metadata"), (dict, type(None))) else None
                 if md is None:
@@ -206,8 +207,11 @@ def cmd_apply(client: Client, args, *, diff_only: bool = False) -> int:
             continue
         for warning in client.warnings:
             print(f"Warning: {warning}", file=sys.stderr)
-        ref = f"{kind.lower()}.{lookup_kind(kind).group}/{name}" + (f" -n {ns}" if ns != "default" else "")
+        group = lookup_kind(kind).group
+        ref = f"{kind.lower()}{'.' + group if group else ''}/{name}" + (f" -n {ns}" if ns != "default" else "")
         changed = comparable(live) != comparable(result)
+        if kind == "Secret" and live is not None:       # its data is never shown: the version says
+            changed = dry or live["metadata"].get("resourceVersion") != result["metadata"].get("resourceVersion")
         if dry:
             text = unified(live, result, f"{kind}/{ns}/{name}")
             if text:
@@ -243,6 +247,8 @@ def _utc(stamp: str) -> float:
 def _summary(obj: dict) -> str:
     spec = obj.get("spec") or {}
     kind = obj["kind"]
+    if kind == "Secret":
+        return f"type={obj.get('type', 'Opaque')} (data never shown)"
     if kind == "VirtualService":
         dests = []
         for route in spec.get("http") or []:

@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from .resources import GROUPS, Kind
+from .resources import CORE_KINDS, GROUPS, Kind
 from .store import ApplyConflict, BadRequest, Gone, Invalid, UnsupportedMediaType
 
 SERVER_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-meshproxy", "gitCommit": "",
@@ -40,10 +40,13 @@ def api_versions() -> dict:
 
 
 def core_resources() -> dict:
-    """``/api/v1``: namespaces only (read-only: a namespace exists while something is in it)."""
+    """``/api/v1``: namespaces (read-only: a namespace exists while something is in it) and the
+    core kinds the control plane stores (Secrets)."""
     return {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
         {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace",
-         "verbs": ["get", "list"], "shortNames": ["ns"]}]}
+         "verbs": ["get", "list"], "shortNames": ["ns"]},
+        *({"name": k.plural, "singularName": k.singular, "namespaced": True, "kind": k.kind, "verbs": list(k.verbs),
+           "shortNames": list(k.short)} for k in CORE_KINDS)]}
 
 
 def namespace_object(name: str) -> dict:
@@ -333,7 +336,13 @@ def json_patch(target: dict, operations) -> dict:
 # ---------------------------------------------------------------- field ownership (server-side apply)
 
 OWNED_ROOTS = (("spec",), ("metadata", "labels"), ("metadata", "annotations"))
+SECRET_ROOTS = (("type",), ("data",), ("immutable",), ("metadata", "labels"), ("metadata", "annotations"))
 Path = tuple[str, ...]
+
+
+def owned_roots(obj: dict | None) -> tuple[Path, ...]:
+    """Where a manager's fields live: ``spec``, or a Secret's type/data/immutable; and labels, annotations."""
+    return SECRET_ROOTS if (obj or {}).get("kind") == "Secret" else OWNED_ROOTS
 
 
 def leaf_paths(obj: dict) -> dict[Path, object]:
@@ -347,7 +356,7 @@ def leaf_paths(obj: dict) -> dict[Path, object]:
         else:
             out[path] = value
 
-    for root in OWNED_ROOTS:
+    for root in owned_roots(obj):
         value = obj
         for key in root:
             value = value.get(key) if isinstance(value, dict) else None
@@ -472,10 +481,12 @@ def apply(live: dict | None, applied: dict, manager: str, force: bool) -> dict:
             _delete(base, path)
     for path, value in applied_leaves.items():
         _set(base, path, value)
-    for root in OWNED_ROOTS:                     # an apply that owns no label leaves no empty map
+    roots = owned_roots(applied if applied.get("kind") else live)
+    for root in roots:                           # an apply that owns no label leaves no empty map
         if _get(base, root) == {} and root != ("spec",):
             _delete(base, root)
-    base.setdefault("spec", {})
+    if roots is OWNED_ROOTS:
+        base.setdefault("spec", {})
     kept = [e for e in entries if not (e["manager"] == manager and e.get("operation") == "Apply")
             and paths_of(e.get("fieldsV1"))]
     base["metadata"]["managedFields"] = kept + [_entry(manager, "Apply", applied.get("apiVersion", ""), applied_leaves)]
@@ -557,8 +568,10 @@ def _cell(obj: dict, column, now: float) -> object:
     value = obj
     for key in column.path.strip(".").split("."):
         value = value.get(key) if isinstance(value, dict) else None
+    if column.type == "integer" and isinstance(value, dict):
+        return len(value)                        # a Secret's DATA column: how many keys
     if value is None:
-        return None
+        return 0 if column.type == "integer" and column.path == ".data" else None
     if column.type == "date":
         return _age(value, now)
     if isinstance(value, (list, dict)):

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .resources import GROUPS, Kind
+from .resources import CORE_KINDS, GROUPS, Kind
 
 PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json", "application/apply-patch+yaml")
+CORE_PATCH = ("application/strategic-merge-patch+json",)    # kubectl's client-side apply of built-in kinds
 _OBJECT_META = {"type": "object", "description": "Standard object's metadata.",
                 "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -46,6 +47,8 @@ def _gvk(kind: Kind, version: str) -> list[dict]:
 
 
 def _schema_name(kind: Kind, version: str) -> str:
+    if not kind.group:
+        return f"io.k8s.api.core.{version}.{kind.kind}"
     reversed_group = ".".join(reversed(kind.group.split(".")))
     return f"{reversed_group}.{version}.{kind.kind}"
 
@@ -64,7 +67,7 @@ def _kind_paths(kind: Kind, version: str) -> dict:
     body = {"content": {"application/json": {"schema": _ref(name)}, "application/yaml": {"schema": _ref(name)}}}
     ok = {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(name)}}}}
     ok_list = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
-    base = f"/apis/{kind.group}/{version}"
+    base = kind.base_path(version)
     ns_path = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string"}}
     name_path = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     list_params = _params("labelSelector", "fieldSelector", "limit", "continue", "resourceVersion",
@@ -86,7 +89,8 @@ def _kind_paths(kind: Kind, version: str) -> dict:
             "get": op("get", {"responses": ok}),
             "put": op("put", {"parameters": write_params, "requestBody": body, "responses": ok}),
             "patch": op("patch", {"parameters": [*write_params, *_params("force")], "responses": ok,
-                                  "requestBody": {"content": {t: {"schema": {"type": "object"}} for t in PATCH_TYPES}}}),
+                                  "requestBody": {"content": {t: {"schema": {"type": "object"}} for t in
+                                                              PATCH_TYPES + (() if kind.group else CORE_PATCH)}}}),
             "delete": op("delete", {"parameters": _params("dryRun", "resourceVersion"), "responses": ok})},
     }
     if "patch" not in kind.verbs:                   # served by its own module without PATCH
@@ -95,6 +99,14 @@ def _kind_paths(kind: Kind, version: str) -> dict:
 
 
 def _kind_schema(kind: Kind, version: str) -> dict:
+    if not kind.group:                              # a Secret: type and data, no spec
+        strings = {"type": "object", "additionalProperties": {"type": "string"}}
+        return {"type": "object", "x-kubernetes-group-version-kind": _gvk(kind, version),
+                "description": "Secret holds a TLS credential (Gateway credentialName); its data is never shown.",
+                "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": _OBJECT_META,
+                               "type": {"type": "string", "enum": ["kubernetes.io/tls", "Opaque"]},
+                               "data": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"}},
+                               "stringData": strings, "immutable": {"type": "boolean"}}}
     return {"type": "object", "x-kubernetes-group-version-kind": _gvk(kind, version),
             "description": f"{kind.kind} ({kind.group}/{version}), as Istio defines it.",
             "required": ["spec"],
@@ -117,8 +129,23 @@ def v3_document(group: str, version: str) -> dict | None:
             "paths": paths, "components": {"schemas": schemas}}
 
 
+def v3_core_document(version: str) -> dict | None:
+    kinds = [k for k in CORE_KINDS if version in k.versions]
+    if not kinds:
+        return None
+    paths: dict = {}
+    schemas: dict = {}
+    for kind in kinds:
+        paths |= _kind_paths(kind, version)
+        schemas[_schema_name(kind, version)] = _kind_schema(kind, version)
+    return {"openapi": "3.0.0", "info": {"title": "meshproxy control plane", "version": "v1"},
+            "paths": paths, "components": {"schemas": schemas}}
+
+
 def v3_paths() -> dict:
     out = {}
+    doc = json.dumps(v3_core_document("v1"), sort_keys=True).encode()
+    out["api/v1"] = {"serverRelativeURL": f"/openapi/v3/api/v1?hash={hashlib.sha256(doc).hexdigest()[:32].upper()}"}
     for group, kinds in GROUPS.items():
         for version in dict.fromkeys(v for k in kinds for v in k.versions):
             doc = json.dumps(v3_document(group, version), sort_keys=True).encode()

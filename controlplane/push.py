@@ -366,7 +366,8 @@ class PushEngine:
     def target_for(self, identity: Identity) -> Target:
         # labels and the own service change the payload only where a Sidecar selects by label
         # or narrows the scope: elsewhere proxies of a namespace share one target
-        labels = identity.labels if identity.namespace in self._label_scoped else ()
+        # (a gateway's labels pick the Gateways, and so the Secrets, it is sent: gateways are few)
+        labels = identity.labels if identity.namespace in self._label_scoped or identity.mode == "gateway" else ()
         narrowed = identity.mode == "sidecar" and (self._root_sidecar or identity.namespace in self._sidecar_namespaces)
         identity = Identity(identity.namespace, identity.mode, labels, identity.service if narrowed else "")
         target = self._by_identity.get(identity)

@@ -60,10 +60,19 @@ class Kind:
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{self.versions[0]}"
+        return self.group_version(self.versions[0])
+
+    def group_version(self, version: str) -> str:
+        """``networking.istio.io/v1``; a core kind's is just ``v1``."""
+        return f"{self.group}/{version}" if self.group else version
 
     def serves(self, api_version: str) -> bool:
-        return api_version in {f"{self.group}/{v}" for v in self.versions}
+        return api_version in {self.group_version(v) for v in self.versions}
+
+    def base_path(self, version: str | None = None) -> str:
+        """Where its group/version is served: ``/apis/<group>/<version>``, core ``/api/v1``."""
+        version = version or self.versions[0]
+        return f"/apis/{self.group}/{version}" if self.group else f"/api/{version}"
 
 
 KINDS: tuple[Kind, ...] = (
@@ -87,6 +96,14 @@ KINDS: tuple[Kind, ...] = (
         Column("Mode", "string", ".spec.mtls.mode", "Defines the mTLS mode used for peer authentication."), AGE),
         categories=("istio-io", "security-istio-io")),
 )
+# core v1 kinds (served under /api/v1): TLS Secrets for Gateway credentialName.  Their data is
+# stored and pushed to the gateways that reference them, and never shown: see :func:`redacted`
+CORE_GROUP = ""
+SECRET = Kind("Secret", "secrets", (), CORE_GROUP, ("v1",), columns=(
+    Column("Type", "string", ".type", "Used to facilitate programmatic handling of secret data."),
+    Column("Data", "integer", ".data", "The number of keys in the secret's data."), AGE), categories=())
+CORE_KINDS: tuple[Kind, ...] = (SECRET,)
+KINDS = KINDS + CORE_KINDS
 BY_PLURAL = {k.plural: k for k in KINDS}
 BY_KIND = {k.kind: k for k in KINDS}
 # kinds of other groups, served by their own modules (controlplane/delivery) and never pushed to proxies
@@ -96,9 +113,9 @@ OTHER_KINDS: tuple[Kind, ...] = (
          verbs=("create", "delete", "get", "list", "update")),
 )
 BY_ANY_NAME = {name: k for k in KINDS + OTHER_KINDS for name in (k.plural, k.singular, *k.short)}
-GROUPS: dict[str, tuple[Kind, ...]] = {
+GROUPS: dict[str, tuple[Kind, ...]] = {       # the named API groups (/apis); the core group is /api
     group: tuple(k for k in KINDS + OTHER_KINDS if k.group == group)
-    for group in dict.fromkeys(k.group for k in KINDS + OTHER_KINDS)}
+    for group in dict.fromkeys(k.group for k in KINDS + OTHER_KINDS) if group != CORE_GROUP}
 
 
 def kind_for(group: str, version: str, plural: str) -> Kind | None:
@@ -133,12 +150,27 @@ def describe(kind: str, namespace: str, name: str) -> str:
     return f"{kind} {namespace}/{name}"
 
 
+# what a kind holds besides apiVersion, kind and metadata (a Secret has no spec)
+CONTENT_FIELDS = {"Secret": ("type", "data", "immutable")}
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def content_of(obj: dict) -> dict:
+    """The user's content of an object: ``{"spec": ...}``, or a Secret's type, data, immutable."""
+    fields = CONTENT_FIELDS.get(obj.get("kind", ""))
+    if fields is None:
+        return {"spec": obj.get("spec") or {}}
+    return {k: obj[k] for k in fields if obj.get(k) not in (None, {}, "")}
+
+
 def proxy_view(obj: dict) -> dict:
     """The object as a proxy (and the decoder) sees it: no server-owned metadata."""
     md = obj.get("metadata") or {}
     out_md = {k: md[k] for k in PROXY_METADATA if k in md and md[k] not in (None, {}, "")}
+    if obj.get("kind") in CONTENT_FIELDS:
+        out_md.pop("annotations", None)          # a Secret's annotations may hold kubectl's copy of the data
     return {"apiVersion": obj.get("apiVersion", DEFAULT_API_VERSION), "kind": obj["kind"],
-            "metadata": out_md, "spec": obj.get("spec") or {}}
+            "metadata": out_md, **content_of(obj)}
 
 
 def user_view(obj: dict) -> dict:
@@ -146,7 +178,43 @@ def user_view(obj: dict) -> dict:
     md = obj.get("metadata") or {}
     return {"apiVersion": obj.get("apiVersion", DEFAULT_API_VERSION), "kind": obj["kind"],
             "metadata": {k: md[k] for k in CLIENT_METADATA if k != "resourceVersion" and md.get(k) not in (None, {}, "")},
-            "spec": obj.get("spec") or {}}
+            **content_of(obj)}
+
+
+def is_secret(obj: dict | None) -> bool:
+    return isinstance(obj, dict) and obj.get("kind") == "Secret"
+
+
+def redacted(obj: dict | None) -> dict | None:
+    """What anyone reading the API sees of an object: a Secret without its data (metadata, type,
+    immutable); others unchanged."""
+    if not is_secret(obj):
+        return obj
+    out = {k: v for k, v in obj.items() if k not in ("data", "stringData")}
+    md = dict(out.get("metadata") or {})
+    if md.get("annotations"):
+        md["annotations"] = scrub_annotations(md["annotations"])
+    out["metadata"] = md
+    return out
+
+
+def scrub_annotations(annotations) -> dict:
+    """A Secret's annotations without data: kubectl's last-applied copy loses data/stringData."""
+    if not isinstance(annotations, dict):
+        return {}
+    out = dict(annotations)
+    if LAST_APPLIED in out:
+        try:
+            applied = json.loads(out[LAST_APPLIED])
+        except (TypeError, ValueError):
+            applied = None
+        if isinstance(applied, dict):
+            applied.pop("data", None)
+            applied.pop("stringData", None)
+            out[LAST_APPLIED] = json.dumps(applied, sort_keys=True, separators=(",", ":")) + "\n"
+        else:
+            del out[LAST_APPLIED]
+    return out
 
 
 def canonical_json(value) -> bytes:

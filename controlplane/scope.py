@@ -226,6 +226,7 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
     scope = scope or scope_for(resources, identity)
     sidecar = applicable_sidecar(resources, identity)
     out = []
+    credentials = None
     for obj in resources:
         kind = obj["kind"]
         if kind == "Sidecar":
@@ -235,6 +236,15 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
         if kind == "Gateway":
             if identity.mode == "gateway":
                 out.append(obj)
+            continue
+        if kind == "Secret":
+            # only to the gateway proxies of its namespace whose Gateways name it (credentialName,
+            # or <credentialName>-cacert for the MUTUAL modes)
+            if identity.mode == "gateway" and _ns(obj) == identity.namespace:
+                if credentials is None:
+                    credentials = _credentials(resources, dict(identity.labels))
+                if obj["metadata"].get("name") in credentials:
+                    out.append(obj)
             continue
         if kind in SECURITY_KINDS:
             # workload policies apply in their namespace, and mesh-wide from the root namespace
@@ -251,6 +261,25 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
             continue
         out.append(obj)
     return out
+
+
+def _credentials(resources: list[dict], labels: dict[str, str]) -> set[str]:
+    """The Secret names the Gateways that select a proxy with ``labels`` reference."""
+    names: set[str] = set()
+    for obj in resources:
+        if obj["kind"] != "Gateway":
+            continue
+        selector = obj["spec"].get("selector") or {}
+        if not all(labels.get(k) == v for k, v in selector.items()):
+            continue
+        for server in obj["spec"].get("servers") or []:
+            tls = server.get("tls") if isinstance(server, dict) else None
+            name = tls.get("credentialName") if isinstance(tls, dict) else None
+            if isinstance(name, str) and name:
+                names.add(name)
+                if tls.get("mode") in ("MUTUAL", "OPTIONAL_MUTUAL"):
+                    names.add(name + "-cacert")
+    return names
 
 
 def select_workloads(workloads: list[dict], resources: list[dict], identity: Identity,

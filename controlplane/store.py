@@ -82,9 +82,11 @@ class HistoryEntry:
     origin: str                 # who asked: "api", "rollback to 12", ...
 
     def to_dict(self) -> dict:
+        """As the API shows it: a Secret's data is never in it (resources.redacted)."""
+        from .resources import redacted
         return {"revision": self.revision, "at": self.at, "op": self.op, "kind": self.kind,
                 "namespace": self.namespace, "name": self.name, "origin": self.origin,
-                "before": self.before, "after": self.after}
+                "before": redacted(self.before), "after": redacted(self.after)}
 
 
 class StoreViews:
@@ -190,6 +192,7 @@ def check_precondition(key: ResourceKey, existing: dict | None, expect_version: 
 def stamp(obj: dict, existing: dict | None, revision: int, now: float) -> dict:
     """The object as stored: server-owned metadata filled in."""
     import time as _time
+    from .resources import content_of
     md = dict(obj.get("metadata") or {})
     md["resourceVersion"] = str(revision)
     if existing is None:
@@ -197,10 +200,10 @@ def stamp(obj: dict, existing: dict | None, revision: int, now: float) -> dict:
         md["creationTimestamp"] = _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(now))
     else:
         old = existing["metadata"]
-        spec_changed = (existing.get("spec") != obj.get("spec"))
+        spec_changed = content_of(existing) != content_of(obj)
         md["generation"] = old.get("generation", 1) + (1 if spec_changed else 0)
         md["creationTimestamp"] = old.get("creationTimestamp")
-    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": md, "spec": obj.get("spec") or {}}
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": md, **content_of(obj)}
 
 
 def rollback_plan(state_at_revision: Mapping[ResourceKey, dict],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .resources import BY_KIND, describe, proxy_view
+from .resources import BY_KIND, CONTENT_FIELDS, describe, proxy_view
 
 from meshproxy.config.compile import ProxyIdentity as _ProxyIdentity
 from meshproxy.config.compile import WorkloadEndpoint as _WorkloadEndpoint
@@ -57,7 +57,10 @@ def check_metadata(obj: dict, kind: str, namespace: str, name: str | None) -> li
         if value is not None and not (isinstance(value, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
             errors.append(f"{where}: metadata.{field}: must be a mapping of strings")
-    if not isinstance(obj.get("spec"), dict):
+    if kind in CONTENT_FIELDS:                   # a Secret: type and data, no spec
+        allowed = {"apiVersion", "kind", "metadata", "stringData", *CONTENT_FIELDS[kind]}
+        errors += [f"{where}: {key}: unknown field" for key in obj if key not in allowed]
+    elif not isinstance(obj.get("spec"), dict):
         errors.append(f"{where}: spec: required, must be a mapping")
     return errors
 

@@ -82,6 +82,8 @@ PERMISSIONS = {
     "sec_roots": "view",
     "sec_ca": "admin", "sec_rotate": "admin", "sec_bootstrap_create": "admin", "sec_bootstrap_list": "admin",
     "sec_api_create": "admin", "sec_api_list": "admin", "sec_api_revoke": "admin",
+    # Secrets (Gateway credentials): only admins write them; reads never show their data
+    "core_create": "admin", "core_replace": "admin", "core_patch": "admin", "core_delete": "admin",
 }
 
 ROUTES: list[tuple[str, re.Pattern, str]] = [(m, re.compile(p), h) for m, p, h in [

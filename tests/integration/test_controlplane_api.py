@@ -154,7 +154,8 @@ def test_meshctl_apply_of_invalid_input_prints_one_line_per_problem_and_exits_1(
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "error: <stdin>[1]: kind 'Deployment' is not served by meshctl "
-        "(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, Canary)",
+        "(VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, AuthorizationPolicy, PeerAuthentication, "
+        "Secret, Canary)",
         "error: VirtualService default/Bad_Name: metadata.name: must be a lower-case DNS-1123 subdomain, got 'Bad_Name'",
         "error: VirtualService default/Bad_Name: spec: required, must be a mapping"]
 

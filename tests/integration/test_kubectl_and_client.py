@@ -230,3 +230,25 @@ def test_kubectl_over_the_tls_api_with_a_bearer_token(kubectl, tmp_path):
         assert listed.stdout.strip() == f"virtualservice.{G}/reviews"
         anonymous = run("get", "vs")                  # kubectl answers a 401 by asking for a user name
         assert anonymous.returncode != 0 and "Please enter Username" in anonymous.stdout, anonymous
+
+
+def test_kubectl_applies_a_tls_secret_and_never_reads_its_data_back(kubectl, tmp_path):
+    """core v1 Secrets (Gateway credentialName): kubectl's discovery, validation and client-side
+    apply (a strategic merge patch the second time), `get` with Istio's TYPE/DATA columns, and
+    no data in what it reads back."""
+    from mtls import MeshCA
+    issued = MeshCA("kubectl secret root").issue(dns=("shop.example.com",))
+    crt, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    crt.write_bytes(issued.cert_pem)
+    key.write_bytes(issued.key_pem)
+    made = kubectl("create", "secret", "tls", "shop-cred", f"--cert={crt}", f"--key={key}", "--dry-run=client",
+                   "-o", "yaml").stdout
+    (tmp_path / "secret.yaml").write_text(made)
+    assert kubectl("apply", "-f", str(tmp_path / "secret.yaml")).stdout.strip() == "secret/shop-cred created"
+    again = kubectl("apply", "-f", str(tmp_path / "secret.yaml")).stdout.strip()
+    assert again in ("secret/shop-cred configured", "secret/shop-cred unchanged"), again
+    table = kubectl("get", "secrets").stdout.split()
+    assert table[:8] == ["NAME", "TYPE", "DATA", "AGE", "shop-cred", "kubernetes.io/tls", "2", table[7]], table
+    shown = kubectl("get", "secret", "shop-cred", "-o", "yaml").stdout
+    assert "type: kubernetes.io/tls" in shown and "\ndata:" not in shown and "LS0tLS1CRUdJTi" not in shown, shown
+    assert kubectl("delete", "secret", "shop-cred").stdout.strip() == 'secret "shop-cred" deleted'

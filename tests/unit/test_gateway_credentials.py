@@ -140,3 +140,27 @@ def test_client_certificate_checks_belong_to_the_mutual_modes_and_pins_are_check
     assert result.errors == [] and result.warnings == [
         f"{prefix}.caCertificates: only verifies client certificates (MUTUAL modes); mode SIMPLE asks for none, "
         "so it is not used"]
+
+
+def test_a_secret_is_pushed_only_to_the_gateways_that_reference_it():
+    from controlplane.resources import proxy_view, redacted
+    from controlplane.scope import Identity, select_resources
+    gw = gateway({"mode": "MUTUAL", "credentialName": "shop"}, namespace="shop")
+    gw["spec"]["selector"] = {"istio": "ingressgateway"}
+    resources = [proxy_view(o) for o in (gw, tls_secret("shop"), secret("shop-cacert", type_="Opaque", ca_crt=CA.root_pem),
+                                         tls_secret("unused"), tls_secret("shop", namespace="other"))]
+
+    def secrets_for(namespace, mode="gateway", labels=(("istio", "ingressgateway"),)):
+        return sorted(f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+                      for o in select_resources(resources, Identity(namespace, mode, labels)) if o["kind"] == "Secret")
+
+    assert secrets_for(GW_NS) == ["istio-system/shop", "istio-system/shop-cacert"]
+    assert secrets_for("other") == ["other/shop"]
+    assert secrets_for(GW_NS, labels=(("istio", "eastwest"),)) == []          # its Gateways do not name them
+    assert secrets_for(GW_NS, mode="sidecar") == []
+    # what the API shows of a Secret: no data, and kubectl's copy of the data dropped too
+    applied = dict(tls_secret("shop"), metadata={"name": "shop", "namespace": GW_NS, "annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(tls_secret("shop"))}})
+    shown = json.dumps(redacted(applied))
+    assert "kubernetes.io/tls" in shown and b64(SERVER.key_pem)[:40] not in shown and "tls.key" not in shown
+    assert "spec" not in proxy_view(applied) and proxy_view(applied)["data"] == applied["data"]
