@@ -81,6 +81,7 @@ class Worker:
         self.tcp_listeners: dict[tuple[str, int], TcpProxyListener] = {}
         self.capture_listeners: dict[tuple[str, int], "CaptureListener"] = {}   # capture mode (meshproxy.capture)
         self.runtime.pools.tls = UpstreamTlsContexts(lambda: self.certificates)
+        self.telemetry.metrics.attach(self.runtime.pools.tls)
         self._sweeper: asyncio.TimerHandle | None = None
         self.trimmer = Trimmer()             # freed buffers go back to the system after a burst
         self._reconcile: asyncio.Task | None = None      # the running listener reconcile (one at a time)

@@ -244,13 +244,18 @@ class TcpProxyProtocol(asyncio.Protocol):
         try:
             async with asyncio.timeout(listener.connect_timeout):
                 contexts = listener.upstream_tls
-                context = contexts.context(tls) if tls is not None else None
+                if tls is not None:
+                    sni = contexts.server_hostname(tls, host)
+                    endpoint = (host, port, sni)
+                    context = contexts.context(tls, endpoint)
+                else:
+                    context = None
                 if context is None:
                     await listener.loop.create_connection(lambda: pending, host, port)
                 else:
                     await listener.loop.create_connection(lambda: pending, host, port, ssl=context,
-                                                          server_hostname=contexts.server_hostname(tls, host))
-                    contexts.check_peer(tls, pending.transport.get_extra_info("ssl_object"))
+                                                          server_hostname=sni)
+                    contexts.check_peer(tls, pending.transport.get_extra_info("ssl_object"), endpoint)
         except TimeoutError:
             reason = CONNECT_TIMEOUT
         except ConnectionRefusedError:

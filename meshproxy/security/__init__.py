@@ -8,11 +8,12 @@ Workload identity and certificates: the API other modules use:
     manager.current                     -> WorkloadCertificate | None (immutable: identity, chain_pem,
                                            bundle_pem, not_before, not_after, serial, roots)
     manager.server_context(alpn=("istio-http/1.1", "http/1.1"), client_cert="required")
-                                        -> ssl.SSLContext, stable: create listeners with it once;
-                                           each new connection gets the current certificate and
-                                           trust bundle (renewal/root rotation need no rebind,
-                                           open connections keep theirs).  "optional" accepts
-                                           clients without a certificate (PERMISSIVE after a peek).
+                                        -> ssl.SSLContext: each new connection gets the current
+                                           certificate and trust bundle (renewal/root rotation need
+                                           no rebind, open connections keep theirs); a new one per
+                                           certificate, so ask per connection to resume only sessions
+                                           of the current one.  "optional" accepts clients without a
+                                           certificate (PERMISSIVE after a peek).
     manager.client_context(alpn=...)    -> ssl.SSLContext presenting the current certificate and
                                            verifying servers against the current bundle; ask for it
                                            per new connection.  Host names are not checked: after

@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from .tls import peer_certificate
+
 ALLOW = "ALLOW"
 DENY = "DENY"
 AUDIT = "AUDIT"
@@ -436,9 +438,9 @@ def peer_from_transport(get_extra_info: Callable) -> PeerInfo:
     mutual = False
     if ssl_object is not None:
         sni = getattr(ssl_object, "server_hostname", None) or ""
-        cert = ssl_object.getpeercert()
-        if cert:
-            for kind, value in cert.get("subjectAltName", ()):
+        cert = peer_certificate(ssl_object)
+        if cert is not None:
+            for kind, value in cert.sans:
                 if kind == "URI" and value.startswith(SPIFFE):
                     principal = principal_of_uri(value)
                     break

@@ -11,7 +11,10 @@ Life of a certificate::
                 until it expires (``state`` says "renewal-failing", then "expired")
 
 Contexts are built once per certificate (and per ALPN list / client-certificate mode) and
-cached; a renewal only changes which cached context new connections get.
+cached; a renewal only changes which cached context new connections get.  The server side's
+fronts (:class:`~meshproxy.security.tls.RotatingServerContext`) are new per certificate too:
+they hold the keys of the TLS session tickets they issue, so a session made under an old
+certificate or trust bundle is not resumed after a renewal or a root rotation.
 """
 from __future__ import annotations
 
@@ -240,6 +243,7 @@ class CertificateManager:
         """Make ``cert`` current: new connections use it; open ones keep theirs."""
         self._current = cert
         self._contexts = {}
+        self._fronts = {}         # new ticket keys: no resumption across certificates or bundles
         log.info("workload certificate %s serial %s valid until %s (%d root(s) trusted)", cert.identity,
                  cert.serial, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cert.not_after)), len(cert.roots))
         for callback in list(self._subscribers):
@@ -257,8 +261,10 @@ class CertificateManager:
         return self._current
 
     def server_context(self, *, alpn: tuple[str, ...] | None = None, client_cert: str = "required") -> ssl.SSLContext:
-        """A stable server context for a listener: every new connection gets the current
-        certificate and trust bundle.  ``client_cert``: "required" (mTLS), "optional", "none"."""
+        """A server context for a listener: every new connection gets the current certificate
+        and trust bundle.  ``client_cert``: "required" (mTLS), "optional", "none".  Ask for it
+        per connection to resume only sessions of the current certificate (see the module
+        docstring); a context kept longer keeps working, with the tickets it issued."""
         key = (tuple(alpn or ()), client_cert)
         front = self._fronts.get(key)
         if front is None:

@@ -9,11 +9,15 @@ listener is created with; its SNI callback moves every new connection onto the c
 the current certificate (OpenSSL's ``SSL_set_SSL_CTX``: certificate, key and trust store all
 come from the new context), so a renewal or a root rotation reaches new connections without
 rebinding the listener, and open connections are not touched.
+
+What a verified peer certificate says (its SANs, its expiry) is read once per certificate
+(:func:`peer_certificate`, keyed by its DER) instead of decoding it at every connection.
 """
 from __future__ import annotations
 
 import os
 import ssl
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .spiffe import InvalidSpiffeId, SpiffeId
@@ -85,6 +89,8 @@ class RotatingServerContext:
                              "none": ssl.CERT_NONE}[client_cert]
         if alpn:
             front.set_alpn_protocols(list(alpn))
+        # tickets are encrypted with this context's keys; a resuming client needs only the latest
+        front.num_tickets = 1
         front.sni_callback = self._switch
         self._front = front
 
@@ -97,14 +103,48 @@ class RotatingServerContext:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """What a verified peer certificate says, decoded once per certificate."""
+    sans: tuple[tuple[str, str], ...]      # (kind, value) as ``getpeercert()`` gives them
+    not_after: float                       # epoch seconds
+
+    @property
+    def uris(self) -> tuple[str, ...]:
+        return tuple(value for kind, value in self.sans if kind == "URI")
+
+
+_PEER_CERTS: dict[bytes, PeerCertificate] = {}
+PEER_CACHE_SIZE = 4096
+
+
+def peer_certificate(ssl_object) -> PeerCertificate | None:
+    """The peer's certificate of a TLS connection, if it was verified (None when there is no
+    certificate or the connection does not verify peers: exactly when ``getpeercert()`` has
+    nothing to say).  Decoded once per certificate: later connections with the same DER
+    (every connection of a peer until it renews) find it in a bounded cache."""
+    if ssl_object is None or ssl_object.context.verify_mode == ssl.CERT_NONE:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    cert = _PEER_CERTS.get(der)
+    if cert is None:
+        decoded = ssl_object.getpeercert()
+        if not decoded:
+            return None
+        cert = PeerCertificate(sans=tuple(decoded.get("subjectAltName", ())),
+                               not_after=ssl.cert_time_to_seconds(decoded["notAfter"]))
+        if len(_PEER_CERTS) >= PEER_CACHE_SIZE:
+            del _PEER_CERTS[next(iter(_PEER_CERTS))]       # the oldest entry
+        _PEER_CERTS[der] = cert
+    return cert
+
+
 def peer_uris(ssl_object) -> tuple[str, ...]:
     """URI SANs of the verified peer certificate (empty if there is none)."""
-    if ssl_object is None:
-        return ()
-    cert = ssl_object.getpeercert()
-    if not cert:
-        return ()
-    return tuple(value for kind, value in cert.get("subjectAltName", ()) if kind == "URI")
+    cert = peer_certificate(ssl_object)
+    return cert.uris if cert is not None else ()
 
 
 def peer_identity(ssl_object) -> SpiffeId | None:

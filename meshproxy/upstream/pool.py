@@ -255,16 +255,21 @@ class UpstreamPools:
         try:
             async with asyncio.timeout(timeout):
                 address = await self.dns.address(key[0], key[1])
-                context = self.tls.context(tls) if tls is not None else None
+                if tls is not None:
+                    sni = self.tls.server_hostname(tls, key[0])
+                    endpoint = (address, key[1], sni)
+                    context = self.tls.context(tls, endpoint)
+                else:
+                    context = None
                 if context is None:
                     _, conn = await self._loop.create_connection(
                         lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1])
                 else:
                     _, conn = await self._loop.create_connection(
                         lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1],
-                        ssl=context, server_hostname=self.tls.server_hostname(tls, key[0]))
+                        ssl=context, server_hostname=sni)
                     try:
-                        self.tls.check_peer(tls, conn.transport.get_extra_info("ssl_object"))
+                        self.tls.check_peer(tls, conn.transport.get_extra_info("ssl_object"), endpoint)
                     except UpstreamTlsError:
                         conn.transport.abort()
                         raise

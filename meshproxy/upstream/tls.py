@@ -17,10 +17,21 @@ without one, Istio's ``outbound_.<port>_.<subset>_.<host>`` for ISTIO_MUTUAL).
 URI, exact match); otherwise SIMPLE/MUTUAL check the host name, ISTIO_MUTUAL any
 SPIFFE id.  Contexts built from files are cached per setting; a failure to load them is
 a connect failure with the reason, never a plaintext fallback.
+
+ISTIO_MUTUAL connections resume TLS sessions (:class:`SessionCache`): a new connection to an
+endpoint offers the ticket of the last one, which saves both sidecars the certificate work of
+a full handshake.  A ticket is offered only with the client context it came from (a renewed
+certificate or trust bundle starts over with full handshakes), only before it expires and
+before the server certificate it vouches for does; the server's identity is checked after
+every handshake, resumed or not, from the certificate the session carries.
 """
 from __future__ import annotations
 
 import ssl
+import time
+from typing import Callable
+
+from ..security.tls import peer_certificate
 
 SIMPLE = "SIMPLE"
 MUTUAL = "MUTUAL"
@@ -31,8 +42,82 @@ class UpstreamTlsError(ConnectionError):
     """The upstream's TLS could not be set up or its identity is not the expected one."""
 
 
-def certificate_sans(cert: dict) -> list[str]:
-    return [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI", "IP Address")]
+def certificate_sans(sans) -> list[str]:
+    """The names ``subjectAltNames`` is matched against: ``sans`` as (kind, value) pairs."""
+    return [value for kind, value in sans if kind in ("DNS", "URI", "IP Address")]
+
+
+class ResumingContext:
+    """Stands in for ``context`` for one new connection and offers ``session`` (what
+    ``loop.create_connection(ssl=...)`` needs of a context: ``wrap_bio``)."""
+    __slots__ = ("context", "session")
+
+    def __init__(self, context: ssl.SSLContext, session: ssl.SSLSession):
+        self.context = context
+        self.session = session
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        try:
+            return self.context.wrap_bio(incoming, outgoing, server_side, server_hostname, session=self.session)
+        except ValueError:        # the session cannot be offered: a full handshake
+            return self.context.wrap_bio(incoming, outgoing, server_side, server_hostname)
+
+
+class _Entry:
+    __slots__ = ("context", "source", "session", "not_after")
+
+    def __init__(self, context, source, not_after: float):
+        self.context = context
+        self.source = source          # the last connection's SSLObject: its ticket, once it came
+        self.session: ssl.SSLSession | None = None
+        self.not_after = not_after    # the server certificate's expiry
+
+
+class SessionCache:
+    """The TLS session to offer per endpoint (address, port, SNI), at most ``size`` endpoints.
+    TLS 1.3 tickets arrive after the handshake, with the first response: a connection is
+    remembered (:meth:`keep`) and its session read when the next connection is opened."""
+
+    def __init__(self, size: int = 1024, clock: Callable[[], float] = time.time):
+        self.size = size
+        self._clock = clock
+        self._entries: dict[tuple, _Entry] = {}
+        self.offered = 0
+
+    def offer(self, context: ssl.SSLContext, endpoint: tuple) -> ssl.SSLSession | None:
+        entry = self._entries.get(endpoint)
+        if entry is None:
+            return None
+        if entry.context is not context:       # renewed certificate or bundle: start over
+            del self._entries[endpoint]
+            return None
+        source = entry.source
+        if source is not None:
+            session = source.session
+            if session is not None and session.has_ticket:
+                entry.session = session
+        session = entry.session
+        if session is None:
+            return None
+        if self._clock() >= min(session.time + session.timeout, entry.not_after):
+            entry.session = None
+            return None
+        self.offered += 1
+        return session
+
+    def keep(self, endpoint: tuple, ssl_object, not_after: float) -> None:
+        """``ssl_object``: a verified connection to ``endpoint`` (its server checked)."""
+        entry = self._entries.get(endpoint)
+        if entry is None or entry.context is not ssl_object.context:
+            if entry is None and len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[endpoint] = _Entry(ssl_object.context, ssl_object, not_after)
+        else:
+            entry.source = ssl_object
+            entry.not_after = not_after
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class UpstreamTlsContexts:
@@ -42,17 +127,25 @@ class UpstreamTlsContexts:
     def __init__(self, certificates=lambda: None):
         self._certificates = certificates
         self._cache: dict = {}
+        self.sessions = SessionCache()
+        self.handshakes = {"full": 0, "resumed": 0}      # ISTIO_MUTUAL connections that passed
 
-    def context(self, tls) -> ssl.SSLContext | None:
+    def context(self, tls, endpoint: tuple | None = None):
         """None: plaintext (auto mTLS from a proxy without a workload certificate, as a
-        client outside the mesh would send)."""
+        client outside the mesh would send).  ``endpoint`` (address, port, SNI): ISTIO_MUTUAL
+        offers the session of the last connection to it (a :class:`ResumingContext`)."""
         if tls.mode == ISTIO_MUTUAL:
             manager = self._certificates()
             if manager is None or manager.current is None:
                 if tls.auto:
                     return None
                 raise UpstreamTlsError("ISTIO_MUTUAL needs the workload certificate; this proxy has none")
-            return manager.client_context(alpn=tls.alpn)
+            context = manager.client_context(alpn=tls.alpn)
+            if endpoint is not None:
+                session = self.sessions.offer(context, endpoint)
+                if session is not None:
+                    return ResumingContext(context, session)
+            return context
         ctx = self._cache.get(tls)
         if ctx is None:
             ctx = self._cache[tls] = self._file_context(tls)
@@ -89,20 +182,32 @@ class UpstreamTlsContexts:
             return tls.sni
         return address if tls.mode != ISTIO_MUTUAL and address and not _is_ip(address) else None
 
-    @staticmethod
-    def check_peer(tls, ssl_object) -> None:
-        """After the handshake: the server's identity against ``subjectAltNames`` (or, for
-        ISTIO_MUTUAL without them, any SPIFFE id).  Raises :class:`UpstreamTlsError`."""
+    def check_peer(self, tls, ssl_object, endpoint: tuple | None = None) -> None:
+        """After the handshake (full or resumed): the server's identity against
+        ``subjectAltNames`` (or, for ISTIO_MUTUAL without them, any SPIFFE id).  Raises
+        :class:`UpstreamTlsError`.  An ISTIO_MUTUAL connection that passes is remembered
+        for ``endpoint``'s next connection to resume."""
         if tls.insecure_skip_verify and tls.mode != ISTIO_MUTUAL:
             return
-        cert = ssl_object.getpeercert() if ssl_object is not None else None
-        sans = certificate_sans(cert or {})
+        cert = peer_certificate(ssl_object)
+        sans = certificate_sans(cert.sans if cert is not None else ())
         if tls.subject_alt_names:
             if not any(san in tls.subject_alt_names for san in sans):
                 raise UpstreamTlsError(f"server certificate SANs {sans} match none of subjectAltNames "
                                        f"{list(tls.subject_alt_names)}")
         elif tls.mode == ISTIO_MUTUAL and not any(s.startswith("spiffe://") for s in sans):
             raise UpstreamTlsError(f"server certificate has no SPIFFE id (SANs {sans})")
+        if cert is not None and tls.mode == ISTIO_MUTUAL:
+            if cert.not_after <= time.time():
+                # a resumed session vouches for the certificate it was made with: not past its expiry
+                raise UpstreamTlsError("server certificate expired")
+            self.handshakes["resumed" if ssl_object.session_reused else "full"] += 1
+            if endpoint is not None:
+                self.sessions.keep(endpoint, ssl_object, cert.not_after)
+
+    def counters(self):
+        """CounterSource for ProxyMetrics.attach: mesh mTLS handshakes, full or resumed."""
+        return [("meshproxy_upstream_tls_handshakes_total", (kind,), n) for kind, n in self.handshakes.items()]
 
 
 def _is_ip(host: str) -> bool:
