@@ -11,8 +11,7 @@ What the front decides for every connection, because OpenSSL settles it before o
 the SNI switch (``SSL_set_SSL_CTX`` copies the certificate, key and trust store, nothing
 else): protocol versions and TLS 1.2 cipher suites (the compiler only puts servers with
 equal versions and suites on one port) and whether a client certificate is asked for:
-required when every server of the port verifies clients (MUTUAL, ISTIO_MUTUAL), optional
-when only some do or they are OPTIONAL_MUTUAL.  (TLS 1.3 suites are OpenSSL's defaults:
+asked for (and verified if given) when any server of the port verifies clients.  (TLS 1.3 suites are OpenSSL's defaults:
 neither Python's ``ssl`` nor Envoy lets a server configure them.)
 
 A presented client certificate is verified during the handshake against the chosen server's
@@ -20,7 +19,8 @@ trust store (``caCertificates``, the Secret's ``ca.crt``, or the mesh roots for
 ISTIO_MUTUAL).  What OpenSSL cannot check for Python (a certificate is required by this
 server, ``subjectAltNames``, ``verifyCertificateSpki``/``Hash``) is checked by
 :class:`ClientCertificateGate` when the handshake completes, before the HTTP connection
-exists: a refused client never gets a byte of HTTP.
+exists: a refused client never gets a byte of HTTP, and is counted by reason.  A certificate
+that does not verify fails the handshake itself (not counted: asyncio reports nothing).
 """
 from __future__ import annotations
 
@@ -70,11 +70,11 @@ def certificate_context(cert: ServerCertificate) -> ssl.SSLContext:
 
 
 def verify_mode(certs) -> ssl.VerifyMode:
-    """What the port asks of clients: a certificate required only if every server requires one."""
-    modes = {c.mode for c in certs}
-    if modes <= {"MUTUAL", "ISTIO_MUTUAL"}:
-        return ssl.CERT_REQUIRED
-    return ssl.CERT_OPTIONAL if modes & CLIENT_VERIFYING_MODES else ssl.CERT_NONE
+    """What the port asks of clients: a certificate, verified if given, when any server verifies
+    clients.  Never "required" at the TLS layer: :class:`ClientCertificateGate` refuses a client
+    without one where its server requires one, and counts it (a handshake failure in asyncio's
+    TLS is neither reported nor answered with an alert, only a reset)."""
+    return ssl.CERT_OPTIONAL if {c.mode for c in certs} & CLIENT_VERIFYING_MODES else ssl.CERT_NONE
 
 
 class GatewayTls:

@@ -158,6 +158,9 @@ def test_mutual_requires_a_client_certificate_from_the_ca_certificates(gateway):
     dump = json.loads(proxy.admin("/config_dump")[1])["snapshot"]
     cert = [l["tls"]["certificates"][0] for l in dump["listeners"] if l["port"] == ports["mutual"]][0]
     assert cert["mode"] == "MUTUAL" and cert["ca_certificates"] == files["client_root"]
+    counted = refusals(proxy)             # the two clients without a certificate, by reason
+    assert counted.get(f'meshproxy_tls_handshake_failures_total{{listener="gateway_{ports["mutual"]}",'
+                       f'reason="client_certificate_required"}}') == 2, counted
 
 
 def test_subject_alt_names_and_certificate_pins_refuse_other_clients(gateway):
