@@ -635,6 +635,14 @@ class Api:
         return Response.json(200, {"items": [e.to_dict() for e in entries]})
 
     async def _rollback(self, request, revision):
+        principal = request.principal
+        if self.security is not None and principal is not None and not principal.has("admin"):
+            # a rollback rewrites every object changed since: Secrets only by an admin
+            changed = [e for e in await self.store.history(WATCH_HISTORY) if e.revision > int(revision)]
+            secrets = sorted({f"{e.namespace}/{e.name}" for e in changed if e.kind == "Secret"})
+            if secrets:
+                raise Denied(403, "Forbidden", f"{principal.name} may not roll back to revision {revision}: it would "
+                                               f"change Secret(s) {', '.join(secrets)} (needs scope admin)")
         who = self._who(request)
         by = f" by {who}" if self.security is not None else ""
         new_revision = await self.store.rollback(int(revision), origin=f"rollback to {revision}{by}")
