@@ -235,7 +235,8 @@ class Worker:
     def _gateway_tls(self, model: Listener) -> GatewayTls:
         """A gateway listener's TLS: its servers' certificates (files, Secrets, or the workload
         certificate for ISTIO_MUTUAL), swapped in place by later snapshots."""
-        return GatewayTls(model.tls, lambda: self.certificates)
+        return GatewayTls(model.tls, lambda: self.certificates,
+                          on_failure=lambda reason: self.telemetry.handshake_failed(model.name, reason))
 
     def inbound_tls_context(self, alpn: tuple[str, ...], client_cert: str) -> ssl.SSLContext | None:
         """The workload's mTLS server context for inbound listeners (None: no certificate)."""

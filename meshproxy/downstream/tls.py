@@ -20,7 +20,8 @@ ISTIO_MUTUAL).  What OpenSSL cannot check for Python (a certificate is required 
 server, ``subjectAltNames``, ``verifyCertificateSpki``/``Hash``) is checked by
 :class:`ClientCertificateGate` when the handshake completes, before the HTTP connection
 exists: a refused client never gets a byte of HTTP, and is counted by reason.  A certificate
-that does not verify fails the handshake itself (not counted: asyncio reports nothing).
+that does not verify fails the handshake itself: the front's SSLObject class counts that (and
+every other handshake failure: plaintext, no shared version or cipher, garbage).
 """
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ VERSIONS = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TLSv1_1,
 NO_CLIENT_CERTIFICATE = "client_certificate_required"
 SAN_MISMATCH = "client_san_mismatch"
 PIN_MISMATCH = "client_certificate_pin_mismatch"
+UNTRUSTED_CLIENT = "client_certificate_untrusted"   # another CA, expired, not yet valid
+PLAINTEXT = "plaintext_refused"
+HANDSHAKE_FAILED = "handshake_failed"              # anything else (no shared version or cipher, garbage)
+_FAILURES = {"CERTIFICATE_VERIFY_FAILED": UNTRUSTED_CLIENT, "TLSV1_ALERT_UNKNOWN_CA": UNTRUSTED_CLIENT,
+             "HTTP_REQUEST": PLAINTEXT, "WRONG_VERSION_NUMBER": PLAINTEXT}
+
+
+def handshake_failure(err: ssl.SSLError) -> str:
+    """The counted reason of a failed server handshake."""
+    return _FAILURES.get(getattr(err, "reason", None) or "", HANDSHAKE_FAILED)
 
 _CHOSEN = "_meshproxy_gateway_server"        # attribute the SNI callback leaves on the SSLObject
 
@@ -82,11 +93,16 @@ class GatewayTls:
     :class:`~meshproxy.security.CertificateManager` (None without a workload identity): the
     certificate and trust roots of ISTIO_MUTUAL servers."""
 
-    def __init__(self, tls: TlsSettings, workload: Callable[[], object] = lambda: None):
+    def __init__(self, tls: TlsSettings, workload: Callable[[], object] = lambda: None,
+                 on_failure: Callable[[str], None] | None = None):
         self.workload = workload
         front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         front.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         front.sni_callback = self._pick
+        if on_failure is not None:
+            # asyncio's and uvloop's TLS drive the handshake through the context's SSLObject and
+            # report a failure to no one: an SSLObject that counts its own
+            front.sslobject_class = _counting_sslobject(on_failure)
         self.front = front
         self._contexts: dict[ServerCertificate, ssl.SSLContext] = {}
         self._default: ServerCertificate | None = None
@@ -158,6 +174,19 @@ class GatewayTls:
                     or (cert.spki_sha256 and spki_sha256(der) in cert.spki_sha256)):
                 return PIN_MISMATCH
         return None
+
+
+def _counting_sslobject(on_failure: Callable[[str], None]) -> type:
+    class CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self):
+            try:
+                return super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as err:
+                on_failure(handshake_failure(err))
+                raise
+    return CountingSSLObject
 
 
 def spki_sha256(der: bytes) -> str:

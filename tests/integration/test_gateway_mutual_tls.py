@@ -10,8 +10,10 @@ import base64
 import hashlib
 import json
 import random
+import socket
 import subprocess
 import textwrap
+import time
 
 import pytest
 from cryptography import x509
@@ -158,9 +160,23 @@ def test_mutual_requires_a_client_certificate_from_the_ca_certificates(gateway):
     dump = json.loads(proxy.admin("/config_dump")[1])["snapshot"]
     cert = [l["tls"]["certificates"][0] for l in dump["listeners"] if l["port"] == ports["mutual"]][0]
     assert cert["mode"] == "MUTUAL" and cert["ca_certificates"] == files["client_root"]
-    counted = refusals(proxy)             # the two clients without a certificate, by reason
+    counted = refusals(proxy)             # the clients without a certificate, and from another CA
     assert counted.get(f'meshproxy_tls_handshake_failures_total{{listener="gateway_{ports["mutual"]}",'
                        f'reason="client_certificate_required"}}') == 2, counted
+    assert counted.get(f'meshproxy_tls_handshake_failures_total{{listener="gateway_{ports["mutual"]}",'
+                       f'reason="client_certificate_untrusted"}}') == 2, counted
+    # plaintext on a TLS port: refused and counted
+    with socket.create_connection(("127.0.0.1", ports["mutual"]), timeout=5) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        try:
+            assert b"mtls-ok" not in sock.recv(1000)
+        except ConnectionResetError:
+            pass
+    deadline = time.monotonic() + 5
+    while refusals(proxy).get(f'meshproxy_tls_handshake_failures_total{{listener="gateway_{ports["mutual"]}",'
+                              f'reason="plaintext_refused"}}') != 1:
+        assert time.monotonic() < deadline, refusals(proxy)
+        time.sleep(0.05)
 
 
 def test_subject_alt_names_and_certificate_pins_refuse_other_clients(gateway):
