@@ -281,10 +281,13 @@ class _Compiler:
             self.rules[host] = (policy, subsets)
 
     def _warn_tcp_only_pool_fields(self) -> None:
-        """connectionPool.tcp tcpKeepalive, maxConnectionDuration and idleTimeout act on TCP
-        proxy connections only: say so where a DestinationRule sets them for HTTP ports."""
-        fields = (("tcp_keepalive", "tcpKeepalive"), ("max_connection_duration", "maxConnectionDuration"),
-                  ("tcp_idle_timeout", "idleTimeout"))
+        """connectionPool.tcp maxConnectionDuration and idleTimeout act on TCP proxy
+        connections only: say so where a DestinationRule sets them for HTTP ports
+        (tcpKeepalive is applied to both)."""
+        fields = (("max_connection_duration", "maxConnectionDuration",
+                   "an HTTP upstream connection is kept as long as it is reused"),
+                  ("tcp_idle_timeout", "idleTimeout",
+                   "HTTP upstream connections close after connectionPool.http.idleTimeout, as in Istio"))
         for r in self.by_kind.get("DestinationRule", []):
             dr: DestinationRule = r.spec
             svc = self.services.get(self.resolve(dr.host, r.namespace))
@@ -303,11 +306,11 @@ class _Compiler:
                     pool = parts.connection_pool
                     if pool is None or not ports:
                         continue
-                    for attr, name in fields:
+                    for attr, name, instead in fields:
                         if getattr(pool, attr) is not None:
                             self.warn(f"{r.ref}: {where}.connectionPool.tcp.{name}: applied to TCP connections "
-                                      f"only; not yet to HTTP upstream connections (port "
-                                      f"{', '.join(map(str, sorted(ports)))})")
+                                      f"only; not to HTTP upstream connections (port "
+                                      f"{', '.join(map(str, sorted(ports)))}): {instead}")
 
     def _rule_for(self, host: str) -> tuple[TrafficPolicySpec | None, dict[str, Subset]]:
         if host in self.rules:

@@ -850,7 +850,7 @@ def _decode_retries(r: _Reader, raw: Any, path: str) -> RetryPolicy | None:
     per_try = r.duration(m, "perTryTimeout", path)
     backoff = r.duration(m, "backoff", path)
     r.boolean(m, "retryRemoteLocalities", path)
-    r.boolean(m, "retryIgnorePreviousHosts", path)
+    ignore_previous = r.boolean(m, "retryIgnorePreviousHosts", path)
     retry_on = r.string(m, "retryOn", path)
     conditions: set[str] = set()
     codes: set[int] = set()
@@ -877,7 +877,8 @@ def _decode_retries(r: _Reader, raw: Any, path: str) -> RetryPolicy | None:
         conditions = set(DEFAULT_RETRY_ON)
     return RetryPolicy(attempts=attempts if attempts is not None else DEFAULT_RETRY_ATTEMPTS,
                        per_try_timeout=per_try, retry_on=frozenset(conditions),
-                       retriable_status_codes=frozenset(codes), backoff_base=backoff or 0.025)
+                       retriable_status_codes=frozenset(codes), backoff_base=backoff or 0.025,
+                       ignore_previous_hosts=ignore_previous is not False)
 
 
 # Istio's policy when a route sets no retries (pilot/pkg/networking/core/route/retry/retry.go).

@@ -309,8 +309,8 @@ node("HTTPRetry",
      retryOn=s(A(T_RETRY + "test_each_condition_retries_exactly_its_outcomes")),
      retryRemoteLocalities=b(Warned("locality-aware retries are not supported: retries go to any endpoint",
                                     ok=(False,))),
-     retryIgnorePreviousHosts=b(Warned("false is not applied: retries always try other endpoints first (Istio's "
-                                       "default, true)", ok=(True,))),
+     retryIgnorePreviousHosts=b(A("tests/integration/test_retry_and_pool_fields_e2e.py::"
+                                  "test_retry_ignore_previous_hosts_false_may_retry_the_failed_endpoint")),
      backoff=d(A(T_RETRY + "test_backoff_is_jittered_exponential_from_25ms_capped_at_10x")))
 node("HTTPFaultInjection",
      delay=obj(A(T_INPROC + "test_fault_abort_and_delay"), "Delay"),
@@ -437,14 +437,17 @@ node("CookieAttribute", name=s(Warned("cookie attributes are not written")),
      value=s(Warned("cookie attributes are not written")))
 _T_CB = T_SNAP + "test_circuit_breaker_thresholds_map_like_istiod_and_zero_means_unset"
 _T_TCPPOOL = T_APPLY + "test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_tcp_connections"
-_TCP_ONLY = "applied to TCP proxy connections; on HTTP clusters the compiler warns that it is not applied yet"
+_TCP_ONLY = "applied to TCP proxy connections; on HTTP clusters the compiler warns that it is not applied"
+_T_HTTPKA = ("tests/integration/test_retry_and_pool_fields_e2e.py::"
+             "test_tcp_keepalive_is_set_on_http_upstream_connections")
 node("ConnectionPoolSettings",
      tcp=obj(A(_T_CB), "TCPSettings"),
      http=obj(A(_T_CB), "HTTPSettings"))
 node("TCPSettings",
      maxConnections=i(A(T_RES + "test_connections_overflow_at_max_connections")),
      connectTimeout=d(A(T_SNAP + "test_routes_carry_istio_defaults_and_compiled_values")),
-     tcpKeepalive=obj(A(_T_TCPPOOL, _TCP_ONLY), "TcpKeepalive"),
+     tcpKeepalive=obj(A(_T_HTTPKA, "HTTP upstream connections; TCP proxy connections: " + _T_TCPPOOL),
+                      "TcpKeepalive"),
      maxConnectionDuration=d(A(_T_TCPPOOL, _TCP_ONLY)),
      idleTimeout=d(A(_T_TCPPOOL, _TCP_ONLY)))
 node("TcpKeepalive", probes=i(A(_T_TCPPOOL)), time=d(A(_T_TCPPOOL)), interval=d(A(_T_TCPPOOL)))

@@ -53,6 +53,7 @@ cdef class RetryPolicy:
     cdef readonly object retriable_status_codes
     cdef readonly object allow_non_idempotent
     cdef readonly object backoff_base
+    cdef readonly bint ignore_previous_hosts
 
 cdef class HttpRoute:
     cdef readonly object name

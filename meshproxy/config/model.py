@@ -137,6 +137,9 @@ class RetryPolicy:
     retriable_status_codes: frozenset[int] = frozenset()
     allow_non_idempotent: bool = False    # our extension: retries of POST/PATCH only when asked
     backoff_base: float = 0.025
+    # retryIgnorePreviousHosts: a retry goes to an endpoint this request has not tried while
+    # there is one (Istio's default); False: the balancer picks among all, the failed one too
+    ignore_previous_hosts: bool = True
 
 
 @dataclass(frozen=True, slots=True)

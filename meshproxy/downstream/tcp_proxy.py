@@ -35,29 +35,12 @@ import ssl
 from typing import Any, Callable
 
 from ..security.client_hello import NEED_MORE, ClientHello, parse_client_hello
+from ..upstream.socket_options import set_keepalive
 from ..upstream.tls import UpstreamTlsContexts, UpstreamTlsError
 
 from .splice import DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER, Splice, reset_transport
 
 PickUpstream = Callable[[asyncio.Transport], "tuple[str, int] | None"]   # given the accepted connection
-
-
-def set_keepalive(sock, keepalive: tuple) -> None:
-    """TCP keepalive on an upstream socket: (probes, idle seconds, interval seconds), each
-    None for the system's value (Istio's connectionPool.tcp.tcpKeepalive)."""
-    if sock is None:
-        return
-    probes, idle, interval = keepalive
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if probes:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(probes))
-        if idle:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
-        if interval:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval)))
-    except OSError:
-        pass
 
 
 def connection_addresses(transport: asyncio.Transport | None) -> tuple[str | None, str | None]:

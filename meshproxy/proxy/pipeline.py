@@ -476,8 +476,11 @@ class Exchange(RequestInfo):
         cluster = self.cluster
         self.phase = FORWARDING
         original = self._original_destination() if cluster.passthrough else None
-        host = cluster.pick_host(self.hash_key, self.tried, original)
-        if host is None and self.tried:
+        avoid = self.tried
+        if avoid and self.retry is not None and not self.route.retries.ignore_previous_hosts:
+            avoid = ()           # retryIgnorePreviousHosts: false: the failed endpoint may be picked again
+        host = cluster.pick_host(self.hash_key, avoid, original)
+        if host is None and avoid:
             host = cluster.pick_host(self.hash_key, (), original)    # every endpoint tried: allow repeats
         if host is None:
             return self._answer_failure(503, "UH")
@@ -525,7 +528,7 @@ class Exchange(RequestInfo):
             cluster.force_connection()
         policy = cluster.cluster.policy.connection_pool
         timeout = min(policy.connect_timeout, self.snapshot.settings.upstream_connect_timeout)
-        attempt.connect_task = runtime.pools.connect(key, timeout, attempt.connected)
+        attempt.connect_task = runtime.pools.connect(key, timeout, attempt.connected, policy.tcp_keepalive)
         return True
 
     def _original_destination(self) -> tuple[str, int] | None:

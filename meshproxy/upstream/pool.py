@@ -34,6 +34,7 @@ from ..batch import SendBatch
 from ..clock import monotonic
 from ..lists import pop_last, push
 from .connection import UpstreamConnection
+from .socket_options import set_keepalive
 from .tls import UpstreamTlsContexts, UpstreamTlsError
 
 
@@ -222,12 +223,14 @@ class UpstreamPools:
     # ---------------------------------------------------------------- connecting
 
     def connect(self, key: tuple[str, int], timeout: float,
-                on_done: Callable[[UpstreamConnection | None, str], None]) -> asyncio.Task:
+                on_done: Callable[[UpstreamConnection | None, str], None], keepalive: tuple | None = None
+                ) -> asyncio.Task:
         """Open a new connection; ``on_done(conn, "")`` or ``on_done(None, reason)``
-        where reason is "timeout", "cancelled" or "refused"/the error text."""
+        where reason is "timeout", "cancelled" or "refused"/the error text.  ``keepalive``:
+        the cluster's tcpKeepalive (probes, idle s, interval s), set on the new socket."""
         pool = self.pool(key)
         pool.connecting += 1
-        task = self._loop.create_task(self._connect(pool, timeout))
+        task = self._loop.create_task(self._connect(pool, timeout, keepalive))
 
         def finished(task: asyncio.Task) -> None:
             self._tasks.discard(task)
@@ -249,7 +252,8 @@ class UpstreamPools:
         task.add_done_callback(finished)
         return task
 
-    async def _connect(self, pool: EndpointPool, timeout: float) -> tuple[UpstreamConnection | None, str]:
+    async def _connect(self, pool: EndpointPool, timeout: float,
+                       keepalive: tuple | None = None) -> tuple[UpstreamConnection | None, str]:
         key = pool.key
         tls = key[2] if len(key) > 2 else None       # DestinationRule tls (upstream/tls.py)
         try:
@@ -287,6 +291,8 @@ class UpstreamPools:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            if keepalive is not None:
+                set_keepalive(sock, keepalive)
         pool.active += 1
         pool.created += 1
         conn._counted = True
