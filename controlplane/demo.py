@@ -310,7 +310,7 @@ def bring_up(workdir: Path, say=print, prefix: str = "demo", patch=None) -> Demo
             return (len(endpoints) == 2 and len(proxies) == 4 and all(p["state"] == "acked" for p in proxies)
                     and all(p.get("principal") for p in proxies))
 
-        wait_for(converged, 30, "two registered workloads and four proxies with certificates ACKing")
+        wait_for(converged, 45, "two registered workloads and four proxies with certificates ACKing")
         wait_for(lambda: send(gw_port, "demo.example.com") in ("v1", "v2"), 10, "the gateway routing to demo")
         inbound = {}
         for w in api.call("GET", "/registry/v1/namespaces/default/services/demo/endpoints")[1]["items"]:

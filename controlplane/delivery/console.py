@@ -8,7 +8,8 @@ other APIs do not already give, live traffic per service and version.
                                  and per edge into each sidecar (``edges``): the caller's SPIFFE id,
                                  whether it came over mutual TLS, requests/s and the total, with
                                  the connections each proxy refused (plaintext on a STRICT port, ...)
-                                 and the requests its AuthorizationPolicies denied
+                                 and the requests its AuthorizationPolicies denied; per proxy
+                                 (``certificates``) the workload certificate it holds now
 
 Everything else the console shows comes from the APIs meshctl uses: canaries
 (``/apis/delivery.meshproxy.io/v1``), proxies (``/push/v1/proxies``), workloads
@@ -75,18 +76,26 @@ def parse_all(text: str, reporter: str = "source") -> dict[tuple[str, str], Vers
 
 HANDSHAKE_FAILURES = "meshproxy_tls_handshake_failures"
 AUTHZ_DECISIONS = "meshproxy_authz_decisions"
+CERT_GAUGES = {"meshproxy_workload_cert_expiry_timestamp_seconds": "expiresAt",
+               "meshproxy_workload_cert_valid": "valid", "meshproxy_workload_cert_renewal_failing": "renewalFailing"}
 
 
 def parse_security(text: str) -> dict:
     """Prometheus text of one proxy -> what reached it and how: ``inbound`` {(caller principal,
     connection_security_policy): requests served}, ``refused`` {reason: connections refused
-    before any request}, ``denied``: requests or connections its AuthorizationPolicies denied."""
+    before any request}, ``denied``: requests or connections its AuthorizationPolicies denied;
+    ``certificate``: the workload certificate it holds now (``expiresAt``, ``valid``,
+    ``renewalFailing``), empty without one."""
     inbound: dict[tuple[str, str], int] = {}
     refused: dict[str, int] = {}
     denied = 0
+    certificate: dict = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
+            if sample.name in CERT_GAUGES:
+                certificate[CERT_GAUGES[sample.name]] = sample.value
+                continue
             if not sample.name.endswith("_total"):
                 continue
             if family.name == REQUESTS and labels.get("reporter") == "destination":
@@ -97,7 +106,7 @@ def parse_security(text: str) -> dict:
                 refused[reason] = refused.get(reason, 0) + int(sample.value)
             elif family.name == AUTHZ_DECISIONS and labels.get("decision") == "denied":
                 denied += int(sample.value)
-    return {"inbound": inbound, "refused": refused, "denied": denied}
+    return {"inbound": inbound, "refused": refused, "denied": denied, "certificate": certificate}
 
 
 def configured_splits(resources) -> dict[str, list[dict]]:
@@ -200,7 +209,9 @@ class TrafficView:
                        "versions": {subset: subset_versions.get((host, subset), subset) for subset in route["weights"]}}
                       for host, routes in sorted(splits.items()) for route in routes]
         return {"seconds": round(seconds, 3), "items": items, "configured": configured,
-                "edges": edges(before[1], after[1], seconds)}
+                "edges": edges(before[1], after[1], seconds),
+                # the certificate each proxy holds now (the push stream shows the one it connected with)
+                "certificates": {now["node"]: now["certificate"] for _, now in after[1].values() if now["certificate"]}}
 
 
 def edges(before: dict, after: dict, seconds: float) -> list[dict]:

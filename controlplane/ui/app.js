@@ -178,13 +178,16 @@ async function showTraffic() {
 
 // ------------------------------------------------------------------ mesh
 
-function expiry(p) {
-  if (!p.cert_expires_at) return "–";
-  const left = p.cert_expires_at - Date.now() / 1000;
+// the certificate the proxy holds now (its metrics), else the one its push stream connected with
+function expiry(p, live) {
+  const expiresAt = live ? live.expiresAt : p.cert_expires_at;
+  if (!expiresAt) return "–";
+  const left = expiresAt - Date.now() / 1000;
   const h = Math.floor(Math.max(0, left) / 3600), m = Math.floor((Math.max(0, left) % 3600) / 60);
-  const at = new Date(p.cert_expires_at * 1000), pad = (n) => String(n).padStart(2, "0");
+  const at = new Date(expiresAt * 1000), pad = (n) => String(n).padStart(2, "0");
   const when = `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())} ${pad(at.getHours())}:${pad(at.getMinutes())}`;
-  return `${when} (${left <= 0 ? "expired" : `in ${h}h ${m}m`})`;
+  const failing = live && live.renewalFailing ? ", renewal failing" : "";
+  return `${when} (${left <= 0 ? "expired" : `in ${h}h ${m}m`}${failing})`;
 }
 
 function refusals(edge) {
@@ -217,7 +220,7 @@ async function showMesh() {
       el("td", { text: p.node_id }), el("td", { text: p.mode }),
       el("td", { text: Object.entries(p.labels).map(([k, v]) => `${k}=${v}`).join(",") || "–" }),
       el("td", { class: "identity", text: p.principal || "none (no workload certificate)" }),
-      el("td", { class: "expires", text: expiry(p) }),
+      el("td", { class: "expires", text: expiry(p, (traffic.certificates || {})[p.node_id]) }),
       el("td", { class: "state", text: p.state }),
       el("td", { class: "version", title: p.acked_version || "", text: p.acked_version ? p.acked_version.slice(0, 8) : "–" }),
       el("td", { text: p.last_nack ? `${p.last_nack.version}: ${p.last_nack.errors.join(" | ")}` : "–" }))));

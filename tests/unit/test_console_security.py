@@ -9,6 +9,12 @@ istio_requests_total{reporter="destination",source_principal="spiffe://cluster.l
 istio_requests_total{reporter="destination",source_principal="spiffe://cluster.local/ns/default/sa/ingress-gateway",connection_security_policy="mutual_tls",response_code="503"} 2
 istio_requests_total{reporter="destination",source_principal="unknown",connection_security_policy="none",response_code="200"} 3
 istio_requests_total{reporter="source",source_principal="spiffe://cluster.local/ns/default/sa/demo",connection_security_policy="unknown",response_code="200"} 50
+# TYPE meshproxy_workload_cert_expiry_timestamp_seconds gauge
+meshproxy_workload_cert_expiry_timestamp_seconds{identity="spiffe://cluster.local/ns/default/sa/demo"} 1.8e9
+# TYPE meshproxy_workload_cert_valid gauge
+meshproxy_workload_cert_valid{identity="spiffe://cluster.local/ns/default/sa/demo"} 1
+# TYPE meshproxy_workload_cert_renewal_failing gauge
+meshproxy_workload_cert_renewal_failing{identity="spiffe://cluster.local/ns/default/sa/demo"} 0
 # TYPE meshproxy_tls_handshake_failures_total counter
 meshproxy_tls_handshake_failures_total{listener="inbound_1",reason="plaintext_refused"} 4
 # TYPE meshproxy_authz_decisions_total counter
@@ -23,6 +29,8 @@ def test_parse_security_reads_callers_refusals_and_denials_of_one_proxy():
     assert got["inbound"] == {(GW, "mutual_tls"): 92, ("unknown", "none"): 3}      # reporter=source is not inbound
     assert got["refused"] == {"plaintext_refused": 4}
     assert got["denied"] == 2
+    assert got["certificate"] == {"expiresAt": 1.8e9, "valid": 1.0, "renewalFailing": 0.0}
+    assert parse_security("")["certificate"] == {}
 
 
 def test_edges_give_rates_between_two_readings_and_totals_and_mark_plaintext():
