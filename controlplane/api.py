@@ -46,7 +46,7 @@ import yaml
 
 from . import kube
 from .http import Request, Response, StreamResponse
-from .push import PushEngine
+from .push import PushEngine, expires_at
 from .security.service import ROUTES as SECURITY_ROUTES, Denied
 from .resources import (BY_KIND, BY_PLURAL, CORE_GROUP, CORE_KINDS, Kind, content_of, describe, is_secret, kind_for,
                         proxy_view, redacted, scrub_annotations)
@@ -716,7 +716,21 @@ class Api:
         self._owned_workload(request, wid)
         if not await self.store.heartbeat(wid):
             raise NotFound(f"workload {wid} is not registered (expired?); register again")
+        self._note_certificate(wid, request)
         return Response.json(200, {"id": wid})
+
+    def _note_certificate(self, node_id: str, request) -> None:
+        """A proxy's request over a newer certificate of the identity it streams as (it renewed;
+        its push stream keeps the certificate it connected with): its listing shows the newer
+        expiry.  Heartbeats (on a new connection each) and ACKs carry it."""
+        principal = request.principal
+        proxy = self.push.proxies.get(node_id)
+        if proxy is None or principal is None or principal.identity is None or not request.peer_not_after:
+            return
+        if proxy.info.get("principal") != principal.identity.uri:
+            return
+        if (expires_at(request.peer_not_after) or 0) > (expires_at(proxy.info.get("cert_not_after", "")) or 0):
+            proxy.info["cert_not_after"] = request.peer_not_after
 
     async def _deregister(self, request, wid):
         self._owned_workload(request, wid)
@@ -771,6 +785,7 @@ class Api:
         if body.get("resync") is True:
             result = self.push.resync(str(body.get("node_id")), str(body.get("nonce")))
             return Response.json(200 if result != "unknown" else 404, {"result": result})
+        self._note_certificate(str(body.get("node_id")), request)
         rejected = body.get("rejected") if isinstance(body.get("rejected"), dict) else None
         result = self.push.acknowledge(str(body.get("node_id")), str(body.get("nonce")),
                                        str(body.get("version")), list(body.get("errors") or []),

@@ -182,10 +182,10 @@ class ProxyConnection:
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
                 "last_nack": self.last_nack, "connected_since": self.connected_since,
                 "principal": self.info.get("principal", ""), "cert_not_after": self.info.get("cert_not_after", ""),
-                "cert_expires_at": _expires_at(self.info.get("cert_not_after", ""))}
+                "cert_expires_at": expires_at(self.info.get("cert_not_after", ""))}
 
 
-def _expires_at(not_after: str) -> float | None:
+def expires_at(not_after: str) -> float | None:
     """OpenSSL's notAfter text (``Dec  8 14:38:02 2026 GMT``) as seconds since the epoch."""
     try:
         return float(ssl.cert_time_to_seconds(not_after)) if not_after else None

@@ -259,6 +259,9 @@ def test_sidecar_joins_over_tls_and_keeps_its_certificate_while_the_control_plan
         assert proxies[0]["principal"] == CART.uri and proxies[0]["cert_not_after"]
         wait_for(lambda: json.loads(admin_get(admin, "/config_dump"))["certificates"]["renewals"]["success"] >= 2,
                  TTL * 2, "a renewal")
+        # the listing follows the renewed certificate (the push stream keeps the first one)
+        wait_for(lambda: json.loads(meshctl(cp, "proxies", "-o", "json").stdout)["items"][0]["cert_expires_at"]
+                 > proxies[0]["cert_expires_at"], 10, "meshctl proxies showing the renewed certificate's expiry")
         cp.kill()
         failing = wait_for(lambda: (d := json.loads(admin_get(admin, "/config_dump"))["certificates"])["state"]
                            == "renewal-failing" and d, TTL * 2, "renewal-failing")
