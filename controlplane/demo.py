@@ -113,7 +113,7 @@ def meshctl(mesh: Mesh, *argv: str) -> str:
     its standard output.  Fails with meshctl's error."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(["--credentials", mesh.cp.credentials, *argv])
+        code = cli_main(["--server", mesh.cp.url, "--credentials", mesh.cp.credentials, *argv])
     if code != 0:
         raise RuntimeError(f"demo: meshctl {' '.join(argv)} failed: {err.getvalue().strip()}")
     return out.getvalue()
