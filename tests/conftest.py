@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import ProxyProcess, Upstream, service_entry_yaml  # noqa: E402
 
+pytest_plugins = ["hot_path_usage"]     # --hot-path-usage: which tests the pure-Python rerun needs
+
 CODECS = ["httptools", "h11"]
 
 
