@@ -1,5 +1,5 @@
-"""The real Prometheus (Debian's /usr/bin/prometheus) for tests: scrapes the given targets every
-200 ms into a throw-away TSDB and answers instant queries."""
+"""The real Prometheus (Debian's /usr/bin/prometheus) for tests: scrapes the given targets (every
+200 ms unless told) into a throw-away TSDB and answers instant queries."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from controlplane.testing import free_ports
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, jobs: dict[str, tuple[str, str]]):
+    def __init__(self, workdir: Path, jobs: dict[str, tuple[str, str]], scrape_interval: str = "200ms"):
         """``jobs``: job name -> (host:port, metrics path)."""
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -22,7 +22,8 @@ class PrometheusServer:
 - job_name: {name}
   metrics_path: {path}
   static_configs: [{{targets: ["{target}"]}}]""" for name, (target, path) in jobs.items())
-        config.write_text(f"global: {{scrape_interval: 200ms, evaluation_interval: 1s}}\nscrape_configs:{scrape}\n")
+        config.write_text(f"global: {{scrape_interval: {scrape_interval}, evaluation_interval: 1s}}\n"
+                          f"scrape_configs:{scrape}\n")
         self._log = open(workdir / "prometheus.log", "ab")
         self.proc = subprocess.Popen(["/usr/bin/prometheus", f"--config.file={config}",
                                       f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -10,6 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from delivery_mesh import Users, VersionApp, delivery_mesh_fixture, wait_for  # noqa: F401  (the "mesh" fixture)
+from prometheus_server import PrometheusServer
 
 from controlplane import cli
 
@@ -301,48 +302,9 @@ def test_invalid_canary_is_refused_with_every_error_and_its_path(mesh):
     assert code == 404
 
 
-class Prometheus:
-    """The real Prometheus (Debian's /usr/bin/prometheus) scraping the gateway's admin every 200 ms."""
-
-    def __init__(self, workdir, target: str):
-        import subprocess
-        from controlplane.testing import free_ports
-        self.port = free_ports(1)[0]
-        config = workdir / "prometheus.yml"
-        config.write_text(f"""
-global: {{scrape_interval: 100ms, evaluation_interval: 1s}}
-scrape_configs:
-- job_name: gateway
-  metrics_path: /stats/prometheus
-  static_configs: [{{targets: ["{target}"]}}]
-""")
-        log = open(workdir / "prometheus.log", "ab")
-        self.proc = subprocess.Popen(["/usr/bin/prometheus", f"--config.file={config}",
-                                      f"--storage.tsdb.path={workdir / 'tsdb'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}"], stdout=log, stderr=log)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-        def ready():
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                conn.request("GET", "/-/ready")
-                ok = conn.getresponse().status == 200
-                conn.close()
-                return ok
-            except OSError:
-                return False
-        wait_for(ready, 20, "prometheus ready")
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except Exception:
-            self.proc.kill()
-
-
 def test_custom_promql_metric_waits_for_values_then_passes_and_a_dead_prometheus_fails_the_check(mesh, tmp_path):
-    prometheus = Prometheus(tmp_path, f"127.0.0.1:{mesh.gw_admin}")
+    prometheus = PrometheusServer(tmp_path, {"gateway": (f"127.0.0.1:{mesh.gw_admin}", "/stats/prometheus")},
+                                  scrape_interval="100ms")
     try:
         mesh.add_service("promql", {"v1": VersionApp("v1"), "v2": VersionApp("v2"), "v3": VersionApp("v3")}, "v1")
         users = Users(mesh.gw_port, "promql.example.com", users=1, pause=0.005).start()
