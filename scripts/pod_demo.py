@@ -5,34 +5,13 @@ from __future__ import annotations
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from meshpods import Mesh  # noqa: E402
+from meshpods import REVIEWS_90_10, Mesh, add_reviews_and_client  # noqa: E402
 from netns import PodNetwork, PodNetworkUnavailable  # noqa: E402
-
-SPLIT = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - {destination: {host: reviews, subset: v1}, weight: 90}
-    - {destination: {host: reviews, subset: v2}, weight: 10}
-"""
-
 
 def step(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
@@ -57,11 +36,8 @@ def main() -> int:
         step(f"pods: network namespaces on a bridge (10.x addresses exist only inside them); logs in {tmp}")
         mesh = Mesh(net, tmp)
         print(f"control plane in pod istiod: {mesh.url}")
-        for version in ("v1", "v2"):
-            mesh.add_workload(f"reviews-{version}", "reviews", {"app": "reviews", "version": version},
-                              app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"])
-        client = mesh.add_workload("client", "client", {"app": "client", "version": "v1"},
-                                   pod_init=["--capture-dns"])
+        client = add_reviews_and_client(mesh)          # the pods the capture tests use
+        mesh.wait_all_ready()
         mesh.wait_endpoints("reviews", 2)
         step("the client pod's capture rules (meshproxy pod-init, nftables)")
         show(client.pod, ["nft", "list", "table", "inet", "meshproxy"])
@@ -69,8 +45,8 @@ def main() -> int:
         for _ in range(4):
             show(client.pod, ["curl", "-s", "-w", "\\n", "http://reviews:9080/"])
         step("a 90/10 VirtualService through the control plane")
-        mesh.apply(SPLIT)
-        time.sleep(1.0)
+        mesh.apply(REVIEWS_90_10)
+        client.wait_config(lambda dump: "default/reviews" in dump, "the VirtualService at the client")
         code = ("import urllib.request,collections\n"
                 "print(dict(collections.Counter(urllib.request.urlopen('http://reviews:9080/').read().decode()"
                 " for _ in range(100))))")

@@ -8,6 +8,9 @@ pods with ``pod-init`` rules and a ``meshproxy run --capture`` sidecar (as uid 1
                           app=["http", "reviews-v1", "9080"], app_ports=["http:9080"])
         client = mesh.add_workload("client", "client", {"app": "client"})
         client.pod.run(["curl", "-s", "http://reviews:9080/"])
+
+:func:`add_reviews_and_client` is the set of pods the capture tests and ``./scripts/pod-demo``
+share (with :data:`REVIEWS_90_10`): what the demo shows is what the tests check.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 import weakref
 from pathlib import Path
 
-from netns import Pod, PodNetwork
+from netns import Pod, PodNetwork, wait_until
 
 PROBE = str(Path(__file__).resolve().parent / "pod_probe.py")
 PROXY_UID = 1337
@@ -83,6 +86,10 @@ class Workload:
 
     def sidecar_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_config(self, check, what: str, timeout: float = 10) -> None:
+        """Wait until ``check(config_dump text)`` holds at this sidecar (a pushed config arrived)."""
+        wait_until(lambda: check(self.admin("/config_dump")), timeout, 0.2, what)
 
 
 class Mesh:
@@ -179,6 +186,12 @@ class Mesh:
             self.wait_ready(workload)
         return workload.sidecar
 
+    def wait_all_ready(self) -> None:
+        """Wait for every sidecar started so far (started with ``wait=False``, they start at once)."""
+        for workload in self.workloads.values():
+            if workload.sidecar is not None:
+                self.wait_ready(workload)
+
     def wait_ready(self, workload: Workload, timeout: float = 30) -> None:
         result = workload.pod.python(_HEALTH_WAIT, "http://127.0.0.1:15021/healthz/ready", str(timeout),
                                      timeout=timeout + 15)
@@ -194,3 +207,37 @@ class Mesh:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{service}: {count} endpoints not registered: {out}")
             time.sleep(0.1)
+
+
+REVIEWS_90_10 = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+"""
+
+
+def add_reviews_and_client(mesh: Mesh, sidecar: list[str] = (), reviews_sidecar: list[str] = ()) -> Workload:
+    """The pods the capture tests and the pod demo share: ``reviews-v1`` and ``reviews-v2`` (an HTTP
+    app on 9080 answering its name; ``reviews_sidecar``: more arguments for their sidecars) and
+    ``client`` (DNS captured), all meshed, ``sidecar`` the arguments every sidecar gets.  The
+    sidecars are started, not waited for (:meth:`Mesh.wait_all_ready`), so more pods can join them
+    first.  Returns the client."""
+    for version in ("v1", "v2"):
+        mesh.add_workload(f"reviews-{version}", "reviews", {"app": "reviews", "version": version},
+                          app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"],
+                          sidecar=[*sidecar, *reviews_sidecar], wait=False)
+    return mesh.add_workload("client", "client", {"app": "client", "version": "v1"}, pod_init=["--capture-dns"],
+                             sidecar=list(sidecar), wait=False)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from meshpods import PROBE, Mesh, start_ready
+from meshpods import PROBE, REVIEWS_90_10, Mesh, add_reviews_and_client, start_ready
 from netns import PodNetwork, wait_until
 
 REVIEWS = "reviews.default.svc.cluster.local"
@@ -42,16 +42,10 @@ def mesh(tmp_path_factory):
         probers = json.dumps({"/app-health/reviews/readyz": {"httpGet": {"path": "/health", "port": 9080}},
                               "/app-health/reviews/livez": {"httpGet": {"path": "/fail-health", "port": 9080}},
                               "/app-health/reviews/startupz": {"tcpSocket": {"port": 9999}}})
-        for version in ("v1", "v2"):
-            mesh.add_workload(f"reviews-{version}", "reviews", {"app": "reviews", "version": version},
-                              app=["http", f"reviews-{version}", "9080"], app_ports=["http:9080"],
-                              sidecar=common + ["--app-probers", probers], wait=False)
+        add_reviews_and_client(mesh, sidecar=common, reviews_sidecar=["--app-probers", probers])
         mesh.add_workload("echo", "echo", {"app": "echo", "version": "v1"}, app=["echo", "7000"],
                           app_ports=["tcp-echo:7000"], sidecar=common, wait=False)
-        mesh.add_workload("client", "client", {"app": "client", "version": "v1"}, pod_init=["--capture-dns"],
-                          sidecar=common, wait=False)
-        for workload in mesh.workloads.values():        # the four sidecars start at once
-            mesh.wait_ready(workload)
+        mesh.wait_all_ready()                           # the four sidecars start at once
         mesh.outside = outside
         mesh.wait_endpoints("reviews", 2)
         mesh.wait_endpoints("echo", 1)
@@ -70,10 +64,6 @@ def series(metrics: str, name: str, **labels) -> float:
 
 def curl(workload, *args: str) -> subprocess.CompletedProcess:
     return workload.pod.run(["curl", "-s", "--max-time", "5", *args])
-
-
-def wait_for_config(mesh: Mesh, check, what: str, timeout: float = 10):
-    wait_until(check, timeout, 0.2, what)
 
 
 def test_unmodified_clients_reach_reviews_by_name_through_both_sidecars(mesh):
@@ -110,26 +100,9 @@ def test_unmodified_clients_reach_reviews_by_name_through_both_sidecars(mesh):
 
 
 def test_ninety_ten_virtual_service_splits_exactly_through_capture(mesh):
-    mesh.apply("""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - {destination: {host: reviews, subset: v1}, weight: 90}
-    - {destination: {host: reviews, subset: v2}, weight: 10}
-""")
+    mesh.apply(REVIEWS_90_10)
     client = mesh.workloads["client"]
-    wait_for_config(mesh, lambda: "default/reviews" in client.admin("/config_dump"), "VirtualService at the client")
+    client.wait_config(lambda dump: "default/reviews" in dump, "VirtualService at the client")
     code = ("import http.client,collections\n"
             "conn=http.client.HTTPConnection('reviews',9080,timeout=5)\n"     # one keep-alive connection
             "def get():\n"
@@ -237,7 +210,7 @@ spec:
   outboundTrafficPolicy: {mode: REGISTRY_ONLY}
 """)
     try:
-        wait_for_config(mesh, lambda: "REGISTRY_ONLY" in client.admin("/config_dump"), "Sidecar at the client")
+        client.wait_config(lambda dump: "REGISTRY_ONLY" in dump, "Sidecar at the client")
         refused = curl(client, "-o", "/dev/null", "-w", "%{http_code}", f"http://{outside.address}:9080/")
         assert refused.stdout == "502"
         closed = curl(client, f"http://{outside.address}:8080/")
@@ -247,7 +220,7 @@ spec:
         assert series(metrics, "istio_tcp_connections_opened_total", destination_service="BlackHoleCluster") >= 1
     finally:
         mesh.meshctl("delete", "sidecar", "default", "-n", "default")
-        wait_for_config(mesh, lambda: "REGISTRY_ONLY" not in client.admin("/config_dump"), "Sidecar removed")
+        client.wait_config(lambda dump: "REGISTRY_ONLY" not in dump, "Sidecar removed")
 
 
 APP = r"""
