@@ -9,11 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ProxyProcess, Upstream, service_entry_yaml  # noqa: E402
+from helpers import CODECS, ProxyProcess, Upstream, service_entry_yaml  # noqa: E402
 
 pytest_plugins = ["hot_path_usage"]     # --hot-path-usage: which tests the pure-Python rerun needs
-
-CODECS = ["httptools", "h11"]
 
 
 @pytest.fixture(params=CODECS)
@@ -28,26 +26,44 @@ async def upstream():
     await up.close()
 
 
-@pytest.fixture
-def proxy_factory(tmp_path):
-    """Start real proxies: ``proxy_factory(yaml_text, codec=..., extra_args=[...])``."""
-    started: list[ProxyProcess] = []
+class ProxyFactory:
+    """Starts real proxies: ``factory(yaml_text or {file: text}, codec=..., extra_args=[...])``."""
 
-    def make(config: str | dict[str, str], codec: str = "httptools", extra_args=None, workers: int = 1,
-             wait: bool = True, listen_port: int | None = None) -> ProxyProcess:
-        cfg_dir = tmp_path / f"config{len(started)}"
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.started: list[ProxyProcess] = []
+
+    def __call__(self, config: str | dict[str, str], codec: str = "httptools", extra_args=None, workers: int = 1,
+                 wait: bool = True, listen_port: int | None = None) -> ProxyProcess:
+        cfg_dir = self.tmp / f"config{len(self.started)}"
         cfg_dir.mkdir()
         files = {"mesh.yaml": config} if isinstance(config, str) else config
         for name, text in files.items():
             (cfg_dir / name).write_text(text)
         proxy = ProxyProcess(cfg_dir, codec=codec, extra_args=extra_args, workers=workers,
                              listen_port=listen_port)
-        started.append(proxy)
+        self.started.append(proxy)
         return proxy.start(wait=wait)
 
-    yield make
-    for proxy in started:
-        proxy.stop()
+    def stop_all(self) -> None:
+        for proxy in self.started:
+            proxy.stop()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path):
+    """Start real proxies: ``proxy_factory(yaml_text, codec=..., extra_args=[...])``."""
+    factory = ProxyFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_proxy_factory(tmp_path_factory):
+    """:func:`proxy_factory` for proxies a module's tests share (one start instead of one per test)."""
+    factory = ProxyFactory(tmp_path_factory.mktemp("proxies"))
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture

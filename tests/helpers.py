@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Awaitable, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+CODECS = ["httptools", "h11"]           # the codec backends every integration test runs over
 
 
 def free_port() -> int:
@@ -83,6 +85,41 @@ class Upstream:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+    def serve_in_thread(self) -> "Upstream":
+        """Serve from an event loop of its own in a daemon thread: an upstream a module-scoped
+        fixture shares across tests (each test runs in its own loop).  :meth:`stop_thread` ends it."""
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self.start())
+            started.set()
+            self._loop.run_forever()
+        self._thread = threading.Thread(target=run, name=f"{self.name}-thread", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("threaded upstream did not start")
+        return self
+
+    def stop_thread(self) -> None:
+        async def stop() -> None:
+            await self.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:              # connections the proxy still holds open
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def forget(self) -> None:
+        """Clear what was recorded (a shared upstream, before each test)."""
+        self.requests.clear()
+        self.raw.clear()
+        self.connections = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -241,9 +278,14 @@ class ProxyProcess:
 
 
 async def raw_exchange(port: int, data: bytes | list[bytes], timeout: float = 3.0,
-                       delay_between: float = 0.0) -> tuple[bytes, bool]:
+                       delay_between: float = 0.0, until: Callable[[bytes], bool] | None = None,
+                       settle: float = 0.2) -> tuple[bytes, bool]:
     """Send ``data`` (one write, or one write per element) and read until the proxy
-    closes or ``timeout`` passes.  Returns (bytes read, closed_by_peer)."""
+    closes or ``timeout`` passes.  Returns (bytes read, closed_by_peer).
+
+    ``until(bytes read so far)``, e.g. :func:`responses_complete`: once it holds, read only for
+    ``settle`` seconds more (whatever else the proxy sends in that time, or its close, is still
+    seen) instead of waiting out ``timeout`` on a connection the proxy rightly keeps open."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     parts = [data] if isinstance(data, bytes) else data
     try:
@@ -273,8 +315,55 @@ async def raw_exchange(port: int, data: bytes | list[bytes], timeout: float = 3.
             closed = True
             break
         out += chunk
+        if until is not None and until(bytes(out)):
+            deadline = min(deadline, loop.time() + settle)
+            until = None
     writer.close()
     return bytes(out), closed
+
+
+def responses_complete(count: int) -> Callable[[bytes], bool]:
+    """For ``raw_exchange(until=...)``: ``count`` whole responses read (heads, and bodies framed
+    by content-length or chunked; 1xx and 204/304 have none).  Not for answers to HEAD."""
+    def check(data: bytes) -> bool:
+        seen, i = 0, 0
+        while seen < count:
+            end = data.find(b"\r\n\r\n", i)
+            if end < 0:
+                return False
+            lines = data[i:end].decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            i = end + 4
+            if 100 <= status < 200:
+                continue
+            seen += 1
+            if status in (204, 304):
+                continue
+            if "content-length" in headers:
+                i += int(headers["content-length"])
+                if i > len(data):
+                    return False
+            elif headers.get("transfer-encoding", "").lower() == "chunked":
+                while True:
+                    line_end = data.find(b"\r\n", i)
+                    if line_end < 0:
+                        return False
+                    size = int(data[i:line_end].split(b";")[0], 16)
+                    i = line_end + 2
+                    if size == 0:
+                        trailer_end = data.find(b"\r\n\r\n", i - 2)
+                        if trailer_end < 0:
+                            return False
+                        i = trailer_end + 4
+                        break
+                    i += size + 2
+                    if i > len(data):
+                        return False
+            else:
+                return False            # delimited by the close: wait for it
+        return True
+    return check
 
 
 def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import Upstream, raw_exchange, respond, service_entry_yaml
+from helpers import CODECS, Upstream, raw_exchange, respond, service_entry_yaml
 
 pytestmark = pytest.mark.asyncio
 
@@ -47,17 +47,29 @@ def _pieces(data: bytes, size: int) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)] if size else [data]
 
 
-@pytest.fixture
-async def edge_proxy(proxy_factory, upstream, codec):
-    return proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]), codec=codec,
-                         extra_args=["--max-body-bytes", "1000"])
+@pytest.fixture(scope="module")
+def edge_upstream():
+    up = Upstream().serve_in_thread()
+    yield up
+    up.stop_thread()
+
+
+@pytest.fixture(scope="module", params=CODECS)
+def edge_proxy(module_proxy_factory, edge_upstream, request):
+    """One proxy per codec for the limit tests (they count the upstream's requests before and after)."""
+    proxy = module_proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", edge_upstream.port, {})]),
+                                 codec=request.param, extra_args=["--max-body-bytes", "1000"])
+    yield proxy
+    proxy.stop()
 
 
 @pytest.mark.parametrize("make,limit,status", [
     (_head_of, 60 * 1024, 431), (_fields, 100, 431), (_target, 8 * 1024, 414),
     (_length, 1000, 413), (_chunked, 1000, 413)], ids=["head-bytes", "fields", "target", "content-length", "chunked"])
 @pytest.mark.parametrize("write", [0, 4096], ids=["one-write", "4KiB-writes"])
-async def test_each_limit_passes_at_its_value_and_refuses_one_more(edge_proxy, upstream, make, limit, status, write):
+async def test_each_limit_passes_at_its_value_and_refuses_one_more(edge_proxy, edge_upstream, make, limit, status,
+                                                                  write):
+    upstream = edge_upstream
     if make is _head_of:
         assert len(make(limit)) == limit
     data, _ = await raw_exchange(edge_proxy.port, _pieces(make(limit), write), timeout=5)
@@ -164,8 +176,7 @@ async def test_slow_readers_of_a_large_response_hold_a_bounded_amount_each_and_m
     held = _rss_kb(pid) - base
     for s in readers:
         s.close()
-    await asyncio.sleep(1.5)
-    after = _rss_kb(pid) - base
+    after = await _poll(lambda: _rss_kb(pid) - base, lambda kb: kb < 8 * 1024, 1.5)
     # per connection: the write high-water mark and a read's worth above it, not the whole MiB
     assert held < 100 * 160, f"{held} kB for 100 slow readers ({held // 100} kB each)"
     assert after < 8 * 1024, f"RSS stayed {after} kB above the baseline after they left"
@@ -186,15 +197,24 @@ async def test_memory_held_for_pipelining_slow_readers_goes_back_to_the_system_w
         s.connect(("127.0.0.1", proxy.port))
         s.sendall(b"GET / HTTP/1.1\r\nHost: big.local\r\n\r\n" * 3)
         readers.append(s)
-    await asyncio.sleep(1.5)
-    held = _rss_kb(pid) - base
+    held = await _poll(lambda: _rss_kb(pid) - base, lambda kb: kb > 8 * 1024, 1.5)
     for s in readers:
         s.close()
-    await asyncio.sleep(2.2)    # the worker's once-a-second sweep sees the burst end and trims
-    after = _rss_kb(pid) - base
+    # the worker's once-a-second sweep sees the burst end and trims
+    after = await _poll(lambda: _rss_kb(pid) - base, lambda kb: kb < 8 * 1024, 2.2)
     assert held > 8 * 1024, "the burst held memory (else this test measures nothing)"
     assert after < 8 * 1024, f"RSS stayed {after} kB above the baseline after they left (held {held} kB)"
     server.close()
+
+
+async def _poll(measure, done, within: float):
+    """``measure()`` every 50 ms until ``done(value)`` or ``within`` seconds pass; the last value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = measure()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        await asyncio.sleep(0.05)
 
 
 async def _slow_sink_server():

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from helpers import Upstream, free_port, http_get, parse_responses, raw_exchange, respond
+from helpers import Upstream, free_port, http_get, parse_responses, raw_exchange, respond, responses_complete
 from inproc import cluster, dest, snapshot, start_worker
 from meshproxy.config.model import HttpRoute
 
@@ -68,7 +68,8 @@ async def test_post_is_not_retried_unless_the_route_allows_it():
     worker, port = await _worker([HttpRoute(name="r", source="t", destinations=(dest("c"),), retries=retry)],
                                  [cluster("c", up.port)])
     try:
-        data, _ = await raw_exchange(port, b"POST / HTTP/1.1\r\nHost: svc.local\r\nContent-Length: 2\r\n\r\nhi", timeout=1)
+        data, _ = await raw_exchange(port, b"POST / HTTP/1.1\r\nHost: svc.local\r\nContent-Length: 2\r\n\r\nhi", timeout=1,
+                                     until=responses_complete(1))
         assert parse_responses(data)[0][0] == 503
         assert len(up.requests) == 1
     finally:

@@ -9,10 +9,39 @@ import socket
 import pytest
 
 from helpers import (
-    Upstream, free_port, http_get, parse_responses, raw_exchange, respond, service_entry_yaml,
+    CODECS, Upstream, free_port, http_get, parse_responses, raw_exchange, respond, responses_complete,
+    service_entry_yaml,
 )
 
 pytestmark = pytest.mark.asyncio
+
+
+# One proxy per codec routes svc.local for the module's tests (a proxy start per test was most of
+# this file's time); the upstream is shared too and forgets what it saw before each test.
+@pytest.fixture(scope="module", params=CODECS)
+def codec(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def shared_upstream():
+    up = Upstream().serve_in_thread()
+    yield up
+    up.stop_thread()
+
+
+@pytest.fixture
+def upstream(shared_upstream):
+    shared_upstream.forget()
+    return shared_upstream
+
+
+@pytest.fixture(scope="module")
+def routed_proxy(module_proxy_factory, shared_upstream, codec):
+    proxy = module_proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", shared_upstream.port, {})]),
+                                 codec=codec)
+    yield proxy
+    proxy.stop()
 
 
 async def test_request_reaches_the_service_entry_endpoint_by_host(routed_proxy, upstream):
@@ -48,7 +77,7 @@ async def test_hop_by_hop_fields_are_removed_and_forwarding_fields_set(routed_pr
     request = (b"GET / HTTP/1.1\r\nHost: svc.local\r\nConnection: keep-alive, x-secret\r\n"
                b"X-Secret: s\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.9\r\n"
                b"X-Forwarded-Proto: https\r\nProxy-Connection: x\r\nX-Keep: yes\r\n\r\n")
-    data, _ = await raw_exchange(routed_proxy.port, request, timeout=1.0)
+    data, _ = await raw_exchange(routed_proxy.port, request, timeout=1.0, until=responses_complete(1))
     assert parse_responses(data)[0][0] == 200
     got = upstream.requests[0]
     names = {k.lower() for k, _ in got.headers}
@@ -68,7 +97,7 @@ async def test_request_id_is_kept_when_present(routed_proxy, upstream):
 async def test_chunked_request_body_is_forwarded_rechunked(routed_proxy, upstream):
     request = (b"POST /up HTTP/1.1\r\nHost: svc.local\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
-    data, _ = await raw_exchange(routed_proxy.port, request, timeout=1.0)
+    data, _ = await raw_exchange(routed_proxy.port, request, timeout=1.0, until=responses_complete(1))
     assert parse_responses(data)[0][0] == 200
     got = upstream.requests[0]
     assert got.body == b"hello world"
@@ -78,7 +107,7 @@ async def test_chunked_request_body_is_forwarded_rechunked(routed_proxy, upstrea
 
 async def test_pipelined_requests_are_answered_in_order(routed_proxy, upstream):
     reqs = b"".join(f"GET /{i} HTTP/1.1\r\nHost: svc.local\r\n\r\n".encode() for i in range(5))
-    data, _ = await raw_exchange(routed_proxy.port, reqs, timeout=1.5)
+    data, _ = await raw_exchange(routed_proxy.port, reqs, timeout=1.5, until=responses_complete(5))
     responses = parse_responses(data)
     assert [json.loads(b)["target"] for _, _, b in responses] == [f"/{i}" for i in range(5)]
 
@@ -97,7 +126,7 @@ async def test_head_204_and_304_responses_carry_no_body(proxy_factory, codec):
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), codec=codec)
     reqs = (b"HEAD /h HTTP/1.1\r\nHost: svc.local\r\n\r\n" b"GET /204 HTTP/1.1\r\nHost: svc.local\r\n\r\n"
             b"GET /304 HTTP/1.1\r\nHost: svc.local\r\n\r\n" b"GET /last HTTP/1.1\r\nHost: svc.local\r\n\r\n")
-    data, _ = await raw_exchange(proxy.port, reqs, timeout=1.5)
+    data, _ = await raw_exchange(proxy.port, reqs, timeout=1.5, until=lambda d: d.endswith(b"0123456789"))
     # HEAD keeps its declared length but sends no body; the final GET proves framing stayed in sync
     head_end = data.index(b"\r\n\r\n") + 4
     assert b"content-length: 10" in data[:head_end].lower()
@@ -164,11 +193,14 @@ async def test_connect_failure_is_retried_once_on_another_endpoint(proxy_factory
     assert statuses == [200] * 6
 
 
-async def test_upstream_keepalive_connections_are_reused(routed_proxy, upstream):
+async def test_upstream_keepalive_connections_are_reused(proxy_factory, codec):
+    up = await Upstream().start()           # a proxy and upstream of its own: no connection pooled before
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), codec=codec)
     for _ in range(5):
-        assert (await http_get(routed_proxy.port, "svc.local"))[0] == 200
-    assert len(upstream.requests) == 5
-    assert upstream.connections == 1
+        assert (await http_get(proxy.port, "svc.local"))[0] == 200
+    assert len(up.requests) == 5
+    assert up.connections == 1
+    await up.close()
 
 
 async def test_expect_100_continue_gets_interim_response_then_body_is_forwarded(routed_proxy, upstream):
