@@ -69,11 +69,14 @@ async def test_sidecar_egress_tcp_listener_relays_bytes_and_propagates_half_clos
 
 
 async def test_tcp_listener_resets_connections_beyond_max_connections(proxy_factory):
+    relayed_closed = asyncio.Event()
+
     async def echo(reader, writer):
         while chunk := await reader.read(65536):
             writer.write(chunk)
             await writer.drain()
         writer.close()
+        relayed_closed.set()
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     db_port = server.sockets[0].getsockname()[1]
@@ -99,4 +102,7 @@ async def test_tcp_listener_resets_connections_beyond_max_connections(proxy_fact
     writer.close()
     if writer2 is not None:
         writer2.close()
+    # the relayed connection ends at both sides before the test's loop goes (else the proxy's
+    # stop waits out its drain timeout on an upstream socket nobody closes)
+    await asyncio.wait_for(relayed_closed.wait(), 5)
     server.close()
