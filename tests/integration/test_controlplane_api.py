@@ -128,10 +128,12 @@ def test_meshctl_apply_get_diff_delete_round_trip(cp):
     applied = meshctl(cp, "apply", "-f", "configs/")
     assert applied.returncode == 0, applied.stderr
     assert applied.stdout.splitlines() == [
-        "destinationrule.networking.istio.io/demo created (resourceVersion 1)",
-        "gateway.networking.istio.io/ingress created (resourceVersion 2)",
-        "serviceentry.networking.istio.io/demo created (resourceVersion 3)",
-        "virtualservice.networking.istio.io/demo created (resourceVersion 4)"]
+        "authorizationpolicy.security.istio.io/demo-callers created (resourceVersion 1)",
+        "destinationrule.networking.istio.io/demo created (resourceVersion 2)",
+        "gateway.networking.istio.io/ingress created (resourceVersion 3)",
+        "peerauthentication.security.istio.io/default created (resourceVersion 4)",
+        "serviceentry.networking.istio.io/demo created (resourceVersion 5)",
+        "virtualservice.networking.istio.io/demo created (resourceVersion 6)"]
     wide = meshctl(cp, "get", "vs", "-o", "wide")
     assert "demo.default.svc.cluster.local:v1=90" in wide.stdout
     diff = meshctl(cp, "diff", "-f", "configs/steps/demo-virtualservice-50-50.yaml")
@@ -173,9 +175,9 @@ def test_meshctl_history_and_rollback(cp):
     meshctl(cp, "apply", "-f", "configs/steps/")
     history = meshctl(cp, "history").stdout.splitlines()
     newest = history[1].split()
-    assert (newest[0], newest[3], newest[4], newest[5]) == ("5", "update", "VirtualService", "default/demo")
-    rolled = meshctl(cp, "rollback", "4")
-    assert rolled.stdout.strip() == "rolled back to revision 4: now at revision 6"
+    assert (newest[0], newest[3], newest[4], newest[5]) == ("8", "update", "VirtualService", "default/demo")
+    rolled = meshctl(cp, "rollback", "6")
+    assert rolled.stdout.strip() == "rolled back to revision 6: now at revision 9"
     assert "v1=90" in meshctl(cp, "get", "vs", "-o", "wide").stdout
 
 
