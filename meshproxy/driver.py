@@ -7,7 +7,8 @@ a sans-IO parser, queues its output and sends it in one go, and pauses reading f
   with the other connections' (the worker's :class:`~meshproxy.batch.SendBatch`), or at once
   without a batch; ``send_now()`` sends them now.  Several queued pieces (a head and a body)
   leave as one vectored write (``transport.writelines``: uvloop writes them with one writev,
-  no join into a new bytes object).
+  no join into a new bytes object); over TLS they are joined first, so that they leave as
+  one TLS record (one encryption here, one decryption at the peer) instead of one per piece.
 * ``pause_reading(reason)`` / ``resume_reading(reason)``: reading stops while any reason
   (a bit) is set and resumes when the last one clears.
 """
@@ -44,6 +45,8 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
         self.transport = transport
         self.send = transport.write
         self.send_many = transport.writelines
+        if transport.get_extra_info("sslcontext") is not None:
+            self.send_many = _joined(transport.write)
         transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
 
     def feed(self, data: bytes) -> None:
@@ -104,3 +107,10 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
         self.closed = True
         self.out.clear()
         self.sender = None
+
+
+def _joined(write):
+    """``writelines`` for a TLS transport: the pieces in one write, so in one TLS record."""
+    def send_many(pieces):
+        write(b"".join(pieces))
+    return send_many

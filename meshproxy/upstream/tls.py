@@ -31,7 +31,7 @@ import ssl
 import time
 from typing import Callable
 
-from ..security.tls import peer_certificate
+from ..security.tls import FastSSLObject, peer_certificate
 
 SIMPLE = "SIMPLE"
 MUTUAL = "MUTUAL"
@@ -155,6 +155,7 @@ class UpstreamTlsContexts:
     def _file_context(tls) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.sslobject_class = FastSSLObject
         try:
             if tls.insecure_skip_verify:
                 ctx.check_hostname = False
