@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pipeline_bench as bench  # noqa: E402
-from meshproxy.codec import make_response_parser  # noqa: E402
+from meshproxy.codec import DEFAULT_BACKEND, make_response_parser  # noqa: E402
 
 _ROOT = str(Path(__file__).resolve().parents[1]) + "/"
 
@@ -45,7 +45,7 @@ async def count(requests: int, trace: bool, request: bytes) -> tuple[collections
     down = bench.DownstreamConnection(worker.runtime, listener)
     down.connection_made(bench.FakeTransport())
     pool = worker.pools.pool(("127.0.0.1", 9))
-    up = bench.UpstreamConnection(pool, lambda h: make_response_parser("httptools", h, worker.options.limits),
+    up = bench.UpstreamConnection(pool, lambda h: make_response_parser(DEFAULT_BACKEND, h, worker.options.limits),
                                   worker.batch)
     up.connection_made(bench.FakeTransport())
     up.requests = 1

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     args = ap.parse_args()
     for backend in BACKENDS:
-        n = args.n if backend == "httptools" else max(1, args.n // 10)
+        n = args.n if backend != "h11" else max(1, args.n // 10)
         req = bench(make_request_parser, backend, REQUEST, n)
         post = bench(make_request_parser, backend, POST, n)
         resp = bench(make_response_parser, backend, RESPONSE, n)

@@ -7,6 +7,7 @@ measure only the interpreter's share of a request (what wrk + /proc cannot separ
 from kernel time and VM noise).
 
     .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile] [--asyncio-loop] [--realistic]
+                                                  [--body-bytes 16384]
 
 It runs on uvloop, as ``meshproxy run`` does (``--asyncio-loop`` for the stdlib loop).  Timings
 on a shared VM drift by +-20%; ``benchmarks/instructions_per_request.sh`` counts instructions
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from inproc import cluster, dest, snapshot  # noqa: E402
 from meshproxy.bootstrap import Worker, WorkerOptions  # noqa: E402
+from meshproxy.codec import DEFAULT_BACKEND, make_response_parser  # noqa: E402
 from meshproxy.config.decode import DEFAULT_RETRY_POLICY  # noqa: E402
 from meshproxy.config.model import HttpRoute  # noqa: E402
 from meshproxy.config.store import SnapshotStore  # noqa: E402
@@ -129,8 +131,8 @@ async def main(n: int, trace: bool, profile: bool, request: bytes = REQUEST, rea
     ups = []
     for address in ("127.0.0.1", "127.0.0.2") if realistic else ("127.0.0.1",):
         pool = worker.pools.pool((address, 9))
-        up = UpstreamConnection(pool, lambda h: __import__("meshproxy.codec", fromlist=["x"]).make_response_parser(
-            "httptools", h, worker.options.limits), worker.batch)
+        up = UpstreamConnection(pool, lambda h: make_response_parser(DEFAULT_BACKEND, h, worker.options.limits),
+                                worker.batch)
         up.connection_made(FakeTransport())
         up.requests = 1
         up.idle_since = worker.clock()
@@ -182,9 +184,16 @@ if __name__ == "__main__":
     parser.add_argument("--asyncio-loop", action="store_true", help="the stdlib loop instead of uvloop")
     parser.add_argument("--realistic", action="store_true",
                         help="run.py's realistic config (50 services, 9 missed match routes, 90/10 subsets)")
+    parser.add_argument("--body-bytes", type=int, default=100,
+                        help="response body size (run.py's large response: 16384), in one read")
     args = parser.parse_args()
     if not args.asyncio_loop:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    response = STATIC_RESPONSE if args.static_response else RESPONSE
+    if args.body_bytes != 100:
+        head, _, _ = response.partition(b"\r\n\r\n")
+        response = head.replace(b"Content-Length: 100", b"Content-Length: %d" % args.body_bytes) \
+            + b"\r\n\r\n" + b"x" * args.body_bytes
     asyncio.run(main(args.n, args.trace, args.profile, PLAIN_REQUEST if args.wrk_request else REQUEST,
-                     args.realistic, STATIC_RESPONSE if args.static_response else RESPONSE))
+                     args.realistic, response))

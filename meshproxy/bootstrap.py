@@ -24,7 +24,7 @@ from typing import Callable
 from . import HOT_PATH
 from .batch import SendBatch
 from .cluster.state import ClusterManager
-from .codec import make_request_parser, make_response_parser
+from .codec import DEFAULT_BACKEND, make_request_parser, make_response_parser
 from .codec.api import CodecLimits
 from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
@@ -46,7 +46,7 @@ log = logging.getLogger("meshproxy")
 
 @dataclass
 class WorkerOptions:
-    codec: str = "httptools"
+    codec: str = DEFAULT_BACKEND
     limits: CodecLimits = field(default_factory=CodecLimits)
     drain_timeout: float = 10.0
     drain_grace: float = 5.0        # after SIGTERM: still accepting, every answer says close

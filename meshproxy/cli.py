@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+from .codec import BACKENDS, DEFAULT_BACKEND
 from .codec.api import CodecLimits
 
 
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", type=_addr, default=("127.0.0.1", 15001), help="HTTP listener (default 127.0.0.1:15001)")
     run.add_argument("--admin", type=_addr, default=("127.0.0.1", 15000), help="admin listener (default 127.0.0.1:15000)")
     run.add_argument("--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)")
-    run.add_argument("--codec", choices=("httptools", "h11"), default="httptools", help="HTTP/1.1 parser backend")
+    run.add_argument("--codec", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                     help=f"HTTP/1.1 parser backend (default {DEFAULT_BACKEND})")
     run.add_argument("--namespace", default="default", help="namespace of this proxy's workload")
     run.add_argument("--labels", type=_labels, default={}, help="labels of this proxy's workload: k=v,...")
     run.add_argument("--mode", choices=("sidecar", "gateway"), default="sidecar")

@@ -35,6 +35,7 @@ HOT = [
     "meshproxy/downstream/http_conn.py",
     "meshproxy/codec/api.py",
     "meshproxy/codec/httptools_backend.py",
+    "meshproxy/codec/llhttp_driver.py",
     "meshproxy/codec/framing.py",
     "meshproxy/codec/writer.py",
     "meshproxy/config/model.py",

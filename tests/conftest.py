@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import CODECS, ProxyProcess, Upstream, service_entry_yaml  # noqa: E402
 
+from meshproxy.codec import DEFAULT_BACKEND  # noqa: E402
+
 pytest_plugins = ["hot_path_usage"]     # --hot-path-usage: which tests the pure-Python rerun needs
 
 
@@ -33,7 +35,7 @@ class ProxyFactory:
         self.tmp = tmp
         self.started: list[ProxyProcess] = []
 
-    def __call__(self, config: str | dict[str, str], codec: str = "httptools", extra_args=None, workers: int = 1,
+    def __call__(self, config: str | dict[str, str], codec: str = DEFAULT_BACKEND, extra_args=None, workers: int = 1,
                  wait: bool = True, listen_port: int | None = None) -> ProxyProcess:
         cfg_dir = self.tmp / f"config{len(self.started)}"
         cfg_dir.mkdir()

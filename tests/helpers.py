@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from meshproxy.codec import DEFAULT_BACKEND
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-CODECS = ["httptools", "h11"]           # the codec backends every integration test runs over
+CODECS = [DEFAULT_BACKEND, "h11"]   # the backends every integration test runs over (llhttp compiled, httptools pure)
 
 
 def free_port() -> int:
@@ -204,7 +206,7 @@ def service_entry_yaml(host: str, port: int, endpoints: list[tuple[str, int, dic
 class ProxyProcess:
     """``meshproxy run`` as a real child process."""
 
-    def __init__(self, config_dir: Path, codec: str = "httptools", extra_args: list[str] | None = None,
+    def __init__(self, config_dir: Path, codec: str = DEFAULT_BACKEND, extra_args: list[str] | None = None,
                  workers: int = 1, listen_port: int | None = None):
         self.config_dir = config_dir
         self.codec = codec

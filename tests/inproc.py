@@ -11,6 +11,7 @@ from dataclasses import replace
 from types import MappingProxyType
 
 from meshproxy.bootstrap import Worker, WorkerOptions
+from meshproxy.codec import DEFAULT_BACKEND
 from meshproxy.config.model import (
     Cluster, Endpoint, HttpRoute, Listener, ProxySettings, RouteTable, Snapshot, TrafficPolicy, VirtualHost,
     WeightedDestination,
@@ -39,7 +40,7 @@ def snapshot(routes: list[HttpRoute], clusters: list[Cluster], domains=("svc.loc
                     settings=settings or ProxySettings())
 
 
-async def start_worker(loop, snap: Snapshot, codec: str = "httptools", seed: int = 1) -> tuple[Worker, int]:
+async def start_worker(loop, snap: Snapshot, codec: str = DEFAULT_BACKEND, seed: int = 1) -> tuple[Worker, int]:
     store = SnapshotStore(snap)
     worker = Worker(loop, store, WorkerOptions(codec=codec), Telemetry(), rng=random.Random(seed))
     await worker.start()

@@ -2,7 +2,7 @@
 
 Backends are chosen by name once, at start-up::
 
-    parser = make_request_parser("httptools", handler, limits)
+    parser = make_request_parser(DEFAULT_BACKEND, handler, limits)
 
 The hot path holds the parser object and never asks which backend it is.
 """
@@ -18,16 +18,23 @@ from .api import (
     ResponseHandler,
     ResponseParser,
 )
+from . import llhttp_driver
 from .httptools_backend import HttptoolsRequestParser, HttptoolsResponseParser
 
-# name -> module and its (request parser class, response parser class); the h11 backend is
-# imported only by a proxy that runs it (``--codec h11``)
+# name -> module and its (request parser class, response parser class).  ``llhttp`` (llhttp
+# driven through its C API) only where llhttp_driver found it and its self-check passed:
+# compiled, with the httptools release it was written for; ``httptools`` (the same parsers on
+# httptools' public parser objects) everywhere.  The h11 backend is imported only by a proxy
+# that runs it (``--codec h11``).
 BACKENDS = {
     "httptools": (".httptools_backend", "HttptoolsRequestParser", "HttptoolsResponseParser"),
     "h11": (".h11_backend", "H11RequestParser", "H11ResponseParser"),
 }
-DEFAULT_BACKEND = "httptools"
 _loaded: dict = {"httptools": (HttptoolsRequestParser, HttptoolsResponseParser)}
+if llhttp_driver.available():
+    BACKENDS["llhttp"] = (".llhttp_driver", "LlhttpRequestParser", "LlhttpResponseParser")
+    _loaded["llhttp"] = (llhttp_driver.LlhttpRequestParser, llhttp_driver.LlhttpResponseParser)
+DEFAULT_BACKEND = "llhttp" if "llhttp" in BACKENDS else "httptools"
 
 
 def _backend(name: str):
@@ -36,6 +43,9 @@ def _backend(name: str):
         try:
             module, request, response = BACKENDS[name]
         except KeyError:
+            if name == "llhttp":
+                raise ValueError("codec backend 'llhttp' is not available here (pure-Python hot path, or an "
+                                 "httptools release the llhttp driver was not written for); use 'httptools'") from None
             raise ValueError(f"unknown codec backend {name!r}; choose one of {sorted(BACKENDS)}") from None
         module = importlib.import_module(module, __name__)
         classes = _loaded[name] = (getattr(module, request), getattr(module, response))

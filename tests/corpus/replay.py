@@ -7,13 +7,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshproxy.codec import make_request_parser, make_response_parser
+from meshproxy.codec import BACKENDS as _BACKENDS, make_request_parser, make_response_parser
 from meshproxy.codec.api import CodecLimits, ProtocolError
 
 # Third-party test data kept in the repository (origin and licence in data/README.md and each
 # corpus's README), so a fresh clone needs nothing beside it.
 CORPORA = Path(__file__).resolve().parent / "data"
-BACKENDS = ("httptools", "h11")
+BACKENDS = tuple(sorted(_BACKENDS))   # llhttp only where it is available (compiled)
 # h11's default head limit, so that the 20 KB "endless header" case hits it
 CORPUS_LIMITS = CodecLimits(max_header_bytes=16 * 1024)
 

@@ -18,6 +18,8 @@ import time
 import h11
 import pytest
 
+from meshproxy.codec import DEFAULT_BACKEND
+
 from helpers import ProxyProcess, service_entry_yaml
 from replay import CORPORA, read_tsv, smuggling_expectation
 
@@ -152,7 +154,7 @@ def upstream_rec():
     return RecordingUpstream()
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=[DEFAULT_BACKEND, "h11"])
 def corpus_proxy(request, upstream_rec, tmp_path_factory):
     cfg = tmp_path_factory.mktemp(f"corpus-{request.param}")
     # the Host values the corpus uses, routed to the recording upstream, so that a refusal is

@@ -7,6 +7,7 @@ import pytest
 
 from helpers import Upstream, free_port, http_get, parse_responses, raw_exchange, respond, responses_complete
 from inproc import cluster, dest, snapshot, start_worker
+from meshproxy.codec import DEFAULT_BACKEND
 from meshproxy.config.model import HttpRoute
 
 pytestmark = pytest.mark.asyncio
@@ -32,7 +33,7 @@ from meshproxy.config.model import (
 )
 
 
-async def _worker(routes, clusters, codec="httptools", **kw):
+async def _worker(routes, clusters, codec=DEFAULT_BACKEND, **kw):
     worker, port = await start_worker(asyncio.get_running_loop(), snapshot(routes, clusters, **kw), codec)
     return worker, port
 

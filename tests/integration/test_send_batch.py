@@ -14,6 +14,7 @@ from helpers import parse_responses, raw_exchange
 from inproc import cluster, snapshot, start_worker
 from meshproxy import batch as batch_module
 from meshproxy.batch import SendBatch
+from meshproxy.codec import DEFAULT_BACKEND
 from meshproxy.config.model import DirectResponse, HttpRoute
 from meshproxy.downstream.http_conn import DownstreamConnection
 
@@ -66,7 +67,7 @@ class RecordingTransport:
         self.calls.append(("abort",))
 
 
-async def _direct_worker(codec="httptools"):
+async def _direct_worker(codec=DEFAULT_BACKEND):
     routes = [HttpRoute(name="dr", source="t", direct_response=DirectResponse(200, b"hi"))]
     return await start_worker(asyncio.get_running_loop(), snapshot(routes, [cluster("c", 9)]), codec)
 

@@ -10,6 +10,7 @@ from bisect import bisect_left
 import pytest
 
 import meshproxy
+from meshproxy.codec import BACKENDS
 from meshproxy.codec.api import CodecLimits, ProtocolError
 from meshproxy.codec.framing import TCHAR, VALUE_CHARS, check_fields, response_head
 from meshproxy.codec.writer import encode_request_head, encode_response_head
@@ -17,6 +18,7 @@ from meshproxy.telemetry.metrics import ISTIO_BUCKETS, ProxyMetrics, PeerInfo
 from meshproxy.telemetry.tracing import IdSource, ProxyTracer, random_uuid
 
 LIMITS = CodecLimits()
+BACKEND_NAMES = sorted(BACKENDS)   # llhttp only where it is available (compiled)
 
 
 def test_the_reported_hot_path_is_the_one_that_runs():
@@ -202,7 +204,7 @@ class _Heads:
         pass
 
 
-@pytest.mark.parametrize("backend", ["httptools", "h11"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_field_names_are_lower_cased_and_trailing_ows_dropped_only_where_present(backend):
     from meshproxy.codec import make_request_parser
     sink = _Heads()
@@ -213,7 +215,7 @@ def test_field_names_are_lower_cased_and_trailing_ows_dropped_only_where_present
 
 
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("backend", ["httptools", "h11"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_common_field_names_in_any_case_and_their_near_misses_come_out_lower_cased(backend, split):
     """Compiled, a common name is a shared constant (api.COMMON_FIELD_NAMES) when it
     matches in any case; names one byte off, longer or shorter, or split across reads are
@@ -235,8 +237,7 @@ def test_common_field_names_in_any_case_and_their_near_misses_come_out_lower_cas
     else:
         parser.feed(head)
     assert sink.heads[0].headers == [(b"host", b"h")] + [(n.lower(), b"v") for n in names]
-    from meshproxy.codec import httptools_backend
-    if backend == "httptools" and not split and httptools_backend.llhttp_driven_directly():
+    if backend == "llhttp" and not split:
         shared = {n: n for n in _COMMON_NAMES}
         assert all((shared.get(name) is name) == (name in shared) for name, _ in sink.heads[0].headers)
 
@@ -267,14 +268,14 @@ def _expected(fields):
 
 
 @pytest.mark.parametrize("split", ["whole", "bytes", "random"])
-@pytest.mark.parametrize("backend", ["httptools", "h11"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_repeated_field_values_parse_the_same_whatever_the_field_cache_holds(backend, split):
     """Compiled, a common field whose value is byte-for-byte the last one seen under that
     name is handed out as the same tuple.  The fields must be what a fresh parse gives
     whatever the cache holds: values one byte longer or shorter, with trailing OWS, empty,
     split across reads right where the kept value ends."""
-    from meshproxy.codec import httptools_backend, make_request_parser
-    httptools_backend.clear_field_cache()
+    from meshproxy.codec import llhttp_driver, make_request_parser
+    llhttp_driver.clear_field_cache()
     rng = random.Random(7)
     sink = _Heads()
     parser = make_request_parser(backend, sink, LIMITS)
@@ -294,10 +295,10 @@ def test_repeated_field_values_parse_the_same_whatever_the_field_cache_holds(bac
 
 
 def test_a_value_split_where_the_kept_one_ends_is_not_the_kept_field():
-    from meshproxy.codec import httptools_backend, make_request_parser
-    httptools_backend.clear_field_cache()
+    from meshproxy.codec import DEFAULT_BACKEND, llhttp_driver, make_request_parser
+    llhttp_driver.clear_field_cache()
     sink = _Heads()
-    parser = make_request_parser("httptools", sink, LIMITS)
+    parser = make_request_parser(DEFAULT_BACKEND, sink, LIMITS)
     parser.feed(_cache_head([(b"User-Agent", b"curl/8")]))
     second = _cache_head([(b"User-Agent", b"curl/80")])
     cut = second.index(b"curl/8") + len(b"curl/8")
@@ -311,17 +312,17 @@ def test_the_field_cache_hands_out_the_kept_tuple_only_where_it_may():
     """The identity the cache promises, checked where it runs (compiled, llhttp driven):
     common names with values up to 128 bytes are the kept tuple; credentials, tracing
     fields, longer values and names that are not common never are."""
-    from meshproxy.codec import httptools_backend, make_request_parser
-    httptools_backend.clear_field_cache()
+    from meshproxy.codec import DEFAULT_BACKEND, llhttp_driver, make_request_parser
+    llhttp_driver.clear_field_cache()
     sink = _Heads()
-    parser = make_request_parser("httptools", sink, LIMITS)
+    parser = make_request_parser(DEFAULT_BACKEND, sink, LIMITS)
     for fields in ([(b"User-Agent", b"curl/8"), (b"Accept", b"a" * 128), (b"Content-Type", b"a" * 129),
                     (b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"Traceparent", b"t"),
                     (b"X-Custom", b"v")],) * 2:
         parser.feed(_cache_head(fields))
     first, second = (head.headers for head in sink.heads)
     assert first == second
-    if not httptools_backend.llhttp_driven_directly():
+    if DEFAULT_BACKEND != "llhttp":
         return                              # pure Python or httptools' parser objects: no cache
     assert {a[0] for a, b in zip(first, second) if a is b} == {b"host", b"user-agent", b"accept"}
     parser.feed(_cache_head([(b"User-Agent", b"curl/9")]))
@@ -343,36 +344,30 @@ class _ResponseHeads(_Heads):
         self.heads.append(head)
 
 
-def test_the_compiled_backend_reads_message_versions_from_llhttp_directly():
-    """Compiled, with the httptools this project installs, the version is read from llhttp's
-    struct; if a new httptools moves it, this fails (the slower get_http_version still works)."""
-    from meshproxy.codec.httptools_backend import llhttp_version_read_directly
-    assert llhttp_version_read_directly() is (meshproxy.HOT_PATH == "compiled")
-
-
-def test_the_compiled_backend_drives_llhttp_itself():
-    """Compiled, with the httptools this project installs (0.9.x), the parsers drive llhttp
-    through its exported C functions, after the import-time self-check agreed with httptools'
-    own parser objects; a different httptools, or a disagreement, falls back to those objects
-    (slower, same behaviour) and fails this test, so the fallback is never silent."""
-    from meshproxy.codec.httptools_backend import llhttp_driven_directly
-    assert llhttp_driven_directly() is (meshproxy.HOT_PATH == "compiled")
+def test_the_llhttp_backend_is_the_default_wherever_the_hot_path_is_compiled():
+    """Compiled, with the httptools this project installs (0.9.x), the llhttp backend drives
+    llhttp through its exported C functions, after the import-time self-check agreed with
+    httptools' own parser objects; a different httptools, or a disagreement, leaves only the
+    httptools backend (slower, same behaviour) and fails this test, so that is never silent."""
+    from meshproxy.codec import DEFAULT_BACKEND, llhttp_driver
+    assert llhttp_driver.available() is (meshproxy.HOT_PATH == "compiled")
+    assert DEFAULT_BACKEND == ("llhttp" if meshproxy.HOT_PATH == "compiled" else "httptools")
 
 
 def test_the_driver_self_check_streams_cover_every_event_kind():
     """The self-check compares heads, bodies, ends, refusals and tunnelled bytes: each kind
-    occurs in its streams (run here through whichever driver this mode uses)."""
-    from meshproxy.codec import httptools_backend as hb
+    occurs in its streams (run here through the default backend of this mode)."""
+    from meshproxy.codec import DEFAULT_BACKEND, _backend, llhttp_driver
     kinds = set()
-    for request, data in hb._SELF_CHECK:
-        events = hb._run_self_check_stream(request, data, [])
+    for request, data in llhttp_driver._SELF_CHECK:
+        events = llhttp_driver.run_self_check_stream(_backend(DEFAULT_BACKEND), request, data, [])
         kinds.update(e[0] for e in events)
         if events[-1][1]:
             kinds.add("tunnelled bytes")
     assert kinds == {"head", "body", "end", "error", "tunnel", "tunnelled bytes"}
 
 
-@pytest.mark.parametrize("backend", ["httptools", "h11"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_each_message_on_a_connection_gets_its_own_version(backend):
     """1.1 then 1.0 then 1.1 in one feed, then an unsupported version (505), on both sides."""
     from meshproxy.codec import make_request_parser, make_response_parser

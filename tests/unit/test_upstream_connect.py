@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from meshproxy.codec import make_response_parser
+from meshproxy.codec import DEFAULT_BACKEND, make_response_parser
 from meshproxy.codec.api import CodecLimits
 from meshproxy.upstream.connection import UpstreamConnection
 from meshproxy.upstream.pool import UpstreamPools
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.asyncio
 
 def _pools(resolver=None):
     loop = asyncio.get_running_loop()
-    return UpstreamPools(loop, lambda handler: make_response_parser("httptools", handler, CodecLimits()),
+    return UpstreamPools(loop, lambda handler: make_response_parser(DEFAULT_BACKEND, handler, CodecLimits()),
                          time.monotonic, resolver=resolver)
 
 
@@ -96,7 +96,7 @@ async def test_queued_requests_are_offered_idle_connections_in_order_and_not_ove
     first, second = _Waiter(), _Waiter()
     pool.wait(first)
     pool.wait(second)
-    conn = UpstreamConnection(pool, lambda handler: make_response_parser("httptools", handler, CodecLimits()))
+    conn = UpstreamConnection(pool, lambda handler: make_response_parser(DEFAULT_BACKEND, handler, CodecLimits()))
     conn.idle_since = time.monotonic()
     pool.idle.append(conn)
     assert pools.acquire_idle(("127.0.0.1", 1), None) is None     # a new request may not take it
