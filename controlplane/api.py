@@ -769,9 +769,13 @@ class Api:
             info = dict(info, principal=shown, cert_not_after=request.peer_not_after)
         # where the stream comes from: a proxy's admin address on loopback is only reachable from its own host
         info = dict(info, peer=request.peer.rpartition(":")[0].strip("[]"))
+        # Secrets (gateway credentials) only to a verified, granted identity; default deny
+        refusal = self.security.secret_refusal(principal, str(info.get("namespace") or "default")) \
+            if self.security is not None else "the control plane runs without security and pushes no Secret"
         proxy = self.push.connect(node_id, info,
                                   resources_version=body.get("resources_version") or "",
-                                  endpoints_version=body.get("endpoints_version") or "")
+                                  endpoints_version=body.get("endpoints_version") or "",
+                                  secrets_granted=not refusal, secrets_refusal=refusal)
         return StreamResponse(self.push.stream(proxy), on_close=lambda: self.push.disconnect(proxy))
 
     async def _ack(self, request):

@@ -355,7 +355,7 @@ def cmd_proxies(client: Client, args) -> int:
         print(json.dumps(body, indent=2))
         return 0
     rows = [["NODE", "SERVICE", "NAMESPACE", "LABELS", "STATE", "ACKED", "LAST NACK", "CONNECTED", "REPLICA",
-             "IDENTITY", "CERT EXPIRES"]]
+             "IDENTITY", "CERT EXPIRES", "SECRETS"]]
     for p in body["items"]:
         nack = p.get("last_nack")
         nack_text = "-"
@@ -367,7 +367,8 @@ def cmd_proxies(client: Client, args) -> int:
                      ",".join(f"{k}={v}" for k, v in sorted(p["labels"].items())) or "-", p["state"],
                      p["acked_version"] or "-", nack_text,
                      time.strftime("%H:%M:%S", time.localtime(p["connected_since"])), p.get("replica", "local"),
-                     p.get("principal") or "-", cert_expiry(p)])
+                     p.get("principal") or "-", cert_expiry(p),
+                     "granted" if p.get("secrets") == "granted" else "withheld" if p.get("secrets") else "-"])
     print_table(rows)
     return 0
 
@@ -414,6 +415,16 @@ def cmd_serve(args) -> int:
     security = {"tls": not args.insecure_loopback, "trust_domain": args.trust_domain,
                 "workload_ttl": args.workload_cert_ttl, "max_workload_ttl": max(args.max_workload_cert_ttl,
                                                                                  args.workload_cert_ttl)}
+    if args.secret_readers:
+        from .security.service import parse_secret_readers
+        if args.insecure_loopback:
+            raise CliError("--secret-readers needs authenticated proxies: with --insecure-loopback the control "
+                           "plane pushes no Secret to any proxy")
+        try:
+            parse_secret_readers(args.secret_readers)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        security["secret_readers"] = tuple(args.secret_readers)
     if bool(args.ca_cert) != bool(args.ca_key):
         raise CliError("--ca-cert and --ca-key go together")
     if args.ca_cert:
@@ -575,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CIDR that service virtual IPs are allocated from (default 240.240.0.0/16)")
     p.add_argument("--insecure-loopback", action="store_true",
                    help="plaintext HTTP with no authentication, allowed only on a loopback address (local demo)")
+    p.add_argument("--secret-readers", action="append", default=[], metavar="NS/SA[,NS/SA...]",
+                   help="workload identities (namespace/service account of their certificate) that are pushed the "
+                        "Secrets of their namespace that their Gateways name (repeatable; default nobody). Not "
+                        "with --insecure-loopback, which pushes no Secret")
     p.add_argument("--credentials", dest="credentials",
                    help="where to write the admin credentials file (default ~/.config/meshctl/credentials.json)")
     p.add_argument("--ca-cert", help="use this CA certificate (PEM) as the mesh root instead of generating one")

@@ -31,6 +31,7 @@ Per-proxy state is a table of (state, event) -> state, see :data:`TRANSITIONS`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import ssl
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from .resources import canonical_json, content_hash, is_proxy_kind, proxy_view
-from .scope import ROOT_NAMESPACE, Identity, MeshScope, scope_for, select_resources, select_workloads
+from .scope import NOT_GRANTED, ROOT_NAMESPACE, Identity, MeshScope, scope_for, select_resources, select_workloads
 from .store import ConfigStore
 from .vips import VipAllocator
 
@@ -181,6 +182,7 @@ class ProxyConnection:
                 "applied_version": self.applied_version,
                 "acked_at": self.acked_at, "convergence_seconds": self.convergence,
                 "last_nack": self.last_nack, "connected_since": self.connected_since,
+                "secrets": "granted" if self.identity.secrets_granted else f"withheld: {self.identity.secrets_refusal}",
                 "principal": self.info.get("principal", ""), "cert_not_after": self.info.get("cert_not_after", ""),
                 "cert_expires_at": expires_at(self.info.get("cert_not_after", ""))}
 
@@ -239,6 +241,7 @@ class PushEngine:
         self._workload_items: dict = {}
         self._changed_at = clock()
         self._by_identity: dict[Identity, Target] = {}
+        self._withheld: dict[tuple[str, str], dict] = {}         # withheld Secret views, kept for their ids
         self._parts: dict[str, Part] = {}
         self._deltas: dict[tuple[str, str], bytes] = {}
         self._label_scoped: set[str] = set()
@@ -329,6 +332,7 @@ class PushEngine:
                                  and not (o["spec"].get("workloadSelector") or {}).get("labels") for o in resources)
         self._changed_at = changed_at
         self._by_identity = {}
+        self._withheld = {}
         woken = 0
         for proxy in self.proxies.values():
             if self._retarget(proxy):
@@ -369,16 +373,32 @@ class PushEngine:
         # (a gateway's labels pick the Gateways, and so the Secrets, it is sent: gateways are few)
         labels = identity.labels if identity.namespace in self._label_scoped or identity.mode == "gateway" else ()
         narrowed = identity.mode == "sidecar" and (self._root_sidecar or identity.namespace in self._sidecar_namespaces)
-        identity = Identity(identity.namespace, identity.mode, labels, identity.service if narrowed else "")
+        gateway = identity.mode == "gateway"
+        identity = Identity(identity.namespace, identity.mode, labels, identity.service if narrowed else "",
+                            gateway and identity.secrets_granted,
+                            identity.secrets_refusal if gateway else NOT_GRANTED)
         target = self._by_identity.get(identity)
         if target is None:
             scope = scope_for(self._resource_views, identity)
-            selected = select_resources(self._resource_views, identity, scope)
+            selected = [self._withheld_view(v) for v in select_resources(self._resource_views, identity, scope)]
             workloads = select_workloads(self._workload_views, self._resource_views, identity, scope)
             # parts are shared across identities when equal
             target = Target(self._part(selected), self._part(workloads), self._changed_at)
             self._by_identity[identity] = target
         return target
+
+    def _withheld_view(self, view: dict) -> dict:
+        """A withheld Secret (made by ``select_resources``) as one kept view per (Secret, reason),
+        with its own version, under the Secret's key."""
+        if id(view) in self._item_meta:
+            return view
+        key = resource_key(view)
+        cache_key = (key, json.dumps(view, sort_keys=True))
+        kept = self._withheld.get(cache_key)
+        if kept is None:
+            kept = self._withheld[cache_key] = view
+            self._item_meta[id(view)] = (key, content_hash(view))
+        return kept
 
     def _part(self, views: list[dict]) -> Part:
         """The part holding ``views`` (in key order); equal contents share one Part."""
@@ -420,9 +440,15 @@ class PushEngine:
     # ------------------------------------------------------------ streams
 
     def connect(self, node_id: str, info: dict, *, resources_version: str = "",
-                endpoints_version: str = "") -> ProxyConnection:
+                endpoints_version: str = "", secrets_granted: bool = False,
+                secrets_refusal: str = NOT_GRANTED) -> ProxyConnection:
+        """``secrets_granted``: this proxy's authenticated identity may read the Secrets of its
+        namespace, else ``secrets_refusal`` says why not (the caller decides from the verified
+        identity, never from ``info``, which the proxy declares)."""
         self._next_conn += 1
-        proxy = ProxyConnection(node_id, info, Identity.from_info(info), self._wall(), self._next_conn,
+        identity = dataclasses.replace(Identity.from_info(info), secrets_granted=secrets_granted,
+                                       secrets_refusal="" if secrets_granted else secrets_refusal)
+        proxy = ProxyConnection(node_id, info, identity, self._wall(), self._next_conn,
                                 has_resources=resources_version, has_workloads=endpoints_version)
         old = self.proxies.get(node_id)
         if old is not None:

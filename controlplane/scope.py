@@ -37,6 +37,7 @@ from typing import Iterable, Mapping
 
 ROOT_NAMESPACE = "istio-system"
 SECURITY_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
+NOT_GRANTED = "this proxy's identity is not granted Secrets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class Identity:
     mode: str = "sidecar"                            # "sidecar" | "gateway"
     labels: tuple[tuple[str, str], ...] = ()
     service: str = ""                                # the proxy's own (registered) service, short or FQDN
+    # Secrets: set by the control plane from the proxy's authenticated identity, never from what
+    # it declares (``from_info`` leaves them at deny)
+    secrets_granted: bool = False
+    secrets_refusal: str = NOT_GRANTED
 
     @classmethod
     def from_info(cls, info: Mapping) -> "Identity":
@@ -240,11 +245,13 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
         if kind == "Secret":
             # only to the gateway proxies of its namespace whose Gateways name it (credentialName,
             # or <credentialName>-cacert for the MUTUAL modes)
+            # and with its data only to an identity granted Secrets (``meshctl serve
+            # --secret-readers``); any other gets its name and why, so it can say so
             if identity.mode == "gateway" and _ns(obj) == identity.namespace:
                 if credentials is None:
                     credentials = _credentials(resources, dict(identity.labels))
                 if obj["metadata"].get("name") in credentials:
-                    out.append(obj)
+                    out.append(obj if identity.secrets_granted else withheld_secret(obj, identity.secrets_refusal))
             continue
         if kind in SECURITY_KINDS:
             # workload policies apply in their namespace, and mesh-wide from the root namespace
@@ -261,6 +268,15 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
             continue
         out.append(obj)
     return out
+
+
+def withheld_secret(secret: dict, reason: str) -> dict:
+    """What a proxy not granted ``secret`` is sent instead: its name, type and the reason."""
+    from meshproxy.config.decode import WITHHELD_ANNOTATION
+    md = secret["metadata"]
+    return {"apiVersion": "v1", "kind": "Secret", "type": secret.get("type") or "Opaque",
+            "metadata": {"name": md["name"], "namespace": md.get("namespace") or "default",
+                         "annotations": {WITHHELD_ANNOTATION: reason}}}
 
 
 def _credentials(resources: list[dict], labels: dict[str, str]) -> set[str]:

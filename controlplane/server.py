@@ -122,6 +122,11 @@ async def serve(store_spec: str, listen: str, *, debounce: float, ttl: float, re
     url = f"{scheme}://{url_host}:{cp.port}"
     print(f"meshctl serve: listening on {url} (store {store_spec}"
           f"{'' if tls else '; plaintext, no authentication: --insecure-loopback'})", flush=True)
+    readers = sorted(f"{ns}/{sa}" for ns, sa in cp.security.secret_readers) if cp.security else []
+    print("meshctl serve: Secrets (gateway credentials) are pushed to "
+          + (f"the gateways of workload identities {', '.join(readers)} only" if readers else
+             "no proxy (--insecure-loopback)" if not tls else "no proxy (grant with --secret-readers NS/SA)"),
+          flush=True)
     if tls:
         await _credentials(cp, url, credentials)
     if ready_file:

@@ -120,11 +120,31 @@ class SecurityMetrics:
                                  "Unix time the signing root certificate expires.", **kw)
 
 
+def parse_secret_readers(values) -> frozenset[tuple[str, str]]:
+    """``NS/SA`` entries (a list, each may hold several separated by commas) -> {(ns, sa)}."""
+    out = set()
+    for value in values:
+        for entry in str(value).split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            ns, _, sa = entry.partition("/")
+            if not ns or not sa or "/" in sa or "*" in entry:
+                raise ValueError(f"--secret-readers: expected NAMESPACE/SERVICE_ACCOUNT (no wildcards), got {entry!r}")
+            out.add((ns, sa))
+    return frozenset(out)
+
+
 class Security:
     def __init__(self, store, *, trust_domain: str = "cluster.local", workload_ttl: float = 24 * 3600.0,
                  max_workload_ttl: float = 90 * 24 * 3600.0, supplied: CaState | None = None, tls: bool = True,
-                 hosts: tuple[str, ...] = (), registry=None, refresh_interval: float = 1.0):
+                 hosts: tuple[str, ...] = (), registry=None, refresh_interval: float = 1.0,
+                 secret_readers: tuple[str, ...] = ()):
         self.store = store
+        self.secret_readers = parse_secret_readers(secret_readers)
+        if self.secret_readers and not tls:
+            raise ValueError("--secret-readers needs authenticated proxies: with --insecure-loopback the control "
+                             "plane pushes no Secret to any proxy")
         self.trust_domain = trust_domain
         self.tls = tls
         self.hosts = list(hosts)
@@ -195,6 +215,25 @@ class Security:
     def server_ssl(self) -> ssl.SSLContext | None:
         """The API/push port's TLS context (None with --insecure-loopback)."""
         return self._front.context if self._front else None
+
+    # ------------------------------------------------------------ who may read Secrets
+
+    def secret_refusal(self, principal: Principal | None, namespace: str) -> str:
+        """"" when ``principal`` may be pushed the Secrets of ``namespace`` (the proxy's namespace),
+        else why not.  Only a verified workload certificate counts (its SPIFFE id's namespace and
+        service account), never what the proxy declares; tokens are not workload identities."""
+        if not self.tls:
+            return ("the control plane runs with --insecure-loopback (no proxy is authenticated) and pushes no "
+                    "Secret; give this gateway its credential in its config files")
+        if principal is None or principal.identity is None:
+            return (f"{principal.name if principal else 'this proxy'} is not a workload certificate; Secrets go only "
+                    "to a proxy whose workload identity is granted (meshctl serve --secret-readers NS/SA)")
+        identity = principal.identity
+        if identity.namespace == namespace and (identity.namespace, identity.service_account) in self.secret_readers:
+            return ""
+        return (f"{identity.uri} is not granted the Secrets of namespace {namespace} (granted: "
+                f"{', '.join(f'{ns}/{sa}' for ns, sa in sorted(self.secret_readers)) or 'nobody'}; "
+                "meshctl serve --secret-readers NS/SA)")
 
     # ------------------------------------------------------------ who is asking, and may they
 

@@ -830,6 +830,10 @@ class _Compiler:
             self.warn(f"{path}: no Secret {ns}/{tls.credential_name} (the credential is looked up in the gateway "
                       f"proxy's namespace, {ns}); this server is not served")
             return None
+        if secret.withheld:
+            self.warn(f"{path}: Secret {ns}/{tls.credential_name} withheld by the control plane: {secret.withheld}; "
+                      "this server is not served")
+            return None
         if not secret.certificate:
             self.warn(f"{path}: Secret {ns}/{tls.credential_name} has no tls.crt/tls.key (type {secret.type}); "
                       "this server is not served")
@@ -839,6 +843,10 @@ class _Compiler:
             ca = secret.ca
             if not ca:
                 other = secrets.get(tls.credential_name + "-cacert")
+                if other is not None and other.withheld:
+                    self.warn(f"{path}: Secret {ns}/{tls.credential_name}-cacert withheld by the control plane: "
+                              f"{other.withheld}; this server is not served")
+                    return None
                 ca = other.ca if other is not None else b""
             if not ca:
                 self.warn(f"{path}: mode {tls.mode} needs the CA that client certificates must chain to: no ca.crt "

@@ -421,7 +421,7 @@ def decode_document(doc: Document) -> tuple[Resource | None, tuple[str, str, str
     key = (kind, namespace, name) if kind in KINDS and name else None
     spec = None
     if kind in CORE_KINDS:
-        spec = _decode_secret(r, body, namespace)
+        spec = _decode_secret(r, body, namespace, (annotations or {}).get(WITHHELD_ANNOTATION, ""))
     elif kind in KINDS:
         raw_spec = body.get("spec")
         if raw_spec is None:
@@ -1596,14 +1596,24 @@ _SECRET_KEYS = {"tls.crt": "certificate", "cert": "certificate", "tls.key": "key
                 "ca.crt": "ca", "cacert": "ca"}
 
 
-def _decode_secret(r: _Reader, body: dict, namespace: str) -> SecretSpec | None:
+# set by the control plane on a Secret it does not give this proxy (its identity is not granted):
+# metadata only, and the reason, so the gateway can say why it does not serve the server
+WITHHELD_ANNOTATION = "meshproxy.io/secret-withheld"
+
+
+def _decode_secret(r: _Reader, body: dict, namespace: str, withheld: str = "") -> SecretSpec | None:
     """A TLS Secret: ``data`` (base64) and ``stringData`` (plain, wins, as the API server merges
     them) holding a PEM certificate chain and its key, and/or a CA bundle (``ca.crt``, the whole
-    content of a ``<name>-cacert`` Secret).  Errors name the key, never the content."""
+    content of a ``<name>-cacert`` Secret).  Errors name the key, never the content.  A Secret
+    the control plane withheld (``meshproxy.io/secret-withheld``) carries no data, only why."""
     kind = r.string(body, "type", "type") or "Opaque"
     if kind not in SECRET_TYPES:
         r.error("type", f"must be one of {', '.join(SECRET_TYPES)} (TLS credentials for Gateway credentialName), "
                         f"got {kind!r}")
+    if withheld:
+        if body.get("data") or body.get("stringData"):
+            r.error(f"metadata.annotations.{WITHHELD_ANNOTATION}", "a withheld Secret carries no data")
+        return SecretSpec(type=kind, withheld=withheld)
     values: dict[str, bytes] = {}
     for key, item, where in (("data", body.get("data"), "data"), ("stringData", body.get("stringData"), "stringData")):
         if item is None:

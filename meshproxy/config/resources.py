@@ -269,6 +269,7 @@ class SecretSpec:
     certificate: bytes = field(default=b"", repr=False)     # tls.crt (or cert)
     key: bytes = field(default=b"", repr=False)             # tls.key (or key)
     ca: bytes = field(default=b"", repr=False)              # ca.crt (or cacert)
+    withheld: str = ""          # the control plane's reason for not sending this proxy the data
 
 
 Spec = Union[VirtualService, DestinationRule, ServiceEntry, Gateway, Sidecar, SecretSpec]

@@ -46,7 +46,9 @@ def yaml_doc(obj: dict) -> str:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gwcred")
-    cp = ControlPlaneProcess(f"sqlite:{tmp / 'cp.db'}", tls=True, log_path=str(tmp / "cp.log")).start(timeout=30)
+    # the gateway's own workload identity is granted the Secrets of its namespace (default: nobody)
+    cp = ControlPlaneProcess(f"sqlite:{tmp / 'cp.db'}", tls=True, log_path=str(tmp / "cp.log"),
+                             extra_args=["--secret-readers", f"{NS}/ingressgateway"]).start(timeout=30)
     yield cp, tmp
     cp.stop()
 
@@ -199,3 +201,70 @@ def test_secrets_are_admin_written_never_shown_pushed_rotated_and_missed_gracefu
             assert resp.read() == b"shop-ok"
     finally:
         proxy.stop()
+
+
+def test_a_workload_of_another_service_account_claiming_to_be_a_gateway_gets_no_key(mesh):
+    """Mode and labels are the proxy's own claim; only the certificate's identity is granted."""
+    cp, tmp = mesh
+    issued = MeshCA("vault root").issue(dns=(HOST,))
+    api(cp, f"/api/v1/namespaces/{NS}/secrets/vault-cred", "PUT",
+        json.loads(secret_yaml("vault-cred", tls_crt=issued.cert_pem, tls_key=issued.key_pem)))
+    port, plain = free_port(), free_port()
+    api(cp, f"/apis/networking.istio.io/v1/namespaces/{NS}/gateways/vault", "PUT", {
+        "apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "vault", "namespace": NS},
+        "spec": {"selector": {"istio": "vault"}, "servers": [
+            {"port": {"number": port, "name": "https", "protocol": "HTTPS"}, "hosts": [HOST],
+             "tls": {"mode": "SIMPLE", "credentialName": "vault-cred"}},
+            {"port": {"number": plain, "name": "http", "protocol": "HTTP"}, "hosts": [HOST]}]}})
+    (tmp / "mesh-root.pem").write_text("".join(json.loads(api(cp, "/security/v1/ca/roots"))["roots"]))
+    token = lambda: json.loads(api(cp, "/security/v1/bootstrap-tokens", "POST",
+                                   {"namespace": NS, "service_account": "sleep", "ttl": 600}))["token"]
+    (tmp / "sleep.token").write_text(token())
+    cfg = tmp / "impostor"
+    cfg.mkdir()
+    proxy = ProxyProcess(cfg, extra_args=[
+        "--control-plane", cp.url, "--ca-file", str(tmp / "mesh-root.pem"), "--token-file", str(tmp / "sleep.token"),
+        "--namespace", NS, "--service-account", "sleep", "--mode", "gateway", "--gateway-bind", "127.0.0.1",
+        "--labels", "istio=vault"])
+    key_b64 = b64(issued.key_pem)[:40]
+    refusal = (f"spiffe://cluster.local/ns/{NS}/sa/sleep is not granted the Secrets of namespace {NS} (granted: "
+               f"{NS}/ingressgateway; meshctl serve --secret-readers NS/SA)")
+    try:
+        proxy.start()
+        warning = f"Gateway {NS}/vault: spec.servers[0].tls.credentialName: Secret {NS}/vault-cred withheld by " \
+                  f"the control plane: {refusal}; this server is not served"
+        wait_for(lambda: warning in json.loads(proxy.admin("/config_dump")[1])["snapshot"]["warnings"],
+                 "the withheld warning", proxy)
+        dump = proxy.admin("/config_dump")[1].decode()
+        assert "PRIVATE KEY" not in dump and key_b64 not in dump and b64(issued.cert_pem)[:40] not in dump
+        assert served_serial(port) is None                                # the HTTPS server is not served
+        req = urllib.request.Request(f"http://127.0.0.1:{plain}/", headers={"Host": HOST})
+        with pytest.raises(urllib.error.HTTPError) as no_route:          # the HTTP server is (no route: 404)
+            urllib.request.urlopen(req, timeout=5)
+        assert no_route.value.code == 404
+        listed = meshctl(cp, "proxies")
+        assert listed.returncode == 0 and "SECRETS" in listed.stdout, listed.stderr
+        row = next(line for line in listed.stdout.splitlines() if f"ns/{NS}/sa/sleep" in line)
+        assert row.rstrip().endswith("withheld"), listed.stdout
+        shown = next(p for p in json.loads(api(cp, "/push/v1/proxies"))["items"] if "sa/sleep" in p["principal"])
+        assert shown["secrets"] == f"withheld: {refusal}"
+    finally:
+        proxy.stop()
+
+    # the push stream itself, as that identity sees it: the Secret's name and why, no data
+    from meshproxy.config.identity import SpiffeId
+    from meshproxy.security.manager import key_pem, make_csr, new_key
+    key = new_key("ec-p256")
+    body = {"csr": make_csr(SpiffeId("cluster.local", NS, "sleep"), key).decode(), "token": token()}
+    chain = json.loads(api(cp, "/security/v1/certificates", "POST", body))["certificate_chain"]
+    (tmp / "sleep.crt").write_text(chain)
+    (tmp / "sleep.key").write_bytes(key_pem(key))
+    context = ssl.create_default_context(cadata=cp.credentials_data()["ca"])
+    context.load_cert_chain(tmp / "sleep.crt", tmp / "sleep.key")
+    req = urllib.request.Request(cp.url + "/push/v1/stream", method="POST", data=json.dumps(
+        {"node_id": "raw-impostor", "identity": {"namespace": NS, "mode": "gateway", "labels": {"istio": "vault"}}}
+    ).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10, context=context) as resp:
+        message = resp.readline().decode()
+    assert '"Gateway"' in message and "vault-cred" in message and refusal in message, message
+    assert key_b64 not in message and "tls.key" not in message and '"data"' not in message, message

@@ -144,23 +144,51 @@ def test_client_certificate_checks_belong_to_the_mutual_modes_and_pins_are_check
 
 def test_a_secret_is_pushed_only_to_the_gateways_that_reference_it():
     from controlplane.resources import proxy_view, redacted
-    from controlplane.scope import Identity, select_resources
+    from controlplane.scope import NOT_GRANTED, Identity, select_resources
     gw = gateway({"mode": "MUTUAL", "credentialName": "shop"}, namespace="shop")
     gw["spec"]["selector"] = {"istio": "ingressgateway"}
     resources = [proxy_view(o) for o in (gw, tls_secret("shop"), secret("shop-cacert", type_="Opaque", ca_crt=CA.root_pem),
                                          tls_secret("unused"), tls_secret("shop", namespace="other"))]
 
-    def secrets_for(namespace, mode="gateway", labels=(("istio", "ingressgateway"),)):
-        return sorted(f"{o['metadata']['namespace']}/{o['metadata']['name']}"
-                      for o in select_resources(resources, Identity(namespace, mode, labels)) if o["kind"] == "Secret")
+    def secrets_for(namespace, mode="gateway", labels=(("istio", "ingressgateway"),), granted=True):
+        identity = Identity(namespace, mode, labels, secrets_granted=granted, secrets_refusal="" if granted else "no")
+        sent = [o for o in select_resources(resources, identity) if o["kind"] == "Secret"]
+        assert all(("data" in o) == granted for o in sent)
+        return sorted(f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in sent)
 
     assert secrets_for(GW_NS) == ["istio-system/shop", "istio-system/shop-cacert"]
     assert secrets_for("other") == ["other/shop"]
     assert secrets_for(GW_NS, labels=(("istio", "eastwest"),)) == []          # its Gateways do not name them
     assert secrets_for(GW_NS, mode="sidecar") == []
+    # an identity not granted Secrets gets their names and why, never their data (the default)
+    assert secrets_for(GW_NS, granted=False) == ["istio-system/shop", "istio-system/shop-cacert"]
+    stub = next(o for o in select_resources(resources, Identity(GW_NS, "gateway", (("istio", "ingressgateway"),)))
+                if o["kind"] == "Secret")
+    assert stub == {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": {
+        "name": "shop", "namespace": GW_NS, "annotations": {"meshproxy.io/secret-withheld": NOT_GRANTED}}}
     # what the API shows of a Secret: no data, and kubectl's copy of the data dropped too
     applied = dict(tls_secret("shop"), metadata={"name": "shop", "namespace": GW_NS, "annotations": {
         "kubectl.kubernetes.io/last-applied-configuration": json.dumps(tls_secret("shop"))}})
     shown = json.dumps(redacted(applied))
     assert "kubernetes.io/tls" in shown and b64(SERVER.key_pem)[:40] not in shown and "tls.key" not in shown
     assert "spec" not in proxy_view(applied) and proxy_view(applied)["data"] == applied["data"]
+
+
+def test_a_withheld_secret_costs_only_its_server_and_says_why():
+    from controlplane.scope import withheld_secret
+    gw = gateway({"mode": "SIMPLE", "credentialName": "shop"})
+    gw["spec"]["servers"].append({"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]})
+    snap = compile_(gw, withheld_secret(tls_secret("shop"), "not granted here"))
+    assert [(l.port, l.protocol) for l in snap.listeners] == [(8080, "HTTP")]
+    assert ("Gateway default/edge: spec.servers[0].tls.credentialName: Secret istio-system/shop withheld by the "
+            "control plane: not granted here; this server is not served") in snap.warnings
+    # a withheld -cacert Secret says so too, rather than "no CA"
+    snap = compile_(gateway({"mode": "MUTUAL", "credentialName": "shop"}), tls_secret("shop"),
+                    withheld_secret(secret("shop-cacert", type_="Opaque", ca_crt=CA.root_pem), "no"))
+    assert snap.listeners == () and ("Gateway default/edge: spec.servers[0].tls.credentialName: Secret "
+                                     "istio-system/shop-cacert withheld by the control plane: no; this server is "
+                                     "not served") in snap.warnings
+    # a withheld Secret carries no data
+    result = decode(dict(withheld_secret(tls_secret("x"), "no"), data=tls_secret("x")["data"]))
+    assert result.errors == ["Secret istio-system/x: metadata.annotations.meshproxy.io/secret-withheld: a withheld "
+                             "Secret carries no data"]
