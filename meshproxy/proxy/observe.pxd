@@ -9,7 +9,7 @@ from meshproxy.telemetry.metrics cimport ProxyMetrics
 
 cdef class RequestInfo:
     cdef public RequestHead head
-    cdef public str client_ip, scheme, flags, route_name
+    cdef public str client_ip, scheme, flags, route_name, details
     cdef public bint inbound
     cdef public int status, attempts
     cdef public WeightedDestination destination

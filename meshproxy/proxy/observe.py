@@ -44,7 +44,8 @@ class RequestInfo:
     """What telemetry reads about one request (Envoy's StreamInfo); the pipeline's Exchange is
     one, and fills these in as the request goes.  ``connection``: the downstream connection (its
     listener knows the peer's identity)."""
-    __slots__ = ("head", "connection", "client_ip", "scheme", "inbound", "status", "flags", "route_name", "destination",
+    __slots__ = ("head", "connection", "client_ip", "scheme", "inbound", "status", "flags", "details", "route_name",
+                 "destination",
                  "cluster", "endpoint", "attempts", "start_time", "upstream_start", "request_bytes",
                  "response_bytes", "trace")
 
@@ -147,12 +148,15 @@ class Telemetry:
                     request_id = value
             if trace is not None:
                 request_id = trace.request_id
+            down = exchange.connection
+            peer = down.listener.peer(down).spiffe_id if down is not None else ""
+            details = exchange.details or ("via_upstream" if endpoint is not None and exchange.flags == "-" else "")
             log.log(time.time() - duration_ms / 1000.0, head.method, head.path, "HTTP/" + head.version.decode(),
                     exchange.status, exchange.flags, exchange.request_bytes, exchange.response_bytes, duration_ms,
                     f"{endpoint.address}:{endpoint.port}" if endpoint is not None else "",
                     (now - exchange.upstream_start) * 1000.0 if exchange.upstream_start else None,
                     request_id, trace.trace_id if trace is not None else b"", exchange.route_name, user_agent,
-                    exchange.client_ip, head.host, cluster.name if cluster is not None else "")
+                    exchange.client_ip, head.host, cluster.name if cluster is not None else "", details, peer)
 
     def rejected(self, reason: str, status: int) -> None:
         self.metrics.rejected(reason)

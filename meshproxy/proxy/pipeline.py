@@ -260,6 +260,7 @@ class Exchange(RequestInfo):
         self.close_delimited = False
         self.status = 0
         self.flags = "-"
+        self.details = ""                         # %RESPONSE_CODE_DETAILS% of a local reply that sets one
         self.start_time = down.since              # the first byte of this request (or when the previous one ended)
         self.upstream_start = 0.0
         self.retry: RetryState | None = None
@@ -316,7 +317,8 @@ class Exchange(RequestInfo):
         decision = listener.authorize(self.down, self.request_view())
         if decision.allowed:
             return True
-        self._respond_local(403, [(b"content-type", b"text/plain")], DENIED_BODY, "RBAC")
+        self.details = decision.details
+        self._respond_local(403, [(b"content-type", b"text/plain")], DENIED_BODY, "-")
         return False
 
     def request_view(self) -> RequestView:

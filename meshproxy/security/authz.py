@@ -373,8 +373,17 @@ class Decision:
     dry_run: tuple[str, ...] = ()  # what dry-run policies would have decided
 
     @property
-    def response_flag(self) -> str:
-        return "-" if self.allowed else "RBAC"
+    def details(self) -> str:
+        """Envoy's %RESPONSE_CODE_DETAILS% for a denial, as Istio's RBAC filter names policies:
+        ``rbac_access_denied_matched_policy[ns[NS]-policy[NAME]-rule[N]]`` for a DENY policy's
+        rule, ``rbac_access_denied_matched_policy[none]`` when no ALLOW policy matched (Envoy
+        sets no response flag for an RBAC denial: the access log's flags stay ``-``)."""
+        if self.allowed:
+            return ""
+        if not self.policy:
+            return "rbac_access_denied_matched_policy[none]"
+        namespace, _, name = self.policy.partition("/")
+        return f"rbac_access_denied_matched_policy[ns[{namespace}]-policy[{name}]-rule[{max(self.rule, 0)}]]"
 
 
 ALLOWED_NO_POLICY = Decision(True, reason="no AuthorizationPolicy applies")

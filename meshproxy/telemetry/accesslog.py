@@ -22,6 +22,7 @@ FIELDS = (
     "start_time", "method", "path", "protocol", "response_code", "response_flags", "bytes_received",
     "bytes_sent", "duration", "upstream_host", "upstream_service_time", "x_request_id", "trace_id",
     "route_name", "user_agent", "downstream_remote_address", "authority", "upstream_cluster",
+    "response_code_details", "downstream_peer_uri_san",
 )
 
 
@@ -40,7 +41,7 @@ def format_start_time(unix_seconds: float) -> str:
 _LINE = ('{"start_time":"%s","method":%s,"path":%s,"protocol":%s,"response_code":%d,"response_flags":%s,'
          '"bytes_received":%d,"bytes_sent":%d,"duration":%d,"upstream_host":%s,"upstream_service_time":%s,'
          '"x_request_id":%s,"trace_id":%s,"route_name":%s,"user_agent":%s,"downstream_remote_address":%s,'
-         '"authority":%s,"upstream_cluster":%s}\n')
+         '"authority":%s,"upstream_cluster":%s,"response_code_details":%s,"downstream_peer_uri_san":%s}\n')
 
 
 def _json(v) -> str:
@@ -51,11 +52,12 @@ def _json(v) -> str:
 def format_entry(entry: tuple) -> bytes:
     """One JSON object (keys in :data:`FIELDS` order) and a newline."""
     (start, method, path, protocol, code, flags, rx, tx, duration, up_host, up_time, rid, trace, route, ua,
-     peer, authority, cluster) = entry
+     peer, authority, cluster, details, peer_uri) = entry
     return (_LINE % (
         format_start_time(start), _json(method), _json(path), _json(protocol), code, _json(flags or "-"),
         rx, tx, int(duration), _json(up_host), "null" if up_time is None else int(up_time), _json(rid),
-        _json(trace), _json(route), _json(ua), _json(peer), _json(authority), _json(cluster),
+        _json(trace), _json(route), _json(ua), _json(peer), _json(authority), _json(cluster), _json(details),
+        _json(peer_uri),
     )).encode("utf-8")
 
 
@@ -94,7 +96,7 @@ class AccessLog:
             response_flags: str, bytes_received: int, bytes_sent: int, duration_ms: float,
             upstream_host: str, upstream_service_time_ms: float | None, x_request_id: bytes, trace_id: bytes,
             route_name: str, user_agent: bytes, downstream_remote_address: str, authority: bytes,
-            upstream_cluster: str) -> None:
+            upstream_cluster: str, response_code_details: str = "", downstream_peer_uri_san: str = "") -> None:
         """Buffer one request's line (``start_time`` in Unix seconds).  Never blocks or raises."""
         if not self.enabled:
             return
@@ -107,7 +109,8 @@ class AccessLog:
             return
         buf.append((start_time, method, path, protocol, response_code, response_flags, bytes_received,
                     bytes_sent, duration_ms, upstream_host, upstream_service_time_ms, x_request_id, trace_id,
-                    route_name, user_agent, downstream_remote_address, authority, upstream_cluster))
+                    route_name, user_agent, downstream_remote_address, authority, upstream_cluster,
+                    response_code_details, downstream_peer_uri_san))
         if len(buf) >= self.flush_threshold and self._schedule is not None and not self._scheduled:
             self._scheduled = True
             self._schedule(self.flush)

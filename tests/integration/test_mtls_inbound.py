@@ -76,9 +76,9 @@ async def inbound(tmp_path):
     loop = asyncio.get_running_loop()
     workers = []
 
-    async def start(mode: str, authz=None):
+    async def start(mode: str, authz=None, telemetry: Telemetry | None = None):
         snap = _snapshot(app.port, echo.sockets[0].getsockname()[1], mode, authz)
-        worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(1))
+        worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), telemetry or Telemetry(), rng=random.Random(1))
         worker.certificates = mesh.server
         await worker.start()
         workers.append(worker)
@@ -321,3 +321,30 @@ async def test_tcp_metrics_carry_the_security_labels_and_the_chosen_route(inboun
         assert set(sent) == {"mutual_tls", "none"} and sent["mutual_tls"] == sent["none"] > 0, sent
     finally:
         await client.drain(0.1)
+
+
+async def test_access_log_names_the_peer_and_why_authorization_policy_denied(inbound):
+    import json
+    from meshproxy.security.authz import DENY, REQUEST_PATH
+    from meshproxy.telemetry import AccessLog
+    mesh, start, app = inbound
+    lines: list[bytes] = []
+    deny_admin = AppliedPolicy("foo/deny-admin", DENY, (
+        Rule(operations=((Condition(REQUEST_PATH, (value_match("/nothing"),)),),)),
+        Rule(operations=((Condition(REQUEST_PATH, (value_match("/admin"),)),),), index=1)))
+    policies = PolicySet(deny=(deny_admin,), allow=ONLY_SLEEP.allow)
+    worker, http, _ = await start("PERMISSIVE", policies, Telemetry(access_log=AccessLog(lines.append)))
+    assert (await _get(http, mesh.client(SLEEP))).endswith(b"hello")
+    assert (await _get(http, mesh.client(OTHER))).startswith(b"HTTP/1.1 403")
+    assert (await _get(http, mesh.client(SLEEP), "/admin")).startswith(b"HTTP/1.1 403")
+    assert (await _get(http, None)).startswith(b"HTTP/1.1 403")
+    worker.telemetry.flush()
+    got = [json.loads(line) for line in b"".join(lines).splitlines()]
+    # what Envoy prints for RBAC: code 403, no response flag, the deciding policy in the details
+    assert [(e["path"], e["response_code"], e["response_flags"], e["response_code_details"],
+             e["downstream_peer_uri_san"]) for e in got] == [
+        ("/", 200, "-", "via_upstream", SLEEP),
+        ("/", 403, "-", "rbac_access_denied_matched_policy[none]", OTHER),
+        ("/admin", 403, "-", "rbac_access_denied_matched_policy[ns[foo]-policy[deny-admin]-rule[1]]", SLEEP),
+        ("/", 403, "-", "rbac_access_denied_matched_policy[none]", None),
+    ], got

@@ -11,7 +11,8 @@ from meshproxy.telemetry.accesslog import FIELDS, AccessLog
 def entry(log: AccessLog, code: int = 200, flags: str = "-", rid: bytes = b"r-1") -> None:
     log.log(1_700_000_000.123, b"GET", b"/reviews/1?x=1", "HTTP/1.1", code, flags, 12, 345, 7.6,
             "10.0.0.5:9080", 5.2, rid, b"4bf92f3577b34da6a3ce929d0e0e4736", "reviews-route", b"curl/8.0",
-            "10.0.0.1:51234", b"reviews:9080", "outbound|9080|v2|reviews.default.svc.cluster.local")
+            "10.0.0.1:51234", b"reviews:9080", "outbound|9080|v2|reviews.default.svc.cluster.local",
+            "via_upstream", "spiffe://cluster.local/ns/default/sa/productpage")
 
 
 def test_one_json_line_per_request_with_envoy_fields():
@@ -29,7 +30,9 @@ def test_one_json_line_per_request_with_envoy_fields():
         "bytes_sent": 345, "duration": 7, "upstream_host": "10.0.0.5:9080", "upstream_service_time": 5,
         "x_request_id": "r-1", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "route_name": "reviews-route",
         "user_agent": "curl/8.0", "downstream_remote_address": "10.0.0.1:51234", "authority": "reviews:9080",
-        "upstream_cluster": "outbound|9080|v2|reviews.default.svc.cluster.local"}
+        "upstream_cluster": "outbound|9080|v2|reviews.default.svc.cluster.local",
+        "response_code_details": "via_upstream",
+        "downstream_peer_uri_san": "spiffe://cluster.local/ns/default/sa/productpage"}
     assert (second["response_code"], second["response_flags"], second["x_request_id"]) == (503, "UF", "r-2")
 
 
