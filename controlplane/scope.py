@@ -5,8 +5,10 @@ memory and push size grow with mesh size).  Here the narrowing is the default sh
 
 * a sidecar gets the VirtualServices bound to the mesh (no ``gateways`` or ``mesh`` in
   them), a gateway proxy gets the Gateways and the VirtualServices bound to a gateway;
-* AuthorizationPolicy and PeerAuthentication go to the proxies of their namespace, and
-  from the root namespace (``istio-system``) to every proxy (the proxy decides which select it);
+* AuthorizationPolicy goes to the proxies of its namespace, and from the root namespace
+  (``istio-system``) to every proxy (the proxy decides which select it); PeerAuthentication
+  goes to every proxy: a client's auto mTLS needs its destinations' modes (plaintext to a
+  workload whose mode is DISABLE, as Istio), its own inbound reads only its namespace's;
 * ``exportTo`` is honoured (``*`` everywhere, ``.`` only the object's own namespace);
 * the ``Sidecar`` that applies to the proxy (one in its namespace whose ``workloadSelector``
   matches its labels, else the one without a selector in its namespace, else the mesh-wide
@@ -252,6 +254,11 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
                     credentials = _credentials(resources, dict(identity.labels))
                 if obj["metadata"].get("name") in credentials:
                     out.append(obj if identity.secrets_granted else withheld_secret(obj, identity.secrets_refusal))
+            continue
+        if kind == "PeerAuthentication":
+            # every proxy: its own inbound reads those of its namespace (and the root's), and its
+            # auto mTLS those of every destination (a workload whose mode is DISABLE gets plaintext)
+            out.append(obj)
             continue
         if kind in SECURITY_KINDS:
             # workload policies apply in their namespace, and mesh-wide from the root namespace

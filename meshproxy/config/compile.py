@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from .compile_security import auto_mtls, spiffe_id, upstream_tls, workload_security
+from ..security.peer_authn import DISABLE, resolve_mtls
+from .compile_security import auto_mtls, peer_authentications, spiffe_id, upstream_tls, workload_security
 from .decode import DEFAULT_RETRY_POLICY
 from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matches, resolve_host
 from .model import (
@@ -157,6 +158,8 @@ class RegistryState:
     clusters: dict[str, Cluster]
     warnings: list[str]
     implicit: dict = field(default_factory=dict)
+    # every PeerAuthentication: auto mTLS sends plaintext to an endpoint whose workload's mode is DISABLE
+    peer_auth: tuple = ()
 
 
 class _Compiler:
@@ -179,10 +182,12 @@ class _Compiler:
             self.known = frozenset(self.services)
             self.clusters = dict(registry.clusters)
             self.warnings.extend(registry.warnings)
+            self.peer_auth = registry.peer_auth
             self.registry = RegistryState(self.services, self.rules, registry.clusters, registry.warnings,
-                                          registry.implicit)
+                                          registry.implicit, registry.peer_auth)
         else:
             self.services: dict[str, _Service] = {}
+            self.peer_auth = peer_authentications(self.resources)
             self._build_registry(list(workloads))
             self.known = frozenset(self.services)
             self.rules: dict[str, tuple[TrafficPolicySpec | None, dict[str, Subset]]] = {}
@@ -190,7 +195,8 @@ class _Compiler:
             self._warn_tcp_only_pool_fields()
             self.clusters: dict[str, Cluster] = {}
             self._build_clusters()
-            self.registry = RegistryState(self.services, self.rules, dict(self.clusters), list(self.warnings[own:]))
+            self.registry = RegistryState(self.services, self.rules, dict(self.clusters), list(self.warnings[own:]),
+                                          peer_auth=self.peer_auth)
         self.route_tables: dict[str, RouteTable] = {}
         self.listeners: list[Listener] = []
         self.sidecar = self._select_sidecar()
@@ -352,7 +358,7 @@ class _Compiler:
     def _add_cluster(self, svc: _Service, port: ServicePort, subset: Subset | None,
                      top: TrafficPolicySpec | None) -> None:
         labels = subset.labels if subset is not None else EMPTY_MAP
-        endpoints, dns_hosts = cluster_endpoints(svc, port, labels)
+        endpoints, dns_hosts = cluster_endpoints(svc, port, labels, self.peer_auth)
         target = port.target_port or port.number
         resolution = "STATIC"
         if svc.resolution in ("DNS", "DNS_ROUND_ROBIN", "NONE") and not svc.host.startswith("*"):
@@ -931,18 +937,35 @@ def _settings_key(settings: ProxySettings) -> str:
     return repr([(name, getattr(settings, name)) for name in sorted(settings.__dataclass_fields__)])
 
 
-def cluster_endpoints(svc: _Service, port: ServicePort, labels: Mapping[str, str]
+def cluster_endpoints(svc: _Service, port: ServicePort, labels: Mapping[str, str], peer_auth=()
                       ) -> tuple[list[Endpoint], list[tuple[str, int]]]:
     """The endpoints of ``svc`` that a cluster for ``port`` with subset ``labels`` holds, and
-    (for DNS resolution) the names to resolve."""
+    (for DNS resolution) the names to resolve.
+
+    Auto mTLS (Istio's EDS ``mtlsChecker``): an endpoint with a sidecar (label
+    ``security.istio.io/tlsMode: istio``) whose workload's PeerAuthentication mode on the port
+    it serves is DISABLE loses the label, so clients send it plaintext; PERMISSIVE and STRICT
+    keep mTLS.  The mode is resolved for the workload's labels in the service's namespace,
+    at its own (container) port, as portLevelMtls keys it."""
     endpoints = []
     dns_hosts = []
     target = port.target_port or port.number
     dns = svc.resolution in ("DNS", "DNS_ROUND_ROBIN")
+    modes: dict = {}
     for address, ports, ep_labels, weight, locality in svc.endpoints:
         if labels and any(ep_labels.get(k) != v for k, v in labels.items()):
             continue
         ep_port = ports[port.name] if port.name in ports else target
+        if peer_auth and ep_labels.get(TLS_MODE_LABEL) == "istio":
+            # a registered workload's entry holds its proxy's port when it has an explicit inbound
+            # listener; its own port is the service port's number (the name it registered)
+            app_port = target if svc.origin == "workloads" else ep_port
+            key = (tuple(sorted(ep_labels.items())), app_port)
+            mode = modes.get(key)
+            if mode is None:
+                mode = modes[key] = resolve_mtls(peer_auth, svc.namespace, ep_labels, ROOT_NAMESPACE).for_port(app_port)
+            if mode == DISABLE:
+                ep_labels = MappingProxyType({k: v for k, v in ep_labels.items() if k != TLS_MODE_LABEL})
         if dns and not _is_ip(address):
             dns_hosts.append((address, ep_port))
         else:

@@ -42,6 +42,14 @@ def _selects(policy: AuthorizationPolicy, r: Resource, namespace: str, labels: M
     return all(labels.get(k) == v for k, v in (policy.selector or {}).items())
 
 
+def peer_authentications(resources: Iterable[Resource]) -> tuple[ScopedPeerAuthentication, ...]:
+    """Every PeerAuthentication of ``resources`` (oldest first, the compiler's order), with
+    what precedence needs: what the proxy's own inbound resolves, and what its auto mTLS
+    resolves for each destination workload."""
+    return tuple(ScopedPeerAuthentication(f"{r.namespace}/{r.name}", r.namespace, r.creation_timestamp, order, r.spec)
+                 for order, r in enumerate(resources) if r.kind == "PeerAuthentication")
+
+
 def workload_security(resources: Iterable[Resource], namespace: str, labels: Mapping[str, str],
                       root_namespace: str) -> WorkloadSecurity:
     """``resources`` oldest first (the compiler's order)."""

@@ -50,7 +50,8 @@ from . import model
 from .model import EMPTY_MAP, ProxySettings, Snapshot
 from .resources import Document, Resource
 
-REGISTRY_KINDS = frozenset({"ServiceEntry", "DestinationRule"})    # what steps 2-4 of a compile read
+# what steps 2-4 of a compile read (PeerAuthentication: auto mTLS to each endpoint)
+REGISTRY_KINDS = frozenset({"ServiceEntry", "DestinationRule", "PeerAuthentication"})
 BUILD_SWITCH_INTERVAL = 0.0005     # seconds: the GIL hand-over interval while a build thread runs
 
 
@@ -239,7 +240,7 @@ class ConfigBuilder:
             for name in last.clusters_by_host.get(host, ()):
                 cluster = clusters[name]
                 port = new_svc.port(cluster.port)
-                eps, _ = cluster_endpoints(new_svc, port, cluster.labels)
+                eps, _ = cluster_endpoints(new_svc, port, cluster.labels, state.peer_auth)
                 clusters[name] = base_clusters[name] = dataclasses.replace(cluster, endpoints=tuple(eps))
                 names.append(name)
                 patched += 1
@@ -247,7 +248,8 @@ class ConfigBuilder:
                                        version=version if version is not None else _patched_version(
                                            last.result.snapshot.version, grouped))
         result = CompileResult(snapshot, last.result.warnings,
-                               RegistryState(new_registry, state.rules, base_clusters, state.warnings, state.implicit))
+                               RegistryState(new_registry, state.rules, base_clusters, state.warnings, state.implicit,
+                                             state.peer_auth))
         self._last = _LastCompile(last.resources_key, last.registry_key, version, result, grouped,
                                   last.clusters_by_host)
         self._patched = frozenset(names)

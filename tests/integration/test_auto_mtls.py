@@ -34,12 +34,12 @@ ONLY_SLEEP = PolicySet(allow=(AppliedPolicy("foo/only-sleep", ALLOW, (
     Rule(sources=((Condition(SOURCE_PRINCIPAL, (value_match("cluster.local/ns/foo/sa/sleep"),)),),)),)),))
 
 
-async def _server(app_port: int, inbound_port: int, certificates, mode: str = "STRICT") -> Worker:
+async def _server(app_port: int, inbound_port: int, certificates, mode: str = "STRICT", authz=ONLY_SLEEP) -> Worker:
     app = Cluster("inbound|9080||", "", 9080, None, (Endpoint("127.0.0.1", app_port),))
     vh = VirtualHost("inbound", ("*",), (HttpRoute("", "test", destinations=(
         WeightedDestination("", None, 9080, 100, app.name),)),))
     snap = Snapshot("s1", listeners=(Listener("inbound_9080", "127.0.0.1", inbound_port, "HTTP",
-                                              route_table="in", mtls=mode, authz=ONLY_SLEEP),),
+                                              route_table="in", mtls=mode, authz=authz),),
                     route_tables=MappingProxyType({"in": RouteTable("in", default=vh)}),
                     clusters=MappingProxyType({app.name: app}), settings=ProxySettings())
     worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(1))
@@ -49,8 +49,8 @@ async def _server(app_port: int, inbound_port: int, certificates, mode: str = "S
 
 
 async def _client(listen: int, endpoint_port: int, certificates, sidecar: bool = True,
-                  service_account: str = "httpbin") -> Worker:
-    labels = "{security.istio.io/tlsMode: istio}" if sidecar else "{}"
+                  service_account: str = "httpbin", extra: str = "") -> Worker:
+    labels = "{security.istio.io/tlsMode: istio, app: httpbin}" if sidecar else "{}"
     text = textwrap.dedent(f"""\
         apiVersion: networking.istio.io/v1
         kind: ServiceEntry
@@ -64,7 +64,7 @@ async def _client(listen: int, endpoint_port: int, certificates, sidecar: bool =
           - {{address: 127.0.0.1, ports: {{http: {endpoint_port}}}, labels: {labels},
               serviceAccount: {service_account}}}
         """)
-    decoded = decode_documents([Document("t.yaml", 0, yaml.safe_load(text))])
+    decoded = decode_documents([Document("t.yaml", i, doc) for i, doc in enumerate(yaml.safe_load_all(text + extra))])
     assert not decoded.errors, decoded.errors
     snap = compile_snapshot(decoded.resources, ProxyIdentity(namespace="foo", http_listen=("127.0.0.1", listen))).snapshot
     worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(2))
@@ -123,6 +123,53 @@ async def test_auto_mtls_between_sidecars_carries_the_callers_identity(tmp_path)
                    for line in served), served
         assert any('source_principal="spiffe://cluster.local/ns/foo/sa/other"' in line and 'response_code="403"' in line
                    for line in served), served
+    finally:
+        for w in workers:
+            await w.drain(0.1)
+        await app.close()
+
+
+def _peer_authentication(namespace: str, mode: str, selector: str = "", ports: str = "") -> str:
+    spec = f"mtls: {{mode: {mode}}}"
+    if selector:
+        spec += f", selector: {{matchLabels: {{{selector}}}}}"
+    if ports:
+        spec += f", portLevelMtls: {{{ports}}}"
+    return textwrap.dedent(f"""\
+        ---
+        apiVersion: security.istio.io/v1
+        kind: PeerAuthentication
+        metadata: {{name: pa-{mode.lower()}, namespace: {namespace}}}
+        spec: {{{spec}}}
+        """)
+
+
+@pytest.mark.parametrize("server_mode, policies, expected", [
+    # the destination's namespace says DISABLE: the client sends plaintext (mTLS would not be terminated)
+    ("DISABLE", _peer_authentication("foo", "DISABLE"), "none"),
+    # a workload policy's port-level DISABLE, on the port the workload serves
+    ("DISABLE", _peer_authentication("foo", "STRICT", "app: httpbin", "PORT: {mode: DISABLE}"), "none"),
+    # mesh-wide DISABLE overridden by the workload's STRICT: mTLS
+    ("STRICT", _peer_authentication("istio-system", "DISABLE")
+     + _peer_authentication("foo", "STRICT", "app: httpbin"), "mutual_tls"),
+    ("PERMISSIVE", _peer_authentication("foo", "PERMISSIVE"), "mutual_tls"),
+])
+async def test_auto_mtls_follows_the_destinations_peer_authentication(tmp_path, server_mode, policies, expected):
+    ca = MeshCA()
+    app = await Upstream(respond(200, b"from httpbin")).start()
+    inbound = free_port()
+    server = await _server(app.port, inbound, StaticCertificates(
+        ca.issue("spiffe://cluster.local/ns/foo/sa/httpbin"), tmp_path), server_mode, authz=None)
+    workers = [server]
+    try:
+        port = free_port()
+        workers.append(await _client(port, inbound, StaticCertificates(
+            ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path), extra=policies.replace("PORT", str(inbound))))
+        answer = await _get(port)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"from httpbin"), answer
+        text = render_prometheus(merge_dumps([server.telemetry.metrics.dump()])).decode()
+        served = [line for line in text.splitlines() if line.startswith("istio_requests_total{")]
+        assert len(served) == 1 and f'connection_security_policy="{expected}"' in served[0], served
     finally:
         for w in workers:
             await w.drain(0.1)

@@ -41,6 +41,16 @@ def test_export_to_dot_hides_a_resource_from_other_namespaces():
     assert len(select_resources(resources, Identity("team-a"))) == 2
 
 
+def test_peer_authentications_go_to_every_proxy_authorization_policies_to_their_namespace():
+    # a client's auto mTLS needs its destinations' PeerAuthentication (DISABLE: plaintext)
+    resources = [obj("PeerAuthentication", "plain", "legacy", mtls={"mode": "DISABLE"}),
+                 obj("AuthorizationPolicy", "deny", "legacy", action="DENY", rules=[{}]),
+                 obj("AuthorizationPolicy", "mesh", "istio-system")]
+    names = lambda rs: [r["metadata"]["name"] for r in rs]
+    assert names(select_resources(resources, Identity("shop"))) == ["plain", "mesh"]
+    assert names(select_resources(resources, Identity("legacy"))) == ["plain", "deny", "mesh"]
+
+
 def test_sidecar_egress_hosts_limit_resources_and_workloads():
     resources = [obj("Sidecar", "default", "shop", egress=[{"hosts": ["./*", "istio-system/*"]}]),
                  obj("VirtualService", "cart", "shop", hosts=["cart"]),
