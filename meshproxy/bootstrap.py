@@ -212,6 +212,8 @@ class Worker:
                 tls = self._gateway_tls(model) if model.protocol == "HTTPS" and model.tls is not None else None
                 listener = HttpListener(self.runtime, model, sock, DownstreamConnection,
                                         acceptor=partial(inbound_acceptor, self), tls=tls)
+                if model.mtls:
+                    listener.tls_passthrough = self._app_passthrough(listener)
                 await listener.start()
                 self.http_listeners[key] = listener
             elif model.protocol == "TCP":
@@ -244,6 +246,43 @@ class Worker:
         if certificates is None or certificates.current is None:
             return None
         return certificates.server_context(alpn=alpn, client_cert=client_cert)
+
+    def _app_passthrough(self, http: HttpListener) -> TcpProxyListener:
+        """An inbound HTTP port's splice to the application, for TLS that is not Istio's on a
+        PERMISSIVE port (the app terminates TLS itself: Istio's passthrough filter chain
+        forwards it as TCP to the port's inbound cluster).  The application is the cluster
+        the listener's routes send to; its connections are reported like an inbound TCP
+        listener's, under the HTTP listener's name."""
+        runtime = self.runtime
+        settings = runtime.settings
+
+        def pick_upstream(transport=None, sni=None):
+            snapshot = runtime.snapshot
+            table = snapshot.route_tables.get(http.route_table) if snapshot is not None else None
+            dest = _first_destination(table)
+            if dest is None:
+                return None
+            cluster = runtime.clusters.get(dest.cluster) if dest.cluster else None
+            endpoint = cluster.pick() if cluster is not None else None
+            if endpoint is None:
+                return None, 0, None, None, dest
+            return endpoint.address, endpoint.port, None, cluster.cluster.policy.connection_pool, dest
+
+        def admit(transport) -> bool:
+            # the workload's AuthorizationPolicies, with TCP semantics (Istio's passthrough chain has
+            # the network RBAC filter): HTTP-only rules do not allow, and deny as Istio says
+            if http.authz is None:
+                return True
+            decision = authorize_connection(http.authz, transport.get_extra_info)
+            self.telemetry.authz_decision(http.name, decision, "tcp")
+            return decision.allowed
+
+        return TcpProxyListener(
+            self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout, admit=admit,
+            idle_timeout=settings.tcp_idle_timeout, on_open=self.telemetry.tcp_opened(http.model),
+            on_close=self.telemetry.tcp_closed(http.model), model=http.model,
+            max_connections=settings.max_connections_per_listener,
+            on_overflow=lambda: self.telemetry.downstream_overflow(http.name))
 
     def _tcp_listener(self, model: Listener) -> TcpProxyListener:
         runtime = self.runtime
@@ -303,6 +342,7 @@ class Worker:
 
     def all_tcp_listeners(self) -> list[TcpProxyListener]:
         listeners = list(self.tcp_listeners.values())
+        listeners += [h.tls_passthrough for h in self.http_listeners.values() if h.tls_passthrough is not None]
         for capture in self.capture_listeners.values():
             listeners += capture.tcp_listeners()
         return listeners
@@ -378,3 +418,17 @@ class Worker:
             task.cancel()
         self.pools.close()
         return clean
+
+
+def _first_destination(table):
+    """Where an inbound route table sends (its default virtual host's, else its first virtual
+    host's, first route's first destination): the application's cluster."""
+    if table is None:
+        return None
+    hosts = [table.default] if table.default is not None else []
+    hosts += list(table.exact.values()) + [vh for _, vh in table.wildcards]
+    for vh in hosts:
+        for route in vh.routes:
+            for dest in route.destinations or ():
+                return dest
+    return None

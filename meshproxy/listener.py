@@ -37,14 +37,16 @@ def bind_socket(address: str, port: int, backlog: int = 1024, reuse_port: bool =
     return sock
 
 
-def inbound_acceptor(worker: "Worker", name: str, sock: socket.socket, factory, mode, alpn: tuple[str, ...]
-                     ) -> PeerAuthAcceptor:
+def inbound_acceptor(worker: "Worker", name: str, sock: socket.socket, factory, mode, alpn: tuple[str, ...],
+                     passthrough_factory: Callable | None = None) -> PeerAuthAcceptor:
     """A started :class:`PeerAuthAcceptor` for inbound listener ``name`` of ``worker``;
-    ``mode()`` reads the port's current PeerAuthentication mode."""
+    ``mode()`` reads the port's current PeerAuthentication mode; ``passthrough_factory``
+    takes the app's own TLS on a PERMISSIVE port (see :mod:`meshproxy.security.inbound`)."""
     acceptor = PeerAuthAcceptor(
         worker.loop, sock, factory, mode, lambda client_cert: worker.inbound_tls_context(alpn, client_cert),
         lambda reason: worker.telemetry.handshake_failed(name, reason),
-        detect_timeout=worker.settings.header_read_timeout, handshake_timeout=worker.settings.header_read_timeout)
+        detect_timeout=worker.settings.header_read_timeout, handshake_timeout=worker.settings.header_read_timeout,
+        passthrough_factory=passthrough_factory)
     acceptor.start()
     return acceptor
 
@@ -61,6 +63,9 @@ class HttpListener:
     # default virtual host; PASSTHROUGH clusters connect to the connection's original destination
     fallback_table = ""
     original_dst: tuple[str, int] | None = None
+    # an inbound port's TCP splice to the application for TLS that is not Istio's (PERMISSIVE),
+    # a TcpProxyListener set by the composition root before start(); None: none
+    tls_passthrough = None
 
     def __init__(self, runtime: "Runtime", model: Listener, sock: socket.socket | None, protocol: Callable,
                  ssl_context=None, acceptor: Callable | None = None, tls: GatewayTls | None = None):
@@ -90,8 +95,10 @@ class HttpListener:
         runtime, protocol = self.runtime, self.protocol
         if self.model.mtls:
             # an inbound listener: its PeerAuthentication decides per connection (mTLS or plaintext)
+            passthrough = self.tls_passthrough
             self.acceptor = self.make_acceptor(self.name, self.sock, lambda: protocol(runtime, self),
-                                               lambda: self.model.mtls, ("http/1.1",))
+                                               lambda: self.model.mtls, ("http/1.1",),
+                                               passthrough.protocol_factory if passthrough is not None else None)
             self.server = self.acceptor
             return
         factory = lambda: protocol(runtime, self)

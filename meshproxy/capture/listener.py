@@ -49,10 +49,13 @@ log = logging.getLogger("meshproxy.capture")
 class _Deciding(asyncio.Protocol):
     """A captured connection until it knows where it goes and which protocol it speaks."""
 
-    __slots__ = ("capture", "transport", "dst", "target", "buffer", "eof", "timer", "done")
+    __slots__ = ("capture", "transport", "dst", "target", "buffer", "eof", "timer", "done", "tls_passthrough")
 
-    def __init__(self, capture: "CaptureListener"):
+    def __init__(self, capture: "CaptureListener", tls_passthrough: bool = False):
         self.capture = capture
+        # the app's own TLS on a PERMISSIVE port (no Istio ALPN): spliced as TCP whatever the
+        # port's protocol, the bytes unchanged (Istio's passthrough filter chain)
+        self.tls_passthrough = tls_passthrough
         self.transport = None
         self.dst = None
         self.target: CaptureTarget | None = None
@@ -73,7 +76,9 @@ class _Deciding(asyncio.Protocol):
             reset_transport(transport)
             return
         self.target = capture.target_for(self.dst)
-        if self.target.protocol == "SNIFF":
+        if self.tls_passthrough:
+            self._dispatch("TCP")
+        elif self.target.protocol == "SNIFF":
             capture.deciding.add(self)
             self.timer = capture.worker.loop.call_later(capture.detection_timeout, self._dispatch, "TCP")
         else:
@@ -186,7 +191,7 @@ class CaptureListener:
                 lambda client_cert: worker.inbound_tls_context((), client_cert),
                 lambda reason: worker.telemetry.handshake_failed(self.name, reason),
                 detect_timeout=self.detection_timeout, handshake_timeout=worker.settings.header_read_timeout,
-                mode_for=self._mtls_mode)
+                mode_for=self._mtls_mode, passthrough_factory=lambda: _Deciding(self, tls_passthrough=True))
             self.server.start()
             return
         self.server = await self.worker.loop.create_server(lambda: _Deciding(self), sock=self.sock, backlog=1024)

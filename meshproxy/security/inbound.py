@@ -13,9 +13,11 @@ applies to the next connection):
   bundle; plaintext, a handshake failure (no certificate, another CA, expired, garbage)
   or the lack of a workload certificate close the connection and are counted.
 * ``PERMISSIVE``: a TLS ClientHello that offers an Istio ALPN (``istio``, ``istio-*``: a
-  sidecar's auto mTLS) is terminated as in STRICT; anything else is plaintext (also TLS
-  without Istio's ALPN, the app's own TLS: its bytes reach the app unchanged).  Without a
-  workload certificate PERMISSIVE is plaintext and nothing is peeked.
+  sidecar's auto mTLS) is terminated as in STRICT; anything else is plaintext.  TLS without
+  Istio's ALPN is the app's own TLS: it goes to ``passthrough_factory`` when the listener
+  has one (an HTTP port: Istio's passthrough filter chain, the bytes spliced to the
+  application as TCP, unchanged), else to the listener's own protocol (a TCP port already
+  splices).  Without a workload certificate PERMISSIVE is plaintext and nothing is peeked.
 
 Every wait has a limit: the peek (``detect_timeout``) and the handshake
 (``handshake_timeout``).  The tasks deciding connections are owned by the acceptor and
@@ -58,10 +60,12 @@ class PeerAuthAcceptor:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol_factory: Callable,
                  mode: Callable[[], str], server_context: Callable[[str], ssl.SSLContext | None],
                  on_refused: Callable[[str], None], detect_timeout: float = 10.0,
-                 handshake_timeout: float = 10.0, mode_for: Callable[[socket.socket], str] | None = None):
+                 handshake_timeout: float = 10.0, mode_for: Callable[[socket.socket], str] | None = None,
+                 passthrough_factory: Callable | None = None):
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory
+        self.passthrough_factory = passthrough_factory     # PERMISSIVE, TLS that is not Istio's (None: as plaintext)
         self.mode = mode
         self.mode_for = mode_for            # per connection (the capture listener: by original destination)
         self.server_context = server_context
@@ -135,7 +139,8 @@ class PeerAuthAcceptor:
                 handed_over = True
                 return
             if mode == PERMISSIVE and not offers_istio_alpn(hello):
-                await self._plaintext(conn)            # the app's own TLS: its bytes pass as they are
+                # the app's own TLS: its bytes pass as they are
+                await self.loop.connect_accepted_socket(self.passthrough_factory or self.protocol_factory, conn)
                 handed_over = True
                 return
             if context is None:

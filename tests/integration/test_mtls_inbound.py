@@ -76,8 +76,8 @@ async def inbound(tmp_path):
     loop = asyncio.get_running_loop()
     workers = []
 
-    async def start(mode: str, authz=None, telemetry: Telemetry | None = None):
-        snap = _snapshot(app.port, echo.sockets[0].getsockname()[1], mode, authz)
+    async def start(mode: str, authz=None, telemetry: Telemetry | None = None, app_port: int | None = None):
+        snap = _snapshot(app_port or app.port, echo.sockets[0].getsockname()[1], mode, authz)
         worker = Worker(loop, SnapshotStore(snap), WorkerOptions(), telemetry or Telemetry(), rng=random.Random(1))
         worker.certificates = mesh.server
         await worker.start()
@@ -171,9 +171,42 @@ async def test_permissive_decides_per_connection(inbound):
     assert (await _get(http, mesh.client(SLEEP))).endswith(b"hello")             # mTLS: principal known
     plain = await _get(http, None)
     assert plain.startswith(b"HTTP/1.1 403")                                     # plaintext: no principal
-    # TLS without Istio's ALPN is the app's own TLS: its bytes are not terminated (here: not HTTP -> 400)
-    assert await _get(http, mesh.client(SLEEP, alpn=("http/1.1",))) == b""
     assert len(app.requests) == 1
+
+
+async def test_permissive_passes_the_apps_own_tls_through_and_strict_refuses_it(inbound, tmp_path):
+    """TLS without Istio's ALPN on a PERMISSIVE HTTP port is the application's own TLS: spliced to
+    it as TCP (Istio's passthrough chain), the handshake is the app's; STRICT terminates it and
+    refuses a client without a mesh certificate."""
+    mesh, start, app = inbound
+    cert, key, _ = mesh.ca.issue(dns=("app.foo",)).files(tmp_path)
+    app_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    app_tls.load_cert_chain(cert, key)
+    seen = []
+
+    async def tls_app(reader, writer):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\ntls app")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(tls_app, "127.0.0.1", 0, ssl=app_tls)
+    try:
+        app_port = server.sockets[0].getsockname()[1]
+        plain_client = client_context(None, mesh.server.root_file, alpn=("http/1.1",))
+        _, http, _ = await start("PERMISSIVE", ONLY_SLEEP, app_port=app_port)
+        # the app's certificate answers (the sidecar did not terminate), the app's answer comes back;
+        # the AuthorizationPolicy applies with TCP semantics (a principal rule needs mTLS: denied)
+        assert await _get(http, plain_client) == b""
+        _, http, _ = await start("PERMISSIVE", app_port=app_port)
+        answer = await _get(http, plain_client)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"tls app"), answer
+        assert len(seen) == 1 and seen[0].startswith(b"GET / HTTP/1.1")
+        worker, http, _ = await start("STRICT", app_port=app_port)
+        assert await _get(http, plain_client) == b""
+        assert len(seen) == 1
+    finally:
+        server.close()
 
 
 async def test_disable_never_terminates(inbound):
