@@ -636,8 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--image", default="meshproxy:0.1.0", help="the meshproxy image (Dockerfile)")
-    p.add_argument("--control-plane", default="http://meshctl.meshproxy-system.svc:15010",
-                   help="control plane URL the sidecars connect to")
+    p.add_argument("--control-plane", default="https://meshctl.mesh-system.svc:15010",
+                   help="control plane URL the sidecars connect to (https: each pod mounts the mesh root from "
+                        "ConfigMap --ca-configmap and its bootstrap token from Secret --token-secret)")
+    p.add_argument("--ca-configmap", default="meshproxy-ca-root-cert",
+                   help="ConfigMap (in each pod's namespace) whose key root-cert.pem is `meshctl ca root`")
+    p.add_argument("--token-secret", default="meshproxy-bootstrap-{service_account}",
+                   help="Secret (in each pod's namespace) whose key token is a `meshctl token create --reusable` "
+                        "token; {service_account} is the pod's serviceAccountName")
     p.add_argument("--no-capture-dns", action="store_true", help="leave the pods' DNS alone")
 
     p = sub.add_parser("token", help="bootstrap tokens for sidecars, API tokens for meshctl")
@@ -673,7 +679,8 @@ def cmd_inject(args) -> int:
         text = sys.stdin.read() if args.filename == "-" else open(args.filename).read()
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
         out = inject_documents(docs, InjectOptions(image=args.image, control_plane=args.control_plane,
-                                                   capture_dns=not args.no_capture_dns))
+                                                   capture_dns=not args.no_capture_dns,
+                                                   ca_configmap=args.ca_configmap, token_secret=args.token_secret))
     except (OSError, yaml.YAMLError, InjectError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

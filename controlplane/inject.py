@@ -17,7 +17,15 @@ gets:
   ``--app-probers`` (Istio's ``ISTIO_KUBE_APP_PROBERS`` format), so probes keep working when the
   application's ports require mTLS; exec and gRPC probes are left alone;
 * annotations for Prometheus (``:15021/stats/prometheus``) and ``sidecar.meshproxy.io/status``
-  (injecting twice changes nothing).
+  (injecting twice changes nothing);
+* with an ``https://`` control plane (its default: TLS with the mesh CA), the workload identity:
+  ``--ca-file`` from the ConfigMap ``meshproxy-ca-root-cert`` (key ``root-cert.pem``, the output
+  of ``meshctl ca root``, as Istio mounts ``istio-ca-root-cert`` into every pod),
+  ``--token-file`` from the Secret ``meshproxy-bootstrap-<service account>`` (key ``token``, a
+  ``meshctl token create --reusable`` token for the pod's namespace and service account: the
+  part a projected service-account token plays in Istio), ``--service-account`` from the pod's
+  ``serviceAccountName`` (``default`` when unset), and the pod label
+  ``security.istio.io/tlsMode: istio`` (its peers' auto mTLS).  Both volumes are read-only.
 
 Other objects pass through unchanged.
 """
@@ -43,11 +51,26 @@ class InjectError(Exception):
     pass
 
 
+CA_CONFIGMAP = "meshproxy-ca-root-cert"
+CA_KEY = "root-cert.pem"
+TOKEN_SECRET = "meshproxy-bootstrap-{service_account}"
+TOKEN_KEY = "token"
+CA_DIR = "/var/run/secrets/meshproxy/ca"
+TOKEN_DIR = "/var/run/secrets/meshproxy/bootstrap"
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+
+
 @dataclass(frozen=True)
 class InjectOptions:
     image: str = "meshproxy:0.1.0"
-    control_plane: str = "http://meshctl.meshproxy-system.svc:15010"
+    control_plane: str = "https://meshctl.mesh-system.svc:15010"
     capture_dns: bool = True
+    ca_configmap: str = CA_CONFIGMAP
+    token_secret: str = TOKEN_SECRET          # {service_account} is the pod's
+
+    @property
+    def secure(self) -> bool:
+        return self.control_plane.startswith("https://")
 
 
 def inject_documents(docs: list[dict], options: InjectOptions) -> list[dict]:
@@ -135,6 +158,24 @@ def _inject_pod(pod_meta: dict, spec: dict, owner: dict, options: InjectOptions)
     label_arg = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
     sidecar_args = ["run", "--capture", "--control-plane", options.control_plane, "--service", service,
                     "--namespace", namespace, "--admin", "127.0.0.1:15000", "--health-port", str(HEALTH_PORT)]
+    mounts = []
+    if options.secure:
+        service_account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        sidecar_args += ["--service-account", service_account, "--ca-file", f"{CA_DIR}/{CA_KEY}",
+                         "--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"]
+        mounts = [{"name": "meshproxy-ca-root-cert", "mountPath": CA_DIR, "readOnly": True},
+                  {"name": "meshproxy-bootstrap-token", "mountPath": TOKEN_DIR, "readOnly": True}]
+        volumes = [v for v in spec.get("volumes") or [] if v.get("name") not in {m["name"] for m in mounts}]
+        volumes += [
+            {"name": "meshproxy-ca-root-cert",
+             "configMap": {"name": options.ca_configmap, "items": [{"key": CA_KEY, "path": CA_KEY}]}},
+            {"name": "meshproxy-bootstrap-token",
+             "secret": {"secretName": options.token_secret.format(service_account=service_account),
+                        "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}], "defaultMode": 0o440}},
+        ]
+        spec["volumes"] = volumes
+        pod_labels = pod_meta.setdefault("labels", {})
+        pod_labels.setdefault(TLS_MODE_LABEL, "istio")
     if label_arg:
         sidecar_args += ["--labels", label_arg]
     for port in app_ports:
@@ -157,6 +198,8 @@ def _inject_pod(pod_meta: dict, spec: dict, owner: dict, options: InjectOptions)
         },
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
     }
+    if mounts:
+        sidecar["volumeMounts"] = mounts
     spec["initContainers"] = [init, sidecar] + list(spec.get("initContainers") or [])
     annotations[STATUS_ANNOTATION] = "injected"
     annotations.setdefault("prometheus.io/scrape", "true")

@@ -19,7 +19,10 @@ from controlplane.cli import main
 from meshproxy.capture.pod import parse_app_probers
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "kubernetes" / "reviews.yaml"
-MODELS = {"Deployment": "V1Deployment", "Service": "V1Service", "CronJob": "V1CronJob"}
+MODELS = {"Deployment": "V1Deployment", "Service": "V1Service", "CronJob": "V1CronJob", "Namespace": "V1Namespace",
+          "ServiceAccount": "V1ServiceAccount", "PersistentVolumeClaim": "V1PersistentVolumeClaim",
+          "ConfigMap": "V1ConfigMap", "Secret": "V1Secret"}
+MANIFESTS = FIXTURE.parent.parent.parent.parent / "configs" / "kubernetes"
 
 
 def schema_errors(value, type_name: str, path: str) -> list[str]:
@@ -128,3 +131,93 @@ def test_cronjob_template_is_injected_and_named_from_its_label():
     sidecar = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][1]
     assert sidecar["args"][sidecar["args"].index("--service") + 1] == "report"
     assert json.dumps(sidecar).count("--app-port") == 0
+
+
+def _mounted(pod_spec: dict, container: dict, path: str) -> tuple[str, str, str]:
+    """(volume kind, its ConfigMap/Secret name, key) of the file ``path`` in ``container``."""
+    for mount in container.get("volumeMounts") or []:
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+            rest = path[len(mount["mountPath"].rstrip("/")) + 1:]
+            if "configMap" in volume:
+                source, name = volume["configMap"], volume["configMap"]["name"]
+            else:
+                source, name = volume["secret"], volume["secret"]["secretName"]
+            key = next(i["key"] for i in source.get("items") or [{"key": rest, "path": rest}] if i["path"] == rest)
+            return ("configMap" if "configMap" in volume else "secret"), name, key
+    raise AssertionError(f"{path} is not under any volumeMount of {container['name']}")
+
+
+def _kubectl(*args: str, stdin: str = "") -> dict:
+    """An offline kubectl generator (what the operator runs), its object."""
+    out = subprocess.run(["kubectl", *args, "--dry-run=client", "-o", "yaml"], input=stdin, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def test_https_control_plane_gives_the_pod_its_root_token_and_service_account(tmp_path):
+    deployment = run_inject()[1]
+    pod = deployment["spec"]["template"]
+    sidecar = pod["spec"]["initContainers"][1]
+    from meshproxy.cli import _parser
+    run = _parser().parse_args(sidecar["args"])
+    assert run.control_plane == "https://meshctl.mesh-system.svc:15010"
+    assert run.service_account == "bookinfo-reviews" and run.namespace == "shop"
+    assert pod["metadata"]["labels"]["security.istio.io/tlsMode"] == "istio"
+    assert all(m["readOnly"] for m in sidecar["volumeMounts"])
+    ca = _mounted(pod["spec"], sidecar, run.ca_file)
+    token = _mounted(pod["spec"], sidecar, run.token_file)
+    assert ca == ("configMap", "meshproxy-ca-root-cert", "root-cert.pem")
+    assert token == ("secret", "meshproxy-bootstrap-bookinfo-reviews", "token")
+    # what the documented commands make (kubectl, offline) is what the pod mounts
+    root = tmp_path / "root-cert.pem"
+    root.write_text("-----BEGIN CERTIFICATE-----\n")
+    configmap = _kubectl("create", "configmap", ca[1], "-n", "shop", f"--from-file={root}")
+    secret = _kubectl("create", "secret", "generic", token[1], "-n", "shop", "--from-literal=token=mpb.x.y")
+    assert ca[2] in configmap["data"] and token[2] in secret["data"]
+    # the CronJob's pod has no serviceAccountName: the namespace's default account
+    cron = run_inject()[2]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    cron_run = _parser().parse_args(cron["initContainers"][1]["args"])
+    assert cron_run.service_account == "default"
+    assert _mounted(cron, cron["initContainers"][1], cron_run.token_file)[1] == "meshproxy-bootstrap-default"
+    # a plaintext control plane (the local demo's --insecure-loopback) needs none of it
+    plain = run_inject("--control-plane", "http://127.0.0.1:15010")[1]["spec"]["template"]["spec"]
+    assert "volumes" not in plain and "--token-file" not in plain["initContainers"][1]["args"]
+
+
+def test_the_kubernetes_manifests_run_the_control_plane_over_tls_and_give_proxies_their_identity():
+    from controlplane.cli import build_parser
+    from meshproxy.cli import _parser
+    client = ApiClient()
+    proxies = servers = 0
+    for path in sorted(MANIFESTS.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            assert schema_errors(doc, MODELS[doc["kind"]], f"{path.name}: {doc['kind']}") == []
+            client._ApiClient__deserialize(doc, MODELS[doc["kind"]])
+            if doc["kind"] != "Deployment":
+                continue
+            pod = doc["spec"]["template"]["spec"]
+            for container in pod["containers"]:
+                command = container.get("command") or []
+                if command[:2] == ["meshctl", "serve"]:
+                    servers += 1
+                    serve = build_parser().parse_args(command[1:])
+                    assert not serve.insecure_loopback
+                    namespace = doc["metadata"]["namespace"]
+                    assert {"meshctl." + namespace + ".svc", f"meshctl.{namespace}.svc.cluster.local"} <= set(serve.san)
+                    for probe in ("readinessProbe", "livenessProbe"):
+                        assert container[probe]["httpGet"]["scheme"] == "HTTPS", path.name
+                elif command[:2] == ["meshproxy", "run"]:
+                    proxies += 1
+                    run = _parser().parse_args(command[1:])
+                    assert run.control_plane.startswith("https://meshctl.mesh-system.svc:"), path.name
+                    assert run.namespace == doc["metadata"]["namespace"], path.name
+                    assert run.service_account == pod["serviceAccountName"], path.name
+                    assert _mounted(pod, container, run.ca_file) == ("configMap", "meshproxy-ca-root-cert",
+                                                                     "root-cert.pem")
+                    assert _mounted(pod, container, run.token_file) == (
+                        "secret", f"meshproxy-bootstrap-{run.service_account}", "token")
+    assert servers == 1 and proxies == 3
