@@ -295,3 +295,49 @@ async def test_discovery_namespaces_hide_everything_else_from_every_proxy(tmp_pa
     finally:
         await engine.close()
         await store.close()
+
+
+async def test_a_secret_goes_with_its_data_only_to_a_granted_gateway_and_is_withheld_from_others(tmp_path):
+    from controlplane.security.service import Principal, Security, parse_secret_readers
+    from meshproxy.config.identity import SpiffeId
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.start()
+    engine = PushEngine(store)
+    await engine.start()
+    try:
+        await store.put(obj("Gateway", "gw", "edge", selector={"app": "gw"}, servers=[
+            {"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"],
+             "tls": {"mode": "SIMPLE", "credentialName": "cred"}}]))
+        await store.put({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                         "metadata": {"name": "cred", "namespace": "edge"}, "data": {"tls.key": "S0VZ"}})
+        engine._recompute(0.0)
+        info = {"namespace": "edge", "mode": "gateway", "labels": {"app": "gw"}}
+        granted = engine.connect("a", info, secrets_granted=True)
+        other = engine.connect("b", info, secrets_refusal="sa/b is not granted")
+        default = engine.connect("c", info)                       # nothing said: denied
+        assert granted.target.version != other.target.version
+        sent = {p.node_id: json.loads(engine._message_for(p)) for p in (granted, other, default)}
+        assert "S0VZ" in json.dumps(sent["a"]) and (granted.to_dict()["secrets"] == "granted")
+        for node, reason in (("b", "sa/b is not granted"), ("c", "this proxy's identity is not granted Secrets")):
+            text = json.dumps(sent[node])
+            assert "S0VZ" not in text and "tls.key" not in text and reason in text, text
+        assert other.to_dict()["secrets"] == "withheld: sa/b is not granted"
+    finally:
+        await engine.close()
+        await store.close()
+
+    # who is granted: the certificate's namespace and service account, in its own namespace only
+    security = Security(None, secret_readers=("edge/gw,edge/gw2", "ops/gw"))
+    assert security.secret_readers == parse_secret_readers(["edge/gw", "edge/gw2", "ops/gw"])
+    workload = lambda ns, sa: Principal(f"workload:{sa}", identity=SpiffeId("cluster.local", ns, sa))
+    assert security.secret_refusal(workload("edge", "gw"), "edge") == ""
+    assert security.secret_refusal(workload("edge", "sleep"), "edge") == (
+        "spiffe://cluster.local/ns/edge/sa/sleep is not granted the Secrets of namespace edge (granted: edge/gw, "
+        "edge/gw2, ops/gw; meshctl serve --secret-readers NS/SA)")
+    assert security.secret_refusal(workload("ops", "gw"), "edge") != ""
+    assert "is not a workload certificate" in security.secret_refusal(Principal("token:admin", scope="admin"), "edge")
+    assert "--insecure-loopback" in Security(None, tls=False).secret_refusal(workload("edge", "gw"), "edge")
+    with pytest.raises(ValueError, match="with --insecure-loopback the control plane pushes no Secret"):
+        Security(None, tls=False, secret_readers=("edge/gw",))
+    with pytest.raises(ValueError, match="expected NAMESPACE/SERVICE_ACCOUNT"):
+        parse_secret_readers(["edge"])
