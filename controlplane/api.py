@@ -21,6 +21,7 @@ objects are always stored as given; conventions in :mod:`.kube`):
 
   GET    /history?limit=N                     accepted changes, newest first
   POST   /history/{revision}/rollback         make the resources what they were at that revision
+         ?includeSecurity=true (needed when PeerAuthentication/AuthorizationPolicy would change), ?dryRun=All
 
   POST   /registry/v1/workloads               register {service, namespace, address, ports, labels, id?, ttl?, node_id?, proxy_port?}
   POST   /registry/v1/workloads/{id}/heartbeat
@@ -48,8 +49,8 @@ from . import kube
 from .http import Request, Response, StreamResponse
 from .push import PushEngine, expires_at
 from .security.service import ROUTES as SECURITY_ROUTES, Denied
-from .resources import (BY_KIND, BY_PLURAL, CORE_GROUP, CORE_KINDS, Kind, content_of, describe, is_secret, kind_for,
-                        proxy_view, redacted, scrub_annotations)
+from .resources import (BY_KIND, BY_PLURAL, CORE_GROUP, CORE_KINDS, SECURITY_GROUP, Kind, content_of, describe,
+                        is_secret, kind_for, proxy_view, redacted, scrub_annotations)
 from .store import CHANGED_RESOURCES, BadRequest, ConfigStore, NotFound, StoreError
 from .validation import apply_warnings, decode_warnings, load_yaml, validate_object
 
@@ -179,6 +180,10 @@ def _int_param(query: dict, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise BadRequest(f"{name}: must be an integer, got {value!r}") from None
+
+
+class _DryRun(Exception):
+    """Raised by a dry-run rollback's guard once it has the plan: stops the store writing."""
 
 
 class Api:
@@ -635,18 +640,46 @@ class Api:
         return Response.json(200, {"items": [e.to_dict() for e in entries]})
 
     async def _rollback(self, request, revision):
-        principal = request.principal
-        if self.security is not None and principal is not None and not principal.has("admin"):
-            # a rollback rewrites every object changed since: Secrets only by an admin
-            changed = [e for e in await self.store.history(WATCH_HISTORY) if e.revision > int(revision)]
-            secrets = sorted({f"{e.namespace}/{e.name}" for e in changed if e.kind == "Secret"})
-            if secrets:
+        """Make the resources what they were at ``revision``, as one new revision.  A rollback
+        that would create, change or delete a security.istio.io policy (PeerAuthentication,
+        AuthorizationPolicy) is refused naming each one unless the caller asks for it with
+        ``includeSecurity=true`` (and, with authentication on, has scope admin): undoing a bad
+        traffic shift must never quietly turn mTLS STRICT off or drop a DENY.  ``dryRun=All``
+        answers the plan without writing."""
+        revision = int(revision)
+        principal = request.principal if self.security is not None else None
+        include_security = request.query.get("includeSecurity", "false") == "true"
+        dry_run = request.query.get("dryRun") == "All"
+        planned: list[dict] = []
+
+        def guard(changes: list[dict]) -> None:
+            named = lambda c: f"{c['op']} {c['kind']} {c['namespace']}/{c['name']}"
+            secrets = sorted({f"{c['namespace']}/{c['name']}" for c in changes if c["kind"] == "Secret"})
+            policies = [named(c) for c in changes
+                        if c["kind"] in BY_KIND and BY_KIND[c["kind"]].group == SECURITY_GROUP]
+            not_admin = principal is not None and not principal.has("admin")
+            if not_admin and secrets:       # Secrets are written by admins only
                 raise Denied(403, "Forbidden", f"{principal.name} may not roll back to revision {revision}: it would "
                                                f"change Secret(s) {', '.join(secrets)} (needs scope admin)")
+            if policies and not_admin:
+                raise Denied(403, "Forbidden", f"{principal.name} may not roll back to revision {revision}: it would "
+                                               f"change security policies ({'; '.join(policies)}) (needs scope admin)")
+            if policies and not include_security:
+                raise Denied(409, "Conflict", f"rollback to revision {revision} would change security policies "
+                                              f"({'; '.join(policies)}); nothing was changed: to restore them too, "
+                                              f"ask with includeSecurity=true (meshctl rollback --include-security)")
+            planned.extend(changes)
+            if dry_run:
+                raise _DryRun()
+
         who = self._who(request)
         by = f" by {who}" if self.security is not None else ""
-        new_revision = await self.store.rollback(int(revision), origin=f"rollback to {revision}{by}")
-        return Response.json(200, {"revision": new_revision, "rolled_back_to": int(revision)})
+        try:
+            new_revision = await self.store.rollback(revision, origin=f"rollback to {revision}{by}", guard=guard)
+        except _DryRun:
+            new_revision = self.store.resource_revision()
+        return Response.json(200, {"revision": new_revision, "rolled_back_to": revision, "changes": planned,
+                                   **({"dryRun": True} if dry_run else {})})
 
     # ------------------------------------------------------------ registry
 

@@ -5,7 +5,7 @@
   meshctl apply -f FILE|DIR|- [--dry-run]     meshctl diff -f FILE|DIR|-
   meshctl get KIND [NAME] [-n NS | -A] [-o yaml|json|wide]
   meshctl delete KIND NAME [-n NS]  |  meshctl delete -f FILE|DIR|-
-  meshctl history [--limit N]       meshctl rollback REVISION
+  meshctl history [--limit N]       meshctl rollback REVISION [--include-security] [--dry-run]
   meshctl proxies [-o json]         meshctl endpoints SERVICE [-n NS]
   meshctl canary status [NAME] [-n NS] [-o json]
   meshctl canary promote|abort|pause|resume NAME [-n NS]
@@ -340,10 +340,20 @@ def cmd_history(client: Client, args) -> int:
 
 
 def cmd_rollback(client: Client, args) -> int:
-    code, body = client.call("POST", f"/history/{args.revision}/rollback")
+    query = "&".join(q for q, on in (("includeSecurity=true", args.include_security), ("dryRun=All", args.dry_run))
+                     if on)
+    code, body = client.call("POST", f"/history/{args.revision}/rollback" + (f"?{query}" if query else ""))
     if code != 200:
         raise CliError(*status_lines(body))
-    print(f"rolled back to revision {body['rolled_back_to']}: now at revision {body['revision']}")
+    for c in body.get("changes", []):       # the plan: what the rollback does (did) to each object
+        kind = lookup_kind(c["kind"])
+        ref = c["kind"].lower() + (f".{kind.group}" if kind is not None and kind.group else "")
+        print(f"{c['op']} {ref}/{c['name']} -n {c['namespace']}")
+    if args.dry_run:
+        print(f"would roll back to revision {body['rolled_back_to']} (dry run: nothing changed, "
+              f"still at revision {body['revision']})")
+    else:
+        print(f"rolled back to revision {body['rolled_back_to']}: now at revision {body['revision']}")
     return 0
 
 
@@ -626,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p = sub.add_parser("rollback")
     p.add_argument("revision", type=int)
+    p.add_argument("--include-security", action="store_true",
+                   help="also restore PeerAuthentication/AuthorizationPolicy (refused without it when they differ)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p = sub.add_parser("proxies")
     p.add_argument("-o", "--output", choices=("json",))
     p = sub.add_parser("endpoints")

@@ -138,7 +138,8 @@ class ConfigStore(Protocol):
     async def delete(self, key: ResourceKey, *, expect_version: str | None = None,
                      origin: str = "api") -> dict: ...
     async def history(self, limit: int = 100) -> list[HistoryEntry]: ...
-    async def rollback(self, revision: int, origin: str = "api") -> int: ...
+    async def rollback(self, revision: int, origin: str = "api",
+                       guard: Callable[[list[dict]], None] | None = None) -> int: ...
 
     async def register(self, workload: dict, ttl: float) -> dict: ...
     async def heartbeat(self, workload_id: str) -> bool: ...
@@ -218,3 +219,11 @@ def rollback_plan(state_at_revision: Mapping[ResourceKey, dict],
         if key not in state_at_revision:
             plan.append((key, None))
     return plan
+
+
+def plan_changes(plan: list[tuple[ResourceKey, dict | None]],
+                 current: Mapping[ResourceKey, dict]) -> list[dict]:
+    """A rollback plan as the API shows it: ``{op, kind, namespace, name}`` per object, op being
+    what the rollback does to it now (create a removed one, update, delete a newer one)."""
+    return [{"op": "delete" if target is None else "update" if key in current else "create",
+             "kind": key[0], "namespace": key[1], "name": key[2]} for key, target in plan]

@@ -31,7 +31,7 @@ import h11
 
 from .httpclient import exchange
 from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, StoreViews, BadRequest, Conflict, HistoryEntry, NotFound,
-                    ResourceKey, StoreError, check_precondition, rollback_plan, same_content, stamp)
+                    ResourceKey, StoreError, check_precondition, plan_changes, rollback_plan, same_content, stamp)
 
 log = logging.getLogger("controlplane.store_etcd")
 
@@ -387,7 +387,7 @@ class EtcdStore(StoreViews):
     async def history(self, limit: int = 100) -> list[HistoryEntry]:
         return list(reversed(await self._all_history()))[:limit]
 
-    async def rollback(self, revision: int, origin: str = "api") -> int:
+    async def rollback(self, revision: int, origin: str = "api", guard=None) -> int:
         entries = await self._all_history()
         if not entries or not entries[0].revision <= revision <= entries[-1].revision:
             span = f"{entries[0].revision}..{entries[-1].revision}" if entries else "empty"
@@ -409,6 +409,8 @@ class EtcdStore(StoreViews):
         plan = rollback_plan(state, current)
         if not plan:
             return int(result["header"]["revision"])
+        if guard is not None:               # may refuse (raise): nothing is written
+            guard(plan_changes(plan, current))
         changes = [("rollback", key, current.get(key),
                     None if target is None else stamp(target, current.get(key), 0, self._wall()))
                    for key, target in plan]

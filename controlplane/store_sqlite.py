@@ -14,7 +14,7 @@ import time
 from typing import Callable, Mapping
 
 from .store import (CHANGED_RESOURCES, CHANGED_WORKLOADS, StoreViews, BadRequest, HistoryEntry, NotFound,
-                    ResourceKey, check_precondition, rollback_plan, same_content, stamp)
+                    ResourceKey, check_precondition, plan_changes, rollback_plan, same_content, stamp)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -145,7 +145,7 @@ class SqliteStore(StoreViews):
         return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None,
                              json.loads(r[7]) if r[7] else None, r[8]) for r in rows]
 
-    async def rollback(self, revision: int, origin: str = "api") -> int:
+    async def rollback(self, revision: int, origin: str = "api", guard=None) -> int:
         async with self._lock:
             current_revision = self._revision()
             if not 1 <= revision <= current_revision:
@@ -161,6 +161,8 @@ class SqliteStore(StoreViews):
             plan = rollback_plan(state, self._resources)
             if not plan:
                 return current_revision
+            if guard is not None:           # may refuse (raise): nothing is written
+                guard(plan_changes(plan, self._resources))
             new_revision = current_revision + 1
             changes = []
             for key, target in plan:

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from controlplane import cli
 from controlplane.cli import Client
 from controlplane.testing import ControlPlaneProcess
 
@@ -170,15 +172,45 @@ def test_meshctl_reports_an_unreachable_server_in_one_line():
     assert result.stderr.startswith("error: cannot reach the control plane at http://127.0.0.1:1")
 
 
-def test_meshctl_history_and_rollback(cp):
+def test_meshctl_history_and_rollback(cp, capsys):
+    def rollback(*args) -> tuple[int, list[str], str]:     # meshctl in-process: no interpreter start per call
+        code = cli.main(["--server", cp.url, "rollback", *args])
+        out = capsys.readouterr()
+        return code, out.out.splitlines(), out.err.strip()
+
     meshctl(cp, "apply", "-f", "configs/")
-    meshctl(cp, "apply", "-f", "configs/steps/")
+    meshctl(cp, "apply", "-f", "configs/steps/")              # widens the AuthorizationPolicy (7), VS 50/50 (8)
     history = meshctl(cp, "history").stdout.splitlines()
     newest = history[1].split()
     assert (newest[0], newest[3], newest[4], newest[5]) == ("8", "update", "VirtualService", "default/demo")
-    rolled = meshctl(cp, "rollback", "6")
-    assert rolled.stdout.strip() == "rolled back to revision 6: now at revision 9"
+    rolled = meshctl(cp, "rollback", "7")                     # networking only: no flag, the plan printed
+    assert rolled.stdout.splitlines() == ["update virtualservice.networking.istio.io/demo -n default",
+                                          "rolled back to revision 7: now at revision 9"], rolled.stderr
     assert "v1=90" in meshctl(cp, "get", "vs", "-o", "wide").stdout
+
+    # STRICT mTLS for a new namespace (10), the shift again (11); undoing the shift must not quietly
+    # undo the policies: refused, naming each, nothing written
+    api = Client(cp.url)
+    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "default", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICT"}}}
+    pa = "/apis/security.istio.io/v1/namespaces/shop/peerauthentications/default"
+    assert api.call("PUT", pa, strict)[0] == 201
+    assert api.call("PUT", f"{VS_PATH}/demo", yaml.safe_load(
+        (REPO / "configs/steps/demo-virtualservice-50-50.yaml").read_text()))[0] == 200
+    assert rollback("6") == (1, [], "error: rollback to revision 6 would change security policies (update "
+                             "AuthorizationPolicy default/demo-callers; delete PeerAuthentication shop/default); "
+                             "nothing was changed: to restore them too, ask with includeSecurity=true "
+                             "(meshctl rollback --include-security)")
+    plan = ["update authorizationpolicy.security.istio.io/demo-callers -n default",
+            "update virtualservice.networking.istio.io/demo -n default",
+            "delete peerauthentication.security.istio.io/default -n shop"]
+    assert rollback("6", "--include-security", "--dry-run") == (0, plan + [
+        "would roll back to revision 6 (dry run: nothing changed, still at revision 11)"], "")
+    assert api.call("GET", "/history?limit=1")[1]["items"][0]["revision"] == 11
+    assert api.call("GET", pa)[1]["spec"]["mtls"]["mode"] == "STRICT"
+    assert rollback("6", "--include-security") == (0, plan + ["rolled back to revision 6: now at revision 12"], "")
+    assert api.call("GET", f"{VS_PATH}/demo")[1]["spec"]["http"][0]["route"][0]["weight"] == 90
+    assert api.call("GET", pa)[0] == 404
 
 
 def test_watch_streams_added_modified_and_deleted_events(cp, api):

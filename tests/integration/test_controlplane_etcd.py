@@ -157,11 +157,20 @@ async def test_lease_expiry_removes_a_dead_workload_and_rollback_works_on_etcd(e
         await eventually(lambda: endpoints() == [], timeout=6.0)          # no heartbeat: etcd expires the lease
         _, first = await asyncio.to_thread(api.call, "PUT", f"{VS_PATH}/demo", vs((90, 10)))
         await asyncio.to_thread(api.call, "PUT", f"{VS_PATH}/demo", vs((0, 100)))
-        code, result = await asyncio.to_thread(api.call, "POST",
-                                               f"/history/{first['metadata']['resourceVersion']}/rollback")
-        assert code == 200
+        pa = "/apis/security.istio.io/v1/namespaces/default/peerauthentications/default"
+        assert (await asyncio.to_thread(api.call, "PUT", pa, {
+            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "default"},
+            "spec": {"mtls": {"mode": "STRICT"}}}))[0] == 201
+        rollback = f"/history/{first['metadata']['resourceVersion']}/rollback"
+        code, refused = await asyncio.to_thread(api.call, "POST", rollback)     # would drop STRICT: refused
+        assert code == 409 and "(delete PeerAuthentication default/default)" in refused["message"]
+        _, now = await asyncio.to_thread(api.call, "GET", f"{VS_PATH}/demo")
+        assert [d["weight"] for d in now["spec"]["http"][0]["route"]] == [0, 100]
+        code, result = await asyncio.to_thread(api.call, "POST", rollback + "?includeSecurity=true")
+        assert code == 200 and [c["op"] for c in result["changes"]] == ["update", "delete"]
         _, now = await asyncio.to_thread(api.call, "GET", f"{VS_PATH}/demo")
         assert [d["weight"] for d in now["spec"]["http"][0]["route"]] == [90, 10]
+        assert (await asyncio.to_thread(api.call, "GET", pa))[0] == 404
 
 
 async def test_replica_and_etcd_leader_killed_under_traffic_writes_and_pushes_continue_with_no_failed_request(etcd, tmp_path):

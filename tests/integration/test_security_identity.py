@@ -309,12 +309,32 @@ def test_api_refuses_requests_without_or_with_an_insufficient_token(cp):
     assert code == 403 and "needs scope edit" in body["message"]
     code, body = call(cp, "POST", "/security/v1/bootstrap-tokens", {"namespace": "x"}, token=edit)
     assert code == 403
-    code, _ = call(cp, "PUT", path, vs, token=edit)
+    code, created = call(cp, "PUT", path, vs, token=edit)
     assert code == 201
     code, history = call(cp, "GET", "/history?limit=1", token=view)
     assert code == 200 and history["items"][0]["origin"] == "token:ci-bot"
     out = meshctl(cp, "history")
     assert "token:ci-bot" in out.stdout
+
+    # a rollback that would drop a security policy: never by an edit token, by an admin only when asked
+    admin = cp.credentials_data()["token"]
+    revision = created["metadata"]["resourceVersion"]
+    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "default", "namespace": "vault"}, "spec": {"mtls": {"mode": "STRICT"}}}
+    pa = "/apis/security.istio.io/v1/namespaces/vault/peerauthentications/default"
+    assert call(cp, "PUT", pa, strict, token=admin)[0] == 201
+    code, body = call(cp, "POST", f"/history/{revision}/rollback", token=edit)
+    assert code == 403 and body["message"] == (
+        f"token:ci-bot may not roll back to revision {revision}: it would change security policies "
+        "(delete PeerAuthentication vault/default) (needs scope admin)")
+    code, body = call(cp, "POST", f"/history/{revision}/rollback", token=admin)
+    assert code == 409 and "would change security policies (delete PeerAuthentication vault/default); " \
+        "nothing was changed: to restore them too, ask with includeSecurity=true" in body["message"]
+    assert call(cp, "GET", pa, token=view)[1]["spec"]["mtls"]["mode"] == "STRICT"
+    code, body = call(cp, "POST", f"/history/{revision}/rollback?includeSecurity=true", token=admin)
+    assert code == 200 and body["changes"] == [
+        {"op": "delete", "kind": "PeerAuthentication", "namespace": "vault", "name": "default"}]
+    assert call(cp, "GET", pa, token=view)[0] == 404
 
 
 def test_plaintext_to_the_tls_port_is_refused_and_curl_verifies_with_the_root(cp, tmp_path):
