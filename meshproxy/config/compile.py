@@ -287,13 +287,11 @@ class _Compiler:
             self.rules[host] = (policy, subsets)
 
     def _warn_tcp_only_pool_fields(self) -> None:
-        """connectionPool.tcp maxConnectionDuration and idleTimeout act on TCP proxy
-        connections only: say so where a DestinationRule sets them for HTTP ports
-        (tcpKeepalive is applied to both)."""
-        fields = (("max_connection_duration", "maxConnectionDuration",
-                   "an HTTP upstream connection is kept as long as it is reused"),
-                  ("tcp_idle_timeout", "idleTimeout",
-                   "HTTP upstream connections close after connectionPool.http.idleTimeout, as in Istio"))
+        """connectionPool.tcp.idleTimeout acts on TCP proxy connections only: say so where a
+        DestinationRule sets it for HTTP ports (tcpKeepalive and maxConnectionDuration are
+        applied to both)."""
+        fields = (("tcp_idle_timeout", "idleTimeout",
+                   "HTTP upstream connections close after connectionPool.http.idleTimeout, as in Istio"),)
         for r in self.by_kind.get("DestinationRule", []):
             dr: DestinationRule = r.spec
             svc = self.services.get(self.resolve(dr.host, r.namespace))

@@ -437,7 +437,10 @@ node("CookieAttribute", name=s(Warned("cookie attributes are not written")),
      value=s(Warned("cookie attributes are not written")))
 _T_CB = T_SNAP + "test_circuit_breaker_thresholds_map_like_istiod_and_zero_means_unset"
 _T_TCPPOOL = T_APPLY + "test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_tcp_connections"
-_TCP_ONLY = "applied to TCP proxy connections; on HTTP clusters the compiler warns that it is not applied"
+_TCP_ONLY = ("applied to TCP proxy connections; on HTTP clusters the compiler warns: HTTP upstream connections "
+             "close after connectionPool.http.idleTimeout, as in Istio")
+_T_HTTPDUR = ("tests/integration/test_retry_and_pool_fields_e2e.py::"
+              "test_max_connection_duration_retires_http_upstream_connections")
 _T_HTTPKA = ("tests/integration/test_retry_and_pool_fields_e2e.py::"
              "test_tcp_keepalive_is_set_on_http_upstream_connections")
 node("ConnectionPoolSettings",
@@ -448,7 +451,7 @@ node("TCPSettings",
      connectTimeout=d(A(T_SNAP + "test_routes_carry_istio_defaults_and_compiled_values")),
      tcpKeepalive=obj(A(_T_HTTPKA, "HTTP upstream connections; TCP proxy connections: " + _T_TCPPOOL),
                       "TcpKeepalive"),
-     maxConnectionDuration=d(A(_T_TCPPOOL, _TCP_ONLY)),
+     maxConnectionDuration=d(A(_T_HTTPDUR, "HTTP upstream connections; TCP proxy connections: " + _T_TCPPOOL)),
      idleTimeout=d(A(_T_TCPPOOL, _TCP_ONLY)))
 node("TcpKeepalive", probes=i(A(_T_TCPPOOL)), time=d(A(_T_TCPPOOL)), interval=d(A(_T_TCPPOOL)))
 _H2 = "this proxy speaks HTTP/1.1 to upstreams; HTTP/2 settings do not apply"

@@ -530,7 +530,8 @@ class Exchange(RequestInfo):
             cluster.force_connection()
         policy = cluster.cluster.policy.connection_pool
         timeout = min(policy.connect_timeout, self.snapshot.settings.upstream_connect_timeout)
-        attempt.connect_task = runtime.pools.connect(key, timeout, attempt.connected, policy.tcp_keepalive)
+        attempt.connect_task = runtime.pools.connect(key, timeout, attempt.connected, policy.tcp_keepalive,
+                                                     policy.max_connection_duration)
         return True
 
     def _original_destination(self) -> tuple[str, int] | None:

@@ -18,7 +18,7 @@ cdef class UpstreamHandler:
 cdef class UpstreamConnection(ConnectionDriver):
     cdef public object pool, on_close
     cdef public UpstreamHandler handler
-    cdef public double idle_since
+    cdef public double idle_since, expires_at
     cdef public Py_ssize_t requests
     cdef public bint _counted
 

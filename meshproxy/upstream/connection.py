@@ -17,6 +17,8 @@ from ..batch import SendBatch
 from ..codec.api import ProtocolError, ResponseHead
 from ..driver import ConnectionDriver
 
+_NEVER = float("inf")
+
 if TYPE_CHECKING:
     from .pool import EndpointPool
 
@@ -54,7 +56,7 @@ class UpstreamHandler:
 
 
 class UpstreamConnection(ConnectionDriver):
-    __slots__ = ("handler", "pool", "idle_since", "requests", "_counted", "on_close")
+    __slots__ = ("handler", "pool", "idle_since", "expires_at", "requests", "_counted", "on_close")
 
     def __init__(self, pool: "EndpointPool", make_parser: Callable, batch: SendBatch | None = None):
         ConnectionDriver.__init__(self, batch)
@@ -62,6 +64,8 @@ class UpstreamConnection(ConnectionDriver):
         self.parser = make_parser(self)
         self.handler: UpstreamHandler | None = None   # the request being served, or None while idle
         self.idle_since = 0.0
+        # connectionPool.tcp.maxConnectionDuration: not reused from then on (set at connect)
+        self.expires_at = _NEVER
         self.requests = 0
         self._counted = False          # included in the pool's open-connection count
         self.on_close: Callable[[], None] | None = None   # releases the owning cluster's connection slot

@@ -27,5 +27,5 @@ cdef class UpstreamPools:
     cpdef acquire_idle_in(self, EndpointPool pool, idle_timeout)
     @cython.locals(idle=list, conn=UpstreamConnection)
     cpdef _pop_idle(self, EndpointPool pool, idle_timeout)
-    @cython.locals(pool=EndpointPool)
+    @cython.locals(pool=EndpointPool, now=double)
     cpdef release(self, UpstreamConnection conn, bint reusable, Py_ssize_t max_idle, Py_ssize_t max_requests=*)

@@ -188,6 +188,9 @@ class UpstreamPools:
             if idle_timeout is not None and self._now() - conn.idle_since > idle_timeout:
                 conn.close()
                 continue
+            if conn.expires_at <= self._now():         # past its maxConnectionDuration
+                conn.close()
+                continue
             return conn
         return None
 
@@ -196,11 +199,12 @@ class UpstreamPools:
         conn.handler = None
         conn.requests += 1
         pool = conn.pool
+        now = self._now()
         if (not reusable or conn.closed or len(pool.idle) >= max_idle
-                or (max_requests and conn.requests >= max_requests)):
+                or (max_requests and conn.requests >= max_requests) or conn.expires_at <= now):
             conn.close()
             return
-        conn.idle_since = self._now()
+        conn.idle_since = now
         push(pool.idle, conn)
         if pool.waiters:
             self.offer_soon(pool)
@@ -223,14 +227,16 @@ class UpstreamPools:
     # ---------------------------------------------------------------- connecting
 
     def connect(self, key: tuple[str, int], timeout: float,
-                on_done: Callable[[UpstreamConnection | None, str], None], keepalive: tuple | None = None
-                ) -> asyncio.Task:
+                on_done: Callable[[UpstreamConnection | None, str], None], keepalive: tuple | None = None,
+                max_duration: float | None = None) -> asyncio.Task:
         """Open a new connection; ``on_done(conn, "")`` or ``on_done(None, reason)``
         where reason is "timeout", "cancelled" or "refused"/the error text.  ``keepalive``:
-        the cluster's tcpKeepalive (probes, idle s, interval s), set on the new socket."""
+        the cluster's tcpKeepalive (probes, idle s, interval s), set on the new socket;
+        ``max_duration``: its maxConnectionDuration (seconds from the connect): after it the
+        connection finishes the request it serves and is not reused (Envoy drains it)."""
         pool = self.pool(key)
         pool.connecting += 1
-        task = self._loop.create_task(self._connect(pool, timeout, keepalive))
+        task = self._loop.create_task(self._connect(pool, timeout, keepalive, max_duration))
 
         def finished(task: asyncio.Task) -> None:
             self._tasks.discard(task)
@@ -252,8 +258,8 @@ class UpstreamPools:
         task.add_done_callback(finished)
         return task
 
-    async def _connect(self, pool: EndpointPool, timeout: float,
-                       keepalive: tuple | None = None) -> tuple[UpstreamConnection | None, str]:
+    async def _connect(self, pool: EndpointPool, timeout: float, keepalive: tuple | None = None,
+                       max_duration: float | None = None) -> tuple[UpstreamConnection | None, str]:
         key = pool.key
         tls = key[2] if len(key) > 2 else None       # DestinationRule tls (upstream/tls.py)
         try:
@@ -293,6 +299,8 @@ class UpstreamPools:
                 pass
             if keepalive is not None:
                 set_keepalive(sock, keepalive)
+        if max_duration is not None:
+            conn.expires_at = self._now() + max_duration
         pool.active += 1
         pool.created += 1
         conn._counted = True
@@ -310,7 +318,7 @@ class UpstreamPools:
         """Close idle connections older than ``idle_timeout`` (called periodically)."""
         now = self._now()
         for pool in self._pools.values():
-            for conn in [c for c in pool.idle if now - c.idle_since > idle_timeout]:
+            for conn in [c for c in pool.idle if now - c.idle_since > idle_timeout or c.expires_at <= now]:
                 conn.close()
 
     def close(self) -> None:

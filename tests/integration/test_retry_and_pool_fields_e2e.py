@@ -91,3 +91,39 @@ async def test_tcp_keepalive_is_set_on_http_upstream_connections(proxy_factory):
     assert timers(plain.port).strip() and "keepalive" not in timers(plain.port), timers(plain.port)
     await kept.close()
     await plain.close()
+
+
+async def test_max_connection_duration_retires_http_upstream_connections(proxy_factory):
+    import asyncio
+
+    async def answer(req, writer):          # /slow answers after 0.8 s, past the connection's duration
+        if req.target == "/slow":
+            await asyncio.sleep(0.8)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        return True
+
+    aged = await Upstream(answer).start()
+    plain = await Upstream(answer).start()
+    config = service_entry_yaml("aged.local", 80, [("127.0.0.1", aged.port, {})], name="aged")
+    config += "---\n" + service_entry_yaml("plain.local", 80, [("127.0.0.1", plain.port, {})], name="plain")
+    config += textwrap.dedent("""\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: aged, namespace: default}
+        spec:
+          host: aged.local
+          trafficPolicy: {connectionPool: {tcp: {maxConnectionDuration: 0.5s}}}
+        """)
+    proxy = proxy_factory(config)
+    for host, upstream, connections in (("aged.local", aged, 2), ("plain.local", plain, 1)):
+        assert (await http_get(proxy.port, host, "/a"))[0] == 200
+        assert (await http_get(proxy.port, host, "/b"))[0] == 200     # reused within the duration
+        assert upstream.connections == 1
+        # a request in flight when the duration passes is answered; the connection is not reused
+        assert (await http_get(proxy.port, host, "/slow"))[0] == 200
+        assert (await http_get(proxy.port, host, "/c"))[0] == 200
+        assert upstream.connections == connections, host
+        assert [r.target for r in upstream.requests] == ["/a", "/b", "/slow", "/c"]
+    await aged.close()
+    await plain.close()
