@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds after SIGTERM that new connections are still served, each answer with "
                           "Connection: close (within the drain timeout; ends once no connection is open)")
     run.add_argument("--header-timeout", type=float, default=10.0, help="request head must arrive within (408)")
+    run.add_argument("--body-timeout", type=float, default=60.0,
+                     help="seconds a request body may go without a byte arriving (408 and close; "
+                          "nginx client_body_timeout, HAProxy timeout client)")
     run.add_argument("--idle-timeout", type=float, default=60.0, help="keep-alive idle timeout")
     run.add_argument("--connect-timeout", type=float, default=10.0, help="upstream connect timeout")
     run.add_argument("--route-timeout", type=float, default=None,
@@ -269,7 +272,7 @@ def _run(args) -> int:
         print("meshproxy run: give --config PATH or --control-plane URL", file=sys.stderr)
         return 2
     settings = ProxySettings(
-        header_read_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+        header_read_timeout=args.header_timeout, body_timeout=args.body_timeout, idle_timeout=args.idle_timeout,
         upstream_connect_timeout=args.connect_timeout, default_route_timeout=args.route_timeout,
         max_connections_per_listener=args.max_connections, drain_timeout=args.drain_timeout)
     capture = None

@@ -83,6 +83,7 @@ cdef class RouteTable:
 
 cdef class ProxySettings:
     cdef readonly object header_read_timeout
+    cdef readonly object body_timeout
     cdef readonly object idle_timeout
     cdef readonly object upstream_connect_timeout
     cdef readonly object default_route_timeout

@@ -424,6 +424,7 @@ class ProxySettings:
     """Limits and timeouts that are not per route (configurable from the command line)."""
 
     header_read_timeout: float = 10.0        # whole request head must arrive within this -> 408
+    body_timeout: float = 60.0               # request body bytes must keep arriving within this -> 408
     idle_timeout: float = 60.0               # downstream keep-alive idle
     upstream_connect_timeout: float = 10.0
     default_route_timeout: float | None = None   # Istio: no timeout unless the route sets one

@@ -11,7 +11,9 @@ cdef class DownstreamConnection(Downstream):
     cdef public object queue
     cdef public list upgrade_buffer
     cdef public bint replaying, answer_sent
-    cdef public Py_ssize_t requests, out_start
+    cdef public Py_ssize_t requests, out_start, body_seen
+    cdef public object refusal, body_exchange
+    cdef public double body_since
 
     cpdef on_request_head(self, RequestHead head)
     cpdef on_body(self, data)
@@ -22,7 +24,9 @@ cdef class DownstreamConnection(Downstream):
     cpdef exchange_finished(self, exchange, bint keep_alive)
     cdef _replay(self)
     cpdef send_now(self)
+    cpdef refuse(self, status, reason)
     cpdef reject(self, status, reason)
+    cdef _answer_and_close(self, int status)
     cpdef close_after_flush(self)
     cpdef close(self)
     cpdef bytes take_tunnel_bytes(self)

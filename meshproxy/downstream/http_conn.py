@@ -3,11 +3,14 @@
 Bytes go through the sans-IO request parser; its events start and feed
 :class:`~meshproxy.proxy.pipeline.Exchange` objects, one at a time and in order.
 Pipelined requests that arrive while an exchange is running are queued (and reading
-is paused), so responses always leave in request order.  A request the codec refuses
-gets its 4xx and the connection closes; nothing after the bad bytes is parsed.
+is paused), so responses always leave in request order.  Bytes the codec refuses get
+their 4xx and the connection closes; nothing after the bad bytes is parsed.  Complete
+requests before them are answered first, in order (a request whose body holds the bad
+bytes is not: it never reaches an upstream whole).
 
 Timers are not per request: the listener's sweeper calls :meth:`check_timeouts`
-about once a second to enforce the header-read and keep-alive idle timeouts.
+about once a second to enforce the header-read, request-body and keep-alive idle
+timeouts.
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ CLOSING = 3
 _HEAD, _BODY, _END = 0, 1, 2
 _READ_PAUSE_QUEUED = 2             # pipelined requests wait for the exchange in front of them
 _READ_PAUSE_UPGRADE = 4            # bytes after an upgrade request's head wait for the tunnel
+_READ_PAUSE_REFUSED = 32           # bad bytes were read: nothing more is (the answers before them go out)
 
 
 class DownstreamConnection(Downstream):
     __slots__ = ("state", "exchange", "queue", "requests", "upgrade_buffer", "replaying", "out_start",
-                 "answer_sent")
+                 "answer_sent", "refusal", "body_exchange", "body_seen", "body_since")
 
     def __init__(self, runtime: "Runtime", listener: "HttpListener"):
         ConnectionDriver.__init__(self, runtime.batch)
@@ -58,6 +62,10 @@ class DownstreamConnection(Downstream):
         self.feeding = False                 # inside parser.feed (upstream writes are held)
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
         self.answer_sent = False             # bytes of the current exchange's response reached the socket
+        self.refusal = None                  # (status, reason) for bad bytes, answered after the requests before them
+        self.body_exchange = None            # the request body the sweeper watches (check_timeouts)
+        self.body_seen = 0
+        self.body_since = 0.0
         # the virtual host the last request on this connection was routed to, for the snapshot
         # and Host it was chosen with (keep-alive clients repeat both)
         self.vhost_snapshot = None
@@ -75,6 +83,8 @@ class DownstreamConnection(Downstream):
         self.listener.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return                           # closing after an answer: what still arrives is dropped
         if self.upgrade_buffer is not None:
             self.upgrade_buffer.append(data)
             self.pause_reading(_READ_PAUSE_UPGRADE)
@@ -88,7 +98,7 @@ class DownstreamConnection(Downstream):
             self.feed(data)
         except ProtocolError as err:
             self.feeding = False
-            self.reject(err.status, err.reason)
+            self.refuse(err.status, err.reason)
             return
         self.feeding = False
         exchange = self.exchange
@@ -125,6 +135,8 @@ class DownstreamConnection(Downstream):
     # ---------------------------------------------------------------- codec events
 
     def on_request_head(self, head: RequestHead) -> None:
+        if self.closed:
+            return                           # (a request after one answered with Connection: close)
         if self.exchange is not None or self.queue:
             self._enqueue((_HEAD, head))
             return
@@ -133,13 +145,13 @@ class DownstreamConnection(Downstream):
     def on_body(self, data: bytes) -> None:
         if self.queue:
             self._enqueue((_BODY, data))
-        else:
+        elif self.exchange is not None:      # (None: answered already and closing)
             self.exchange.request_body(data)
 
     def on_message_complete(self) -> None:
         if self.queue:
             self._enqueue((_END, None))
-        else:
+        elif self.exchange is not None:
             self.exchange.request_end()
 
     # ---------------------------------------------------------------- exchanges in order
@@ -179,6 +191,12 @@ class DownstreamConnection(Downstream):
         self.since = self.runtime.now()
         if self.queue and not self.replaying:
             self._replay()
+        if self.refusal is not None and self.exchange is None and not self.queue:
+            # every request before the bad bytes is answered: now theirs
+            status, _ = self.refusal
+            self.refusal = None
+            self._answer_and_close(status)
+            return
         if self.out:
             self.flush()
 
@@ -224,8 +242,31 @@ class DownstreamConnection(Downstream):
         else:
             self.queued = False
 
+    def refuse(self, status: int, reason: str) -> None:
+        """The codec refused bytes from the client: parse nothing more.  Complete requests
+        before the bad bytes (in flight or queued) are answered first, in order, then the
+        4xx goes and the connection closes; a request whose head or body the bad bytes are
+        in is not forwarded (or, in flight, is abandoned: see ``reject``)."""
+        exchange = self.exchange
+        queue = self.queue
+        if exchange is not None and not queue and not exchange.request_complete:
+            return self.reject(status, reason)          # in the body of the request in flight
+        if queue:
+            while queue and queue[-1][0] != _END:       # in a queued request: it goes, whole
+                queue.pop()
+        if exchange is None and not queue:
+            return self.reject(status, reason)
+        self.runtime.telemetry.rejected(reason, status)
+        self.refusal = (status, reason)
+        self.pause_reading(_READ_PAUSE_REFUSED)
+        if exchange is not None and exchange.up_out:
+            exchange.upstream_flush()                   # its request is whole: it goes on
+        if self.out:
+            self.flush()
+
     def reject(self, status: int, reason: str) -> None:
-        """A request the codec refused: answer and close; parse nothing more."""
+        """A request the codec refused (or one that timed out): answer and close; parse
+        nothing more."""
         self.runtime.telemetry.rejected(reason, status)
         exchange = self.exchange
         if exchange is not None:
@@ -236,7 +277,11 @@ class DownstreamConnection(Downstream):
                 self.abort()
                 return
             del self.out[self.out_start:]    # drop its unsent answer; earlier answers still go
+        self._answer_and_close(status)
+
+    def _answer_and_close(self, status: int) -> None:
         self.queue = None
+        self.refusal = None
         if not self.closed:
             self.out.append(error_response(status, close=True))
         self.close_after_flush()
@@ -273,6 +318,27 @@ class DownstreamConnection(Downstream):
                 self.reject(408, "request header timeout")
         elif state == IDLE and now - self.since > settings.idle_timeout:
             self.close()
+        elif state == ACTIVE:
+            self._check_body_timeout(now, settings.body_timeout)
+
+    def _check_body_timeout(self, now: float, timeout: float) -> None:
+        """A request body must keep arriving: no byte of it within ``timeout`` gets 408 (or,
+        once the response started, an abort) and the upstream attempt is cancelled.  Time
+        reading is paused by the proxy itself (backpressure) does not count."""
+        exchange = self.exchange
+        if exchange is None or not exchange.body_outstanding():
+            self.body_exchange = None
+            return
+        seen = exchange.request_bytes
+        if exchange is not self.body_exchange or seen != self.body_seen or self.read_paused_by:
+            self.body_exchange = exchange
+            self.body_seen = seen
+            self.body_since = now
+        elif now - self.body_since > timeout:
+            self.body_exchange = None
+            if not exchange.response_started():
+                exchange.status = 408
+            self.reject(408, "request body timeout")
 
     def drain(self) -> None:
         """Graceful shutdown: idle connections close now; busy ones finish the

@@ -88,6 +88,7 @@ cdef class Exchange(RequestInfo):
     # entry points called by the connection drivers (and Python code)
     cpdef begin(self, Downstream down, RequestHead head)
     cpdef bint response_started(self) except -1
+    cpdef bint body_outstanding(self) except -1
     @cython.locals(runtime=Runtime, snapshot=Snapshot, vhost=VirtualHost, routes=tuple, first=HttpRoute,
                    route=HttpRoute)
     cpdef start(self)

@@ -275,6 +275,10 @@ class Exchange(RequestInfo):
         self.set_cookie = None                    # a sticky-session cookie the proxy issues
         self.stale_retried = False
 
+    def body_outstanding(self) -> bool:
+        """Request body bytes are still to come from the client."""
+        return not self.request_complete and self.head.body_kind != BODY_NONE
+
     def response_started(self) -> bool:
         """Response bytes (the upstream's or the proxy's own) were written downstream."""
         return self.phase == RESPONDING or self.phase == LOCAL
@@ -352,10 +356,14 @@ class Exchange(RequestInfo):
 
     def _local_reply(self, status: int, flag: str) -> None:
         self.flags = flag
+        if self.keep_alive and self.body_outstanding():
+            self.keep_alive = False
         self._write_local(error_response(status, flag, close=not self.keep_alive_now()), status)
 
     def _respond_local(self, status: int, headers: list, body: bytes, flag: str) -> None:
         self.flags = flag or "-"
+        if self.keep_alive and self.body_outstanding():
+            self.keep_alive = False
         close = not self.keep_alive_now()
         hdrs = list(headers)
         hdrs.append((b"content-length", str(len(body)).encode()))
@@ -375,7 +383,12 @@ class Exchange(RequestInfo):
             self.down.write(body)
         if self.request_complete:
             self._finish(self.keep_alive_now())
-        # else the request body is still arriving: request_body drops it, request_end finishes
+        elif self.head.body_kind != BODY_NONE:
+            # answered before the request body arrived (its head says Connection: close): as
+            # Envoy does for HTTP/1, the connection closes after this answer rather than wait
+            # for a body that may never come; what still arrives is read and dropped
+            self._finish(False)
+        # else the request's end follows in this read (request_end finishes)
 
     # ================================================================ 3. split -> cluster
 
@@ -707,6 +720,10 @@ class Exchange(RequestInfo):
             attempt.switching = True
             return
         self.cluster.record_host(attempt.host, status)
+        if self.keep_alive and self.body_outstanding():
+            # the upstream answers before the request body ended: the connection closes after
+            # this response (Envoy on HTTP/1), so a stalled body is not held past the answer
+            self.keep_alive = False
         keep_alive = self.keep_alive_now()
         kind = head.body_kind
         if kind == BODY_LENGTH and status not in _NO_BODY_STATUSES and self.head.method != b"HEAD":
@@ -907,7 +924,8 @@ class Exchange(RequestInfo):
 
     def _answer_failure(self, status: int, flag: str) -> None:
         self.flags = flag
-        self.keep_alive = self.keep_alive and self.request_complete
+        if self.keep_alive and self.body_outstanding():
+            self.keep_alive = False
         self._write_local(error_response(status, flag, close=not self.keep_alive_now()), status)
         self.down.flush()
 

@@ -4,13 +4,14 @@ that read or write slowly (the proxy's memory stays bounded and is given back)."
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import time
 
 import pytest
 
-from helpers import CODECS, Upstream, raw_exchange, respond, service_entry_yaml
+from helpers import CODECS, Upstream, parse_responses, raw_exchange, respond, service_entry_yaml
 
 pytestmark = pytest.mark.asyncio
 
@@ -105,6 +106,135 @@ async def test_a_connection_that_sends_nothing_gets_408_at_the_header_timeout(pr
     writer.write(b"GET / HTTP/1.1\r\nHost: svc.local\r\nConnection: close\r\n\r\n")
     assert (await asyncio.wait_for(reader.read(), 3)).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+# ------------------------------------------------------------------ stalled request bodies
+
+class _HoldingUpstream:
+    """Reads a request head, then either answers at once without reading the body
+    (``answer``) or waits for the body; records when each connection's read side ended."""
+
+    def __init__(self, answer: bool):
+        self.answer = answer
+        self.heads: list[bytes] = []
+        self.ended: list[float] = []
+
+    async def start(self) -> "_HoldingUpstream":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader, writer):
+        try:
+            self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+            if self.answer:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+            while await reader.read(65536):
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        self.ended.append(time.monotonic())
+        writer.close()
+
+
+async def _stalled_post(port: int, host: bytes, timeout: float) -> tuple[bytes, bool, float]:
+    """A POST promising 1000 bytes that sends 10: (what came back, closed by the proxy, when)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: 1000\r\n\r\n0123456789" % host)
+    data = bytearray()
+    closed = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            break
+        except ConnectionError:
+            closed = True
+            break
+        if not chunk:
+            closed = True
+            break
+        data += chunk
+    writer.close()
+    return bytes(data), closed, time.monotonic()
+
+
+async def test_a_stalled_request_body_gets_408_at_the_body_timeout_and_the_upstream_try_ends(proxy_factory):
+    up = await _HoldingUpstream(answer=False).start()
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]),
+                          extra_args=["--body-timeout", "1"])
+    t0 = time.monotonic()
+    data, closed, at = await _stalled_post(proxy.port, b"svc.local", 6)
+    assert _status(data) == 408 and closed, data[:80]
+    assert at - t0 < 3.5, f"408 after {at - t0:.1f} s for a 1 s body timeout"
+    assert b"connection: close" in data.lower()
+    assert len(up.heads) == 1, "the request went upstream before its body stalled"
+    for _ in range(50):                     # the upstream connection is closed with the exchange
+        if up.ended:
+            break
+        await asyncio.sleep(0.05)
+    assert up.ended and up.ended[0] - t0 < 4, "the upstream attempt was left open"
+    up.server.close()
+
+
+async def test_a_stalled_request_body_is_not_held_past_the_upstream_answer(proxy_factory):
+    up = await _HoldingUpstream(answer=True).start()
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]),
+                          extra_args=["--body-timeout", "30"])
+    t0 = time.monotonic()
+    data, closed, at = await _stalled_post(proxy.port, b"svc.local", 5)
+    assert _status(data) == 200 and data.endswith(b"early"), data[:80]
+    assert b"connection: close" in data.lower(), "the answer says the connection ends with it"
+    assert closed and at - t0 < 2, "the connection was held after the upstream's answer"
+
+
+async def test_a_local_answer_before_the_request_body_closes_the_connection(proxy_factory, upstream):
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]),
+                          extra_args=["--body-timeout", "30"])
+    t0 = time.monotonic()
+    # 404 for an unknown Host on a POST whose body never comes
+    data, closed, at = await _stalled_post(proxy.port, b"nowhere.local", 5)
+    assert _status(data) == 404 and b"connection: close" in data.lower(), data[:120]
+    assert closed and at - t0 < 2, "the connection was held after the answer"
+    # bytes that keep arriving after the answer are read and dropped: no reset loses the 404
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: nowhere.local\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(10):
+        writer.write(b"z" * 10000)
+        await writer.drain()
+    assert _status(await asyncio.wait_for(reader.read(), 3)) == 404
+    writer.close()
+    # a local answer to a request without a body keeps the connection
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    for _ in range(2):
+        writer.write(b"GET / HTTP/1.1\r\nHost: nowhere.local\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert _status(head) == 404 and b"connection: close" not in head.lower()
+        await reader.readexactly(int(re.search(rb"content-length: (\d+)", head.lower()).group(1)))
+    writer.close()
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------ bad bytes after pipelined requests
+
+async def test_pipelined_requests_before_bad_bytes_are_answered_in_order_then_400(proxy_factory, upstream, codec):
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]), codec=codec)
+    get = b"GET /%d HTTP/1.1\r\nHost: svc.local\r\n\r\n"
+    data, closed = await raw_exchange(proxy.port, get % 1 + get % 2 + get % 3 + b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+                                      timeout=5)
+    answers = parse_responses(data)
+    assert [status for status, _, _ in answers] == [200, 200, 200, 400], data[-200:]
+    assert [json.loads(body)["target"] for _, _, body in answers[:3]] == ["/1", "/2", "/3"]
+    assert closed and answers[3][1].get("connection") == "close"
+    # bad bytes inside a queued request's body: the request before it is answered, that one
+    # never goes upstream
+    seen = len(upstream.requests)
+    data, closed = await raw_exchange(proxy.port, get % 4 + b"POST /5 HTTP/1.1\r\nHost: svc.local\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", timeout=5)
+    answers = parse_responses(data)
+    assert [status for status, _, _ in answers] == [200, 400] and closed, data[-200:]
+    assert [r.target for r in upstream.requests[seen:]] == ["/4"]
 
 
 async def test_connect_failures_to_a_dead_endpoint_are_retried_beyond_the_retry_budget(proxy_factory):
