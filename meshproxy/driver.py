@@ -11,6 +11,10 @@ a sans-IO parser, queues its output and sends it in one go, and pauses reading f
   one TLS record (one encryption here, one decryption at the peer) instead of one per piece.
 * ``pause_reading(reason)`` / ``resume_reading(reason)``: reading stops while any reason
   (a bit) is set and resumes when the last one clears.
+* Write buffer limits: the transport asks for a pause once ``WRITE_HIGH_WATER`` bytes wait
+  for the peer and for a resume under ``WRITE_LOW_WATER``; the pipeline then pauses reading
+  on the other side, so what one slow peer makes the proxy hold stays about the high-water
+  mark plus one read.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from .batch import SendBatch
 from .codec.api import MessageHandler
 from .codec.httptools_backend import _Base as LlhttpParser
 from .lists import clear, push, with_room
+
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
 
 
 class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from asyncio.Protocol: compiled, it is a cdef class)
@@ -47,7 +54,7 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
         self.send_many = transport.writelines
         if transport.get_extra_info("sslcontext") is not None:
             self.send_many = _joined(transport.write)
-        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
     def feed(self, data: bytes) -> None:
         """Bytes from the peer to the parser; the codec's ProtocolError propagates."""

@@ -62,6 +62,7 @@ class DownstreamConnection(Downstream):
         self.feeding = False                 # inside parser.feed (upstream writes are held)
         self.out_start = 0                   # where the current exchange's unsent bytes begin in ``out``
         self.answer_sent = False             # bytes of the current exchange's response reached the socket
+        self.write_paused = False            # the transport's write buffer is over its high-water mark
         self.refusal = None                  # (status, reason) for bad bytes, answered after the requests before them
         self.body_exchange = None            # the request body the sweeper watches (check_timeouts)
         self.body_seen = 0
@@ -125,10 +126,12 @@ class DownstreamConnection(Downstream):
             self.exchange = None
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.exchange is not None:
             self.exchange.downstream_write_paused()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.exchange is not None:
             self.exchange.downstream_write_resumed()
 

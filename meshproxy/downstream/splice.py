@@ -11,9 +11,8 @@ Behaviour (Envoy ``tcp_proxy`` semantics, checklist rows 41-42):
   the upstream's write buffer passes ``high``, the upstream endpoint's
   ``pause_writing`` pauses *reading on the downstream*; ``resume_writing`` (buffer
   under ``low``) resumes it; the same the other way. Bytes buffered in the proxy per
-  direction therefore stay under about ``high`` + one read (uvloop reads at most
-  256 KiB at a time). ``pauses``/``resumes`` count these events and balance once
-  the buffers drain.
+  direction therefore stay under about ``high`` + one read. ``pauses``/``resumes``
+  count these events and balance once the buffers drain.
 * **Half-close.** A FIN from one side (``eof_received``, which returns True so the
   transport stays open for writing) becomes ``write_eof()`` on the other side after
   its buffered bytes; the other direction keeps flowing. Once both directions have
@@ -66,8 +65,10 @@ import socket
 import struct
 from typing import Callable
 
-DEFAULT_HIGH_WATER = 256 * 1024
-DEFAULT_LOW_WATER = 64 * 1024
+from ..driver import WRITE_HIGH_WATER, WRITE_LOW_WATER
+
+DEFAULT_HIGH_WATER = WRITE_HIGH_WATER      # the HTTP connections' own
+DEFAULT_LOW_WATER = WRITE_LOW_WATER
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 

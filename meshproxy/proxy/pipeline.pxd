@@ -25,7 +25,7 @@ cdef class Downstream(ConnectionDriver):
     cdef public Runtime runtime
     cdef public object listener
     cdef public str client_ip, scheme
-    cdef public bint inbound, keep_alive, feeding
+    cdef public bint inbound, keep_alive, feeding, write_paused
     cdef public double since
     cdef public object vhost_snapshot, vhost
     cdef public bytes vhost_authority
@@ -53,7 +53,7 @@ cdef class Attempt(UpstreamHandler):
     cpdef upstream_response_head(self, ResponseHead head)
     cpdef upstream_body(self, data)
     cpdef upstream_complete(self)
-    @cython.locals(down=Downstream)
+    @cython.locals(exchange=Exchange, down=Downstream)
     cpdef upstream_read_done(self)
     cpdef upstream_reset(self, exc)
     cpdef upstream_protocol_error(self, err)

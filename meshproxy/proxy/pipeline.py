@@ -89,7 +89,7 @@ class Downstream(ConnectionDriver):
     """The downstream connection as an exchange sees it (what it reads, what it calls);
     :class:`~meshproxy.downstream.http_conn.DownstreamConnection` is the implementation."""
     __slots__ = ("runtime", "listener", "client_ip", "scheme", "inbound", "keep_alive", "feeding", "since",
-                 "vhost_snapshot", "vhost_authority", "vhost", "client_fields")
+                 "vhost_snapshot", "vhost_authority", "vhost", "client_fields", "write_paused")
 
     def exchange_finished(self, exchange: "Exchange", keep_alive: bool) -> None:
         """The exchange's response was written completely: the next request may start."""
@@ -187,9 +187,16 @@ class Attempt(UpstreamHandler):
             self.switching = False
             self.exchange._switch_protocols(self)
             return
-        down = self.exchange.down
+        exchange = self.exchange
+        down = exchange.down
         if down.out:
-            down.flush()
+            if exchange.phase == RESPONDING:
+                # a response still streaming goes to the socket now, read by read, not at the
+                # end of the loop pass: libuv may read this upstream several times in one
+                # pass, and only a write tells whether the client keeps up (pause_writing)
+                down.send_now()
+            else:
+                down.flush()
 
     def upstream_reset(self, exc) -> None:
         self.exchange._upstream_failed(self, Failure.RESET_BEFORE_RESPONSE)
@@ -593,6 +600,11 @@ class Exchange(RequestInfo):
         attempt.conn = conn
         attempt.reused = conn.requests > 0
         conn.handler = attempt
+        down = self.down
+        if down.write_paused:
+            # the client is not reading what it was sent already (a pipelined request's
+            # predecessor): read this response only as it drains
+            conn.pause_reading(_READ_PAUSE_DOWNSTREAM)
         self.cluster.host_started(attempt.host)
         per_try = self.route.retries.per_try_timeout if self.retry is not None else None
         if per_try is not None:
@@ -604,7 +616,6 @@ class Exchange(RequestInfo):
             self._up_write(self.forward_head)
         else:
             self._send_head_and_body()
-        down = self.down
         if down.read_paused_by:
             down.resume_reading(_READ_PAUSE_CONNECTING)
         if head.expect_continue and not self.request_complete and self.attempts == 1:

@@ -327,12 +327,16 @@ async def test_memory_held_for_pipelining_slow_readers_goes_back_to_the_system_w
         s.connect(("127.0.0.1", proxy.port))
         s.sendall(b"GET / HTTP/1.1\r\nHost: big.local\r\n\r\n" * 3)
         readers.append(s)
-    held = await _poll(lambda: _rss_kb(pid) - base, lambda kb: kb > 8 * 1024, 1.5)
+    await asyncio.sleep(1.5)
+    held = _rss_kb(pid) - base
     for s in readers:
         s.close()
     # the worker's once-a-second sweep sees the burst end and trims
     after = await _poll(lambda: _rss_kb(pid) - base, lambda kb: kb < 8 * 1024, 2.2)
-    assert held > 8 * 1024, "the burst held memory (else this test measures nothing)"
+    # each connection holds at most the write high-water mark and a read above it, also while
+    # its second and third exchanges run (they start with their upstream paused); before, the
+    # later responses piled up whole
+    assert held < 100 * 400, f"{held} kB for 100 pipelining slow readers ({held // 100} kB each)"
     assert after < 8 * 1024, f"RSS stayed {after} kB above the baseline after they left (held {held} kB)"
     server.close()
 
@@ -345,6 +349,55 @@ async def _poll(measure, done, within: float):
         if done(value) or time.monotonic() >= deadline:
             return value
         await asyncio.sleep(0.05)
+
+
+async def test_a_pipelined_response_to_a_client_that_is_not_reading_starts_with_its_upstream_paused():
+    """Pipelined requests from clients that read nothing: the first response (larger than the
+    write high-water mark, smaller than one read) is taken in whole and its exchange ends; the
+    next one starts while the client is still not reading, so it must start with reading from
+    its upstream paused (else its response joins the first in the proxy's memory, and so on)."""
+    from inproc import cluster, dest, snapshot, start_worker
+    from meshproxy.config.model import HttpRoute
+    from meshproxy.driver import WRITE_HIGH_WATER
+    size = 96 * 1024
+    server, port = await _big_response_server(size)
+    snap = snapshot([HttpRoute(name="r", source="t", destinations=(dest("c"),))], [cluster("c", port)])
+    loop = asyncio.get_running_loop()
+    worker, proxy_port = await start_worker(loop, snap)
+    listener = next(iter(worker.http_listeners.values()))
+    clients = []
+    try:
+        for i in range(4):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", proxy_port))
+            me = s.getsockname()
+            while not [c for c in listener.connections if c.transport.get_extra_info("peername") == me]:
+                await asyncio.sleep(0.001)
+            # the kernel takes little of what the proxy sends, so the proxy holds the rest
+            conn, = [c for c in listener.connections if c.transport.get_extra_info("peername") == me]
+            conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            s.send(b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n" * 3)
+            clients.append(s)
+        conns = list(listener.connections)
+        most = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:        # while the exchanges move on, every few ms
+            for conn in conns:
+                most = max(most, conn.transport.get_write_buffer_size())
+            await asyncio.sleep(0.005)
+        assert min(c.requests for c in conns) >= 2, "the second exchanges started (else this measures nothing)"
+        assert most <= WRITE_HIGH_WATER + size, f"a connection held {most >> 10} KiB for a client reading nothing"
+        for conn in conns:
+            exchange = conn.exchange
+            assert exchange is not None and conn.write_paused and exchange.attempt.conn.read_paused_by, \
+                "the second exchange reads its upstream while the client reads nothing"
+    finally:
+        for s in clients:
+            s.close()
+        await worker.drain(1)
+        server.close()
 
 
 async def _slow_sink_server():

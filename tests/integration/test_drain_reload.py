@@ -112,7 +112,7 @@ async def test_sigterm_under_keepalive_load_with_two_workers_fails_no_request_in
                           extra_args=["--drain-grace", "1.0", "--drain-timeout", "6"])
     idle = [await _idle_connection(proxy.port, "svc.local") for _ in range(6)]
     idle_closed = [asyncio.create_task(_closed_at(r)) for r, _ in idle]
-    load = KeepAliveLoad(proxy.port, "svc.local", clients=30).start()
+    load = KeepAliveLoad(proxy.port, "svc.local", clients=50).start()
     await asyncio.sleep(0.8)
     assert load.ok > 30 and not load.failures, (load.ok, load.failures[:3])
     sigterm = time.monotonic()
