@@ -13,8 +13,8 @@ write that finds its reader asleep wakes it, and on a VM that wake-up (an inter-
 interrupt) costs more than the write itself.  Writes made in one burst at the end of a busy
 pass find the reader woken by the first still running; writes spread over the pass wake it
 again each time.  Why not always: at a light load a pass serves one event, there is no burst
-to make, and holding the write costs latency (measured ~15 us p50 at 10k req/s).  Numbers:
-`benchmarks/RESULTS.md`, "write batching".
+to make, and holding the write costs latency.  Numbers: `benchmarks/RESULTS.md`, "write
+batching".
 
 A connection that must write in order with something else that goes straight to its
 transport (``write_eof``, ``close``, a tunnel taking over the socket) calls its ``send``
@@ -28,9 +28,8 @@ from typing import Callable
 
 log = logging.getLogger("meshproxy")
 
-# A pass that sent for more connections than this makes the next pass hold its sends.  At
-# 10k req/s over 10 connections (benchmarks/run.py's latency load) passes above 1 are
-# common enough that holding after them added ~8 us to the p50; above 2 or 4, nothing.
+# A pass that sent for more connections than this makes the next pass hold its sends (the
+# thresholds tried under benchmarks/run.py's latency load: RESULTS.md, "write batching").
 BUSY_PASS = 4
 
 
