@@ -136,10 +136,11 @@ class RequestHandler(Protocol):
 
 
 class ResponseHandler(Protocol):
-    """Implemented by the upstream exchange."""
+    """Implemented by the upstream exchange.  ``on_body``'s data is bytes, or (llhttp backend)
+    a read-only memoryview into the read being parsed: the body is not copied out of it."""
 
     def on_response_head(self, head: ResponseHead) -> None: ...
-    def on_body(self, data: bytes) -> None: ...
+    def on_body(self, data: bytes | memoryview) -> None: ...
     def on_message_complete(self) -> None: ...
 
 

@@ -96,7 +96,7 @@ cdef uint64_t _WORD_20, _WORD_80
 cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
 @cython.locals(known=bytes, p="const char*", i=size_t, j=size_t, w=uint64_t, k=uint64_t, c="unsigned char", s=int)
 cdef int _name_slot(const char* at, size_t n)
-cdef Py_ssize_t _CACHED_VALUE_MAX, _FIELDS_ROOM
+cdef Py_ssize_t _CACHED_VALUE_MAX, _FIELDS_ROOM, _VIEW_MIN
 cdef list _FIELD_CACHE
 cdef bytes _CACHEABLE_SLOTS
 
@@ -110,6 +110,8 @@ cdef class _Llhttp:
     cdef object hfield                          # the kept field the value matched, or None
     cdef int hslot                              # the name's cacheable _NAME_SLOTS index, or -1
     cdef object cb_error
+    cdef bytes buf                              # the read being parsed, during execute
+    cdef bint views                             # large response bodies as views of buf
 
     @cython.locals(buf=bytes, err=int)
     cdef execute(self, data)
@@ -117,6 +119,8 @@ cdef class _Llhttp:
     cdef failed(self, int err, const char* base)
     @cython.locals(v=int)
     cdef bytes version(self)
+    @cython.locals(buf=bytes, start=Py_ssize_t)
+    cdef body(self, const char* at, Py_ssize_t n)
     @cython.locals(value=bytes, n=Py_ssize_t, p="const unsigned char*", field=tuple)
     cdef flush_field(self)
 

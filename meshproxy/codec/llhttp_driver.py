@@ -152,6 +152,7 @@ _UNCACHED_NAMES = frozenset((
     b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
 ))
 _FIELD_CACHE = [None] * 256
+_VIEW_MIN = 4096           # response body bytes from which a view of the read beats a copy
 _CACHEABLE_SLOTS = bytes([name is not None and name not in _UNCACHED_NAMES for name in _NAME_SLOTS])
 
 
@@ -171,15 +172,31 @@ class _Llhttp:
         _ll_init(cython.address(self.c), kind, cython.address(_LL_SETTINGS))
         self.c.data = cython.cast(cython.p_void, self)   # borrowed: the struct lives inside self
         self.owner = cython.cast(cython.p_void, owner)
+        self.buf = None
+        self.views = kind == _HTTP_RESPONSE
         self.hname = self.hvalue = self.hfield = None
         self.hslot = -1
         self.cb_error = None
 
     def execute(self, data) -> None:
         buf = data if type(data) is bytes else bytes(data)
+        self.buf = buf                         # what body() hands out without a copy
         err = _ll_execute(cython.address(self.c), buf, len(buf))
+        self.buf = None
         if err:
             self.failed(err, buf)
+
+    def body(self, at, n: int):
+        """Body bytes ``at[:n]``, which lie inside the read being parsed: that read itself when
+        they are all of it; for a response, a read-only view of it when they are a large part
+        (the exchange writes them out as they are, vectored with the head); otherwise a copy."""
+        buf = self.buf
+        start = at - PyBytes_AS_STRING(buf)
+        if start == 0 and n == len(buf):
+            return buf
+        if self.views and n >= _VIEW_MIN:
+            return memoryview(buf)[start:start + n]
+        return at[:n]
 
     def failed(self, err: int, base) -> None:
         """What httptools' feed_data raises for llhttp's ``err``; an exception from a callback
@@ -308,9 +325,9 @@ def _ll_on_body(p, at, n):
     try:
         parser = cython.cast(_Base, ll.owner)
         if parser._sink is not None and not parser._max_body:
-            parser._sink.on_body(at[:n])           # a C call
+            parser._sink.on_body(ll.body(at, n))   # a C call
         else:
-            parser.on_body(at[:n])
+            parser.on_body(ll.body(at, n))
     except BaseException as exc:
         ll.cb_error = exc
         return _HPE_USER
