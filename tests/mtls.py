@@ -105,3 +105,42 @@ def client_context(issued: Issued | None, root_file: str, cert_file: str = "", k
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+# ---------------------------------------------------------------- in-process sidecars for mTLS tests
+
+
+def compile_sidecar(text: str, listen: int):
+    """The snapshot of a sidecar in namespace foo, listening for HTTP on 127.0.0.1:listen, from
+    Istio YAML (every document must decode)."""
+    import yaml
+    from meshproxy.config.compile import ProxyIdentity, compile_snapshot
+    from meshproxy.config.decode import decode_documents
+    from meshproxy.config.resources import Document
+    decoded = decode_documents([Document("t.yaml", i, doc) for i, doc in enumerate(yaml.safe_load_all(text))])
+    assert not decoded.errors, decoded.errors
+    return compile_snapshot(decoded.resources, ProxyIdentity(namespace="foo", http_listen=("127.0.0.1", listen))).snapshot
+
+
+async def start_worker(snapshot, certificates, seed: int):
+    """A started in-process worker serving ``snapshot`` with the workload ``certificates``."""
+    import asyncio
+    import random
+    from meshproxy.bootstrap import Worker, WorkerOptions
+    from meshproxy.config.store import SnapshotStore
+    from meshproxy.proxy.observe import Telemetry
+    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snapshot), WorkerOptions(), Telemetry(),
+                    rng=random.Random(seed))
+    worker.certificates = certificates
+    await worker.start()
+    return worker
+
+
+async def get_status(port: int) -> bytes:
+    """GET /status for httpbin.foo on its own connection; the whole answer."""
+    import asyncio
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /status HTTP/1.1\r\nHost: httpbin.foo\r\nConnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data

@@ -106,7 +106,7 @@ async def open_connection(host: str, port: int, ssl_context=None):
 async def json_request(host: str, port: int, method: str, path: str, body: dict | None,
                        ssl_context=None) -> tuple[int, bytes]:
     """One JSON request on its own connection (``connection: close``); returns (status, body).
-    Unbounded: callers put a deadline around it.  Also used by the control plane's etcd store."""
+    Unbounded: callers put a deadline around it."""
     reader, writer = await open_connection(host, port, ssl_context)
     try:
         conn = h11.Connection(h11.CLIENT)

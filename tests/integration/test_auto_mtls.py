@@ -5,24 +5,17 @@ terminates it and authorizes the caller by principal; endpoints without a sideca
 client without a certificate, get plaintext."""
 from __future__ import annotations
 
-import asyncio
-import random
 import textwrap
 from types import MappingProxyType
 
 import pytest
-import yaml
 
 from helpers import Upstream, free_port, respond
-from meshproxy.bootstrap import Worker, WorkerOptions
-from meshproxy.config.compile import ProxyIdentity, compile_snapshot
-from meshproxy.config.decode import decode_documents
+from mtls import compile_sidecar, get_status, start_worker
+from meshproxy.bootstrap import Worker
 from meshproxy.config.model import (
     Cluster, Endpoint, HttpRoute, Listener, ProxySettings, RouteTable, Snapshot, VirtualHost, WeightedDestination,
 )
-from meshproxy.config.resources import Document
-from meshproxy.config.store import SnapshotStore
-from meshproxy.proxy.observe import Telemetry
 from meshproxy.telemetry.exposition import render_prometheus
 from meshproxy.telemetry.metrics import merge_dumps
 from meshproxy.security.authz import ALLOW, AppliedPolicy, Condition, PolicySet, Rule, SOURCE_PRINCIPAL, value_match
@@ -42,10 +35,7 @@ async def _server(app_port: int, inbound_port: int, certificates, mode: str = "S
                                               route_table="in", mtls=mode, authz=authz),),
                     route_tables=MappingProxyType({"in": RouteTable("in", default=vh)}),
                     clusters=MappingProxyType({app.name: app}), settings=ProxySettings())
-    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(1))
-    worker.certificates = certificates
-    await worker.start()
-    return worker
+    return await start_worker(snap, certificates, seed=1)
 
 
 async def _client(listen: int, endpoint_port: int, certificates, sidecar: bool = True,
@@ -64,21 +54,8 @@ async def _client(listen: int, endpoint_port: int, certificates, sidecar: bool =
           - {{address: 127.0.0.1, ports: {{http: {endpoint_port}}}, labels: {labels},
               serviceAccount: {service_account}}}
         """)
-    decoded = decode_documents([Document("t.yaml", i, doc) for i, doc in enumerate(yaml.safe_load_all(text + extra))])
-    assert not decoded.errors, decoded.errors
-    snap = compile_snapshot(decoded.resources, ProxyIdentity(namespace="foo", http_listen=("127.0.0.1", listen))).snapshot
-    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(2))
-    worker.certificates = certificates
-    await worker.start()
-    return worker
+    return await start_worker(compile_sidecar(text + extra, listen), certificates, seed=2)
 
-
-async def _get(port: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /status HTTP/1.1\r\nHost: httpbin.foo\r\nConnection: close\r\n\r\n")
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return data
 
 
 async def test_auto_mtls_between_sidecars_carries_the_callers_identity(tmp_path):
@@ -92,28 +69,28 @@ async def test_auto_mtls_between_sidecars_carries_the_callers_identity(tmp_path)
         sleep_port = free_port()
         workers.append(await _client(sleep_port, inbound,
                                      StaticCertificates(ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path)))
-        answer = await _get(sleep_port)
+        answer = await get_status(sleep_port)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"from httpbin"), answer
         # another identity gets through mTLS but not past the AuthorizationPolicy
         other_port = free_port()
         workers.append(await _client(other_port, inbound,
                                      StaticCertificates(ca.issue("spiffe://cluster.local/ns/foo/sa/other"), tmp_path)))
-        denied = await _get(other_port)
+        denied = await get_status(other_port)
         assert denied.startswith(b"HTTP/1.1 403") and denied.endswith(b"RBAC: access denied")
         # the server is not who the service runs as: the client refuses it (503), sends nothing
         wrong_port = free_port()
         workers.append(await _client(wrong_port, inbound, StaticCertificates(
             ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path), service_account="reviews"))
-        assert (await _get(wrong_port)).startswith(b"HTTP/1.1 503")
+        assert (await get_status(wrong_port)).startswith(b"HTTP/1.1 503")
         # a client without a certificate sends plaintext, which STRICT refuses
         plain_port = free_port()
         workers.append(await _client(plain_port, inbound, None))
-        assert (await _get(plain_port)).startswith(b"HTTP/1.1 503")
+        assert (await get_status(plain_port)).startswith(b"HTTP/1.1 503")
         # an endpoint without a sidecar gets plaintext from a client that has a certificate
         direct_port = free_port()
         workers.append(await _client(direct_port, app.port, StaticCertificates(
             ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path), sidecar=False))
-        assert (await _get(direct_port)).endswith(b"from httpbin")
+        assert (await get_status(direct_port)).endswith(b"from httpbin")
         assert len(app.requests) == 2
         # Istio's labels at the server: the caller's principal over mutual_tls
         text = render_prometheus(merge_dumps([server.telemetry.metrics.dump()])).decode()
@@ -165,7 +142,7 @@ async def test_auto_mtls_follows_the_destinations_peer_authentication(tmp_path, 
         port = free_port()
         workers.append(await _client(port, inbound, StaticCertificates(
             ca.issue("spiffe://cluster.local/ns/foo/sa/sleep"), tmp_path), extra=policies.replace("PORT", str(inbound))))
-        answer = await _get(port)
+        answer = await get_status(port)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"from httpbin"), answer
         text = render_prometheus(merge_dumps([server.telemetry.metrics.dump()])).decode()
         served = [line for line in text.splitlines() if line.startswith("istio_requests_total{")]

@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
 import textwrap
 from types import MappingProxyType
 
 import pytest
-import yaml
 
 from controlplane.security.ca import CaState, CertificateAuthority, generate_root
 from helpers import Upstream, free_port, respond
-from meshproxy.bootstrap import Worker, WorkerOptions
-from meshproxy.config.compile import ProxyIdentity, compile_snapshot
-from meshproxy.config.decode import decode_documents
+from mtls import compile_sidecar, get_status, start_worker
+from meshproxy.bootstrap import Worker
 from meshproxy.config.model import (
     Cluster, Endpoint, HttpRoute, Listener, ProxySettings, RouteTable, Snapshot, VirtualHost, WeightedDestination,
 )
-from meshproxy.config.resources import Document
-from meshproxy.config.store import SnapshotStore
-from meshproxy.proxy.observe import Telemetry
 from meshproxy.security import CertificateManager, SpiffeId
 from meshproxy.security.authz import ALLOW, AppliedPolicy, Condition, PolicySet, Rule, SOURCE_PRINCIPAL, value_match
 from meshproxy.telemetry.exposition import render_prometheus
@@ -44,10 +38,7 @@ async def _server(app_port: int, inbound_port: int, certificates) -> Worker:
                                               route_table="in", mtls="STRICT", authz=ONLY_SLEEP),),
                     route_tables=MappingProxyType({"in": RouteTable("in", default=vh)}),
                     clusters=MappingProxyType({app.name: app}), settings=ProxySettings())
-    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(1))
-    worker.certificates = certificates
-    await worker.start()
-    return worker
+    return await start_worker(snap, certificates, seed=1)
 
 
 async def _client(listen: int, endpoint_port: int, certificates) -> Worker:
@@ -72,21 +63,8 @@ async def _client(listen: int, endpoint_port: int, certificates) -> Worker:
           host: httpbin.foo.svc.cluster.local
           trafficPolicy: {{connectionPool: {{http: {{maxRequestsPerConnection: 1}}}}}}
         """)
-    decoded = decode_documents([Document("t.yaml", i, d) for i, d in enumerate(yaml.safe_load_all(text))])
-    assert not decoded.errors, decoded.errors
-    snap = compile_snapshot(decoded.resources, ProxyIdentity(namespace="foo", http_listen=("127.0.0.1", listen))).snapshot
-    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(2))
-    worker.certificates = certificates
-    await worker.start()
-    return worker
+    return await start_worker(compile_sidecar(text, listen), certificates, seed=2)
 
-
-async def _get(port: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /status HTTP/1.1\r\nHost: httpbin.foo\r\nConnection: close\r\n\r\n")
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    return data
 
 
 async def test_sidecars_resume_sessions_and_still_check_both_identities():
@@ -103,7 +81,7 @@ async def test_sidecars_resume_sessions_and_still_check_both_identities():
     tls = client.runtime.pools.tls
     try:
         for _ in range(3):
-            answer = await _get(listen)
+            answer = await get_status(listen)
             # ONLY_SLEEP allows the caller: its principal was read from the (resumed) session
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"from httpbin"), answer
         assert tls.handshakes == {"full": 1, "resumed": 2}
@@ -127,13 +105,13 @@ async def test_sidecars_resume_sessions_and_still_check_both_identities():
 
         # the server renews: its tickets are no longer honoured, a full handshake follows
         await server_certs._renew()
-        assert (await _get(listen)).startswith(b"HTTP/1.1 200")
+        assert (await get_status(listen)).startswith(b"HTTP/1.1 200")
         assert tls.handshakes == {"full": 2, "resumed": 2}
-        assert (await _get(listen)).startswith(b"HTTP/1.1 200")
+        assert (await get_status(listen)).startswith(b"HTTP/1.1 200")
         assert tls.handshakes == {"full": 2, "resumed": 3}
         # the client renews: sessions of its old certificate are not offered
         await client_certs._renew()
-        assert (await _get(listen)).startswith(b"HTTP/1.1 200")
+        assert (await get_status(listen)).startswith(b"HTTP/1.1 200")
         assert tls.handshakes == {"full": 3, "resumed": 3}
         assert len(app.requests) == 6
     finally:
