@@ -10,7 +10,8 @@ attributes, C-level calls between the hot classes.  Types come only from the .px
 (annotation typing is off), and ``nonecheck`` is on, so a typed attribute that holds None
 raises AttributeError as in Python instead of crashing the process.
 
-Only changed modules are rebuilt (Cython and build_ext compare timestamps).  A missing C
+Only changed modules are rebuilt: a module whose .py, .pxd or a meshproxy .pxd it cimports
+(transitively) is newer than its generated C (``stale``).  A missing C
 compiler or Python headers is not an error: the proxy then runs as pure Python, and
 ``meshproxy.HOT_PATH`` says which one is running.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import time
 import warnings
@@ -73,15 +75,56 @@ def _drop_unlisted() -> None:
                 os.remove(c_file)
 
 
-def _declarations_changed() -> bool:
-    """Whether a .pxd is newer than a compiled module: then everything is rebuilt.  Cython's
-    own dependency tracking misses some cimports (``from meshproxy.codec cimport framing``), and
-    a module built against an old declaration fails at import ("wrong signature")."""
-    pxds = glob.glob(os.path.join(ROOT, "meshproxy/**/*.pxd"), recursive=True)
-    built = glob.glob(os.path.join(ROOT, "meshproxy/**/*.so"), recursive=True)
-    if not pxds or not built:
-        return False
-    return max(map(os.path.getmtime, pxds)) > min(map(os.path.getmtime, built))
+_CIMPORT = re.compile(r"^\s*(?:from\s+(meshproxy[\w.]*)\s+cimport\s+([\w, ()]+)|cimport\s+(meshproxy[\w.]*))", re.M)
+
+
+def cimported(path: str) -> set:
+    """The meshproxy .pxd files that ``path`` (a .py or .pxd) cimports directly.
+    ``from meshproxy.codec cimport framing`` names a module; ``from meshproxy.codec.api
+    cimport RequestHead`` names a module's declarations."""
+    with open(path) as f:
+        text = f.read()
+    found = set()
+    for package, names, module in _CIMPORT.findall(text):
+        candidates = [module] if module else [package] + [
+            f"{package}.{name.strip()}" for name in names.strip("()").split(",")]
+        for dotted in candidates:
+            pxd = os.path.join(ROOT, *dotted.split(".")) + ".pxd"
+            if os.path.exists(pxd):
+                found.add(pxd)
+    return found
+
+
+def dependencies(module: str) -> set:
+    """Every file a compiled module is built from: its .py, its .pxd, and each meshproxy .pxd
+    cimported from them, transitively (a changed class layout in one .pxd changes the layout
+    seen by every module that cimports it, directly or through another .pxd)."""
+    py = os.path.join(ROOT, module)
+    todo = [py, py[:-3] + ".pxd"]
+    seen = set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not os.path.exists(path):
+            continue
+        seen.add(path)
+        todo.extend(cimported(path))
+    return seen
+
+
+def stale(modules: list) -> list:
+    """The modules whose generated C is missing or older than one of their dependencies.
+    Cython's own tracking misses ``from meshproxy.codec cimport framing``, and a module built
+    against an old declaration fails at import ("wrong signature"); this scan replaces it."""
+    out = []
+    for module in modules:
+        c_file = os.path.join(ROOT, module[:-3] + ".c")
+        if not os.path.exists(c_file):
+            out.append(module)
+            continue
+        built = os.path.getmtime(c_file)
+        if any(os.path.getmtime(dep) > built for dep in dependencies(module)):
+            out.append(module)
+    return out
 
 
 # annotation_typing off: types come from the .pxd files only; warn.unreachable off: the Python
@@ -94,9 +137,14 @@ def extensions(optional: bool = False) -> list:
     ``optional``: a module that fails to compile is left out, and runs as pure Python)."""
     from Cython.Build import cythonize
     from setuptools import Extension
+    changed = set(stale(HOT))
     exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"], optional=optional) for m in HOT]
-    return cythonize(exts, language_level=3, nthreads=2, quiet=True, force=_declarations_changed(),
-                     compiler_directives=DIRECTIVES)
+    # the changed modules are regenerated (force: Cython's tracking may think them current);
+    # the others keep their C, and build_ext recompiles only a C file newer than its module
+    return [ext for group, force in (([e for e in exts if e.sources[0] in changed], True),
+                                     ([e for e in exts if e.sources[0] not in changed], False)) if group
+            for ext in cythonize(group, language_level=3, nthreads=2, quiet=True, force=force,
+                                 compiler_directives=DIRECTIVES)]
 
 
 def build() -> int:
@@ -109,6 +157,7 @@ def build() -> int:
     _drop_unlisted()
     warnings.simplefilter("ignore")   # setuptools' notes about pyproject.toml, not about this build
     started = time.time()
+    changed = stale(HOT)
     try:
         modules = extensions()
         setup(name="meshproxy-hot-path", ext_modules=modules,
@@ -117,7 +166,8 @@ def build() -> int:
         clean()
         print(f"build_ext: compiling failed ({err}); meshproxy runs as pure Python", file=sys.stderr)
         return 0
-    print(f"build_ext: hot path compiled ({len(HOT)} modules, {time.time() - started:.0f} s)", file=sys.stderr)
+    print(f"build_ext: hot path compiled ({len(changed)} of {len(HOT)} modules changed, "
+          f"{time.time() - started:.0f} s)", file=sys.stderr)
     return 0
 
 
