@@ -407,6 +407,14 @@ def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
     return out
 
 
+async def eventually(predicate, timeout: float = 20.0, step: float = 0.01) -> None:
+    """Wait until predicate() is true; generous by default so a busy machine does not fail it."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached within the time limit"
+        await asyncio.sleep(step)
+
+
 async def http_get(port: int, host: str, path: str = "/", headers: dict | None = None,
                    timeout: float = 5.0) -> tuple[int, dict, bytes]:
     hdrs = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from helpers import (
-    CODECS, Upstream, free_port, http_get, parse_responses, raw_exchange, respond, responses_complete,
+    CODECS, Upstream, eventually, free_port, http_get, parse_responses, raw_exchange, respond, responses_complete,
     service_entry_yaml,
 )
 
@@ -262,7 +262,7 @@ async def test_malformed_request_gets_400_closed_and_nothing_forwarded(routed_pr
 async def test_header_read_timeout_gives_408(proxy_factory, upstream, codec):
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]), codec=codec,
                           extra_args=["--header-timeout", "1"])
-    data, closed = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: svc", timeout=4)
+    data, closed = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: svc", timeout=20)
     assert data.startswith(b"HTTP/1.1 408")
     assert closed
 
@@ -270,7 +270,7 @@ async def test_header_read_timeout_gives_408(proxy_factory, upstream, codec):
 async def test_idle_keepalive_connection_is_closed_at_idle_timeout(proxy_factory, upstream, codec):
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", upstream.port, {})]), codec=codec,
                           extra_args=["--idle-timeout", "1"])
-    data, closed = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=4)
+    data, closed = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=20)
     assert data.startswith(b"HTTP/1.1 200")
     assert closed
 
@@ -312,32 +312,39 @@ async def test_dns_service_entry_endpoints_are_resolved_by_the_proxy(proxy_facto
 
 async def test_istio_circuit_breaking_task_queues_one_request_and_overflows_the_rest(proxy_factory, codec):
     """The DestinationRule of Istio's circuit-breaking task, unchanged (maxConnections 1,
-    http1MaxPendingRequests 1, maxRequestsPerConnection 1).  Three requests 50 ms apart
-    while the upstream takes 0.4 s: the first runs, the second waits for the connection
-    slot and is served when the first's connection closes, the third overflows: 503 UO."""
+    http1MaxPendingRequests 1, maxRequestsPerConnection 1).  While the upstream holds the
+    first request, two more arrive: one waits for the connection slot and is served when
+    the first's connection closes, the other overflows at once: 503 UO.  Which of the two
+    reaches the proxy first is up to the scheduler, so the verdicts are compared as a set."""
     import pathlib
     dr = (pathlib.Path(__file__).parents[1] / "fixtures" / "istio" / "destination-rule-circuit-breaker.yaml").read_text()
     in_flight = {"now": 0, "max": 0}
+    release = asyncio.Event()
 
-    async def slow(req, writer):
+    async def held(req, writer):
         in_flight["now"] += 1
         in_flight["max"] = max(in_flight["max"], in_flight["now"])
-        await asyncio.sleep(0.4)
+        await release.wait()
         in_flight["now"] -= 1
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         return True
 
-    up = await Upstream(slow).start()
+    up = await Upstream(held).start()
     proxy = proxy_factory({"se.yaml": service_entry_yaml("httpbin", 8000, [("127.0.0.1", up.port, {})]),
                            "dr.yaml": dr}, codec=codec)
 
-    async def later(delay):
-        await asyncio.sleep(delay)
-        return await http_get(proxy.port, "httpbin:8000", "/get", timeout=5)
+    def get():
+        return asyncio.create_task(http_get(proxy.port, "httpbin:8000", "/get", timeout=30))
 
-    results = await asyncio.gather(later(0), later(0.05), later(0.1))
-    assert [r[0] for r in results] == [200, 200, 503]
-    assert b"overflow" in results[2][2]
+    first = get()
+    await eventually(lambda: in_flight["now"] == 1)
+    others = [get(), get()]
+    done, _ = await asyncio.wait(others, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    overflowed = done.pop().result()            # the upstream still holds the first: only an overflow answers
+    assert overflowed[0] == 503 and b"overflow" in overflowed[2]
+    release.set()
+    results = [await first] + [await t for t in others]
+    assert sorted(r[0] for r in results) == [200, 200, 503]
     assert in_flight["max"] == 1 and up.connections == 2     # one connection at a time, one request each
     text = proxy.admin("/metrics")[1].decode()
     assert any(line.startswith("meshproxy_upstream_rq_pending_overflow_total{") and line.endswith(" 1")
