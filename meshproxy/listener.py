@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from .config.model import Listener
@@ -140,8 +139,6 @@ class HttpListener:
         info = self.peers.get(conn)
         if info is None:
             info = peer_from_transport(conn.transport.get_extra_info)
-            if self.acceptor is not None and info.mutual_tls:
-                info = replace(info, sni=self.acceptor.take_sni(conn.transport.get_extra_info("peername")))
             self.peers[conn] = info
         return info
 

@@ -82,14 +82,10 @@ class StaticCertificates:
         self.current = issued
 
     def server_context(self, alpn=("http/1.1",), client_cert: str = "required") -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cert_file, self.key_file)
-        ctx.load_verify_locations(self.root_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
-        if alpn:
-            ctx.set_alpn_protocols(list(alpn))
-        return ctx
+        from meshproxy.security.tls import server_context
+        return server_context(self.issued.cert_pem, self.issued.key_pem, self.issued.root_pem,
+                              client_cert="required" if client_cert == "required" else "optional",
+                              alpn=alpn or None)
 
     def client_context(self, alpn=()) -> ssl.SSLContext:
         return client_context(self.issued, self.root_file, self.cert_file, self.key_file, alpn)

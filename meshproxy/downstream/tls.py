@@ -32,7 +32,7 @@ import ssl
 from typing import Callable
 
 from ..config.model import CLIENT_VERIFYING_MODES, ServerCertificate, TlsSettings
-from ..security.tls import load_key_pair
+from ..security.tls import load_key_pair, remember_server_name
 
 VERSIONS = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TLSv1_1,
             "TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
@@ -138,6 +138,7 @@ class GatewayTls:
         return self._contexts.get(cert)
 
     def _pick(self, ssl_object, server_name, _front) -> None:
+        remember_server_name(ssl_object, server_name)
         cert = None
         if server_name:
             name = server_name.lower()

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .tls import peer_certificate
+from .tls import peer_certificate, requested_server_name
 
 ALLOW = "ALLOW"
 DENY = "DENY"
@@ -446,7 +446,7 @@ def peer_from_transport(get_extra_info: Callable) -> PeerInfo:
     ssl_object = get_extra_info("ssl_object")
     mutual = False
     if ssl_object is not None:
-        sni = getattr(ssl_object, "server_hostname", None) or ""
+        sni = requested_server_name(ssl_object)
         cert = peer_certificate(ssl_object)
         if cert is not None:
             for kind, value in cert.sans:

@@ -21,9 +21,9 @@ applies to the next connection):
 
 Every wait has a limit: the peek (``detect_timeout``) and the handshake
 (``handshake_timeout``).  The tasks deciding connections are owned by the acceptor and
-cancelled by :meth:`close`.  Who the caller is (its SPIFFE id, for AuthorizationPolicy)
-is read from the TLS connection afterwards; the SNI it sent is kept here
-(:meth:`take_sni`) because the server side of Python's ``ssl`` does not expose it.
+cancelled by :meth:`close`; nothing is kept per connection once it is handed over.  Who
+the caller is (its SPIFFE id, the SNI it sent: for AuthorizationPolicy) is read from the
+TLS connection afterwards (:func:`meshproxy.security.authz.peer_from_transport`).
 """
 from __future__ import annotations
 
@@ -74,7 +74,6 @@ class PeerAuthAcceptor:
         self.handshake_timeout = handshake_timeout
         self.tasks: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
-        self._sni: dict[tuple, str] = {}
         self.refused = 0
 
     # ---------------------------------------------------------------- lifecycle (AbstractServer-like)
@@ -93,10 +92,6 @@ class PeerAuthAcceptor:
             self.sock.close()
         except OSError:
             pass
-
-    def take_sni(self, peername) -> str:
-        """The SNI the TLS client at ``peername`` sent ("" if none), once."""
-        return self._sni.pop(tuple(peername) if peername else (), "")
 
     # ---------------------------------------------------------------- accept and decide
 
@@ -146,13 +141,10 @@ class PeerAuthAcceptor:
             if context is None:
                 self._refuse(NO_CERTIFICATE)
                 return
-            peer = conn.getpeername()
-            self._sni[tuple(peer)] = hello.sni
             try:
                 await self.loop.connect_accepted_socket(self.protocol_factory, conn, ssl=context,
                                                         ssl_handshake_timeout=self.handshake_timeout)
             except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as err:
-                self._sni.pop(tuple(peer), None)
                 self._refuse(HANDSHAKE_FAILED, err)
                 return
             handed_over = True

@@ -10,6 +10,10 @@ the current certificate (OpenSSL's ``SSL_set_SSL_CTX``: certificate, key and tru
 come from the new context), so a renewal or a root rotation reaches new connections without
 rebinding the listener, and open connections are not touched.
 
+The server side of Python's ``ssl`` does not expose the SNI a client sent; the server contexts
+made here record it on the connection's ``SSLObject`` from their SNI callback
+(:func:`requested_server_name`), so it lives and dies with the connection.
+
 What a verified peer certificate says (its SANs, its expiry) is read once per certificate
 (:func:`peer_certificate`, keyed by its DER) instead of decoding it at every connection.
 """
@@ -54,6 +58,25 @@ class FastSSLObject(ssl.SSLObject):
         return self
 
 
+_SERVER_NAME = "meshproxy_server_name"
+
+
+def remember_server_name(ssl_object, server_name: str | None) -> None:
+    """From a server context's SNI callback: keep the client's SNI on its connection."""
+    setattr(ssl_object, _SERVER_NAME, server_name or "")
+
+
+def requested_server_name(ssl_object) -> str:
+    """The SNI the client of a server-side TLS connection sent ("" if none, or if the
+    connection's context does not record it)."""
+    return getattr(ssl_object, _SERVER_NAME, "")
+
+
+def _record_server_name(ssl_object, server_name, _ctx) -> None:
+    remember_server_name(ssl_object, server_name)
+    return None
+
+
 def _harden(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = MIN_VERSION
     ctx.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
@@ -71,6 +94,7 @@ def server_context(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes | None, *
     ctx.verify_mode = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}[client_cert]
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    ctx.sni_callback = _record_server_name
     return ctx
 
 
@@ -116,6 +140,7 @@ class RotatingServerContext:
         return self._front
 
     def _switch(self, ssl_object, server_name, _front) -> None:
+        remember_server_name(ssl_object, server_name)
         ssl_object.context = self._current()
         return None
 
