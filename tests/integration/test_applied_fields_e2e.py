@@ -193,8 +193,8 @@ async def test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_t
     writer.write(b"ping")
     assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
     start = time.monotonic()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    assert 0.3 < time.monotonic() - start < 2.0
+    assert await asyncio.wait_for(reader.read(), 20) == b""
+    assert 0.3 < time.monotonic() - start < 10            # 0.4 s, not the hour
     writer.close()
 
     # maxConnectionDuration: a busy connection is still closed at 1.2 s; keepalive is on the upstream socket
@@ -206,7 +206,7 @@ async def test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_t
                         capture_output=True, text=True, timeout=5).stdout
     assert "timer:(keepalive,3" in ss, ss                 # 37 s idle time, counting down
     closed_at = None
-    while time.monotonic() - start < 5:
+    while time.monotonic() - start < 15:
         writer.write(b"x")
         try:
             got = await asyncio.wait_for(reader.read(1), 0.2)
@@ -216,7 +216,7 @@ async def test_tcp_keepalive_idle_timeout_and_max_connection_duration_apply_to_t
             closed_at = time.monotonic() - start
             break
         await asyncio.sleep(0.1)
-    assert closed_at is not None and 1.0 < closed_at < 3.0, closed_at
+    assert closed_at is not None and 1.0 < closed_at < 10, closed_at
     writer.close()
     idle_srv.close()
     aged_srv.close()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import Upstream, free_port, http_get, parse_responses, raw_exchange, respond, service_entry_yaml
+from helpers import Upstream, eventually, free_port, http_get, parse_responses, raw_exchange, respond, service_entry_yaml
 from meshproxy.process import EXIT_UNCLEAN_DRAIN
 
 pytestmark = pytest.mark.asyncio
@@ -30,11 +30,10 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(proxy_factory, 
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), codec=codec,
                           extra_args=["--drain-timeout", "5", "--drain-grace", "0"])
     in_flight = [asyncio.create_task(raw_exchange(
-        proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=4)) for _ in range(3)]
-    await asyncio.sleep(0.3)
+        proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=20)) for _ in range(3)]
+    await eventually(lambda: len(up.requests) == 3)          # all three in flight upstream
     proxy.signal()
-    await asyncio.sleep(0.2)
-    assert proxy.admin("/ready")[0] in (503, 0)
+    await eventually(lambda: proxy.admin("/ready")[0] in (503, 0))
     with pytest.raises(OSError):
         # listeners stopped accepting
         r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", proxy.port), 1)
@@ -56,12 +55,12 @@ async def test_drain_deadline_forces_exit_with_the_unclean_drain_code(proxy_fact
     up = await Upstream(_slow(30.0)).start()
     proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), codec=codec,
                           extra_args=["--drain-timeout", "1"])
-    task = asyncio.create_task(raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=8))
-    await asyncio.sleep(0.3)
+    task = asyncio.create_task(raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: svc.local\r\n\r\n", timeout=20))
+    await eventually(lambda: len(up.requests) == 1)
     t0 = time.monotonic()
     proxy.signal()
-    code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 10)
-    assert time.monotonic() - t0 < 4
+    code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 20)
+    assert time.monotonic() - t0 < 10       # the 1 s deadline, not the upstream's 30 s
     assert code == EXIT_UNCLEAN_DRAIN      # the deadline closed a connection: said in the exit code
     data, closed = await task
     assert closed
