@@ -7,7 +7,10 @@ from meshproxy.lists cimport push, with_room
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.string cimport memcpy, memcmp
+from libc.string cimport memcmp
+
+cdef extern from "<strings.h>":
+    int strncasecmp(const char* a, const char* b, size_t n)
 
 cdef extern from "<dlfcn.h>":
     int RTLD_NOLOAD
@@ -91,10 +94,9 @@ cdef bint _resolve_llhttp(bytes path) except -1
 cdef bytes _lowered(const char* at, size_t n)
 cdef uint32_t _SLOT_MULT
 cdef tuple _NAME_SLOTS
-cdef uint64_t _WORD_20, _WORD_80
 @cython.locals(key=uint32_t)
 cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
-@cython.locals(known=bytes, p="const char*", i=size_t, j=size_t, w=uint64_t, k=uint64_t, c="unsigned char", s=int)
+@cython.locals(known=bytes, s=int)
 cdef int _name_slot(const char* at, size_t n)
 cdef Py_ssize_t _CACHED_VALUE_MAX, _FIELDS_ROOM, _VIEW_MIN
 cdef list _FIELD_CACHE

@@ -81,7 +81,7 @@ def _lowered(at, n) -> bytes:
 # A field name that matches one of api.COMMON_FIELD_NAMES (in any case) is that shared object
 # instead of a new copy.  Each common name has a slot of its own in _NAME_SLOTS, found from
 # the name's length and its first, middle and last bytes (``| 32``: A-Z as a-z) by a
-# multiplicative hash, so a name is compared with one candidate, eight bytes at a time.
+# multiplicative hash, so a name is compared with one candidate.
 # _SLOT_MULT is the first multiplier (in a fixed sequence) that keeps the common names apart.
 def _slot(n, first, last, middle, mult) -> int:
     key = n << 24 | (first | 32) << 16 | (last | 32) << 8 | (middle | 32)
@@ -104,7 +104,6 @@ for _name in COMMON_FIELD_NAMES:
     _slots[_slot(len(_name), _name[0], _name[-1], _name[len(_name) >> 1], _SLOT_MULT)] = _name
 _NAME_SLOTS = tuple(_slots)
 del _name, _slots
-_WORD_20, _WORD_80 = 0x2020202020202020, 0x8080808080808080   # every byte of a 64-bit word
 
 
 def _name_slot(at, n) -> int:
@@ -113,27 +112,10 @@ def _name_slot(at, n) -> int:
         s = _slot(n, at[0], at[n - 1], at[n >> 1], _SLOT_MULT)
         known = _NAME_SLOTS[s]
         if known is not None and len(known) == n:
-            # ``byte | 0x20`` equals a common name's byte (a-z, 0-9, "-") only for that byte,
-            # its upper case, or a control byte (0x0d, 0x10-0x19), which is refused apart
-            p = known
-            if n >= 8:                          # eight bytes at a time, the last word overlapping
-                i = 0
-                while True:
-                    j = min(i, n - 8)
-                    memcpy(cython.address(w), at + j, 8)
-                    memcpy(cython.address(k), p + j, 8)
-                    if (w | _WORD_20) ^ k or (w - _WORD_20) & ~w & _WORD_80:
-                        break
-                    if j == n - 8:
-                        return s
-                    i += 8
-            else:
-                for i in range(n):
-                    c = at[i]
-                    if (c | 32) != p[i] or c < 32:
-                        break
-                else:
-                    return s
+            # llhttp hands over token bytes only (ASCII); a byte matches a common name's (a-z,
+            # 0-9, "-") only as itself or its upper case, in any locale
+            if strncasecmp(at, known, n) == 0:
+                return s
     return -1
 
 
