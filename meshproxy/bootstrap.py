@@ -221,7 +221,7 @@ class Worker:
                 if model.mtls:
                     # inbound: its PeerAuthentication decides per connection (mTLS or plaintext)
                     tcp.server = inbound_acceptor(self, model.name, sock, tcp.protocol_factory,
-                                                  lambda: tcp.model.mtls, ())
+                                                  lambda: tcp.model.mtls, (), tcp=True)
                 else:
                     await tcp.start(sock)
                 self.tcp_listeners[key] = tcp

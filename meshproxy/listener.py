@@ -37,15 +37,16 @@ def bind_socket(address: str, port: int, backlog: int = 1024, reuse_port: bool =
 
 
 def inbound_acceptor(worker: "Worker", name: str, sock: socket.socket, factory, mode, alpn: tuple[str, ...],
-                     passthrough_factory: Callable | None = None) -> PeerAuthAcceptor:
+                     passthrough_factory: Callable | None = None, tcp: bool = False) -> PeerAuthAcceptor:
     """A started :class:`PeerAuthAcceptor` for inbound listener ``name`` of ``worker``;
     ``mode()`` reads the port's current PeerAuthentication mode; ``passthrough_factory``
-    takes the app's own TLS on a PERMISSIVE port (see :mod:`meshproxy.security.inbound`)."""
+    takes the app's own TLS on a PERMISSIVE port; ``tcp``: a TCP port, whose mTLS
+    half-closes (see :mod:`meshproxy.security.inbound`)."""
     acceptor = PeerAuthAcceptor(
         worker.loop, sock, factory, mode, lambda client_cert: worker.inbound_tls_context(alpn, client_cert),
         lambda reason: worker.telemetry.handshake_failed(name, reason),
         detect_timeout=worker.settings.header_read_timeout, handshake_timeout=worker.settings.header_read_timeout,
-        passthrough_factory=passthrough_factory)
+        passthrough_factory=passthrough_factory, half_close=(lambda conn: True) if tcp else None)
     acceptor.start()
     return acceptor
 

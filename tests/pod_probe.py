@@ -161,12 +161,19 @@ def serve_echo(port: int) -> None:
     print("ready", flush=True)
 
     def echo(conn):
+        # a connection that starts with b"HOLD" is answered only after the client's FIN (all of
+        # it at once): what a half-close round trip needs; others are echoed as bytes arrive
         with conn:
-            while True:
+            data = conn.recv(65536)
+            held = [] if data.startswith(b"HOLD") else None
+            while data:
+                if held is None:
+                    conn.sendall(data)
+                else:
+                    held.append(data)
                 data = conn.recv(65536)
-                if not data:
-                    break
-                conn.sendall(data)
+            if held:
+                conn.sendall(b"".join(held))
             conn.shutdown(socket.SHUT_WR)
 
     while True:

@@ -17,6 +17,12 @@ Life of a captured connection:
    destination, metrics name).  Views are owned here; the worker drains them with its own
    listeners.
 
+mTLS: captured outbound TCP originates the TLS the HTTP path would (the DestinationRule's,
+else auto mTLS to an endpoint with a sidecar whose PeerAuthentication is not DISABLE; the
+server's SPIFFE id checked), on a TLS transport that half-closes; the inbound side terminates
+mTLS before step 2 (:class:`~meshproxy.security.inbound.PeerAuthAcceptor`), on that transport
+too when the port is not declared HTTP, so a close_notify is a half-close there as well.
+
 The sidecar's own upstream connections are not captured again: ``pod-init`` exempts the proxy's
 uid, and inbound forwards to the application on 127.0.0.1 (never the pod address, which the
 rules would send back to 15006).
@@ -30,7 +36,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..config.capture import CaptureTarget, InboundCapture, OutboundCapture
-from ..config.model import Listener
+from ..config.model import Listener, endpoint_tls
 from ..downstream.splice import reset_transport
 from ..downstream.tcp_proxy import TcpProxyListener, connection_addresses
 from ..listener import HttpListener
@@ -191,7 +197,8 @@ class CaptureListener:
                 lambda client_cert: worker.inbound_tls_context((), client_cert),
                 lambda reason: worker.telemetry.handshake_failed(self.name, reason),
                 detect_timeout=self.detection_timeout, handshake_timeout=worker.settings.header_read_timeout,
-                mode_for=self._mtls_mode, passthrough_factory=lambda: _Deciding(self, tls_passthrough=True))
+                mode_for=self._mtls_mode, passthrough_factory=lambda: _Deciding(self, tls_passthrough=True),
+                half_close=self._not_http)
             self.server.start()
             return
         self.server = await self.worker.loop.create_server(lambda: _Deciding(self), sock=self.sock, backlog=1024)
@@ -204,6 +211,14 @@ class CaptureListener:
         except NoOriginalDestination:
             return "DISABLE"
         return self.table.mtls.for_port(port)
+
+    def _not_http(self, sock: socket.socket) -> bool:
+        """mTLS to a port not declared HTTP (TCP, or sniffed after the handshake) half-closes."""
+        try:
+            dst = original_destination(sock)
+        except NoOriginalDestination:
+            return False
+        return self.target_for(dst).protocol != "HTTP"
 
     def update(self, model: Listener) -> None:
         """A new snapshot: targets are looked up anew for each connection; views keep their route
@@ -287,7 +302,9 @@ class CaptureListener:
             endpoint = cluster.pick()
             if endpoint is None:
                 return None, 0, None, None, dest
-            return endpoint.address, endpoint.port, None, None, dest
+            # the DestinationRule's TLS, else auto mTLS to an endpoint with a sidecar (as HTTP decides it)
+            policy = cluster.cluster.policy
+            return endpoint.address, endpoint.port, endpoint_tls(policy, endpoint), policy.connection_pool, dest
 
         def on_close(conn, sent: int, received: int) -> None:
             closed_metric(conn, sent, received)
@@ -306,7 +323,8 @@ class CaptureListener:
             worker.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout,
             idle_timeout=settings.tcp_idle_timeout, on_open=telemetry.tcp_opened(model), on_close=on_close,
             model=model, max_connections=settings.max_connections_per_listener,
-            on_overflow=lambda: telemetry.downstream_overflow(model.name), admit=admit)
+            on_overflow=lambda: telemetry.downstream_overflow(model.name), admit=admit,
+            upstream_tls=worker.pools.tls)
         return view
 
     # ------------------------------------------------------------ lifecycle

@@ -17,7 +17,9 @@ Behaviour (Envoy ``tcp_proxy`` semantics, checklist rows 41-42):
   transport stays open for writing) becomes ``write_eof()`` on the other side after
   its buffered bytes; the other direction keeps flowing. Once both directions have
   seen their FIN, both transports are closed (``close()`` flushes first). A transport
-  that cannot half-close (TLS) makes the splice close both sides gracefully instead.
+  that cannot half-close (the event loop's TLS) makes the splice close both sides
+  gracefully instead; the TCP paths' mTLS half-closes (a FIN is a close_notify:
+  :mod:`meshproxy.security.tls_transport`).
 * **Reset.** A side lost with an error (RST, EPIPE...) aborts the other with
   ``SO_LINGER`` 0, so the reset propagates as a reset, not as a clean FIN.
   A side closed cleanly by its peer (possible only for transports that ignore

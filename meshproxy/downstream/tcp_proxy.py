@@ -9,10 +9,12 @@ One accepted connection goes through:
 2. connect: ``pick_upstream(transport, sni)`` -> ``(host, port[, tls, pool policy[, destination]])``
    (the transport's addresses and the SNI pick the route; ``destination``, what the route chose,
    is kept for telemetry; host None: the route chose a destination that has no endpoint);
-   ``loop.create_connection`` under
-   ``connect_timeout``. On failure (refused, timeout, other OSError) ``on_connect_failure
-   (host, port, reason)`` is called and ``pick_upstream()`` is asked ONCE more; if it
-   returns a different endpoint that one is tried, otherwise the client is closed.
+   ``loop.create_connection`` under ``connect_timeout`` (with the TLS handshake and the
+   server's identity check when the target originates TLS, on a half-closing
+   :class:`~meshproxy.security.tls_transport.TlsTransport`). On failure (refused, timeout,
+   other OSError) ``on_connect_failure(host, port, reason)`` is called and
+   ``pick_upstream()`` is asked ONCE more; if it returns a different endpoint that one is
+   tried, otherwise the client is closed.
    ``pick_upstream()`` returning None (no healthy endpoint) closes the client at once.
 3. splice: both transports are handed to :class:`~meshproxy.downstream.splice.Splice`
    with whatever either side delivered early; from there on it is the splice's
@@ -35,6 +37,7 @@ import ssl
 from typing import Any, Callable
 
 from ..security.client_hello import NEED_MORE, ClientHello, parse_client_hello
+from ..security.tls_transport import TlsTransport
 from ..upstream.socket_options import set_keepalive
 from ..upstream.tls import UpstreamTlsContexts, UpstreamTlsError
 
@@ -224,6 +227,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         tls = target[2] if len(target) > 2 else None     # DestinationRule tls: originate TLS
         self.options = target[3] if len(target) > 3 else None
         pending = self.pending = _PendingUpstream()
+        secure: TlsTransport | None = None
         try:
             async with asyncio.timeout(listener.connect_timeout):
                 contexts = listener.upstream_tls
@@ -236,9 +240,16 @@ class TcpProxyProtocol(asyncio.Protocol):
                 if context is None:
                     await listener.loop.create_connection(lambda: pending, host, port)
                 else:
-                    await listener.loop.create_connection(lambda: pending, host, port, ssl=context,
-                                                          server_hostname=sni)
-                    contexts.check_peer(tls, pending.transport.get_extra_info("ssl_object"), endpoint)
+                    # TLS that half-closes (the event loop's cannot): see security/tls_transport.py
+                    secure = TlsTransport(listener.loop, context, server_side=False, server_hostname=sni)
+                    await listener.loop.create_connection(lambda: secure, host, port)
+                    await secure.handshake
+                    contexts.check_peer(tls, secure.get_extra_info("ssl_object"), endpoint)
+                    secure.attach(pending)
+        except asyncio.CancelledError:
+            if secure is not None:
+                secure.abort()
+            raise
         except TimeoutError:
             reason = CONNECT_TIMEOUT
         except ConnectionRefusedError:
@@ -253,6 +264,8 @@ class TcpProxyProtocol(asyncio.Protocol):
             if self.options is not None and self.options.tcp_keepalive is not None:
                 set_keepalive(pending.transport.get_extra_info("socket"), self.options.tcp_keepalive)
             return pending
+        if secure is not None:
+            secure.abort()
         self._drop_pending_transport()
         self._fail(target, reason)
         return None

@@ -19,6 +19,10 @@ applies to the next connection):
   application as TCP, unchanged), else to the listener's own protocol (a TCP port already
   splices).  Without a workload certificate PERMISSIVE is plaintext and nothing is peeked.
 
+mTLS is terminated by the event loop's TLS transport for HTTP, and by a
+:class:`~meshproxy.security.tls_transport.TlsTransport` where ``half_close(conn)`` says so
+(TCP: a peer's close_notify is a half-close, the other direction keeps flowing).
+
 Every wait has a limit: the peek (``detect_timeout``) and the handshake
 (``handshake_timeout``).  The tasks deciding connections are owned by the acceptor and
 cancelled by :meth:`close`; nothing is kept per connection once it is handed over.  Who
@@ -35,6 +39,7 @@ from typing import Callable
 
 from .client_hello import MAX_RECORD, NEED_MORE, NOT_TLS, ClientHello, looks_like_tls, parse_client_hello
 from .peer_authn import DISABLE, PERMISSIVE, STRICT
+from .tls_transport import TlsTransport
 
 log = logging.getLogger("meshproxy")
 
@@ -61,13 +66,17 @@ class PeerAuthAcceptor:
                  mode: Callable[[], str], server_context: Callable[[str], ssl.SSLContext | None],
                  on_refused: Callable[[str], None], detect_timeout: float = 10.0,
                  handshake_timeout: float = 10.0, mode_for: Callable[[socket.socket], str] | None = None,
-                 passthrough_factory: Callable | None = None):
+                 passthrough_factory: Callable | None = None,
+                 half_close: Callable[[socket.socket], bool] | None = None):
         self.loop = loop
         self.sock = sock
         self.protocol_factory = protocol_factory
         self.passthrough_factory = passthrough_factory     # PERMISSIVE, TLS that is not Istio's (None: as plaintext)
         self.mode = mode
         self.mode_for = mode_for            # per connection (the capture listener: by original destination)
+        # per connection: terminate mTLS on a TlsTransport, which half-closes (TCP), rather than
+        # the event loop's TLS (HTTP); None: never
+        self.half_close = half_close
         self.server_context = server_context
         self.on_refused = on_refused
         self.detect_timeout = detect_timeout
@@ -141,6 +150,10 @@ class PeerAuthAcceptor:
             if context is None:
                 self._refuse(NO_CERTIFICATE)
                 return
+            if self.half_close is not None and self.half_close(conn):
+                handed_over = True               # the TLS transport owns the socket, even if the handshake fails
+                await self._terminate_half_closing(conn, context)
+                return
             try:
                 await self.loop.connect_accepted_socket(self.protocol_factory, conn, ssl=context,
                                                         ssl_handshake_timeout=self.handshake_timeout)
@@ -154,6 +167,27 @@ class PeerAuthAcceptor:
                     conn.close()
                 except OSError:
                     pass
+
+    async def _terminate_half_closing(self, conn: socket.socket, context: ssl.SSLContext) -> None:
+        """mTLS for a TCP connection, on a :class:`TlsTransport` (half-close passes through)."""
+        tls = TlsTransport(self.loop, context, server_side=True)
+        try:
+            await self.loop.connect_accepted_socket(lambda: tls, conn)
+        except OSError as err:
+            conn.close()
+            self._refuse(HANDSHAKE_FAILED, err)
+            return
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await tls.handshake
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as err:
+            tls.abort()
+            self._refuse(HANDSHAKE_FAILED, err)
+            return
+        except asyncio.CancelledError:
+            tls.abort()
+            raise
+        tls.attach(self.protocol_factory())
 
     async def _plaintext(self, conn: socket.socket) -> None:
         await self.loop.connect_accepted_socket(self.protocol_factory, conn)

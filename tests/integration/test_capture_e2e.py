@@ -135,6 +135,100 @@ def test_raw_tcp_echo_through_capture_keeps_half_close(mesh):
                   destination_service="echo.default.svc.cluster.local") >= 1
 
 
+ECHO_STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: STRICT}
+"""
+
+_PLAINTEXT_TO_ECHO = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+try:
+    s.sendall(b"ping"); s.shutdown(socket.SHUT_WR)
+    print("answered" if s.recv(100) else "closed")
+except OSError:
+    print("closed")
+"""
+
+_HALF_CLOSE_AND_BULK = """
+import hashlib, os, socket, threading
+# a half-close round trip: the echo holds its reply until our FIN, then sends it all
+s = socket.create_connection(("echo", 7000), timeout=20)
+request = b"HOLD" + bytes(range(256)) * 4096
+s.sendall(request); s.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+print("half-close", got == request, len(got))
+# 16 MiB both ways at once
+data = os.urandom(16 << 20)
+s = socket.create_connection(("echo", 7000), timeout=20)
+def send():
+    s.sendall(data); s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send); t.start()
+digest, n = hashlib.sha256(), 0
+while True:
+    chunk = s.recv(1 << 18)
+    if not chunk:
+        break
+    digest.update(chunk); n += len(chunk)
+t.join()
+print("bulk", digest.digest() == hashlib.sha256(data).digest(), n)
+"""
+
+
+def test_captured_tcp_to_a_strict_destination_is_mtls_and_keeps_half_close(mesh):
+    """Captured TCP originates auto mTLS (the destination has a sidecar): a STRICT destination
+    takes it and knows the caller; half-close and a large transfer pass through both sidecars'
+    TLS; plaintext from outside the mesh is refused.  Where the destination's mode is DISABLE
+    the client's sidecar sends plaintext."""
+    client, echo = mesh.workloads["client"], mesh.workloads["echo"]
+    echo_ip = echo.pod.address
+    mesh.apply(ECHO_STRICT)
+    try:
+        wait_until(lambda: mesh.outside.python(_PLAINTEXT_TO_ECHO, echo_ip).stdout.strip() == "closed", 15, 0.2,
+                   "STRICT at the echo sidecar")
+        principal = "spiffe://cluster.local/ns/default/sa/client"
+        before = series(echo.metrics(), "istio_tcp_connections_opened_total", reporter="destination",
+                        connection_security_policy="mutual_tls", source_principal=principal)
+        result = client.pod.python(_HALF_CLOSE_AND_BULK, timeout=120)
+        assert result.stdout.split() == ["half-close", "True", str(4 + 256 * 4096),
+                                         "bulk", "True", str(16 << 20)], result.stdout + result.stderr
+        def served():        # closed connections' bytes are counted when the sidecar sees the close
+            metrics = echo.metrics()
+            return (series(metrics, "istio_tcp_connections_opened_total", reporter="destination",
+                           connection_security_policy="mutual_tls", source_principal=principal,
+                           destination_principal="spiffe://cluster.local/ns/default/sa/echo") - before >= 2
+                    and series(metrics, "istio_tcp_received_bytes_total", reporter="destination",
+                               connection_security_policy="mutual_tls", source_principal=principal) >= 16 << 20)
+        wait_until(served, 15, 0.2, "mutual_tls TCP series with the client's principal at the echo sidecar")
+        assert series(client.metrics(), "istio_tcp_connections_opened_total", reporter="source",
+                      destination_service="echo.default.svc.cluster.local",
+                      destination_principal="spiffe://cluster.local/ns/default/sa/echo") >= 2
+        # DISABLE at the destination: the client's sidecar sends plaintext (auto mTLS, as for HTTP)
+        plain_before = series(echo.metrics(), "istio_tcp_connections_opened_total", reporter="destination",
+                              connection_security_policy="none")
+        mesh.apply(ECHO_STRICT.replace("STRICT", "DISABLE"))
+
+        def plaintext_round_trip() -> bool:      # once both sidecars have the new mode
+            result = client.pod.python(_HALF_CLOSE_AND_BULK.split("# 16 MiB")[0], timeout=60)
+            return (result.stdout.split() == ["half-close", "True", str(4 + 256 * 4096)]
+                    and series(echo.metrics(), "istio_tcp_connections_opened_total", reporter="destination",
+                               connection_security_policy="none") > plain_before)
+        wait_until(plaintext_round_trip, 20, 0.2, "a plaintext half-close round trip to the DISABLE echo")
+    finally:
+        mesh.meshctl("delete", "peerauthentication", "echo-strict", "-n", "default")
+        wait_until(lambda: mesh.outside.python(_PLAINTEXT_TO_ECHO, echo_ip).stdout.strip() == "answered", 15, 0.2,
+                   "STRICT removed")
+
+
 def test_dns_answers_mesh_names_forwards_the_rest_and_refuses_malformed_queries(mesh):
     client = mesh.workloads["client"]
     code = r"""

@@ -149,6 +149,19 @@ async def test_strict_refuses_bad_client_certificates_and_keeps_serving(inbound,
     assert (await _get(http, mesh.client())).endswith(b"hello")     # everything else keeps serving
 
 
+async def test_strict_tcp_port_refuses_a_certificate_from_another_ca_and_keeps_serving(inbound):
+    """A TCP port's mTLS (the half-closing TLS transport) refuses and counts a bad handshake."""
+    mesh, start, app = inbound
+    worker, _, tcp = await start("STRICT")
+    try:
+        answer = await _tcp_exchange(tcp, mesh.client(ca=MeshCA("another root")))
+    except (ConnectionResetError, ssl.SSLError):
+        answer = b""
+    assert answer == b""
+    await _until(lambda: _refusals(worker).get(("inbound_tcp", "handshake_failed")) == 1)
+    assert await _tcp_exchange(tcp, mesh.client()) == b"echo:ping"
+
+
 async def test_the_callers_spiffe_id_reaches_authorization_policy(inbound):
     mesh, start, app = inbound
     worker, http, tcp = await start("STRICT", ONLY_SLEEP)
@@ -464,3 +477,129 @@ async def test_connections_without_a_request_leave_nothing_behind(inbound):
     # 310 connections: the SNI entries held 240 bytes each (73 KiB); what may grow is the tables of
     # the sets of open connections and tasks, sized by the peak (40 at once here)
     assert grown < 12288, "\n".join(str(s) for s in sorted(held, key=lambda s: -s.size_diff)[:10])
+
+
+BULK_REPLY = bytes(range(256)) * (32 << 12)        # 32 MiB
+
+
+async def _hold_or_echo(reader, writer):
+    """An app: a connection starting with b"HOLD" is answered after the client's FIN (all at
+    once); b"SEND" gets :data:`BULK_REPLY` at once; others are echoed as bytes arrive.  Closes
+    after the client's FIN."""
+    first = await reader.read(65536)
+    held = [] if first.startswith(b"HOLD") else None
+    if first.startswith(b"SEND"):
+        writer.write(BULK_REPLY)
+        first, held = b"", []
+    data = first
+    while data:
+        if held is None:
+            writer.write(data)
+            await writer.drain()
+        else:
+            held.append(data)
+        data = await reader.read(65536)
+    if held:
+        writer.write(b"".join(held))
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def two_sidecars(tmp_path):
+    """A client sidecar's outbound TCP listener -> ISTIO_MUTUAL -> a STRICT server sidecar's inbound
+    TCP listener -> the app (:func:`_hold_or_echo`)."""
+    from meshproxy.config.model import TrafficPolicy, UpstreamTls
+    app = await asyncio.start_server(_hold_or_echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    mesh = Mesh(tmp_path)
+    loop = asyncio.get_running_loop()
+    server = Worker(loop, SnapshotStore(_snapshot(free_port(), app_port, "STRICT")), WorkerOptions(), Telemetry(),
+                    rng=random.Random(1))
+    server.certificates = mesh.server
+    await server.start()
+    inbound_tcp = next(iter(server.tcp_listeners.values())).server.sock.getsockname()[1]
+    httpbin = Cluster("outbound|81||httpbin.foo.svc.cluster.local", "httpbin.foo.svc.cluster.local", 81, None,
+                      (Endpoint("127.0.0.1", inbound_tcp),), TrafficPolicy(tls=UpstreamTls(
+                          "ISTIO_MUTUAL", sni="outbound_.81_._.httpbin.foo.svc.cluster.local",
+                          subject_alt_names=(HTTPBIN,), alpn=("istio-peer-exchange", "istio"))), protocol="TCP")
+    snap = Snapshot("c1", listeners=(Listener("outbound_tcp", "127.0.0.1", free_port(), "TCP", tcp_routes=(
+        TcpRoute((WeightedDestination(httpbin.service, None, 81, 100, httpbin.name),)),)),),
+        route_tables=MappingProxyType({}), clusters=MappingProxyType({httpbin.name: httpbin}))
+    client = Worker(loop, SnapshotStore(snap), WorkerOptions(), Telemetry(), rng=random.Random(3))
+    client.certificates = StaticCertificates(mesh.ca.issue(SLEEP), tmp_path)
+    await client.start()
+    yield client, server, snap.listeners[0].port
+    await client.drain(0.1)
+    await server.drain(0.1)
+    app.close()
+
+
+async def test_half_close_round_trip_through_two_sidecars_over_mtls(two_sidecars):
+    """The client sends, shuts its write side, and still receives the whole reply (sent by the app
+    only after the FIN): close_notify is a half-close on both sidecars' TLS."""
+    client, server, port = two_sidecars
+    request = b"HOLD" + bytes(range(256)) * 2048
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    writer.write_eof()
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert reply == request
+    await _until(lambda: _tcp_series(server, "istio_tcp_connections_closed_total"))
+    served = {(s["source_principal"], s["connection_security_policy"]): s["value"]
+              for s in _tcp_series(server, "istio_tcp_connections_closed_total")}
+    assert served == {(SLEEP, "mutual_tls"): 1}, served
+
+
+async def test_large_transfer_both_ways_through_two_sidecars_over_mtls(two_sidecars):
+    import hashlib
+    import os
+    client, server, port = two_sidecars
+    data = os.urandom(16 << 20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send():
+        for i in range(0, len(data), 1 << 16):
+            writer.write(data[i:i + (1 << 16)])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.ensure_future(send())
+    digest, n = hashlib.sha256(), 0
+    while True:
+        chunk = await asyncio.wait_for(reader.read(1 << 18), 20)
+        if not chunk:
+            break
+        digest.update(chunk)
+        n += len(chunk)
+    await sender
+    writer.close()
+    assert (n, digest.hexdigest()) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+async def test_half_close_while_a_large_reply_is_backed_up_loses_nothing(two_sidecars):
+    """The client's FIN reaches its sidecar while the reply's records wait there unread (the client
+    reads nothing yet): the half-close must not touch them (Python's unwrap() read and dropped
+    them: the reply was cut short)."""
+    client, server, port = two_sidecars
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"SEND")
+    loop = asyncio.get_running_loop()
+    upstream = next(iter(client.tcp_listeners.values()))
+
+    def reply_backed_up() -> bool:        # the client sidecar stopped reading the reply
+        return any(s.upstream.read_paused for s in upstream.splices())
+
+    await _until(reply_backed_up)
+    writer.write_eof()
+    started = loop.time()
+    reply = bytearray()
+    while True:
+        chunk = await asyncio.wait_for(reader.read(1 << 18), 20)
+        if not chunk:
+            break
+        reply += chunk
+    writer.close()
+    assert len(reply) == len(BULK_REPLY) and reply == BULK_REPLY, (len(reply), loop.time() - started)
