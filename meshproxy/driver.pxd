@@ -4,7 +4,6 @@ cimport cython
 from meshproxy.codec.api cimport MessageHandler
 from meshproxy.codec.httptools_backend cimport _Base as LlhttpParser
 from meshproxy.batch cimport SendBatch
-from meshproxy.lists cimport clear, push, with_room
 
 cdef class ConnectionDriver(MessageHandler):
     cdef public object transport, parser, sender, send, send_many

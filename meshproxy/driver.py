@@ -25,7 +25,6 @@ import cython
 from .batch import SendBatch
 from .codec.api import MessageHandler
 from .codec.httptools_backend import _Base as LlhttpParser
-from .lists import clear, push, with_room
 
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
@@ -38,7 +37,7 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
     def __init__(self, batch: SendBatch | None):
         self.transport: asyncio.Transport | None = None
         self.parser = None
-        self.out: list[bytes] = with_room(4)      # bytes queued for the peer (see write)
+        self.out: list[bytes] = []                # bytes queued for the peer (see write)
         self.queued = False                       # ``sender`` is in the batch for this pass
         self.sender = self.send_now               # one bound method, queued once per pass
         self.batch = batch
@@ -66,7 +65,7 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (sent by ``flush`` or ``send_now``)."""
-        push(self.out, data)
+        self.out.append(data)
 
     def flush(self) -> None:
         """What is queued goes to the socket at the end of this loop pass (batch.py), or at
@@ -89,7 +88,7 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
                     self.send(out[0])
                 else:
                     self.send_many(out)               # vectored: no join
-            clear(out)                           # keeps the list's room for the next message
+            out.clear()
 
     def pause_reading(self, reason: int) -> None:
         if not self.read_paused_by and not self.closed:

@@ -1,8 +1,8 @@
 # Augmenting declarations for lists.py: the types of the compiled hot path (scripts/build_ext.py).
 # The .py file stays the reference and the pure-Python fallback; keep the two in step.
 cimport cython
-from cpython.list cimport PyList_New, PyList_SET_ITEM, PyList_GET_ITEM
-from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF, PyObject
+from cpython.list cimport PyList_SET_ITEM, PyList_GET_ITEM
+from cpython.ref cimport Py_INCREF, Py_DECREF
 
 cdef extern from "Python.h":
     ctypedef struct PyListObject:
@@ -15,11 +15,7 @@ cdef bint _direct
 @cython.locals(empty=Py_ssize_t, slot=Py_ssize_t, allocated=Py_ssize_t, n=Py_ssize_t, probe=list)
 cpdef bint layout_matches() except -1
 cpdef bint use_struct(bint enabled) except -1
-@cython.locals(items=list)
-cpdef list with_room(Py_ssize_t n)
 @cython.locals(n=Py_ssize_t)
 cpdef push(list items, item)
 @cython.locals(n=Py_ssize_t)
 cpdef pop_last(list items)
-@cython.locals(n=Py_ssize_t, item="PyObject*")
-cpdef clear(list items)

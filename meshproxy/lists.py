@@ -1,10 +1,11 @@
-"""Lists on the request path that keep their capacity.
+"""A stack on the request path that keeps its capacity: the pool's idle connections.
 
-CPython frees a list's item array when it empties (``pop`` of the last item) and grows it in
-steps of about an eighth (0, 4, 8, 16 items: a realloc at each step), so a per-request list
-that fills to a dozen fields, or a stack that goes 0 -> 1 -> 0 items once per request,
-allocates on every request.  Compiled, these helpers put items into spare capacity and take
-them off without shrinking; pure Python they are the list methods they stand for.
+CPython frees a list's item array when it empties (``pop`` of the last item), so a stack that
+goes 0 -> 1 -> 0 items once per request (one upstream connection taken and given back)
+allocates and frees on every request.  Compiled, these helpers take items off without
+shrinking and put them back into the spare capacity; pure Python they are the list methods
+they stand for.  The other lists of the request path use the list methods: keeping their
+capacity earned too little (benchmarks/RESULTS.md has both measurements).
 
 They rely on CPython's list layout (``PyListObject.allocated``, the size in the object
 header).  At import, compiled, :func:`layout_matches` checks that layout against what
@@ -46,15 +47,6 @@ def use_struct(enabled: bool) -> bool:
     return previous
 
 
-def with_room(n: int) -> list:
-    """An empty list with room for ``n`` items before its first reallocation (compiled)."""
-    if cython.compiled and _direct:
-        items = PyList_New(n)          # noqa: F821 (lists.pxd cimports the C API)
-        Py_SET_SIZE(items, 0)          # noqa: F821 (the slots past the size are never read)
-        return items
-    return []
-
-
 def push(items: list, item) -> None:
     """``items.append(item)``; compiled, into spare capacity without a call when there is some."""
     if cython.compiled and _direct:
@@ -65,22 +57,6 @@ def push(items: list, item) -> None:
             Py_SET_SIZE(items, n + 1)  # noqa: F821
             return
     items.append(item)
-
-
-def clear(items: list) -> None:
-    """``items.clear()``; compiled, the item array is kept.  Each item leaves the list before
-    its reference is dropped, so whatever that release runs sees a consistent list (and
-    anything it appends is cleared too)."""
-    if cython.compiled and _direct:
-        n = Py_SIZE(items)             # noqa: F821
-        while n > 0:
-            n -= 1
-            item = PyList_GET_ITEM(items, n)   # noqa: F821 (borrowed: the list's reference)
-            Py_SET_SIZE(items, n)      # noqa: F821
-            Py_XDECREF(item)           # noqa: F821 (the reference the list held)
-            n = Py_SIZE(items)         # noqa: F821 (in case a release changed the list)
-        return
-    items.clear()
 
 
 def pop_last(items: list):

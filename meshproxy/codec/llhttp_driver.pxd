@@ -3,7 +3,6 @@
 cimport cython
 from meshproxy.codec.api cimport MessageHandler
 from meshproxy.codec.httptools_backend cimport _Base, HttptoolsRequestParser, HttptoolsResponseParser
-from meshproxy.lists cimport push, with_room
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.dlfcn cimport dlopen, dlsym, RTLD_NOW
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -98,7 +97,7 @@ cdef tuple _NAME_SLOTS
 cdef inline uint32_t _slot(uint32_t n, unsigned char first, unsigned char last, unsigned char middle, uint32_t mult)
 @cython.locals(known=bytes, s=int)
 cdef int _name_slot(const char* at, size_t n)
-cdef Py_ssize_t _CACHED_VALUE_MAX, _FIELDS_ROOM, _VIEW_MIN
+cdef Py_ssize_t _CACHED_VALUE_MAX, _VIEW_MIN
 cdef list _FIELD_CACHE
 cdef bytes _CACHEABLE_SLOTS
 
@@ -145,12 +144,10 @@ cdef class LlhttpRequestParser(HttptoolsRequestParser):
     cdef _new_parser(self)
     cdef _execute(self, data)
     cdef bytes _message_version(self)
-    cdef list _take_fields(self)
     cdef bytes _method(self)
 
 cdef class LlhttpResponseParser(HttptoolsResponseParser):
     cdef _new_parser(self)
     cdef _execute(self, data)
     cdef bytes _message_version(self)
-    cdef list _take_fields(self)
     cdef int _status(self) except -1

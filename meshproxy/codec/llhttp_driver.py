@@ -25,7 +25,6 @@ import cython
 
 import httptools
 
-from ..lists import push, with_room
 from .api import COMMON_FIELD_NAMES, CodecLimits, ProtocolError
 from .httptools_backend import HttptoolsRequestParser, HttptoolsResponseParser, _Base
 
@@ -128,7 +127,6 @@ def _name_slot(at, n) -> int:
 # fields that differ on every request.  The checks of framing.check_fields still run on every
 # field, cached or not.
 _CACHED_VALUE_MAX = 128
-_FIELDS_ROOM = 16          # a new head's field list holds this many before it reallocates
 _UNCACHED_NAMES = frozenset((
     b"authorization", b"cookie", b"set-cookie", b"x-request-id", b"traceparent", b"tracestate",
     b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
@@ -220,7 +218,7 @@ class _Llhttp:
                 _FIELD_CACHE[self.hslot] = field
         else:
             self.hfield = None
-        push(cython.cast(_Base, self.owner)._raw, field)
+        cython.cast(_Base, self.owner)._raw.append(field)
         self.hname = self.hvalue = None
 
 
@@ -365,11 +363,6 @@ class LlhttpRequestParser(HttptoolsRequestParser):
     def _message_version(self) -> bytes:
         return cython.cast(_Llhttp, self._parser).version()
 
-    def _take_fields(self) -> list:
-        raw = self._raw
-        self._raw = with_room(_FIELDS_ROOM)
-        return raw
-
     def _method(self) -> bytes:
         return _LL_METHODS[cython.cast(_Llhttp, self._parser).c.method]
 
@@ -385,11 +378,6 @@ class LlhttpResponseParser(HttptoolsResponseParser):
 
     def _message_version(self) -> bytes:
         return cython.cast(_Llhttp, self._parser).version()
-
-    def _take_fields(self) -> list:
-        raw = self._raw
-        self._raw = with_room(_FIELDS_ROOM)
-        return raw
 
     def _status(self) -> int:
         return cython.cast(_Llhttp, self._parser).c.status_code

@@ -7,10 +7,9 @@ from meshproxy.codec.framing cimport field_index
 from libc.stdint cimport uint64_t
 
 cdef uint64_t _REQUEST_DROP_LENGTHS, _RESPONSE_DROP_LENGTHS
-from meshproxy.lists cimport push, with_room
 
 @cython.locals(out=list, field=tuple, name=bytes, n=Py_ssize_t)
-cdef list _kept(first, fields, frozenset drop, uint64_t lengths, Py_ssize_t spare)
+cdef list _kept(first, fields, frozenset drop, uint64_t lengths)
 @cython.locals(i=Py_ssize_t)
 cpdef _named_fields(headers, tuple names)
 cpdef tuple client_fields(str client_ip, str scheme)

@@ -11,7 +11,6 @@ from typing import Callable
 from ..codec.api import RequestHead, ResponseHead, field_names, name_set
 from ..codec.framing import connection_tokens, field_index
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
-from ..lists import push, with_room
 from ..telemetry.tracing import PROPAGATION_HEADERS
 
 Headers = list[tuple[bytes, bytes]]
@@ -46,20 +45,17 @@ _REQUEST_DROP_LENGTHS = _length_mask(_REQUEST_DROP_TRACED)     # covers _REQUEST
 _RESPONSE_DROP_LENGTHS = _length_mask(_RESPONSE_DROP)          # covers the two subsets too
 
 
-def _kept(first, fields: Headers, drop: frozenset, lengths: int, spare: int) -> Headers:
-    """``first`` (unless None), then ``[field for field in fields if field[0] not in drop]``,
-    in a list made once with room for ``spare`` appends after it (:mod:`meshproxy.lists`).
+def _kept(first, fields: Headers, drop: frozenset, lengths: int) -> Headers:
+    """``first`` (unless None), then ``[field for field in fields if field[0] not in drop]``.
     A name whose length no name in ``drop`` has (``lengths``: a :func:`_length_mask`
     covering ``drop``) is kept without the set lookup: Server, Date, Content-Type, ETag...
     are most of a head."""
-    out = with_room((first is not None) + len(fields) + spare)
-    if first is not None:
-        push(out, first)
+    out = [] if first is None else [first]
     for field in fields:
         name = field[0]
         n = len(name)
         if (n < 64 and not (lengths >> n) & 1) or name not in drop:
-            push(out, field)
+            out.append(field)
     return out
 
 
@@ -100,8 +96,7 @@ def forwarded_request_headers(head: RequestHead, authority: bytes, client: tuple
     fields = head.headers
     names = field_names(head)
     drop = _REQUEST_DROP if trace_fields is None else _REQUEST_DROP_TRACED
-    # room for X-Forwarded-For, X-Forwarded-Proto and one of X-Request-Id / a framing field
-    out: Headers = _kept((b"host", authority), fields, drop, _REQUEST_DROP_LENGTHS, 3)
+    out: Headers = _kept((b"host", authority), fields, drop, _REQUEST_DROP_LENGTHS)
     named = _named_fields(fields, names)
     if named:   # fields the client named in Connection are hop-by-hop too
         out = [(n, v) for n, v in out if n not in named or n == b"host"]
@@ -130,7 +125,7 @@ def forwarded_response_headers(head: ResponseHead, framing: tuple[bytes, bytes] 
         drop = _RESPONSE_DROP_KEEP_LENGTH      # HEAD / 304: keep the length the upstream declared
     else:
         drop = _RESPONSE_DROP
-    out: Headers = _kept(None, fields, drop, _RESPONSE_DROP_LENGTHS, 2)   # room for framing, Connection
+    out: Headers = _kept(None, fields, drop, _RESPONSE_DROP_LENGTHS)
     named = _named_fields(fields, field_names(head))
     if named:
         out = [(n, v) for n, v in out if n not in named]
