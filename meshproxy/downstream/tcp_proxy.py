@@ -23,7 +23,8 @@ One accepted connection goes through:
    TLS, if any, verified: what telemetry labels the connection by), or when the connection
    ends before that; then ``on_close(conn, sent, received)`` exactly once per accepted
    connection, (0, 0) when no upstream was reached.  ``conn.tag`` is the owner's to keep
-   what ``on_open`` computed.
+   what ``on_open`` computed; ``conn.started``, ``conn.flags`` (Envoy's response flags: NR,
+   UH, UF) and ``conn.upstream_host`` are what the access log reads.
 
 :class:`TcpProxyListener` owns every live connection (and through it the connect
 task), so ``close(timeout)`` can wait for them and abort the rest.
@@ -34,6 +35,7 @@ import asyncio
 import errno
 import socket
 import ssl
+import time
 from typing import Any, Callable
 
 from ..security.client_hello import NEED_MORE, ClientHello, parse_client_hello
@@ -58,6 +60,11 @@ def connection_addresses(transport: asyncio.Transport | None) -> tuple[str | Non
 CONNECT_TIMEOUT = "connect_timeout"
 CONNECT_REFUSED = "connection_refused"
 NO_UPSTREAM = "no_healthy_upstream"
+
+# Envoy's response flags for a TCP proxy connection (the access log's)
+NO_ROUTE_FOUND = "NR"
+NO_HEALTHY_UPSTREAM = "UH"
+UPSTREAM_CONNECTION_FAILURE = "UF"
 
 
 class _PendingUpstream(asyncio.Protocol):
@@ -94,7 +101,7 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     __slots__ = ("listener", "transport", "chunks", "eof", "lost", "task", "splice",
                  "pending", "_done", "sni", "_hello", "options", "deadline", "destination", "upstream",
-                 "opened", "tag")
+                 "opened", "tag", "started", "flags", "upstream_host")
 
     def __init__(self, listener: "TcpProxyListener"):
         self.listener = listener
@@ -114,11 +121,17 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None     # the connected upstream (its TLS peer, if any)
         self.opened = False                # on_open called
         self.tag = None                    # the owner's (telemetry: the connection's metric handle)
+        # for the access log: when it was accepted (Unix time), Envoy's response flags, the
+        # upstream address last tried ("host:port", "" if none)
+        self.started = 0.0
+        self.flags = "-"
+        self.upstream_host = ""
 
     # ------------------------------------------------------------ before the splice
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        self.started = time.time()
         transport.pause_reading()
         listener = self.listener
         if len(listener.connections) >= listener.max_connections:
@@ -204,6 +217,8 @@ class TcpProxyProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         target = self._pick()
         if target is None:
+            # no route took the connection, or its destination has no endpoint
+            self.flags = NO_HEALTHY_UPSTREAM if self.destination is not None else NO_ROUTE_FOUND
             self._fail(None, NO_UPSTREAM)
             return
         up = await self._try(target)
@@ -215,6 +230,7 @@ class TcpProxyProtocol(asyncio.Protocol):
             self._drop_pending_transport()
             return
         if up is None:
+            self.flags = UPSTREAM_CONNECTION_FAILURE
             self.transport.close()
             return
         self._start_splice(up)
@@ -224,6 +240,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         the cluster's connection pool policy (keepalive, idle timeout, max duration)."""
         listener = self.listener
         host, port = target[0], target[1]
+        self.upstream_host = f"{host}:{port}"
         tls = target[2] if len(target) > 2 else None     # DestinationRule tls: originate TLS
         self.options = target[3] if len(target) > 3 else None
         pending = self.pending = _PendingUpstream()

@@ -235,7 +235,22 @@ class Telemetry:
         def closed(conn, sent: int, received: int) -> None:
             handle = conn.tag if conn is not None and conn.tag is not None else self._tcp_handle(listener, conn)
             self.metrics.record_tcp_close(handle, sent, received)
+            if self.access_log is not None and conn is not None:
+                self._log_tcp(conn, sent, received)
         return closed
+
+    def _log_tcp(self, conn, sent: int, received: int) -> None:
+        """One access-log line per TCP connection (a ``TcpProxyProtocol``), with the HTTP
+        line's fields where they apply, as Envoy's TCP proxy logs: no method, path, protocol
+        or response code (0); ``bytes_received`` from the downstream, ``bytes_sent`` to it."""
+        now = time.time()
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        dest = conn.destination
+        started = conn.started or now
+        self.access_log.log(started, b"", b"", "", 0, conn.flags, sent, received, (now - started) * 1000.0,
+                            conn.upstream_host, None, b"", b"", "", b"", peer[0] if peer else "", b"",
+                            dest.cluster if dest is not None else "", "", peer_uri(transport))
 
     def _tcp_handle(self, listener: Listener, conn) -> int:
         """Istio's labels for one TCP connection (``conn``: a

@@ -417,6 +417,57 @@ async def test_access_log_names_the_peer_and_why_authorization_policy_denied(inb
     ], got
 
 
+async def test_tcp_connections_get_access_log_lines(inbound):
+    """One line per TCP connection, Envoy's TCP proxy fields: no method/path/protocol, response code
+    0, bytes each way, the upstream tried, the caller's SPIFFE id, and the response flag when no
+    upstream was reached (UF: connect failure, UH: no endpoint)."""
+    import json
+    from meshproxy.telemetry import AccessLog
+    mesh, start, app = inbound
+    lines: list[bytes] = []
+    worker, _, tcp = await start("PERMISSIVE", telemetry=Telemetry(access_log=AccessLog(lines.append)))
+    echo_port = worker.clusters.get("inbound|echo").cluster.endpoints[0].port
+    assert await _tcp_exchange(tcp, mesh.client()) == b"echo:ping"
+    assert await _tcp_exchange(tcp) == b"echo:ping"
+    dead = Cluster("outbound|7||dead", "dead.foo.svc.cluster.local", 7, None, (Endpoint("127.0.0.1", free_port()),),
+                   protocol="TCP")
+    empty = Cluster("outbound|7||empty", "empty.foo.svc.cluster.local", 7, None, (), protocol="TCP")
+    snap = Snapshot("t", listeners=tuple(
+        Listener(f"outbound_{c.name}", "127.0.0.1", free_port(), "TCP",
+                 tcp_routes=(TcpRoute((WeightedDestination(c.service, None, 7, 100, c.name),)),))
+        for c in (dead, empty)), route_tables=MappingProxyType({}),
+        clusters=MappingProxyType({dead.name: dead, empty.name: empty}))
+    client = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(),
+                    Telemetry(access_log=AccessLog(lines.append)), rng=random.Random(3))
+    await client.start()
+    try:
+        for listener in snap.listeners:
+            try:
+                assert await _tcp_exchange(listener.port) == b""
+            except ConnectionResetError:
+                pass
+
+        def logged() -> int:
+            worker.telemetry.flush()
+            client.telemetry.flush()
+            return b"".join(lines).count(b"\n")
+        await _until(lambda: logged() >= 4)
+    finally:
+        await client.drain(0.1)
+    got = [json.loads(line) for line in b"".join(lines).splitlines()]
+    for e in got:
+        assert e["method"] is e["path"] is e["protocol"] is e["user_agent"] is e["x_request_id"] is None, e
+        assert e["response_code"] == 0 and e["duration"] >= 0 and e["start_time"].endswith("Z"), e
+        assert e["downstream_remote_address"] == "127.0.0.1", e
+    assert sorted(((e["upstream_host"], e["upstream_cluster"], e["response_flags"], e["bytes_received"],
+                    e["bytes_sent"], e["downstream_peer_uri_san"]) for e in got), key=str) == sorted([
+        (f"127.0.0.1:{echo_port}", "inbound|echo", "-", 4, 9, SLEEP),            # over mTLS
+        (f"127.0.0.1:{echo_port}", "inbound|echo", "-", 4, 9, None),             # plaintext
+        (f"127.0.0.1:{dead.endpoints[0].port}", dead.name, "UF", 0, 0, None),    # connection refused
+        (None, empty.name, "UH", 0, 0, None),                                    # no endpoint
+    ], key=str), got
+
+
 async def _until(condition, deadline: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -603,3 +654,19 @@ async def test_half_close_while_a_large_reply_is_backed_up_loses_nothing(two_sid
         reply += chunk
     writer.close()
     assert len(reply) == len(BULK_REPLY) and reply == BULK_REPLY, (len(reply), loop.time() - started)
+
+
+async def test_http_is_served_on_the_half_closing_tls_transport_too(inbound):
+    """A capture-inbound port whose protocol is sniffed after the handshake terminates mTLS on the
+    half-closing TLS transport and may carry HTTP: the HTTP driver works on it (keep-alive too)."""
+    mesh, start, app = inbound
+    worker, http, _ = await start("STRICT")
+    next(iter(worker.http_listeners.values())).acceptor.half_close = lambda conn: True
+    answer = await _get(http, mesh.client(SLEEP))
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), answer
+    reader, writer = await asyncio.open_connection("127.0.0.1", http, ssl=mesh.client(), server_hostname="x")
+    for _ in range(2):
+        writer.write(b"GET / HTTP/1.1\r\nHost: httpbin.foo\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"hello"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    writer.close()
