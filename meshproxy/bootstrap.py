@@ -275,6 +275,8 @@ class Worker:
                 return True
             decision = authorize_connection(http.authz, transport.get_extra_info)
             self.telemetry.authz_decision(http.name, decision, "tcp")
+            if not decision.allowed:
+                self.telemetry.tcp_denied(transport, decision.details)
             return decision.allowed
 
         return TcpProxyListener(
@@ -317,6 +319,8 @@ class Worker:
                 return True
             decision = authorize_connection(current.authz, transport.get_extra_info)
             self.telemetry.authz_decision(model.name, decision, "tcp")
+            if not decision.allowed:
+                self.telemetry.tcp_denied(transport, decision.details)
             return decision.allowed
 
         return TcpProxyListener(

@@ -317,6 +317,8 @@ class CaptureListener:
                 return True
             decision = authorize_connection(policies, transport.get_extra_info)
             telemetry.authz_decision(view.model.name, decision, "tcp")
+            if not decision.allowed:
+                telemetry.tcp_denied(transport, decision.details)
             return decision.allowed
 
         view = TcpProxyListener(

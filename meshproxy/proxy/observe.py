@@ -239,6 +239,16 @@ class Telemetry:
                 self._log_tcp(conn, sent, received)
         return closed
 
+    def tcp_denied(self, transport, details: str) -> None:
+        """The access-log line of a TCP connection AuthorizationPolicy closed when it was accepted
+        (Envoy's network RBAC: no response flag, no upstream; why in the details)."""
+        log = self.access_log
+        if log is None:
+            return
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        log.log(time.time(), b"", b"", "", 0, "-", 0, 0, 0.0, "", None, b"", b"", "", b"", peer[0] if peer else "",
+                b"", "", details, peer_uri(transport))
+
     def _log_tcp(self, conn, sent: int, received: int) -> None:
         """One access-log line per TCP connection (a ``TcpProxyProtocol``), with the HTTP
         line's fields where they apply, as Envoy's TCP proxy logs: no method, path, protocol

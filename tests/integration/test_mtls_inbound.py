@@ -468,6 +468,23 @@ async def test_tcp_connections_get_access_log_lines(inbound):
     ], key=str), got
 
 
+async def test_a_tcp_connection_denied_by_authorization_policy_gets_an_access_log_line(inbound):
+    import json
+    from meshproxy.telemetry import AccessLog
+    mesh, start, app = inbound
+    lines: list[bytes] = []
+    worker, _, tcp = await start("STRICT", ONLY_SLEEP, Telemetry(access_log=AccessLog(lines.append)))
+    try:
+        assert await _tcp_exchange(tcp, mesh.client(OTHER)) == b""
+    except ConnectionResetError:
+        pass
+    worker.telemetry.flush()
+    got = [json.loads(line) for line in b"".join(lines).splitlines()]
+    assert [(e["response_code"], e["response_flags"], e["response_code_details"], e["downstream_peer_uri_san"],
+             e["upstream_host"], e["bytes_received"], e["bytes_sent"]) for e in got] == [
+        (0, "-", "rbac_access_denied_matched_policy[none]", OTHER, None, 0, 0)], got
+
+
 async def _until(condition, deadline: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
