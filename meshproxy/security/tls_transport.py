@@ -39,6 +39,10 @@ log = logging.getLogger("meshproxy")
 
 # the most plaintext one TLS record carries: SSL_read returns at most one record per call
 _READ_SIZE = 16384
+# bytes put through a BIO at a time: the event loop reads and the splice writes up to 256 KiB,
+# and a BIO (and the bytes read out of it) that big is malloc'ed fresh (mmap) and page-faulted
+# in every time; in 64 KiB slices the buffers come from the heap and are reused
+_SLICE = 65536
 
 
 class TlsTransport(asyncio.Transport):
@@ -80,11 +84,19 @@ class TlsTransport(asyncio.Transport):
         self._handshake_step()
 
     def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
-        if not self.handshake.done():
-            self._handshake_step()
-        elif self._protocol is not None and not self._paused:
-            self._read_records()
+        if len(data) <= _SLICE or not self.handshake.done():
+            self._incoming.write(data)
+            if not self.handshake.done():
+                self._handshake_step()
+            elif self._protocol is not None and not self._paused:
+                self._read_records()
+            return
+        # a big read goes through the BIO in slices: its buffer stays small (see _SLICE)
+        view = memoryview(data)
+        for i in range(0, len(data), _SLICE):
+            self._incoming.write(view[i:i + _SLICE])
+            if self._protocol is not None and not self._paused:
+                self._read_records()
 
     def eof_received(self) -> bool:
         self._raw_eof = True             # once the BIOs are read, a FIN without close_notify is the end
@@ -196,11 +208,16 @@ class TlsTransport(asyncio.Transport):
         if not data or self._closing or self._eof_sent:
             return
         try:
-            self._ssl.write(data)
+            if len(data) <= _SLICE:
+                self._ssl.write(data)
+                self._flush()
+                return
+            view = memoryview(data)
+            for i in range(0, len(data), _SLICE):      # in slices: see _SLICE
+                self._ssl.write(view[i:i + _SLICE])
+                self._flush()
         except ssl.SSLError as err:
             self._fatal(err)
-            return
-        self._flush()
 
     def writelines(self, list_of_data) -> None:
         self.write(b"".join(list_of_data))
