@@ -33,10 +33,11 @@ def _extensions() -> list:
         return []
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
-        from build_ext import HOT, extensions
+        from build_ext import HOT, SHARED, extensions, shared_source
         if all(_fresh(m) and os.path.exists(os.path.join(ROOT, m[:-3] + ".c")) for m in HOT):
             # built in place already (scripts/setup.sh): packaged as built, nothing recompiled
-            return [Extension(m[:-3].replace("/", "."), [m[:-3] + ".c"], optional=True) for m in HOT]
+            return [Extension(m[:-3].replace("/", "."), [m[:-3] + ".c"], optional=True) for m in HOT] + [
+                Extension(SHARED, [shared_source()], optional=True)]
         return extensions(optional=True)
     except ImportError as err:              # no Cython in the build environment
         print(f"setup.py: {err}: building meshproxy without its compiled hot path", file=sys.stderr)

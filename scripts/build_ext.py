@@ -11,9 +11,9 @@ attributes, C-level calls between the hot classes.  Types come only from the .px
 raises AttributeError as in Python instead of crashing the process.
 
 Only changed modules are rebuilt: a module whose .py, .pxd or a meshproxy .pxd it cimports
-(transitively) is newer than its generated C (``stale``).  A missing C
-compiler or Python headers is not an error: the proxy then runs as pure Python, and
-``meshproxy.HOT_PATH`` says which one is running.
+(transitively) is newer than its generated C (``stale``); a change of the directives or flags
+below rebuilds them all.  A missing C compiler or Python headers is not an error: the proxy
+then runs as pure Python, and ``meshproxy.HOT_PATH`` says which one is running.
 """
 from __future__ import annotations
 
@@ -55,6 +55,15 @@ HOT = [
     "meshproxy/telemetry/tracing.py",
 ]
 
+# Cython's own helpers (its function type, argument parsing, memoryviews, class creation...)
+# compiled once into this module, which the modules above import, instead of once into each
+# of them: every proxy process maps them once.
+SHARED = "meshproxy._cyutility"
+
+# Compiler flags: no unwind tables (.eh_frame: C has no exceptions; the debug sections keep
+# .debug_frame for debuggers and profilers), so that each process maps less of the modules.
+CFLAGS = ["-O2", "-fno-asynchronous-unwind-tables"]
+
 
 def clean() -> None:
     for pattern in ("meshproxy/**/*.so", "meshproxy/**/*.c"):
@@ -65,7 +74,7 @@ def clean() -> None:
 def _drop_unlisted() -> None:
     """Compiled modules of modules no longer in HOT (left by an older checkout) are removed:
     beside a newer .py they would make meshproxy refuse every compiled module as stale."""
-    listed = {os.path.join(ROOT, m[:-3]) for m in HOT}
+    listed = {os.path.join(ROOT, m[:-3]) for m in HOT} | {os.path.join(ROOT, SHARED.replace(".", "/"))}
     for path in glob.glob(os.path.join(ROOT, "meshproxy/**/*.so"), recursive=True):
         base = path[: path.index(".", len(os.path.dirname(path)) + 1)]
         if base not in listed:
@@ -128,8 +137,35 @@ def stale(modules: list) -> list:
 
 
 # annotation_typing off: types come from the .pxd files only; warn.unreachable off: the Python
-# reference after an ``if cython.compiled:`` branch is unreachable in C by design
-DIRECTIVES = {"annotation_typing": False, "nonecheck": True, "warn.unreachable": False}
+# reference after an ``if cython.compiled:`` branch is unreachable in C by design; auto_pickle
+# off: no pickle support generated for every extension type (connections, parsers, pools are
+# never pickled); the snapshot's types, which a process group pickles to its workers, turn it
+# back on in model.py's first line
+DIRECTIVES = {"annotation_typing": False, "nonecheck": True, "warn.unreachable": False, "auto_pickle": False}
+
+STAMP = os.path.join(ROOT, "build", "build_ext-settings")
+
+
+def _settings() -> str:
+    return repr((DIRECTIVES, CFLAGS, SHARED))
+
+
+def rebuilt(modules: list) -> list:
+    """What a build regenerates: every module after a change of the directives, flags or
+    shared module (recorded in build/ by the last build; file times cannot tell), else the
+    stale ones."""
+    try:
+        with open(STAMP) as f:
+            if f.read() == _settings():
+                return stale(modules)
+    except OSError:
+        pass
+    return list(modules)
+
+
+def shared_source() -> str:
+    """The C file Cython generates for :data:`SHARED`."""
+    return SHARED.replace(".", "/") + ".c"
 
 
 def extensions(optional: bool = False) -> list:
@@ -137,14 +173,17 @@ def extensions(optional: bool = False) -> list:
     ``optional``: a module that fails to compile is left out, and runs as pure Python)."""
     from Cython.Build import cythonize
     from setuptools import Extension
-    changed = set(stale(HOT))
-    exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=["-O2"], optional=optional) for m in HOT]
+    changed = set(rebuilt(HOT))
+    if changed == set(HOT):         # all of them (new flags or directives): the shared one too
+        changed.add(shared_source())
+    exts = [Extension(m[:-3].replace("/", "."), [m], extra_compile_args=CFLAGS, optional=optional) for m in HOT]
+    exts.append(Extension(SHARED, [shared_source()], extra_compile_args=CFLAGS, optional=optional))
     # the changed modules are regenerated (force: Cython's tracking may think them current);
     # the others keep their C, and build_ext recompiles only a C file newer than its module
     return [ext for group, force in (([e for e in exts if e.sources[0] in changed], True),
                                      ([e for e in exts if e.sources[0] not in changed], False)) if group
             for ext in cythonize(group, language_level=3, nthreads=2, quiet=True, force=force,
-                                 compiler_directives=DIRECTIVES)]
+                                 compiler_directives=DIRECTIVES, shared_utility_qualified_name=SHARED)]
 
 
 def build() -> int:
@@ -157,7 +196,7 @@ def build() -> int:
     _drop_unlisted()
     warnings.simplefilter("ignore")   # setuptools' notes about pyproject.toml, not about this build
     started = time.time()
-    changed = stale(HOT)
+    changed = rebuilt(HOT)
     try:
         modules = extensions()
         setup(name="meshproxy-hot-path", ext_modules=modules,
@@ -166,7 +205,10 @@ def build() -> int:
         clean()
         print(f"build_ext: compiling failed ({err}); meshproxy runs as pure Python", file=sys.stderr)
         return 0
-    print(f"build_ext: hot path compiled ({len(changed)} of {len(HOT)} modules changed, "
+    os.makedirs(os.path.dirname(STAMP), exist_ok=True)
+    with open(STAMP, "w") as f:
+        f.write(_settings())
+    print(f"build_ext: hot path compiled ({len(changed)} of {len(HOT)} modules changed, shared {SHARED}, "
           f"{time.time() - started:.0f} s)", file=sys.stderr)
     return 0
 

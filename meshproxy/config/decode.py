@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import difflib
 import hashlib
 import ipaddress
 import json
@@ -205,7 +204,8 @@ class _Reader:
         for key, item in value.items():
             f = spec.fields.get(key) if isinstance(key, str) else None
             if f is None:
-                hint = difflib.get_close_matches(str(key), sorted(spec.fields), n=1)
+                from difflib import get_close_matches   # only for a mistake: not loaded by every proxy
+                hint = get_close_matches(str(key), sorted(spec.fields), n=1)
                 self.error(f"{path}.{key}", "unknown field" + (f' (did you mean "{hint[0]}"?)' if hint else ""))
                 continue
             status = f.status

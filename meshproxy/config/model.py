@@ -1,3 +1,5 @@
+# cython: auto_pickle=True
+# (the snapshot's types are pickled by a process group to its workers: scripts/build_ext.py)
 """The compiled routing snapshot the proxy runs on.
 
 Everything here is frozen and built once by :mod:`meshproxy.config.compile`

@@ -3,13 +3,18 @@ export, no capture, no control plane, one worker) must not load the modules only
 features need.  Each of them costs resident memory in every pod's proxy (cryptography
 alone is about a quarter of a worker), so they load on first use; this test fails when
 one of them comes back on the default path.  It reads the real worker's ``sys.modules``
-through the admin's ``/memory`` after a request has gone through it."""
+through the admin's ``/memory`` after a request has gone through it.
+
+The compiled hot path is mapped whole by every process: its modules share one copy of
+Cython's helpers (``meshproxy._cyutility``, scripts/build_ext.py) instead of carrying one
+each."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
+import meshproxy
 from helpers import http_get, service_entry_yaml
 
 pytestmark = pytest.mark.asyncio
@@ -30,6 +35,7 @@ OPTIONAL = {
     "multiprocessing": "a process group (--workers N)",
     "meshproxy.config.shared": "a process group (--workers N)",
     "ctypes": "the first malloc_trim, after a burst of connections",
+    "difflib": "a config with an unknown field (the decoder's did-you-mean)",
     "shutil": "nothing (argparse imports it for the help width)",
     "controlplane": "nothing: the data plane never imports the control plane",
     "kubernetes": "nothing",
@@ -54,6 +60,8 @@ async def test_a_plain_sidecar_worker_loads_no_optional_module(proxy_factory, up
                  "meshproxy.security.authz", "meshproxy.config.decode"):
         assert used in modules, used
     assert worker["rss_bytes"] > 10 << 20
+    # the worker runs what this test process runs (same tree, same MESHPROXY_PURE)
+    assert ("meshproxy._cyutility" in modules) == (meshproxy.HOT_PATH == "compiled"), meshproxy.HOT_PATH
     loaded = {name: _loaded(modules, name) for name in OPTIONAL}
     problems = [f"{name} (needed only for {OPTIONAL[name]}): {', '.join(found[:3])}"
                 for name, found in loaded.items() if found]
