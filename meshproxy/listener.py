@@ -169,3 +169,8 @@ class HttpListener:
     @property
     def active(self) -> int:
         return len(self.connections)
+
+    def clients_not_reading(self) -> int:
+        """Connections whose client is not taking what it was sent (the write buffer is over its
+        high-water mark, so their upstream reads are paused)."""
+        return sum(1 for conn in self.connections if conn.write_paused)

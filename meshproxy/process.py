@@ -357,7 +357,10 @@ def worker_clusters(worker: Worker) -> dict:
 
 
 def worker_memory(worker: Worker) -> dict:
-    return memory_usage("worker", index=worker.options.worker_index, trims=worker.trimmer.trims)
+    listeners = worker.all_http_listeners()
+    return memory_usage("worker", index=worker.options.worker_index, trims=worker.trimmer.trims,
+                        http_connections=sum(l.active for l in listeners),
+                        clients_not_reading=sum(l.clients_not_reading() for l in listeners))
 
 
 def worker_metrics_dump(worker: Worker) -> dict:

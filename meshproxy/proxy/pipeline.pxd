@@ -18,6 +18,7 @@ from meshproxy.proxy.observe cimport RequestInfo
 
 cdef int BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 cdef int ROUTING, FORWARDING, RESPONDING, LOCAL, DONE
+cdef Py_ssize_t READ_SIZE, WRITE_HIGH_WATER
 
 from meshproxy.proxy.transform cimport client_fields, forwarded_request_headers, forwarded_response_headers
 
@@ -53,7 +54,7 @@ cdef class Attempt(UpstreamHandler):
     cpdef upstream_response_head(self, ResponseHead head)
     cpdef upstream_body(self, data)
     cpdef upstream_complete(self)
-    @cython.locals(exchange=Exchange, down=Downstream)
+    @cython.locals(exchange=Exchange, down=Downstream, conn=UpstreamConnection)
     cpdef upstream_read_done(self)
     cpdef upstream_reset(self, exc)
     cpdef upstream_protocol_error(self, err)
@@ -102,7 +103,7 @@ cdef class Exchange(RequestInfo):
     cpdef bint keep_alive_now(self) except -1
     @cython.locals(attempt=Attempt)
     cpdef downstream_write_paused(self)
-    @cython.locals(attempt=Attempt)
+    @cython.locals(attempt=Attempt, conn=UpstreamConnection)
     cpdef downstream_write_resumed(self)
     cpdef downstream_lost(self)
     cpdef abandon(self)

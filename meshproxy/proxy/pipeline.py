@@ -47,14 +47,14 @@ from ..codec.writer import (
     LAST_CHUNK, content_length_field, encode_chunk, encode_request_head, encode_response_head,
 )
 from ..config.model import NO_HEADER_POLICY
-from ..driver import ConnectionDriver
+from ..driver import WRITE_HIGH_WATER, ConnectionDriver
 from ..router.match import select_route, select_virtual_host
 from ..router.request import RequestView, view_from_head
 from ..router.retry import RetryState
 from ..router.split import hash_key_for
 from ..security.authz import DENIED_BODY
 from ..telemetry.tracing import random_uuid
-from ..upstream.connection import UpstreamConnection, UpstreamHandler
+from ..upstream.connection import READ_SIZE, UpstreamConnection, UpstreamHandler
 from .errors import Failure, error_response
 from .mirror import start_mirror
 from .observe import RequestInfo
@@ -193,8 +193,12 @@ class Attempt(UpstreamHandler):
             if exchange.phase == RESPONDING:
                 # a response still streaming goes to the socket now, read by read, not at the
                 # end of the loop pass: libuv may read this upstream several times in one
-                # pass, and only a write tells whether the client keeps up (pause_writing)
+                # pass, and only a write tells whether the client keeps up (pause_writing);
+                # the next read takes at most what the client's side has room for
                 down.send_now()
+                conn = self.conn
+                if conn is not None and not down.write_paused:
+                    conn.read_size = WRITE_HIGH_WATER - down.transport.get_write_buffer_size()
             else:
                 down.flush()
 
@@ -600,6 +604,7 @@ class Exchange(RequestInfo):
         attempt.conn = conn
         attempt.reused = conn.requests > 0
         conn.handler = attempt
+        conn.read_size = READ_SIZE
         down = self.down
         if down.write_paused:
             # the client is not reading what it was sent already (a pipelined request's
@@ -805,7 +810,9 @@ class Exchange(RequestInfo):
     def downstream_write_resumed(self) -> None:
         attempt = self.attempt
         if attempt is not None and attempt.conn is not None:
-            attempt.conn.resume_reading(_READ_PAUSE_DOWNSTREAM)
+            conn = attempt.conn
+            conn.read_size = WRITE_HIGH_WATER - self.down.transport.get_write_buffer_size()
+            conn.resume_reading(_READ_PAUSE_DOWNSTREAM)
 
     def _end_attempt(self, attempt: Attempt, reusable: bool) -> None:
         """The attempt is over: its timer, its place in a queue, its connect, its connection

@@ -7,17 +7,39 @@ idle means the upstream closed or misbehaved, and the connection is dropped from
 
 A connection is reused only when the last response was framed correctly and read to
 its end, the upstream did not ask to close, and the request was sent completely.
+
+Reads are bounded by what the downstream can take (an asyncio buffered protocol:
+``get_buffer`` / ``buffer_updated``).  Every upstream connection of the process reads
+into one shared buffer of ``READ_SIZE`` bytes and the bytes read are copied out of it at
+once (the copy the loop makes for a plain protocol), so one read is never more than the
+downstream's write high-water mark.  The request using the connection sets ``read_size``
+to the room left under that mark while a response streams to a client (at least
+``MIN_READ``): a client that reads slowly makes the proxy hold about the mark, not the
+mark and a whole socket-buffer's read above it.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Callable
 
+import cython
+
 from ..batch import SendBatch
 from ..codec.api import ProtocolError, ResponseHead
-from ..driver import ConnectionDriver
+from ..driver import WRITE_HIGH_WATER, ConnectionDriver
 
 _NEVER = float("inf")
+
+READ_SIZE = WRITE_HIGH_WATER     # the most one read from an upstream returns
+MIN_READ = 4096                  # the least (a read must have room; the mark is crossed, then reading pauses)
+_READ_SIZE = READ_SIZE           # (the same two as C integers when compiled)
+_MIN_READ = MIN_READ
+# the buffer every upstream read goes to (one read at a time in a process: get_buffer, the
+# read, buffer_updated follow each other without a loop pass between them)
+_READ_BUFFER = bytearray(READ_SIZE)
+_READ_VIEW = memoryview(_READ_BUFFER)
+if cython.compiled:
+    _read_start = PyByteArray_AS_STRING(_READ_BUFFER)
 
 if TYPE_CHECKING:
     from .pool import EndpointPool
@@ -56,7 +78,7 @@ class UpstreamHandler:
 
 
 class UpstreamConnection(ConnectionDriver):
-    __slots__ = ("handler", "pool", "idle_since", "expires_at", "requests", "_counted", "on_close")
+    __slots__ = ("handler", "pool", "idle_since", "expires_at", "requests", "_counted", "on_close", "read_size")
 
     def __init__(self, pool: "EndpointPool", make_parser: Callable, batch: SendBatch | None = None):
         ConnectionDriver.__init__(self, batch)
@@ -69,11 +91,28 @@ class UpstreamConnection(ConnectionDriver):
         self.requests = 0
         self._counted = False          # included in the pool's open-connection count
         self.on_close: Callable[[], None] | None = None   # releases the owning cluster's connection slot
+        self.read_size = READ_SIZE     # the most the next read takes (set by the request it serves)
 
     # ---------------------------------------------------------------- transport events
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.attach(transport)
+
+    def get_buffer(self, sizehint: int):
+        """Where the next read goes: the shared buffer, cut to ``read_size`` (asyncio's
+        BufferedProtocol; ``sizehint`` is the loop's suggestion, not a limit)."""
+        size = self.read_size
+        if size >= _READ_SIZE:
+            return _READ_VIEW
+        return _READ_VIEW[:size if size > _MIN_READ else _MIN_READ]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were read into the shared buffer: out of it at once, then as a plain read."""
+        if cython.compiled:
+            data = PyBytes_FromStringAndSize(_read_start, nbytes)
+        else:
+            data = _READ_VIEW[:nbytes].tobytes()
+        self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         handler = self.handler
