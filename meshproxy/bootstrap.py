@@ -357,7 +357,8 @@ class Worker:
             listener.sweep(now)
         self.pools.sweep(60.0)
         self.telemetry.flush()
-        self.trimmer.observe(sum(l.active for l in self.all_http_listeners()))
+        listeners = self.all_http_listeners()
+        self.trimmer.observe(sum(l.active for l in listeners), sum(l.take_most() for l in listeners))
         if not self.runtime.draining:
             self._sweeper = self.loop.call_later(1.0, self._sweep)
 

@@ -109,10 +109,16 @@ class ConnectionDriver(MessageHandler):  # an asyncio protocol (not derived from
             self.transport.abort()
 
     def lost(self) -> None:
-        """From ``connection_lost``: nothing more is sent."""
+        """From ``connection_lost``: nothing more is sent or parsed.  The parser goes too: it
+        holds this driver's bound handlers, and that cycle (and the parser's own) would keep
+        both, and a partial head the parser holds, until the cyclic garbage collector runs,
+        which a quiet process may not do for a long time after a burst."""
         self.closed = True
         self.out.clear()
         self.sender = None
+        parser, self.parser = self.parser, None
+        if parser is not None:
+            parser.discard()
 
 
 def _joined(write):

@@ -84,6 +84,7 @@ class HttpListener:
         self.sock = sock
         self.ssl_context = ssl_context
         self.connections: set = set()
+        self.most = 0                    # the most connections open at once since take_most()
         self.server: asyncio.AbstractServer | None = None
         self.max_connections = runtime.settings.max_connections_per_listener
         self.rejected_connections = 0
@@ -126,6 +127,8 @@ class HttpListener:
             conn.transport.abort()
             return False
         self.connections.add(conn)
+        if len(self.connections) > self.most:
+            self.most = len(self.connections)
         self.runtime.telemetry.downstream_opened(self.name)
         return True
 
@@ -169,6 +172,12 @@ class HttpListener:
     @property
     def active(self) -> int:
         return len(self.connections)
+
+    def take_most(self) -> int:
+        """The most connections that were open at once since the last call (a burst that came
+        and went between two calls counts), then start again from those open now."""
+        most, self.most = self.most, len(self.connections)
+        return most
 
     def clients_not_reading(self) -> int:
         """Connections whose client is not taking what it was sent (the write buffer is over its

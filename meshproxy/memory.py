@@ -25,8 +25,10 @@ def _malloc_trim():
 
 
 class Trimmer:
-    """``observe(open_connections)`` once a second: trims when the count has fallen to half
-    the peak seen since the last trim, if that peak was at least ``min_peak``."""
+    """``observe(open_connections, most)`` once a second (``most``: the most that were open at
+    once since the last call, so that a burst that came and went between two calls counts):
+    trims when the count has fallen to half the peak seen since the last trim, if that peak
+    was at least ``min_peak``."""
 
     __slots__ = ("peak", "min_peak", "_trim", "trims")
 
@@ -36,7 +38,9 @@ class Trimmer:
         self._trim = trim           # None: glibc's, looked up at the first trim
         self.trims = 0
 
-    def observe(self, open_connections: int) -> bool:
+    def observe(self, open_connections: int, most: int = 0) -> bool:
+        if most > self.peak:
+            self.peak = most
         if open_connections > self.peak:
             self.peak = open_connections
             return False

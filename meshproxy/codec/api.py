@@ -158,6 +158,10 @@ class RequestParser(Protocol):
     def unconsumed(self) -> bytes:
         """Bytes received after an Upgrade request's head that belong to the tunnel."""
 
+    def discard(self) -> None:
+        """The connection is gone: let go of what is held (a partial head, the handler's
+        callbacks), so that nothing waits for the cyclic garbage collector."""
+
 
 class ResponseParser(Protocol):
     def feed(self, data: bytes) -> None:
@@ -172,3 +176,6 @@ class ResponseParser(Protocol):
 
     def unconsumed(self) -> bytes:
         """Bytes after a 101 response's head that belong to the tunnel."""
+
+    def discard(self) -> None:
+        """As for requests."""

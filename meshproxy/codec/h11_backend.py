@@ -176,6 +176,10 @@ class _H11Parser:
     def unconsumed(self) -> bytes:
         return self._tunnel
 
+    def discard(self) -> None:
+        """The connection is gone (nothing here refers back to this parser: all it holds
+        goes with it)."""
+
     def _run(self, data: bytes) -> None:
         pos = 0
         handler = self._handler

@@ -119,6 +119,13 @@ class _Base:
 
     # ------------------------------------------------------------------ feeding
 
+    def discard(self) -> None:
+        """The connection is gone.  The llhttp parser (httptools' object, or the llhttp
+        backend's) holds this object's callbacks and a partial field: dropped, so that the
+        cycle between them does not keep a partial head until the cyclic collector runs."""
+        self._parser = None
+        self.on_body = None
+
     def unconsumed(self) -> bytes:
         return self._tunnel
 

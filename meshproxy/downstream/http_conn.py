@@ -354,6 +354,8 @@ class DownstreamConnection(Downstream):
         """The exchange became a tunnel: let go of it; the bytes the client sent after the
         upgrade request's head."""
         self.exchange = None
-        pending = self.parser.unconsumed() + b"".join(self.upgrade_buffer or ())
+        parser, self.parser = self.parser, None
+        pending = parser.unconsumed() + b"".join(self.upgrade_buffer or ())
+        parser.discard()
         self.upgrade_buffer = None
         return pending

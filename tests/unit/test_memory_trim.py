@@ -26,3 +26,12 @@ def test_glibc_malloc_trim_is_found_and_callable():
     trim = _malloc_trim()
     assert trim is not None, "glibc's malloc_trim (Debian's libc6)"
     assert trim(0) in (0, 1)
+
+
+def test_a_burst_that_came_and_went_between_two_looks_still_trims():
+    calls = []
+    t = Trimmer(min_peak=32, trim=calls.append)
+    assert t.observe(3, 3) is False
+    # 250 connections opened and closed within one second: never seen open, counted as the most
+    assert t.observe(2, 250) is True and calls == [0]
+    assert t.observe(2, 2) is False and calls == [0]
