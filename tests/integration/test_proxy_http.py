@@ -112,6 +112,29 @@ async def test_pipelined_requests_are_answered_in_order(routed_proxy, upstream):
     assert [json.loads(b)["target"] for _, _, b in responses] == [f"/{i}" for i in range(5)]
 
 
+@pytest.mark.parametrize("writes", ["one-write", "write-per-request"])
+async def test_pipelined_requests_then_a_half_close_get_every_answer_then_the_close(routed_proxy, upstream, writes):
+    """A client that pipelines requests and then shuts down its sending side (shutdown(2)
+    SHUT_WR, as ``nc -N`` does) gets every answer in order, as from HAProxy and nginx: a
+    half-close ends the requests, not the answers.  Then the proxy closes (EOF within 10 s)."""
+    loop = asyncio.get_running_loop()
+    reqs = [f"GET /{i} HTTP/1.1\r\nHost: svc.local\r\n\r\n".encode() for i in range(4)]
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        await loop.sock_connect(s, ("127.0.0.1", routed_proxy.port))
+        for part in [b"".join(reqs)] if writes == "one-write" else reqs:
+            await loop.sock_sendall(s, part)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(s, 65536), 10):
+            data += chunk
+    finally:
+        s.close()
+    responses = parse_responses(data)
+    assert [json.loads(b)["target"] for _, _, b in responses] == [f"/{i}" for i in range(4)], data
+
+
 async def test_head_204_and_304_responses_carry_no_body(proxy_factory, codec):
     async def behaviour(req, writer):
         if req.target == "/204":
