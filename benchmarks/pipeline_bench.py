@@ -7,7 +7,7 @@ measure only the interpreter's share of a request (what wrk + /proc cannot separ
 from kernel time and VM noise).
 
     .venv/bin/python benchmarks/pipeline_bench.py [--n 50000] [--trace] [--profile] [--asyncio-loop] [--realistic]
-                                                  [--body-bytes 16384]
+                                                  [--body-bytes 16384] [--chunked-response]
 
 It runs on uvloop, as ``meshproxy run`` does (``--asyncio-loop`` for the stdlib loop).  Timings
 on a shared VM drift by +-20%; ``benchmarks/instructions_per_request.sh`` counts instructions
@@ -195,6 +195,8 @@ if __name__ == "__main__":
                         help="run.py's realistic config (50 services, 9 missed match routes, 90/10 subsets)")
     parser.add_argument("--body-bytes", type=int, default=100,
                         help="response body size (run.py's large response: 16384), in one read")
+    parser.add_argument("--chunked-response", action="store_true",
+                        help="the response body as one chunk (Transfer-Encoding: chunked), not Content-Length")
     args = parser.parse_args()
     if not args.asyncio_loop:
         import uvloop
@@ -204,5 +206,9 @@ if __name__ == "__main__":
         head, _, _ = response.partition(b"\r\n\r\n")
         response = head.replace(b"Content-Length: 100", b"Content-Length: %d" % args.body_bytes) \
             + b"\r\n\r\n" + b"x" * args.body_bytes
+    if args.chunked_response:
+        head, _, body = response.partition(b"\r\n\r\n")
+        head = head.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")
+        response = head + b"\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
     asyncio.run(main(args.n, args.trace, args.profile, PLAIN_REQUEST if args.wrk_request else REQUEST,
                      args.realistic, response))

@@ -14,4 +14,5 @@ cdef bytes _head(bytes start, bytes middle, bytes end, list headers, bytes tail=
 cpdef bytes encode_request_head(method, target, headers, bytes tail=*)
 cpdef bytes encode_response_head(int status, reason, headers, version=*)
 cpdef bytes encode_chunk(data)
+cpdef bytes chunk_head(Py_ssize_t n)
 cpdef tuple content_length_field(n)

@@ -17,6 +17,7 @@ _STATUS_LINES: dict[int, bytes] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
 LAST_CHUNK = b"0\r\n\r\n"
+CHUNK_END = b"\r\n"      # after a chunk's data
 
 
 _FIELD = b": ".join  # (name, value) -> b"name: value", called from C by map()
@@ -95,6 +96,12 @@ def content_length_field(n: int) -> tuple[bytes, bytes]:
         if len(LENGTH_FIELDS) < 4096:
             LENGTH_FIELDS[n] = field
     return field
+
+
+def chunk_head(n: int) -> bytes:
+    """The line that opens a chunk of ``n`` (> 0) bytes; the data and CHUNK_END follow it, as
+    buffers of their own (written together, vectored: the data is not copied)."""
+    return b"%x\r\n" % n
 
 
 def encode_chunk(data: bytes) -> bytes:

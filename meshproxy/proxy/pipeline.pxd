@@ -13,7 +13,7 @@ from meshproxy.router.split cimport _RouteSplit
 from meshproxy.router.request cimport view_from_head
 from meshproxy.router.match cimport select_virtual_host, select_route
 from meshproxy.telemetry.tracing cimport TraceContext
-from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, content_length_field
+from meshproxy.codec.writer cimport encode_request_head, encode_response_head, encode_chunk, chunk_head, content_length_field
 from meshproxy.proxy.observe cimport RequestInfo
 
 cdef int BODY_CHUNKED, BODY_LENGTH, BODY_NONE
@@ -139,6 +139,7 @@ cdef class Exchange(RequestInfo):
     @cython.locals(status=int, kind=int, keep_alive=bint)
     cdef _response_head(self, Attempt attempt, ResponseHead head)
     cdef bint _retry_allowed(self, bint before_send=*) except -1
+    @cython.locals(down=Downstream, n=Py_ssize_t, line=bytes)
     cdef _response_body(self, data)
     cdef _response_complete(self, Attempt attempt)
     @cython.locals(conn=UpstreamConnection, cluster=ClusterState)

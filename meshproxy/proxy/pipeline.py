@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 
 from ..codec.api import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ProtocolError, RequestHead, ResponseHead
 from ..codec.writer import (
-    LAST_CHUNK, content_length_field, encode_chunk, encode_request_head, encode_response_head,
+    CHUNK_END, LAST_CHUNK, chunk_head, content_length_field, encode_chunk, encode_request_head,
+    encode_response_head,
 )
 from ..config.model import NO_HEADER_POLICY
 from ..driver import WRITE_HIGH_WATER, ConnectionDriver
@@ -785,10 +786,18 @@ class Exchange(RequestInfo):
     # ================================================================ 8. response body and end
 
     def _response_body(self, data: bytes) -> None:
+        down = self.down
         if self.response_chunked:
-            data = encode_chunk(data)
+            n = len(data)
+            if n:                                # an empty chunk would end the body
+                line = chunk_head(n)
+                down.write(line)                 # framing and data as separate buffers
+                down.write(data)
+                down.write(CHUNK_END)
+                self.response_bytes += len(line) + n + len(CHUNK_END)
+            return
         self.response_bytes += len(data)
-        self.down.write(data)
+        down.write(data)
 
     def _response_complete(self, attempt: Attempt) -> None:
         self._end_attempt(attempt, self.request_complete and attempt.response_head.keep_alive)

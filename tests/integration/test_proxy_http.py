@@ -105,6 +105,36 @@ async def test_chunked_request_body_is_forwarded_rechunked(routed_proxy, upstrea
     assert b"ext=1" not in got.raw and b"X-Trailer" not in got.raw
 
 
+async def test_chunked_response_is_forwarded_rechunked_whatever_the_chunk_sizes(proxy_factory, codec):
+    # chunks small and large (a large one leaves as a view of the read, its framing in buffers
+    # of its own), split across the upstream's writes; two responses on one connection, so a
+    # framing error in the first would garble the second
+    sizes = [5, 20000, 1, 70000, 4096]
+    chunks = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+
+    async def chunked(req, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for chunk in chunks:
+            framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+            writer.write(framed[:len(framed) // 2])
+            await writer.drain()
+            writer.write(framed[len(framed) // 2:])
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    up = await Upstream(chunked).start()
+    proxy = proxy_factory(service_entry_yaml("svc.local", 80, [("127.0.0.1", up.port, {})]), codec=codec)
+    request = b"GET /c HTTP/1.1\r\nHost: svc.local\r\n\r\n"
+    data, _ = await raw_exchange(proxy.port, request * 2, timeout=10, until=responses_complete(2))
+    responses = parse_responses(data)
+    assert [status for status, _, _ in responses] == [200, 200]
+    for _, headers, body in responses:
+        assert headers["transfer-encoding"] == "chunked"
+        assert body == b"".join(chunks)
+    await up.close()
+
+
 async def test_pipelined_requests_are_answered_in_order(routed_proxy, upstream):
     reqs = b"".join(f"GET /{i} HTTP/1.1\r\nHost: svc.local\r\n\r\n".encode() for i in range(5))
     data, _ = await raw_exchange(routed_proxy.port, reqs, timeout=1.5, until=responses_complete(5))

@@ -5,7 +5,7 @@ import pytest
 
 from meshproxy.codec import BACKENDS, make_response_parser
 from meshproxy.codec.api import BODY_UNTIL_CLOSE, CodecLimits, ProtocolError
-from meshproxy.codec.writer import (LAST_CHUNK, encode_chunk, encode_request_head,
+from meshproxy.codec.writer import (CHUNK_END, LAST_CHUNK, chunk_head, encode_chunk, encode_request_head,
                                     encode_response_head, simple_response)
 
 
@@ -135,6 +135,8 @@ def test_writer_encodes_heads_chunks_and_error_responses():
         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
     assert encode_response_head(299, b"Odd", []) == b"HTTP/1.1 299 Odd\r\n\r\n"
     assert encode_chunk(b"hello") == b"5\r\nhello\r\n" and encode_chunk(b"") == b""
+    for data in (b"hello", b"x" * 0x1234):
+        assert chunk_head(len(data)) + data + CHUNK_END == encode_chunk(data)
     assert LAST_CHUNK == b"0\r\n\r\n"
     resp = simple_response(431)
     head, body = resp.split(b"\r\n\r\n", 1)
