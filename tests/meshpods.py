@@ -79,7 +79,15 @@ class Workload:
         return status, {k.lower(): v for k, v in headers.items()}, body.encode("latin-1")
 
     def admin(self, path: str) -> str:
-        return self.http(f"http://127.0.0.1:15000{path}")[2].decode()
+        """The sidecar's admin page; a connection reset (seen a few times on a loaded machine,
+        cause not found) is retried twice, as a scraper would on its next interval."""
+        for attempt in range(3):
+            try:
+                return self.http(f"http://127.0.0.1:15000{path}")[2].decode()
+            except RuntimeError as err:
+                if "ConnectionResetError" not in str(err) or attempt == 2:
+                    raise
+                time.sleep(0.5)
 
     def metrics(self) -> str:
         return self.admin("/metrics")

@@ -116,8 +116,9 @@ def test_auto_mtls_strict_and_authorization_between_real_sidecars(tmp_path):
         logs = [tmp_path / "httpbin.log", tmp_path / "cart.log"]
         # (a caller the policy does not name is denied with 403: test_auto_mtls.py, in process)
         _eventually(lambda: _get(cart_port), lambda r: r[0] == 200, 30, "cart -> httpbin over mTLS", logs)
-        served = _metrics(server)
-        assert 'decision="allowed",policy="shop/httpbin-callers"' in served, served
+        # read until the counter shows (a scrape can meet a reset under load: scraped again, as Prometheus would)
+        _eventually(lambda: _metrics(server), lambda m: 'decision="allowed",policy="shop/httpbin-callers"' in m,
+                    30, "the allowed request counted by policy", logs)
         # plaintext straight to the STRICT inbound listener: closed without an answer
         assert _get(inbound) == (0, b"")
     finally:
