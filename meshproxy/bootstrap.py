@@ -30,13 +30,14 @@ from .config.model import Listener, Snapshot, endpoint_tls, sni_matches
 from .config.store import SnapshotStore
 from .downstream.http_conn import IDLE, DownstreamConnection
 from .downstream.tcp_proxy import TcpProxyListener, connection_addresses
-from .downstream.tls import GatewayTls
+from .downstream.tls import GatewayTls, TerminatingAcceptor
 from .router.tcp import select_tcp_route
 from .memory import Trimmer
 from .listener import HttpListener, bind_socket, inbound_acceptor
 from .proxy.observe import Telemetry
 from .runtime import Runtime
 from .security.authz import authorize_connection
+from .security.tls import requested_server_name
 from .telemetry.tracing import IdSource, random_uuid
 from .upstream.pool import UpstreamPools
 from .upstream.tls import UpstreamTlsContexts
@@ -187,11 +188,13 @@ class Worker:
                 listener.update(model)
         for key, tcp in list(self.tcp_listeners.items()):
             model = wanted.get(key)
-            if model is None or model.protocol != "TCP":
+            if model is None or model.protocol != "TCP" or (model.tls is None) != (tcp.tls is None):
                 tcp.stop_accepting()
                 del self.tcp_listeners[key]
             else:
                 tcp.model = model
+                if tcp.tls is not None:
+                    tcp.tls.update(model.tls)
         for key, capture in list(self.capture_listeners.items()):
             model = wanted.get(key)
             if model is None or model.protocol != capture.model.protocol:
@@ -222,6 +225,14 @@ class Worker:
                     # inbound: its PeerAuthentication decides per connection (mTLS or plaintext)
                     tcp.server = inbound_acceptor(self, model.name, sock, tcp.protocol_factory,
                                                   lambda: tcp.model.mtls, (), tcp=True)
+                elif model.tls is not None:
+                    # a gateway TLS server in front of TCP routes: terminated, then proxied as TCP
+                    tcp.tls = self._gateway_tls(model)
+                    accept = TerminatingAcceptor(
+                        self.loop, tcp.tls, tcp.protocol_factory,
+                        lambda reason, name=model.name: self.telemetry.handshake_failed(name, reason),
+                        handshake_timeout=self.settings.header_read_timeout)
+                    tcp.server = await self.loop.create_server(accept, sock=sock, backlog=1024)
                 else:
                     await tcp.start(sock)
                 self.tcp_listeners[key] = tcp
@@ -295,9 +306,14 @@ class Worker:
             return listener.model if listener else model
 
         def pick_upstream(transport=None, sni: str | None = None):
-            routes = current_model().tcp_routes
+            current = current_model()
+            routes = current.tcp_routes
             if sni is not None:     # Gateway PASSTHROUGH: the routes whose sniHosts take the SNI
                 routes = [r for r in routes if sni_matches(r.sni_hosts, sni)]
+            elif current.tls is not None:
+                # Gateway TLS terminated here: tls routes whose sniHosts take the handshake's SNI, tcp routes
+                sni = requested_server_name(transport.get_extra_info("ssl_object")) if transport is not None else ""
+                routes = [r for r in routes if not r.sni_hosts or sni_matches(r.sni_hosts, sni)]
             # the first of them whose destinationSubnets / sourceSubnet take the connection
             route = select_tcp_route(routes, *connection_addresses(transport))
             if route is None:
@@ -329,7 +345,7 @@ class Worker:
             on_close=self.telemetry.tcp_closed(model), model=model,
             max_connections=settings.max_connections_per_listener,
             on_overflow=lambda: self.telemetry.downstream_overflow(model.name), upstream_tls=self.pools.tls,
-            sni_routing=lambda: any(r.sni_hosts for r in current_model().tcp_routes))
+            sni_routing=lambda: current_model().tls is None and any(r.sni_hosts for r in current_model().tcp_routes))
 
     @property
     def tcp_listeners_by_name(self) -> dict[str, TcpProxyListener]:

@@ -561,7 +561,7 @@ class _Compiler:
     def sidecar_listeners(self) -> None:
         for r in self.by_kind.get("VirtualService", []):
             if r.spec.tls and self._applies(r, "mesh"):
-                self.warn(f"{r.ref}: spec.tls: TLS routes are applied on Gateway PASSTHROUGH servers only; "
+                self.warn(f"{r.ref}: spec.tls: TLS routes are applied on Gateway TLS servers only; "
                           "sidecars do not route by SNI yet")
         scope = None
         sidecar: Sidecar | None = self.sidecar.spec if self.sidecar else None
@@ -747,10 +747,11 @@ class _Compiler:
                     continue
                 if s.tls is not None and s.tls.mode not in SERVED_TLS_MODES and not s.tls.https_redirect:
                     continue                     # the decoder warned (fields: ServerTLSSettings.mode)
-                if _terminates(s) and protocol == "TLS":
-                    self.warn(f"{where}.tls.mode: {s.tls.mode} on a TLS (TCP) server would terminate TLS in front of "
-                              "TCP routes, which this proxy does not do (PASSTHROUGH does, or serve HTTPS); this "
-                              "server is not served")
+                if protocol == "TLS" and s.tls is not None and first.tls is not None \
+                        and (s.tls.mode == "PASSTHROUGH") != (first.tls.mode == "PASSTHROUGH"):
+                    what = "passes TLS through" if first.tls.mode == "PASSTHROUGH" else "terminates TLS"
+                    self.warn(f"{where}.tls.mode: port {port} already {what} for {first_r.ref} (a port either "
+                              "terminates or passes through); this server is ignored")
                     continue
                 if _terminates(s):
                     certs = self._server_certificates(r, s, where)
@@ -777,15 +778,20 @@ class _Compiler:
                                                authz=self.security.authz))
                 continue
             if protocol == "TCP" or protocol == "TLS":
-                routes: tuple[TcpRoute, ...] = ()
+                # TLS with SIMPLE / MUTUAL / ...: terminated, then routed as TCP: the tls routes whose
+                # sniHosts take the handshake's SNI first, then the tcp routes
+                certificates = [c for _, s in same for c in certificates_of.get(id(s), ())]
+                routes: tuple[TcpRoute, ...] = self._sni_routes(same, port) if certificates else ()
                 for r, s in same:
-                    routes = self._tcp_routes_for(f"{r.namespace}/{r.name}", port, None, f"{r.ref}: spec.servers[{s.index}]")
-                    if routes:
+                    tcp = self._tcp_routes_for(f"{r.namespace}/{r.name}", port, None, f"{r.ref}: spec.servers[{s.index}]")
+                    if tcp:
+                        routes += tcp
                         break
                 if not routes:
-                    self.warn(f"{first_r.ref}: spec.servers[{first.index}]: no VirtualService tcp route is bound "
-                              f"to this gateway for port {port}")
+                    self.warn(f"{first_r.ref}: spec.servers[{first.index}]: no VirtualService tcp "
+                              f"{'or tls ' if certificates else ''}route is bound to this gateway for port {port}")
                 self.listeners.append(Listener(name, address, port, "TCP", tcp_routes=routes,
+                                               tls=TlsSettings("SIMPLE", tuple(certificates)) if certificates else None,
                                                authz=self.security.authz))
                 continue
             tls = None

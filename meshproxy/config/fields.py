@@ -101,6 +101,7 @@ T_TCPL = "tests/integration/test_tcp_listener_e2e.py::"
 T_APPLY = "tests/integration/test_applied_fields_e2e.py::"
 T_GWTLS = "tests/integration/test_gateway_tls_options.py::"
 _T_PASS = "tests/integration/test_gateway_passthrough.py::test_passthrough_routes_on_sni_without_terminating"
+T_GWTCP = "tests/integration/test_gateway_tls_tcp.py::"
 
 
 def A(test: str, note: str = "") -> Applied:
@@ -229,7 +230,9 @@ node("VirtualService",
      hosts=arr(A(T_SNAP + "test_all_kubernetes_host_aliases_reach_the_same_virtual_host"), "string"),
      gateways=arr(A(T_SNAP + "test_gateway_merges_virtual_services_for_one_host_with_catch_alls_last"), "string"),
      http=arr(A(T_INPROC + "test_inprocess_worker_forwards_a_request"), "HTTPRoute"),
-     tls=arr(A(_T_PASS, "Gateway PASSTHROUGH servers; on sidecars the compiler warns that they are not applied"),
+     tls=arr(A(_T_PASS, "Gateway PASSTHROUGH servers, and TLS servers that terminate (routed on the "
+                        "handshake's SNI: " + T_GWTCP + "test_simple_terminates_with_the_sni_certificate_and_routes_"
+                        "by_sni); on sidecars the compiler warns that they are not applied"),
              "TLSRoute"),
      tcp=arr(A(T_TCPL + "test_sidecar_egress_tcp_listener_relays_bytes_and_propagates_half_close"), "TCPRoute"),
      exportTo=arr(A(T_PUSH + "test_export_to_dot_hides_a_resource_from_other_namespaces"), "string"))
@@ -551,6 +554,8 @@ node("ServerTLSSettings",
             ("PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"),
             doc="SIMPLE, MUTUAL, OPTIONAL_MUTUAL, ISTIO_MUTUAL terminate (" + _T_MUTUAL + ", "
                 + T_GWM + "test_istio_mutual_terminates_with_the_workload_certificate_and_wants_a_mesh_client); "
+                "on TLS servers the stream is then routed as TCP ("
+                + T_GWTCP + "test_mutual_refuses_clients_without_a_certificate_or_from_another_ca); "
                 "PASSTHROUGH routes on SNI"),
      serverCertificate=s(A(_T_GWTLS)),
      privateKey=s(A(_T_GWTLS)),

@@ -375,6 +375,7 @@ class TcpProxyListener:
         self.upstream_tls = upstream_tls or UpstreamTlsContexts()
         # None, or: does this listener route on the ClientHello's SNI (pick_upstream(sni))?
         self.sni_routing = sni_routing
+        self.tls = None                             # a gateway's TLS servers (GatewayTls) when it terminates
         self.rejected_connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.connect_failures = 0

@@ -33,6 +33,7 @@ from typing import Callable
 
 from ..config.model import CLIENT_VERIFYING_MODES, ServerCertificate, TlsSettings
 from ..security.tls import load_key_pair, remember_server_name
+from ..security.tls_transport import TlsTransport
 
 VERSIONS = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TLSv1_1,
             "TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
@@ -223,3 +224,41 @@ class ClientCertificateGate(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         pass
 
+
+
+class TerminatingAcceptor:
+    """Protocol factory (for ``loop.create_server``) of a gateway TLS server in front of TCP
+    routes (``protocol: TLS`` with SIMPLE, MUTUAL, ...): each accepted connection is a
+    :class:`~meshproxy.security.tls_transport.TlsTransport` on the listener's front context
+    (the certificate picked by SNI as for HTTPS, the handshake failure counted and answered
+    with OpenSSL's alert); once the handshake completes and :meth:`GatewayTls.refusal` admits
+    the client, ``make()`` (the TCP proxy's protocol) gets the decrypted stream, half-close
+    included.  Each handshake has ``handshake_timeout`` seconds; nothing is kept per connection
+    once it is handed over."""
+
+    __slots__ = ("loop", "tls", "make", "on_refused", "handshake_timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: GatewayTls, make: Callable[[], asyncio.Protocol],
+                 on_refused: Callable[[str], None], handshake_timeout: float):
+        self.loop = loop
+        self.tls = tls
+        self.make = make
+        self.on_refused = on_refused
+        self.handshake_timeout = handshake_timeout
+
+    def __call__(self) -> asyncio.Protocol:
+        transport = TlsTransport(self.loop, self.tls.front, server_side=True)
+        timer = self.loop.call_later(self.handshake_timeout, transport.abort)
+        transport.handshake.add_done_callback(lambda done: self._handshaken(transport, done, timer))
+        return transport
+
+    def _handshaken(self, transport, done: asyncio.Future, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if done.cancelled() or done.exception() is not None:
+            return                       # counted by the front's SSLObject (a failure) or timed out
+        reason = GatewayTls.refusal(transport.get_extra_info("ssl_object"))
+        if reason is not None:
+            self.on_refused(reason)
+            transport.abort()
+            return
+        transport.attach(self.make())
