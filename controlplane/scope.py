@@ -246,7 +246,8 @@ def select_resources(resources: list[dict], identity: Identity, scope: Scope | N
             continue
         if kind == "Secret":
             # only to the gateway proxies of its namespace whose Gateways name it (credentialName,
-            # or <credentialName>-cacert for the MUTUAL modes)
+            # or <credentialName>-cacert for the MUTUAL modes), or a DestinationRule's tls does
+            # (credentialName and <credentialName>-cacert: an egress gateway's client certificate)
             # and with its data only to an identity granted Secrets (``meshctl serve
             # --secret-readers``); any other gets its name and why, so it can say so
             if identity.mode == "gateway" and _ns(obj) == identity.namespace:
@@ -302,6 +303,26 @@ def _credentials(resources: list[dict], labels: dict[str, str]) -> set[str]:
                 names.add(name)
                 if tls.get("mode") in ("MUTUAL", "OPTIONAL_MUTUAL"):
                     names.add(name + "-cacert")
+    for obj in resources:
+        if obj["kind"] == "DestinationRule" and isinstance(obj.get("spec"), dict):
+            names |= _client_credentials(obj["spec"])
+    return names
+
+
+def _client_credentials(spec: dict) -> set[str]:
+    """The Secret names a DestinationRule's ``tls.credentialName`` fields reference (each with
+    its ``-cacert``), at every level."""
+    policies = [spec.get("trafficPolicy")] + [s.get("trafficPolicy") for s in spec.get("subsets") or []
+                                              if isinstance(s, dict)]
+    names: set[str] = set()
+    for policy in policies:
+        if not isinstance(policy, dict):
+            continue
+        for part in [policy] + [p for p in policy.get("portLevelSettings") or [] if isinstance(p, dict)]:
+            tls = part.get("tls")
+            name = tls.get("credentialName") if isinstance(tls, dict) else None
+            if isinstance(name, str) and name:
+                names |= {name, name + "-cacert"}
     return names
 
 

@@ -34,7 +34,7 @@ from .hosts import domains, host_covers, intersect_hosts, namespaced_host_matche
 from .model import (
     EMPTY_MAP, Cluster, ConnectionPoolPolicy, Endpoint, HttpRoute, LoadBalancerPolicy, Listener,
     MirrorPolicy, ProxySettings, Redirect, ResourceInfo, RetryPolicy, RouteTable, ServerCertificate, Snapshot,
-    TcpMatch, TcpRoute, TLS_MODE_LABEL, TlsSettings, TrafficPolicy, VirtualHost, WeightedDestination,
+    TcpMatch, TcpRoute, TLS_MODE_LABEL, TlsSettings, TrafficPolicy, UpstreamTls, VirtualHost, WeightedDestination,
 )
 from .resources import (
     DestinationRule, Gateway, HTTPRoute, L4Route, PolicyParts, Resource, RouteDestination, Server,
@@ -191,6 +191,7 @@ class _Compiler:
             self._build_registry(list(workloads))
             self.known = frozenset(self.services)
             self.rules: dict[str, tuple[TrafficPolicySpec | None, dict[str, Subset]]] = {}
+            self.credential_sources: dict[int, tuple[Resource, str]] = {}   # id(ClientTLS) -> where written
             self._merge_destination_rules()
             self._warn_tcp_only_pool_fields()
             self.clusters: dict[str, Cluster] = {}
@@ -262,6 +263,7 @@ class _Compiler:
         owners: dict[str, Resource] = {}
         for r in self.by_kind.get("DestinationRule", []):
             dr: DestinationRule = r.spec
+            self._note_credentials(r)
             if dr.workload_selector is not None and (
                     r.namespace != self.identity.namespace or not self._labels_match(dr.workload_selector)):
                 continue
@@ -285,6 +287,60 @@ class _Compiler:
                 else:
                     subsets[s.name] = s
             self.rules[host] = (policy, subsets)
+
+    def _note_credentials(self, r: Resource) -> None:
+        """Remember where each ``tls`` with a credentialName is written (its resource and path),
+        for :meth:`_client_credential`."""
+        dr: DestinationRule = r.spec
+        specs = [("spec.trafficPolicy", dr.traffic_policy)] + [
+            (f"spec.subsets[{i}].trafficPolicy", sub.traffic_policy) for i, sub in enumerate(dr.subsets)]
+        for path, spec in specs:
+            if spec is None:
+                continue
+            for where, parts in [(path, spec.parts)] + [(f"{path}.portLevelSettings[{i}]", parts)
+                                                        for i, (_, parts) in enumerate(spec.port_level)]:
+                if parts.tls is not None and parts.tls.credential_name:
+                    self.credential_sources[id(parts.tls)] = (r, f"{where}.tls.credentialName")
+
+    def _client_credential(self, client, tls: UpstreamTls) -> UpstreamTls:
+        """DestinationRule ``tls.credentialName`` -> the Secret's client certificate, key and CA
+        (Istio's rules: on gateways, and on sidecars only from a DestinationRule with a
+        workloadSelector; the Secret in the proxy's namespace; the CA in it or in
+        ``<name>-cacert``).  Where it cannot be applied the cluster fails closed: its
+        connections are refused (never plaintext, never without the certificate) and the
+        warning names the path and why."""
+        r, path = self.credential_sources.get(id(client), (None, "tls.credentialName"))
+        where = f"{r.ref}: {path}" if r is not None else path
+        ns = self.identity.namespace
+        failed = replace(tls, credential=f"{ns}/{client.credential_name}")
+        if self.identity.mode != "gateway" and (r is None or r.spec.workload_selector is None):
+            self.warn(f"{where}: applies on gateways, and on sidecars only from a DestinationRule with a "
+                      f"workloadSelector (Istio); connections of this sidecar to {tls.sni or 'the host'} are refused")
+            return failed
+        secrets = {x.name: x.spec for x in self.by_kind.get("Secret", []) if x.namespace == ns}
+        secret = secrets.get(client.credential_name)
+        other = secrets.get(client.credential_name + "-cacert")
+        for name, value in ((client.credential_name, secret), (client.credential_name + "-cacert", other)):
+            if value is not None and value.withheld:
+                self.warn(f"{where}: Secret {ns}/{name} withheld by the control plane: {value.withheld}; "
+                          "connections are refused")
+                return failed
+        if secret is None:
+            self.warn(f"{where}: no Secret {ns}/{client.credential_name} (looked up in this proxy's namespace, "
+                      f"{ns}); connections are refused")
+            return failed
+        if tls.mode == "MUTUAL" and not secret.certificate:
+            self.warn(f"{where}: Secret {ns}/{client.credential_name} has no client certificate and key "
+                      "(tls.crt/tls.key or cert/key); connections are refused")
+            return failed
+        ca = secret.ca or (other.ca if other is not None else b"")
+        if not ca:
+            self.warn(f"{where}: no CA to verify the server with: no ca.crt/cacert in Secret "
+                      f"{ns}/{client.credential_name} and no Secret {ns}/{client.credential_name}-cacert; "
+                      "connections are refused")
+            return failed
+        return replace(failed, certificate_pem=secret.certificate if tls.mode == "MUTUAL" else b"",
+                       key_pem=secret.key if tls.mode == "MUTUAL" else b"", ca_pem=ca)
 
     def _warn_tcp_only_pool_fields(self) -> None:
         """connectionPool.tcp.idleTimeout acts on TCP proxy connections only: say so where a
@@ -335,13 +391,16 @@ class _Compiler:
                                 connection_pool=sub.parts.connection_pool or parts.connection_pool,
                                 outlier=sub.parts.outlier or parts.outlier, tls=sub.parts.tls or parts.tls)
             parts = _with_port_level(parts, sub, port)
+        tls = upstream_tls(parts.tls, svc.host if svc else "", port, subset.name if subset else None, protocol,
+                           svc.identities if svc else ())
+        if tls is not None and parts.tls.credential_name:
+            tls = self._client_credential(parts.tls, tls)
         return TrafficPolicy(
             load_balancer=parts.load_balancer or LoadBalancerPolicy(),
             connection_pool=parts.connection_pool
             or ConnectionPoolPolicy(connect_timeout=self.settings.upstream_connect_timeout),
             outlier=parts.outlier,
-            tls=upstream_tls(parts.tls, svc.host if svc else "", port, subset.name if subset else None, protocol,
-                             svc.identities if svc else ()),
+            tls=tls,
             auto_mtls=auto_mtls(svc.host, port, subset.name if subset else None, protocol, svc.identities)
             if svc is not None and parts.tls is None else None)
 

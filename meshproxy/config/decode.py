@@ -1332,8 +1332,12 @@ def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:
         return None
     mode = r.string(m, "mode", path, choices=CLIENT_TLS_MODES) or "DISABLE"
     sans = r.str_list(m, "subjectAltNames", path)
-    for k in ("credentialName", "caCrl"):     # refused by the field registry (fields.py, ClientTLSSettings)
-        r.string(m, k, path)
+    r.string(m, "caCrl", path)                # refused by the field registry (fields.py, ClientTLSSettings)
+    credential = r.string(m, "credentialName", path) or ""
+    if credential:
+        for k in ("clientCertificate", "privateKey", "caCertificates"):
+            if m.get(k):
+                r.error(f"{path}.{k}", "give either credentialName or the certificate files, not both (Istio)")
     if mode == "ISTIO_MUTUAL":
         for k in ("clientCertificate", "privateKey", "caCertificates", "credentialName"):
             if m.get(k):
@@ -1343,7 +1347,8 @@ def _decode_client_tls(r: _Reader, raw: Any, path: str) -> ClientTLS | None:
     return ClientTLS(mode=mode, client_certificate=r.string(m, "clientCertificate", path) or "",
                      private_key=r.string(m, "privateKey", path) or "",
                      ca_certificates=r.string(m, "caCertificates", path) or "", sni=r.string(m, "sni", path) or "",
-                     insecure_skip_verify=bool(r.boolean(m, "insecureSkipVerify", path)), subject_alt_names=sans)
+                     insecure_skip_verify=bool(r.boolean(m, "insecureSkipVerify", path)), subject_alt_names=sans,
+                     credential_name=credential)
 
 
 # ---------------------------------------------------------------- ServiceEntry

@@ -491,8 +491,10 @@ node("ClientTLSSettings",
      clientCertificate=s(A(T_ORIG + "test_mutual_presents_the_client_certificate_files")),
      privateKey=s(A(T_ORIG + "test_mutual_presents_the_client_certificate_files")),
      caCertificates=s(A(_T_SIMPLE)),
-     credentialName=s(Refused("client credentials from secrets are not supported; use clientCertificate, "
-                              "privateKey and caCertificates files; refused")),
+     credentialName=s(A(T_ORIG + "test_credential_name_gives_a_gateway_the_client_certificate_from_a_secret",
+                        "a Secret in the proxy's namespace (client certificate, key, CA; or <name>-cacert); on "
+                        "gateways, and on sidecars only from a DestinationRule with a workloadSelector (Istio): "
+                        "elsewhere, or missing, the compiler warns and connections are refused")),
      subjectAltNames=arr(A(_T_REFUSE), "string"),
      sni=s(A(_T_REFUSE)),
      insecureSkipVerify=b(A(_T_REFUSE)),

@@ -51,7 +51,8 @@ from .model import EMPTY_MAP, ProxySettings, Snapshot
 from .resources import Document, Resource
 
 # what steps 2-4 of a compile read (PeerAuthentication: auto mTLS to each endpoint)
-REGISTRY_KINDS = frozenset({"ServiceEntry", "DestinationRule", "PeerAuthentication"})
+# (Secret: DestinationRule tls.credentialName puts its PEMs into the clusters)
+REGISTRY_KINDS = frozenset({"ServiceEntry", "DestinationRule", "PeerAuthentication", "Secret"})
 BUILD_SWITCH_INTERVAL = 0.0005     # seconds: the GIL hand-over interval while a build thread runs
 
 

@@ -289,6 +289,11 @@ class UpstreamTls:
     insecure_skip_verify: bool = False
     alpn: tuple[str, ...] = ()
     auto: bool = False                          # auto mTLS: plaintext when this proxy has no certificate
+    # credentialName (gateways): the Secret's PEMs instead of the files, ``credential`` naming it
+    credential: str = ""
+    certificate_pem: bytes = field(default=b"", repr=False)
+    key_pem: bytes = field(default=b"", repr=False, metadata={"secret": True})
+    ca_pem: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

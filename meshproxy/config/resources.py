@@ -118,6 +118,7 @@ class ClientTLS:
     sni: str = ""
     insecure_skip_verify: bool = False
     subject_alt_names: tuple[str, ...] = ()
+    credential_name: str = ""          # a Secret in the proxy's namespace (gateways; see compile)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ import ssl
 import time
 from typing import Callable
 
-from ..security.tls import FastSSLObject, peer_certificate
+from ..security.tls import FastSSLObject, load_key_pair, peer_certificate
 
 SIMPLE = "SIMPLE"
 MUTUAL = "MUTUAL"
@@ -153,6 +153,9 @@ class UpstreamTlsContexts:
 
     @staticmethod
     def _file_context(tls) -> ssl.SSLContext:
+        if tls.credential and not (tls.ca_pem or tls.certificate_pem):
+            raise UpstreamTlsError(f"credentialName {tls.credential} is not available to this proxy (the "
+                                   "config's warnings say why); refused")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.sslobject_class = FastSSLObject
@@ -161,13 +164,17 @@ class UpstreamTlsContexts:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             else:
-                if tls.ca_certificates:
+                if tls.ca_pem:
+                    ctx.load_verify_locations(cadata=tls.ca_pem.decode())
+                elif tls.ca_certificates:
                     ctx.load_verify_locations(tls.ca_certificates)
                 else:
                     ctx.load_default_certs()
                 # subjectAltNames replace the host-name check (checked after the handshake)
                 ctx.check_hostname = not tls.subject_alt_names
-            if tls.mode == MUTUAL:
+            if tls.mode == MUTUAL and tls.certificate_pem:
+                load_key_pair(ctx, tls.certificate_pem, tls.key_pem)     # credentialName (a Secret)
+            elif tls.mode == MUTUAL:
                 ctx.load_cert_chain(tls.client_certificate, tls.private_key)
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamTlsError(f"{tls.mode} TLS settings cannot be loaded: {exc}") from None

@@ -5,6 +5,7 @@ verify gets 503 UF."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import ssl
 import textwrap
@@ -202,3 +203,112 @@ async def test_tcp_clusters_originate_tls_too(ca, tmp_path):
     writer.close()
     assert origin.snis == ["api.example.com"]
     await worker.drain(0.1)
+
+
+def _gateway_config(gw_port: int, origin_port: int, tls: str, secrets: str, selector: str = "") -> str:
+    """A gateway routing api.example.com to the origin, with DestinationRule ``tls`` and Secret documents."""
+    return _config(0, origin_port, tls).replace("spec:\n  host: api.example.com",
+                                               f"spec:\n  host: api.example.com{selector}") + textwrap.dedent(f"""\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {{name: edge, namespace: default}}
+        spec:
+          selector: {{istio: egressgateway}}
+          servers:
+          - port: {{number: {gw_port}, name: http, protocol: HTTP}}
+            hosts: [api.example.com]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: api, namespace: default}}
+        spec:
+          hosts: [api.example.com]
+          gateways: [edge, mesh]
+          http:
+          - route: [{{destination: {{host: api.example.com, port: {{number: 443}}}}}}]
+        """) + secrets
+
+
+def _secret(name: str, **data: bytes) -> str:
+    body = ", ".join(f"{k}: {base64.b64encode(v).decode()}" for k, v in data.items())
+    kind = "kubernetes.io/tls" if "tls.crt" in data else "Opaque"
+    return f"---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: default}}\ntype: {kind}\n" \
+           f"data: {{{body}}}\n"
+
+
+async def _compiled_worker(config: str, identity: ProxyIdentity) -> tuple[Worker, tuple[str, ...]]:
+    docs = [Document("t.yaml", i, d) for i, d in enumerate(yaml.safe_load_all(config))]
+    decoded = decode_documents(docs)
+    assert not decoded.errors, decoded.errors
+    snap = compile_snapshot(decoded.resources, identity).snapshot
+    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snap), WorkerOptions(), Telemetry(),
+                    rng=random.Random(1))
+    await worker.start()
+    return worker, snap.warnings
+
+
+async def test_credential_name_gives_a_gateway_the_client_certificate_from_a_secret(ca, tmp_path):
+    client = ca.issue(dns=("egress.example.com",))
+    root_file = str(tmp_path / "root.pem")
+    # the upstream requires a client certificate from the CA (Python ssl, CERT_REQUIRED)
+    origin = await TlsOrigin(_server_ctx(ca.issue(dns=("api.example.com",)), root_file, tmp_path)).start()
+    gw_port = free_port()
+    gateway = ProxyIdentity(mode="gateway", gateway_bind="127.0.0.1", labels={"istio": "egressgateway"})
+    config = _gateway_config(gw_port, origin.port, "{mode: MUTUAL, credentialName: api-client}",
+                             _secret("api-client", **{"tls.crt": client.cert_pem, "tls.key": client.key_pem,
+                                                      "ca.crt": ca.root_pem}))
+    worker, warnings = await _compiled_worker(config, gateway)
+    assert not [w for w in warnings if "credentialName" in w], warnings
+    assert (await _get(gw_port)).endswith(b"secure")
+    assert origin.snis[-1] == "api.example.com"
+    assert origin.client_sans == [(("DNS", "egress.example.com"),)]       # the Secret's certificate
+    await worker.drain(0.1)
+    # the CA may come from <name>-cacert; a server from another CA is refused (503, never plaintext)
+    gw_port = free_port()
+    config = _gateway_config(gw_port, origin.port, "{mode: MUTUAL, credentialName: api-client}",
+                             _secret("api-client", **{"tls.crt": client.cert_pem, "tls.key": client.key_pem})
+                             + _secret("api-client-cacert", cacert=MeshCA("another").root_pem))
+    worker, _ = await _compiled_worker(config, gateway)
+    assert (await _get(gw_port)).startswith(b"HTTP/1.1 503")
+    await worker.drain(0.1)
+    # SIMPLE: the Secret's CA verifies the server, no client certificate is sent
+    simple_origin = await TlsOrigin(_server_ctx(ca.issue(dns=("api.example.com",)), tmp=tmp_path)).start()
+    gw_port = free_port()
+    config = _gateway_config(gw_port, simple_origin.port, "{mode: SIMPLE, credentialName: api-ca}",
+                             _secret("api-ca", cacert=ca.root_pem))
+    worker, _ = await _compiled_worker(config, gateway)
+    assert (await _get(gw_port)).endswith(b"secure")
+    assert simple_origin.client_sans == [None]
+    await worker.drain(0.1)
+
+
+async def test_credential_name_on_a_sidecar_without_workload_selector_is_refused_not_ignored(ca, tmp_path):
+    client = ca.issue(dns=("egress.example.com",))
+    origin = await TlsOrigin(_server_ctx(ca.issue(dns=("api.example.com",)), str(tmp_path / "root.pem"),
+                                         tmp_path)).start()
+    secret = _secret("api-client", **{"tls.crt": client.cert_pem, "tls.key": client.key_pem, "ca.crt": ca.root_pem})
+    listen = free_port()
+    config = _gateway_config(free_port(), origin.port, "{mode: MUTUAL, credentialName: api-client}", secret)
+    worker, warnings = await _compiled_worker(config, ProxyIdentity(http_listen=("127.0.0.1", listen)))
+    assert any("DestinationRule default/api: spec.trafficPolicy.tls.credentialName: applies on gateways" in w
+               for w in warnings), warnings
+    assert (await _get(listen)).startswith(b"HTTP/1.1 503")
+    assert origin.client_sans == []                      # no connection made without the certificate
+    await worker.drain(0.1)
+    # with a workloadSelector that selects the sidecar, Istio applies it there too
+    listen = free_port()
+    config = _gateway_config(free_port(), origin.port, "{mode: MUTUAL, credentialName: api-client}", secret,
+                             selector="\n  workloadSelector: {matchLabels: {app: sleep}}")
+    worker2, warnings = await _compiled_worker(config, ProxyIdentity(http_listen=("127.0.0.1", listen),
+                                                                     labels={"app": "sleep"}))
+    assert not [w for w in warnings if "credentialName" in w], warnings
+    assert (await _get(listen)).endswith(b"secure")
+    assert origin.client_sans == [(("DNS", "egress.example.com"),)]
+    await worker2.drain(0.1)
+    # and with a certificate file beside it, the decoder refuses the DestinationRule
+    docs = [Document("t.yaml", i, d) for i, d in enumerate(yaml.safe_load_all(_config(
+        0, origin.port, "{mode: MUTUAL, credentialName: api-client, clientCertificate: /c.pem, privateKey: /k.pem}")))]
+    errors = decode_documents(docs).errors
+    assert any("tls.clientCertificate: give either credentialName or the certificate files" in str(e)
+               for e in errors), errors

@@ -341,3 +341,20 @@ async def test_a_secret_goes_with_its_data_only_to_a_granted_gateway_and_is_with
         Security(None, tls=False, secret_readers=("edge/gw",))
     with pytest.raises(ValueError, match="expected NAMESPACE/SERVICE_ACCOUNT"):
         parse_secret_readers(["edge"])
+
+
+def test_a_secret_a_destination_rule_names_goes_to_gateways_of_its_namespace_only():
+    secret = lambda name: {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                           "metadata": {"name": name, "namespace": "edge"}, "data": {"cacert": "Q0E="}}
+    resources = [obj("DestinationRule", "api", "edge", host="api.example.com", subsets=[
+                     {"name": "v1", "trafficPolicy": {"portLevelSettings": [
+                         {"port": {"number": 443}, "tls": {"mode": "MUTUAL", "credentialName": "client"}}]}}]),
+                 secret("client"), secret("client-cacert"), secret("unrelated")]
+    names = lambda rs: sorted(r["metadata"]["name"] for r in rs if r["kind"] == "Secret")
+    granted = dict(secrets_granted=True)
+    assert names(select_resources(resources, Identity("edge", "gateway", **granted))) == ["client", "client-cacert"]
+    assert names(select_resources(resources, Identity("other", "gateway", **granted))) == []
+    assert names(select_resources(resources, Identity("edge", "sidecar", **granted))) == []
+    withheld = select_resources(resources, Identity("edge", "gateway"))
+    assert names(withheld) == ["client", "client-cacert"] and not any("data" in r for r in withheld
+                                                                      if r["kind"] == "Secret")

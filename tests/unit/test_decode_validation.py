@@ -300,16 +300,16 @@ def test_destination_rule_tls_settings_not_applied_are_refused_at_every_level():
     spec = {"host": "api.example.com",
             "trafficPolicy": {"tls": {"mode": "SIMPLE", "caCrl": "/crl.pem"},
                               "portLevelSettings": [{"port": {"number": 443}, "tls": {
-                                  "mode": "MUTUAL", "credentialName": "client-secret"}}]},
+                                  "mode": "MUTUAL", "credentialName": "client-secret",
+                                  "clientCertificate": "/c.pem"}}]},
             "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"mode": "SIMPLE", "caCrl": "/crl.pem"}}}]}
     result = decode("DestinationRule", spec)
     crl = "certificate revocation lists are not checked by this proxy; refused"
-    secret = ("client credentials from secrets are not supported; use clientCertificate, privateKey and "
-              "caCertificates files; refused")
+    secret = "give either credentialName or the certificate files, not both (Istio)"
     assert result.resources == []
     assert result.errors == [
         f"DestinationRule default/r: spec.trafficPolicy.tls.caCrl: {crl}",
-        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.credentialName: {secret}",
+        f"DestinationRule default/r: spec.trafficPolicy.portLevelSettings[0].tls.clientCertificate: {secret}",
         f"DestinationRule default/r: spec.subsets[0].trafficPolicy.tls.caCrl: {crl}",
     ]
 

@@ -70,7 +70,7 @@ def test_destination_rule_tls_wins_and_disable_turns_auto_mtls_off():
     assert len(tls) == 1 and next(iter(tls)).mode == "ISTIO_MUTUAL" and not next(iter(tls)).auto
 
 
-def test_client_credential_name_and_crl_are_refused_not_dropped():
+def test_client_crl_is_refused_and_credential_name_on_a_sidecar_warned_not_dropped():
     decoded, _ = _compile(SE + textwrap.dedent("""\
         ---
         apiVersion: networking.istio.io/v1
@@ -80,9 +80,19 @@ def test_client_credential_name_and_crl_are_refused_not_dropped():
           host: reviews
           trafficPolicy: {tls: {mode: MUTUAL, credentialName: reviews-client, caCrl: /etc/crl.pem}}
         """))
-    assert any("spec.trafficPolicy.tls.credentialName: client credentials from secrets are not supported" in e
-               for e in decoded.errors), decoded.errors
     assert any("spec.trafficPolicy.tls.caCrl: certificate revocation lists are not checked" in e for e in decoded.errors)
+    decoded, snap = _compile(SE + textwrap.dedent("""\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews, namespace: default}
+        spec:
+          host: reviews
+          trafficPolicy: {tls: {mode: MUTUAL, credentialName: reviews-client}}
+        """))
+    assert not decoded.errors
+    assert any("DestinationRule default/reviews: spec.trafficPolicy.tls.credentialName: applies on gateways" in w
+               for w in snap.warnings), snap.warnings
 
 
 def test_a_workload_registered_with_an_identity_gets_auto_mtls_checked_against_it():
