@@ -44,6 +44,7 @@ from .telemetry import (
     AccessLog, MetricsAggregator, ProxyMetrics, ProxyTracer, render,
 )
 from .telemetry.metrics import workload_peer
+from .telemetry.peer_metadata import PeerMetadataExchange, own_metadata
 
 EXIT_UNCLEAN_DRAIN = 3
 
@@ -401,7 +402,18 @@ def build_telemetry(options: "RunOptions", loop) -> Telemetry:
         sink = sys.stdout.buffer if target == "stdout" else open(target, "ab")
         access_log = AccessLog(sink, sample_rate=t.get("access_log_sample", 1.0), schedule_flush=loop.call_soon)
         metrics.attach(access_log)
-    return Telemetry(metrics, tracer, access_log, source=source)
+    return Telemetry(metrics, tracer, access_log, source=source, peer_exchange=build_peer_exchange(options))
+
+
+def build_peer_exchange(options: "RunOptions") -> PeerMetadataExchange:
+    """This workload's peer metadata (its labels, namespace, service account), encoded once:
+    what it tells the sidecars it talks to over mesh mutual TLS."""
+    identity = options.identity
+    sec = options.security or {}
+    node = options.worker.node_id
+    fields = own_metadata(identity.labels, identity.namespace, node=node,
+                          service_account=sec.get("service_account", ""))
+    return PeerMetadataExchange(fields, f"{identity.mode}~{node}.{identity.namespace}")
 
 
 # ==================================================================== one process

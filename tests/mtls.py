@@ -118,15 +118,16 @@ def compile_sidecar(text: str, listen: int):
     return compile_snapshot(decoded.resources, ProxyIdentity(namespace="foo", http_listen=("127.0.0.1", listen))).snapshot
 
 
-async def start_worker(snapshot, certificates, seed: int):
-    """A started in-process worker serving ``snapshot`` with the workload ``certificates``."""
+async def start_worker(snapshot, certificates, seed: int, telemetry=None):
+    """A started in-process worker serving ``snapshot`` with the workload ``certificates``
+    (and ``telemetry``: a workload's, see :func:`workload_telemetry`; default: no workload)."""
     import asyncio
     import random
     from meshproxy.bootstrap import Worker, WorkerOptions
     from meshproxy.config.store import SnapshotStore
     from meshproxy.proxy.observe import Telemetry
-    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snapshot), WorkerOptions(), Telemetry(),
-                    rng=random.Random(seed))
+    worker = Worker(asyncio.get_running_loop(), SnapshotStore(snapshot), WorkerOptions(),
+                    telemetry if telemetry is not None else Telemetry(), rng=random.Random(seed))
     worker.certificates = certificates
     await worker.start()
     return worker
@@ -140,3 +141,16 @@ async def get_status(port: int) -> bytes:
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     return data
+
+
+def workload_telemetry(labels: dict, namespace: str, node: str, service_account: str = "",
+                       metadata_namespace: str | None = None):
+    """The telemetry of a workload with ``labels`` in ``namespace``, as ``meshproxy run`` builds it:
+    its own labels on its series and its peer metadata for the exchange (which may claim
+    ``metadata_namespace`` instead, to play a workload that lies about where it runs)."""
+    from meshproxy.proxy.observe import Telemetry
+    from meshproxy.telemetry.metrics import workload_peer
+    from meshproxy.telemetry.peer_metadata import PeerMetadataExchange, own_metadata
+    fields = own_metadata(labels, metadata_namespace or namespace, node=node, service_account=service_account)
+    return Telemetry(source=workload_peer(labels, namespace),
+                     peer_exchange=PeerMetadataExchange(fields, f"sidecar~{node}.{namespace}"))

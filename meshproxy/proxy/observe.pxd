@@ -18,13 +18,17 @@ cdef class RequestInfo:
     cdef public double start_time, upstream_start
     cdef public Py_ssize_t request_bytes, response_bytes
     cdef public TraceContext trace
+    cdef public str upstream_identity
+    cdef public bytes peer_metadata
 
 cdef class Telemetry:
     cdef public ProxyTracer tracer
     cdef public ProxyMetrics metrics
     cdef public object access_log, source, _unrouted, _inbound, identity
     cdef public str reporter, _policy
-    cdef public dict _handles, _tcp_handles, _inbound_mtls
+    cdef public dict _handles, _tcp_handles, _inbound_mtls, _inbound_peers, _peer_handles
+    cdef public object peer_exchange, peer_response_fields
+    cdef public bytes peer_request_block
 
     @cython.locals(head=RequestHead)
     cpdef request_routed(self, RequestInfo exchange)

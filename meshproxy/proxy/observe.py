@@ -17,6 +17,11 @@ from ..codec.api import field_names
 from ..config.model import Cluster, Listener, Snapshot
 from ..telemetry import AccessLog, PeerInfo, UNKNOWN_PEER
 from ..telemetry.metrics import ProxyMetrics, workload_peer
+from ..telemetry.peer_metadata import OVERFLOW, PeerMetadataExchange, metadata_value, namespace_of
+
+# distinct peers (caller or destination metadata, per cluster) labelled by one worker; past it,
+# a new peer's requests are counted without its metadata (rejected as too_many_peers)
+MAX_LABELLED_PEERS = 4096
 
 
 def peer_uri(transport) -> str:
@@ -43,9 +48,11 @@ def _service_peer(cluster: Cluster) -> PeerInfo:
 class RequestInfo:
     """What telemetry reads about one request (Envoy's StreamInfo); the pipeline's Exchange is
     one, and fills these in as the request goes.  ``connection``: the downstream connection (its
-    listener knows the peer's identity)."""
+    listener knows the peer's identity).  ``upstream_identity``: the SPIFFE id of the sidecar the
+    request went to over mesh mutual TLS ("" otherwise); ``peer_metadata``: the peer metadata
+    value that sidecar answered with (None without one)."""
     __slots__ = ("head", "connection", "client_ip", "scheme", "inbound", "status", "flags", "details", "route_name",
-                 "destination",
+                 "destination", "upstream_identity", "peer_metadata",
                  "cluster", "endpoint", "attempts", "start_time", "upstream_start", "request_bytes",
                  "response_bytes", "trace")
 
@@ -53,7 +60,7 @@ class RequestInfo:
 class Telemetry:
     def __init__(self, metrics: ProxyMetrics | None = None, tracer: ProxyTracer | None = None,
                  access_log: AccessLog | None = None, source: PeerInfo = UNKNOWN_PEER,
-                 reporter: str = "source"):
+                 reporter: str = "source", peer_exchange: PeerMetadataExchange | None = None):
         self.metrics = metrics if metrics is not None else ProxyMetrics()
         self.tracer = tracer
         self.access_log = access_log
@@ -70,12 +77,24 @@ class Telemetry:
         self.identity = None
         # inbound requests over mTLS: connection_security_policy="mutual_tls", per caller principal
         self._inbound_mtls: dict[str, int] = {}
+        # Istio's peer metadata exchange (telemetry/peer_metadata.py); without this workload's own
+        # metadata it still judges (and counts) what peers send, and sends nothing
+        exchange = peer_exchange if peer_exchange is not None else PeerMetadataExchange(None, "")
+        self.peer_exchange = exchange
+        self.peer_request_block = exchange.request_block         # b"": nothing to send
+        self.peer_response_fields = exchange.response_fields     # None: nothing to answer with
+        self.metrics.attach(exchange)
+        # (caller principal, metadata value) -> (handle, rejection reason or "")
+        self._inbound_peers: dict[tuple, tuple] = {}
+        # (cluster, destination SPIFFE id, metadata value) -> (handle, rejection reason or "")
+        self._peer_handles: dict[tuple, tuple] = {}
 
     # ---------------------------------------------------------------- config
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self._handles.clear()
         self._tcp_handles.clear()
+        self._peer_handles.clear()
         self.metrics.declare_per("listener", [listener.name for listener in snapshot.listeners])
         self.metrics.config_applied(snapshot.version, True, time.time())
 
@@ -118,7 +137,9 @@ class Telemetry:
     def exchange_done(self, exchange: "RequestInfo", now: float) -> None:
         cluster = exchange.cluster
         if exchange.inbound:
-            handle = self._inbound_handle(exchange.connection)
+            handle = self._inbound_handle(exchange.connection, exchange.head)
+        elif exchange.upstream_identity and cluster is not None:
+            handle = self._mesh_handle(cluster.cluster, exchange.upstream_identity, exchange.peer_metadata)
         else:
             handle = self._handles.get(cluster.name) if cluster is not None else self._unrouted
             if handle is None:
@@ -161,20 +182,78 @@ class Telemetry:
     def rejected(self, reason: str, status: int) -> None:
         self.metrics.rejected(reason)
 
-    def _inbound_handle(self, down) -> int:
+    def _inbound_handle(self, down, head) -> int:
         """Istio's labels for a request this workload served: ``mutual_tls`` and the caller's
-        ``source_principal`` (this workload's as ``destination_principal``) when it came over mTLS,
-        ``none`` otherwise."""
+        ``source_principal`` and namespace (from its certificate; this workload's principal as
+        ``destination_principal``) when it came over mTLS, ``none`` otherwise; the caller's
+        workload labels when it sent peer metadata that is believed (``peer_metadata.py``)."""
         peer = down.listener.peer(down)
+        value = metadata_value(head)
+        if value is not None:
+            key = (peer.principal, value)
+            entry = self._inbound_peers.get(key)
+            if entry is None:
+                entry = self._inbound_peer(peer, value)
+                if len(self._inbound_peers) < MAX_LABELLED_PEERS:
+                    self._inbound_peers[key] = entry
+            if entry[1]:
+                self.peer_exchange.rejected("request", entry[1])
+            return entry[0]
         if not peer.mutual_tls:
             return self._inbound
         handle = self._inbound_mtls.get(peer.principal)
         if handle is None:
-            own = replace(self._own_service_peer(self.source), principal=self.own_principal())
-            handle = self._inbound_mtls[peer.principal] = self.metrics.http_handle(
-                "destination", replace(UNKNOWN_PEER, principal=peer.spiffe_id or "unknown"), own,
-                security_policy="mutual_tls")
+            handle = self._inbound_mtls[peer.principal] = self._caller_handle(
+                replace(UNKNOWN_PEER, principal=peer.spiffe_id or "unknown",
+                        namespace=namespace_of(peer.spiffe_id) or "unknown"))
         return handle
+
+    def _caller_handle(self, source: PeerInfo) -> int:
+        own = replace(self._own_service_peer(self.source), principal=self.own_principal())
+        return self.metrics.http_handle("destination", source, own, security_policy="mutual_tls")
+
+    def _inbound_peer(self, peer, value: bytes) -> tuple:
+        """(handle, rejection reason) for a caller that sent peer metadata ``value``."""
+        verdict = self.peer_exchange.judge(value, peer.spiffe_id if peer.mutual_tls else "")
+        if isinstance(verdict, str):
+            if not peer.mutual_tls:
+                return self._inbound, verdict
+            return self._caller_handle(replace(UNKNOWN_PEER, principal=peer.spiffe_id or "unknown",
+                                               namespace=namespace_of(peer.spiffe_id) or "unknown")), verdict
+        if len(self._inbound_peers) >= MAX_LABELLED_PEERS:
+            return self._caller_handle(replace(UNKNOWN_PEER, principal=verdict.principal,
+                                               namespace=verdict.namespace)), OVERFLOW
+        return self._caller_handle(verdict), ""
+
+    def _mesh_handle(self, cluster: Cluster, identity: str, value) -> int:
+        """Istio's labels for a request sent over mesh mutual TLS to the sidecar ``identity``:
+        this workload's principal as ``source_principal``, the server's as
+        ``destination_principal``, and the destination workload's labels from the peer metadata it
+        answered with ``value`` when that is believed (else the service's, as without it)."""
+        key = (cluster.name, identity, value)
+        entry = self._peer_handles.get(key)
+        if entry is None:
+            entry = self._destination_peer(cluster, identity, value)
+            if len(self._peer_handles) < MAX_LABELLED_PEERS:
+                self._peer_handles[key] = entry
+        if entry[1]:
+            self.peer_exchange.rejected("response", entry[1])
+        return entry[0]
+
+    def _destination_peer(self, cluster: Cluster, identity: str, value) -> tuple:
+        service = _service_peer(cluster)
+        verdict = self.peer_exchange.judge(value, identity) if value is not None else ""
+        if not isinstance(verdict, str) and len(self._peer_handles) >= MAX_LABELLED_PEERS:
+            verdict = OVERFLOW
+        if isinstance(verdict, str):
+            destination = replace(service, principal=identity, namespace=namespace_of(identity) or service.namespace)
+        else:
+            destination = replace(verdict, service=service.service, service_name=service.service_name,
+                                  service_namespace=service.service_namespace)
+        source = replace(self.source, principal=self.own_principal())
+        handle = self.metrics.http_handle(self.reporter, source, destination, security_policy=self._policy)
+        self.metrics.declare_per("cluster", (cluster.name,))
+        return handle, verdict if isinstance(verdict, str) else ""
 
     def authz_decision(self, listener: str, decision, protocol: str = "http") -> None:
         """An AuthorizationPolicy decision (``meshproxy.security.authz.Decision``)."""

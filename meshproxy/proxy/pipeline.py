@@ -54,6 +54,7 @@ from ..router.request import RequestView, view_from_head
 from ..router.retry import RetryState
 from ..router.split import hash_key_for
 from ..security.authz import DENIED_BODY
+from ..telemetry.peer_metadata import metadata_value
 from ..telemetry.tracing import random_uuid
 from ..upstream.connection import READ_SIZE, UpstreamConnection, UpstreamHandler
 from .errors import Failure, error_response
@@ -286,6 +287,8 @@ class Exchange(RequestInfo):
         self.mirrors = None                       # MirrorCopy objects fed with the request body
         self.set_cookie = None                    # a sticky-session cookie the proxy issues
         self.stale_retried = False
+        self.upstream_identity = ""               # the sidecar's SPIFFE id, over mesh mTLS
+        self.peer_metadata = None                 # and the peer metadata it answered with
 
     def body_outstanding(self) -> bool:
         """Request body bytes are still to come from the client."""
@@ -618,20 +621,28 @@ class Exchange(RequestInfo):
         head = self.head
         if head.method == b"HEAD":
             conn.parser.expect_no_body()
+        forward_head = self.forward_head
+        identity = conn.peer_identity
+        self.upstream_identity = identity
+        if identity:
+            # a sidecar over mesh mTLS: this workload's peer metadata goes with the request
+            block = self.runtime.telemetry.peer_request_block
+            if block:
+                forward_head = forward_head[:-2] + block + b"\r\n"
         if head.body_kind == BODY_NONE and not self.pending_body:
-            self._up_write(self.forward_head)
+            self._up_write(forward_head)
         else:
-            self._send_head_and_body()
+            self._send_head_and_body(forward_head)
         if down.read_paused_by:
             down.resume_reading(_READ_PAUSE_CONNECTING)
         if head.expect_continue and not self.request_complete and self.attempts == 1:
             down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             down.flush()
 
-    def _send_head_and_body(self) -> None:
+    def _send_head_and_body(self, forward_head: bytes) -> None:
         """The forwarded head and the body received so far (a retry first replays what the
         first try sent); what is sent is kept for a retry when the route retries."""
-        self._up_write(self.forward_head)
+        self._up_write(forward_head)
         if self.retained_body:
             for chunk in self.retained_body:
                 self._up_write(chunk)
@@ -732,6 +743,8 @@ class Exchange(RequestInfo):
             return
         self.response_head = head
         self.status = status
+        if self.upstream_identity:
+            self.peer_metadata = metadata_value(head)      # who answered (read; never forwarded)
         if status == 101:
             # hand over once the parser has finished this read (its leftovers are the tunnel's)
             attempt.switching = True
@@ -755,6 +768,8 @@ class Exchange(RequestInfo):
             self.close_delimited = True
             keep_alive = self.keep_alive = False
         headers = forwarded_response_headers(head, framing, keep_alive)
+        if self.inbound:
+            self._answer_peer_metadata(headers)
         if self.destination.headers is not NO_HEADER_POLICY:
             headers = apply_header_ops(headers, self.destination.headers.response)
         if self.route.headers is not NO_HEADER_POLICY:
@@ -769,6 +784,15 @@ class Exchange(RequestInfo):
         self.response_bytes += len(data)
         self.phase = RESPONDING
         self.down.write(data)
+
+    def _answer_peer_metadata(self, headers: list) -> None:
+        """A sidecar's answer to a mesh peer that sent its metadata over mutual TLS carries this
+        workload's (Istio's downstream propagation: only to a caller that sent its own)."""
+        fields = self.runtime.telemetry.peer_response_fields
+        if fields is not None and metadata_value(self.head) is not None:
+            down = self.down
+            if down.listener.peer(down).mutual_tls:
+                headers.extend(fields)
 
     def _retry_allowed(self, before_send: bool = False) -> bool:
         if self.retained_body is None:

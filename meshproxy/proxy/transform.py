@@ -11,6 +11,7 @@ from typing import Callable
 from ..codec.api import RequestHead, ResponseHead, field_names, name_set
 from ..codec.framing import connection_tokens, field_index
 from ..config.model import HeaderOps, HttpRoute, RouteMatch
+from ..telemetry.peer_metadata import FIELDS as PEER_METADATA_FIELDS
 from ..telemetry.tracing import PROPAGATION_HEADERS
 
 Headers = list[tuple[bytes, bytes]]
@@ -21,9 +22,12 @@ _HOP_BY_HOP = name_set((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 ))
-# (x-forwarded-for is re-appended at the end, with the client's address added)
-_REQUEST_DROP = name_set(_HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-for"})
-_RESPONSE_DROP = name_set(_HOP_BY_HOP | {b"content-length"})
+# (x-forwarded-for is re-appended at the end, with the client's address added).  Istio's peer
+# metadata fields are the sidecars' own: read by the proxy, never passed to or from an
+# application (a sidecar adds its own where it takes part in the exchange).
+_REQUEST_DROP = name_set(_HOP_BY_HOP | {b"content-length", b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-for"}
+                         | set(PEER_METADATA_FIELDS))
+_RESPONSE_DROP = name_set(_HOP_BY_HOP | {b"content-length"} | set(PEER_METADATA_FIELDS))
 _REQUEST_DROP_TRACED = name_set(_REQUEST_DROP | PROPAGATION_HEADERS)
 _RESPONSE_DROP_UPGRADE = name_set(_RESPONSE_DROP - {b"upgrade"})
 _RESPONSE_DROP_KEEP_LENGTH = name_set(_RESPONSE_DROP - {b"content-length"})

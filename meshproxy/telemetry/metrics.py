@@ -153,6 +153,11 @@ FAMILIES: dict[str, Family] = _catalog(
     Family("meshproxy_workload_cert_renewal_failing", "gauge",
            "1 while renewals fail (CA unreachable or refusing); the current certificate serves until it expires.",
            ("identity",), merge="max"),
+    Family("meshproxy_peer_metadata_rejected_total", "counter",
+           "Peer metadata (x-envoy-peer-metadata) ignored, by direction (request: from a caller, response: from "
+           "a destination) and reason: plaintext (not over mutual TLS), malformed, too_large, namespace_mismatch "
+           "(its NAMESPACE is not the one of the peer's SPIFFE id), too_many_peers (believed, but the worker labels "
+           "no more distinct peers).", ("direction", "reason")),
     Family("meshproxy_upstream_tls_handshakes_total", "counter",
            "ISTIO_MUTUAL connections opened to other sidecars, by session (full handshake, or resumed).",
            ("session",)),

@@ -27,6 +27,7 @@ cdef class UpstreamConnection(ConnectionDriver):
     cdef public double idle_since, expires_at
     cdef public Py_ssize_t requests, read_size
     cdef public bint _counted
+    cdef public str peer_identity
 
     @cython.locals(size=Py_ssize_t)
     cpdef get_buffer(self, Py_ssize_t sizehint)

@@ -78,7 +78,8 @@ class UpstreamHandler:
 
 
 class UpstreamConnection(ConnectionDriver):
-    __slots__ = ("handler", "pool", "idle_since", "expires_at", "requests", "_counted", "on_close", "read_size")
+    __slots__ = ("handler", "pool", "idle_since", "expires_at", "requests", "_counted", "on_close", "read_size",
+                 "peer_identity")
 
     def __init__(self, pool: "EndpointPool", make_parser: Callable, batch: SendBatch | None = None):
         ConnectionDriver.__init__(self, batch)
@@ -92,6 +93,9 @@ class UpstreamConnection(ConnectionDriver):
         self._counted = False          # included in the pool's open-connection count
         self.on_close: Callable[[], None] | None = None   # releases the owning cluster's connection slot
         self.read_size = READ_SIZE     # the most the next read takes (set by the request it serves)
+        # the SPIFFE id of the sidecar at the other end of a mesh mutual-TLS (ISTIO_MUTUAL)
+        # connection, checked at connect; "" for any other connection
+        self.peer_identity = ""
 
     # ---------------------------------------------------------------- transport events
 

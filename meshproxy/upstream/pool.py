@@ -279,7 +279,8 @@ class UpstreamPools:
                         lambda: UpstreamConnection(pool, self._make_parser, self.batch), address, key[1],
                         ssl=context, server_hostname=sni)
                     try:
-                        self.tls.check_peer(tls, conn.transport.get_extra_info("ssl_object"), endpoint)
+                        conn.peer_identity = self.tls.check_peer(
+                            tls, conn.transport.get_extra_info("ssl_object"), endpoint)
                     except UpstreamTlsError:
                         conn.transport.abort()
                         raise

@@ -190,13 +190,14 @@ class UpstreamTlsContexts:
             return tls.sni
         return address if tls.mode != ISTIO_MUTUAL and address and not _is_ip(address) else None
 
-    def check_peer(self, tls, ssl_object, endpoint: tuple | None = None) -> None:
+    def check_peer(self, tls, ssl_object, endpoint: tuple | None = None) -> str:
         """After the handshake (full or resumed): the server's identity against
         ``subjectAltNames`` (or, for ISTIO_MUTUAL without them, any SPIFFE id).  Raises
         :class:`UpstreamTlsError`.  An ISTIO_MUTUAL connection that passes is remembered
-        for ``endpoint``'s next connection to resume."""
+        for ``endpoint``'s next connection to resume, and its server's SPIFFE id returned
+        (the one URI SAN of its certificate; "" for other modes)."""
         if tls.insecure_skip_verify and tls.mode != ISTIO_MUTUAL:
-            return
+            return ""
         cert = peer_certificate(ssl_object)
         sans = certificate_sans(cert.sans if cert is not None else ())
         if tls.subject_alt_names:
@@ -212,6 +213,9 @@ class UpstreamTlsContexts:
             self.handshakes["resumed" if ssl_object.session_reused else "full"] += 1
             if endpoint is not None:
                 self.sessions.keep(endpoint, ssl_object, cert.not_after)
+            uris = cert.uris
+            return uris[0] if len(uris) == 1 and uris[0].startswith("spiffe://") else ""
+        return ""
 
     def counters(self):
         """CounterSource for ProxyMetrics.attach: mesh mTLS handshakes, full or resumed."""

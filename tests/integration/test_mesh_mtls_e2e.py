@@ -71,6 +71,16 @@ def _metrics(proc) -> str:
         return str(exc)
 
 
+def _requests(proc, *want: str) -> list[str]:
+    """The istio_requests_total lines of a sidecar that carry every label in ``want``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.admin}/stats/prometheus", timeout=5) as r:
+            return [l for l in r.read().decode().splitlines()
+                    if l.startswith("istio_requests_total{") and all(w in l for w in want)]
+    except OSError:          # (a scrape that meets a reset under load: asked again)
+        return []
+
+
 def _get(port: int, host: str = "httpbin.shop") -> tuple[int, bytes]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
     try:
@@ -111,7 +121,7 @@ def test_auto_mtls_strict_and_authorization_between_real_sidecars(tmp_path):
         server, _ = _sidecar(cp, tmp_path, "httpbin", "--service", "httpbin", "--labels", "app=httpbin",
                              "--app-port", f"http:{app_port}", "--inbound-port", str(inbound))
         procs.append(server)
-        cart, cart_port = _sidecar(cp, tmp_path, "cart")
+        cart, cart_port = _sidecar(cp, tmp_path, "cart", "--labels", "app=cart,version=v1")
         procs.append(cart)
         logs = [tmp_path / "httpbin.log", tmp_path / "cart.log"]
         # (a caller the policy does not name is denied with 403: test_auto_mtls.py, in process)
@@ -119,6 +129,16 @@ def test_auto_mtls_strict_and_authorization_between_real_sidecars(tmp_path):
         # read until the counter shows (a scrape can meet a reset under load: scraped again, as Prometheus would)
         _eventually(lambda: _metrics(server), lambda m: 'decision="allowed",policy="shop/httpbin-callers"' in m,
                     30, "the allowed request counted by policy", logs)
+        # the two sidecars told each other their workloads (peer metadata exchange over mTLS)
+        _eventually(lambda: _requests(server, 'reporter="destination"', 'source_workload="cart-v1"',
+                                      'source_workload_namespace="shop"', 'source_app="cart"', 'source_version="v1"',
+                                      'source_principal="spiffe://cluster.local/ns/shop/sa/cart"'),
+                    bool, 30, "the server's series name the caller's workload", logs)
+        _eventually(lambda: _requests(cart, 'reporter="source"', 'destination_workload="httpbin"',
+                                      'destination_app="httpbin"',
+                                      'destination_principal="spiffe://cluster.local/ns/shop/sa/httpbin"',
+                                      'source_principal="spiffe://cluster.local/ns/shop/sa/cart"'),
+                    bool, 30, "the client's series name the destination's workload", logs)
         # plaintext straight to the STRICT inbound listener: closed without an answer
         assert _get(inbound) == (0, b"")
     finally:
