@@ -249,7 +249,8 @@ class Worker:
         """A gateway listener's TLS: its servers' certificates (files, Secrets, or the workload
         certificate for ISTIO_MUTUAL), swapped in place by later snapshots."""
         return GatewayTls(model.tls, lambda: self.certificates,
-                          on_failure=lambda reason: self.telemetry.handshake_failed(model.name, reason))
+                          on_failure=lambda reason: self.telemetry.handshake_failed(model.name, reason),
+                          loop_tls=model.protocol == "HTTPS")
 
     def inbound_tls_context(self, alpn: tuple[str, ...], client_cert: str) -> ssl.SSLContext | None:
         """The workload's mTLS server context for inbound listeners (None: no certificate)."""

@@ -107,7 +107,9 @@ class HttpListener:
             # client certificates are checked before the HTTP connection exists
             refused = lambda reason: runtime.telemetry.handshake_failed(self.name, reason)
             factory = lambda: ClientCertificateGate(lambda: protocol(runtime, self), refused)
-        self.server = await runtime.loop.create_server(factory, sock=self.sock, ssl=self.ssl_context, backlog=1024)
+        extra = {"ssl_handshake_timeout": runtime.settings.header_read_timeout} if self.ssl_context else {}
+        self.server = await runtime.loop.create_server(factory, sock=self.sock, ssl=self.ssl_context, backlog=1024,
+                                                       **extra)
 
     def update(self, model: Listener) -> None:
         """Same address, new config: the route table name and (a gateway's) TLS servers change in

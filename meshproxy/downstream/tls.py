@@ -21,7 +21,11 @@ server, ``subjectAltNames``, ``verifyCertificateSpki``/``Hash``) is checked by
 :class:`ClientCertificateGate` when the handshake completes, before the HTTP connection
 exists: a refused client never gets a byte of HTTP, and is counted by reason.  A certificate
 that does not verify fails the handshake itself: the front's SSLObject class counts that (and
-every other handshake failure: plaintext, no shared version or cipher, garbage).
+every other handshake failure: plaintext, no shared version or cipher, garbage) and makes the
+event loop's TLS send OpenSSL's alert before the connection is dropped, so a client reads why
+(``alert unknown ca``, ``alert certificate required`` where every server of the port requires
+a certificate).  The checks made after the handshake end in a reset: Python's ``ssl`` cannot
+send an alert of its own.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ UNTRUSTED_CLIENT = "client_certificate_untrusted"   # another CA, expired, not y
 PLAINTEXT = "plaintext_refused"
 HANDSHAKE_FAILED = "handshake_failed"              # anything else (no shared version or cipher, garbage)
 _FAILURES = {"CERTIFICATE_VERIFY_FAILED": UNTRUSTED_CLIENT, "TLSV1_ALERT_UNKNOWN_CA": UNTRUSTED_CLIENT,
-             "HTTP_REQUEST": PLAINTEXT, "WRONG_VERSION_NUMBER": PLAINTEXT}
+             "HTTP_REQUEST": PLAINTEXT, "WRONG_VERSION_NUMBER": PLAINTEXT,
+             "PEER_DID_NOT_RETURN_A_CERTIFICATE": NO_CLIENT_CERTIFICATE}
 
 
 def handshake_failure(err: ssl.SSLError) -> str:
@@ -82,11 +87,15 @@ def certificate_context(cert: ServerCertificate) -> ssl.SSLContext:
 
 
 def verify_mode(certs) -> ssl.VerifyMode:
-    """What the port asks of clients: a certificate, verified if given, when any server verifies
-    clients.  Never "required" at the TLS layer: :class:`ClientCertificateGate` refuses a client
-    without one where its server requires one, and counts it (a handshake failure in asyncio's
-    TLS is neither reported nor answered with an alert, only a reset)."""
-    return ssl.CERT_OPTIONAL if {c.mode for c in certs} & CLIENT_VERIFYING_MODES else ssl.CERT_NONE
+    """What the port asks of clients.  Every server requires a certificate (MUTUAL,
+    ISTIO_MUTUAL): required at the TLS layer, so OpenSSL refuses a client without one with its
+    alert (``certificate_required``).  Some servers verify clients, not all (or OPTIONAL_MUTUAL):
+    a certificate is asked for, verified if given, and :class:`ClientCertificateGate` refuses a
+    client without one where its server requires one, after the handshake."""
+    modes = {c.mode for c in certs}
+    if not modes & CLIENT_VERIFYING_MODES:
+        return ssl.CERT_NONE
+    return ssl.CERT_REQUIRED if modes <= {"MUTUAL", "ISTIO_MUTUAL"} else ssl.CERT_OPTIONAL
 
 
 class GatewayTls:
@@ -95,15 +104,17 @@ class GatewayTls:
     certificate and trust roots of ISTIO_MUTUAL servers."""
 
     def __init__(self, tls: TlsSettings, workload: Callable[[], object] = lambda: None,
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None, loop_tls: bool = False):
         self.workload = workload
         front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         front.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         front.sni_callback = self._pick
-        if on_failure is not None:
+        if on_failure is not None or loop_tls:
             # asyncio's and uvloop's TLS drive the handshake through the context's SSLObject and
-            # report a failure to no one: an SSLObject that counts its own
-            front.sslobject_class = _counting_sslobject(on_failure)
+            # report a failure to no one: an SSLObject that counts its own; ``loop_tls`` (the
+            # event loop's TLS, which drops the connection without sending the alert OpenSSL
+            # wrote): the failure is held back once, so the alert goes out first
+            front.sslobject_class = _counting_sslobject(on_failure or (lambda reason: None), loop_tls)
         self.front = front
         self._contexts: dict[ServerCertificate, ssl.SSLContext] = {}
         self._default: ServerCertificate | None = None
@@ -178,16 +189,29 @@ class GatewayTls:
         return None
 
 
-def _counting_sslobject(on_failure: Callable[[str], None]) -> type:
+def _counting_sslobject(on_failure: Callable[[str], None], alert_first: bool = False) -> type:
+    """An SSLObject class that counts its failed handshakes.  ``alert_first``: a failed
+    handshake is reported as "wants more data" once, which makes the event loop's TLS send what
+    OpenSSL wrote (the alert: unknown CA, certificate required, protocol version...) before it
+    waits; the next step (the client's next bytes, or its close after the alert) raises the
+    failure, and the loop drops the connection.  Without it, the loop drops the connection at
+    once and the client sees a reset (the handshake timeout bounds a client that stays)."""
     class CountingSSLObject(ssl.SSLObject):
         def do_handshake(self):
+            failed = getattr(self, "_meshproxy_failed", None)
+            if failed is not None:
+                raise failed
             try:
                 return super().do_handshake()
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as err:
-                on_failure(handshake_failure(err))
-                raise
+                reason = handshake_failure(err)
+                on_failure(reason)
+                if not alert_first or reason == PLAINTEXT:      # not TLS: OpenSSL wrote no alert
+                    raise
+                self._meshproxy_failed = err
+                raise ssl.SSLWantReadError("the handshake failed; its alert is sent first") from err
     return CountingSSLObject
 
 

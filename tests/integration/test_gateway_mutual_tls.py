@@ -365,3 +365,14 @@ async def test_a_rotated_credential_reaches_new_connections_and_open_ones_keep_g
         writer.close()
     finally:
         await worker.drain(0.1)
+
+
+def test_a_refused_handshake_ends_in_a_tls_alert_not_a_reset(gateway):
+    """curl names the alert the gateway sent (before: "Connection reset by peer")."""
+    _, ports, files, clients = gateway
+    rc, out = curl(ports["mutual"], files)                        # no certificate
+    assert rc != 0 and "alert certificate required" in out, out
+    rc, out = curl(ports["mutual"], files, clients["foreign"])    # another CA
+    assert rc != 0 and "alert unknown ca" in out, out
+    out = s_client(ports["mutual"], files, clients["foreign"])
+    assert "alert unknown ca" in out and "mtls-ok" not in out, out
