@@ -63,7 +63,7 @@ def series(metrics: str, name: str, **labels) -> float:
 
 
 def curl(workload, *args: str) -> subprocess.CompletedProcess:
-    return workload.pod.run(["curl", "-s", "--max-time", "5", *args])
+    return workload.pod.run(["curl", "-s", "--max-time", "15", *args])
 
 
 def test_unmodified_clients_reach_reviews_by_name_through_both_sidecars(mesh):
@@ -369,7 +369,7 @@ def test_a_prober_outside_the_pod_reaches_health_and_the_apps_probes_through_the
     outside, reviews = mesh.outside, mesh.net.pods["reviews-v1"]
 
     def status(path: str) -> str:
-        return outside.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+        return outside.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15",
                             f"http://{reviews.address}:15021{path}"]).stdout
     assert status("/healthz/ready") == "200"
     assert status("/app-health/reviews/readyz") == "200"          # the app's /health, run by the sidecar

@@ -69,14 +69,14 @@ def api(cp, path: str, method: str = "GET", body=None, first_line: bool = False,
 
 
 def curl(port: int, root: str, *args: str) -> tuple[int, str]:
-    proc = subprocess.run(["curl", "-sS", "--max-time", "5", "--cacert", root, "--resolve", f"{HOST}:{port}:127.0.0.1",
-                           *args, f"https://{HOST}:{port}/"], capture_output=True, timeout=10)
+    proc = subprocess.run(["curl", "-sS", "--max-time", "15", "--cacert", root, "--resolve", f"{HOST}:{port}:127.0.0.1",
+                           *args, f"https://{HOST}:{port}/"], capture_output=True, timeout=30)
     return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
 
 def served_serial(port: int) -> int | None:
     proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", HOST],
-                          input=b"", capture_output=True, timeout=10)
+                          input=b"", capture_output=True, timeout=30)
     out = proc.stdout.decode(errors="replace")
     if "-----BEGIN CERTIFICATE-----" not in out:
         return None

@@ -116,9 +116,9 @@ def gateway(tmp_path_factory):
 
 def curl(port: int, files: dict, client: tuple[str, str] | None = None) -> tuple[int, str]:
     args = ["--cert", client[0], "--key", client[1]] if client else []
-    proc = subprocess.run(["curl", "-sS", "--max-time", "5", "--cacert", files["server_root"],
+    proc = subprocess.run(["curl", "-sS", "--max-time", "20", "--cacert", files["server_root"],
                            "--resolve", f"{HOST}:{port}:127.0.0.1", *args, f"https://{HOST}:{port}/"],
-                          capture_output=True, timeout=10)
+                          capture_output=True, timeout=30)
     return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
 
@@ -129,7 +129,7 @@ def s_client(port: int, files: dict, client: tuple[str, str] | None = None) -> s
     proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", HOST,
                            "-CAfile", files["server_root"], "-verify_return_error", "-ign_eof", *args],
                           input=f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode(),
-                          capture_output=True, timeout=10)
+                          capture_output=True, timeout=30)
     return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
 
@@ -166,7 +166,7 @@ def test_mutual_requires_a_client_certificate_from_the_ca_certificates(gateway):
     assert counted.get(f'meshproxy_tls_handshake_failures_total{{listener="gateway_{ports["mutual"]}",'
                        f'reason="client_certificate_untrusted"}}') == 2, counted
     # plaintext on a TLS port: refused and counted
-    with socket.create_connection(("127.0.0.1", ports["mutual"]), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", ports["mutual"]), timeout=20) as sock:
         sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
         try:
             assert b"mtls-ok" not in sock.recv(1000)
@@ -275,8 +275,8 @@ async def test_istio_mutual_terminates_with_the_workload_certificate_and_wants_a
         files["s_key"] = _write(tmp_path, "stranger.key", stranger.current.key_pem)
 
         def run(*args):
-            proc = subprocess.run(["curl", "-sS", "--max-time", "5", "-k", *args, f"https://127.0.0.1:{port}/"],
-                                  capture_output=True, timeout=10)
+            proc = subprocess.run(["curl", "-sS", "--max-time", "20", "-k", *args, f"https://127.0.0.1:{port}/"],
+                                  capture_output=True, timeout=30)
             return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
         loop = asyncio.get_running_loop()
@@ -288,7 +288,7 @@ async def test_istio_mutual_terminates_with_the_workload_certificate_and_wants_a
         # the gateway presents its workload certificate, verifiable with the mesh root
         proc = await loop.run_in_executor(None, lambda: subprocess.run(
             ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", files["root"], "-cert", files["crt"],
-             "-key", files["key"], "-verify_return_error", "-showcerts"], input=b"", capture_output=True, timeout=10))
+             "-key", files["key"], "-verify_return_error", "-showcerts"], input=b"", capture_output=True, timeout=30))
         out = proc.stdout.decode(errors="replace")
         assert "Verify return code: 0 (ok)" in out, out
         leaf = x509.load_pem_x509_certificate(out[out.index("-----BEGIN CERTIFICATE-----"):].encode())

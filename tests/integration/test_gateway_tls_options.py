@@ -63,15 +63,15 @@ def gateway(tmp_path_factory):
 def s_client(port: int, *args: str) -> tuple[bool, str]:
     """(handshake completed, protocol and cipher lines) for one openssl s_client run."""
     proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", HOST, *args],
-                          input=b"", capture_output=True, timeout=10)
+                          input=b"", capture_output=True, timeout=30)
     out = proc.stdout.decode(errors="replace")
     lines = [l.strip() for l in out.splitlines() if l.strip().startswith(("Protocol", "Cipher", "New,"))]
     return proc.returncode == 0 and "Cipher is (NONE)" not in out, "\n".join(lines)
 
 
 def curl(port: int, cert: str, *args: str) -> tuple[int, str]:
-    proc = subprocess.run(["curl", "-sS", "--max-time", "5", "--cacert", cert, "--resolve", f"{HOST}:{port}:127.0.0.1",
-                           *args, f"https://{HOST}:{port}/"], capture_output=True, timeout=10)
+    proc = subprocess.run(["curl", "-sS", "--max-time", "15", "--cacert", cert, "--resolve", f"{HOST}:{port}:127.0.0.1",
+                           *args, f"https://{HOST}:{port}/"], capture_output=True, timeout=30)
     return proc.returncode, proc.stdout.decode(errors="replace")
 
 
