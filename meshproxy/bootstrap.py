@@ -283,13 +283,7 @@ class Worker:
         def admit(transport) -> bool:
             # the workload's AuthorizationPolicies, with TCP semantics (Istio's passthrough chain has
             # the network RBAC filter): HTTP-only rules do not allow, and deny as Istio says
-            if http.authz is None:
-                return True
-            decision = authorize_connection(http.authz, transport.get_extra_info)
-            self.telemetry.authz_decision(http.name, decision, "tcp")
-            if not decision.allowed:
-                self.telemetry.tcp_denied(transport, decision.details)
-            return decision.allowed
+            return self._admit_tcp(http.authz, http.name, transport)
 
         return TcpProxyListener(
             self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout, admit=admit,
@@ -297,6 +291,17 @@ class Worker:
             on_close=self.telemetry.tcp_closed(http.model), model=http.model,
             max_connections=settings.max_connections_per_listener,
             on_overflow=lambda: self.telemetry.downstream_overflow(http.name))
+
+    def _admit_tcp(self, authz, listener: str, transport) -> bool:
+        """A TCP connection against the listener's AuthorizationPolicies: the decision counted,
+        a denied connection logged."""
+        if authz is None:
+            return True
+        decision = authorize_connection(authz, transport.get_extra_info)
+        self.telemetry.authz_decision(listener, decision, "tcp")
+        if not decision.allowed:
+            self.telemetry.tcp_denied(transport, decision.details)
+        return decision.allowed
 
     def _tcp_listener(self, model: Listener) -> TcpProxyListener:
         runtime = self.runtime
@@ -330,15 +335,7 @@ class Worker:
                 cluster.cluster.policy.connection_pool, dest
 
         def admit(transport) -> bool:
-            listener = self.tcp_listeners_by_name.get(model.name)
-            current = listener.model if listener else model
-            if current.authz is None:
-                return True
-            decision = authorize_connection(current.authz, transport.get_extra_info)
-            self.telemetry.authz_decision(model.name, decision, "tcp")
-            if not decision.allowed:
-                self.telemetry.tcp_denied(transport, decision.details)
-            return decision.allowed
+            return self._admit_tcp(current_model().authz, model.name, transport)
 
         return TcpProxyListener(
             self.loop, pick_upstream, connect_timeout=settings.upstream_connect_timeout, admit=admit,
