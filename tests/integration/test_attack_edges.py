@@ -139,25 +139,9 @@ class _HoldingUpstream:
 
 async def _stalled_post(port: int, host: bytes, timeout: float) -> tuple[bytes, bool, float]:
     """A POST promising 1000 bytes that sends 10: (what came back, closed by the proxy, when)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: 1000\r\n\r\n0123456789" % host)
-    data = bytearray()
-    closed = False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
-        except asyncio.TimeoutError:
-            break
-        except ConnectionError:
-            closed = True
-            break
-        if not chunk:
-            closed = True
-            break
-        data += chunk
-    writer.close()
-    return bytes(data), closed, time.monotonic()
+    data, closed = await raw_exchange(
+        port, b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: 1000\r\n\r\n0123456789" % host, timeout=timeout)
+    return data, closed, time.monotonic()
 
 
 async def test_a_stalled_request_body_gets_408_at_the_body_timeout_and_the_upstream_try_ends(proxy_factory):
